@@ -1,0 +1,5 @@
+"""The decoding engine: everything that turns a request into tokens.
+
+Importing this package (and its `requests`, `events`, `errors`, `client` modules) does not import
+torch: the UI imports these at start-up and the worker thread imports the rest when it loads a model.
+"""

@@ -1,0 +1,90 @@
+"""What a caller asks the engine for: caps, sampling parameters, requests and the engine spec.
+
+Plain dataclasses without torch, shared by the UI, the console chat and the one-shot commands.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
+
+Cap = Literal["completion", "infilling", "chat", "python"]
+CAPS: tuple[str, ...] = get_args(Cap)
+FILL = "<FILL>"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling knobs; `temperature == 0` means greedy."""
+
+    temperature: float = 0.2
+    top_p: float = 0.9
+    top_k: int = 40
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 512
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def for_cap(cls, cap: str, **overrides: object) -> SamplingParams:
+        """Defaults per cap (CODELLAMA.md's table, after lmdeploy); `None` overrides are ignored."""
+        base = {
+            "completion": cls(temperature=0.2, top_p=0.9),
+            "infilling": cls(temperature=0.0, top_p=0.9),
+            "chat": cls(temperature=0.2, top_p=0.95),
+            "python": cls(temperature=0.2, top_p=0.9),
+        }[cap]
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def check(self) -> None:
+        """Raise ValueError with a one-line message for values out of range."""
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Request:
+    """One generation.
+
+    - completion / python: `text` is the prompt, continued as is.
+    - infilling: either `text` with exactly one `<FILL>`, or `prefix` and `suffix` given directly
+      (the TUI fills several markers one by one this way); `suffix_first` picks SPM over PSM.
+    - chat: `text` is the new user message; `session` names a conversation whose KV cache and
+      history the engine keeps between turns; `system` is the system instruction (first turn).
+    """
+
+    cap: Cap
+    text: str = ""
+    prefix: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    session: str | None = None
+    suffix_first: bool = False
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    id: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to build an engine: which model, where, how big. `model=None` means the demo model."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    tp: int = 1
+    max_batch: int = 8
+    max_seq_len: int | None = None
+    cuda_graphs: bool = True
+    quantize: str | None = None
