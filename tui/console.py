@@ -1,0 +1,446 @@
+"""`codellama-tui chat`: the seed's console chat, rebuilt on prompt_toolkit and rich.
+
+Inputs follow `tui.console_input` (a line `!!` ends one). Answers stream to stdout as they come; on a
+terminal they are then redrawn syntax-highlighted, while notes, warnings, errors and the stats line go to
+stderr, so that a script piping stdin gets exactly the answers on stdout and no colour codes anywhere.
+The engine is reached only through its client, so the console never imports torch itself.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import IO, TYPE_CHECKING, Protocol
+
+from pygments.lexers import get_lexer_by_name
+from pygments.lexers.python import PythonLexer
+from pygments.token import Error
+from pygments.util import ClassNotFound
+from rich.cells import cell_len
+from rich.console import Console
+from rich.style import Style
+from rich.syntax import Syntax
+from rich.text import Text
+
+from engine.client import EngineClient
+from engine.errors import EngineError
+from engine.events import Event, Failed, Finished, Loading, ModelInfo, Started, Stats, TextDelta, TurnsDropped
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from tui.console_input import Action, Input, classify, is_sentinel, read_inputs
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
+
+THEME = "monokai"
+HINT = (
+    "end an input with a line !! · end starts a new session · exit or ctrl+d quits · ctrl+c stops an answer"
+)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_FENCE = re.compile(r"^(```[ \t]*([\w+#.-]*)[^\n]*\n)(.*?)(^```[ \t]*$|\Z)", re.M | re.S)
+_FILLED = Style(bgcolor="grey23")
+
+
+class ConsoleClient(Protocol):
+    """What the console needs of `EngineClient`; tests pass a fake with the same methods."""
+
+    def start(self) -> ConsoleClient: ...
+    def wait_ready(self, timeout: float | None = None) -> ModelInfo: ...
+    def stream(self, request: Request) -> Iterator[Event]: ...
+    def cancel(self, request_id: int) -> None: ...
+    def end_session(self, session: str) -> None: ...
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
+ClientFactory = Callable[[EngineSpec, Callable[[Event], None]], ConsoleClient]
+
+
+def run_console(
+    spec: EngineSpec,
+    cap: str,
+    system: str | None,
+    overrides: dict[str, object],
+    *,
+    client_factory: ClientFactory = EngineClient,
+    stdin: IO[str] | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """Run the console chat until `exit`, end of input, ctrl+d or ctrl+c at the prompt; return the exit code.
+
+    A prompt_toolkit session reads the terminal when stdin and stdout both are one; otherwise stdin is read
+    line by line with the same protocol and nothing is coloured.
+    """
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    interactive = stdin.isatty() and stdout.isatty()
+    out = Output(stdout, stderr, interactive)
+    try:
+        if cap not in CAPS:
+            raise ValueError(f"unknown cap '{cap}'; choose one of {', '.join(CAPS)}")
+        sampling = SamplingParams.for_cap(cap, **overrides)
+        sampling.check()
+    except (TypeError, ValueError) as err:
+        out.error(f"error: {err}")
+        return 2
+    client = client_factory(spec, out.loading if interactive else _ignore)
+    try:
+        client.start()
+        info = client.wait_ready()
+        out.loaded()
+        if cap == "infilling" and not info.can_infill:
+            out.error(
+                f"error: {info.name} cannot infill (no <PRE>/<SUF>/<MID> tokens); use a 7B or 13B model"
+            )
+            return 1
+        chat = Chat(client, out, info, cap, system, sampling)
+        if interactive:
+            out.note(f"{info.name} · cap {cap} · {info.device} {info.dtype} · context {info.context} tokens")
+            out.note(HINT)
+        return chat.run(terminal_inputs(make_prompt_session()) if interactive else read_inputs(stdin))
+    except EngineError as err:
+        out.error(f"error: {err}")
+        return 1
+    except KeyboardInterrupt:
+        out.break_line()
+        return 130
+    finally:
+        client.close()
+
+
+def _ignore(event: Event) -> None:
+    """Events that arrive without a terminal to show progress on."""
+
+
+class Chat:
+    """One console conversation: turns inputs into requests and their events into output."""
+
+    def __init__(
+        self,
+        client: ConsoleClient,
+        out: Output,
+        info: ModelInfo,
+        cap: str,
+        system: str | None,
+        sampling: SamplingParams,
+    ) -> None:
+        self.client, self.out, self.info = client, out, info
+        self.cap, self.system, self.sampling = cap, system, sampling
+        self.session = self._new_session_id()
+        self.warned_full = False
+
+    def run(self, inputs: Iterable[Input]) -> int:
+        """Serve inputs until `exit` or their end."""
+        for item in inputs:
+            if isinstance(item, Action):
+                if item.command == "exit":
+                    break
+                self.new_session()
+            else:
+                self.ask(item.text)
+        return 0
+
+    def new_session(self) -> None:
+        """`end`/`reset`: forget the conversation (the engine frees its cache) and start another."""
+        if self.cap == "chat":
+            self.client.end_session(self.session)
+        self.session = self._new_session_id()
+        self.warned_full = False
+        self.out.note("(new session)")
+
+    def ask(self, text: str) -> None:
+        """Send one input and show its answer as it streams; ctrl+c cancels it and keeps the session."""
+        chat = self.cap == "chat"
+        request = Request(
+            cap=self.cap,  # type: ignore[arg-type]
+            text=text,
+            system=self.system if chat else None,
+            session=self.session if chat else None,
+            sampling=self.sampling,
+        )
+        answer = Answer(self.out, self.cap, text)
+        context = self.info.context
+        with _cancel_on_interrupt(self.client, request.id):
+            for event in self.client.stream(request):
+                if isinstance(event, TextDelta):
+                    answer.add(event.text)
+                elif isinstance(event, Started):
+                    context = event.context
+                elif isinstance(event, TurnsDropped):
+                    answer.interrupt()
+                    s = "s" if event.count != 1 else ""
+                    self.out.warn(
+                        f"warning: the conversation outgrew the context; dropped its {event.count} "
+                        f"oldest exchange{s}"
+                    )
+                elif isinstance(event, Failed):
+                    answer.interrupt()
+                    self.out.error(event.message)
+                elif isinstance(event, Finished):
+                    answer.finish(event.text)
+                    self.out.stats(stats_line(event.reason, event.stats, context))
+                    if chat:
+                        self._check_room(event.stats, context)
+
+    def _check_room(self, stats: Stats, context: int) -> None:
+        """Warn once per session when the next answer may not fit, as the seed did before refusing."""
+        used = stats.prompt_tokens + stats.new_tokens
+        if self.warned_full or context - used >= min(self.sampling.max_new_tokens, context // 4):
+            return
+        self.warned_full = True
+        self.out.warn(
+            f"warning: the conversation holds {used} of {context} tokens; further turns drop the "
+            "oldest ones (enter end to start a new session)"
+        )
+
+    def _new_session_id(self) -> str:
+        return f"console-{uuid.uuid4().hex[:12]}"
+
+
+def stats_line(reason: str, stats: Stats, context: int) -> str:
+    """The line after each answer: how much, how fast, and why it stopped when that is not the natural end."""
+    why = {
+        "length": " · reached max new tokens",
+        "context": f" · reached the context end ({context} tokens)",
+        "cancelled": " · stopped",
+    }.get(reason, "")
+    return (
+        f"[{stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tokens/s · "
+        f"first token {stats.ttft_s:.2f} s{why}]"
+    )
+
+
+@contextmanager
+def _cancel_on_interrupt(client: ConsoleClient, request_id: int) -> Iterator[None]:
+    """Make ctrl+c cancel the request (its stream then ends with reason "cancelled"); a second one quits.
+
+    Raising KeyboardInterrupt inside `stream()` would close the generator and lose the events still coming,
+    so the first ctrl+c only sends the cancel. Signal handlers exist only on the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal pressed
+        if pressed:
+            raise KeyboardInterrupt
+        pressed = True
+        client.cancel(request_id)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Output:
+    """Where everything is printed: answers to stdout, the rest to stderr; rich styles only on a terminal."""
+
+    def __init__(self, stdout: IO[str], stderr: IO[str], interactive: bool) -> None:
+        self.stdout, self.interactive = stdout, interactive
+        options = dict(
+            force_terminal=interactive,
+            color_system="auto" if interactive else None,
+            highlight=False,
+            markup=False,
+            emoji=False,
+            soft_wrap=True,
+        )
+        self.console = Console(file=stdout, **options)  # type: ignore[arg-type]
+        self.errors = Console(file=stderr, **options)  # type: ignore[arg-type]
+        self.column = 0  # where stdout's cursor is on its line: 0 when a note may start
+
+    def write(self, text: str) -> None:
+        """Stream raw answer text."""
+        if not text:
+            return
+        self.stdout.write(text)
+        self.stdout.flush()
+        self.column = len(text) - text.rfind("\n") - 1 if "\n" in text else self.column + len(text)
+
+    def print(self, text: Text | str) -> None:
+        """Print finished (possibly highlighted) text followed by a newline."""
+        self.console.print(text)
+        self.column = 0
+
+    def break_line(self) -> None:
+        """End a partly written line so that what follows starts on its own."""
+        if self.column:
+            self.write("\n")
+
+    def note(self, message: str) -> None:
+        self._say(message, "dim")
+
+    def stats(self, message: str) -> None:
+        self._say(message, "dim")
+
+    def warn(self, message: str) -> None:
+        self._say(message, "yellow")
+
+    def error(self, message: str) -> None:
+        self._say(message, "bold red")
+
+    def _say(self, message: str, style: str) -> None:
+        self.break_line()
+        self.errors.print(message, style=style)
+
+    def loading(self, event: Event) -> None:
+        """Show load progress on the terminal (called on the engine's thread before it is ready)."""
+        if isinstance(event, Loading):
+            self.errors.file.write(f"\r\x1b[Kloading {event.stage} {event.fraction:.0%}")
+            self.errors.file.flush()
+
+    def loaded(self) -> None:
+        if self.interactive:
+            self.errors.file.write("\r\x1b[K")
+            self.errors.file.flush()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The terminal's columns and rows."""
+        return self.console.size.width, self.console.size.height
+
+
+class Answer:
+    """One answer on screen: streamed as plain text, then (on a terminal) redrawn highlighted.
+
+    The redraw erases the streamed rows and prints the same characters with colours, so it is exact only
+    while nothing else was printed in between and all rows are still on the screen; otherwise the
+    highlighted version is printed below instead.
+    """
+
+    def __init__(self, out: Output, cap: str, prompt: str) -> None:
+        self.out, self.cap = out, cap
+        # the code around the answer, lexed with it so that it is coloured in the right context
+        self.before, self.after = prompt, ""
+        if cap == "infilling" and prompt.count(FILL) == 1:
+            self.before, self.after = prompt.split(FILL)
+        self.streamed = ""
+        self.clean = True  # only the answer was printed since it started
+
+    def add(self, text: str) -> None:
+        if self.out.interactive:
+            text = _CONTROL.sub("", text)
+        if not self.streamed:
+            self.out.break_line()
+        self.streamed += text
+        self.out.write(text)
+
+    def interrupt(self) -> None:
+        """Something else is about to be printed: the streamed text can no longer be redrawn in place."""
+        self.clean = not self.streamed
+
+    def finish(self, text: str) -> None:
+        """The answer is complete: highlight it (terminal only) and end its line."""
+        if not self.out.interactive or not self.streamed:
+            self.out.break_line()
+            return
+        width, height = self.out.size
+        rows = rows_used(self.streamed, width)
+        if self.clean and rows < height:
+            self.out.write("\r" + (f"\x1b[{rows - 1}A" if rows > 1 else "") + "\x1b[J")
+        else:
+            self.out.break_line()
+            self.out.print(Text("─" * min(width, 40), style="dim"))
+        self.out.print(self._highlighted())
+        if self.cap == "infilling" and self.after:
+            self.out.print(Text("─" * min(width, 40) + " filled in", style="dim"))
+            whole = highlight(self.before + self.streamed + self.after, "python")
+            whole.stylize(_FILLED, len(self.before), len(self.before) + len(self.streamed))
+            self.out.print(whole)
+
+    def _highlighted(self) -> Text:
+        if self.cap == "chat":
+            return highlight_markdown_code(self.streamed)
+        whole = highlight(self.before + self.streamed + self.after, "python")
+        return whole[len(self.before) : len(self.before) + len(self.streamed)]
+
+
+def rows_used(text: str, width: int) -> int:
+    """How many terminal rows `text`, written from column 0, spans (the cursor's row included)."""
+    return sum(max(1, math.ceil(cell_len(line.expandtabs(8)) / width)) for line in text.split("\n"))
+
+
+def highlight(code: str, language: str) -> Text:
+    """Colour `code` keeping its characters exactly (no tab expansion, no added newline) on the terminal's
+    own background; error tokens stay plain, so a wrong lexer guess does not paint the screen red."""
+    try:
+        lexer = get_lexer_by_name(language, stripnl=False, ensurenl=False)
+    except ClassNotFound:
+        lexer = PythonLexer(stripnl=False, ensurenl=False)
+    theme = Syntax.get_theme(THEME)
+    text = Text()
+    for token, value in lexer.get_tokens(code):
+        style = None if token in Error else theme.get_style_for_token(token) + Style(bgcolor="default")
+        text.append(value, style)
+    return text if text.plain == code else Text(code)
+
+
+def highlight_markdown_code(answer: str) -> Text:
+    """Highlight the fenced code blocks of a chat answer (Python unless the fence names a language) and
+    leave the prose as the model wrote it; an unclosed fence (the answer was cut) runs to the end."""
+    text = Text()
+    pos = 0
+    for match in _FENCE.finditer(answer):
+        text.append(answer[pos : match.start()])
+        text.append(match.group(1), "dim")
+        text.append_text(highlight(match.group(3), match.group(2) or "python"))
+        text.append(match.group(4), "dim")
+        pos = match.end()
+    text.append(answer[pos:])
+    return text
+
+
+def make_prompt_session(**kwargs: object) -> PromptSession[str]:
+    """A multi-line prompt_toolkit session where Enter on a line `!!` submits and adds a newline otherwise.
+
+    Imported here, not at module level, so that the piped path never needs a terminal library set up;
+    `kwargs` (input, output) let tests drive it through a pipe.
+    """
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.document import Document
+    from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _enter(event) -> None:  # noqa: ANN001 (prompt_toolkit's KeyPressEvent)
+        buffer = event.current_buffer
+        document = buffer.document
+        if not is_sentinel(document.current_line):
+            buffer.newline(copy_margin=not event.app.paste_mode())
+            return
+        lines = document.lines
+        row = document.cursor_position_row
+        rest = "\n".join(lines[:row] + lines[row + 1 :])
+        buffer.document = Document(rest, len("\n".join(lines[:row])))
+        buffer.validate_and_handle()
+
+    return PromptSession(
+        message=">>> ",
+        prompt_continuation="... ",
+        multiline=True,
+        key_bindings=bindings,
+        history=InMemoryHistory(),
+        **kwargs,
+    )
+
+
+def terminal_inputs(session: PromptSession[str]) -> Iterator[Input]:
+    """Read inputs from a prompt_toolkit session; ctrl+d or ctrl+c at the prompt ends them."""
+    while True:
+        try:
+            text = session.prompt()
+        except (EOFError, KeyboardInterrupt):
+            return
+        item = classify(text)
+        if item is not None:
+            yield item
