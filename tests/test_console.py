@@ -223,13 +223,14 @@ def test_terminal_answer_is_redrawn_in_place_with_colour() -> None:
     assert "\x1b[" in redrawn and "return" in redrawn
 
 
-def test_terminal_infilling_shows_the_whole_code_with_the_middle() -> None:
+@pytest.mark.parametrize("suffix", ["\n    return", ""])
+def test_terminal_infilling_shows_the_whole_code_with_the_middle(suffix: str) -> None:
     stdout = Tty()
-    answer = Answer(Output(stdout, Tty(), interactive=True), "infilling", 'def hi():\n    """ <FILL>\n')
+    answer = Answer(Output(stdout, Tty(), interactive=True), "infilling", 'def hi():\n    """ <FILL>' + suffix)
     answer.add('Say hi."""')
     answer.finish('Say hi."""')
-    raw = stdout.getvalue()
-    assert "filled in" in raw and "def" in raw.split("filled in")[1]
+    whole = stdout.getvalue().split("filled in")[1]
+    assert "def" in whole and "Say" in whole and "\x1b[" in whole
 
 
 def test_prompt_session_submits_on_a_bang_bang_line_only() -> None:

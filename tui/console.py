@@ -38,9 +38,7 @@ if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
 
 THEME = "monokai"
-HINT = (
-    "end an input with a line !! · end starts a new session · exit or ctrl+d quits · ctrl+c stops an answer"
-)
+HINT = "end an input with a line !! · end starts a new session · exit or ctrl+d quits · ctrl+c stops an answer"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _FENCE = re.compile(r"^(```[ \t]*([\w+#.-]*)[^\n]*\n)(.*?)(^```[ \t]*$|\Z)", re.M | re.S)
 _FILLED = Style(bgcolor="grey23")
@@ -93,9 +91,7 @@ def run_console(
         info = client.wait_ready()
         out.loaded()
         if cap == "infilling" and not info.can_infill:
-            out.error(
-                f"error: {info.name} cannot infill (no <PRE>/<SUF>/<MID> tokens); use a 7B or 13B model"
-            )
+            out.error(f"error: {info.name} cannot infill (no <PRE>/<SUF>/<MID> tokens); use a 7B or 13B model")
             return 1
         chat = Chat(client, out, info, cap, system, sampling)
         if interactive:
@@ -174,8 +170,7 @@ class Chat:
                     answer.interrupt()
                     s = "s" if event.count != 1 else ""
                     self.out.warn(
-                        f"warning: the conversation outgrew the context; dropped its {event.count} "
-                        f"oldest exchange{s}"
+                        f"warning: the conversation outgrew the context; dropped its {event.count} oldest exchange{s}"
                     )
                 elif isinstance(event, Failed):
                     answer.interrupt()
@@ -208,10 +203,7 @@ def stats_line(reason: str, stats: Stats, context: int) -> str:
         "context": f" · reached the context end ({context} tokens)",
         "cancelled": " · stopped",
     }.get(reason, "")
-    return (
-        f"[{stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tokens/s · "
-        f"first token {stats.ttft_s:.2f} s{why}]"
-    )
+    return f"[{stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tokens/s · first token {stats.ttft_s:.2f} s{why}]"
 
 
 @contextmanager
@@ -265,9 +257,9 @@ class Output:
         self.stdout.flush()
         self.column = len(text) - text.rfind("\n") - 1 if "\n" in text else self.column + len(text)
 
-    def print(self, text: Text | str) -> None:
-        """Print finished (possibly highlighted) text followed by a newline."""
-        self.console.print(text)
+    def print(self, text: Text) -> None:
+        """Print finished (possibly highlighted) text and end its line, adding no blank line of its own."""
+        self.console.print(text, end="" if text.plain.endswith("\n") else "\n")
         self.column = 0
 
     def break_line(self) -> None:
@@ -320,7 +312,8 @@ class Answer:
         self.out, self.cap = out, cap
         # the code around the answer, lexed with it so that it is coloured in the right context
         self.before, self.after = prompt, ""
-        if cap == "infilling" and prompt.count(FILL) == 1:
+        self.fills = cap == "infilling" and prompt.count(FILL) == 1
+        if self.fills:
             self.before, self.after = prompt.split(FILL)
         self.streamed = ""
         self.clean = True  # only the answer was printed since it started
@@ -350,7 +343,7 @@ class Answer:
             self.out.break_line()
             self.out.print(Text("─" * min(width, 40), style="dim"))
         self.out.print(self._highlighted())
-        if self.cap == "infilling" and self.after:
+        if self.fills:
             self.out.print(Text("─" * min(width, 40) + " filled in", style="dim"))
             whole = highlight(self.before + self.streamed + self.after, "python")
             whole.stylize(_FILLED, len(self.before), len(self.before) + len(self.streamed))
