@@ -36,7 +36,8 @@ class FakeClient:
     """Streams `answer(request)` in pieces of `piece` characters, counting a token per character; chat
     sessions drop their oldest exchanges beyond `info.context`, as the engine does.
 
-    `on_delta(client, request, index)` runs before each TextDelta: a test uses it to press ctrl+c.
+    `on_delta(client, request, index)` runs before each TextDelta: a test uses it to press ctrl+c, which
+    (as in the real client) cancels the request when it interrupts the wait for an event.
     """
 
     info: ModelInfo = INFO
@@ -97,7 +98,10 @@ class FakeClient:
         out = ""
         for index, start in enumerate(range(0, len(text), self.piece)):
             if self.on_delta is not None:
-                self.on_delta(self, request, index)
+                try:
+                    self.on_delta(self, request, index)
+                except KeyboardInterrupt:  # as EngineClient.stream does
+                    self.cancel(request.id)
             if request.id in self.cancelled:
                 yield Finished(request.id, "cancelled", out, Stats(prompt, len(out), 0.05, 0.1))
                 return

@@ -101,7 +101,7 @@ def run_console(
     except EngineError as err:
         out.error(f"error: {err}")
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ForceQuit):
         out.break_line()
         return 130
     finally:
@@ -206,12 +206,18 @@ def stats_line(reason: str, stats: Stats, context: int) -> str:
     return f"[{stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tokens/s · first token {stats.ttft_s:.2f} s{why}]"
 
 
+class ForceQuit(BaseException):
+    """A second ctrl+c during one answer: quit even if the engine does not stop. Not a KeyboardInterrupt,
+    which `EngineClient.stream` turns into a cancel and swallows."""
+
+
 @contextmanager
 def _cancel_on_interrupt(client: ConsoleClient, request_id: int) -> Iterator[None]:
     """Make ctrl+c cancel the request (its stream then ends with reason "cancelled"); a second one quits.
 
-    Raising KeyboardInterrupt inside `stream()` would close the generator and lose the events still coming,
-    so the first ctrl+c only sends the cancel. Signal handlers exist only on the main thread.
+    The default KeyboardInterrupt could land while an answer is being printed, outside the client's wait
+    for events, and end the whole console; so the first ctrl+c only sends the cancel. Signal handlers exist
+    only on the main thread.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -221,7 +227,7 @@ def _cancel_on_interrupt(client: ConsoleClient, request_id: int) -> Iterator[Non
     def handler(signum: int, frame: object) -> None:
         nonlocal pressed
         if pressed:
-            raise KeyboardInterrupt
+            raise ForceQuit
         pressed = True
         client.cancel(request_id)
 
