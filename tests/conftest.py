@@ -1,0 +1,72 @@
+"""Shared pytest fixtures.
+
+Reference data lives in `../shared` (next to the repository, as in CI); tests that need it skip
+cleanly where it is absent, as on a user's machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TOKENIZER_TOOL = SHARED / "tools" / "codellama_tokenizer.py"
+LLAMA2_VOCAB = SHARED / "data" / "llama2-vocab" / "ggml-vocab-llama-spm.gguf"
+
+
+@pytest.fixture(scope="session")
+def codellama_tokenizer_tool() -> ModuleType:
+    """The shared tokenizer-building tool, imported once: it turns the Llama-2 vocab into tokenizers."""
+    if not (TOKENIZER_TOOL.is_file() and LLAMA2_VOCAB.is_file()):
+        pytest.skip(f"no reference tokenizer data in {SHARED}")
+    for module in ("gguf", "sentencepiece", "google.protobuf"):
+        pytest.importorskip(module)
+    spec = importlib.util.spec_from_file_location("codellama_tokenizer_tool", TOKENIZER_TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.fixture(scope="session")
+def codellama_tokenizer_dir(codellama_tokenizer_tool: ModuleType, tmp_path_factory) -> Path:
+    """A CodeLlama-7B/13B tokenizer directory (32016 pieces, FIM pieces at 32007-32010)."""
+    out = tmp_path_factory.mktemp("codellama-tokenizer")
+    codellama_tokenizer_tool.build(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def codellama_base_tokenizer_dir(codellama_tokenizer_tool: ModuleType, tmp_path_factory) -> Path:
+    """A 34B / -Python tokenizer directory (32000 pieces, no FIM pieces), from `--base-only`."""
+    out = tmp_path_factory.mktemp("codellama-base-tokenizer")
+    codellama_tokenizer_tool.build(out, base_only=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(codellama_tokenizer_dir: Path, tmp_path_factory) -> Path:
+    """A tiny random-weight CodeLlama-7B-shaped checkpoint (MHA, vocab 32016, rope_theta 1e6), float32."""
+    from tests.checkpoints import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mha"), codellama_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_dir(codellama_tokenizer_dir: Path, tmp_path_factory) -> Path:
+    """Like `tiny_model_dir` but with grouped-query attention (8 heads, 2 kv heads), sharded in 3 files."""
+    from tests.checkpoints import make_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-gqa")
+    return make_tiny_checkpoint(out, codellama_tokenizer_dir, seed=1, num_key_value_heads=2, shards=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model_dir(codellama_base_tokenizer_dir: Path, tmp_path_factory) -> Path:
+    """A 34B/-Python-like checkpoint: vocab 32000 and no infilling pieces."""
+    from tests.checkpoints import make_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-base")
+    return make_tiny_checkpoint(out, codellama_base_tokenizer_dir, seed=2, vocab_size=32000)
