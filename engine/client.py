@@ -79,14 +79,22 @@ class EngineClient:
         self._commands.put(_EndSession(session))
 
     def stream(self, request: Request) -> Iterator[Event]:
-        """Submit `request` and yield its events up to and including Finished or Failed."""
+        """Submit `request` and yield its events up to and including Finished or Failed.
+
+        Ctrl+C while waiting for the next event cancels the request; the stream then ends with
+        Finished(reason="cancelled"), so a console keeps its session and its partial answer.
+        """
         q: queue.Queue[Event] = queue.Queue()
         with self._lock:
             self._streams[request.id] = q
         self.submit(request)
         try:
             while True:
-                event = q.get()
+                try:
+                    event = q.get()
+                except KeyboardInterrupt:
+                    self.cancel(request.id)
+                    continue
                 yield event
                 if isinstance(event, _TERMINAL):
                     return

@@ -1,0 +1,426 @@
+"""The engine: owns the model, the KV-cache slots and the chat sessions, and runs the scheduler loop.
+
+Every method runs on the worker thread (engine.client). `step()` admits waiting requests into free slots,
+prefills one chunk of one prompt, then decodes one token for every running sequence as one batch,
+and returns the events that produced. Chat sessions keep their slot and token history between turns,
+so a new turn prefills only what differs from what the slot already holds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from engine import kernels
+from engine.checkpoint import Progress, load_weights
+from engine.config import DEMO_DIR, ModelConfig, model_dir
+from engine.detok import IncrementalDecoder, StopStrings
+from engine.errors import CheckpointError, EngineError, OutOfMemoryError, PromptError
+from engine.events import (
+    Event,
+    Failed,
+    Finished,
+    FinishReason,
+    ModelInfo,
+    Started,
+    Stats,
+    TextDelta,
+    TurnsDropped,
+)
+from engine.model import KVCache, Llama
+from engine.parallel import SINGLE, Parallel, Shard
+from engine.prompts import build_prompt, stop_ids
+from engine.requests import EngineSpec, Request
+from engine.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 2048
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError("--device cuda: no CUDA device is available here (use --device cpu)")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise EngineError(f"unknown device '{name}'; choose cpu, cuda or auto")
+    return torch.device(name)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise EngineError(f"unknown dtype '{name}'; choose {', '.join(DTYPES)} or auto")
+    return DTYPES[name]
+
+
+def flavour(path: Path, is_demo: bool) -> str:
+    name = path.name.lower()
+    if is_demo:
+        return "demo"
+    return "instruct" if "instruct" in name else "python" if "python" in name else "base"
+
+
+@dataclass
+class Session:
+    """A chat: its finished exchanges, and the tokens whose keys/values its slot holds."""
+
+    name: str
+    system: str | None = None
+    exchanges: list[tuple[str, str]] = field(default_factory=list)
+    slot: int | None = None
+    cached: list[int] = field(default_factory=list)
+    busy: bool = False
+    last_used: float = 0.0
+
+
+@dataclass
+class Sequence:
+    request: Request
+    ids: list[int]
+    stops: set[int]
+    decoder: IncrementalDecoder
+    stop_strings: StopStrings
+    seed: int
+    t0: float
+    session: Session | None = None
+    slot: int = -1
+    done: int = 0  # prompt tokens whose keys/values are in the slot
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    t_first: float = 0.0
+    strip_leading: bool = False
+
+
+class Engine:
+    def __init__(
+        self, model: Llama, tok: Tokenizer, info: ModelInfo, n_slots: int, context: int, device: torch.device
+    ) -> None:
+        self.model, self.tok, self.info = model, tok, info
+        self.context, self.device = context, device
+        self.free_slots = list(range(n_slots))
+        self.sessions: dict[str, Session] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seen = torch.zeros(n_slots, model.cfg.vocab_size, dtype=torch.bool, device=device)
+
+    @classmethod
+    def load(cls, spec: EngineSpec, progress: Progress | None = None, par: Parallel = SINGLE) -> Engine:
+        """Check the checkpoint, build the model on the device and load its weights shard by shard."""
+        path = model_dir(spec.model)
+        cfg = ModelConfig.from_dir(path)
+        tok = Tokenizer.from_dir(path)
+        if tok.vocab_size > cfg.vocab_size:
+            raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} pieces, the model only {cfg.vocab_size}")
+        device = pick_device(spec.device)
+        dtype = pick_dtype(spec.dtype, device)
+        if device.type == "cpu" and os.cpu_count():  # leave a core to the UI thread: spinning threads make typing lag
+            torch.set_num_threads(max(1, os.cpu_count() - 1))
+        if spec.max_batch < 1:
+            raise EngineError(f"--max-batch must be >= 1, got {spec.max_batch}")
+        shard = Shard.of(cfg, par.world)
+        context = cls._context(spec, cfg, shard, device, dtype)
+        try:
+            with torch.device("meta"):
+                torch.set_default_dtype(dtype)
+                try:
+                    model = Llama(cfg, context, par)
+                finally:
+                    torch.set_default_dtype(torch.float32)
+            model = model.to_empty(device=device)
+            model.init_rope(context)
+            load_weights(model, path, progress)
+            model.setup_cache(spec.max_batch, context, dtype)
+        except torch.OutOfMemoryError:
+            need = cfg.n_params * torch.finfo(dtype).bits // 8 / par.world / 2**30
+            raise OutOfMemoryError(
+                f"out of GPU memory loading {path.name} ({need:.1f} GiB of weights per GPU plus the KV cache); "
+                "try a smaller --max-batch, a shorter --max-seq-len, --quantize, or more GPUs with --tp"
+            ) from None
+        is_demo = path == DEMO_DIR
+        info = ModelInfo(
+            name="CodeLlama demo" if is_demo else path.name,
+            flavour=flavour(path, is_demo),
+            can_infill=tok.can_infill,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            tp=par.world,
+            context=context,
+            vocab_size=cfg.vocab_size,
+            is_demo=is_demo,
+        )
+        return cls(model, tok, info, spec.max_batch, context, device)
+
+    @staticmethod
+    def _context(spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.device, dtype: torch.dtype) -> int:
+        """Tokens per sequence: what was asked, else the model's maximum, limited by memory on a GPU."""
+        if spec.max_seq_len is not None:
+            if spec.max_seq_len < 2:
+                raise EngineError(f"--max-seq-len must be >= 2, got {spec.max_seq_len}")
+            return min(spec.max_seq_len, cfg.max_position)
+        if device.type != "cuda":
+            return min(cfg.max_position, 4096)
+        free, _ = torch.cuda.mem_get_info(device)
+        weights = cfg.n_params * torch.finfo(dtype).bits // 8 // max(cfg.n_heads // shard.n_heads, 1)
+        per_token = KVCache.bytes_per_token(cfg, shard, dtype) * spec.max_batch
+        fit = int((free * 0.9 - weights - 2**30) // per_token)
+        return max(min(cfg.max_position, fit // 256 * 256), 256)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def close(self) -> None:
+        """Release device memory (the worker calls this when it stops)."""
+        self.model.cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- requests in ----
+
+    def add(self, request: Request) -> list[Event]:
+        """Validate and queue a request; bad input comes back as a Failed event, never an exception."""
+        events: list[Event] = []
+        try:
+            request.sampling.check()
+            seq = self._sequence(request, events)
+        except (EngineError, ValueError) as err:
+            return [Failed(request.id, str(err))]
+        self.waiting.append(seq)
+        events.append(Started(request.id, len(seq.ids), self.context))
+        return events
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        """Exactly the ids the engine feeds the model for a fresh request (what `tokenize` prints)."""
+        return build_prompt(self.tok, request)
+
+    def _sequence(self, request: Request, events: list[Event]) -> Sequence:
+        session = None
+        exchanges: list[tuple[str, str]] = []
+        if request.session is not None:
+            session = self.sessions.setdefault(request.session, Session(request.session))
+            if session.busy:
+                raise EngineError("this chat is still answering; wait for it or cancel it")
+            if request.system is not None:
+                session.system = request.system
+            request = replace(request, system=session.system)
+            exchanges = session.exchanges
+        ids = build_prompt(self.tok, request, exchanges)
+        if request.cap == "chat":
+            reserve = min(request.sampling.max_new_tokens, self.context // 4)
+            dropped = 0
+            while len(ids) + reserve > self.context and dropped < len(exchanges):
+                dropped += 1
+                ids = build_prompt(self.tok, request, exchanges[dropped:])
+            if dropped and session is not None:
+                del session.exchanges[:dropped]
+                events.append(TurnsDropped(request.id, dropped))
+        if len(ids) >= self.context:
+            raise PromptError(
+                f"the prompt is {len(ids)} tokens but the context holds {self.context}: "
+                f"{len(ids) - self.context + 1} tokens too many"
+            )
+        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(62)
+        seq = Sequence(
+            request=request,
+            ids=ids,
+            stops=stop_ids(self.tok, request.cap),
+            decoder=IncrementalDecoder(self.tok),
+            stop_strings=StopStrings(request.sampling.stop),
+            seed=seed,
+            t0=time.perf_counter(),
+            session=session,
+            strip_leading=request.cap == "chat",
+        )
+        if session is not None:
+            session.busy = True
+        return seq
+
+    def cancel(self, request_id: int) -> list[Event]:
+        """End a request now; its slot is free for the next step."""
+        for queue in (self.waiting, self.prefilling, self.running):
+            for seq in queue:
+                if seq.request.id == request_id:
+                    return self._finish(seq, "cancelled")
+        return []
+
+    def end_session(self, name: str) -> None:
+        session = self.sessions.pop(name, None)
+        if session is None:
+            return
+        for seq in [*self.waiting, *self.prefilling, *self.running]:
+            if seq.session is session:
+                self._finish(seq, "cancelled")
+        if session.slot is not None:
+            self.free_slots.append(session.slot)
+
+    # ---- the scheduler ----
+
+    def step(self) -> list[Event]:
+        """Admit, prefill one chunk, decode one token per running sequence."""
+        events: list[Event] = []
+        try:
+            self._admit()
+            if self.prefilling:
+                self._prefill_chunk(self.prefilling[0], events)
+            if self.running:
+                self._decode(events)
+        except Exception as err:  # a failed step must not take the worker down
+            events.extend(self._fail_all(err))
+        return events
+
+    def _admit(self) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            slot = self._take_slot(seq.session)
+            if slot is None:
+                return
+            self.waiting.popleft()
+            seq.slot = slot
+            cached = seq.session.cached if seq.session is not None else []
+            seq.done = _common_prefix(cached, seq.ids, limit=len(seq.ids) - 1)
+            self.seen[slot].zero_()
+            self.seen[slot, torch.tensor(seq.ids, device=self.device)] = True
+            self.prefilling.append(seq)
+
+    def _take_slot(self, session: Session | None) -> int | None:
+        if session is not None and session.slot is not None:
+            session.last_used = time.monotonic()
+            return session.slot
+        if not self.free_slots:
+            idle = [s for s in self.sessions.values() if s.slot is not None and not s.busy]
+            if not idle:
+                return None
+            victim = min(idle, key=lambda s: s.last_used)
+            self.free_slots.append(victim.slot)
+            victim.slot, victim.cached = None, []
+        slot = self.free_slots.pop()
+        if session is not None:
+            session.slot, session.cached, session.last_used = slot, [], time.monotonic()
+        return slot
+
+    def _prefill_chunk(self, seq: Sequence, events: list[Event]) -> None:
+        end = min(seq.done + PREFILL_CHUNK, len(seq.ids))
+        tokens = torch.tensor(seq.ids[seq.done : end], device=self.device)
+        logits = self.model.prefill(tokens, seq.slot, seq.done)
+        seq.done = end
+        if end == len(seq.ids):
+            self.prefilling.popleft()
+            self.running.append(seq)
+            (token,) = self._sample(logits[None], [seq])
+            seq.t_first = time.perf_counter()
+            self._accept(seq, token, events)
+
+    def _decode(self, events: list[Event]) -> None:
+        batch = list(self.running)
+        tokens = torch.tensor([s.generated[-1] for s in batch], device=self.device)
+        positions = torch.tensor([len(s.ids) + len(s.generated) - 1 for s in batch], device=self.device)
+        slots = torch.tensor([s.slot for s in batch], device=self.device)
+        logits = self.model.decode(tokens, positions, slots)
+        for seq, token in zip(batch, self._sample(logits, batch), strict=True):
+            self._accept(seq, token, events)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        params = [s.request.sampling for s in seqs]
+        dev = self.device
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            slots = torch.tensor([s.slot for s in seqs], device=dev)
+            logits = kernels.apply_repetition_penalty(logits, self.seen[slots], penalty)
+        if all(p.temperature == 0 for p in params):  # known on the host: skip the sampling machinery
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = kernels.sample(
+                logits,
+                torch.tensor([p.temperature for p in params], device=dev),
+                torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
+                torch.tensor([p.top_p for p in params], device=dev),
+                torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+                torch.tensor([len(s.generated) for s in seqs], dtype=torch.int64, device=dev),
+            ).tolist()
+        for seq, token in zip(seqs, tokens, strict=True):
+            self.seen[seq.slot, token] = True
+        return tokens
+
+    def _accept(self, seq: Sequence, token: int, events: list[Event]) -> None:
+        """Take one sampled token: stream its text, and finish the sequence if a stop condition holds."""
+        seq.generated.append(token)
+        if token in seq.stops:
+            events.extend(self._finish(seq, "eot" if token == self.tok.eot_id else "eos"))
+            return
+        text, hit = seq.stop_strings.feed(seq.decoder.push(token))
+        self._emit(seq, text, events)
+        if hit:
+            events.extend(self._finish(seq, "stop"))
+        elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
+            events.extend(self._finish(seq, "length"))
+        elif len(seq.ids) + len(seq.generated) >= self.context:
+            events.extend(self._finish(seq, "context"))
+
+    def _emit(self, seq: Sequence, text: str, events: list[Event]) -> None:
+        if seq.strip_leading:
+            text = text.lstrip()
+            seq.strip_leading = not text
+        if text:
+            seq.text.append(text)
+            events.append(TextDelta(seq.request.id, text))
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> list[Event]:
+        events: list[Event] = []
+        if reason not in ("stop", "cancelled"):
+            self._emit(seq, seq.stop_strings.feed(seq.decoder.flush())[0] + seq.stop_strings.flush(), events)
+        for queue in (self.waiting, self.prefilling):
+            if seq in queue:
+                queue.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        text = "".join(seq.text)
+        session = seq.session
+        if session is not None:
+            session.busy = False
+            if seq.slot >= 0:
+                session.cached = (
+                    (seq.ids[: seq.done] + seq.generated[:-1]) if seq.done == len(seq.ids) else seq.ids[: seq.done]
+                )
+            if reason != "cancelled" and seq.request.cap == "chat":
+                session.exchanges.append((seq.request.text, text))
+        elif seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+        now = time.perf_counter()
+        ttft = (seq.t_first or now) - seq.t0
+        stats = Stats(len(seq.ids), len(seq.generated), ttft, now - seq.t0)
+        events.append(Finished(seq.request.id, reason, text, stats))
+        return events
+
+    def _fail_all(self, err: Exception) -> list[Event]:
+        """After a failed step nothing in the cache can be trusted: end every request and forget caches."""
+        if isinstance(err, torch.OutOfMemoryError):
+            message = "out of GPU memory during generation; try a shorter prompt, a smaller --max-batch or --tp"
+        else:
+            message = f"generation failed: {type(err).__name__}: {err}"
+        events: list[Event] = []
+        for seq in [*self.waiting, *self.prefilling, *self.running]:
+            self._finish(seq, "cancelled")
+            events.append(Failed(seq.request.id, message))
+        for session in self.sessions.values():
+            session.cached = []
+        return events
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n

@@ -1,0 +1,180 @@
+"""CodeLlama (the Llama architecture) in plain PyTorch: grouped-query attention, rotary embeddings,
+RMSNorm and SwiGLU, written tensor-parallel from the start (a world of one is the same code).
+
+Weights are fused per layer: `wqkv` holds this rank's q, k and v heads, `w13` its gate and up rows;
+`wo` and `w2` are row-parallel and followed by an all-reduce; embedding and LM head are split by vocabulary.
+Prefill runs one sequence at a time with SDPA; decode runs a batch of one new token per sequence and
+reads per-slot positions from device tensors, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine import kernels
+from engine.config import ModelConfig
+from engine.parallel import SINGLE, Parallel, Shard
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values: per layer `[n_slots, n_kv_heads, max_seq, head_dim]`."""
+
+    def __init__(self, cfg: ModelConfig, shard: Shard, n_slots: int, max_seq: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (cfg.n_layers, n_slots, shard.n_kv_heads, max_seq, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, shard: Shard, dtype: torch.dtype) -> int:
+        return 2 * cfg.n_layers * shard.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+def rope_tables(cfg: ModelConfig, max_seq: int) -> tuple[Tensor, Tensor]:
+    """cos and sin `[max_seq, head_dim]` in float32, built as Hugging Face builds them (rotate-half form)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of `x [..., T, D]` with `cos/sin [T, D]` (the reference the decode kernel matches)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = shard.n_heads, shard.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Parameter(torch.empty((shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim, cfg.dim))
+        self.wo = nn.Parameter(torch.empty(cfg.dim, shard.n_heads * cfg.head_dim))
+        self.par = par
+        self.scale = cfg.head_dim**-0.5
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        qkv = kernels.linear(x, self.wqkv)
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+        return (
+            q.view(-1, self.n_heads, self.head_dim),
+            k.view(-1, self.n_kv, self.head_dim),
+            v.view(-1, self.n_kv, self.head_dim),
+        )
+
+    def prefill(self, x: Tensor, layer: int, cache: KVCache, slot: int, start: int, cos: Tensor, sin: Tensor) -> Tensor:
+        """`x [T, dim]`: tokens at positions `start .. start+T-1` of one sequence in `slot`."""
+        T = x.shape[0]
+        q, k, v = self._split(x)
+        q = rotate(q.transpose(0, 1), cos, sin)  # [H, T, D]
+        k = rotate(k.transpose(0, 1), cos, sin)
+        end = start + T
+        cache.k[layer, slot, :, start:end] = k
+        cache.v[layer, slot, :, start:end] = v.transpose(0, 1)
+        keys, values = cache.k[layer, slot, :, :end], cache.v[layer, slot, :, :end]
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return self.par.all_reduce(kernels.linear(out.transpose(0, 1).reshape(T, -1), self.wo))
+
+    def decode(
+        self, x: Tensor, layer: int, cache: KVCache, slots: Tensor, positions: Tensor, cos: Tensor, sin: Tensor
+    ) -> Tensor:
+        """`x [B, dim]`: one new token per sequence, written at `positions` of `slots` (device tensors)."""
+        q, k, v = self._split(x)
+        q = kernels.rotary_kv_write(q, k, v, cos, sin, positions, slots, cache.k[layer], cache.v[layer])
+        out = kernels.decode_attention(q, cache.k[layer], cache.v[layer], slots, positions + 1, self.scale)
+        return self.par.all_reduce(kernels.linear(out.reshape(x.shape[0], -1), self.wo))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel) -> None:
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(2 * shard.intermediate, cfg.dim))
+        self.w2 = nn.Parameter(torch.empty(cfg.dim, shard.intermediate))
+        self.par = par
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = kernels.linear(x, self.w13).chunk(2, dim=-1)
+        return self.par.all_reduce(kernels.linear(F.silu(gate) * up, self.w2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel) -> None:
+        super().__init__()
+        self.attention = Attention(cfg, shard, par)
+        self.feed_forward = FeedForward(cfg, shard, par)
+        self.attention_norm = nn.Parameter(torch.empty(cfg.dim))
+        self.ffn_norm = nn.Parameter(torch.empty(cfg.dim))
+        self.eps = cfg.norm_eps
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_seq: int, par: Parallel = SINGLE) -> None:
+        super().__init__()
+        self.cfg, self.par = cfg, par
+        self.shard = Shard.of(cfg, par.world)
+        self.tok_embeddings = nn.Parameter(torch.empty(self.shard.vocab, cfg.dim))
+        self.layers = nn.ModuleList(Block(cfg, self.shard, par) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.dim))
+        self.output = (
+            self.tok_embeddings if cfg.tie_embeddings else nn.Parameter(torch.empty(self.shard.vocab, cfg.dim))
+        )
+        self.cache: KVCache | None = None
+        self.init_rope(max_seq)
+        self.requires_grad_(False)
+
+    def init_rope(self, max_seq: int) -> None:
+        """(Re)build the rotary tables on the model's device; needed after materialising from `meta`."""
+        cos, sin = rope_tables(self.cfg, max_seq)
+        device = self.norm.device
+        self.register_buffer("cos", cos.to(device), persistent=False)
+        self.register_buffer("sin", sin.to(device), persistent=False)
+
+    def setup_cache(self, n_slots: int, max_seq: int, dtype: torch.dtype) -> None:
+        self.cache = KVCache(self.cfg, self.shard, n_slots, max_seq, dtype).to(self.norm.device)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Vocabulary-parallel lookup: each rank fills the rows it holds, the all-reduce adds them up."""
+        if self.par.world == 1:
+            return F.embedding(tokens, self.tok_embeddings)
+        local = tokens - self.par.rank * self.shard.vocab
+        inside = (local >= 0) & (local < self.shard.vocab)
+        x = F.embedding(local.clamp(0, self.shard.vocab - 1), self.tok_embeddings) * inside.unsqueeze(-1)
+        return self.par.all_reduce(x)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Final norm and LM head; float32 logits over the real vocabulary `[N, vocab_size]`."""
+        x = kernels.rms_norm(x, self.norm, self.cfg.norm_eps)
+        return self.par.all_gather_last(kernels.linear(x, self.output))[..., : self.cfg.vocab_size].float()
+
+    def prefill(self, tokens: Tensor, slot: int, start: int, all_logits: bool = False) -> Tensor:
+        """Run `tokens [T]` of the sequence in `slot` from position `start`; logits of the last token
+        `[vocab]` (or of every token `[T, vocab]`)."""
+        T = tokens.shape[0]
+        cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        h = self.embed(tokens)
+        for i, block in enumerate(self.layers):
+            h = h + block.attention.prefill(
+                kernels.rms_norm(h, block.attention_norm, block.eps), i, self.cache, slot, start, cos, sin
+            )
+            h = h + block.feed_forward(kernels.rms_norm(h, block.ffn_norm, block.eps))
+        return self.logits(h) if all_logits else self.logits(h[-1:])[0]
+
+    def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+        """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`."""
+        x = self.embed(tokens)
+        h, residual = kernels.rms_norm(x, self.layers[0].attention_norm, self.cfg.norm_eps), x
+        for i, block in enumerate(self.layers):
+            attn = block.attention.decode(h, i, self.cache, slots, positions, self.cos, self.sin)
+            h, residual = kernels.add_rms_norm(attn, residual, block.ffn_norm, block.eps)
+            ffn = block.feed_forward(h)
+            last = i + 1 == len(self.layers)
+            norm = self.norm if last else self.layers[i + 1].attention_norm
+            h, residual = kernels.add_rms_norm(ffn, residual, norm, self.cfg.norm_eps)
+        return self.par.all_gather_last(kernels.linear(h, self.output))[..., : self.cfg.vocab_size].float()

@@ -1,0 +1,63 @@
+"""Tensor parallelism: which shard of each weight this rank holds, and the collectives between ranks.
+
+A world of one is the same code with no-op collectives, so the model never branches on TP size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.config import ModelConfig
+from engine.errors import EngineError
+
+
+@dataclass(frozen=True)
+class Parallel:
+    rank: int = 0
+    world: int = 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum the partial results of row-parallel layers (in place)."""
+        if self.world > 1:
+            dist.all_reduce(x)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate vocabulary shards of the logits along the last dimension."""
+        if self.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+
+SINGLE = Parallel()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Per-rank sizes of every split dimension."""
+
+    n_heads: int
+    n_kv_heads: int
+    intermediate: int
+    vocab: int  # rows of the embedding / LM head on this rank (vocabulary padded to a multiple of world)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, world: int) -> Shard:
+        for what, n in (
+            ("attention heads", cfg.n_heads),
+            ("key/value heads", cfg.n_kv_heads),
+            ("intermediate size", cfg.intermediate),
+        ):
+            if n % world:
+                raise EngineError(f"--tp {world} does not divide the model's {n} {what}; choose a divisor of {n}")
+        return cls(
+            n_heads=cfg.n_heads // world,
+            n_kv_heads=cfg.n_kv_heads // world,
+            intermediate=cfg.intermediate // world,
+            vocab=-(-cfg.vocab_size // world),
+        )

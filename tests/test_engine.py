@@ -1,0 +1,224 @@
+"""Conformance of the engine with `transformers.LlamaForCausalLM` on the same tiny random weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.engine import Engine
+from engine.events import Failed, Finished, Started, TextDelta
+from engine.prompts import chat_ids
+from engine.requests import EngineSpec, Request, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=64)
+PROMPT = "def fibonacci(n):\n    "
+
+
+def load(path: Path, **spec: object) -> Engine:
+    return Engine.load(EngineSpec(model=str(path), device="cpu", dtype="float32", **{"max_batch": 2, **spec}))
+
+
+def hf_model(path: Path):
+    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def run(engine: Engine, *requests: Request) -> dict[int, list]:
+    events: dict[int, list] = {r.id: [] for r in requests}
+    for r in requests:
+        for e in engine.add(r):
+            events[r.id].append(e)
+    while engine.busy:
+        for e in engine.step():
+            events[e.request_id].append(e)
+    return events
+
+
+def hf_greedy(model, ids: list[int], n: int, stop: int | None = None) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=stop, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(params=["tiny_model_dir", "tiny_gqa_dir"])
+def checkpoint(request) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+def test_prefill_logits_match_transformers(checkpoint: Path) -> None:
+    engine, ref = load(checkpoint), hf_model(checkpoint)
+    ids = engine.prompt_ids(Request("completion", text=PROMPT * 3))
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+        got = engine.model.prefill(torch.tensor(ids), slot=0, start=0, all_logits=True)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_decode_logits_match_transformers(checkpoint: Path) -> None:
+    """Prefill a prompt, then decode the next tokens one by one in a batch of two slots."""
+    engine, ref = load(checkpoint), hf_model(checkpoint)
+    ids = engine.prompt_ids(Request("completion", text=PROMPT))
+    follow = [450, 1243, 338, 263]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids + follow])).logits[0, len(ids) - 1 :]
+        engine.model.prefill(torch.tensor(ids), slot=1, start=0)
+        engine.model.prefill(torch.tensor(ids[:3]), slot=0, start=0)
+        for i, token in enumerate(follow):
+            pos = len(ids) + i
+            logits = engine.model.decode(torch.tensor([7, token]), torch.tensor([2 + i, pos]), torch.tensor([0, 1]))
+            assert (logits[1] - expected[i + 1]).abs().max().item() < 1e-4
+
+
+def test_64_greedy_tokens_match_transformers(checkpoint: Path) -> None:
+    engine, ref = load(checkpoint), hf_model(checkpoint)
+    request = Request("completion", text=PROMPT, sampling=GREEDY)
+    ids = engine.prompt_ids(request)
+    expected = hf_greedy(ref, ids, 64, stop=2)
+    events = run(engine, request)[request.id]
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.stats.new_tokens == len(expected)
+    assert finished.text == engine.tok.decode(expected)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == finished.text
+
+
+def test_batched_requests_match_single_runs(tiny_gqa_dir: Path) -> None:
+    """Two sequences decoded together give what each gives alone (continuous batching is invisible)."""
+    engine = load(tiny_gqa_dir)
+    a = Request("completion", text=PROMPT, sampling=GREEDY)
+    b = Request("completion", text="import os\nimport sys\n\n\ndef main(", sampling=GREEDY)
+    together = run(engine, a, b)
+    alone_a = run(engine, Request("completion", text=PROMPT, sampling=GREEDY))
+    alone_b = run(engine, Request("completion", text=b.text, sampling=GREEDY))
+    assert together[a.id][-1].text == next(iter(alone_a.values()))[-1].text
+    assert together[b.id][-1].text == next(iter(alone_b.values()))[-1].text
+
+
+def test_second_chat_turn_reuses_the_cache_and_matches_transformers(checkpoint: Path, monkeypatch) -> None:
+    engine, ref = load(checkpoint), hf_model(checkpoint)
+    prefilled: list[int] = []
+    original = engine.model.prefill
+
+    def counting_prefill(tokens, slot, start, all_logits=False):
+        prefilled.append(len(tokens))
+        return original(tokens, slot, start, all_logits)
+
+    monkeypatch.setattr(engine.model, "prefill", counting_prefill)
+    sampling = SamplingParams(temperature=0, max_new_tokens=24)
+    first = Request(
+        "chat",
+        text="Write a function that adds two numbers.",
+        system="Answer in Python",
+        session="s",
+        sampling=sampling,
+    )
+    answer = run(engine, first)[first.id][-1]
+    assert isinstance(answer, Finished)
+    second = Request("chat", text="Now make it multiply.", session="s", sampling=sampling)
+    events = run(engine, second)[second.id]
+    ids = engine.prompt_ids(Request("chat", text=second.text, system=None))
+    full = chat_ids(engine.tok, [(first.text, answer.text)], second.text, "Answer in Python")
+    started = next(e for e in events if isinstance(e, Started))
+    assert started.prompt_tokens == len(full)
+    assert prefilled[-1] < len(full) - len(ids) // 2, "the second turn re-read the first one"
+    expected = hf_greedy(ref, full, 24, stop=2)
+    assert events[-1].text == engine.tok.decode(expected).strip()
+    with torch.no_grad():
+        logits_ref = ref(torch.tensor([full])).logits[0, -1]
+    slot = engine.sessions["s"].slot
+    logits = engine.model.prefill(torch.tensor(full[-1:]), slot=slot, start=len(full) - 1)
+    assert (logits - logits_ref).abs().max().item() < 1e-4
+
+
+def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypatch) -> None:
+    """Byte-fallback pieces must never reach the stream as broken characters."""
+    engine = load(tiny_model_dir)
+    text = " naïve café → 日本語 😀🎉 done"
+    script = engine.tok.encode(text)
+    assert any(len(engine.tok.token_bytes(i)) == 1 and engine.tok.token_bytes(i)[0] >= 0x80 for i in script)
+    tokens = iter(script + [engine.tok.eos_id])
+    monkeypatch.setattr(engine, "_sample", lambda logits, seqs: [next(tokens) for _ in seqs])
+    request = Request("completion", text="x", sampling=SamplingParams(max_new_tokens=200))
+    events = run(engine, request)[request.id]
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert "".join(deltas) == engine.tok.decode(script) == events[-1].text
+    assert all("\ufffd" not in d for d in deltas)
+    assert events[-1].reason == "eos"
+
+
+def test_cancel_stops_within_one_step_and_frees_the_slot(tiny_model_dir: Path) -> None:
+    engine = load(tiny_model_dir, max_batch=1)
+    request = Request("completion", text=PROMPT, sampling=SamplingParams(temperature=0, max_new_tokens=500))
+    engine.add(request)
+    engine.step()
+    engine.step()
+    generated = len(engine.running[0].generated)
+    (finished,) = engine.cancel(request.id)
+    assert finished.reason == "cancelled" and finished.stats.new_tokens == generated < 500
+    assert not engine.busy and engine.free_slots == [0]
+
+
+def test_stop_string_and_max_tokens(tiny_model_dir: Path) -> None:
+    engine = load(tiny_model_dir)
+    free = run(engine, Request("completion", text=PROMPT, sampling=SamplingParams(temperature=0, max_new_tokens=30)))
+    text = next(iter(free.values()))[-1].text
+    stop = text[5:8]
+    request = Request(
+        "completion", text=PROMPT, sampling=SamplingParams(temperature=0, max_new_tokens=30, stop=(stop,))
+    )
+    finished = run(engine, request)[request.id][-1]
+    assert finished.reason == "stop" and finished.text == text[: text.index(stop)]
+    request = Request("completion", text=PROMPT, sampling=SamplingParams(temperature=0, max_new_tokens=5))
+    assert run(engine, request)[request.id][-1].reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(tiny_model_dir: Path) -> None:
+    engine = load(tiny_model_dir)
+    sampling = SamplingParams(temperature=0.8, top_p=0.95, top_k=40, seed=1234, max_new_tokens=20)
+    texts = [
+        next(iter(run(engine, Request("completion", text=PROMPT, sampling=sampling)).values()))[-1].text for _ in "ab"
+    ]
+    other = SamplingParams(temperature=0.8, top_p=0.95, top_k=40, seed=99, max_new_tokens=20)
+    assert texts[0] == texts[1]
+    assert next(iter(run(engine, Request("completion", text=PROMPT, sampling=other)).values()))[-1].text != texts[0]
+
+
+def test_context_end_and_overlong_prompt(tiny_model_dir: Path) -> None:
+    engine = load(tiny_model_dir, max_seq_len=24)
+    request = Request("completion", text="a b c d e f g h i j k l m n o p q r s t u v w x y z", sampling=GREEDY)
+    (failed,) = run(engine, request)[request.id]
+    assert isinstance(failed, Failed) and "too many" in failed.message and "context holds 24" in failed.message
+    request = Request("completion", text="def f(", sampling=GREEDY)
+    finished = run(engine, request)[request.id][-1]
+    assert finished.reason == "context" and finished.stats.prompt_tokens + finished.stats.new_tokens == 24
+
+
+def test_chat_drops_oldest_turns_when_the_context_is_full(tiny_model_dir: Path) -> None:
+    engine = load(tiny_model_dir, max_seq_len=160)
+    sampling = SamplingParams(temperature=0, max_new_tokens=16)
+    dropped = []
+    for i in range(8):
+        request = Request("chat", text=f"Question number {i}: what does this do?", session="c", sampling=sampling)
+        events = run(engine, request)[request.id]
+        assert isinstance(events[-1], Finished)
+        dropped += [e.count for e in events if type(e).__name__ == "TurnsDropped"]
+    assert dropped and len(engine.sessions["c"].exchanges) < 8
+
+
+def test_bin_fallback_and_sharded_safetensors_load_the_same_weights(tiny_gqa_dir: Path, tmp_path: Path) -> None:
+    assert len(list(tiny_gqa_dir.glob("*.safetensors"))) == 3
+    ref = hf_model(tiny_gqa_dir)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torch.save(ref.state_dict(), bin_dir / "pytorch_model.bin")
+    for f in tiny_gqa_dir.iterdir():
+        if not f.name.startswith("model"):
+            shutil.copy(f, bin_dir / f.name)
+    a, b = load(tiny_gqa_dir), load(bin_dir)
+    for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), name

@@ -1,0 +1,146 @@
+"""The `codellama-tui` command: the full-screen app by default, and its subcommands.
+
+Nothing here imports torch: the app must paint before the engine loads, and `--help` must be instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from engine.requests import CAPS, EngineSpec
+
+SUBCOMMANDS = {
+    "generate": "generate once from stdin or --prompt; only the generated text goes to stdout",
+    "tokenize": "print the prompt's token ids as the engine would feed them",
+    "chat": "the console chat of the seed: inputs end with a line '!!'",
+}
+
+DEMO_NOTE = (
+    "Without --model the built-in demo model runs: a tiny CodeLlama-shaped model trained on Python source, "
+    "good for trying the app, not for real work. Point --model at a Hugging Face CodeLlama directory "
+    "(e.g. CodeLlama-7b-Instruct-hf) for real answers."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, as every other error of the command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion") -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument(
+        "--model", metavar="DIR", help="Hugging Face CodeLlama checkpoint directory (default: the demo model)"
+    )
+    g.add_argument("--cap", choices=CAPS, default=cap_default, help=f"capability (default: {cap_default})")
+    g.add_argument("--sys-instruct", metavar="TEXT", help="system instruction for the chat cap")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--tp", type=_positive, default=1, metavar="N", help="tensor-parallel size (GPUs)")
+    g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
+    g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
+    s = p.add_argument_group("sampling (defaults per cap)")
+    s.add_argument("--temperature", type=float, metavar="T", help="0 is greedy")
+    s.add_argument("--top-p", type=float, metavar="P")
+    s.add_argument("--top-k", type=int, metavar="K", help="0 disables it (default 40)")
+    s.add_argument("--repetition-penalty", type=float, metavar="R")
+    s.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default 512")
+    s.add_argument("--seed", type=int, metavar="S")
+    s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+
+
+def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
+    return EngineSpec(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        tp=args.tp,
+        max_batch=args.max_batch or max_batch,
+        max_seq_len=args.max_seq_len,
+    )
+
+
+def overrides_of(args: argparse.Namespace) -> dict[str, object]:
+    """Sampling options the user gave, for `SamplingParams.for_cap(cap, **overrides)`."""
+    return {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "stop": tuple(args.stop) if args.stop else None,
+    }
+
+
+def build_parser() -> dict[str, argparse.ArgumentParser]:
+    """One parser for the app and one per subcommand (FILE and subcommand names share the first word)."""
+    listing = "\n".join(f"  {name:<10} {text}" for name, text in SUBCOMMANDS.items())
+    app = _Parser(
+        prog="codellama-tui",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A full-screen terminal coding assistant for CodeLlama.\n\n" + DEMO_NOTE,
+        epilog=f"subcommands (codellama-tui SUBCOMMAND --help):\n{listing}",
+    )
+    app.add_argument("file", nargs="?", metavar="FILE", help="file to open in the editor")
+    app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
+    _engine_options(app)
+    parsers = {"app": app}
+
+    gen = _Parser(prog="codellama-tui generate", description=SUBCOMMANDS["generate"] + ". " + DEMO_NOTE)
+    gen.add_argument("--prompt", help="the prompt (default: read stdin)")
+    gen.add_argument("--jsonl", action="store_true", help='stdin lines {"text": ..., "system": ...} -> {"text": ...}')
+    gen.add_argument("--spm", action="store_true", help="infilling: suffix-prefix-middle order instead of PSM")
+    _engine_options(gen)
+    parsers["generate"] = gen
+
+    tok = _Parser(prog="codellama-tui tokenize", description=SUBCOMMANDS["tokenize"])
+    tok.add_argument("--prompt", help="the prompt (default: read stdin)")
+    tok.add_argument("--jsonl", action="store_true", help='stdin lines {"text": ..., "system": ...} -> id arrays')
+    tok.add_argument("--spm", action="store_true", help="infilling: suffix-prefix-middle order instead of PSM")
+    tok.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the demo model)")
+    tok.add_argument("--cap", choices=CAPS, default="completion")
+    tok.add_argument("--sys-instruct", metavar="TEXT")
+    parsers["tokenize"] = tok
+
+    chat = _Parser(prog="codellama-tui chat", description=SUBCOMMANDS["chat"] + ". " + DEMO_NOTE)
+    _engine_options(chat, cap_default="chat")
+    parsers["chat"] = chat
+    return parsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parsers = build_parser()
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "app"
+    args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
+    if command == "generate":
+        from tui.oneshot import generate
+
+        return generate(args)
+    if command == "tokenize":
+        from tui.oneshot import tokenize
+
+        return tokenize(args)
+    if command == "chat":
+        from tui.console import run_console
+
+        return run_console(spec_of(args, max_batch=1), args.cap, args.sys_instruct, overrides_of(args))
+    from tui.app import run_app
+
+    return run_app(args.file, spec_of(args), args.cap, args.sys_instruct, overrides_of(args), args.theme)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

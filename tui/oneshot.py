@@ -1,0 +1,137 @@
+"""`generate` and `tokenize`: the one-shot commands for scripts, editor plugins and evaluation harnesses.
+
+Only generated text (or ids) goes to stdout; logs, progress and one-line errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+
+from engine.errors import EngineError
+from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, TextDelta
+from engine.requests import Request, SamplingParams
+from tui.cli import overrides_of, spec_of
+
+PROG = "codellama-tui"
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _inputs(args: argparse.Namespace) -> Iterator[tuple[int, str | None, str | None, str | None]]:
+    """(line number, text, system, error) per input: one from --prompt/stdin, or one per JSONL line."""
+    if not args.jsonl:
+        yield 1, args.prompt if args.prompt is not None else sys.stdin.read(), args.sys_instruct, None
+        return
+    for n, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            text = item["text"]
+            system = item.get("system", args.sys_instruct)
+            if not isinstance(text, str) or not (system is None or isinstance(system, str)):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            yield n, None, None, f'line {n}: expected a JSON object {{"text": "...", "system": "..."}}'
+            continue
+        yield n, text, system, None
+
+
+def _progress(event: Event) -> None:
+    if isinstance(event, Loading):
+        print(f"loading {event.fraction:4.0%} {event.stage}", file=sys.stderr, flush=True)
+    elif isinstance(event, Ready):
+        info = event.info
+        demo = " (the built-in demo model; use --model DIR for real weights)" if info.is_demo else ""
+        print(
+            f"ready: {info.name}{demo} on {info.device} ({info.dtype}, tp {info.tp}), "
+            f"context {info.context} tokens, {event.startup_s:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif isinstance(event, LoadFailed):
+        pass  # reported once, by wait_ready()
+
+
+def generate(args: argparse.Namespace) -> int:
+    from engine.client import EngineClient
+
+    try:
+        sampling = SamplingParams.for_cap(args.cap, **overrides_of(args))
+        sampling.check()
+    except ValueError as err:
+        return _fail(str(err), 2)
+    client = EngineClient(spec_of(args, max_batch=1), on_event=_progress).start()
+    try:
+        client.wait_ready()
+    except EngineError as err:
+        return _fail(str(err))
+    code = 0
+    try:
+        for _n, text, system, error in _inputs(args):
+            if error is not None:
+                print(json.dumps({"error": error}), flush=True)
+                print(f"{PROG}: error: {error}", file=sys.stderr)
+                code = 1
+                continue
+            request = Request(args.cap, text=text, system=system, suffix_first=args.spm, sampling=sampling)
+            code = max(code, _run(client, request, args.jsonl))
+            if code == 130:
+                break
+    finally:
+        client.close()
+    return code
+
+
+def _run(client, request: Request, jsonl: bool) -> int:  # client: engine.client.EngineClient
+    """Stream one request to stdout; Ctrl+C cancels it (exit 130) and keeps what was printed."""
+    events = client.stream(request)
+    while True:
+        try:
+            for event in events:
+                if isinstance(event, TextDelta) and not jsonl:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                elif isinstance(event, Failed):
+                    if jsonl:
+                        print(json.dumps({"error": event.message}), flush=True)
+                    return _fail(event.message)
+                elif isinstance(event, Finished):
+                    if jsonl:
+                        print(json.dumps({"text": event.text}), flush=True)
+                    elif event.text and not event.text.endswith("\n") and sys.stdout.isatty():
+                        print()
+                    if event.reason == "cancelled":
+                        return _fail("cancelled", 130)
+                    return 0
+        except KeyboardInterrupt:
+            client.cancel(request.id)
+
+
+def tokenize(args: argparse.Namespace) -> int:
+    from engine.config import model_dir
+    from engine.prompts import build_prompt
+    from engine.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_dir(model_dir(args.model))
+    except EngineError as err:
+        return _fail(str(err))
+    code = 0
+    for _n, text, system, error in _inputs(args):
+        try:
+            if error is not None:
+                raise EngineError(error)
+            request = Request(args.cap, text=text, system=system, suffix_first=args.spm)
+            print(json.dumps(build_prompt(tok, request)), flush=True)
+        except EngineError as err:
+            if args.jsonl:
+                print(json.dumps({"error": str(err)}), flush=True)
+            code = _fail(str(err))
+    return code
