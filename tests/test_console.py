@@ -151,8 +151,9 @@ def test_long_chat_warns_near_the_end_then_reports_dropped_turns() -> None:
     code, out, err, _ = run(turns, cap="chat", fake=fake)
     assert code == 0
     assert err.count("warning: the conversation holds") == 1
-    assert "further turns drop the oldest ones" in err
+    assert "the next turns drop the oldest ones" in err
     assert "dropped its 1 oldest exchange\n" in err
+    assert err.index("the conversation holds") < err.index("dropped its")
     assert out == ("a" * 20 + "\n") * 4
 
 

@@ -127,6 +127,7 @@ class Chat:
         self.client, self.out, self.info = client, out, info
         self.cap, self.system, self.sampling = cap, system, sampling
         self.session = self._new_session_id()
+        self.used = 0  # tokens the chat session holds after its last exchange
         self.warned_full = False
 
     def run(self, inputs: Iterable[Input]) -> int:
@@ -145,6 +146,7 @@ class Chat:
         if self.cap == "chat":
             self.client.end_session(self.session)
         self.session = self._new_session_id()
+        self.used = 0
         self.warned_full = False
         self.out.note("(new session)")
 
@@ -178,17 +180,20 @@ class Chat:
                 elif isinstance(event, Finished):
                     answer.finish(event.text)
                     self.out.stats(stats_line(event.reason, event.stats, context))
-                    if chat:
+                    if chat and event.reason != "cancelled":  # a cancelled exchange is not kept
                         self._check_room(event.stats, context)
 
     def _check_room(self, stats: Stats, context: int) -> None:
-        """Warn once per session when the next answer may not fit, as the seed did before refusing."""
-        used = stats.prompt_tokens + stats.new_tokens
-        if self.warned_full or context - used >= min(self.sampling.max_new_tokens, context // 4):
+        """Warn once per session when another exchange like the last one would not fit, as the seed did
+        before refusing; the engine then drops the oldest exchanges, keeping room for a full answer."""
+        message = max(0, stats.prompt_tokens - self.used)
+        self.used = stats.prompt_tokens + stats.new_tokens
+        reserve = min(self.sampling.max_new_tokens, context // 4)
+        if self.warned_full or self.used + message + reserve <= context:
             return
         self.warned_full = True
         self.out.warn(
-            f"warning: the conversation holds {used} of {context} tokens; further turns drop the "
+            f"warning: the conversation holds {self.used} of {context} tokens; the next turns drop the "
             "oldest ones (enter end to start a new session)"
         )
 
