@@ -1,0 +1,87 @@
+"""Plain PyTorch versions of the decode-path kernels: the ground truth for tests and the CPU path.
+
+Each function has the same signature and semantics as its Triton twin. They avoid host syncs so
+they also work (slowly) inside a CUDA graph, except where a comment says the CPU takes a shortcut.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Hugging Face `LlamaRMSNorm`: normalise in float32, cast back to x's dtype, then scale."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`(rms_norm(x + residual), x + residual)`; the sum is rounded to x's dtype first, as in HF."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF "rotate half" rotary embedding `x * cos + rotate_half(x) * sin`, computed in float32.
+
+    cos/sin broadcast against x. HF rounds cos/sin and each product to x's dtype; this rounds once
+    at the end, so in bf16 it may differ from HF by one unit in the last place.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos.float() + rotated * sin.float()).to(x.dtype)
+
+
+def rotary_kv_write(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+) -> Tensor:
+    """Rotate q and k of one new token per sequence, write k and v into the caches, return rotated q.
+
+    q: [B, Hq, D], k/v: [B, Hkv, D], cos/sin: [max_pos, D], positions/slots: int64 [B],
+    caches: [n_slots, Hkv, max_seq, D]; the token of row b goes to `cache[slots[b], :, positions[b]]`.
+    """
+    cos_b = cos[positions][:, None, :]
+    sin_b = sin[positions][:, None, :]
+    k_cache[slots, :, positions] = rotate(k, cos_b, sin_b).to(k_cache.dtype)
+    v_cache[slots, :, positions] = v.to(v_cache.dtype)
+    return rotate(q, cos_b, sin_b)
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lengths: Tensor, scale: float
+) -> Tensor:
+    """One query per sequence against keys `0 .. lengths[b]-1` of its cache slot, float32 softmax.
+
+    q: [B, Hq, D]; query head h reads kv head `h // (Hq // Hkv)`. A row with length 0 gives zeros.
+    """
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    keys, values = k_cache[slots], v_cache[slots]  # [B, Hkv, max_seq, D]
+    if not q.is_cuda:
+        # On the CPU nothing is captured, so reading the longest length costs nothing and
+        # saves attending over the whole (mostly empty) cache.
+        longest = max(int(lengths.max()), 1)
+        keys, values = keys[:, :, :longest], values[:, :, :longest]
+    qg = q.float().view(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys.float()) * scale
+    visible = torch.arange(keys.shape[2], device=q.device) < lengths.view(batch, 1, 1, 1)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = probs.nan_to_num(0.0)  # all-masked rows (length 0)
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values.float())
+    return out.reshape(batch, n_heads, head_dim).to(q.dtype)
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    """`x @ w.T`."""
+    return F.linear(x, w)

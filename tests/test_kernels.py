@@ -1,0 +1,484 @@
+"""The decode-path kernels (engine/kernels) against their plain PyTorch references.
+
+The Triton kernels run on the CPU through Triton's interpreter. TRITON_INTERPRET must be set
+before any kernel is defined and it would make every kernel in the process interpreted, so all
+interpreted cases run in one child process (`python -m tests.test_kernels`), which reports one
+result per case; each case is then its own pytest test. On a machine with CUDA the same cases
+(plus real CodeLlama shapes and a CUDA-graph capture) run compiled, in this process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import traceback
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.kernels import reference, sampling
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+HAVE_CUDA = torch.cuda.is_available()
+RESULT_MARK = "KERNEL-CASE-RESULTS "
+
+TOLERANCE = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.cpu().float(), expected.cpu().float(), **TOLERANCE[dtype])
+
+
+def _rng(name: str, device: str) -> torch.Generator:
+    """Fresh random data per case, reproducible from the case's name."""
+    return torch.Generator(device).manual_seed(zlib.crc32(name.encode()))
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+
+def rope_tables(max_pos: int, head_dim: int, theta: float = 1e6) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables as HF's LlamaRotaryEmbedding builds them: cat(freqs, freqs)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+# --- checks shared by the interpreted and the CUDA runs -------------------------------------------
+
+
+def check_rms_norm(name: str, device: str, dtype: str, rows: int, dim: int) -> None:
+    from engine.kernels import triton_norm
+
+    dt, gen = DTYPES[dtype], _rng(name, device)
+    x, res = _randn(gen, rows, dim, dtype=dt, device=device), _randn(gen, rows, dim, dtype=dt, device=device)
+    weight = 1 + 0.1 * _randn(gen, dim, dtype=dt, device=device)
+    _close(triton_norm.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), dt)
+    out, total = triton_norm.add_rms_norm(x, res, weight, 1e-5)
+    ref_out, ref_total = reference.add_rms_norm(x, res, weight, 1e-5)
+    _close(total, ref_total, dt)
+    _close(out, ref_out, dt)
+
+
+def check_rotary(
+    name: str, device: str, dtype: str, batch: int, n_heads: int, n_kv_heads: int, head_dim: int, table: str
+) -> None:
+    """q/k/v are views of one fused QKV output; the whole caches must match (nothing else written)."""
+    from engine.kernels import triton_rotary
+
+    dt, gen = DTYPES[dtype], _rng(name, device)
+    max_seq, n_slots = 40, batch + 2
+    qkv = _randn(gen, batch, (n_heads + 2 * n_kv_heads) * head_dim, dtype=dt, device=device)
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q, k, v = (t.view(batch, -1, head_dim) for t in (q, k, v))
+    cos, sin = (t.to(device=device, dtype=DTYPES[table]) for t in rope_tables(max_seq, head_dim))
+    positions = torch.randperm(max_seq, generator=_rng(name + "p", "cpu"))[:batch].to(device)
+    positions[0] = 0
+    slots = torch.randperm(n_slots, generator=_rng(name + "s", "cpu"))[:batch].to(device)
+    k_cache = _randn(gen, n_slots, n_kv_heads, max_seq, head_dim, dtype=dt, device=device)
+    v_cache = _randn(gen, n_slots, n_kv_heads, max_seq, head_dim, dtype=dt, device=device)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    q_out = triton_rotary.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
+    ref_q = reference.rotary_kv_write(q, k, v, cos, sin, positions, slots, ref_k, ref_v)
+    _close(q_out, ref_q, dt)
+    _close(k_cache, ref_k, dt)
+    assert torch.equal(v_cache, ref_v)
+
+
+def check_attention(
+    name: str,
+    device: str,
+    dtype: str,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    max_seq: int,
+    lengths: list[int],
+    num_splits: int | None,
+) -> None:
+    from engine.kernels import triton_attention
+
+    dt, gen = DTYPES[dtype], _rng(name, device)
+    batch, n_slots = len(lengths), len(lengths) + 1
+    q = _randn(gen, batch, n_heads, head_dim, dtype=dt, device=device)
+    k_cache = _randn(gen, n_slots, n_kv_heads, max_seq, head_dim, dtype=dt, device=device)
+    v_cache = _randn(gen, n_slots, n_kv_heads, max_seq, head_dim, dtype=dt, device=device)
+    slots = torch.randperm(n_slots, generator=_rng(name + "s", "cpu"))[:batch].to(device)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    scale = head_dim**-0.5
+    out = triton_attention.decode_attention(q, k_cache, v_cache, slots, lens, scale, num_splits=num_splits)
+    _close(out, reference.decode_attention(q, k_cache, v_cache, slots, lens, scale), dt)
+
+
+def check_linear(
+    name: str, device: str, dtype: str, m: int, n: int, k: int, config: tuple[int, int, int] | None
+) -> None:
+    from engine.kernels import triton_gemv
+
+    dt, gen = DTYPES[dtype], _rng(name, device)
+    x, w = _randn(gen, m, k, dtype=dt, device=device), _randn(gen, n, k, dtype=dt, device=device)
+    cfg = triton_gemv.GemvConfig(*config) if config else None
+    expected = reference.linear(x.double(), w.double()).to(dt)
+    _close(triton_gemv.linear(x, w, cfg), expected, dt)
+
+
+CHECKS = {
+    "rms_norm": check_rms_norm,
+    "rotary": check_rotary,
+    "attention": check_attention,
+    "linear": check_linear,
+}
+
+# Small shapes: the interpreter runs every program in Python.
+INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "rms_norm-fp32-pow2": ("rms_norm", {"dtype": "fp32", "rows": 3, "dim": 64}),
+    "rms_norm-bf16-odd": ("rms_norm", {"dtype": "bf16", "rows": 2, "dim": 80}),
+    "rms_norm-fp16": ("rms_norm", {"dtype": "fp16", "rows": 1, "dim": 128}),
+    "rotary-fp32-mha": (
+        "rotary",
+        {"dtype": "fp32", "batch": 3, "n_heads": 4, "n_kv_heads": 4, "head_dim": 32, "table": "fp32"},
+    ),
+    "rotary-bf16-gqa": (
+        "rotary",
+        {"dtype": "bf16", "batch": 2, "n_heads": 8, "n_kv_heads": 2, "head_dim": 16, "table": "fp32"},
+    ),
+    "rotary-bf16-bf16table": (
+        "rotary",
+        {"dtype": "bf16", "batch": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 32, "table": "bf16"},
+    ),
+    "attention-fp32-mha": (
+        "attention",
+        {
+            "dtype": "fp32", "n_heads": 2, "n_kv_heads": 2, "head_dim": 32, "max_seq": 150,
+            "lengths": [1, 150, 65], "num_splits": None,
+        },
+    ),
+    "attention-bf16-gqa64/8": (
+        "attention",
+        {
+            "dtype": "bf16", "n_heads": 64, "n_kv_heads": 8, "head_dim": 16, "max_seq": 70,
+            "lengths": [69], "num_splits": 2,
+        },
+    ),
+    "attention-fp32-gqa-splits": (
+        "attention",
+        {
+            "dtype": "fp32", "n_heads": 8, "n_kv_heads": 2, "head_dim": 16, "max_seq": 200,
+            "lengths": [199, 1, 0], "num_splits": 5,
+        },
+    ),
+    "attention-fp16-gqa4": (
+        "attention",
+        {
+            "dtype": "fp16", "n_heads": 4, "n_kv_heads": 1, "head_dim": 64, "max_seq": 100,
+            "lengths": [37], "num_splits": 1,
+        },
+    ),
+    "linear-fp32-m1": ("linear", {"dtype": "fp32", "m": 1, "n": 100, "k": 300, "config": None}),
+    "linear-bf16-m1-n32016": ("linear", {"dtype": "bf16", "m": 1, "n": 32016, "k": 24, "config": (256, 32)}),
+    "linear-bf16-m1-splitk": ("linear", {"dtype": "bf16", "m": 1, "n": 40, "k": 200, "config": (16, 32, 3)}),
+    "linear-fp32-m5": ("linear", {"dtype": "fp32", "m": 5, "n": 72, "k": 96, "config": None}),
+    "linear-bf16-m16-splitk": ("linear", {"dtype": "bf16", "m": 16, "n": 48, "k": 160, "config": (16, 32, 2)}),
+    "linear-fp16-m3": ("linear", {"dtype": "fp16", "m": 3, "n": 50, "k": 64, "config": None}),
+}  # fmt: skip
+
+
+def run_case(name: str, device: str) -> None:
+    check, kwargs = INTERPRETED_CASES.get(name) or CUDA_CASES[name]
+    CHECKS[check](name, device, **kwargs)
+
+
+def _run_interpreted_cases() -> None:
+    """Child process entry: run every case on the CPU through the interpreter, print the results."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for name in INTERPRETED_CASES:
+        try:
+            run_case(name, "cpu")
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    print(RESULT_MARK + json.dumps(results), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, str]:
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_kernels"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK) :])
+    pytest.fail(f"the interpreter run failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+
+
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES))
+def test_triton_interpreted(name: str, interpreted_results: dict[str, str]) -> None:
+    if interpreted_results[name] != "ok":
+        pytest.fail(interpreted_results[name], pytrace=False)
+
+
+# Real CodeLlama shapes, compiled, only where there is a GPU.
+CUDA_CASES = {
+    "rms_norm-7b": ("rms_norm", {"dtype": "bf16", "rows": 8, "dim": 4096}),
+    "rms_norm-34b": ("rms_norm", {"dtype": "bf16", "rows": 1, "dim": 8192}),
+    "rotary-34b": (
+        "rotary",
+        {"dtype": "bf16", "batch": 4, "n_heads": 64, "n_kv_heads": 8, "head_dim": 128, "table": "fp32"},
+    ),
+    "attention-7b": (
+        "attention",
+        {
+            "dtype": "bf16", "n_heads": 32, "n_kv_heads": 32, "head_dim": 128, "max_seq": 4096,
+            "lengths": [1, 4096, 1000], "num_splits": None,
+        },
+    ),
+    "attention-34b": (
+        "attention",
+        {
+            "dtype": "bf16", "n_heads": 64, "n_kv_heads": 8, "head_dim": 128, "max_seq": 3000,
+            "lengths": [2999, 65, 1, 0], "num_splits": None,
+        },
+    ),
+    "attention-fp32": (
+        "attention",
+        {
+            "dtype": "fp32", "n_heads": 8, "n_kv_heads": 8, "head_dim": 128, "max_seq": 600,
+            "lengths": [513], "num_splits": None,
+        },
+    ),
+    "linear-lm-head": ("linear", {"dtype": "bf16", "m": 1, "n": 32016, "k": 4096, "config": None}),
+    "linear-down-7b": ("linear", {"dtype": "bf16", "m": 1, "n": 4096, "k": 11008, "config": None}),
+    "linear-m8": ("linear", {"dtype": "bf16", "m": 8, "n": 13824, "k": 5120, "config": None}),
+    "linear-fp32-m4": ("linear", {"dtype": "fp32", "m": 4, "n": 1000, "k": 4096, "config": None}),
+}  # fmt: skip
+cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES) + list(CUDA_CASES))
+def test_triton_cuda(name: str) -> None:
+    run_case(name, "cuda")
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_decode_step_in_cuda_graph() -> None:
+    """Rotary + cache write + attention + linear + sampling captured once, replayed at new positions."""
+    device, dt = "cuda", torch.bfloat16
+    gen = _rng("graph", device)
+    batch, n_heads, n_kv, head_dim, max_seq, vocab = 2, 8, 2, 128, 512, 1000
+    cos, sin = (t.to(device) for t in rope_tables(max_seq, head_dim))
+    k_cache = _randn(gen, batch, n_kv, max_seq, head_dim, dtype=dt, device=device)
+    v_cache = _randn(gen, batch, n_kv, max_seq, head_dim, dtype=dt, device=device)
+    w_out = _randn(gen, vocab, n_heads * head_dim, dtype=dt, device=device)
+    q, k, v = (_randn(gen, batch, h, head_dim, dtype=dt, device=device) for h in (n_heads, n_kv, n_kv))
+    positions = torch.zeros(batch, dtype=torch.int64, device=device)
+    slots = torch.arange(batch, device=device)
+    ones = torch.ones(batch, device=device)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        q_rot = kernels.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
+        attn = kernels.decode_attention(q_rot, k_cache, v_cache, slots, positions + 1, head_dim**-0.5)
+        logits = kernels.linear(attn.reshape(batch, -1), w_out).float()
+        tokens = kernels.sample(logits, ones, slots.int(), ones, slots, positions)
+        return logits, tokens
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile the kernels before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits, static_tokens = step()
+    for pos in (3, 130, 511):
+        positions.fill_(pos)
+        graph.replay()
+        expected_logits, expected_tokens = step()
+        _close(static_logits, expected_logits, torch.float32)
+        assert torch.equal(static_tokens, expected_tokens)
+
+
+def test_dispatch_uses_reference_on_cpu() -> None:
+    gen = _rng("dispatch", "cpu")
+    x, w = _randn(gen, 2, 64, dtype=torch.float32, device="cpu"), _randn(gen, 64, dtype=torch.float32, device="cpu")
+    assert torch.equal(kernels.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5))
+    assert torch.equal(kernels.add_rms_norm(x, x, w, 1e-5)[0], reference.rms_norm(x + x, w, 1e-5))
+    m = _randn(gen, 3, 64, dtype=torch.float32, device="cpu")
+    assert torch.equal(kernels.linear(x, m), x @ m.T)
+
+
+def test_import_does_not_import_triton() -> None:
+    code = "import sys, engine.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+# --- the references against Hugging Face transformers -------------------------------------------
+
+
+def test_reference_rms_norm_matches_hf() -> None:
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    gen = _rng("hf-norm", "cpu")
+    for dt in (torch.float32, torch.bfloat16):
+        norm = llama.LlamaRMSNorm(96, eps=1e-5).to(dt)
+        norm.weight.data = 1 + 0.1 * _randn(gen, 96, dtype=dt, device="cpu")
+        x = _randn(gen, 4, 96, dtype=dt, device="cpu")
+        assert torch.equal(reference.rms_norm(x, norm.weight, 1e-5), norm(x))
+
+
+def test_reference_rotary_matches_hf() -> None:
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    gen = _rng("hf-rope", "cpu")
+    cos, sin = rope_tables(64, 32)
+    q = _randn(gen, 3, 4, 32, dtype=torch.float32, device="cpu")
+    k = _randn(gen, 3, 2, 32, dtype=torch.float32, device="cpu")
+    v = _randn(gen, 3, 2, 32, dtype=torch.float32, device="cpu")
+    positions, slots = torch.tensor([5, 0, 63]), torch.tensor([1, 2, 0])
+    k_cache, v_cache = torch.randn(3, 2, 64, 32), torch.randn(3, 2, 64, 32)
+    q_rot = reference.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
+    # HF layout: [B, H, seq=1, D] with cos/sin [B, seq, D].
+    hf_q, hf_k = llama.apply_rotary_pos_emb(q[:, :, None], k[:, :, None], cos[positions, None], sin[positions, None])
+    torch.testing.assert_close(q_rot, hf_q[:, :, 0], rtol=1e-6, atol=1e-6)
+    for b in range(3):
+        torch.testing.assert_close(k_cache[slots[b], :, positions[b]], hf_k[b, :, 0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(v_cache[slots[b], :, positions[b]], v[b])
+
+
+def test_reference_attention_matches_sdpa() -> None:
+    gen = _rng("sdpa", "cpu")
+    n_heads, n_kv, head_dim, lengths = 8, 2, 16, [1, 9, 30]
+    q = _randn(gen, 3, n_heads, head_dim, dtype=torch.float32, device="cpu")
+    k_cache = _randn(gen, 4, n_kv, 30, head_dim, dtype=torch.float32, device="cpu")
+    v_cache = _randn(gen, 4, n_kv, 30, head_dim, dtype=torch.float32, device="cpu")
+    slots = torch.tensor([3, 0, 2])
+    out = reference.decode_attention(q, k_cache, v_cache, slots, torch.tensor(lengths), 0.3)
+    for b, length in enumerate(lengths):
+        keys = k_cache[slots[b], :, :length].repeat_interleave(n_heads // n_kv, dim=0)
+        values = v_cache[slots[b], :, :length].repeat_interleave(n_heads // n_kv, dim=0)
+        expected = torch.nn.functional.scaled_dot_product_attention(q[b, :, None], keys, values, scale=0.3)
+        torch.testing.assert_close(out[b], expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+SAMPLING_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, cuda_only])]
+
+
+def _params(batch: int, device: str, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 7):
+    return {
+        "temperature": torch.full((batch,), temperature, device=device),
+        "top_k": torch.full((batch,), top_k, dtype=torch.int32, device=device),
+        "top_p": torch.full((batch,), top_p, device=device),
+        "seeds": torch.full((batch,), seed, dtype=torch.int64, device=device),
+        "offsets": torch.arange(batch, dtype=torch.int64, device=device),
+    }
+
+
+@pytest.mark.parametrize("device", SAMPLING_DEVICES)
+def test_greedy_and_degenerate_filters_take_the_argmax(device: str) -> None:
+    logits = torch.randn(6, 1000, generator=_rng("greedy", device), device=device) * 3
+    argmax = logits.argmax(-1)
+    assert torch.equal(sampling.sample(logits, **_params(6, device, temperature=0.0)), argmax)
+    assert torch.equal(sampling.sample(logits, **_params(6, device, top_k=1)), argmax)
+    assert torch.equal(sampling.sample(logits, **_params(6, device, top_p=1e-6)), argmax)
+
+
+@pytest.mark.parametrize("device", SAMPLING_DEVICES)
+def test_seeded_draws_do_not_depend_on_batch_position(device: str) -> None:
+    gen = _rng("batch-position", device)
+    row = torch.randn(1, 500, generator=gen, device=device)
+    others = torch.randn(5, 500, generator=gen, device=device)
+    alone, batched, reseeded = [], [], []
+    for offset in range(20):
+        params = _params(1, device, temperature=1.5, top_k=50, top_p=0.95, seed=1234)
+        params["offsets"].fill_(offset)
+        alone.append(sampling.sample(row, **params))
+        big = _params(6, device, temperature=0.8, top_k=10, top_p=0.5, seed=99)
+        for key in big:
+            big[key][3] = params[key][0]
+        batched.append(sampling.sample(torch.cat([others[:3], row, others[3:]]), **big)[3:4])
+        params["seeds"].fill_(4321)
+        reseeded.append(sampling.sample(row, **params))
+    assert torch.equal(torch.cat(alone), torch.cat(batched))
+    assert len(set(torch.cat(alone).tolist())) > 3  # the offset changes the draw
+    assert not torch.equal(torch.cat(alone), torch.cat(reseeded))  # and so does the seed
+
+
+@pytest.mark.parametrize("device", SAMPLING_DEVICES)
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p", "expected"),
+    [
+        (1.0, 0, 1.0, [0.1, 0.2, 0.3, 0.4]),
+        (1.0, 2, 1.0, [0, 0, 3 / 7, 4 / 7]),
+        (1.0, 0, 0.5, [0, 0, 3 / 7, 4 / 7]),  # 0.4 < 0.5, so 0.3 joins
+        (1.0, 3, 0.85, [0, 2 / 9, 3 / 9, 4 / 9]),  # top-p on the renormalised top 3
+        (2.0, 0, 1.0, [math.sqrt(p) / sum(math.sqrt(q) for q in (0.1, 0.2, 0.3, 0.4)) for p in (0.1, 0.2, 0.3, 0.4)]),
+    ],
+)
+def test_sampled_distribution(device: str, temperature: float, top_k: int, top_p: float, expected: list[float]) -> None:
+    draws = 4000
+    logits = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device).log().expand(draws, 4).contiguous()
+    tokens = sampling.sample(logits, **_params(draws, device, temperature, top_k, top_p, seed=2024))
+    freq = torch.bincount(tokens.cpu(), minlength=4).double() / draws
+    for f, p in zip(freq.tolist(), expected, strict=True):
+        assert abs(f - p) <= 4.5 * math.sqrt(max(p * (1 - p), 1e-12) / draws), (freq, expected)
+
+
+def test_uniform_noise_is_uniform() -> None:
+    u = sampling.uniform_noise(torch.tensor([0, 1, -5, 2**40]), torch.tensor([0, 0, 3, 2**35]), 5000)
+    assert bool(((u > 0) & (u < 1)).all())
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert abs((u < 0.1).float().mean().item() - 0.1) < 0.01
+    assert len({tuple(r[:8].tolist()) for r in u}) == 4  # every (seed, offset) has its own stream
+
+
+@pytest.mark.parametrize("device", SAMPLING_DEVICES)
+def test_repetition_penalty(device: str) -> None:
+    logits = torch.tensor([[2.0, -2.0, 0.5, 3.0], [2.0, -2.0, 0.5, 3.0]], device=device)
+    seen = torch.tensor([[True, True, False, False], [True, True, True, True]], device=device)
+    penalty = torch.tensor([2.0, 1.0], device=device)
+    expected = torch.tensor([[1.0, -4.0, 0.5, 3.0], [2.0, -2.0, 0.5, 3.0]], device=device)
+    assert torch.equal(sampling.apply_repetition_penalty(logits, seen, penalty), expected)
+    ids = torch.tensor([[1, 0, 1], [3, 3, 3]], device=device)
+    by_ids = sampling.apply_repetition_penalty(logits, ids, torch.tensor([2.0, 2.0], device=device))
+    assert torch.equal(by_ids, torch.tensor([[1.0, -4.0, 0.5, 3.0], [2.0, -2.0, 0.5, 1.5]], device=device))
+
+    mask = torch.zeros(2, 4, dtype=torch.bool, device=device)
+    sampling.mark_seen(mask, torch.tensor([2, 0], device=device))
+    assert mask.nonzero().tolist() == [[0, 2], [1, 0]]
+
+
+def test_repetition_penalty_matches_hf() -> None:
+    logits_process = pytest.importorskip("transformers.generation.logits_process")
+    gen = _rng("hf-penalty", "cpu")
+    logits = torch.randn(3, 50, generator=gen)
+    ids = torch.randint(0, 50, (3, 12), generator=gen)
+    expected = logits_process.RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    assert torch.equal(sampling.apply_repetition_penalty(logits, ids, torch.full((3,), 1.3)), expected)
+
+
+if __name__ == "__main__":
+    _run_interpreted_cases()
