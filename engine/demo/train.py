@@ -1,0 +1,502 @@
+"""Train the built-in demo model end to end in one run: data, tokenizer, model, evaluation, model card.
+
+    python -m engine.demo.train --out OUT_DIR --minutes 4 --device cuda
+
+1. Data: the running interpreter's stdlib and permissively licensed site-packages (`corpus.py`); a few
+   stdlib modules are held out for evaluation.
+2. Tokenizer: SentencePiece BPE with byte fallback and CodeLlama's FIM pieces (`examples.py`).
+3. Examples in CodeLlama's token layouts: plain files, FIM (rate 0.9, half PSM / half SPM, random-span and
+   line-level splits) and Instruct pairs (docstring -> function), packed into fixed-length rows.
+4. A small Llama (`modeling.py`) trained with AdamW, bf16 autocast, warmup + cosine over a wall-clock
+   budget (`--minutes`), saved in Hugging Face Llama format and checked against `transformers`.
+5. Held-out evaluation (`evaluate.py`), samples, `README.md` (model card) and `SHA256SUMS`.
+
+Seeded (`--seed`); the data, tokenizer and examples are deterministic for a given Python installation,
+training is deterministic up to GPU non-determinism and the wall-clock stopping point. Nothing is
+written outside `--out` (and the system temp dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.demo import corpus as corpus_mod
+from engine.demo import evaluate as ev
+from engine.demo.examples import (
+    BOS,
+    EOS,
+    FIM_PIECES,
+    ExampleSettings,
+    Ids,
+    build_examples,
+    pack,
+    sample_lines,
+    train_tokenizer,
+)
+from engine.demo.modeling import DemoConfig, DemoLlama, compare_with_transformers, save_hf
+
+MAX_TOTAL_BYTES = 16 * 1024 * 1024
+SHIPPED = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "eval.json",
+    "training.json",
+    "README.md",
+)
+
+
+def log(msg: str, t0: float) -> None:
+    """Progress line with elapsed wall time, flushed (the GPU run is watched live)."""
+    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock budget of the training loop")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="smoke test on the CPU: a few files, tiny model")
+    ap.add_argument("--corpus-mb", type=float, default=120.0)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--tok-lines", type=int, default=600_000, help="source lines sampled for the tokenizer")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=7)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=704)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=128, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=60, help="warmup steps")
+    ap.add_argument("--fim-copies", type=int, default=2, help="encodings of each file (independent FIM draws)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (costs compile time)")
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--infills", type=int, default=600)
+    ap.add_argument("--body-infills", type=int, default=200)
+    ap.add_argument("--log-every", type=int, default=25)
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.corpus_mb, a.vocab, a.tok_lines = 1.0, 1000, 20_000
+        a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate = 128, 2, 2, 1, 256
+        a.seq_len, a.batch, a.warmup, a.fim_copies = 128, 8, 5, 1
+        a.max_steps = a.max_steps or 20
+        a.infills, a.body_infills, a.log_every = 50, 10, 5
+        a.workers = min(a.workers, 2)
+    return a
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_hf_tokenizer(out: Path, sp: object) -> str:
+    """tokenizer.json/tokenizer_config.json so `AutoTokenizer.from_pretrained(out)` works (as the shared tool does).
+
+    Returns a note for the card. The engine itself reads tokenizer.model with SentencePiece.
+    """
+    n = sp.get_piece_size()  # type: ignore[attr-defined]
+    try:
+        import transformers.convert_slow_tokenizer as conv
+        from transformers import LlamaTokenizer
+
+        vocab = {sp.id_to_piece(i): i for i in range(n)}  # type: ignore[attr-defined]
+        scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(n)}  # type: ignore[attr-defined]
+        merges = conv.generate_merges(vocab, scores)
+        tok = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False, legacy=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (Path(tmp) / name).exists():
+                    shutil.copy(Path(tmp) / name, out / name)
+        return "tokenizer.json written with transformers' LlamaTokenizer"
+    except Exception as e:  # noqa: BLE001 - fall back to a config that points transformers at tokenizer.model
+        cfg = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": False,
+            "model_max_length": 2048,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return f"tokenizer.json not written ({type(e).__name__}: {e}); tokenizer_config.json only"
+
+
+def check_hf_tokenizer(out: Path, sp: object, samples: list[str]) -> dict:
+    """How many sample texts `AutoTokenizer` encodes exactly as SentencePiece does (reported, not fatal)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(out))
+        same = sum(tok(s)["input_ids"] == [BOS] + sp.encode(s) for s in samples)  # type: ignore[attr-defined]
+        return {"loads": True, "same_ids": same, "samples": len(samples)}
+    except Exception as e:  # noqa: BLE001
+        return {"loads": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def lr_at(step: int, frac: float, a: argparse.Namespace) -> float:
+    """Linear warmup over steps, then cosine to 10% over the fraction of the time budget used."""
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    frac = min(max(frac, 0.0), 1.0)
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
+
+
+def train_model(data: torch.Tensor, cfg: DemoConfig, a: argparse.Namespace, t0: float) -> tuple[DemoLlama, dict]:
+    """The training loop: random rows without replacement per epoch, stops on the time budget or step cap."""
+    dev = torch.device(a.device)
+    model = DemoLlama(cfg).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+        lr=a.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=dev.type == "cuda",
+    )
+    fwd = torch.compile(model) if a.compile else model
+    gen = torch.Generator(device="cpu").manual_seed(a.seed)
+    n = data.shape[0]
+    perm = torch.randperm(n, generator=gen)
+    cursor = 0
+    budget = a.minutes * 60.0
+    start = time.time()
+    step, tokens, losses = 0, 0, []
+    use_amp = dev.type == "cuda"
+    while True:
+        elapsed = time.time() - start
+        if (a.max_steps and step >= a.max_steps) or (elapsed >= budget and step > 0):
+            break
+        if cursor + a.batch > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        rows = data[perm[cursor : cursor + a.batch].to(dev)].long()
+        cursor += a.batch
+        lr = lr_at(step, elapsed / budget, a)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = fwd(rows[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), rows[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += rows.numel()
+        if step % a.log_every == 0 or step == 1:
+            lv = float(loss.detach())  # syncs
+            losses.append((step, round(time.time() - start, 1), round(lv, 4)))
+            rate = tokens / max(time.time() - start, 1e-9)
+            epoch = tokens / data.numel()
+            log(f"step {step} loss {lv:.4f} lr {lr:.2e} tok/s {rate:,.0f} epochs {epoch:.2f}", t0)
+        elif dev.type == "cuda" and step % 10 == 0:
+            torch.cuda.synchronize()  # keep the wall-clock check honest
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    final = float(loss.detach())
+    stats = {
+        "steps": step,
+        "tokens": tokens,
+        "seconds": round(time.time() - start, 1),
+        "final_loss": round(final, 4),
+        "epochs": round(tokens / data.numel(), 3),
+        "loss_log": losses,
+    }
+    return model.eval(), stats
+
+
+def samples(model_dir: Path, device: torch.device, max_new: int) -> dict:
+    """A completion, an infill and a chat answer, greedy, for the model card."""
+    model, sp = ev.load(model_dir, device)
+    ids = Ids.of(sp)
+    comp = "import os\n\n\ndef list_python_files(root):\n"
+    pre = "def mean(values):\n    total = 0\n    for v in values:\n"
+    suf = "\n    return total / len(values)\n"
+    chat = "Write a Python function `is_palindrome(s)` that returns True if the string reads the same backwards."
+    chat_prompt = [BOS] + sp.encode(f"[INST] {chat.strip()} [/INST]")  # type: ignore[attr-defined]
+    prompts = [[BOS] + sp.encode(comp), ev.psm_prompt(sp, pre, suf), chat_prompt]  # type: ignore[attr-defined]
+    g = [
+        ev.greedy(model, [prompts[0]], max_new, {EOS}, device)[0],
+        ev.greedy(model, [prompts[1]], max_new, {ids.eot, EOS}, device)[0],
+        ev.greedy(model, [prompts[2]], 2 * max_new, {EOS}, device)[0],
+    ]
+    return {
+        "completion": {"prompt": comp, "output": sp.decode(g[0])},  # type: ignore[attr-defined]
+        "infill": {"prefix": pre, "suffix": suf, "output": ev.decode_infilling(sp, g[1])},
+        "chat": {"request": chat, "output": sp.decode(g[2]).strip()},  # type: ignore[attr-defined]
+    }
+
+
+def sha256sums(out: Path) -> str:
+    """`sha256sum -c`-compatible listing of the shipped files (written last)."""
+    lines = []
+    for name in SHIPPED:
+        p = out / name
+        if p.exists():
+            lines.append(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {name}")
+    text = "\n".join(lines) + "\n"
+    (out / "SHA256SUMS").write_text(text)
+    return text
+
+
+def model_card(out: Path, info: dict) -> None:
+    """README.md beside the weights: data, licences, tokenizer, architecture, training, results, samples."""
+    c, t, e, s = info["config"], info["train"], info.get("eval"), info.get("samples")
+    pk = info["data"]["packages"]
+    lines = [
+        "# codellama-tui demo model",
+        "",
+        "A tiny Llama-architecture model that behaves like a (very small) CodeLlama: it completes Python, fills",
+        "`<FILL>` holes with CodeLlama's infilling tokens and answers Instruct-format chat with code. It exists so",
+        "the app works on any machine without downloading weights; it is **not** a useful coding model. Point the",
+        "app at real CodeLlama weights (a Hugging Face checkpoint directory) for real work.",
+        "",
+        "## Files",
+        "",
+        f"Hugging Face Llama format: `config.json`, `model.safetensors` ({info['dtype']}), `tokenizer.model`"
+        " (SentencePiece), `tokenizer.json`/`tokenizer_config.json`, `eval.json`, `training.json`, `SHA256SUMS`.",
+        f"Total size: {info['size_bytes'] / 2**20:.2f} MiB.",
+        "",
+        "## Architecture",
+        "",
+        f"Llama: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads"
+        f" (head_dim {c['head_dim']}), {c['num_key_value_heads']} KV heads, SwiGLU intermediate"
+        f" {c['intermediate_size']}, RMSNorm eps {c['rms_norm_eps']}, rope_theta {c['rope_theta']:g},"
+        f" untied embeddings, vocab {c['vocab_size']}, trained at {info['seq_len']} tokens"
+        f" (max_position_embeddings {c['max_position_embeddings']}). {info['n_params']:,} parameters.",
+        "",
+        "## Tokenizer",
+        "",
+        f"SentencePiece BPE, {c['vocab_size']} pieces, byte fallback, identity normalisation, no whitespace"
+        " collapsing, whitespace-only pieces allowed, digits split; `<unk>`=0, `<s>`=1, `</s>`=2, no pad."
+        f" User-defined pieces {', '.join('`' + p + '`' for p in FIM_PIECES)} (ids {info['fim_ids']}) and `☺`"
+        " (so Meta's `encode_infilling` trick, `encode('☺' + s)[2:]`, works unchanged). Trained on"
+        f" {info['tok_lines']:,} sampled source lines. {info['hf_tokenizer']}; HF parity: {info['hf_check']}.",
+        "",
+        "## Data",
+        "",
+        f"Python {info['data']['stdlib_version']} standard library ({info['data']['stats'].get('stdlib_files', 0)}"
+        " files; test suites, idlelib, lib2to3, encodings, pydoc_data skipped) and the Python files of the"
+        " permissively licensed distributions below (licence from each distribution's metadata; unknown or"
+        " non-permissive licences, vendored and test folders skipped), deduplicated by content:"
+        f" {info['data']['stats']['files']} files, {info['data']['stats']['bytes'] / 1e6:.1f} MB.",
+        f"Held out for evaluation (never trained on): {', '.join(info['data']['held_out'])}.",
+        "",
+        "| package | version | licence | files |",
+        "| --- | --- | --- | --- |",
+        *[f"| {p['name']} | {p['version']} | {p['license']} | {p['files']} |" for p in pk],
+        "",
+        "Examples (CodeLlama token layouts, see `engine/demo/examples.py`): each file cut at line boundaries into"
+        f" pieces of at most {info['max_chars']} characters, encoded {info['fim_copies']}x with independent draws;"
+        " FIM at rate 0.9 (half PSM, half SPM; half random character spans as in the paper, half line-level:"
+        " a whole line, a span inside a line, or a short block), plain otherwise; plus Instruct pairs (a"
+        " function's docstring as the request, its code in a ```python block as the answer; 30% with a"
+        f" `<<SYS>>` system prompt). Counts: {info['example_counts']}. {info['rows']:,} rows of {info['seq_len']}"
+        " tokens.",
+        "",
+        "## Training",
+        "",
+        f"`{info['command']}`",
+        "",
+        f"{t['steps']} steps of {info['batch']} x {info['seq_len']} tokens ({t['tokens'] / 1e6:.0f}M tokens,"
+        f" {t['epochs']} epochs) in {t['seconds']} s on {info['device_name']}; AdamW (0.9, 0.95), weight decay"
+        f" 0.1, lr {info['lr']} with {info['warmup']} warmup steps and cosine decay to 10% over the time budget,"
+        f" bf16 autocast, gradient clip 1.0, seed {info['seed']}. Final training loss {t['final_loss']}."
+        f" Whole run: {info['total_seconds']:.0f} s. Max |logit diff| vs transformers: {info['logit_diff']:.2e}.",
+        "",
+    ]
+    if e:
+        lines += [
+            "## Held-out results",
+            "",
+            f"On {', '.join(e['held_out_modules'])} (`python -m engine.demo.evaluate DIR`):",
+            "",
+            "```",
+            ev.summary(e),
+            "```",
+            "",
+            "Single-line infilling: a random non-blank line masked (its content without the newline), PSM prompt"
+            f" with the prefix clipped to its last {e['prompt_clip_chars']['prefix']} and the suffix to its first"
+            f" {e['prompt_clip_chars']['suffix']} characters at line boundaries, greedy, stopped at `▁<EOT>` or a"
+            " newline, compared after stripping. Parses: `ast.parse` of the whole file with the predicted line in"
+            " place (for comparison, how often it still parses with the line deleted).",
+            "",
+        ]
+    if s:
+        lines += [
+            "## Samples (greedy)",
+            "",
+            "Completion of:",
+            "```python",
+            s["completion"]["prompt"].rstrip("\n"),
+            "```",
+            "gives:",
+            "```python",
+            s["completion"]["prompt"] + s["completion"]["output"],
+            "```",
+            "",
+            "Infilling `<FILL>` in:",
+            "```python",
+            s["infill"]["prefix"] + "<FILL>" + s["infill"]["suffix"].rstrip("\n"),
+            "```",
+            f"gives `{s['infill']['output']!r}`.",
+            "",
+            f"Chat: *{s['chat']['request']}*",
+            "",
+            "````",
+            s["chat"]["output"],
+            "````",
+            "",
+        ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the whole pipeline; see the module docstring."""
+    a = parse_args(argv)
+    t0 = time.time()
+    seed_all(a.seed)
+    out: Path = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(a.device)
+    cfg = DemoConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=max(2048, a.seq_len),
+    )
+    est = 2 * cfg.n_params() + 600_000
+    log(f"model {cfg.n_params():,} params, about {est / 2**20:.2f} MiB shipped", t0)
+    if est > MAX_TOTAL_BYTES and not a.tiny:
+        sys.exit(f"the model would not fit in 16 MiB ({est} bytes): make it smaller")
+
+    # 1. data
+    corp = corpus_mod.collect(int(a.corpus_mb * 1e6), max_files=40 if a.tiny else None, seed=a.seed)
+    log(
+        f"corpus: {len(corp.train)} files, {corp.stats['bytes'] / 1e6:.1f} MB "
+        f"(stdlib {corp.stats['stdlib_bytes'] / 1e6:.1f} MB), {len(corp.packages)} packages, "
+        f"held out {len(corp.held_out)}",
+        t0,
+    )
+
+    # 2. tokenizer
+    lines = sample_lines([f.text for f in corp.train], a.tok_lines, a.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tokenizer(lines, str(Path(tmp) / "tok"), a.vocab, threads=max(a.workers, 1))
+        shutil.copy(Path(tmp) / "tok.model", out / "tokenizer.model")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    fim_ids = [sp.piece_to_id(p) for p in FIM_PIECES]
+    hf_note = write_hf_tokenizer(out, sp)
+    probe = [corp.held_out[0].text[:2000] if corp.held_out else "def f(x):\n    return x\n", "[INST] hi [/INST]"]
+    hf_check = check_hf_tokenizer(out, sp, probe)
+    log(f"tokenizer: {sp.get_piece_size()} pieces, FIM ids {fim_ids}; {hf_note}; HF check {hf_check}", t0)
+
+    # 3. examples
+    st = ExampleSettings(copies=a.fim_copies, seed=a.seed, max_chars=2800 if not a.tiny else 350)
+    files = [(hashlib.sha1(f.text.encode()).hexdigest(), f.text) for f in corp.train]
+    exs, counts = build_examples(files, str(out / "tokenizer.model"), st, a.workers)
+    rows = pack(exs, a.seq_len + 1, a.seed)
+    n_tok = int(rows.size)
+    log(f"examples: {len(exs)} ({counts}), {rows.shape[0]} rows x {a.seq_len + 1} = {n_tok / 1e6:.1f}M tokens", t0)
+    data = torch.from_numpy(rows).to(dev)
+    del exs
+
+    # 4. training
+    log(f"training on {dev} for {a.minutes} min" + (f" / {a.max_steps} steps" if a.max_steps else ""), t0)
+    model, tstats = train_model(data, cfg, a, t0)
+    del data
+    save_hf(model.cpu().float(), out)
+    sample_ids = torch.tensor([[BOS] + sp.encode(probe[0])[:127]])
+    diff = compare_with_transformers(out, sample_ids)
+    log(f"saved; max |logit diff| training module vs transformers: {diff:.3e}", t0)
+    if diff > 1e-3:
+        log("WARNING: the saved checkpoint does not match the training module", t0)
+
+    # 5. evaluation and samples
+    small = {"max_prefix": 300, "max_suffix": 100, "max_new": 8, "max_chars_per_file": 1500} if a.tiny else {}
+    e = ev.run_eval(out, dev, a.infills, a.body_infills, a.seq_len, seed=a.seed, **small)
+    log("held-out:\n" + ev.summary(e), t0)
+    smp = samples(out, dev, 8 if a.tiny else 96)
+    log(f"samples: {json.dumps(smp)[:600]}", t0)
+
+    # 6. card and checksums
+    info = {
+        "config": model.config.hf_dict(),
+        "n_params": cfg.n_params(),
+        "dtype": "bfloat16",
+        "seq_len": a.seq_len,
+        "batch": a.batch,
+        "lr": a.lr,
+        "warmup": a.warmup,
+        "seed": a.seed,
+        "fim_ids": fim_ids,
+        "tok_lines": len(lines),
+        "hf_tokenizer": hf_note,
+        "hf_check": hf_check,
+        "max_chars": st.max_chars,
+        "fim_copies": a.fim_copies,
+        "example_counts": counts,
+        "rows": int(rows.shape[0]),
+        "train": tstats,
+        "eval": e,
+        "samples": smp,
+        "logit_diff": diff,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "command": "python -m engine.demo.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "data": {
+            "stdlib_version": corp.stdlib_version,
+            "packages": corp.packages,
+            "stats": corp.stats,
+            "held_out": [f.path.name for f in corp.held_out],
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+    info["config"]["head_dim"] = cfg.head_dim
+    (out / "training.json").write_text(json.dumps({k: v for k, v in info.items() if k != "eval"}, indent=1) + "\n")
+    info["total_seconds"] = time.time() - t0
+    info["size_bytes"] = 0
+    model_card(out, info)
+    info["size_bytes"] = sum((out / n).stat().st_size for n in SHIPPED if (out / n).exists())
+    model_card(out, info)  # again, with the final size
+    for name in SHIPPED:
+        if (out / name).exists():
+            (out / name).chmod(0o644)
+    sha256sums(out)
+    size = sum((out / n).stat().st_size for n in (*SHIPPED, "SHA256SUMS") if (out / n).exists())
+    log(f"done: {out} ({size / 2**20:.2f} MiB)", t0)
+    if size > MAX_TOTAL_BYTES and not a.tiny:
+        log("WARNING: over 16 MiB", t0)
+
+
+if __name__ == "__main__":
+    main()
