@@ -1,0 +1,228 @@
+"""The real `codellama-tui` command, end to end on tiny checkpoints: output, errors, cancellation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.prompts import build_prompt
+from engine.requests import Request
+from engine.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "tui.cli", *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The failure must be exactly one `codellama-tui: error: ...` line and never a traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_help_lists_subcommands_and_import_tui_does_not_import_torch() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    for name in ("generate", "tokenize", "chat"):
+        assert name in result.stdout
+    assert "demo model" in result.stdout
+    probe = "import sys, tui, tui.cli, tui.oneshot; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+def test_generate_greedy_writes_only_the_generated_text(tiny_model_dir: Path) -> None:
+    args = (
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+    )
+    first = cli(*args, stdin="def add(a, b):\n")
+    second = cli(*args, "--prompt", "def add(a, b):\n")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout and first.stdout == second.stdout
+    assert "ready:" in first.stderr and "ready:" not in first.stdout
+
+
+def test_generate_jsonl_answers_each_line_in_order(tiny_model_dir: Path) -> None:
+    lines = [{"text": "import os\n"}, {"text": "Write hello world", "system": "Use Python"}, {"text": "def f(x):"}]
+    common = ("--model", str(tiny_model_dir), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "8")
+    result = cli("generate", "--jsonl", *common, stdin="\n".join(json.dumps(x) for x in lines) + "\n")
+    assert result.returncode == 0, result.stderr
+    outputs = [json.loads(line)["text"] for line in result.stdout.splitlines()]
+    assert len(outputs) == 3
+    assert outputs[0] == cli("generate", *common, "--prompt", "import os\n").stdout
+    assert outputs[2] == cli("generate", *common, "--prompt", "def f(x):").stdout
+
+
+def test_generate_jsonl_bad_line_is_reported_and_the_rest_answered(tiny_model_dir: Path) -> None:
+    common = ("--model", str(tiny_model_dir), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "4")
+    result = cli("generate", "--jsonl", *common, stdin='{"text": "a"}\nnot json\n{"text": "b"}\n')
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1
+    assert "text" in rows[0] and "error" in rows[1] and "line 2" in rows[1]["error"] and "text" in rows[2]
+
+
+@pytest.mark.parametrize("cap", ["completion", "infilling", "chat", "python"])
+def test_tokenize_prints_what_the_engine_feeds(tiny_model_dir: Path, cap: str) -> None:
+    text = "def f(x):\n    <FILL>\n    return y\n" if cap == "infilling" else "def f(x):\n    return x\n"
+    result = cli("tokenize", "--model", str(tiny_model_dir), "--cap", cap, "--sys-instruct", "Be brief", stdin=text)
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    assert json.loads(result.stdout) == build_prompt(tok, Request(cap, text=text, system="Be brief"))
+    lines = json.dumps({"text": text, "system": "Other"}) + "\n" + json.dumps({"text": text}) + "\n"
+    result = cli("tokenize", "--jsonl", "--model", str(tiny_model_dir), "--cap", cap, stdin=lines)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == [
+        build_prompt(tok, Request(cap, text=text, system="Other")),
+        build_prompt(tok, Request(cap, text=text)),
+    ]
+
+
+def test_infilling_writes_only_the_middle(tiny_model_dir: Path) -> None:
+    result = cli(
+        "generate", "--model", str(tiny_model_dir), "--device", "cpu", "--cap", "infilling", "--max-new-tokens", "6",
+        stdin="def f(x):\n    <FILL>\n    return y\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout and "<FILL>" not in result.stdout and "return y" not in result.stdout
+
+
+def _broken(tmp: Path, source: Path, how: str) -> Path:
+    bad = tmp / how
+    shutil.copytree(source, bad)
+    if how == "no-config":
+        (bad / "config.json").unlink()
+    elif how == "not-llama":
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+        (bad / "config.json").write_text(json.dumps(cfg))
+    elif how == "missing-shard":
+        sorted(bad.glob("model-*.safetensors"))[1].unlink()
+    elif how == "truncated":
+        shard = sorted(bad.glob("model-*.safetensors"))[0]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif how == "no-tokenizer":
+        for name in ("tokenizer.model", "tokenizer.json"):
+            (bad / name).unlink(missing_ok=True)
+    elif how == "bad-json":
+        (bad / "config.json").write_text("{not json")
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("no-config", "no config.json"),
+        ("not-llama", "not Llama"),
+        ("missing-shard", "missing weight file"),
+        ("truncated", "truncated"),
+        ("no-tokenizer", "tokenizer"),
+        ("bad-json", "not valid JSON"),
+    ],
+)
+def test_broken_checkpoints_give_one_line(tiny_gqa_dir: Path, tmp_path: Path, how: str, expected: str) -> None:
+    bad = _broken(tmp_path, tiny_gqa_dir, how)
+    line = error_line(cli("generate", "--model", str(bad), "--device", "cpu", "--prompt", "x"))
+    assert expected in line
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "expected"),
+    [
+        (("--model", "/no/such/dir"), "x", "no such directory"),
+        (("--cap", "infilling"), "def f():\n    return 1\n", "found 0"),
+        (("--cap", "infilling"), "<FILL> and <FILL>", "found 2"),
+        (("--max-seq-len", "16"), "word " * 40, "too many"),
+        (("--cap", "poetry"), "x", "invalid choice"),
+        (("--temperature", "-1"), "x", "temperature"),
+        (("--top-p", "1.5"), "x", "top-p"),
+        (("--max-new-tokens", "0"), "x", "must be >= 1"),
+        (("--device", "tpu"), "x", "unknown device"),
+    ],
+)
+def test_bad_input_gives_one_line(tiny_model_dir: Path, args: tuple, stdin: str, expected: str) -> None:
+    base = ("--model", str(tiny_model_dir)) if "--model" not in args else ()
+    line = error_line(cli("generate", *base, "--device", "cpu", *args, stdin=stdin) if "--device" not in args
+                      else cli("generate", *base, *args, stdin=stdin))  # fmt: skip
+    assert expected in line
+
+
+def test_infilling_on_a_model_without_fim_pieces(tiny_base_model_dir: Path) -> None:
+    line = error_line(
+        cli(
+            "generate",
+            "--model",
+            str(tiny_base_model_dir),
+            "--device",
+            "cpu",
+            "--cap",
+            "infilling",
+            "--prompt",
+            "a<FILL>b",
+        )
+    )
+    assert "cannot infill" in line
+
+
+def test_cuda_on_a_machine_without_it(tiny_model_dir: Path) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "no CUDA device" in error_line(
+        cli("generate", "--model", str(tiny_model_dir), "--device", "cuda", "--prompt", "x")
+    )
+
+
+def test_ctrl_c_cancels_mid_generation(tiny_model_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "480",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tui.cli", *args, "--prompt", "def f("],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    first = proc.stdout.read(1)
+    assert first
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 130
+    assert (
+        "Traceback" not in err.decode() and err.decode().strip().splitlines()[-1] == "codellama-tui: error: cancelled"
+    )
+    assert len(first + out) < 480 * 8  # it stopped early, keeping what was printed
