@@ -93,7 +93,7 @@ def run_console(
         if cap == "infilling" and not info.can_infill:
             out.error(f"error: {info.name} cannot infill (no <PRE>/<SUF>/<MID> tokens); use a 7B or 13B model")
             return 1
-        chat = Chat(client, out, info, cap, system, sampling)
+        chat = Chat(client, out, info, cap, system, sampling, stdin if interactive else None)
         if interactive:
             out.note(f"{info.name} · cap {cap} · {info.device} {info.dtype} · context {info.context} tokens")
             out.note(HINT)
@@ -123,8 +123,9 @@ class Chat:
         cap: str,
         system: str | None,
         sampling: SamplingParams,
+        terminal: IO[str] | None = None,
     ) -> None:
-        self.client, self.out, self.info = client, out, info
+        self.client, self.out, self.info, self.terminal = client, out, info, terminal
         self.cap, self.system, self.sampling = cap, system, sampling
         self.session = self._new_session_id()
         self.used = 0  # tokens the chat session holds after its last exchange
@@ -162,7 +163,7 @@ class Chat:
         )
         answer = Answer(self.out, self.cap, text)
         context = self.info.context
-        with _cancel_on_interrupt(self.client, request.id):
+        with _cancel_on_interrupt(self.client, request.id), _no_echo(self.terminal):
             for event in self.client.stream(request):
                 if isinstance(event, TextDelta):
                     answer.add(event.text)
@@ -241,6 +242,30 @@ def _cancel_on_interrupt(client: ConsoleClient, request_id: int) -> Iterator[Non
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _no_echo(terminal: IO[str] | None) -> Iterator[None]:
+    """Stop the terminal echoing keys during an answer: a `^C` or type-ahead would land inside the streamed
+    text and throw off its redraw. Typed keys still wait for the next prompt."""
+    if terminal is None or sys.platform == "win32":
+        yield
+        return
+    import termios
+
+    try:
+        fd = terminal.fileno()
+        saved = termios.tcgetattr(fd)
+    except (OSError, ValueError, termios.error):  # not a real terminal after all
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class Output:
