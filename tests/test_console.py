@@ -259,3 +259,22 @@ def test_ctrl_d_or_ctrl_c_at_the_prompt_quits(keys: str) -> None:
         session = make_prompt_session(input=pipe, output=DummyOutput())
         pipe.send_text("end\r!!\r" + keys)
         assert list(terminal_inputs(session)) == [Action("end")]
+
+
+def test_an_answer_taller_than_the_screen_is_highlighted_below_it() -> None:
+    stdout = Tty()
+    answer = Answer(Output(stdout, Tty(), interactive=True), "python", "")  # rich's default screen: 25 rows
+    answer.add("x = 1\n" * 30)
+    answer.finish("")
+    raw = stdout.getvalue()
+    assert "\x1b[J" not in raw
+    streamed, below = raw.split("─" * 40)
+    assert streamed.startswith("x = 1\n" * 30) and below.count("x") == 30 and "\x1b[" in below
+
+
+def test_importing_the_console_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, tui.console; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__))).returncode == 0
