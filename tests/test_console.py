@@ -217,7 +217,7 @@ def test_terminal_answer_is_redrawn_in_place_with_colour() -> None:
     answer = Answer(out, "completion", "def add(a, b):")
     for piece in ["    return", " a + b\x1b[2J", "\n"]:
         answer.add(piece)
-    answer.finish("")
+    answer.finish()
     raw = stdout.getvalue()
     streamed, redrawn = raw.split("\r\x1b[1A\x1b[J")
     assert streamed == "    return a + b[2J\n"  # the model cannot send escape sequences
@@ -229,7 +229,7 @@ def test_terminal_infilling_shows_the_whole_code_with_the_middle(suffix: str) ->
     stdout = Tty()
     answer = Answer(Output(stdout, Tty(), interactive=True), "infilling", 'def hi():\n    """ <FILL>' + suffix)
     answer.add('Say hi."""')
-    answer.finish('Say hi."""')
+    answer.finish()
     whole = stdout.getvalue().split("filled in")[1]
     assert "def" in whole and "Say" in whole and "\x1b[" in whole
 
@@ -265,7 +265,7 @@ def test_an_answer_taller_than_the_screen_is_highlighted_below_it() -> None:
     stdout = Tty()
     answer = Answer(Output(stdout, Tty(), interactive=True), "python", "")  # rich's default screen: 25 rows
     answer.add("x = 1\n" * 30)
-    answer.finish("")
+    answer.finish()
     raw = stdout.getvalue()
     assert "\x1b[J" not in raw
     streamed, below = raw.split("─" * 40)

@@ -179,7 +179,7 @@ class Chat:
                     answer.interrupt()
                     self.out.error(event.message)
                 elif isinstance(event, Finished):
-                    answer.finish(event.text)
+                    answer.finish()
                     self.out.stats(stats_line(event.reason, event.stats, context))
                     if chat and event.reason != "cancelled":  # a cancelled exchange is not kept
                         self._check_room(event.stats, context)
@@ -366,7 +366,7 @@ class Answer:
         """Something else is about to be printed: the streamed text can no longer be redrawn in place."""
         self.clean = not self.streamed
 
-    def finish(self, text: str) -> None:
+    def finish(self) -> None:
         """The answer is complete: highlight it (terminal only) and end its line."""
         if not self.out.interactive or not self.streamed:
             self.out.break_line()
@@ -386,6 +386,8 @@ class Answer:
             self.out.print(whole)
 
     def _highlighted(self) -> Text:
+        """Chat answers are prose with fenced code; the other caps' answers are code, taken for Python
+        (CodeLlama's main language) since nothing names the language."""
         if self.cap == "chat":
             return highlight_markdown_code(self.streamed)
         whole = highlight(self.before + self.streamed + self.after, "python")
@@ -436,12 +438,12 @@ def make_prompt_session(**kwargs: object) -> PromptSession[str]:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.document import Document
     from prompt_toolkit.history import InMemoryHistory
-    from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
     bindings = KeyBindings()
 
     @bindings.add("enter")
-    def _enter(event) -> None:  # noqa: ANN001 (prompt_toolkit's KeyPressEvent)
+    def _enter(event: KeyPressEvent) -> None:
         buffer = event.current_buffer
         document = buffer.document
         if not is_sentinel(document.current_line):
