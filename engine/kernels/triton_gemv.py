@@ -5,9 +5,9 @@ the kernel is built to keep the memory system busy: each program owns a strip of
 rows and walks K in BLOCK_K-wide steps (16-byte loads along K), there are several programs per SM
 to hide latency, and the weight is marked evict-first so it does not push x out of the cache.
 A single row (M == 1) is a pure multiply-add into a [BLOCK_N, BLOCK_K] accumulator reduced once
-at the end; 2..16 rows use a tensor-core dot (TF32 on float32 copies, exact for 16-bit weights) with the rows
-padded to 16. When N alone gives too
-few programs, K is split and the fp32 partials are summed in fixed order (deterministic).
+at the end; 2..16 rows use a tensor-core dot with the rows padded to 16 (TF32 on float32 copies of
+the tiles, exact for 16-bit inputs). When N alone gives too few programs, K is split and the fp32
+partials are summed in a fixed order, so results stay deterministic.
 
 Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never benchmarks);
 `python -m engine.kernels.bench_kernels --sweep` times alternatives on the real GPU.

@@ -1,0 +1,293 @@
+"""Decode-kernel benchmarks on one CUDA GPU, at CodeLlama 7B/13B/34B decode shapes.
+
+    python -m engine.kernels.bench_kernels [--models 7b,13b,34b] [--sweep]
+
+Each kernel is first checked against its reference at the benchmarked shape, then timed with
+`triton.testing.do_bench` (median, L2 flushed before each run) next to its PyTorch/cuBLAS
+counterpart. Memory-bound kernels are reported in GB/s and as a fraction of the measured
+device-copy bandwidth (read + write of a 1 GiB copy). "all matmuls" replays every decode matmul
+of the model (fused QKV, O, fused gate/up, down per layer, plus the LM head) as one CUDA graph,
+as ARCHITECTURE.md's cuBLAS measurement does. `--sweep` times alternative GEMV configs per shape.
+A failure in one section is printed and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import reference, sampling
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int = 128
+
+    def matmuls(self) -> dict[str, tuple[int, int]]:
+        """(N, K) of each decode matmul with fused QKV and gate/up weights."""
+        return {
+            "qkv": ((self.heads + 2 * self.kv_heads) * self.head_dim, self.hidden),
+            "o": (self.hidden, self.heads * self.head_dim),
+            "gate_up": (2 * self.intermediate, self.hidden),
+            "down": (self.hidden, self.intermediate),
+            "lm_head": (self.vocab, self.hidden),
+        }
+
+
+MODELS = {
+    "7b": Shape(4096, 11008, 32, 32, 32, 32016),
+    "13b": Shape(5120, 13824, 40, 40, 40, 32016),
+    "34b": Shape(8192, 22016, 48, 64, 8, 32000),
+}
+DTYPE = torch.bfloat16
+GRAPH_WEIGHT_BUDGET = 40e9  # bytes of weights the "all matmuls" graph may allocate
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds per call."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def section(title: str, body: Callable[[], None]) -> None:
+    print(f"\n== {title}", flush=True)
+    try:
+        body()
+    except Exception:
+        print("FAILED:\n" + traceback.format_exc(), flush=True)
+
+
+def check(name: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1.6e-2, atol: float = 1e-2) -> None:
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def row(label: str, nbytes: float, ms: float, base_ms: float, copy_gbs: float) -> None:
+    gbs, base_gbs = nbytes / ms / 1e6, nbytes / base_ms / 1e6
+    print(
+        f"{label:<34} {ms * 1e3:9.1f} us {gbs:7.0f} GB/s {gbs / copy_gbs:6.1%} | "
+        f"base {base_ms * 1e3:9.1f} us {base_gbs:7.0f} GB/s {base_gbs / copy_gbs:6.1%} | x{base_ms / ms:5.2f}",
+        flush=True,
+    )
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    gbs = 2 * src.numel() * src.element_size() / ms / 1e6
+    print(f"device copy: {gbs:.0f} GB/s (read + write of 1 GiB)")
+    return gbs
+
+
+def bench_linear(models: list[str], copy_gbs: float) -> None:
+    from engine.kernels import triton_gemv
+
+    print(f"{'shape':<34} {'triton':>12} | base = F.linear (cuBLAS)")
+    for model in models:
+        for name, (n, k) in MODELS[model].matmuls().items():
+            w = torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
+            for m in (1, 4, 8, 16):
+                x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+                check(f"linear {n}x{k} m={m}", triton_gemv.linear(x, w), F.linear(x, w))
+                nbytes = 2 * (n * k + m * k + m * n)
+                label = f"{model} {name} {n}x{k} m={m}"
+                row(
+                    label,
+                    nbytes,
+                    bench(partial(triton_gemv.linear, x, w)),
+                    bench(partial(F.linear, x, w)),
+                    copy_gbs,
+                )
+
+
+def bench_all_matmuls(models: list[str], copy_gbs: float) -> None:
+    from engine.kernels import triton_gemv
+
+    for model in models:
+        shape = MODELS[model]
+        mats = shape.matmuls()
+        layer_bytes = 2 * sum(n * k for key, (n, k) in mats.items() if key != "lm_head")
+        layers = min(shape.layers, int(GRAPH_WEIGHT_BUDGET // layer_bytes))
+        weights = [
+            torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
+            for _ in range(layers)
+            for key, (n, k) in mats.items()
+            if key != "lm_head"
+        ]
+        weights.append(torch.empty(*mats["lm_head"], dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05))
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        for m in (1, 8, 32):
+            inputs = {k: torch.randn(m, k, dtype=DTYPE, device="cuda") for k in {k for _, k in mats.values()}}
+            times = {}
+            for label, fn in (("triton", triton_gemv.linear), ("cublas", F.linear)):
+                for w in {w.shape: w for w in weights}.values():
+                    fn(inputs[w.shape[1]], w)  # compile every shape before capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for w in weights:
+                        fn(inputs[w.shape[1]], w)
+                times[label] = bench(graph.replay)
+                del graph
+            note = "" if layers == shape.layers else f" ({layers} of {shape.layers} layers)"
+            row(f"{model} all matmuls m={m}{note}", nbytes, times["triton"], times["cublas"], copy_gbs)
+            if layers == shape.layers:
+                print(f"{'':<34} = {m * 1e3 / times['triton']:.0f} tokens/s (cuBLAS {m * 1e3 / times['cublas']:.0f})")
+        del weights
+        torch.cuda.empty_cache()
+
+
+def bench_attention(models: list[str], copy_gbs: float) -> None:
+    from engine.kernels import triton_attention
+
+    print("base = SDPA (flash) on the same keys gathered into [B, H, L, D] beforehand")
+    for model in models:
+        shape = MODELS[model]
+        d, hkv = shape.head_dim, shape.kv_heads
+        for batch, length in ((1, 1024), (1, 16384), (8, 4096), (32, 1024)):
+            k_cache = torch.randn(batch, hkv, length, d, dtype=DTYPE, device="cuda")
+            v_cache = torch.randn_like(k_cache)
+            q = torch.randn(batch, shape.heads, d, dtype=DTYPE, device="cuda")
+            slots = torch.arange(batch, device="cuda")
+            lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+            scale = d**-0.5
+            out = triton_attention.decode_attention(q, k_cache, v_cache, slots, lengths, scale)
+            check(f"attention {model}", out, reference.decode_attention(q, k_cache, v_cache, slots, lengths, scale))
+            nbytes = 2 * k_cache.numel() * k_cache.element_size()
+            ms = bench(partial(triton_attention.decode_attention, q, k_cache, v_cache, slots, lengths, scale))
+            sdpa = partial(
+                F.scaled_dot_product_attention, q[:, :, None], k_cache, v_cache, scale=scale, enable_gqa=True
+            )
+            row(f"{model} B={batch} L={length}", nbytes, ms, bench(sdpa), copy_gbs)
+
+
+def bench_small_ops(models: list[str], copy_gbs: float) -> None:
+    from engine.kernels import triton_norm, triton_rotary
+
+    print("base = the PyTorch reference, eager")
+    for model in models:
+        shape = MODELS[model]
+        for batch in (1, 32):
+            x = torch.randn(batch, shape.hidden, dtype=DTYPE, device="cuda")
+            res, weight = torch.randn_like(x), torch.randn(shape.hidden, dtype=DTYPE, device="cuda")
+            check(
+                "add_rms_norm",
+                triton_norm.add_rms_norm(x, res, weight, 1e-5)[0],
+                reference.add_rms_norm(x, res, weight, 1e-5)[0],
+            )
+            row(
+                f"{model} add_rms_norm B={batch}",
+                4 * x.numel() * x.element_size(),
+                bench(partial(triton_norm.add_rms_norm, x, res, weight, 1e-5)),
+                bench(partial(reference.add_rms_norm, x, res, weight, 1e-5)),
+                copy_gbs,
+            )
+
+            d, max_seq = shape.head_dim, 4096
+            q = torch.randn(batch, shape.heads, d, dtype=DTYPE, device="cuda")
+            k = torch.randn(batch, shape.kv_heads, d, dtype=DTYPE, device="cuda")
+            v = torch.randn_like(k)
+            cos, sin = torch.rand(max_seq, d, device="cuda"), torch.rand(max_seq, d, device="cuda")
+            positions = torch.randint(0, max_seq, (batch,), device="cuda")
+            slots = torch.randperm(batch, device="cuda")
+            caches = [torch.zeros(batch, shape.kv_heads, max_seq, d, dtype=DTYPE, device="cuda") for _ in range(4)]
+            args = (q, k, v, cos, sin, positions, slots)
+            got = triton_rotary.rotary_kv_write(*args, caches[0], caches[1])
+            want = reference.rotary_kv_write(*args, caches[2], caches[3])
+            check("rotary q", got, want)
+            check("rotary k cache", caches[0], caches[2])
+            nbytes = 2 * (q.numel() + 2 * k.numel()) * 2
+            row(
+                f"{model} rotary_kv_write B={batch}",
+                nbytes,
+                bench(partial(triton_rotary.rotary_kv_write, *args, caches[0], caches[1])),
+                bench(partial(reference.rotary_kv_write, *args, caches[2], caches[3])),
+                copy_gbs,
+            )
+
+
+def bench_sampling() -> None:
+    for batch in (1, 8, 32):
+        logits = torch.randn(batch, 32016, device="cuda")
+        params = {
+            "temperature": torch.full((batch,), 0.2, device="cuda"),
+            "top_k": torch.full((batch,), 40, dtype=torch.int32, device="cuda"),
+            "top_p": torch.full((batch,), 0.9, device="cuda"),
+            "seeds": torch.arange(batch, device="cuda"),
+            "offsets": torch.zeros(batch, dtype=torch.int64, device="cuda"),
+        }
+        graph = torch.cuda.CUDAGraph()
+        sampling.sample(logits, **params)
+        with torch.cuda.graph(graph):
+            sampling.sample(logits, **params)
+        print(
+            f"sample B={batch}: eager {bench(partial(sampling.sample, logits, **params)) * 1e3:.1f} us, "
+            f"graph replay {bench(graph.replay) * 1e3:.1f} us",
+            flush=True,
+        )
+
+
+def sweep_gemv(models: list[str], copy_gbs: float) -> None:
+    """Time alternative configs per (N, K) and print the best next to the fixed rule's choice."""
+    from engine.kernels import triton_gemv
+
+    shapes = sorted({nk for model in models for nk in MODELS[model].matmuls().values()})
+    for m in (1, 8):
+        block_ns = (8, 16, 32, 64) if m == 1 else (16, 32, 64)
+        block_ks = (256, 512, 1024) if m == 1 else (64, 128, 256)
+        configs = [
+            triton_gemv.GemvConfig(bn, bk, sk, nw, ns)
+            for bn, bk, sk, nw, ns in itertools.product(block_ns, block_ks, (1, 2, 4), (4, 8), (1, 3))
+        ]
+        for n, k in shapes:
+            w = torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
+            x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+            nbytes = 2 * (n * k + m * k + m * n)
+            default = triton_gemv.choose_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+            timed = []
+            for cfg in [default, *configs]:
+                try:
+                    timed.append((bench(partial(triton_gemv.linear, x, w, cfg)), cfg))
+                except Exception as exc:  # e.g. out of shared memory for a large tile
+                    print(f"  {cfg}: {type(exc).__name__}")
+            best_ms, best = min(timed, key=lambda t: t[0])
+            frac = nbytes / best_ms / 1e6 / copy_gbs
+            default_frac = nbytes / timed[0][0] / 1e6 / copy_gbs
+            print(f"m={m} {n}x{k}: best {best} {frac:.1%} of copy; rule {default} {default_frac:.1%}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="7b,13b,34b", help="comma-separated subset of 7b,13b,34b")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative GEMV configs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA GPU")
+    models = [m.strip() for m in args.models.split(",")]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {DTYPE}")
+    copy_gbs = copy_bandwidth()
+    section("linear (per matmul)", lambda: bench_linear(models, copy_gbs))
+    section("all decode matmuls in one CUDA graph", lambda: bench_all_matmuls(models, copy_gbs))
+    section("decode attention", lambda: bench_attention(models, copy_gbs))
+    section("norm and rotary", lambda: bench_small_ops(models, copy_gbs))
+    section("sampling (temperature 0.2, top-k 40, top-p 0.9, V=32016)", bench_sampling)
+    if args.sweep:
+        section("GEMV config sweep", lambda: sweep_gemv(models, copy_gbs))
+
+
+if __name__ == "__main__":
+    main()
