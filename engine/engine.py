@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from engine import kernels
 from engine.checkpoint import Progress, load_weights
 from engine.config import DEMO_DIR, ModelConfig, model_dir
 from engine.detok import IncrementalDecoder, StopStrings
@@ -37,6 +36,7 @@ from engine.model import KVCache, Llama
 from engine.parallel import SINGLE, Parallel, Shard
 from engine.prompts import build_prompt, stop_ids
 from engine.requests import EngineSpec, Request
+from engine.runner import DecodeRunner, Row
 from engine.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 2048
@@ -103,8 +103,16 @@ class Sequence:
 
 class Engine:
     def __init__(
-        self, model: Llama, tok: Tokenizer, info: ModelInfo, n_slots: int, context: int, device: torch.device
+        self,
+        model: Llama,
+        tok: Tokenizer,
+        info: ModelInfo,
+        n_slots: int,
+        context: int,
+        device: torch.device,
+        cuda_graphs: bool = True,
     ) -> None:
+        """`model` has a KV cache of `n_slots + 1` slots: the last one is the decode step's scratch slot."""
         self.model, self.tok, self.info = model, tok, info
         self.context, self.device = context, device
         self.free_slots = list(range(n_slots))
@@ -112,7 +120,8 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.seen = torch.zeros(n_slots, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        seen = torch.zeros(n_slots + 1, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        self.runner = DecodeRunner(model, seen, n_slots, n_slots, cuda_graphs and device.type == "cuda")
 
     @classmethod
     def load(cls, spec: EngineSpec, progress: Progress | None = None, par: Parallel = SINGLE) -> Engine:
@@ -140,7 +149,7 @@ class Engine:
             model = model.to_empty(device=device)
             model.init_rope(context)
             load_weights(model, path, progress)
-            model.setup_cache(spec.max_batch, context, dtype)
+            model.setup_cache(spec.max_batch + 1, context, dtype)
         except torch.OutOfMemoryError:
             need = cfg.n_params * torch.finfo(dtype).bits // 8 / par.world / 2**30
             raise OutOfMemoryError(
@@ -159,7 +168,13 @@ class Engine:
             vocab_size=cfg.vocab_size,
             is_demo=is_demo,
         )
-        return cls(model, tok, info, spec.max_batch, context, device)
+        try:
+            return cls(model, tok, info, spec.max_batch, context, device, spec.cuda_graphs)
+        except torch.OutOfMemoryError:
+            raise OutOfMemoryError(
+                f"out of GPU memory capturing the decode graphs for {spec.max_batch} sequences of {context} tokens; "
+                "try a smaller --max-batch, a shorter --max-seq-len, --quantize, or more GPUs with --tp"
+            ) from None
 
     @staticmethod
     def _context(spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.device, dtype: torch.dtype) -> int:
@@ -289,8 +304,8 @@ class Engine:
             seq.slot = slot
             cached = seq.session.cached if seq.session is not None else []
             seq.done = _common_prefix(cached, seq.ids, limit=len(seq.ids) - 1)
-            self.seen[slot].zero_()
-            self.seen[slot, torch.tensor(seq.ids, device=self.device)] = True
+            self.runner.seen[slot].zero_()
+            self.runner.seen[slot, torch.tensor(seq.ids, device=self.device)] = True
             self.prefilling.append(seq)
 
     def _take_slot(self, session: Session | None) -> int | None:
@@ -323,34 +338,28 @@ class Engine:
 
     def _decode(self, events: list[Event]) -> None:
         batch = list(self.running)
-        tokens = torch.tensor([s.generated[-1] for s in batch], device=self.device)
-        positions = torch.tensor([len(s.ids) + len(s.generated) - 1 for s in batch], device=self.device)
-        slots = torch.tensor([s.slot for s in batch], device=self.device)
-        logits = self.model.decode(tokens, positions, slots)
-        for seq, token in zip(batch, self._sample(logits, batch), strict=True):
+        tokens = self.runner([self._row(s, s.generated[-1]) for s in batch])
+        for seq, token in zip(batch, tokens, strict=True):
             self._accept(seq, token, events)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        params = [s.request.sampling for s in seqs]
-        dev = self.device
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
-        if any(p.repetition_penalty != 1.0 for p in params):
-            slots = torch.tensor([s.slot for s in seqs], device=dev)
-            logits = kernels.apply_repetition_penalty(logits, self.seen[slots], penalty)
-        if all(p.temperature == 0 for p in params):  # known on the host: skip the sampling machinery
-            tokens = logits.argmax(dim=-1).tolist()
-        else:
-            tokens = kernels.sample(
-                logits,
-                torch.tensor([p.temperature for p in params], device=dev),
-                torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
-                torch.tensor([p.top_p for p in params], device=dev),
-                torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
-                torch.tensor([len(s.generated) for s in seqs], dtype=torch.int64, device=dev),
-            ).tolist()
-        for seq, token in zip(seqs, tokens, strict=True):
-            self.seen[seq.slot, token] = True
-        return tokens
+        return self.runner.sample(logits, [self._row(s, 0) for s in seqs])
+
+    @staticmethod
+    def _row(seq: Sequence, token: int) -> Row:
+        p = seq.request.sampling
+        position = len(seq.ids) + len(seq.generated) - 1
+        return Row(
+            token,
+            position,
+            seq.slot,
+            p.temperature,
+            p.top_k,
+            p.top_p,
+            p.repetition_penalty,
+            seq.seed,
+            len(seq.generated),
+        )
 
     def _accept(self, seq: Sequence, token: int, events: list[Event]) -> None:
         """Take one sampled token: stream its text, and finish the sequence if a stop condition holds."""

@@ -142,7 +142,17 @@ def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypat
     script = engine.tok.encode(text)
     assert any(len(engine.tok.token_bytes(i)) == 1 and engine.tok.token_bytes(i)[0] >= 0x80 for i in script)
     tokens = iter(script + [engine.tok.eos_id])
-    monkeypatch.setattr(engine, "_sample", lambda logits, seqs: [next(tokens) for _ in seqs])
+
+    class ScriptedRunner:
+        seen = engine.runner.seen
+
+        def __call__(self, rows):
+            return [next(tokens) for _ in rows]
+
+        def sample(self, logits, rows):
+            return self(rows)
+
+    monkeypatch.setattr(engine, "runner", ScriptedRunner())
     request = Request("completion", text="x", sampling=SamplingParams(max_new_tokens=200))
     events = run(engine, request)[request.id]
     deltas = [e.text for e in events if isinstance(e, TextDelta)]

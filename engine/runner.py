@@ -1,0 +1,135 @@
+"""The decode step: one new token for each running sequence, sampled on the device.
+
+The step reads everything from static device buffers (tokens, positions, slots, sampling parameters),
+so on a GPU it is captured once per batch-size bucket as a CUDA graph, all graphs sharing one memory
+pool, and each step is a buffer update, one replay and one small device-to-host copy of the new tokens.
+On the CPU the very same step runs eagerly. Batches are padded up to their bucket with rows that point
+at a scratch KV slot, so padding never touches a real sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine import kernels
+from engine.model import Llama
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one sequence contributes to a decode step."""
+
+    token: int
+    position: int
+    slot: int
+    temperature: float
+    top_k: int
+    top_p: float
+    penalty: float
+    seed: int
+    offset: int
+
+
+def buckets(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    return [b for b in sizes if b < max_batch] + [max_batch]
+
+
+class DecodeRunner:
+    def __init__(self, model: Llama, seen: Tensor, max_batch: int, scratch_slot: int, use_graphs: bool) -> None:
+        self.model, self.seen, self.max_batch = model, seen, max_batch
+        self.scratch_slot = scratch_slot
+        dev = seen.device
+        # Integer and float inputs live in one buffer each, so an update is two host-to-device copies.
+        self.ints = torch.zeros(6, max_batch, dtype=torch.int64, device=dev)  # token position slot top_k seed offset
+        self.floats = torch.ones(3, max_batch, dtype=torch.float32, device=dev)  # temperature top_p penalty
+        self.out = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.pinned = dev.type == "cuda"
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.capture_s = 0.0
+        if use_graphs:
+            self.capture()
+
+    def _step(self, batch: int, greedy: bool, penalize: bool = True) -> None:
+        _, positions, slots, *_ = self.ints[:, :batch]
+        logits = self.model.decode(self.ints[0, :batch], positions, slots)
+        self.logits[:batch] = logits
+        self.out[:batch] = self._pick(logits, batch, greedy, penalize)
+
+    def _pick(self, logits: Tensor, batch: int, greedy: bool, penalize: bool) -> Tensor:
+        """Repetition penalty, then greedy or sampled choice; marks the choice as seen in its slot."""
+        _, _, slots, top_k, seeds, offsets = self.ints[:, :batch]
+        temperature, top_p, penalty = self.floats[:, :batch]
+        if penalize:
+            logits = kernels.apply_repetition_penalty(logits, self.seen[slots], penalty)
+        if greedy:
+            nxt = logits.argmax(dim=-1)
+        else:
+            nxt = kernels.sample(logits, temperature, top_k.int(), top_p, seeds, offsets)
+        self.seen[slots, nxt] = True
+        return nxt
+
+    def _load(self, rows: Sequence[Row]) -> tuple[bool, bool]:
+        """Copy the rows into the static buffers; returns (all greedy, any repetition penalty)."""
+        ints = torch.tensor([[r.token, r.position, r.slot, r.top_k, r.seed, r.offset] for r in rows]).T.contiguous()
+        floats = torch.tensor([[r.temperature, r.top_p, r.penalty] for r in rows], dtype=torch.float32).T.contiguous()
+        if self.pinned:
+            ints, floats = ints.pin_memory(), floats.pin_memory()
+        self.ints[:, : len(rows)].copy_(ints, non_blocking=True)
+        self.floats[:, : len(rows)].copy_(floats, non_blocking=True)
+        return all(r.temperature == 0 for r in rows), any(r.penalty != 1.0 for r in rows)
+
+    def sample(self, logits: Tensor, rows: Sequence[Row]) -> list[int]:
+        """Pick tokens for logits computed outside the step (the first token after a prefill)."""
+        greedy, penalize = self._load(rows)
+        return self._pick(logits, len(rows), greedy, penalize).tolist()
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in buckets(self.max_batch) if b >= n)
+
+    def capture(self) -> None:
+        """Warm up (Triton compiles here) and capture every bucket, largest first, into one pool."""
+        start = time.perf_counter()
+        self._fill_padding(0, self.max_batch)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for batch in reversed(buckets(self.max_batch)):
+                for greedy in (True, False):
+                    self._step(batch, greedy)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for batch in reversed(buckets(self.max_batch)):
+            for greedy in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(batch, greedy)
+                self.graphs[(batch, greedy)] = graph
+        torch.cuda.synchronize()
+        self.seen[self.scratch_slot].zero_()
+        self.capture_s = time.perf_counter() - start
+
+    def _fill_padding(self, start: int, end: int) -> None:
+        self.ints[:, start:end] = 0
+        self.ints[2, start:end] = self.scratch_slot
+        self.floats[:, start:end] = 1.0
+
+    def __call__(self, rows: Sequence[Row]) -> list[int]:
+        """Decode one token for each row; returns the sampled tokens (the step's only host sync)."""
+        n = len(rows)
+        batch = self.bucket(n) if self.graphs else n
+        greedy, penalize = self._load(rows)
+        if batch > n:
+            self._fill_padding(n, batch)
+        if self.graphs:  # captured with the penalty applied: a penalty of 1.0 is a no-op
+            self.graphs[(batch, greedy)].replay()
+        else:
+            self._step(batch, greedy, penalize)
+        return self.out[:n].tolist()
