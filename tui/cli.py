@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "generate": "generate once from stdin or --prompt; only the generated text goes to stdout",
     "tokenize": "print the prompt's token ids as the engine would feed them",
     "chat": "the console chat of the seed: inputs end with a line '!!'",
+    "bench": "time the engine: decode tokens/s, time to first token, memory, start-up, roofline",
 }
 
 DEMO_NOTE = (
@@ -117,6 +118,12 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     chat = _Parser(prog="codellama-tui chat", description=SUBCOMMANDS["chat"] + ". " + DEMO_NOTE)
     _engine_options(chat, cap_default="chat")
     parsers["chat"] = chat
+
+    bench = _Parser(prog="codellama-tui bench", description=SUBCOMMANDS["bench"])
+    from engine.bench_options import add_arguments
+
+    add_arguments(bench)
+    parsers["bench"] = bench
     return parsers
 
 
@@ -133,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tui.oneshot import tokenize
 
         return tokenize(args)
+    if command == "bench":
+        from engine.bench import main as bench
+
+        return bench(args)
     if command == "chat":
         from tui.console import run_console
 

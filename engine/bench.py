@@ -1,0 +1,242 @@
+"""`codellama-tui bench`: decode speed, time to first token, memory and start-up of the engine, next to
+the device's copy-bandwidth roofline and (with --baseline) `transformers` on the same weights, in one run.
+
+On a real checkpoint (`--model DIR`) or on random weights at real CodeLlama shapes (`--shape 7b`), which are
+as good as real ones for speed. On a GPU it also checks the engine's bf16 logits and greedy tokens against
+`transformers` on the same weights. Prints one table; `--json FILE` keeps every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import DEMO_DIR, ModelConfig, model_dir, shape_config
+from engine.engine import Engine, pick_device, pick_dtype
+from engine.events import Finished, ModelInfo
+from engine.model import Llama
+from engine.parallel import SINGLE, Parallel
+from engine.requests import EngineSpec, Request, SamplingParams
+from engine.runner import Row
+from engine.tokenizer import Tokenizer
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of a large device copy, counting bytes read and written (the roofline's memory rate)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 27)
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start = _now(device)
+        dst.copy_(src)
+        times.append(_now(device) - start)
+    return 2 * n / statistics.median(times) / 1e9
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Parallel = SINGLE) -> tuple[Engine, float]:
+    """An engine on random weights (normal, std 0.02; norms 1) at a real shape; returns it and the init time."""
+    device, dtype = pick_device(spec.device), pick_dtype(spec.dtype, pick_device(spec.device))
+    start = _now(device)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = Llama(cfg, spec.max_seq_len, par)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model = model.to_empty(device=device)
+    model.init_rope(spec.max_seq_len)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for p in model.parameters():
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.02, generator=gen)
+    model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
+    load_s = _now(device) - start
+    info = ModelInfo(f"random {cfg.dim}", "base", tok.can_infill, str(device), str(dtype), par.world,
+                     spec.max_seq_len, cfg.vocab_size)  # fmt: skip
+    return Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs), load_s
+
+
+def decode_rate(engine: Engine, batch: int, steps: int, position: int) -> float:
+    """Tokens/s of the decode step alone (graph replay + the per-step host copy) at `batch` sequences."""
+    rows = [Row(3 + i, position, i, 0.0, 40, 1.0, 1.0, i, 0) for i in range(batch)]
+    for _ in range(5):
+        engine.runner(rows)
+    start = _now(engine.device)
+    for _ in range(steps):
+        engine.runner(rows)
+    return batch * steps / (_now(engine.device) - start)
+
+
+def time_to_first_token(engine: Engine, length: int, repeats: int = 5) -> float:
+    """Seconds from a prompt of `length` tokens to its first sampled token on the host (prefill + sample)."""
+    ids = torch.randint(3, engine.model.cfg.vocab_size - 1, (length,), device=engine.device)
+    row = [Row(0, length, 0, 0.0, 40, 1.0, 1.0, 0, 0)]
+    times = []
+    for _ in range(repeats + 1):
+        start = _now(engine.device)
+        engine.runner.sample(engine.model.prefill(ids, 0, 0)[None], row)
+        times.append(_now(engine.device) - start)
+    return statistics.median(times[1:])
+
+
+def engine_rate(engine: Engine, tokens: int) -> float:
+    """Tokens/s at batch 1 through the whole engine: scheduler, detokenizer and events included."""
+    request = Request("completion", text="def quicksort(items):\n",
+                      sampling=SamplingParams(temperature=0, max_new_tokens=tokens, stop=()))  # fmt: skip
+    engine.add(request)
+    finished = None
+    while engine.busy:
+        for event in engine.step():
+            if isinstance(event, Finished):
+                finished = event
+    return finished.stats.tokens_per_s if finished else 0.0
+
+
+def hf_twin(engine: Engine):
+    """A transformers LlamaForCausalLM holding exactly the engine's weights (unfused), on the same device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m, cfg = engine.model, engine.model.cfg
+    hf_cfg = LlamaConfig(
+        hidden_size=cfg.dim, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
+    )  # fmt: skip
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hf_cfg)
+    hf = hf.to_empty(device=engine.device).to(m.norm.dtype).eval()
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(m.tok_embeddings[: cfg.vocab_size])
+        hf.lm_head.weight.copy_(m.output[: cfg.vocab_size])
+        hf.model.norm.weight.copy_(m.norm)
+        for ours, theirs in zip(m.layers, hf.model.layers, strict=True):
+            a, f = ours.attention, ours.feed_forward
+            theirs.self_attn.q_proj.weight.copy_(a.wqkv[:q])
+            theirs.self_attn.k_proj.weight.copy_(a.wqkv[q : q + kv])
+            theirs.self_attn.v_proj.weight.copy_(a.wqkv[q + kv :])
+            theirs.self_attn.o_proj.weight.copy_(a.wo)
+            theirs.mlp.gate_proj.weight.copy_(f.w13[: cfg.intermediate])
+            theirs.mlp.up_proj.weight.copy_(f.w13[cfg.intermediate :])
+            theirs.mlp.down_proj.weight.copy_(f.w2)
+            theirs.input_layernorm.weight.copy_(ours.attention_norm)
+            theirs.post_attention_layernorm.weight.copy_(ours.ffn_norm)
+        hf.model.rotary_emb.__init__(hf_cfg, device=engine.device)
+    return hf
+
+
+def hf_rate(hf, batch: int, tokens: int, device: torch.device) -> float:
+    ids = torch.randint(3, 1000, (batch, 128), device=device)
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    hf.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    start = _now(device)
+    hf.generate(ids, **kwargs)
+    return batch * tokens / (_now(device) - start)
+
+
+def conformance(engine: Engine, hf, n: int = 32) -> dict[str, float]:
+    """Relative error of the engine's logits against transformers, and how many greedy tokens agree."""
+    ids = torch.randint(3, 1000, (256,), device=engine.device)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0].float()
+    ours = engine.model.prefill(ids, 0, 0, all_logits=True)
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    with torch.no_grad():
+        expected = hf.generate(ids[None], max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    expected = expected[0, len(ids) :].tolist()
+    got = [int(engine.runner.sample(engine.model.prefill(ids, 0, 0)[None], [Row(0, 0, 0, 0, 0, 1, 1, 0, 0)])[0])]
+    for i in range(n - 1):
+        got += engine.runner([Row(got[-1], len(ids) + i, 0, 0.0, 0, 1.0, 1.0, 0, 0)])
+    agree = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), n)
+    return {"logits_rel_err": rel, "greedy_agree": agree, "greedy_of": n}
+
+
+def main(args: argparse.Namespace) -> int:
+    batches = [int(b) for b in args.batch.split(",")]
+    prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    need = max(max(prompt_lens), 128 + args.steps + 16) + 64
+    spec = EngineSpec(
+        model=args.model, device=str(device), dtype=str(dtype).removeprefix("torch."), max_batch=max(batches),
+        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs,
+    )  # fmt: skip
+    out: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    out["copy_GBps"] = copy_bandwidth(device)
+    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    start = time.perf_counter()
+    if args.shape and not args.model:
+        tok = Tokenizer.from_dir(args.tokenizer or DEMO_DIR)
+        engine, out["load_s"] = random_engine(shape_config(args.shape), spec, tok)
+        out["model"] = f"random weights, CodeLlama-{args.shape} shape"
+    else:
+        engine = Engine.load(spec)
+        out["load_s"] = time.perf_counter() - start - engine.runner.capture_s
+        out["model"] = str(model_dir(args.model))
+    out["capture_s"] = engine.runner.capture_s
+    out["startup_s"] = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in engine.model.parameters()}.values())
+    out["weights_GB"] = weights / 1e9
+    out["roofline_tps"] = out["copy_GBps"] * 1e9 / weights
+    for b in batches:
+        out[f"decode_b{b}_tps"] = decode_rate(engine, b, args.steps, 128)
+    out["engine_b1_tps"] = engine_rate(engine, args.steps)
+    for n in prompt_lens:
+        out[f"ttft_{n}_ms"] = time_to_first_token(engine, n) * 1e3
+    if device.type == "cuda":
+        out["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if args.baseline:
+            hf = hf_twin(engine)
+            out.update(conformance(engine, hf))
+            for b in (1, 32) if 32 in batches else (1,):
+                out[f"hf_b{b}_tps"] = hf_rate(hf, b, min(args.steps, 32), device)
+            del hf
+    print(table(out, batches, prompt_lens))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
+    lines = [f"codellama-tui bench: {r['model']} on {r['device']}", ""]
+    lines.append(f"{'figure':<44} {'value':>12}")
+    lines.append(f"{'copy bandwidth (read+write)':<44} {r['copy_GBps']:>9.0f} GB/s")
+    lines.append(f"{'weights':<44} {r['weights_GB']:>10.2f} GB")
+    lines.append(f"{'roofline, batch 1 (copy rate / weight bytes)':<44} {r['roofline_tps']:>8.1f} tok/s")
+    for b in batches:
+        v = r[f"decode_b{b}_tps"]
+        extra = f"  ({v / r['roofline_tps']:.0%} of roofline)" if b == 1 else ""
+        lines.append(f"{f'decode, batch {b}':<44} {v:>8.1f} tok/s{extra}")
+    lines.append(f"{'engine end to end, batch 1 (detok, events)':<44} {r['engine_b1_tps']:>8.1f} tok/s")
+    for n in prompt_lens:
+        lines.append(f"{f'time to first token, {n}-token prompt':<44} {r[f'ttft_{n}_ms']:>10.1f} ms")
+    lines.append(f"{'start-up (load + graph capture)':<44} {r['startup_s']:>11.2f} s")
+    lines.append(f"{'  of which graph capture':<44} {r['capture_s']:>11.2f} s")
+    if "peak_GiB" in r:
+        lines.append(f"{'peak GPU memory':<44} {r['peak_GiB']:>9.1f} GiB")
+    for key, label in (("hf_b1_tps", "transformers generate(), batch 1"), ("hf_b32_tps", "transformers, batch 32")):
+        if key in r:
+            lines.append(f"{label:<44} {r[key]:>8.1f} tok/s")
+    if "hf_b1_tps" in r:
+        lines.append(f"{'speed-up over transformers, batch 1':<44} {r['decode_b1_tps'] / r['hf_b1_tps']:>10.1f} x")
+    if "logits_rel_err" in r:
+        lines.append(f"{'logits vs transformers (relative error)':<44} {r['logits_rel_err']:>12.2e}")
+        lines.append(f"{'greedy tokens agreeing with transformers':<44} {r['greedy_agree']:>7d} / {r['greedy_of']}")
+    return "\n".join(lines)
