@@ -1,0 +1,661 @@
+"""The full-screen app: the editor and the chat beside it, driven by keys, fed by the engine thread.
+
+Threads: `EngineClient` calls `_relay_engine_event` on its worker thread. Text deltas go into a
+locked buffer that a 30 Hz timer on the UI thread drains (so 200+ tokens/s cost at most 30 widget
+updates a second and a keystroke always echoes within a frame); every other event is posted as a
+message. Before a terminal event (Finished, Failed) is handled the buffer is drained, so no text is
+lost or reordered.
+
+Typing during a generation: an edit or cursor move in the editor while model text streams into it
+(infill) or is shown as ghost text (completion) cancels that generation first — the text that
+arrived stays as one undo step (infill) or is dropped (ghost) — and only then applies the key.
+Typing in the chat input never disturbs an answer that is streaming into the log.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import Footer
+
+from engine.events import (
+    Event,
+    Failed,
+    Finished,
+    LoadFailed,
+    Loading,
+    ModelInfo,
+    Ready,
+    Started,
+    TextDelta,
+    TurnsDropped,
+)
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from themes import APP_TCSS, register_themes, theme_name
+from tui.files import read_text, save_atomic
+from tui.screens import PromptScreen, QuitScreen
+from widgets.chat_input import ChatInput
+from widgets.chat_log import ChatLog
+from widgets.editor import CodeEditor, EditorPane, fill_markers
+from widgets.status_bar import StatusBar
+
+FLUSH_HZ = 30
+
+
+class Client(Protocol):
+    """What the app needs of `engine.client.EngineClient` (tests pass a fake with the same methods)."""
+
+    def start(self) -> Client: ...
+    def submit(self, request: Request) -> int: ...
+    def cancel(self, request_id: int) -> None: ...
+    def end_session(self, session: str) -> None: ...
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
+ClientFactory = Callable[..., Client]
+
+
+def _engine_client_factory(spec: EngineSpec, on_event: Callable[[Event], None]) -> Client:
+    from engine.client import EngineClient  # no torch here: the worker thread imports the engine
+
+    return EngineClient(spec, on_event=on_event)
+
+
+class EngineEvent(Message):
+    """An engine event, carried from the worker thread to the UI thread."""
+
+    def __init__(self, event: Event) -> None:
+        super().__init__()
+        self.event = event
+
+
+@dataclass
+class _Job:
+    """A request in flight and where its text goes: "ghost", "fill" (editor) or "chat" (log)."""
+
+    request: Request
+    kind: str
+    closing: str = ""  # Markdown that ends a chat-log answer (closes an opened fence)
+    next_marker: bool = False  # a fill that goes on to the next <FILL> marker when it ends
+    started: float = 0.0
+    deltas: int = 0
+
+
+class CodeLlamaApp(App[int]):
+    """Editor + chat + status line around one engine client."""
+
+    CSS_PATH = APP_TCSS
+    TITLE = "codellama-tui"
+    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (100, "-wide")]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+s", "save", "Save", id="save", priority=True),
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        Binding("f2", "complete", "Complete", id="complete"),
+        Binding("f3", "infill", "Infill", id="infill"),
+        Binding("f4", "switch_pane", "Pane", id="switch_pane"),
+        Binding("f5", "send", "Send", id="send"),
+        Binding("f6", "ask", "Ask", id="ask"),
+        Binding("f7", "insert_code", "Insert", id="insert_code"),
+        Binding("f8", "switch_cap", "Cap", id="switch_cap"),
+        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("escape", "stop", "Stop", id="stop", priority=True),
+    ]
+
+    def __init__(
+        self,
+        file: str | None = None,
+        spec: EngineSpec | None = None,
+        cap: str = "completion",
+        system: str | None = None,
+        overrides: dict[str, object] | None = None,
+        theme: str | None = None,
+        *,
+        text: str | None = None,
+        keys: dict[str, str] | None = None,
+        client_factory: ClientFactory = _engine_client_factory,
+    ) -> None:
+        super().__init__()
+        register_themes(self)
+        self.theme = theme_name(theme or "dark")
+        if keys:
+            self.set_keymap(keys)
+        self.path = file
+        self.spec = spec or EngineSpec()
+        self.cap = cap
+        self.system = system
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        self._initial_text = text if text is not None else (read_text(file) if file else "")
+        self._saved_text = self._initial_text
+        self._client_factory = client_factory
+        self.client: Client | None = None
+        self.info: ModelInfo | None = None
+        self.load_error: str | None = None
+        self._jobs: dict[int, _Job] = {}
+        self._pending: dict[int, list[str]] = {}
+        self._lock = threading.Lock()
+        self._flush_timer: Timer | None = None
+        self._sessions = itertools.count(1)
+        self.session = self._new_session_id()
+        self._last_code: str | None = None
+        self._input_empty = True
+
+    # ----- layout
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="main"):
+            yield EditorPane(self._initial_text, path=self.path, id="editor-pane")
+            with Vertical(id="chat-pane"):
+                yield ChatLog(id="chat-log")
+                yield ChatInput(id="chat-input")
+        yield StatusBar(id="status")
+        yield Footer(compact=True)
+
+    @property
+    def editor(self) -> CodeEditor:
+        return self.query_one("#editor", CodeEditor)
+
+    @property
+    def chat_log(self) -> ChatLog:
+        return self.query_one("#chat-log", ChatLog)
+
+    @property
+    def chat_input(self) -> ChatInput:
+        return self.query_one("#chat-input", ChatInput)
+
+    @property
+    def status(self) -> StatusBar:
+        return self.query_one("#status", StatusBar)
+
+    def on_mount(self) -> None:
+        self._set_cap(self.cap)
+        self.editor.focus()
+        self._update_title()
+        self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush, pause=True)
+        self.call_after_refresh(self._start_engine)
+
+    def _start_engine(self) -> None:
+        """Start the engine thread after the first frame has painted (it imports torch)."""
+        self.client = self._client_factory(self.spec, on_event=self._relay_engine_event).start()
+
+    def on_unmount(self) -> None:
+        if self.client is not None:
+            for request_id in list(self._jobs):
+                self.client.cancel(request_id)
+            self.client.close(timeout=2.0)
+
+    # ----- engine events (worker thread -> UI thread)
+
+    def _relay_engine_event(self, event: Event) -> None:
+        """Called on the worker thread: buffer deltas, post everything else."""
+        if isinstance(event, TextDelta):
+            with self._lock:
+                self._pending.setdefault(event.request_id, []).append(event.text)
+            return
+        self.post_message(EngineEvent(event))
+
+    def _flush(self) -> None:
+        """Move buffered text into the widgets (at most FLUSH_HZ times a second)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for request_id, parts in pending.items():
+            job = self._jobs.get(request_id)
+            if job is None:
+                continue  # cancelled or stale: its text must not reach the widgets
+            job.deltas += len(parts)
+            text = "".join(parts)
+            if job.kind == "ghost":
+                self.editor.extend_ghost(text)
+            elif job.kind == "fill":
+                self.editor.extend_stream(text)
+            else:
+                self.chat_log.append(text)
+        if pending:
+            self._show_speed()
+
+    def _show_speed(self) -> None:
+        jobs = [job for job in self._jobs.values() if job.started]
+        if not jobs:
+            return
+        elapsed = max(1e-3, time.perf_counter() - min(job.started for job in jobs))
+        rate = sum(job.deltas for job in jobs) / elapsed
+        self.status.set_state("generating", f"{rate:.0f} tok/s")
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        event = message.event
+        if isinstance(event, Loading):
+            self.status.set_loading(event.fraction, event.stage)
+        elif isinstance(event, Ready):
+            self.info = event.info
+            self.status.info = event.info
+            self.status.set_state("ready", f"loaded in {event.startup_s:.1f}s")
+            if event.info.flavour == "python" and self.cap == "completion":
+                self._set_cap("python")
+            self.refresh_bindings()
+        elif isinstance(event, LoadFailed):
+            self.load_error = event.message
+            self.status.set_state("error", event.message)
+            self.chat_log.add_notice(f"The model could not be loaded: {event.message}", "error")
+            self.refresh_bindings()
+        elif isinstance(event, Started):
+            job = self._jobs.get(event.request_id)
+            if job is not None:
+                job.started = time.perf_counter()
+                self.status.context_used = event.prompt_tokens
+        elif isinstance(event, TurnsDropped):
+            if event.request_id in self._jobs:
+                turns = "turn was" if event.count == 1 else "turns were"
+                self.chat_log.add_notice(
+                    f"The conversation outgrew the context: its {event.count} oldest {turns} dropped.",
+                    "warning",
+                )
+        elif isinstance(event, (Finished, Failed)):
+            self._flush()
+            job = self._jobs.pop(event.request_id, None)
+            if job is not None:
+                self._end_job(job, event)
+            self._after_jobs_change()
+
+    def _end_job(self, job: _Job, event: Finished | Failed) -> None:
+        editor = self.editor
+        if isinstance(event, Failed):
+            self.status.set_state("error", event.message)
+            if job.kind == "fill":
+                editor.end_stream(keep=False)
+            elif job.kind == "ghost":
+                editor.dismiss_ghost()
+            else:
+                self.chat_log.end_answer(job.closing, failed=True)
+                self.chat_log.add_notice(f"Error: {event.message}", "error")
+            return
+        stats = event.stats
+        self.status.context_used = stats.prompt_tokens + stats.new_tokens
+        detail = f"{event.reason}, {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s"
+        self.status.set_state("ready", detail)
+        if job.kind == "fill":
+            end = editor.end_stream(keep=True)
+            if job.next_marker and event.reason != "cancelled" and end is not None:
+                self._fill_next_marker(after=end)
+        elif job.kind == "chat":
+            self.chat_log.end_answer(job.closing)
+            self._last_code = self.chat_log.last_code()
+            if event.reason == "cancelled":
+                self.chat_log.add_notice("(stopped)")
+
+    def _after_jobs_change(self) -> None:
+        if self._flush_timer is not None:
+            if self._jobs:
+                self._flush_timer.resume()
+            else:
+                self._flush_timer.pause()
+        self.refresh_bindings()
+
+    # ----- submitting
+
+    def _engine_ready(self) -> bool:
+        """True when requests can go out; otherwise says why in the status line."""
+        if self.info is not None:
+            return True
+        if self.load_error is not None:
+            self.status.note = f"no model: {self.load_error}"
+        else:
+            self.status.note = "the model is still loading"
+        return False
+
+    def _sampling(self, cap: str) -> SamplingParams:
+        return SamplingParams.for_cap(cap, **self.overrides)
+
+    def _submit(self, job: _Job) -> None:
+        assert self.client is not None
+        self._jobs[job.request.id] = job
+        self.client.submit(job.request)
+        self.status.set_state("generating", job.request.cap)
+        self.status.note = ""
+        self._after_jobs_change()
+
+    def _cancel_editor_jobs(self) -> None:
+        for request_id, job in list(self._jobs.items()):
+            if job.kind in ("ghost", "fill"):
+                self._cancel(request_id)
+
+    def _cancel(self, request_id: int) -> None:
+        """Stop a request now: its late text is dropped; the engine frees the slot within a step."""
+        job = self._jobs.pop(request_id, None)
+        if job is None:
+            return
+        if self.client is not None:
+            self.client.cancel(request_id)
+        with self._lock:
+            self._pending.pop(request_id, None)
+        if job.kind == "fill":
+            self.editor.end_stream(keep=True)
+        elif job.kind == "chat":
+            self.chat_log.end_answer(job.closing)
+            self._last_code = self.chat_log.last_code()
+            self.chat_log.add_notice("(stopped)")
+        self.status.set_state("ready", "stopped")
+        self._after_jobs_change()
+
+    def _completion_cap(self) -> str:
+        python = self.cap == "python" or (self.info is not None and self.info.flavour == "python")
+        return "python" if python else "completion"
+
+    # ----- actions
+
+    def _main_screen_active(self) -> bool:
+        return self.screen is self.screen_stack[0]
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("save", "quit"):
+            return True
+        if not self._main_screen_active():
+            return False
+        if action == "stop":
+            return bool(self._jobs) or self.editor.ghost_active
+        if action in ("complete", "infill"):
+            return True if self.info is not None else None
+        if action == "send":
+            return bool(self.chat_input.text.strip())
+        if action == "new_chat":
+            return bool(self.chat_log.children)
+        if action == "ask":
+            return None if self.editor.selection.is_empty else True
+        if action == "insert_code":
+            return True if self._last_code else None
+        return True
+
+    def action_complete(self) -> None:
+        """F2: stream a completion of the text before the cursor as ghost text."""
+        if not self._engine_ready():
+            return
+        editor = self.editor
+        self._cancel_editor_jobs()
+        editor.dismiss_ghost()
+        row, column = editor.cursor_location
+        prefix = editor.get_text_range((0, 0), (row, column))
+        cap = self._completion_cap()
+        editor.begin_ghost()
+        self._submit(_Job(Request(cap=cap, text=prefix, sampling=self._sampling(cap)), "ghost"))
+        editor.focus()
+
+    def action_infill(self) -> None:
+        """F3: fill every <FILL> marker left to right, or fill at the cursor when there is none."""
+        if not self._engine_ready():
+            return
+        if not self.info or not self.info.can_infill:
+            self.status.note = "this model cannot infill (no FIM pieces): F2 completes at the cursor"
+            return
+        self._cancel_editor_jobs()
+        self.editor.dismiss_ghost()
+        self.editor.focus()
+        if not fill_markers(self.editor.text):
+            location = self.editor.cursor_location
+            self._start_fill(location, location, next_marker=False)
+        else:
+            self._fill_next_marker(after=(0, 0))
+
+    def _fill_next_marker(self, after: tuple[int, int]) -> None:
+        editor = self.editor
+        for row, column in fill_markers(editor.text):
+            if (row, column) >= after:
+                self._start_fill((row, column), (row, column + len(FILL)), next_marker=True)
+                return
+        self.status.note = "all markers filled"
+
+    def _start_fill(self, start: tuple[int, int], end: tuple[int, int], *, next_marker: bool) -> None:
+        editor = self.editor
+        prefix = editor.get_text_range((0, 0), start)
+        suffix = editor.get_text_range(end, editor.document.end).replace(FILL, "")
+        request = Request(cap="infilling", prefix=prefix, suffix=suffix, sampling=self._sampling("infilling"))
+        editor.begin_stream(start, end)
+        self._submit(_Job(request, "fill", next_marker=next_marker))
+
+    def action_switch_pane(self) -> None:
+        """F4: focus the other pane."""
+        if self.editor.has_focus:
+            self.chat_input.focus()
+        else:
+            self.editor.focus()
+
+    def action_send(self) -> None:
+        """F5: send the chat input."""
+        self.chat_input.send()
+
+    def on_chat_input_submitted(self, message: ChatInput.Submitted) -> None:
+        text = message.text
+        if text.startswith("/system"):
+            self._set_system(text[len("/system") :].strip() or None)
+            return
+        if text.strip() == "/new":
+            self.action_new_chat()
+            return
+        if not self._engine_ready():
+            self.chat_input.load_text(text)
+            return
+        if any(job.kind == "chat" for job in self._jobs.values()):
+            self.chat_input.load_text(text)
+            self.status.note = "an answer is still streaming: Esc stops it"
+            return
+        self.chat_log.add_user(text)
+        cap = self.cap
+        if cap == "chat":
+            request = Request(
+                cap="chat", text=text, system=self.system, session=self.session, sampling=self._sampling("chat")
+            )
+            self.chat_log.begin_answer()
+            self._submit(_Job(request, "chat"))
+            return
+        if cap == "infilling":
+            if text.count(FILL) != 1:
+                self.chat_log.add_notice("Infilling needs exactly one <FILL> marker in the input.", "error")
+                return
+            request = Request(cap="infilling", text=text, sampling=self._sampling("infilling"))
+        else:
+            request = Request(cap=cap, text=text, sampling=self._sampling(cap))
+        self.chat_log.begin_answer("```python\n")
+        self._submit(_Job(request, "chat", closing="\n```"))
+
+    def action_ask(self) -> None:
+        """F6: put the selected code into the chat input, fenced, and focus it."""
+        selected = self.editor.selected_text
+        if not selected:
+            self.status.note = "select some code first"
+            return
+        language = self.editor.language or ""
+        self.chat_input.load_text(f"```{language}\n{selected.rstrip()}\n```\n")
+        self.chat_input.move_cursor(self.chat_input.document.end)
+        self.chat_input.focus()
+        if self.cap != "chat":
+            self._set_cap("chat")
+
+    def action_insert_code(self) -> None:
+        """F7: insert the last code block of the latest answer at the editor's cursor (one undo step)."""
+        if not self._last_code:
+            self.status.note = "no code block in the last answer"
+            return
+        editor = self.editor
+        self._cancel_editor_jobs()
+        editor.history.checkpoint()
+        editor.insert(self._last_code, maintain_selection_offset=False)
+        editor.history.checkpoint()
+        editor.focus()
+
+    def action_switch_cap(self) -> None:
+        """F8: cycle the cap the chat input is sent with."""
+        self._set_cap(CAPS[(CAPS.index(self.cap) + 1) % len(CAPS)])
+
+    def _set_cap(self, cap: str) -> None:
+        self.cap = cap
+        self.status.cap = cap
+        if cap == "infilling" and self.info is not None and not self.info.can_infill:
+            self.status.note = "this model cannot infill"
+        self.chat_input.border_title = f"chat input · {cap}"
+
+    def action_new_chat(self) -> None:
+        """ctrl+n: forget the conversation (the engine frees its cache) and clear the log."""
+        for request_id, job in list(self._jobs.items()):
+            if job.kind == "chat":
+                self._cancel(request_id)
+        if self.client is not None:
+            self.client.end_session(self.session)
+        self.session = self._new_session_id()
+        self.chat_log.clear_log()
+        self._last_code = None
+        self.status.context_used = 0
+        self.chat_log.add_notice("New chat" + (f" — system: {self.system}" if self.system else ""))
+
+    def _new_session_id(self) -> str:
+        return f"tui-{os.getpid()}-{uuid.uuid4().hex[:6]}-{next(self._sessions)}"
+
+    def _set_system(self, system: str | None) -> None:
+        """A new system instruction applies from the first turn, so it starts a new chat."""
+        self.system = system
+        self.action_new_chat()
+
+    def action_set_system(self) -> None:
+        """Ask for the system instruction (command palette)."""
+
+        def done(answer: str | None) -> None:
+            if answer is not None:
+                self._set_system(answer.strip() or None)
+
+        self.push_screen(PromptScreen("System instruction (empty for none):", self.system or ""), done)
+
+    def action_stop(self) -> None:
+        """Esc: stop what is generating; with nothing running, dismiss the ghost suggestion."""
+        if self._jobs:
+            for request_id in list(self._jobs):
+                self._cancel(request_id)
+        else:
+            self.editor.dismiss_ghost()
+        self.refresh_bindings()
+
+    def on_code_editor_interrupted(self, message: CodeEditor.Interrupted) -> None:
+        self._cancel_editor_jobs()
+
+    def on_text_area_selection_changed(self, message: CodeEditor.SelectionChanged) -> None:
+        if message.text_area is self.editor:
+            self.refresh_bindings()
+
+    def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
+        if message.text_area is self.editor:
+            self._update_title()
+        elif (empty := not message.text_area.text.strip()) != self._input_empty:
+            self._input_empty = empty  # the footer's Send key comes and goes with the input
+            self.refresh_bindings()
+
+    # ----- files
+
+    @property
+    def modified(self) -> bool:
+        return self.editor.text != self._saved_text
+
+    def _update_title(self) -> None:
+        name = os.path.basename(self.path) if self.path else "new buffer"
+        self.sub_title = f"{name}{' *' if self.modified else ''}"
+
+    def action_save(self) -> None:
+        """ctrl+s: save atomically; a new buffer asks for a file name first."""
+        if self.path is None:
+            self.push_screen(PromptScreen("Save as:"), self._save_as)
+        else:
+            self.save()
+
+    def _save_as(self, path: str | None) -> None:
+        if path and path.strip():
+            self.path = path.strip()
+            self.save()
+
+    def save(self) -> bool:
+        """Write the buffer; on failure keep it, say why, and return False."""
+        assert self.path is not None
+        text = self.editor.text
+        try:
+            save_atomic(self.path, text)
+        except OSError as err:
+            reason = err.strerror or str(err)
+            self.status.note = f"NOT saved: {reason}"
+            self.notify(f"Could not save {self.path}: {reason}", severity="error", timeout=8)
+            return False
+        self._saved_text = text
+        self.status.note = f"saved {self.path}"
+        self._update_title()
+        return True
+
+    async def action_quit(self) -> None:
+        """ctrl+q: quit, asking first when the buffer has unsaved changes."""
+        if not self.modified:
+            self.exit(0)
+            return
+        if isinstance(self.screen, QuitScreen):
+            return
+
+        def done(choice: str | None) -> None:
+            if choice == "discard":
+                self.exit(0)
+            elif choice == "save":
+                if self.path is None:
+                    self.push_screen(PromptScreen("Save as:"), self._save_as_and_quit)
+                elif self.save():
+                    self.exit(0)
+
+        self.push_screen(QuitScreen(os.path.basename(self.path) if self.path else "The new buffer"), done)
+
+    def _save_as_and_quit(self, path: str | None) -> None:
+        self._save_as(path)
+        if self.path is not None and not self.modified:
+            self.exit(0)
+
+    # ----- command palette
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("System instruction", "Set the chat's system instruction", self.action_set_system)
+        yield SystemCommand("New chat", "Forget the conversation", self.action_new_chat)
+        yield SystemCommand("Switch cap", "Cycle completion / infilling / chat / python", self.action_switch_cap)
+
+
+def run_app(
+    file: str | None,
+    spec: EngineSpec,
+    cap: str,
+    system: str | None,
+    overrides: dict[str, object],
+    theme: str | None,
+) -> int:
+    """Run the app (the default `codellama-tui` command); returns the exit code."""
+    import sys
+
+    from tui.config import ConfigError, load_config
+
+    try:
+        config = load_config()
+        if config.model and spec.model is None:
+            spec = _replace_model(spec, config.model)
+        theme = theme_name(theme or config.theme or "dark")
+        text = read_text(file) if file else ""
+    except (ConfigError, ValueError, OSError, UnicodeDecodeError) as err:
+        print(f"codellama-tui: {err}", file=sys.stderr)
+        return 2
+    merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+    app = CodeLlamaApp(file, spec, cap, system or config.system, merged, theme, text=text, keys=config.keys)
+    result = app.run()
+    return result if isinstance(result, int) else (app.return_code or 0)
+
+
+def _replace_model(spec: EngineSpec, model: str) -> EngineSpec:
+    from dataclasses import replace
+
+    return replace(spec, model=model)

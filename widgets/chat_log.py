@@ -1,0 +1,124 @@
+"""The chat log: the user's messages, answers streamed as Markdown (code blocks highlighted), notices."""
+
+from __future__ import annotations
+
+import re
+
+from textual.containers import VerticalScroll
+from textual.widgets import Markdown, Static
+
+_FENCE_RE = re.compile(r"^```[^\n`]*\n(.*?)(?:^```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE)
+
+
+def last_code_block(markdown: str) -> str | None:
+    """The body of the last fenced code block (an unclosed one counts), or None without any."""
+    blocks = _FENCE_RE.findall(markdown)
+    if not blocks:
+        return None
+    return blocks[-1].rstrip("\n")
+
+
+class UserMessage(Static):
+    """What the user sent."""
+
+    DEFAULT_CSS = """
+    UserMessage {
+        margin: 1 0 0 0;
+        padding: 0 1;
+        background: $boost;
+        border-left: outer $accent;
+    }
+    """
+
+
+class Answer(Markdown):
+    """One streamed answer; `source` grows as text arrives."""
+
+    DEFAULT_CSS = """
+    Answer {
+        margin: 0;
+        padding: 0 1;
+        border-left: outer $primary;
+        &.-failed { border-left: outer $error; }
+    }
+    """
+
+
+class Notice(Static):
+    """A line about the conversation itself (turns dropped, stopped, errors, new chat)."""
+
+    DEFAULT_CSS = """
+    Notice {
+        color: $text-muted;
+        text-style: italic;
+        padding: 0 1;
+        &.-warning { color: $warning; }
+        &.-error { color: $error; text-style: bold; }
+    }
+    """
+
+
+class ChatLog(VerticalScroll, can_focus=False):
+    """The conversation, newest at the bottom, following the end while answers stream."""
+
+    DEFAULT_CSS = """
+    ChatLog {
+        height: 1fr;
+        scrollbar-size-vertical: 1;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._answer: Answer | None = None
+        self._last_answer_text = ""
+
+    def add_user(self, text: str) -> None:
+        self.mount(UserMessage(text, markup=False))
+        self.scroll_end(animate=False)
+
+    def begin_answer(self, opening: str = "") -> None:
+        """Start a new answer; `opening` is Markdown put before the streamed text (e.g. a fence)."""
+        self._answer = Answer(opening)
+        self._last_answer_text = opening
+        self.mount(self._answer)
+        self.scroll_end(animate=False)
+
+    def append(self, text: str) -> None:
+        """Add streamed text to the current answer."""
+        if self._answer is None or not text:
+            return
+        self._last_answer_text += text
+        self._answer.append(text)
+        self.scroll_end(animate=False)
+
+    def end_answer(self, closing: str = "", failed: bool = False) -> None:
+        """Finish the current answer (`closing` ends an opened fence)."""
+        if self._answer is None:
+            return
+        if closing:
+            self.append(closing)
+        self._answer.set_class(failed, "-failed")
+        self._answer = None
+
+    def add_notice(self, text: str, level: str = "info") -> None:
+        """A notice; level is "info", "warning" or "error"."""
+        notice = Notice(text, markup=False)
+        if level != "info":
+            notice.add_class(f"-{level}")
+        self.mount(notice)
+        self.scroll_end(animate=False)
+
+    @property
+    def last_answer(self) -> str:
+        """The Markdown of the most recent answer."""
+        return self._last_answer_text
+
+    def last_code(self) -> str | None:
+        """The last code block of the most recent answer."""
+        return last_code_block(self._last_answer_text)
+
+    def clear_log(self) -> None:
+        self._answer = None
+        self._last_answer_text = ""
+        self.remove_children()
