@@ -50,6 +50,7 @@ SKIP_DIRS = {
     "pydoc_data",
     "turtledemo",
 }
+_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
 MAX_FILE_BYTES = 200_000
 MIN_FILE_BYTES = 200
 
@@ -65,7 +66,12 @@ PERMISSIVE = {
     "zlib": "Zlib",
     "cc0": "CC0-1.0",
     "hpnd": "HPND",
+    "bsl-1.0": "BSL-1.0",
+    "boost": "BSL-1.0",
+    "cnri-python": "CNRI-Python",
 }
+NEUTRAL_CLASSIFIERS = ("osi approved", "dfsg approved")
+SKIP_DISTS = {"codellama-tui"}  # this project itself (an editable install in development checkouts)
 COPYLEFT = ("gpl", "gnu", "mpl", "mozilla", "epl", "eclipse", "cddl", "proprietary", "commercial", "sspl")
 
 
@@ -107,7 +113,7 @@ def classify_license(meta: md.PackageMetadata) -> str | None:
         name = _permissive_name(low.split("::")[-1])
         if name:
             found.add(name)
-        elif "osi approved" not in low.rstrip(": ").split("::")[-1]:
+        elif low.split("::")[-1].strip() not in NEUTRAL_CLASSIFIERS:
             bad = True
     text = (meta.get("License") or "").strip()
     if text and not found:
@@ -141,9 +147,10 @@ def _permissive_name(s: str) -> str | None:
 
 def _spdx(expr: str) -> str | None:
     """Permissive name for an SPDX-like expression: any OR alternative, all AND terms must be permissive."""
+    expr = re.sub(r"\s+with\s+[\w.+-]+", "", expr, flags=re.I)  # exceptions only add permissions
     alts = re.split(r"\s+or\s+|\s*/\s*", expr.strip("() "), flags=re.I)
     for alt in alts:
-        terms = re.split(r"\s+and\s+|\s+with\s+", alt.strip("() "), flags=re.I)
+        terms = re.split(r"\s+and\s+", alt.strip("() "), flags=re.I)
         names = [_permissive_name(t.strip("() ")) for t in terms]
         if names and all(names):
             return " AND ".join(dict.fromkeys(n for n in names if n))
@@ -166,7 +173,8 @@ def _read(path: Path) -> str | None:
     lines = text.splitlines()
     if not lines or max(len(x) for x in lines) > 1000:  # minified or generated tables
         return None
-    if sum(c.isalpha() for c in text) < 0.35 * len(text):  # mostly numbers / data
+    raw = text.encode("utf-8")
+    if len(raw) - len(raw.translate(None, _LETTERS)) < 0.35 * len(raw):  # mostly numbers / data
         return None
     return text.replace("\r\n", "\n")
 
@@ -231,10 +239,13 @@ def collect(max_bytes: int = 120_000_000, max_files: int | None = None, seed: in
     per_dist_cap = max_bytes // 4
     for key in sorted(dists):
         d = dists[key]
-        lic = classify_license(d.metadata)
-        if lic is None or not d.files:
+        try:
+            lic = classify_license(d.metadata)
+            files = [f for f in d.files or [] if str(f).endswith(".py") and not str(f).startswith("..")]
+        except Exception:  # noqa: BLE001 - a broken RECORD/METADATA just means the package is not used
             continue
-        files = [f for f in d.files if str(f).endswith(".py") and not str(f).startswith("..")]
+        if lic is None or key in SKIP_DISTS or not files:
+            continue
         rng.shuffle(files)
         used = 0
         n_used = 0

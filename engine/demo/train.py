@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -437,17 +438,26 @@ def main(argv: list[str] | None = None) -> None:
     del data
     save_hf(model.cpu().float(), out)
     sample_ids = torch.tensor([[BOS] + sp.encode(probe[0])[:127]])
-    diff = compare_with_transformers(out, sample_ids)
-    log(f"saved; max |logit diff| training module vs transformers: {diff:.3e}", t0)
-    if diff > 1e-3:
-        log("WARNING: the saved checkpoint does not match the training module", t0)
+    diff = float("nan")
+    e: dict | None = None
+    smp: dict | None = None
+    try:  # from here on a failure must not lose the trained model: log it and still write the card
+        diff = compare_with_transformers(out, sample_ids)
+        log(f"saved; max |logit diff| training module vs transformers: {diff:.3e}", t0)
+        if not diff < 1e-3:
+            log("WARNING: the saved checkpoint does not match the training module", t0)
 
-    # 5. evaluation and samples
-    small = {"max_prefix": 300, "max_suffix": 100, "max_new": 8, "max_chars_per_file": 1500} if a.tiny else {}
-    e = ev.run_eval(out, dev, a.infills, a.body_infills, a.seq_len, seed=a.seed, **small)
-    log("held-out:\n" + ev.summary(e), t0)
-    smp = samples(out, dev, 8 if a.tiny else 96)
-    log(f"samples: {json.dumps(smp)[:600]}", t0)
+        # 5. evaluation and samples
+        small = {"max_prefix": 300, "max_suffix": 100, "max_new": 8, "max_chars_per_file": 1500} if a.tiny else {}
+        e = ev.run_eval(out, dev, a.infills, a.body_infills, a.seq_len, seed=a.seed, **small)
+        log("held-out:\n" + ev.summary(e), t0)
+        smp = samples(out, dev, 8 if a.tiny else 96)
+        log(f"samples: {json.dumps(smp)[:600]}", t0)
+    except Exception:
+        log(
+            "ERROR after training (model saved; rerun python -m engine.demo.evaluate OUT):\n" + traceback.format_exc(),
+            t0,
+        )
 
     # 6. card and checksums
     info = {
