@@ -95,6 +95,27 @@ def time_to_first_token(engine: Engine, length: int, repeats: int = 5) -> float:
     return statistics.median(times[1:])
 
 
+def profile_step(engine: Engine, batch: int = 1, steps: int = 5) -> list[tuple[str, float]]:
+    """Per-kernel GPU time of one decode step (run eagerly under the profiler), largest first, in µs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = [Row(3 + i, 128, i, 0.0, 40, 1.0, 1.0, i, 0) for i in range(batch)]
+    graphs, engine.runner.graphs = engine.runner.graphs, {}
+    try:
+        engine.runner(rows)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.runner(rows)
+    finally:
+        engine.runner.graphs = graphs
+    totals: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            name = e.name[:60]
+            totals[name] = totals.get(name, 0.0) + e.device_time_total / steps
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
 def engine_rate(engine: Engine, tokens: int) -> float:
     """Tokens/s at batch 1 through the whole engine: scheduler, detokenizer and events included."""
     request = Request("completion", text="def quicksort(items):\n",
@@ -198,6 +219,9 @@ def main(args: argparse.Namespace) -> int:
     for b in batches:
         out[f"decode_b{b}_tps"] = decode_rate(engine, b, args.steps, 128)
     out["engine_b1_tps"] = engine_rate(engine, args.steps)
+    out["linear_choice_us"] = engine.runner.linear_choice
+    if args.profile and device.type == "cuda":
+        out["profile_b1_us"] = profile_step(engine)
     for n in prompt_lens:
         out[f"ttft_{n}_ms"] = time_to_first_token(engine, n) * 1e3
     if device.type == "cuda":
@@ -209,6 +233,11 @@ def main(args: argparse.Namespace) -> int:
                 out[f"hf_b{b}_tps"] = hf_rate(hf, b, min(args.steps, 32), device)
             del hf
     print(table(out, batches, prompt_lens))
+    if out.get("profile_b1_us"):
+        total = sum(t for _, t in out["profile_b1_us"])
+        print(f"\none eager decode step at batch 1, GPU time per kernel (total {total:.0f} us):")
+        for name, t in out["profile_b1_us"][:25]:
+            print(f"  {t:9.1f} us  {name}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -18,4 +18,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: what the run needs)")
     p.add_argument("--baseline", action="store_true", help="also time transformers generate() on the same weights")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (to see what the graphs buy)")
+    p.add_argument("--profile", action="store_true", help="also print the per-kernel GPU time of one decode step")
     p.add_argument("--json", metavar="FILE", help="write every number here too")

@@ -49,6 +49,8 @@ class DecodeRunner:
         self.ints = torch.zeros(6, max_batch, dtype=torch.int64, device=dev)  # token position slot top_k seed offset
         self.floats = torch.ones(3, max_batch, dtype=torch.float32, device=dev)  # temperature top_p penalty
         self.out = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.true = torch.ones(max_batch, dtype=torch.bool, device=dev)
+        self.linear_choice: dict = {}
         self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.pinned = dev.type == "cuda"
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -72,7 +74,7 @@ class DecodeRunner:
             nxt = logits.argmax(dim=-1)
         else:
             nxt = kernels.sample(logits, temperature, top_k.int(), top_p, seeds, offsets)
-        self.seen[slots, nxt] = True
+        self.seen.index_put_((slots, nxt), self.true[:batch])
         return nxt
 
     def _load(self, rows: Sequence[Row]) -> tuple[bool, bool]:
@@ -96,6 +98,8 @@ class DecodeRunner:
     def capture(self) -> None:
         """Warm up (Triton compiles here) and capture every bucket, largest first, into one pool."""
         start = time.perf_counter()
+        weights = [p for p in self.model.parameters() if p.dim() == 2]
+        self.linear_choice = kernels.tune_linear(weights, rows=(1,))
         self._fill_padding(0, self.max_batch)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()

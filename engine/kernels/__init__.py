@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -100,10 +101,48 @@ def decode_attention(
     return reference.decode_attention(q, k_cache, v_cache, slots, lengths, scale)
 
 
+# (rows, N, K, dtype) -> whether the Triton kernel beat cuBLAS there; filled by `tune_linear` on the device.
+_TRITON_WINS: dict[tuple[int, int, int, object], bool] = {}
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
-    """`x @ w.T`; decode-sized x on CUDA uses the Triton matrix-vector kernel."""
-    if _use_triton(x):
+    """`x @ w.T`: the Triton matrix-vector kernel where `tune_linear` measured it faster, cuBLAS elsewhere."""
+    if _use_triton(x) and _TRITON_WINS.get((x.numel() // x.shape[-1], *w.shape, w.dtype), False):
         from . import triton_gemv
 
         return triton_gemv.linear(x, w)
     return F.linear(x, w)
+
+
+def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 20) -> dict[str, tuple[float, float]]:
+    """Time Triton against cuBLAS for each weight shape, each call replayed in a CUDA graph (as decode runs),
+    and remember the faster. Which wins depends on the shape: measuring beats a rule. Run before capture."""
+    if not weights or not _use_triton(weights[0]):
+        return {}
+    from . import triton_gemv
+
+    report: dict[str, tuple[float, float]] = {}
+    shapes = {(tuple(w.shape), w.dtype): w for w in weights}
+    for (shape, dtype), w in shapes.items():
+        for m in rows:
+            x = torch.randn(m, shape[1], device=w.device, dtype=dtype)
+            times = {}
+            for name, fn in (("triton", triton_gemv.linear), ("cublas", F.linear)):
+                fn(x, w)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(calls):
+                        fn(x, w)
+                graph.replay()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(3):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                times[name] = start.elapsed_time(end) / (3 * calls)
+                del graph
+            _TRITON_WINS[(m, *shape, dtype)] = times["triton"] < times["cublas"]
+            report[f"{shape[0]}x{shape[1]} m={m}"] = (times["triton"], times["cublas"])
+    return report

@@ -103,7 +103,7 @@ def choose_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     """
     narrowest = 8 if m == 1 else 16  # the tensor-core dot needs 16 rows of w
     block_n = narrowest
-    for candidate in (64, 32, 16):
+    for candidate in (32, 16) if m == 1 else (64, 32, 16):  # 64 x 512 fp32 accumulators spill registers
         if candidate >= narrowest and triton.cdiv(n, candidate) >= 3 * sm_count:
             block_n = candidate
             break
