@@ -107,8 +107,10 @@ class CodeLlamaApp(App[int]):
         Binding("f3", "infill", "Infill", id="infill"),
         Binding("f4", "switch_pane", "Pane", id="switch_pane"),
         Binding("f5", "send", "Send", id="send"),
-        Binding("f6", "ask", "Ask", id="ask"),
-        Binding("f7", "insert_code", "Insert", id="insert_code"),
+        # priority: TextArea binds F6/F7 to select line / select all; F6 still selects a line when
+        # nothing is selected (the binding then stands aside), so a second F6 asks about it.
+        Binding("f6", "ask", "Ask", id="ask", priority=True),
+        Binding("f7", "insert_code", "Insert", id="insert_code", priority=True),
         Binding("f8", "switch_cap", "Cap", id="switch_cap"),
         Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
         Binding("escape", "stop", "Stop", id="stop", priority=True),
@@ -183,7 +185,7 @@ class CodeLlamaApp(App[int]):
         self._set_cap(self.cap)
         self.editor.focus()
         self._update_title()
-        self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush, pause=True)
+        self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_stream, pause=True)
         self.call_after_refresh(self._start_engine)
 
     def _start_engine(self) -> None:
@@ -206,7 +208,7 @@ class CodeLlamaApp(App[int]):
             return
         self.post_message(EngineEvent(event))
 
-    def _flush(self) -> None:
+    def _flush_stream(self) -> None:
         """Move buffered text into the widgets (at most FLUSH_HZ times a second)."""
         with self._lock:
             pending, self._pending = self._pending, {}
@@ -236,7 +238,7 @@ class CodeLlamaApp(App[int]):
     def on_engine_event(self, message: EngineEvent) -> None:
         event = message.event
         if isinstance(event, Loading):
-            self.status.set_loading(event.fraction, event.stage)
+            self.status.show_loading(event.fraction, event.stage)
         elif isinstance(event, Ready):
             self.info = event.info
             self.status.info = event.info
@@ -262,7 +264,7 @@ class CodeLlamaApp(App[int]):
                     "warning",
                 )
         elif isinstance(event, (Finished, Failed)):
-            self._flush()
+            self._flush_stream()
             job = self._jobs.pop(event.request_id, None)
             if job is not None:
                 self._end_job(job, event)
@@ -372,8 +374,6 @@ class CodeLlamaApp(App[int]):
             return bool(self.chat_log.children)
         if action == "ask":
             return None if self.editor.selection.is_empty else True
-        if action == "insert_code":
-            return True if self._last_code else None
         return True
 
     def action_complete(self) -> None:

@@ -38,7 +38,7 @@ class StatusBar(Horizontal):
         yield Static(id="status-text", markup=False)
         yield ProgressBar(total=1.0, show_eta=False, show_percentage=True)
 
-    def set_loading(self, fraction: float, stage: str) -> None:
+    def show_loading(self, fraction: float, stage: str) -> None:
         """Loading progress; a stage that mentions capturing shows as the capturing state."""
         self.state = "capturing" if "captur" in stage.lower() else "loading"
         self.detail = stage

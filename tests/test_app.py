@@ -1,0 +1,468 @@
+"""Pilot tests of the full-screen app's actions, against the fake engine client."""
+
+from __future__ import annotations
+
+import functools
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from textual import events
+from textual.pilot import Pilot
+
+from engine.requests import EngineSpec
+from tests.fakes import INFO, FakeClient
+from tui.app import CodeLlamaApp
+from tui.screens import QuitScreen
+from widgets.chat_log import Notice
+from widgets.editor import CodeEditor
+
+SOURCE = "def add(a, b):\n    <FILL>\n\nprint(add(1, 2))\n"
+
+
+def make_app(text: str = SOURCE, path: str | None = None, **fake: object) -> CodeLlamaApp:
+    return CodeLlamaApp(
+        path, EngineSpec(), "completion", text=text, client_factory=functools.partial(FakeClient, **fake)
+    )
+
+
+async def wait_for(pilot: Pilot, predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the app"
+        await pilot.pause(0.02)
+
+
+async def ready(pilot: Pilot) -> CodeLlamaApp:
+    app = pilot.app
+    await wait_for(pilot, lambda: app.info is not None or app.load_error is not None)
+    return app
+
+
+def idle(app: CodeLlamaApp) -> Callable[[], bool]:
+    return lambda: bool(app.client and app.client.submitted) and not app._jobs
+
+
+async def type_like_a_person(pilot: Pilot, *keys: str) -> None:
+    """Keys spaced like typing, so that the chat input does not take them for a paste burst."""
+    for key in keys:
+        await pilot.press(key)
+        await pilot.pause(0.02)
+
+
+def test_import_and_first_frame_without_torch() -> None:
+    """`import tui.app` must not import torch, and the first frame paints well under a second."""
+    script = """
+import sys, time, asyncio
+t0 = time.perf_counter()
+import tui, tui.app
+assert 'torch' not in sys.modules, 'import tui.app imported torch'
+from tests.fakes import FakeClient
+painted = []
+class Timed(tui.app.CodeLlamaApp):
+    def on_mount(self):  # runs after CodeLlamaApp.on_mount (Textual calls each class's handler)
+        self.call_after_refresh(lambda: painted.append(time.perf_counter() - t0))
+async def main():
+    app = Timed(None, text='x = 1\\n', client_factory=FakeClient)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        print('first-frame', painted[0], 'torch' in sys.modules)
+asyncio.run(main())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1]
+    )
+    assert out.returncode == 0, out.stderr
+    _, seconds, torch_loaded = out.stdout.split()[-3:]
+    assert torch_loaded == "False"
+    assert float(seconds) < 1.0
+
+
+async def test_complete_then_accept_is_one_undo_step() -> None:
+    app = make_app(answers={"completion": "return a + b\n    # done"})
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        app.editor.move_cursor((1, 4))
+        await pilot.press("f2")
+        await wait_for(pilot, idle(app))
+        request = app.client.submitted[-1]
+        assert request.cap == "completion" and request.text == "def add(a, b):\n    "
+        assert app.editor.ghost == "return a + b\n    # done"
+        assert app.editor.text == SOURCE  # a ghost is not in the document
+        assert app.query_one("#ghost-lines").has_class("-visible")  # its second line is drawn below
+        await pilot.press("tab")
+        assert app.editor.text == SOURCE.replace("<FILL>", "return a + b\n    # done<FILL>")
+        assert app.editor.ghost == ""
+        app.editor.undo()
+        assert app.editor.text == SOURCE
+
+
+async def test_complete_then_dismiss_with_escape() -> None:
+    app = make_app()
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("f2")
+        await wait_for(pilot, idle(app))
+        assert app.editor.ghost
+        await pilot.press("escape")
+        assert app.editor.ghost == "" and not app.editor.ghost_active
+        await pilot.press("tab")  # with no ghost, tab indents as usual
+        assert app.editor.text == "    " + SOURCE
+
+
+async def test_infill_one_marker_streams_into_place_as_one_undo_step() -> None:
+    app = make_app(answers={"infilling": "return a + b"})
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("f3")
+        await wait_for(pilot, idle(app))
+        request = app.client.submitted[-1]
+        assert (request.cap, request.prefix, request.suffix) == (
+            "infilling",
+            "def add(a, b):\n    ",
+            "\n\nprint(add(1, 2))\n",
+        )
+        assert app.editor.text == SOURCE.replace("<FILL>", "return a + b")
+        app.editor.undo()
+        assert app.editor.text == SOURCE
+
+
+async def test_infill_two_markers_left_to_right() -> None:
+    text = "x = <FILL>\ny = <FILL>\n"
+    app = make_app(text, answers={"infilling": ["1", "2"]})
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: len(app.client.submitted) == 2 and not app._jobs)
+        first, second = app.client.submitted
+        assert (first.prefix, first.suffix) == ("x = ", "\ny = \n")  # later markers are not shown to the model
+        assert (second.prefix, second.suffix) == ("x = 1\ny = ", "\n")
+        assert app.editor.text == "x = 1\ny = 2\n"
+
+
+async def test_infill_at_cursor_without_markers() -> None:
+    app = make_app("def f():\n    return\n", answers={"infilling": " 42"})
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.editor.move_cursor((1, 10))
+        await pilot.press("f3")
+        await wait_for(pilot, idle(app))
+        request = app.client.submitted[-1]
+        assert (request.prefix, request.suffix) == ("def f():\n    return", "\n")
+        assert app.editor.text == "def f():\n    return 42\n"
+
+
+async def test_infill_on_a_model_without_fim_offers_completion() -> None:
+    app = make_app(info=INFO.__class__(**{**INFO.__dict__, "can_infill": False, "flavour": "python"}))
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("f3")
+        line = app.status.render_text()
+        assert "cannot infill" in line and "F2" in line
+        assert app.client.submitted == []
+        await pilot.press("f2")  # -Python models complete with the python cap
+        await wait_for(pilot, idle(app))
+        assert app.client.submitted[-1].cap == "python"
+
+
+async def test_typing_during_infill_cancels_it_and_is_not_mixed_in() -> None:
+    app = make_app(answers={"infilling": "abcdefghijkl"}, hold=True)
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: "abc" in app.editor.text)
+        request_id = app.client.submitted[-1].id
+        app.editor.move_cursor((0, 0))
+        await pilot.press("z")
+        assert request_id in app.client.cancelled
+        app.client.release.set()
+        await pilot.pause(0.2)
+        assert app.editor.text == "z" + SOURCE.replace("<FILL>", "abc")  # nothing arrived after the key
+        app.editor.undo()  # the key
+        app.editor.undo()  # the partial infill, in one step
+        assert app.editor.text == SOURCE
+
+
+async def test_escape_stops_a_chat_answer() -> None:
+    app = make_app(hold=True)
+    app.cap = "chat"
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.chat_input.focus()
+        app.chat_input.load_text("hi")
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.chat_log.last_answer)
+        request_id = app.client.submitted[-1].id
+        await pilot.press("escape")
+        assert request_id in app.client.cancelled
+        assert not app._jobs
+        assert any("stopped" in str(n.render()) for n in app.query(Notice))
+        app.client.release.set()
+        await pilot.pause(0.2)
+        assert app.chat_log.last_answer == "Her"  # text after the cancel never shows
+
+
+async def test_chat_send_with_bang_line() -> None:
+    app = make_app()
+    app.cap = "chat"
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("f4")
+        assert app.chat_input.has_focus
+        await type_like_a_person(pilot, "h", "i", "enter", "!", "!", "enter")
+        await wait_for(pilot, idle(app))
+        request = app.client.submitted[-1]
+        assert (request.cap, request.text, request.session) == ("chat", "hi", app.session)
+        assert app.chat_input.text == ""
+        assert "def add" in app.chat_log.last_answer
+        # F7 inserts the answer's last code block at the editor's cursor, as one undo step
+        await pilot.press("f7")
+        assert app.editor.text.startswith("def add(a, b):\n    return a + b" + SOURCE[:3])
+        app.editor.undo()
+        assert app.editor.text == SOURCE
+
+
+async def test_chat_send_with_f5_and_session_is_kept() -> None:
+    app = make_app()
+    app.cap = "chat"
+    app.system = "Answer in Python"
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.chat_input.focus()
+        for text in ("first", "second\nline"):
+            app.chat_input.load_text(text)
+            await pilot.press("f5")
+            await wait_for(pilot, lambda n=text: app.client.submitted and app.client.submitted[-1].text == n)
+            await wait_for(pilot, idle(app))
+        first, second = app.client.submitted
+        assert first.session == second.session and first.system == "Answer in Python"
+        assert second.text == "second\nline"
+        await pilot.press("ctrl+n")
+        assert app.client.ended_sessions == [first.session]
+        assert app.session != first.session
+
+
+async def test_paste_without_bracketed_paste_is_not_sent() -> None:
+    """A burst of keys (a paste over a link without bracketed paste) holding a `!!` line never sends."""
+    app = make_app()
+    app.cap = "chat"
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.chat_input.focus()
+        await pilot.pause()
+        pasted = "a = 1\n\n!!\nb = 2\n"
+        keys = [events.Key("enter", "\r") if c == "\n" else events.Key("exclamation_mark" if c == "!" else c, c)
+                for c in pasted]  # fmt: skip
+        keys = [events.Key("space", " ") if k.character == " " else k for k in keys]
+        for key in keys:  # all at once, as a terminal delivers a pasted block
+            app.post_message(key)
+        await pilot.pause(0.2)
+        assert app.client.submitted == []
+        assert app.chat_input.text == pasted
+        await pilot.press("f5")
+        await wait_for(pilot, idle(app))
+        assert app.client.submitted[-1].text == pasted.strip("\n")
+
+
+async def test_bracketed_paste_is_not_sent() -> None:
+    app = make_app()
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.chat_input.focus()
+        app.post_message(events.Paste("x = 1\n!!\ny = 2\n"))
+        await pilot.pause(0.1)
+        assert app.client.submitted == []
+        assert "!!" in app.chat_input.text
+
+
+async def test_turns_dropped_are_reported() -> None:
+    app = make_app(drop_turns=2)
+    app.cap = "chat"
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.chat_input.load_text("hi")
+        await pilot.press("f5")
+        await wait_for(pilot, idle(app))
+        assert any("2 oldest turns were dropped" in str(n.render()) for n in app.query(Notice))
+
+
+async def test_save_is_atomic_and_keeps_the_mode(tmp_path: Path) -> None:
+    path = tmp_path / "code.py"
+    path.write_text(SOURCE)
+    path.chmod(0o640)
+    app = make_app(SOURCE, path=str(path))
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.editor.move_cursor((0, 0))
+        await pilot.press("#", "ctrl+s")
+        assert path.read_text() == "#" + SOURCE
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["code.py"]  # no temporary file left
+        assert not app.modified
+        await pilot.press("ctrl+q")  # nothing unsaved: quits at once
+    assert app.return_code == 0
+
+
+async def test_failed_save_keeps_the_buffer_and_says_why(tmp_path: Path) -> None:
+    path = tmp_path / "missing-dir" / "code.py"
+    app = make_app(SOURCE, path=str(path))
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("x", "ctrl+s")
+        assert "NOT saved" in app.status.render_text() and "No such file" in app.status.render_text()
+        assert app.editor.text == "x" + SOURCE and app.modified
+        await pilot.press("ctrl+q")  # the guard still protects the unsaved buffer
+        assert isinstance(app.screen, QuitScreen)
+
+
+async def test_unsaved_changes_guard(tmp_path: Path) -> None:
+    path = tmp_path / "code.py"
+    path.write_text(SOURCE)
+    app = make_app(SOURCE, path=str(path))
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("x", "ctrl+q")
+        assert isinstance(app.screen, QuitScreen)
+        await pilot.press("escape")  # keep editing
+        assert not isinstance(app.screen, QuitScreen) and app.is_running
+        await pilot.press("ctrl+q", "s")  # save and quit
+    assert path.read_text() == "x" + SOURCE
+    app = make_app(SOURCE, path=str(path))
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("y", "ctrl+q", "d")  # quit without saving
+    assert path.read_text() == "x" + SOURCE
+
+
+async def test_engine_error_is_shown_and_editing_still_works(tmp_path: Path) -> None:
+    path = tmp_path / "code.py"
+    app = make_app("", path=str(path), load_error="CUDA out of memory: 13.2 GB of weights do not fit")
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        assert app.status.state == "error" and "out of memory" in app.status.render_text()
+        assert any("could not be loaded" in str(n.render()) for n in app.query(Notice))
+        await pilot.press("f2")
+        assert "no model" in app.status.render_text()
+        assert app.client.submitted == []
+        await pilot.press("o", "k", "ctrl+s")
+        assert path.read_text() == "ok"
+
+
+async def test_failed_request_restores_the_marker() -> None:
+    app = make_app(fail="the prompt is longer than the context")
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("f3")
+        await wait_for(pilot, idle(app))
+        assert app.editor.text == SOURCE
+        assert "longer than the context" in app.status.render_text()
+
+
+async def test_ask_about_selection_and_switch_cap() -> None:
+    app = make_app()
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.editor.select_line(0)
+        await pilot.press("f6")
+        assert app.chat_input.has_focus
+        assert app.chat_input.text == "```python\ndef add(a, b):\n```\n"
+        assert app.cap == "chat"  # asking switches to chat
+        await pilot.press("f8")
+        assert app.cap == "python" and "python" in app.status.render_text()
+        await pilot.press("f8")
+        assert app.cap == "completion"
+
+
+async def test_stream_updates_are_coalesced() -> None:
+    """Thousands of one-character deltas reach the log in at most ~30 updates a second."""
+    answer = "x" * 3000
+    app = make_app(answers={"chat": answer}, chunk=1, delay=0.0)
+    app.cap = "chat"
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        calls = 0
+        append = app.chat_log.append
+
+        def counting(text: str) -> None:
+            nonlocal calls
+            calls += 1
+            append(text)
+
+        app.chat_log.append = counting
+        app.chat_input.load_text("go")
+        start = time.monotonic()
+        await pilot.press("f5")
+        await wait_for(pilot, idle(app), timeout=20)
+        elapsed = time.monotonic() - start
+        assert app.chat_log.last_answer == answer
+        assert calls <= elapsed * 30 + 3
+
+
+async def test_keys_are_rebindable() -> None:
+    app = CodeLlamaApp(None, text=SOURCE, keys={"complete": "f9"}, client_factory=FakeClient)
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("f2")
+        assert app.client.submitted == []
+        await pilot.press("f9")
+        await wait_for(pilot, idle(app))
+        assert app.client.submitted[-1].cap == "completion"
+
+
+async def test_themes_and_fill_marker_highlight() -> None:
+    for short, editor_theme in (("light", "codellama-light"), ("high-contrast", "codellama-contrast")):
+        app = CodeLlamaApp(None, text=SOURCE, theme=short, client_factory=FakeClient)
+        async with app.run_test() as pilot:
+            await pilot.pause()
+            assert app.editor.theme == editor_theme
+            app.theme = "codellama-dark"
+            await pilot.pause()
+            assert app.editor.theme == "codellama-dark"
+            marker = app.editor._highlights[1]
+            assert (4, 10, "fill.marker") in marker
+
+
+async def test_narrow_terminal_stacks_the_panes() -> None:
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        editor, chat = app.query_one("#editor-pane"), app.query_one("#chat-pane")
+        assert chat.region.y > editor.region.y and chat.region.x == editor.region.x
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        editor, chat = app.query_one("#editor-pane"), app.query_one("#chat-pane")
+        assert chat.region.x > editor.region.x and chat.region.y == editor.region.y
+
+
+def test_editor_language_by_file_type() -> None:
+    assert CodeEditor("", path="a.rs").language == "rust"
+    assert CodeEditor("").language == "python"
+    assert CodeEditor("", path="notes.txt").language is None
+
+
+def test_no_color_environment_is_honoured() -> None:
+    env = {**os.environ, "NO_COLOR": "1", "TEXTUAL_COLOR_SYSTEM": "standard"}
+    script = (
+        "import asyncio, tui.app\nfrom tests.fakes import FakeClient\n"
+        "async def main():\n"
+        "    app = tui.app.CodeLlamaApp(None, text='<FILL>', client_factory=FakeClient)\n"
+        "    async with app.run_test(size=(80, 24)) as pilot:\n"
+        "        await pilot.pause()\n"
+        "        print(app.no_color)\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=Path(__file__).parents[1],
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "True"
