@@ -123,7 +123,6 @@ class FakeClient:
         if self.load_error is not None or self.fail is not None:
             self._emit(Failed(request.id, self.load_error or self.fail or ""))
             return
-        start = time.perf_counter()
         self._emit(
             Started(
                 request.id, prompt_tokens=len(request.text or request.prefix or "") // 4 + 1, context=self.info.context
@@ -145,7 +144,6 @@ class FakeClient:
                     pass
             time.sleep(self.delay)
         reason = "cancelled" if cancelled.is_set() else ("eot" if request.cap == "infilling" else "eos")
-        stats = Stats(
-            prompt_tokens=10, new_tokens=max(1, len(sent) // 3), ttft_s=0.001, total_s=time.perf_counter() - start
-        )
+        new_tokens = max(1, len(sent) // 3)  # fixed timings, so that screens are deterministic
+        stats = Stats(prompt_tokens=10, new_tokens=new_tokens, ttft_s=0.05, total_s=0.05 + 0.02 * new_tokens)
         self._emit(Finished(request.id, reason, sent, stats))

@@ -73,16 +73,17 @@ class ChatLog(VerticalScroll, can_focus=False):
         self._answer: Answer | None = None
         self._last_answer_text = ""
 
+    def on_mount(self) -> None:
+        self.anchor()  # follow the end while answers grow, until the user scrolls up
+
     def add_user(self, text: str) -> None:
         self.mount(UserMessage(text, markup=False))
-        self.scroll_end(animate=False)
 
     def begin_answer(self, opening: str = "") -> None:
         """Start a new answer; `opening` is Markdown put before the streamed text (e.g. a fence)."""
         self._answer = Answer(opening)
         self._last_answer_text = opening
         self.mount(self._answer)
-        self.scroll_end(animate=False)
 
     def append(self, text: str) -> None:
         """Add streamed text to the current answer."""
@@ -90,7 +91,6 @@ class ChatLog(VerticalScroll, can_focus=False):
             return
         self._last_answer_text += text
         self._answer.append(text)
-        self.scroll_end(animate=False)
 
     def end_answer(self, closing: str = "", failed: bool = False) -> None:
         """Finish the current answer (`closing` ends an opened fence)."""
@@ -107,7 +107,6 @@ class ChatLog(VerticalScroll, can_focus=False):
         if level != "info":
             notice.add_class(f"-{level}")
         self.mount(notice)
-        self.scroll_end(animate=False)
 
     @property
     def last_answer(self) -> str:

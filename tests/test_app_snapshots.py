@@ -1,0 +1,42 @@
+"""Snapshots of the main screen (fake engine, fixed file) at 80x24 and 120x40, dark and light.
+
+Update them with `pytest tests/test_app_snapshots.py --snapshot-update` and look at the report.
+"""
+
+from __future__ import annotations
+
+import pytest
+from textual.pilot import Pilot
+
+from tests.fakes import FakeClient
+from tui.app import CodeLlamaApp
+
+SOURCE = '''def remove_non_ascii(s: str) -> str:
+    """ <FILL>
+    return result
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+'''
+
+
+async def _converse(pilot: Pilot) -> None:
+    app = pilot.app
+    assert isinstance(app, CodeLlamaApp)
+    while app.info is None:
+        await pilot.pause(0.02)
+    app.chat_input.load_text("Write add() in Python")
+    await pilot.press("f5")
+    while not app.client.submitted or app._jobs:
+        await pilot.pause(0.02)
+    app.editor.focus()
+    app.editor.move_cursor((1, 8))
+    await pilot.pause(0.1)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("theme", ["dark", "light"])
+def test_main_screen(snap_compare, size: tuple[int, int], theme: str) -> None:
+    app = CodeLlamaApp("example.py", cap="chat", theme=theme, text=SOURCE, client_factory=FakeClient)
+    assert snap_compare(app, terminal_size=size, run_before=_converse)
