@@ -23,7 +23,7 @@ def test_full_config(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(
         'theme = "light"\nsystem = "Answer in Python"\n[keys]\ncomplete = "f9, ctrl+space"\n'
-        "[sampling]\ntemperature = 0.1\nmax_new_tokens = 64\nstop = ['\\n\\n']\n"
+        '[sampling]\ntemperature = 0.1\nmax_new_tokens = 64\nstop = ["\\n\\n"]\n'
     )
     config = load_config(path)
     assert config.theme == "light" and config.system == "Answer in Python"
