@@ -67,12 +67,13 @@ def decode_attention(
     """
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
-    keys, values = k_cache[slots], v_cache[slots]  # [B, Hkv, max_seq, D]
-    if not q.is_cuda:
-        # On the CPU nothing is captured, so reading the longest length costs nothing and
-        # saves attending over the whole (mostly empty) cache.
+    if q.is_cuda:
+        keys, values = k_cache[slots], v_cache[slots]  # [B, Hkv, max_seq, D]
+    else:
+        # On the CPU nothing is captured, so reading the longest length costs nothing and saves
+        # gathering and attending over the whole (mostly empty) cache.
         longest = max(int(lengths.max()), 1)
-        keys, values = keys[:, :, :longest], values[:, :, :longest]
+        keys, values = k_cache[:, :, :longest][slots], v_cache[:, :, :longest][slots]
     qg = q.float().view(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys.float()) * scale
     visible = torch.arange(keys.shape[2], device=q.device) < lengths.view(batch, 1, 1, 1)
