@@ -122,6 +122,7 @@ class Engine:
         self.running: list[Sequence] = []
         seen = torch.zeros(n_slots + 1, model.cfg.vocab_size, dtype=torch.bool, device=device)
         self.runner = DecodeRunner(model, seen, n_slots, n_slots, cuda_graphs and device.type == "cuda")
+        self.inflight: list[Sequence] | None = None  # the sequences of the launched, not yet collected step
 
     @classmethod
     def load(cls, spec: EngineSpec, progress: Progress | None = None, par: Parallel = SINGLE) -> Engine:
@@ -193,7 +194,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self.inflight is not None)
 
     def close(self) -> None:
         """Release device memory (the worker calls this when it stops)."""
@@ -288,7 +289,7 @@ class Engine:
             self._admit()
             if self.prefilling:
                 self._prefill_chunk(self.prefilling[0], events)
-            if self.running:
+            if self.running or self.inflight is not None:
                 self._decode(events)
         except Exception as err:  # a failed step must not take the worker down
             events.extend(self._fail_all(err))
@@ -337,10 +338,25 @@ class Engine:
             self._accept(seq, token, events)
 
     def _decode(self, events: list[Event]) -> None:
+        """One decode step, pipelined: while the batch stays the same, the next step is launched from the
+        device's own outputs before this step's tokens are read, so the host's work (detokenizing, stops,
+        events) overlaps the GPU's. A token computed for a sequence that has meanwhile ended is dropped."""
         batch = list(self.running)
-        tokens = self.runner([self._row(s, s.generated[-1]) for s in batch])
-        for seq, token in zip(batch, tokens, strict=True):
-            self._accept(seq, token, events)
+        done = self.inflight
+        if done is None:
+            self.runner.launch([self._row(s, s.generated[-1]) for s in batch])
+            self.inflight = batch
+            return
+        same = done == batch
+        if same:
+            self.runner.launch()
+        self.inflight = batch if same else None
+        for seq, token in zip(done, self.runner.collect(), strict=True):
+            if seq in self.running:
+                self._accept(seq, token, events)
+        if self.inflight is None and self.running:
+            self.runner.launch([self._row(s, s.generated[-1]) for s in self.running])
+            self.inflight = list(self.running)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         return self.runner.sample(logits, [self._row(s, 0) for s in seqs])
@@ -423,6 +439,8 @@ class Engine:
             events.append(Failed(seq.request.id, message))
         for session in self.sessions.values():
             session.cached = []
+        self.inflight = None
+        self.runner.inflight.clear()
         return events
 
 

@@ -74,12 +74,17 @@ class Attention(nn.Module):
         end = start + T
         cache.k[layer, slot, :, start:end] = k
         cache.v[layer, slot, :, start:end] = v.transpose(0, 1)
-        keys, values = cache.k[layer, slot, :, :end], cache.v[layer, slot, :, :end]
-        if start == 0:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=True)
-        else:
+        keys, values = cache.k[layer, slot, None, :, :end], cache.v[layer, slot, None, :, :end]
+        if self.n_kv != self.n_heads:  # the fused flash kernels take equal head counts
+            keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            values = values.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        mask = None
+        if start > 0:
             mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q[None], keys, values, attn_mask=mask, is_causal=start == 0, scale=self.scale
+        )
+        out = out[0]
         return self.par.all_reduce(kernels.linear(out.transpose(0, 1).reshape(T, -1), self.wo))
 
     def decode(
@@ -100,8 +105,7 @@ class FeedForward(nn.Module):
         self.par = par
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = kernels.linear(x, self.w13).chunk(2, dim=-1)
-        return self.par.all_reduce(kernels.linear(F.silu(gate) * up, self.w2))
+        return self.par.all_reduce(kernels.linear(kernels.silu_mul(kernels.linear(x, self.w13)), self.w2))
 
 
 class Block(nn.Module):

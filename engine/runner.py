@@ -10,6 +10,7 @@ at a scratch KV slot, so padding never touches a real sequence.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,16 +54,28 @@ class DecodeRunner:
         self.linear_choice: dict = {}
         self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.pinned = dev.type == "cuda"
+        self.max_position = model.cache.k.shape[3] - 1
+        # Two pinned landing buffers: step t's tokens are read while step t+1 copies its own.
+        self.host = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
+        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None]] = deque()
+        self.flip = 0
+        self.n = self.batch = 0
+        self.greedy = self.penalize = True
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self.capture_s = 0.0
+        self.capture_s = self.tune_s = 0.0
         if use_graphs:
             self.capture()
 
     def _step(self, batch: int, greedy: bool, penalize: bool = True) -> None:
-        _, positions, slots, *_ = self.ints[:, :batch]
-        logits = self.model.decode(self.ints[0, :batch], positions, slots)
+        tokens, positions, slots, _, _, offsets = self.ints[:, :batch]
+        logits = self.model.decode(tokens, positions, slots)
         self.logits[:batch] = logits
-        self.out[:batch] = self._pick(logits, batch, greedy, penalize)
+        nxt = self._pick(logits, batch, greedy, penalize)
+        self.out[:batch] = nxt
+        # Advance the inputs on the device, so the next step of the same batch needs nothing from the host.
+        tokens.copy_(nxt)
+        positions.add_(1).clamp_(max=self.max_position)
+        offsets.add_(1)
 
     def _pick(self, logits: Tensor, batch: int, greedy: bool, penalize: bool) -> Tensor:
         """Repetition penalty, then greedy or sampled choice; marks the choice as seen in its slot."""
@@ -100,6 +113,7 @@ class DecodeRunner:
         start = time.perf_counter()
         weights = [p for p in self.model.parameters() if p.dim() == 2]
         self.linear_choice = kernels.tune_linear(weights, rows=(1,))
+        self.tune_s = time.perf_counter() - start
         self._fill_padding(0, self.max_batch)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
@@ -125,15 +139,36 @@ class DecodeRunner:
         self.ints[2, start:end] = self.scratch_slot
         self.floats[:, start:end] = 1.0
 
-    def __call__(self, rows: Sequence[Row]) -> list[int]:
-        """Decode one token for each row; returns the sampled tokens (the step's only host sync)."""
-        n = len(rows)
-        batch = self.bucket(n) if self.graphs else n
-        greedy, penalize = self._load(rows)
-        if batch > n:
-            self._fill_padding(n, batch)
+    def launch(self, rows: Sequence[Row] | None = None) -> None:
+        """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
+        step, fed from the device with that step's own outputs (no host-to-device copy, no sync)."""
+        if rows is not None:
+            self.n = len(rows)
+            self.batch = self.bucket(self.n) if self.graphs else self.n
+            self.greedy, self.penalize = self._load(rows)
+            if self.batch > self.n:
+                self._fill_padding(self.n, self.batch)
         if self.graphs:  # captured with the penalty applied: a penalty of 1.0 is a no-op
-            self.graphs[(batch, greedy)].replay()
+            self.graphs[(self.batch, self.greedy)].replay()
         else:
-            self._step(batch, greedy, penalize)
-        return self.out[:n].tolist()
+            self._step(self.batch, self.greedy, self.penalize)
+        buf = self.host[self.flip]
+        self.flip ^= 1
+        buf[: self.n].copy_(self.out[: self.n], non_blocking=self.pinned)
+        event = None
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record()
+        self.inflight.append((buf, self.n, event))
+
+    def collect(self) -> list[int]:
+        """The tokens of the oldest launched step (waits for it: the step's only host sync)."""
+        buf, n, event = self.inflight.popleft()
+        if event is not None:
+            event.synchronize()
+        return buf[:n].tolist()
+
+    def __call__(self, rows: Sequence[Row]) -> list[int]:
+        """Decode one token for each row and wait for it."""
+        self.launch(rows)
+        return self.collect()

@@ -57,7 +57,12 @@ def test_graph_replay_matches_eager(dtype: torch.dtype, batch: int) -> None:
         results.append((out, logits))
     assert results[0][0] == results[1][0]
     for eager, graph in zip(results[0][1], results[1][1], strict=True):
-        assert torch.allclose(eager, graph, atol=2e-2 if dtype == torch.bfloat16 else 1e-3)
+        # The graphs use whichever of Triton and cuBLAS was faster per shape, so bf16 rounding may differ.
+        assert (
+            torch.allclose(eager, graph, atol=5e-2, rtol=2e-2)
+            if dtype == torch.bfloat16
+            else torch.allclose(eager, graph, atol=1e-3)
+        )
 
 
 def test_decode_matches_prefill_on_gpu() -> None:
@@ -68,3 +73,29 @@ def test_decode_matches_prefill_on_gpu() -> None:
     m.prefill(ids[:-1], 1, 0)
     step = m.decode(ids[-1:], torch.tensor([39], device="cuda"), torch.tensor([1], device="cuda"))
     assert torch.allclose(step[0], full[-1], atol=1e-3, rtol=1e-3)
+
+
+def test_pipelined_steps_feed_themselves_on_the_device() -> None:
+    """launch() without rows continues the batch from its own outputs: the same tokens as uploading them."""
+    m = model(torch.float32, 4)
+    prompts = [torch.randint(3, 32000, (30 + 5 * i,), device="cuda") for i in range(3)]
+    for slot, ids in enumerate(prompts):
+        m.prefill(ids, slot, 0)
+    saved = (m.cache.k.clone(), m.cache.v.clone())
+    seen = torch.zeros(5, CFG.vocab_size, dtype=torch.bool, device="cuda")
+    runner = DecodeRunner(m, seen, 4, 4, use_graphs=True)
+    rows = [Row(7 + i, len(prompts[i]), i, 0.8, 40, 0.9, 1.1, 100 + i, 0) for i in range(3)]
+    runner.launch(rows)
+    for _ in range(5):
+        runner.launch()
+    piped = [runner.collect() for _ in range(6)]
+    m.cache.k.copy_(saved[0])
+    m.cache.v.copy_(saved[1])
+    seen.zero_()
+    tokens, explicit = [r.token for r in rows], []
+    for step in range(6):
+        tokens = runner(
+            [Row(t, len(prompts[i]) + step, i, 0.8, 40, 0.9, 1.1, 100 + i, step) for i, t in enumerate(tokens)]
+        )
+        explicit.append(tokens)
+    assert piped == explicit

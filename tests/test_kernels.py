@@ -139,7 +139,16 @@ def check_linear(
     _close(triton_gemv.linear(x, w, cfg), expected, dt)
 
 
+def check_silu_mul(name: str, device: str, dtype: str, rows: int, dim: int) -> None:
+    from engine.kernels import triton_act
+
+    dt, gen = DTYPES[dtype], _rng(name, device)
+    gu = _randn(gen, rows, 2 * dim, dtype=dt, device=device)
+    _close(triton_act.silu_mul(gu), reference.silu_mul(gu), dt)
+
+
 CHECKS = {
+    "silu_mul": check_silu_mul,
     "rms_norm": check_rms_norm,
     "rotary": check_rotary,
     "attention": check_attention,
@@ -148,6 +157,8 @@ CHECKS = {
 
 # Small shapes: the interpreter runs every program in Python.
 INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "silu_mul-fp32-odd": ("silu_mul", {"dtype": "fp32", "rows": 3, "dim": 1100}),
+    "silu_mul-bf16": ("silu_mul", {"dtype": "bf16", "rows": 2, "dim": 64}),
     "rms_norm-fp32-pow2": ("rms_norm", {"dtype": "fp32", "rows": 3, "dim": 64}),
     "rms_norm-bf16-odd": ("rms_norm", {"dtype": "bf16", "rows": 2, "dim": 80}),
     "rms_norm-fp16": ("rms_norm", {"dtype": "fp16", "rows": 1, "dim": 128}),
@@ -241,6 +252,7 @@ def test_triton_interpreted(name: str, interpreted_results: dict[str, str]) -> N
 
 # Real CodeLlama shapes, compiled, only where there is a GPU.
 CUDA_CASES = {
+    "silu_mul-7b": ("silu_mul", {"dtype": "bf16", "rows": 32, "dim": 11008}),
     "rms_norm-7b": ("rms_norm", {"dtype": "bf16", "rows": 8, "dim": 4096}),
     "rms_norm-34b": ("rms_norm", {"dtype": "bf16", "rows": 1, "dim": 8192}),
     "rotary-34b": (

@@ -13,6 +13,7 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   the new token's q and k, with k and v written into the cache.
 - `decode_attention(q, k_cache, v_cache, slots, lengths, scale)`: split-KV attention of one new
   query per sequence, GQA aware.
+- `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
 - `linear(x, w)`: `x @ w.T`, a weight-streaming matrix-vector kernel for decode-sized x.
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling.
 
@@ -40,6 +41,7 @@ __all__ = [
     "rms_norm",
     "rotary_kv_write",
     "sample",
+    "silu_mul",
 ]
 
 
@@ -68,6 +70,15 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tup
 
         return triton_norm.add_rms_norm(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def silu_mul(gu: Tensor) -> Tensor:
+    """SwiGLU activation of the fused gate/up output: `silu(gate) * up`, one kernel on the GPU."""
+    if _use_triton(gu):
+        from . import triton_act
+
+        return triton_act.silu_mul(gu)
+    return reference.silu_mul(gu)
 
 
 def rotary_kv_write(

@@ -83,6 +83,12 @@ def decode_attention(
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)
 
 
+def silu_mul(gu: Tensor) -> Tensor:
+    """`silu(gate) * up` for `gu = cat(gate, up)` along the last dimension (Llama's SwiGLU)."""
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """`x @ w.T`."""
     return F.linear(x, w)
