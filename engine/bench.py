@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -59,27 +60,36 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
         torch.set_default_dtype(torch.float32)
     model = model.to_empty(device=device)
     model.init_rope(spec.max_seq_len)
+    built = _now(device)
     gen = torch.Generator(device=device).manual_seed(0)
     for p in model.parameters():
         if p.dim() == 1:
             p.fill_(1.0)
         else:
             p.normal_(0, 0.02, generator=gen)
+    filled = _now(device)
     model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
     load_s = _now(device) - start
+    cache_s = load_s - (filled - start)
+    print(
+        f"random weights: build {built - start:.1f}s, fill {filled - built:.1f}s, cache {cache_s:.1f}s", file=sys.stderr
+    )
     info = ModelInfo(f"random {cfg.dim}", "base", tok.can_infill, str(device), str(dtype), par.world,
                      spec.max_seq_len, cfg.vocab_size)  # fmt: skip
     return Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs), load_s
 
 
 def decode_rate(engine: Engine, batch: int, steps: int, position: int) -> float:
-    """Tokens/s of the decode step alone (graph replay + the per-step host copy) at `batch` sequences."""
+    """Tokens/s of the decode step as the engine runs it: pipelined, each step launched from the previous
+    step's device outputs before the host reads that step's tokens."""
     rows = [Row(3 + i, position, i, 0.0, 40, 1.0, 1.0, i, 0) for i in range(batch)]
-    for _ in range(5):
-        engine.runner(rows)
+    engine.runner(rows)
     start = _now(engine.device)
-    for _ in range(steps):
-        engine.runner(rows)
+    engine.runner.launch(rows)
+    for _ in range(steps - 1):
+        engine.runner.launch()
+        engine.runner.collect()
+    engine.runner.collect()
     return batch * steps / (_now(engine.device) - start)
 
 
@@ -304,6 +314,7 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
         lines.append(f"{f'time to first token, {n}-token prompt':<44} {r[f'ttft_{n}_ms']:>10.1f} ms")
     lines.append(f"{'start-up (load + graph capture)':<44} {r['startup_s']:>11.2f} s")
     lines.append(f"{'  of which graph capture':<44} {r['capture_s']:>11.2f} s")
+    lines.append(f"{'    of which Triton/cuBLAS choice per shape':<44} {r['tune_s']:>11.2f} s")
     if "peak_GiB" in r:
         lines.append(f"{'peak GPU memory':<44} {r['peak_GiB']:>9.1f} GiB")
     for key, label in (("hf_b1_tps", "transformers generate(), batch 1"), ("hf_b32_tps", "transformers, batch 32")):

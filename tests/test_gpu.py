@@ -43,7 +43,7 @@ def test_graph_replay_matches_eager(dtype: torch.dtype, batch: int) -> None:
     saved = (m.cache.k.clone(), m.cache.v.clone())
     seen = torch.zeros(9, CFG.vocab_size, dtype=torch.bool, device="cuda")
     results = []
-    for graphs in (False, True):
+    for graphs in (True, False):  # graphs first: their start-up picks Triton or cuBLAS per shape for both
         m.cache.k.copy_(saved[0])
         m.cache.v.copy_(saved[1])
         runner = DecodeRunner(m, seen.clone(), 8, 8, use_graphs=graphs)
@@ -57,12 +57,7 @@ def test_graph_replay_matches_eager(dtype: torch.dtype, batch: int) -> None:
         results.append((out, logits))
     assert results[0][0] == results[1][0]
     for eager, graph in zip(results[0][1], results[1][1], strict=True):
-        # The graphs use whichever of Triton and cuBLAS was faster per shape, so bf16 rounding may differ.
-        assert (
-            torch.allclose(eager, graph, atol=5e-2, rtol=2e-2)
-            if dtype == torch.bfloat16
-            else torch.allclose(eager, graph, atol=1e-3)
-        )
+        assert torch.allclose(eager, graph, atol=1e-3 if dtype == torch.float32 else 2e-2)
 
 
 def test_decode_matches_prefill_on_gpu() -> None:
