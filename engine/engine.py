@@ -123,23 +123,28 @@ class Engine:
         seen = torch.zeros(n_slots + 1, model.cfg.vocab_size, dtype=torch.bool, device=device)
         self.runner = DecodeRunner(model, seen, n_slots, n_slots, cuda_graphs and device.type == "cuda")
         self.inflight: list[Sequence] | None = None  # the sequences of the launched, not yet collected step
+        self.tp = None  # engine.tp.Leader on rank 0 of a tensor-parallel world
 
     @classmethod
     def load(cls, spec: EngineSpec, progress: Progress | None = None, par: Parallel = SINGLE) -> Engine:
         """Check the checkpoint, build the model on the device and load its weights shard by shard."""
         path = model_dir(spec.model)
         cfg = ModelConfig.from_dir(path)
+        if spec.tp > 1 and par.world == 1:  # the caller's rank 0: start (or join) the other ranks first
+            from engine import tp
+
+            return tp.launch(spec, progress, cfg)
         tok = Tokenizer.from_dir(path)
         if tok.vocab_size > cfg.vocab_size:
             raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} pieces, the model only {cfg.vocab_size}")
         device = pick_device(spec.device)
         dtype = pick_dtype(spec.dtype, device)
         if device.type == "cpu" and os.cpu_count():  # leave a core to the UI thread: spinning threads make typing lag
-            torch.set_num_threads(max(1, os.cpu_count() - 1))
+            torch.set_num_threads(max(1, (os.cpu_count() - 1) // par.world))
         if spec.max_batch < 1:
             raise EngineError(f"--max-batch must be >= 1, got {spec.max_batch}")
         shard = Shard.of(cfg, par.world)
-        context = cls._context(spec, cfg, shard, device, dtype)
+        context = par.smallest(cls._context(spec, cfg, shard, device, dtype))
         try:
             with torch.device("meta"):
                 torch.set_default_dtype(dtype)
@@ -199,6 +204,8 @@ class Engine:
     def close(self) -> None:
         """Release device memory (the worker calls this when it stops)."""
         self.model.cache = None
+        if self.tp is not None:
+            self.tp.close()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -305,8 +312,7 @@ class Engine:
             seq.slot = slot
             cached = seq.session.cached if seq.session is not None else []
             seq.done = _common_prefix(cached, seq.ids, limit=len(seq.ids) - 1)
-            self.runner.seen[slot].zero_()
-            self.runner.seen[slot, torch.tensor(seq.ids, device=self.device)] = True
+            self.runner.mark_seen(slot, seq.ids)
             self.prefilling.append(seq)
 
     def _take_slot(self, session: Session | None) -> int | None:
@@ -431,6 +437,8 @@ class Engine:
         """After a failed step nothing in the cache can be trusted: end every request and forget caches."""
         if isinstance(err, torch.OutOfMemoryError):
             message = "out of GPU memory during generation; try a shorter prompt, a smaller --max-batch or --tp"
+        elif isinstance(err, EngineError):
+            message = str(err)
         else:
             message = f"generation failed: {type(err).__name__}: {err}"
         events: list[Event] = []

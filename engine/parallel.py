@@ -16,6 +16,8 @@ from engine.errors import EngineError
 
 @dataclass(frozen=True)
 class Parallel:
+    """This rank's place in the tensor-parallel world; the collectives use the default process group."""
+
     rank: int = 0
     world: int = 1
 
@@ -26,12 +28,21 @@ class Parallel:
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate vocabulary shards of the logits along the last dimension."""
+        """Concatenate vocabulary shards of the logits along the last dimension (one gather, one copy)."""
         if self.world == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=-1)
+        x = x.contiguous()
+        parts = x.new_empty((self.world * x.shape[0], *x.shape[1:]))  # shards one after another along dim 0
+        dist.all_gather_single(parts, x)
+        return parts.view(self.world, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], -1)
+
+    def smallest(self, value: int) -> int:
+        """The minimum of `value` over all ranks: every rank must size its KV cache alike."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
 
 SINGLE = Parallel()

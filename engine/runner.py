@@ -100,6 +100,11 @@ class DecodeRunner:
         self.floats[:, : len(rows)].copy_(floats, non_blocking=True)
         return all(r.temperature == 0 for r in rows), any(r.penalty != 1.0 for r in rows)
 
+    def mark_seen(self, slot: int, ids: Sequence[int]) -> None:
+        """Start a slot's repetition-penalty mask from its prompt (a method, so tensor parallelism can relay it)."""
+        self.seen[slot].zero_()
+        self.seen[slot, torch.tensor(ids, device=self.seen.device)] = True
+
     def sample(self, logits: Tensor, rows: Sequence[Row]) -> list[int]:
         """Pick tokens for logits computed outside the step (the first token after a prefill)."""
         greedy, penalize = self._load(rows)

@@ -157,6 +157,9 @@ def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypat
         def sample(self, logits, rows):
             return [next(tokens) for _ in rows]
 
+        def mark_seen(self, slot, ids):
+            pass
+
     monkeypatch.setattr(engine, "runner", ScriptedRunner())
     request = Request("completion", text="x", sampling=SamplingParams(max_new_tokens=200))
     events = run(engine, request)[request.id]
