@@ -32,7 +32,9 @@ async def _converse(pilot: Pilot) -> None:
         await pilot.pause(0.02)
     app.editor.focus()
     app.editor.move_cursor((1, 8))
-    await pilot.pause(0.1)
+    await pilot.pause(0.3)  # let syntax highlighting and the layout settle: snapshots must not race them
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
