@@ -79,6 +79,12 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     return Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs), load_s
 
 
+def random_rank(spec: EngineSpec, progress: object, par: Parallel, shape: str, tokenizer: str) -> Engine:
+    """One rank's engine for `bench --shape S --tp N` (an engine.tp.Recipe). Every rank draws the same numbers
+    for its own shard, so TP N is another random model than TP 1: as good for timing, not for comparing logits."""
+    return random_engine(shape_config(shape), spec, Tokenizer.from_dir(Path(tokenizer)), par)[0]
+
+
 def decode_rate(engine: Engine, batch: int, steps: int, position: int) -> float:
     """Tokens/s of the decode step as the engine runs it: pipelined, each step launched from the previous
     step's device outputs before the host reads that step's tokens."""
@@ -247,7 +253,7 @@ def main(args: argparse.Namespace) -> int:
     need = max(max(prompt_lens), 128 + args.steps + 16) + 64
     spec = EngineSpec(
         model=args.model, device=str(device), dtype=str(dtype).removeprefix("torch."), max_batch=max(batches),
-        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs,
+        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp,
     )  # fmt: skip
     out: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     out["copy_GBps"] = copy_bandwidth(device)
@@ -255,7 +261,14 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.shape and not args.model:
         tok = Tokenizer.from_dir(args.tokenizer or DEMO_DIR)
-        engine, out["load_s"] = random_engine(shape_config(args.shape), spec, tok)
+        if args.tp > 1:
+            from engine import tp
+
+            kwargs = {"shape": args.shape, "tokenizer": str(args.tokenizer or DEMO_DIR)}
+            engine = tp.launch(spec, None, shape_config(args.shape), tp.Recipe("engine.bench:random_rank", kwargs))
+            out["load_s"] = time.perf_counter() - start - engine.runner.capture_s
+        else:
+            engine, out["load_s"] = random_engine(shape_config(args.shape), spec, tok)
         out["model"] = f"random weights, CodeLlama-{args.shape} shape"
     else:
         engine = Engine.load(spec)
@@ -269,31 +282,35 @@ def main(args: argparse.Namespace) -> int:
     out["roofline_tps"] = out["copy_GBps"] * 1e9 / weights
     for b in batches:
         out[f"decode_b{b}_tps"] = decode_rate(engine, b, args.steps, 128)
-        if engine.runner.graphs:
+        if engine.runner.graphs and args.tp == 1:  # replays rank 0's graph alone: no partner for its collectives
             out[f"graph_b{b}_ms"] = graph_step_ms(engine, b)
     out["engine_b1_tps"] = engine_rate(engine, args.steps)
     out["linear_choice_us"] = engine.runner.linear_choice
     if args.profile and device.type == "cuda":
         out["profile_b1_us"] = profile_step(engine)
+        out[f"profile_b{max(batches)}_us"] = profile_step(engine, batch=max(batches))
         out["profile_prefill_us"] = profile_step(engine, prefill=max(prompt_lens), steps=2)
     for n in prompt_lens:
         out[f"ttft_{n}_ms"] = time_to_first_token(engine, n) * 1e3
     if device.type == "cuda":
         out["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if args.baseline:
+        if args.baseline and args.tp == 1:  # the twin needs the whole model in this process
             hf = hf_twin(engine)
             for b in (1, 32) if 32 in batches else (1,):
                 out[f"hf_b{b}_tps"] = hf_rate(hf, b, min(args.steps, 32), device)
             out.update(conformance(engine, hf))
             del hf
     print(table(out, batches, prompt_lens))
-    for key, what in (("profile_b1_us", "one eager decode step at batch 1"), ("profile_prefill_us", "one prefill")):
+    profiles = [("profile_b1_us", "one eager decode step at batch 1"), ("profile_prefill_us", "one prefill")]
+    profiles.insert(1, (f"profile_b{max(batches)}_us", f"one eager decode step at batch {max(batches)}"))
+    for key, what in profiles:
         if out.get(key):
             print(f"\n{what}, GPU time per kernel (total {sum(t for _, t in out[key]):.0f} us):")
             for name, t in out[key][:16]:
                 print(f"  {t:9.1f} us  {name}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
+    engine.close()  # with --tp, ends the other ranks
     return 0
 
 

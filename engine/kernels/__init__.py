@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -112,48 +113,67 @@ def decode_attention(
     return reference.decode_attention(q, k_cache, v_cache, slots, lengths, scale)
 
 
-# (rows, N, K, dtype) -> whether the Triton kernel beat cuBLAS there; filled by `tune_linear` on the device.
-_TRITON_WINS: dict[tuple[int, int, int, object], bool] = {}
+# (rows, N, K, dtype) -> the Triton config that beat cuBLAS there; filled by `tune_linear` on the device.
+_TRITON_CONFIG: dict[tuple[int, int, int, object], object] = {}
+
+# Alternatives to the rule's config, tried per weight shape at start-up (split-K helps the narrow shapes).
+_CANDIDATES = ((16, 512, 2), (16, 256, 4), (32, 256, 2))
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """`x @ w.T`: the Triton matrix-vector kernel where `tune_linear` measured it faster, cuBLAS elsewhere."""
-    if _use_triton(x) and _TRITON_WINS.get((x.numel() // x.shape[-1], *w.shape, w.dtype), False):
-        from . import triton_gemv
+    if _use_triton(x):
+        config = _TRITON_CONFIG.get((x.numel() // x.shape[-1], *w.shape, w.dtype))
+        if config is not None:
+            from . import triton_gemv
 
-        return triton_gemv.linear(x, w)
+            return triton_gemv.linear(x, w, config)
     return F.linear(x, w)
 
 
-def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 20) -> dict[str, tuple[float, float]]:
-    """Time Triton against cuBLAS for each weight shape, each call replayed in a CUDA graph (as decode runs),
-    and remember the faster. Which wins depends on the shape: measuring beats a rule. Run before capture."""
+def _graph_time(fn: Callable[[], object], calls: int) -> float:
+    """Milliseconds per call of `fn`, replayed back to back in a CUDA graph as the decode step runs it."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (3 * calls)
+
+
+def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 20) -> dict[str, dict[str, float]]:
+    """Time cuBLAS and a few Triton configs for each weight shape, each in a CUDA graph as decode runs them,
+    and remember the fastest. Which wins depends on the shape: measuring beats a rule. Run before capture."""
     if not weights or not _use_triton(weights[0]):
         return {}
     from . import triton_gemv
 
-    report: dict[str, tuple[float, float]] = {}
-    shapes = {(tuple(w.shape), w.dtype): w for w in weights}
-    for (shape, dtype), w in shapes.items():
+    report: dict[str, dict[str, float]] = {}
+    for (shape, dtype), w in {(tuple(w.shape), w.dtype): w for w in weights}.items():
         for m in rows:
             x = torch.randn(m, shape[1], device=w.device, dtype=dtype)
-            times = {}
-            for name, fn in (("triton", triton_gemv.linear), ("cublas", F.linear)):
-                fn(x, w)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    for _ in range(calls):
-                        fn(x, w)
-                graph.replay()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(3):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                times[name] = start.elapsed_time(end) / (3 * calls)
-                del graph
-            _TRITON_WINS[(m, *shape, dtype)] = times["triton"] < times["cublas"]
-            report[f"{shape[0]}x{shape[1]} m={m}"] = (times["triton"], times["cublas"])
+            sm = torch.cuda.get_device_properties(w.device).multi_processor_count
+            configs = [triton_gemv.choose_config(m, *shape, sm)]
+            configs += [triton_gemv.GemvConfig(*c) for c in _CANDIDATES if m == 1]
+            times = {"cublas": _graph_time(lambda x=x, w=w: F.linear(x, w), calls)}
+            best, best_ms = None, times["cublas"]
+            for config in configs:
+                try:
+                    ms = _graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls)
+                except Exception:  # a config that does not compile or run for this shape is just not a candidate
+                    continue
+                times[f"triton {config.block_n}x{config.block_k}/{config.split_k}"] = ms
+                if ms < best_ms:
+                    best, best_ms = config, ms
+            if best is not None:
+                _TRITON_CONFIG[(m, *shape, dtype)] = best
+            report[f"{shape[0]}x{shape[1]} m={m}"] = {k: round(v * 1e3, 1) for k, v in times.items()}
     return report
