@@ -142,8 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tokenize(args)
     if command == "bench":
         from engine.bench import main as bench
+        from engine.errors import EngineError
 
-        return bench(args)
+        try:
+            return bench(args)
+        except EngineError as err:  # a bad --tp, a dead rank, a broken checkpoint: one line, as everywhere
+            print(f"codellama-tui bench: error: {err}", file=sys.stderr)
+            return 1
     if command == "chat":
         from tui.console import run_console
 
