@@ -13,6 +13,8 @@ from torch import Tensor
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Hugging Face `LlamaRMSNorm`: normalise in float32, cast back to x's dtype, then scale."""
+    if _cpu_fp32(x, weight):  # the same float32 arithmetic (bit-identical) as one op instead of seven
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
@@ -51,6 +53,8 @@ def rotary_kv_write(
     q: [B, Hq, D], k/v: [B, Hkv, D], cos/sin: [max_pos, D], positions/slots: int64 [B],
     caches: [n_slots, Hkv, max_seq, D]; the token of row b goes to `cache[slots[b], :, positions[b]]`.
     """
+    if _cpu_fp32(q, k, v, cos, sin, k_cache, v_cache):
+        return _cpu_rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
     cos_b = cos[positions][:, None, :]
     sin_b = sin[positions][:, None, :]
     k_cache[slots, :, positions] = rotate(k, cos_b, sin_b).to(k_cache.dtype)
@@ -67,6 +71,8 @@ def decode_attention(
     """
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
+    if _cpu_fp32(q, k_cache, v_cache):
+        return _cpu_decode_attention(q, k_cache, v_cache, slots, lengths, scale)
     if q.is_cuda:
         keys, values = k_cache[slots], v_cache[slots]  # [B, Hkv, max_seq, D]
     else:
@@ -81,6 +87,70 @@ def decode_attention(
     probs = probs.nan_to_num(0.0)  # all-masked rows (length 0)
     out = torch.einsum("bhgs,bhsd->bhgd", probs, values.float())
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)
+
+
+def _cpu_rotary_kv_write(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+) -> Tensor:
+    """`rotary_kv_write` for float32 CPU tensors, where per-op overhead dominates: q and k are rotated
+    together (the same float32 products and sums), and one sequence is written by plain indexing."""
+    n_q = q.shape[1]
+    qk = torch.cat((q, k), dim=1)
+    half = qk.shape[-1] // 2
+    rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+    if qk.shape[0] == 1:
+        pos, slot = int(positions.item()), int(slots.item())
+        out = qk * cos[pos] + rotated * sin[pos]
+        k_cache[slot, :, pos] = out[0, n_q:]
+        v_cache[slot, :, pos] = v[0]
+    else:
+        out = qk * cos[positions][:, None] + rotated * sin[positions][:, None]
+        k_cache[slots, :, positions] = out[:, n_q:]
+        v_cache[slots, :, positions] = v
+    return out[:, :n_q]
+
+
+def _cpu_decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lengths: Tensor, scale: float
+) -> Tensor:
+    """`decode_attention` for float32 CPU tensors in one fused SDPA call (GQA aware, float32 softmax).
+
+    A single sequence attends over a view of its cache (no gather, no mask); a batch gathers the live
+    part of its slots and masks each row beyond its length.
+    """
+    batch, n_heads, head_dim = q.shape
+    lens = lengths.tolist()
+    longest = max(max(lens), 1)
+    if batch == 1:
+        slot = int(slots.item())
+        keys, values = k_cache[slot : slot + 1, :, :longest], v_cache[slot : slot + 1, :, :longest]
+    else:
+        keys, values = k_cache[:, :, :longest][slots], v_cache[:, :, :longest][slots]
+    mask = None
+    if min(lens) < longest:
+        mask = torch.arange(longest, device=q.device) < lengths.view(batch, 1, 1, 1)
+    out = F.scaled_dot_product_attention(
+        q.view(batch, n_heads, 1, head_dim), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    ).view(batch, n_heads, head_dim)
+    if min(lens) == 0:  # all-masked rows come out as NaN: zeros, as the reference defines them
+        out = out.masked_fill(lengths.view(batch, 1, 1) == 0, 0.0)
+    return out
+
+
+def _cpu_fp32(*tensors: Tensor) -> bool:
+    """Whether the CPU shortcuts apply: every tensor float32 on the CPU, where they compute the same values."""
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_cpu:
+            return False
+    return True
 
 
 def silu_mul(gu: Tensor) -> Tensor:
