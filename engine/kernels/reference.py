@@ -147,10 +147,7 @@ def _cpu_decode_attention(
 
 def _cpu_fp32(*tensors: Tensor) -> bool:
     """Whether the CPU shortcuts apply: every tensor float32 on the CPU, where they compute the same values."""
-    for t in tensors:
-        if t.dtype != torch.float32 or not t.is_cpu:
-            return False
-    return True
+    return all(t.dtype == torch.float32 and t.is_cpu for t in tensors)
 
 
 def silu_mul(gu: Tensor) -> Tensor:
