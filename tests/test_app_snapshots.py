@@ -30,9 +30,13 @@ async def _converse(pilot: Pilot) -> None:
     await pilot.press("f5")
     while not app.client.submitted or app._jobs:
         await pilot.pause(0.02)
+    app.editor.cursor_blink = app.chat_input.cursor_blink = False  # a blinking cursor makes two pictures
     app.editor.focus()
     app.editor.move_cursor((1, 8))
-    await pilot.pause(0.3)  # let syntax highlighting and the layout settle: snapshots must not race them
+    layout = "-wide" if app.size.width >= 100 else "-narrow"
+    while not app.screen.has_class(layout):  # the breakpoint class arrives with a resize event: wait for it
+        await pilot.pause(0.02)
+    await pilot.pause(0.3)  # let syntax highlighting settle
     await pilot.wait_for_scheduled_animations()
     await pilot.pause()
 
