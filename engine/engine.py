@@ -160,7 +160,7 @@ class Engine:
             need = cfg.n_params * torch.finfo(dtype).bits // 8 / par.world / 2**30
             raise OutOfMemoryError(
                 f"out of GPU memory loading {path.name} ({need:.1f} GiB of weights per GPU plus the KV cache); "
-                "try a smaller --max-batch, a shorter --max-seq-len, --quantize, or more GPUs with --tp"
+                "try a smaller --max-batch, a shorter --max-seq-len, --dtype bfloat16, or more GPUs with --tp"
             ) from None
         is_demo = path == DEMO_DIR
         info = ModelInfo(
@@ -179,7 +179,7 @@ class Engine:
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(
                 f"out of GPU memory capturing the decode graphs for {spec.max_batch} sequences of {context} tokens; "
-                "try a smaller --max-batch, a shorter --max-seq-len, --quantize, or more GPUs with --tp"
+                "try a smaller --max-batch, a shorter --max-seq-len, --dtype bfloat16, or more GPUs with --tp"
             ) from None
 
     @staticmethod

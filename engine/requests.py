@@ -87,4 +87,3 @@ class EngineSpec:
     max_batch: int = 8
     max_seq_len: int | None = None
     cuda_graphs: bool = True
-    quantize: str | None = None

@@ -242,3 +242,33 @@ def test_bin_fallback_and_sharded_safetensors_load_the_same_weights(tiny_gqa_dir
     a, b = load(tiny_gqa_dir), load(bin_dir)
     for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+def test_more_requests_than_slots_wait_their_turn(tiny_model_dir: Path) -> None:
+    """With one slot, a second request queues, then runs when the first retires; both give their own answer."""
+    engine = load(tiny_model_dir, max_batch=1)
+    a = Request("completion", text=PROMPT, sampling=SamplingParams(temperature=0, max_new_tokens=8))
+    b = Request("completion", text="class Stack:\n", sampling=SamplingParams(temperature=0, max_new_tokens=8))
+    events: dict[int, list] = {a.id: engine.add(a), b.id: engine.add(b)}
+    engine.step()
+    assert [s.request.id for s in engine.running] == [a.id] and [s.request.id for s in engine.waiting] == [b.id]
+    while engine.busy:
+        for e in engine.step():
+            events[e.request_id].append(e)
+    for request in (a, b):
+        alone = run(engine, Request("completion", text=request.text, sampling=request.sampling))
+        assert events[request.id][-1].text == next(iter(alone.values()))[-1].text
+    assert engine.free_slots == [0]
+
+
+def test_out_of_memory_at_load_names_what_to_try(tiny_model_dir: Path, monkeypatch) -> None:
+    from engine.errors import OutOfMemoryError
+    from engine.model import Llama
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Llama, "setup_cache", no_memory)
+    with pytest.raises(OutOfMemoryError) as err:
+        load(tiny_model_dir)
+    assert "--max-batch" in str(err.value) and "--tp" in str(err.value) and "\n" not in str(err.value)
