@@ -26,6 +26,7 @@ import numpy as np
 FIM_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")
 SMILEY = "☺"
 BOS, EOS = 1, 2
+PAD = -1  # fills the end of a packed row; never a model input, and no loss is taken on it
 
 SYSTEM_PROMPTS = (
     "Provide answers in Python.",
@@ -131,8 +132,9 @@ def split_random(text: str, rng: random.Random) -> tuple[str, str, str]:
     return text[:a], text[a:b], text[b:]
 
 
-def split_line(text: str, rng: random.Random) -> tuple[str, str, str] | None:
-    """Line-level split: a whole non-blank line (as the evaluation masks it), a span in a line, or a block.
+def split_line(text: str, rng: random.Random, whole_line: float = 0.6) -> tuple[str, str, str] | None:
+    """Line-level split: a whole non-blank line (as the evaluation masks it, with probability `whole_line`),
+    else a span inside a line or a short block, half each.
 
     A masked whole line is its content without the newline; the suffix starts at that newline.
     """
@@ -147,9 +149,9 @@ def split_line(text: str, rng: random.Random) -> tuple[str, str, str] | None:
     i = rng.choice(nonblank)
     s, e = lines[i]
     r = rng.random()
-    if r < 0.6:
+    if r < whole_line:
         a, b = s, e
-    elif r < 0.8:
+    elif r < (1 + whole_line) / 2:
         indent = len(text[s:e]) - len(text[s:e].lstrip())
         a = rng.randint(s + indent, e - 1)
         b = rng.randint(a + 1, e)
@@ -162,18 +164,19 @@ def split_line(text: str, rng: random.Random) -> tuple[str, str, str] | None:
 def chunks(text: str, max_chars: int, rng: random.Random) -> list[str]:
     """Cut a file at line boundaries into pieces of about `max_chars` (so each FIM example fits a sequence).
 
-    Piece lengths vary (between half and all of `max_chars`), so pieces start at many different lines.
+    Piece lengths vary (between a sixth and all of `max_chars`), so pieces start at many different lines
+    and short ones fill the gaps when whole examples are packed into rows.
     """
     out: list[str] = []
     lines = text.splitlines(keepends=True)
     cur: list[str] = []
     size = 0
-    target = rng.randint(max_chars // 2, max_chars)
+    target = rng.randint(max_chars // 6, max_chars)
     for line in lines:
         if size + len(line) > target and cur:
             out.append("".join(cur))
             cur, size = [], 0
-            target = rng.randint(max_chars // 2, max_chars)
+            target = rng.randint(max_chars // 6, max_chars)
         cur.append(line[:max_chars])
         size += len(cur[-1])
     if cur:
@@ -221,8 +224,10 @@ class ExampleSettings:
     """How one file becomes training examples."""
 
     fim_rate: float = 0.9
-    line_fim_share: float = 0.5  # of FIM examples, the share that masks lines rather than random spans
+    line_fim_share: float = 0.7  # of FIM examples, the share that masks lines rather than random spans
+    whole_line: float = 0.7  # of line-level examples, the share that masks one whole line (the evaluation's task)
     max_chars: int = 2800
+    max_tokens: int = 1025  # an example longer than this (one packed row) is made from the two halves of its piece
     copies: int = 2  # each file is encoded this many times, with independent transforms
     chat_per_file: int = 3
     chat_system_rate: float = 0.3
@@ -249,25 +254,37 @@ def file_examples(args: tuple[str, str, ExampleSettings]) -> tuple[list[np.ndarr
     out: list[np.ndarray] = []
     counts = {"plain": 0, "psm": 0, "spm": 0, "line_fim": 0, "chat": 0}
     for _ in range(st.copies):
-        for piece in chunks(text, st.max_chars, rng):
-            if rng.random() < st.fim_rate:
-                split = split_line(piece, rng) if rng.random() < st.line_fim_share else None
-                if split is not None:
-                    counts["line_fim"] += 1
-                else:
-                    split = split_random(piece, rng)
-                spm_mode = rng.random() < 0.5
-                counts["spm" if spm_mode else "psm"] += 1
-                toks = fim_tokens(sp, ids, *split, spm_mode=spm_mode)
-            else:
-                counts["plain"] += 1
-                toks = [BOS] + sp.encode(piece) + [EOS]
+        todo = chunks(text, st.max_chars, rng)
+        while todo:
+            piece = todo.pop()
+            kind, toks = _piece_example(sp, ids, piece, st, rng)
+            if len(toks) > st.max_tokens:  # dense text: halve the piece at a line boundary and try again
+                lines = piece.splitlines(keepends=True)
+                if len(lines) > 1:
+                    todo += ["".join(lines[: len(lines) // 2]), "".join(lines[len(lines) // 2 :])]
+                continue
+            for k in kind:
+                counts[k] += 1
             out.append(np.asarray(toks, dtype=np.int32))
     for req, ans in instruction_pairs(text, rng, st.chat_per_file):
         system = rng.choice(SYSTEM_PROMPTS) if rng.random() < st.chat_system_rate else None
         out.append(np.asarray(chat_tokens(sp, req, ans, system), dtype=np.int32))
         counts["chat"] += 1
     return out, counts
+
+
+def _piece_example(
+    sp: object, ids: Ids, piece: str, st: ExampleSettings, rng: random.Random
+) -> tuple[tuple[str, ...], list[int]]:
+    """One piece of a file as a FIM (line-level or random-span, PSM or SPM) or plain example; its count keys."""
+    if rng.random() >= st.fim_rate:
+        return ("plain",), [BOS] + sp.encode(piece) + [EOS]  # type: ignore[attr-defined]
+    split = split_line(piece, rng, st.whole_line) if rng.random() < st.line_fim_share else None
+    kind: tuple[str, ...] = ("line_fim",) if split is not None else ()
+    if split is None:
+        split = split_random(piece, rng)
+    spm_mode = rng.random() < 0.5
+    return (*kind, "spm" if spm_mode else "psm"), fim_tokens(sp, ids, *split, spm_mode=spm_mode)
 
 
 def build_examples(
@@ -296,12 +313,41 @@ def build_examples(
     return out, counts
 
 
-def pack(examples: list[np.ndarray], seq_len: int, seed: int) -> np.ndarray:
-    """Shuffle examples and concatenate them into `[n, seq_len]` rows (examples may span rows)."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    stream = np.concatenate([examples[i] for i in order]) if examples else np.zeros(0, np.int32)
-    n = len(stream) // seq_len
-    return stream[: n * seq_len].reshape(n, seq_len)
+def pack(examples: list[np.ndarray], seq_len: int, seed: int, max_open: int = 64) -> np.ndarray:
+    """Shuffle whole examples into `[n, seq_len]` rows, none cut across rows, the rest of a row `PAD`.
+
+    Cutting examples at row boundaries would start most rows mid-example: a FIM middle would then be
+    learned without its `▁<PRE>` and prefix. Best fit over `max_open` open rows (when all are open and
+    nothing fits, the fullest is closed) wastes only a few percent; examples longer than a row are dropped.
+    """
+    rows: list[np.ndarray] = []
+    open_rows: list[list[np.ndarray]] = []
+    free = np.zeros(0, dtype=np.int64)
+
+    def close(r: int) -> None:
+        rows.append(np.concatenate([*open_rows[r], np.full(free[r], PAD, dtype=np.int32)]))
+
+    for i in np.random.default_rng(seed).permutation(len(examples)):
+        ex = examples[i]
+        if len(ex) > seq_len:
+            continue
+        fits = np.flatnonzero(free >= len(ex))
+        if fits.size:
+            r = int(fits[np.argmin(free[fits])])
+        elif len(open_rows) < max_open:
+            open_rows.append([])
+            free = np.append(free, seq_len)
+            r = len(open_rows) - 1
+        else:
+            r = int(np.argmin(free))
+            close(r)
+            open_rows[r], free[r] = [], seq_len
+        open_rows[r].append(ex)
+        free[r] -= len(ex)
+    for r in range(len(open_rows)):
+        if open_rows[r]:
+            close(r)
+    return np.stack(rows) if rows else np.zeros((0, seq_len), np.int32)
 
 
 def sample_lines(texts: Sequence[str], n: int, seed: int) -> list[str]:

@@ -6,7 +6,8 @@
    stdlib modules are held out for evaluation.
 2. Tokenizer: SentencePiece BPE with byte fallback and CodeLlama's FIM pieces (`examples.py`).
 3. Examples in CodeLlama's token layouts: plain files, FIM (rate 0.9, half PSM / half SPM, random-span and
-   line-level splits) and Instruct pairs (docstring -> function), packed into fixed-length rows.
+   line-level splits) and Instruct pairs (docstring -> function), packed whole into fixed-length rows (padding
+   takes no loss), so every FIM middle is learned with its whole prompt in view.
 4. A small Llama (`modeling.py`) trained with AdamW, bf16 autocast, warmup + cosine over a wall-clock
    budget (`--minutes`), saved in Hugging Face Llama format and checked against `transformers`.
 5. Held-out evaluation (`evaluate.py`), samples, `README.md` (model card) and `SHA256SUMS`.
@@ -41,6 +42,7 @@ from engine.demo.examples import (
     BOS,
     EOS,
     FIM_PIECES,
+    PAD,
     ExampleSettings,
     Ids,
     build_examples,
@@ -81,10 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--tok-lines", type=int, default=600_000, help="source lines sampled for the tokenizer")
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=7)
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=704)
+    ap.add_argument("--intermediate", type=int, default=896)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=128, help="sequences per step")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -201,8 +203,9 @@ def train_model(data: torch.Tensor, cfg: DemoConfig, a: argparse.Namespace, t0: 
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = fwd(rows[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), rows[:, 1:].reshape(-1))
+            logits = fwd(rows[:, :-1].clamp(min=0))  # PAD only ever follows a row's last example
+        targets = rows[:, 1:].reshape(-1)
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), targets, ignore_index=PAD)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -247,7 +250,7 @@ def samples(model_dir: Path, device: torch.device, max_new: int) -> dict:
         ev.greedy(model, [prompts[2]], 2 * max_new, {EOS}, device)[0],
     ]
     return {
-        "completion": {"prompt": comp, "output": sp.decode(g[0])},  # type: ignore[attr-defined]
+        "completion": {"prompt": comp, "output": ev.decode_infilling(sp, g[0])},  # keeps the first indent
         "infill": {"prefix": pre, "suffix": suf, "output": ev.decode_infilling(sp, g[1])},
         "chat": {"request": chat, "output": sp.decode(g[2]).strip()},  # type: ignore[attr-defined]
     }
@@ -313,12 +316,14 @@ def model_card(out: Path, info: dict) -> None:
         *[f"| {p['name']} | {p['version']} | {p['license']} | {p['files']} |" for p in pk],
         "",
         "Examples (CodeLlama token layouts, see `engine/demo/examples.py`): each file cut at line boundaries into"
-        f" pieces of at most {info['max_chars']} characters, encoded {info['fim_copies']}x with independent draws;"
-        " FIM at rate 0.9 (half PSM, half SPM; half random character spans as in the paper, half line-level:"
-        " a whole line, a span inside a line, or a short block), plain otherwise; plus Instruct pairs (a"
-        " function's docstring as the request, its code in a ```python block as the answer; 30% with a"
-        f" `<<SYS>>` system prompt). Counts: {info['example_counts']}. {info['rows']:,} rows of {info['seq_len']}"
-        " tokens.",
+        f" pieces of {info['max_chars'] // 6} to {info['max_chars']} characters, encoded {info['fim_copies']}x with"
+        f" independent draws; FIM at rate {info['fim_rate']} (half PSM, half SPM; {1 - info['line_fim_share']:.0%}"
+        f" random character spans as in the paper, {info['line_fim_share']:.0%} line-level: a whole line"
+        f" ({info['whole_line']:.0%}, the evaluation's task), a span inside a line or a short block), plain otherwise;"
+        " plus Instruct pairs (a function's docstring as the request, its code in a ```python block as the answer;"
+        f" 30% with a `<<SYS>>` system prompt). Counts: {info['example_counts']}. Packed whole (never cut across"
+        f" rows; best fit, padding without loss) into {info['rows']:,} rows of {info['seq_len'] + 1} tokens,"
+        f" {info['pad_share']:.1%} padding.",
         "",
         "## Training",
         "",
@@ -423,12 +428,19 @@ def main(argv: list[str] | None = None) -> None:
     log(f"tokenizer: {sp.get_piece_size()} pieces, FIM ids {fim_ids}; {hf_note}; HF check {hf_check}", t0)
 
     # 3. examples
-    st = ExampleSettings(copies=a.fim_copies, seed=a.seed, max_chars=2800 if not a.tiny else 350)
+    st = ExampleSettings(
+        copies=a.fim_copies, seed=a.seed, max_chars=2800 if not a.tiny else 350, max_tokens=a.seq_len + 1
+    )
     files = [(hashlib.sha1(f.text.encode()).hexdigest(), f.text) for f in corp.train]
     exs, counts = build_examples(files, str(out / "tokenizer.model"), st, a.workers)
     rows = pack(exs, a.seq_len + 1, a.seed)
     n_tok = int(rows.size)
-    log(f"examples: {len(exs)} ({counts}), {rows.shape[0]} rows x {a.seq_len + 1} = {n_tok / 1e6:.1f}M tokens", t0)
+    pad_share = float((rows == PAD).mean()) if rows.size else 0.0
+    log(
+        f"examples: {len(exs)} ({counts}), {rows.shape[0]} rows x {a.seq_len + 1} = {n_tok / 1e6:.1f}M tokens"
+        f" ({pad_share:.1%} padding)",
+        t0,
+    )
     data = torch.from_numpy(rows).to(dev)
     del exs
 
@@ -474,6 +486,10 @@ def main(argv: list[str] | None = None) -> None:
         "hf_tokenizer": hf_note,
         "hf_check": hf_check,
         "max_chars": st.max_chars,
+        "fim_rate": st.fim_rate,
+        "line_fim_share": st.line_fim_share,
+        "whole_line": st.whole_line,
+        "pad_share": pad_share,
         "fim_copies": a.fim_copies,
         "example_counts": counts,
         "rows": int(rows.shape[0]),
