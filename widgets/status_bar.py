@@ -59,7 +59,7 @@ class StatusBar(Horizontal):
         if info is None:
             return "no model yet"
         if info.is_demo:
-            return "DEMO model (random weights, not CodeLlama)"
+            return "DEMO model (tiny; --model DIR for CodeLlama)"
         return f"{info.name} ({info.flavour})"
 
     def render_text(self) -> str:
