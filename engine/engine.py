@@ -308,11 +308,11 @@ class Engine:
             slot = self._take_slot(seq.session)
             if slot is None:
                 return
-            self.waiting.popleft()
             seq.slot = slot
+            self.runner.mark_seen(slot, seq.ids)  # may fail (a dead tensor-parallel rank): still queued, so it fails
+            self.waiting.popleft()
             cached = seq.session.cached if seq.session is not None else []
             seq.done = _common_prefix(cached, seq.ids, limit=len(seq.ids) - 1)
-            self.runner.mark_seen(slot, seq.ids)
             self.prefilling.append(seq)
 
     def _take_slot(self, session: Session | None) -> int | None:

@@ -268,6 +268,8 @@ class Leader:
 
     def close(self) -> None:
         """End every rank: the stop plan, a short wait, then kill; no child outlives this call."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         if not self.broken and self.plans is not None:
             with contextlib.suppress(Exception):  # the children are killed below either way
