@@ -47,6 +47,22 @@ def codellama_base_tokenizer_dir(codellama_tokenizer_tool: ModuleType, tmp_path_
 
 
 @pytest.fixture(scope="session")
+def sp(codellama_tokenizer_dir: Path):
+    """Meta's own tokenizer object (SentencePiece) for the reference constructions."""
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(codellama_tokenizer_dir / "tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
+def tok(codellama_tokenizer_dir: Path):
+    """The engine's tokenizer on the real CodeLlama vocabulary."""
+    from engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(codellama_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(codellama_tokenizer_dir: Path, tmp_path_factory) -> Path:
     """A tiny random-weight CodeLlama-7B-shaped checkpoint (MHA, vocab 32016, rope_theta 1e6), float32."""
     from tests.checkpoints import make_tiny_checkpoint

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
@@ -17,18 +16,6 @@ MULTIBYTE = [
     "    return \"€\" + 'ß'\n",
     "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math",
 ]
-
-
-@pytest.fixture(scope="module")
-def sp(codellama_tokenizer_dir: Path):
-    import sentencepiece
-
-    return sentencepiece.SentencePieceProcessor(model_file=str(codellama_tokenizer_dir / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tok(codellama_tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(codellama_tokenizer_dir)
 
 
 def stream(tok: Tokenizer, ids: list[int]) -> list[str]:

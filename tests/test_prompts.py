@@ -15,18 +15,6 @@ PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """ '
 SUFFIX = "\n    return result\n"
 
 
-@pytest.fixture(scope="module")
-def sp(codellama_tokenizer_dir: Path):
-    import sentencepiece
-
-    return sentencepiece.SentencePieceProcessor(model_file=str(codellama_tokenizer_dir / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tok(codellama_tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(codellama_tokenizer_dir)
-
-
 def meta_infilling(sp, pre: str, suf: str, suffix_first: bool = False) -> list[int]:
     """Meta's `infilling_prompt_tokens`, on sentencepiece alone."""
     pre_id, suf_id, mid_id = (sp.piece_to_id(p) for p in ("▁<PRE>", "▁<SUF>", "▁<MID>"))

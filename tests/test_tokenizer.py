@@ -31,18 +31,6 @@ TRICKY = [
 ROUND_TRIP = [text for text in TRICKY if "<PRE>" not in text]
 
 
-@pytest.fixture(scope="module")
-def sp(codellama_tokenizer_dir: Path):
-    import sentencepiece
-
-    return sentencepiece.SentencePieceProcessor(model_file=str(codellama_tokenizer_dir / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def tok(codellama_tokenizer_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(codellama_tokenizer_dir)
-
-
 def test_documented_ids(tok: Tokenizer) -> None:
     assert tok.encode("This is a test", bos=True) == [1, 910, 338, 263, 1243]
     assert tok.encode("Hi  Hello", bos=True) == [1, 6324, 29871, 15043]
