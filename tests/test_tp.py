@@ -1,0 +1,184 @@
+"""Tensor parallelism on the CPU with gloo: the same tokens and logits as TP 1, clear errors, no orphans."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.client import EngineClient
+from engine.engine import Engine
+from engine.errors import EngineError
+from engine.events import Failed, Finished, TextDelta
+from engine.requests import EngineSpec, Request, SamplingParams
+from engine.runner import Row
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "def fibonacci(n):\n    "
+
+
+def cli(*args: str, tag: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CODELLAMA_TP_TEST_TAG": tag}
+    cmd = [sys.executable, "-m", "tui.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@functools.cache
+def generated(model: Path, tp: int, *sampling: str) -> str:
+    """What `generate --tp N --device cpu` prints (cached: the TP 1 reference is shared by several tests)."""
+    result = cli("generate", "--model", str(model), "--device", "cpu", "--tp", str(tp), "--prompt", PROMPT, *sampling)
+    assert result.returncode == 0, result.stderr
+    assert f"tp {tp})" in result.stderr
+    return result.stdout
+
+
+def tagged(tag: str) -> list[int]:
+    """Pids of live processes whose environment carries `tag` (the command's workers inherit it)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"CODELLAMA_TP_TEST_TAG={tag}".encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def children() -> list[int]:
+    """Pids of this process's live tensor-parallel workers."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == os.getpid() and state != "Z" and b"engine.tp_worker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+GREEDY = ("--temperature", "0", "--max-new-tokens", "24")
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "tp"),
+    [
+        ("tiny_model_dir", 4),  # TP 2 of this model: the sampling test below
+        pytest.param(
+            "tiny_model_dir", 8, marks=pytest.mark.slow
+        ),  # 8 heads, 8 kv heads, 176 = 8 * 22, 32016 = 8 * 4002
+        ("tiny_gqa_dir", 2),  # 2 kv heads: TP 2 at most; 3 weight files
+    ],
+)
+def test_generate_tp_gives_the_tokens_of_tp1(request, checkpoint: str, tp: int) -> None:
+    model = request.getfixturevalue(checkpoint)
+    expected = generated(model, 1, *GREEDY)
+    assert expected.strip()
+    assert generated(model, tp, *GREEDY) == expected
+
+
+def test_sampling_with_repetition_penalty_agrees_across_ranks(tiny_model_dir: Path) -> None:
+    """Pipelined steps feed each rank its own sampled tokens: seeds, seen masks and penalties must agree."""
+    sampling = ("--temperature", "0.8", "--top-k", "20", "--seed", "7", "--repetition-penalty", "1.3")
+    sampling += ("--max-new-tokens", "24")
+    assert generated(tiny_model_dir, 2, *sampling) == generated(tiny_model_dir, 1, *sampling)
+
+
+def test_prefill_and_decode_logits_match_tp1(tiny_gqa_dir: Path) -> None:
+    spec = EngineSpec(model=str(tiny_gqa_dir), device="cpu", dtype="float32", max_batch=2, max_seq_len=128)
+    one = Engine.load(spec)
+    two = Engine.load(EngineSpec(**{**spec.__dict__, "tp": 2}))
+    try:
+        assert two.info.tp == 2 and len(children()) == 1
+        ids = one.prompt_ids(Request("completion", text=PROMPT * 2))
+        for engine in (one, two):
+            engine.first = engine.model.prefill(torch.tensor(ids), 0, 0, all_logits=True)
+            engine.model.prefill(torch.tensor(ids[:5]), 1, 0)
+        assert (two.first - one.first).abs().max().item() < 1e-4
+        tokens = [int(one.first[-1].argmax()), 450]
+        for step in range(4):
+            rows = [
+                Row(tokens[0], len(ids) + step, 0, 0.0, 0, 1.0, 1.0, 0, 0),
+                Row(tokens[1], 5 + step, 1, 0.0, 0, 1.0, 1.0, 0, 0),
+            ]
+            got = [engine.runner(rows) for engine in (one, two)]
+            assert (two.runner.logits[:2] - one.runner.logits[:2]).abs().max().item() < 1e-4
+            assert got[0] == got[1]
+            tokens = got[0]
+    finally:
+        two.close()
+    assert children() == []
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "tp", "expected"),
+    [
+        ("tiny_model_dir", 3, "--tp 3 does not divide the model's 8 attention heads"),
+        ("tiny_gqa_dir", 4, "--tp 4 does not divide the model's 2 key/value heads"),
+    ],
+)
+def test_a_size_that_does_not_divide_is_one_line(request, checkpoint: str, tp: int, expected: str) -> None:
+    tag = uuid.uuid4().hex
+    model = request.getfixturevalue(checkpoint)
+    result = cli("generate", "--model", str(model), "--device", "cpu", "--tp", str(tp), "--prompt", "x", tag=tag)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"codellama-tui: error: {expected}; choose a divisor of " + (
+        "8" if "8" in expected else "2"
+    )
+    assert tagged(tag) == []
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_rank_fails_the_request_fast_and_close_leaves_no_process(tiny_model_dir: Path) -> None:
+    spec = EngineSpec(model=str(tiny_model_dir), device="cpu", dtype="float32", tp=2, max_batch=1)
+    client = EngineClient(spec).start()
+    try:
+        client.wait_ready(timeout=60)
+        (worker,) = children()
+        long = Request("completion", text=PROMPT, sampling=SamplingParams(temperature=0, max_new_tokens=400))
+        events, killed = [], None
+        for event in client.stream(long):
+            events.append(event)
+            if isinstance(event, TextDelta) and killed is None:
+                os.kill(worker, signal.SIGKILL)
+                killed = time.monotonic()
+        assert killed is not None and time.monotonic() - killed < 5
+        assert not any(isinstance(e, Finished) for e in events)
+        failed = events[-1]
+        assert isinstance(failed, Failed)
+        assert f"tensor-parallel rank 1 (pid {worker}) was killed by SIGKILL" in failed.message
+        assert "\n" not in failed.message
+        # The engine stays down, with the same message, instead of hanging on the next request.
+        again = list(client.stream(Request("completion", text="x", sampling=SamplingParams(max_new_tokens=4))))
+        assert isinstance(again[-1], Failed) and again[-1].message == failed.message
+    finally:
+        client.close()
+    assert children() == []
+
+
+def test_bench_runs_tp2(tiny_gqa_dir: Path) -> None:
+    tag = uuid.uuid4().hex
+    args = ("--model", str(tiny_gqa_dir), "--device", "cpu", "--batch", "1,2", "--steps", "4", "--prompt-lens", "8")
+    result = cli("bench", *args, "--tp", "2", tag=tag)
+    assert result.returncode == 0, result.stderr
+    assert "decode, batch 2" in result.stdout
+    assert tagged(tag) == []
+
+
+def test_launch_refuses_more_gpus_than_there_are() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    from engine.tp import _devices
+
+    assert _devices(EngineSpec(device="cpu", tp=4), 4) == ("gloo", ["cpu"] * 4)
+    with pytest.raises(EngineError, match="no CUDA device"):
+        _devices(EngineSpec(device="cuda", tp=2), 2)
