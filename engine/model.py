@@ -97,8 +97,9 @@ class Attention(nn.Module):
     ) -> Tensor:
         """`x [B, dim]`: one new token per sequence, written at `positions` of `slots` (device tensors)."""
         q, k, v = self._split(x)
-        q = kernels.rotary_kv_write(q, k, v, cos, sin, positions, slots, cache.k[layer], cache.v[layer])
-        out = kernels.decode_attention(q, cache.k[layer], cache.v[layer], slots, positions + 1, self.scale)
+        k_cache, v_cache = cache.k[layer], cache.v[layer]  # once: every op counts on the CPU
+        q = kernels.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
+        out = kernels.decode_attention(q, k_cache, v_cache, slots, positions + 1, self.scale)
         return self.par.all_reduce(kernels.linear(out.reshape(x.shape[0], -1), self.wo))
 
 
