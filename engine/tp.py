@@ -5,10 +5,13 @@ processes this module starts (or, under `torchrun`, the other processes torchrun
 builds the same engine from the same recipe, holding only its shard of the weights; the model's
 collectives go through the default process group (NCCL on CUDA, gloo on the CPU).
 
-Each step, rank 0 broadcasts a small plan — prefill (tokens, slot, start) or decode (the rows) — on a
-separate gloo group, then runs the same call itself; the other ranks run the identical call. The
-logits after the vocabulary all-gather are identical on every rank, and only rank 0's sampled tokens
-are used: they reach the other ranks as the next decode plan's rows. Workers hold no scheduler state.
+Before every call that touches shared state, rank 0 broadcasts a small plan on a separate gloo group
+(CPU tensors, no timeout while idle) and then makes the call itself; the other ranks make the identical
+call: prefill (tokens, slot, start), a decode step (the rows: token, position, slot, sampling, seed,
+offset), the next pipelined step of the same batch (no rows: each rank feeds its own sampled tokens
+back on its device), the sample after a prefill, a slot's fresh repetition mask, and stop. Logits after
+the vocabulary all-gather are bitwise the same on every rank (the all-reduce gives every rank the same
+sum), so device sampling picks the same tokens everywhere. Workers hold no scheduler state.
 
 Faults: a monitor thread on rank 0 watches the children and the length of every step; a child that
 dies, or a step that outlives the timeout, stops the engine with a one-line error (the other children
@@ -436,10 +439,10 @@ def worker_main() -> None:
     job: Job = pickle.load(sys.stdin.buffer)  # noqa: S301 (written by our own parent over a private pipe)
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     try:
-        store = dist.TCPStore("127.0.0.1", job.port, job.world, False, timedelta(seconds=TIMEOUT_S))
-        store.set(f"joined/{job.rank}", str(os.getpid()))
         if job.backend == "nccl":
             torch.cuda.set_device(job.spec.device)
+        store = dist.TCPStore("127.0.0.1", job.port, job.world, False, timedelta(seconds=TIMEOUT_S))
+        store.set(f"joined/{job.rank}", str(os.getpid()))  # from here on rank 0 waits in init without polling us
         dist.init_process_group(
             job.backend, store=store, rank=job.rank, world_size=job.world, timeout=timedelta(seconds=TIMEOUT_S)
         )

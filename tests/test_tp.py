@@ -93,12 +93,12 @@ def test_sampling_with_repetition_penalty_agrees_across_ranks(tiny_model_dir: Pa
 
 
 def test_prefill_and_decode_logits_match_tp1(tiny_gqa_dir: Path) -> None:
-    spec = EngineSpec(model=str(tiny_gqa_dir), device="cpu", dtype="float32", max_batch=2, max_seq_len=128)
+    spec = EngineSpec(model=str(tiny_gqa_dir), device="cpu", dtype="float32", max_batch=2, max_seq_len=512)
     one = Engine.load(spec)
     two = Engine.load(EngineSpec(**{**spec.__dict__, "tp": 2}))
     try:
         assert two.info.tp == 2 and len(children()) == 1
-        ids = one.prompt_ids(Request("completion", text=PROMPT * 2))
+        ids = (one.prompt_ids(Request("completion", text=PROMPT)) * 60)[:506]  # longer than a plan's inline part
         for engine in (one, two):
             engine.first = engine.model.prefill(torch.tensor(ids), 0, 0, all_logits=True)
             engine.model.prefill(torch.tensor(ids[:5]), 1, 0)
@@ -163,6 +163,26 @@ def test_a_killed_rank_fails_the_request_fast_and_close_leaves_no_process(tiny_m
     finally:
         client.close()
     assert children() == []
+
+
+def test_workers_exit_when_rank_0_is_killed(tiny_model_dir: Path) -> None:
+    tag = uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "tui.cli", "generate", "--model", str(tiny_model_dir), "--device", "cpu", "--tp", "2"]
+    cmd += ["--temperature", "0", "--max-new-tokens", "400", "--prompt", PROMPT]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CODELLAMA_TP_TEST_TAG": tag}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    try:
+        assert proc.stdout.read(8)  # generating, so every rank is busy
+        assert len(tagged(tag)) == 2  # rank 0 (the command) and rank 1
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tagged(tag) == []
+    finally:
+        proc.kill()
+        proc.stdout.close()
 
 
 def test_bench_runs_tp2(tiny_gqa_dir: Path) -> None:
