@@ -294,9 +294,10 @@ class Leader:
 def _end_group(backend: str) -> None:
     if not dist.is_initialized():
         return
-    with contextlib.suppress(Exception):  # a group broken by a dead rank still goes away with the process
-        if backend == "nccl":  # local and non-blocking, unlike a destroy that may wait for dead peers
+    if backend == "nccl":  # local and non-blocking, unlike a destroy that may wait for dead peers
+        with contextlib.suppress(Exception):
             dist.distributed_c10d._abort_process_group()
+    with contextlib.suppress(Exception):  # a group broken by a dead rank still goes away with the process
         dist.destroy_process_group()
 
 
