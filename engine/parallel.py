@@ -33,7 +33,7 @@ class Parallel:
             return x
         x = x.contiguous()
         parts = x.new_empty((self.world * x.shape[0], *x.shape[1:]))  # shards one after another along dim 0
-        dist.all_gather_single(parts, x)
+        dist.all_gather_into_tensor(parts, x)
         return parts.view(self.world, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], -1)
 
     def smallest(self, value: int) -> int:
