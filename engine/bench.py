@@ -85,6 +85,7 @@ def random_rank(spec: EngineSpec, progress: object, par: Parallel, shape: str, t
     return random_engine(shape_config(shape), spec, Tokenizer.from_dir(Path(tokenizer)), par)[0]
 
 
+@torch.inference_mode()  # as the engine runs its steps
 def decode_rate(engine: Engine, batch: int, steps: int, position: int) -> float:
     """Tokens/s of the decode step as the engine runs it: pipelined, each step launched from the previous
     step's device outputs before the host reads that step's tokens."""
@@ -99,6 +100,7 @@ def decode_rate(engine: Engine, batch: int, steps: int, position: int) -> float:
     return batch * steps / (_now(engine.device) - start)
 
 
+@torch.inference_mode()  # as the engine runs its steps
 def time_to_first_token(engine: Engine, length: int, repeats: int = 5) -> float:
     """Seconds from a prompt of `length` tokens to its first sampled token on the host (prefill + sample)."""
     ids = torch.randint(3, engine.model.cfg.vocab_size - 1, (length,), device=engine.device)
@@ -232,6 +234,7 @@ def conformance(engine: Engine, hf, n: int = 32) -> dict[str, float]:
     }
 
 
+@torch.inference_mode()  # as the engine runs its steps
 def graph_step_ms(engine: Engine, batch: int, steps: int = 50) -> float:
     """Milliseconds of one decode step on the GPU alone: graph replays back to back, no host work between."""
     graph = engine.runner.graphs[(engine.runner.bucket(batch), True)]

@@ -289,6 +289,7 @@ class Engine:
 
     # ---- the scheduler ----
 
+    @torch.inference_mode()  # no autograd bookkeeping: on the CPU that alone is ~15% of a small model's step
     def step(self) -> list[Event]:
         """Admit, prefill one chunk, decode one token per running sequence."""
         events: list[Event] = []
