@@ -116,8 +116,9 @@ def decode_attention(
 # (rows, N, K, dtype) -> the Triton config that beat cuBLAS there; filled by `tune_linear` on the device.
 _TRITON_CONFIG: dict[tuple[int, int, int, object], object] = {}
 
-# Alternatives to the rule's config, tried per weight shape at start-up (split-K helps the narrow shapes).
-_CANDIDATES = ((16, 512, 2), (16, 256, 4), (32, 256, 2))
+# Alternatives to the rule's config, tried per weight shape at start-up: (block_n, block_k, split_k, warps, stages).
+# Split-K variants lost on every 7B shape on the H100; wider tiles with more warps keep more loads in flight.
+_CANDIDATES = ((32, 512, 1, 8, 3), (16, 1024, 1, 8, 3), (64, 256, 1, 8, 3), (32, 256, 1, 4, 4))
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
@@ -170,7 +171,9 @@ def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int 
                     ms = _graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls)
                 except Exception:  # a config that does not compile or run for this shape is just not a candidate
                     continue
-                times[f"triton {config.block_n}x{config.block_k}/{config.split_k}"] = ms
+                times[
+                    f"triton {config.block_n}x{config.block_k}/{config.split_k} w{config.num_warps}s{config.num_stages}"
+                ] = ms
                 if ms < best_ms:
                     best, best_ms = config, ms
             if best is not None:
