@@ -116,10 +116,6 @@ def decode_attention(
 # (rows, N, K, dtype) -> the Triton config that beat cuBLAS there; filled by `tune_linear` on the device.
 _TRITON_CONFIG: dict[tuple[int, int, int, object], object] = {}
 
-# Alternatives to the rule's config, tried per weight shape at start-up: (block_n, block_k, split_k, warps, stages).
-# Split-K variants lost on every 7B shape on the H100; wider tiles with more warps keep more loads in flight.
-_CANDIDATES = ((32, 512, 1, 8, 3), (16, 1024, 1, 8, 3), (64, 256, 1, 8, 3), (32, 256, 1, 4, 4))
-
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """`x @ w.T`: the Triton matrix-vector kernel where `tune_linear` measured it faster, cuBLAS elsewhere."""
@@ -151,8 +147,8 @@ def _graph_time(fn: Callable[[], object], calls: int) -> float:
 
 
 def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 20) -> dict[str, dict[str, float]]:
-    """Time cuBLAS and a few Triton configs for each weight shape, each in a CUDA graph as decode runs them,
-    and remember the fastest. Which wins depends on the shape: measuring beats a rule. Run before capture."""
+    """Time cuBLAS and the Triton kernel for each weight shape, each in a CUDA graph as decode runs them,
+    and remember the faster. Which wins depends on the shape: measuring beats a rule. Run before capture."""
     if not weights or not _use_triton(weights[0]):
         return {}
     from . import triton_gemv
@@ -162,21 +158,14 @@ def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int 
         for m in rows:
             x = torch.randn(m, shape[1], device=w.device, dtype=dtype)
             sm = torch.cuda.get_device_properties(w.device).multi_processor_count
-            configs = [triton_gemv.choose_config(m, *shape, sm)]
-            configs += [triton_gemv.GemvConfig(*c) for c in _CANDIDATES if m == 1]
-            times = {"cublas": _graph_time(lambda x=x, w=w: F.linear(x, w), calls)}
-            best, best_ms = None, times["cublas"]
-            for config in configs:
-                try:
-                    ms = _graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls)
-                except Exception:  # a config that does not compile or run for this shape is just not a candidate
-                    continue
-                times[
-                    f"triton {config.block_n}x{config.block_k}/{config.split_k} w{config.num_warps}s{config.num_stages}"
-                ] = ms
-                if ms < best_ms:
-                    best, best_ms = config, ms
-            if best is not None:
-                _TRITON_CONFIG[(m, *shape, dtype)] = best
+            # The rule's config: split-K and wider-tile alternatives were timed here on the H100 and lost on
+            # every 7B shape (BENCHMARKS.md), while costing seconds of compilation at each cold start.
+            config = triton_gemv.choose_config(m, *shape, sm)
+            times = {
+                "cublas": _graph_time(lambda x=x, w=w: F.linear(x, w), calls),
+                "triton": _graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls),
+            }
+            if times["triton"] < times["cublas"]:
+                _TRITON_CONFIG[(m, *shape, dtype)] = config
             report[f"{shape[0]}x{shape[1]} m={m}"] = {k: round(v * 1e3, 1) for k, v in times.items()}
     return report
