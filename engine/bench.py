@@ -52,14 +52,7 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     """An engine on random weights (normal, std 0.02; norms 1) at a real shape; returns it and the init time."""
     device, dtype = pick_device(spec.device), pick_dtype(spec.dtype, pick_device(spec.device))
     start = _now(device)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = Llama(cfg, spec.max_seq_len, par)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model = model.to_empty(device=device)
-    model.init_rope(spec.max_seq_len)
+    model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype)
     built = _now(device)
     gen = torch.Generator(device=device).manual_seed(0)
     for p in model.parameters():

@@ -40,6 +40,7 @@ from engine.runner import DecodeRunner, Row
 from engine.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 2048
+_TRY = "try a smaller --max-batch, a shorter --max-seq-len, --dtype bfloat16, or more GPUs with --tp"
 
 
 def pick_device(name: str) -> torch.device:
@@ -146,21 +147,13 @@ class Engine:
         shard = Shard.of(cfg, par.world)
         context = par.smallest(cls._context(spec, cfg, shard, device, dtype))
         try:
-            with torch.device("meta"):
-                torch.set_default_dtype(dtype)
-                try:
-                    model = Llama(cfg, context, par)
-                finally:
-                    torch.set_default_dtype(torch.float32)
-            model = model.to_empty(device=device)
-            model.init_rope(context)
+            model = Llama.empty(cfg, context, par, device, dtype)
             load_weights(model, path, progress)
             model.setup_cache(spec.max_batch + 1, context, dtype)
         except torch.OutOfMemoryError:
             need = cfg.n_params * torch.finfo(dtype).bits // 8 / par.world / 2**30
             raise OutOfMemoryError(
-                f"out of GPU memory loading {path.name} ({need:.1f} GiB of weights per GPU plus the KV cache); "
-                "try a smaller --max-batch, a shorter --max-seq-len, --dtype bfloat16, or more GPUs with --tp"
+                f"out of GPU memory loading {path.name} ({need:.1f} GiB of weights per GPU plus the KV cache); {_TRY}"
             ) from None
         is_demo = path == DEMO_DIR
         info = ModelInfo(
@@ -179,7 +172,7 @@ class Engine:
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(
                 f"out of GPU memory capturing the decode graphs for {spec.max_batch} sequences of {context} tokens; "
-                "try a smaller --max-batch, a shorter --max-seq-len, --dtype bfloat16, or more GPUs with --tp"
+                + _TRY
             ) from None
 
     @staticmethod

@@ -139,6 +139,19 @@ class Llama(nn.Module):
         self.init_rope(max_seq)
         self.requires_grad_(False)
 
+    @classmethod
+    def empty(cls, cfg: ModelConfig, max_seq: int, par: Parallel, device: torch.device, dtype: torch.dtype) -> Llama:
+        """The model with uninitialised weights straight on `device` in `dtype`: nothing is allocated twice."""
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("meta"):
+                model = cls(cfg, max_seq, par)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        model = model.to_empty(device=device)
+        model.init_rope(max_seq)
+        return model
+
     def init_rope(self, max_seq: int) -> None:
         """(Re)build the rotary tables on the model's device; needed after materialising from `meta`."""
         cos, sin = rope_tables(self.cfg, max_seq)

@@ -7,6 +7,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.model import Llama
+from engine.parallel import SINGLE
 from engine.runner import DecodeRunner, Row
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -19,14 +20,7 @@ CFG = ModelConfig(
 
 def model(dtype: torch.dtype, slots: int) -> Llama:
     torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            m = Llama(CFG, 1024)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    m = m.to_empty(device="cuda")
-    m.init_rope(1024)
+    m = Llama.empty(CFG, 1024, SINGLE, torch.device("cuda"), dtype)
     for p in m.parameters():
         p.normal_(0, 0.1) if p.dim() > 1 else p.fill_(1.0)
     m.setup_cache(slots + 1, 1024, dtype)
