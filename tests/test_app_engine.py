@@ -34,3 +34,18 @@ async def test_real_engine_loads_completes_and_infills(tiny_model_dir: Path) -> 
         assert "<FILL>" not in app.editor.text
         app.editor.undo()  # the whole infill is one undo step
         assert app.editor.text == SOURCE
+
+
+async def test_without_a_model_the_app_runs_the_demo_model() -> None:
+    """What the README's first command does: no --model, the built-in demo model loads and completes."""
+    spec = EngineSpec(device="cpu", max_batch=1)
+    app = CodeLlamaApp(None, spec, "completion", overrides={"max_new_tokens": 12, "temperature": 0.0}, text=SOURCE)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.info is not None or app.load_error is not None, timeout=120)
+        assert app.load_error is None and app.info.is_demo
+        assert "DEMO" in app.status.render_text()
+        app.editor.move_cursor((1, 4))
+        await pilot.press("f3")  # the demo model has the infilling pieces
+        await wait_for(pilot, lambda: not app._jobs, timeout=60)
+        assert app.status.state == "ready", app.status.render_text()
+        assert "<FILL>" not in app.editor.text
