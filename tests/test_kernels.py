@@ -136,7 +136,12 @@ def check_linear(
     x, w = _randn(gen, m, k, dtype=dt, device=device), _randn(gen, n, k, dtype=dt, device=device)
     cfg = triton_gemv.GemvConfig(*config) if config else None
     expected = reference.linear(x.double(), w.double()).to(dt)
-    _close(triton_gemv.linear(x, w, cfg), expected, dt)
+    actual = triton_gemv.linear(x, w, cfg)
+    if dt == torch.float32:  # a float32 sum of k products carries rounding of about eps * sqrt(k) * |terms|
+        atol = 4 * torch.finfo(dt).eps * k**0.5 * float(x.abs().max() * w.abs().max())
+        torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=1e-5, atol=max(atol, 1e-5))
+    else:
+        _close(actual, expected, dt)
 
 
 def check_silu_mul(name: str, device: str, dtype: str, rows: int, dim: int) -> None:

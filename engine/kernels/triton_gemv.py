@@ -119,9 +119,7 @@ def linear(x: Tensor, w: Tensor, config: GemvConfig | None = None) -> Tensor:
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     m, n = x2.shape[0], w.shape[0]
-    # Float32 rows go to cuBLAS on the GPU when there are several: there Triton 3.6 ran the tile dot at about
-    # TF32 precision on the H100 (linear-fp32-m4 missed 1e-5 by 17x), whatever input_precision said.
-    if m > MAX_ROWS or (m > 1 and x.is_cuda and x.dtype == torch.float32):
+    if m > MAX_ROWS:
         return F.linear(x, w)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
