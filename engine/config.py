@@ -34,7 +34,6 @@ class ModelConfig:
     tie_embeddings: bool
     bos_id: int
     eos_id: int
-    torch_dtype: str
 
     @classmethod
     def from_dir(cls, path: Path) -> ModelConfig:
@@ -81,7 +80,6 @@ class ModelConfig:
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             bos_id=int(raw.get("bos_token_id") or 1),
             eos_id=_first(raw.get("eos_token_id"), 2),
-            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
         )
 
     @property
@@ -120,7 +118,6 @@ def shape_config(name: str) -> ModelConfig:
         tie_embeddings=False,
         bos_id=1,
         eos_id=2,
-        torch_dtype="bfloat16",
     )
 
 

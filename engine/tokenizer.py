@@ -45,8 +45,7 @@ class Tokenizer:
         fim = (self.pre_id, self.suf_id, self.mid_id, self.eot_id)
         self.can_infill = all(i is not None for i in fim)
         named = {i for i in (*fim, self.step_id) if i is not None}
-        self._special = frozenset({*control, bos_id, eos_id, *named})
-        byte_set, special = frozenset(byte_ids), self._special
+        special, byte_set = frozenset({*control, bos_id, eos_id, *named}), frozenset(byte_ids)
         self._bytes = tuple(_piece_bytes(p, i in special, i in byte_set) for i, p in enumerate(pieces))
 
     @classmethod
@@ -87,10 +86,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """One-shot decode; keeps the leading space that Meta's `decode` strips."""
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
-
-    def is_special(self, token_id: int) -> bool:
-        """Whether the id is a control piece (bos, eos, unk, FIM pieces, `<step>`) that adds no text."""
-        return token_id in self._special
 
 
 def _piece_bytes(piece: str, special: bool, is_byte: bool) -> bytes:

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 CFG = ModelConfig(
     dim=512, intermediate=1376, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, vocab_size=32016,
-    max_position=1024, rope_theta=1e6, norm_eps=1e-5, tie_embeddings=False, bos_id=1, eos_id=2, torch_dtype="bfloat16",
+    max_position=1024, rope_theta=1e6, norm_eps=1e-5, tie_embeddings=False, bos_id=1, eos_id=2,
 )  # fmt: skip
 
 
