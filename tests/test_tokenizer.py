@@ -104,7 +104,6 @@ def test_tokenizer_json_fallback_encodes_identically(codellama_tokenizer_dir: Pa
     )
     ids = range(tok.vocab_size)
     assert [hf.token_bytes(i) for i in ids] == [tok.token_bytes(i) for i in ids]
-    assert [hf.is_special(i) for i in ids] == [tok.is_special(i) for i in ids]
 
 
 def test_missing_tokenizer_names_the_directory(tmp_path: Path) -> None:
