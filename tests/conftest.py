@@ -17,6 +17,12 @@ TOKENIZER_TOOL = SHARED / "tools" / "codellama_tokenizer.py"
 LLAMA2_VOCAB = SHARED / "data" / "llama2-vocab" / "ggml-vocab-llama-spm.gguf"
 
 
+@pytest.fixture(autouse=True)
+def _private_config_dir(tmp_path_factory, monkeypatch) -> None:
+    """No test reads the developer's own config file (it may name a model, keys or a theme)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+
+
 @pytest.fixture(scope="session")
 def codellama_tokenizer_tool() -> ModuleType:
     """The shared tokenizer-building tool, imported once: it turns the Llama-2 vocab into tokenizers."""

@@ -226,3 +226,14 @@ def test_ctrl_c_cancels_mid_generation(tiny_model_dir: Path) -> None:
         "Traceback" not in err.decode() and err.decode().strip().splitlines()[-1] == "codellama-tui: error: cancelled"
     )
     assert len(first + out) < 480 * 8  # it stopped early, keeping what was printed
+
+
+def test_the_config_files_model_is_the_default(tiny_model_dir: Path) -> None:
+    config = Path(os.environ["XDG_CONFIG_HOME"]) / "codellama-tui" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(f'model = "{tiny_model_dir}"\n')
+    result = cli("generate", "--device", "cpu", "--temperature", "0", "--max-new-tokens", "4", "--prompt", "x")
+    assert result.returncode == 0, result.stderr
+    assert f"ready: {tiny_model_dir.name}" in result.stderr
+    config.write_text("model = 3\n")
+    assert "model must be a string" in error_line(cli("generate", "--device", "cpu", "--prompt", "x"))

@@ -642,8 +642,6 @@ def run_app(
 
     try:
         config = load_config()
-        if config.model and spec.model is None:
-            spec = _replace_model(spec, config.model)
         theme = theme_name(theme or config.theme or "dark")
         text = read_text(file) if file else ""
     except (ConfigError, ValueError, OSError, UnicodeDecodeError) as err:
@@ -654,8 +652,3 @@ def run_app(
     result = app.run()
     return result if isinstance(result, int) else (app.return_code or 0)
 
-
-def _replace_model(spec: EngineSpec, model: str) -> EngineSpec:
-    from dataclasses import replace
-
-    return replace(spec, model=model)

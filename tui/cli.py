@@ -132,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parsers = build_parser()
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "app"
     args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
+    if getattr(args, "model", None) is None and not getattr(args, "shape", None):
+        from tui.config import ConfigError, load_config
+
+        try:  # the config file's model is every command's default, as it is the app's
+            args.model = load_config().model
+        except ConfigError as err:
+            parsers[command].exit(2, f"{parsers[command].prog}: error: {err}\n")
     if command == "generate":
         from tui.oneshot import generate
 
