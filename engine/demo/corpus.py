@@ -179,11 +179,12 @@ def _read(path: Path) -> str | None:
     return text.replace("\r\n", "\n")
 
 
-def collect(max_bytes: int = 120_000_000, max_files: int | None = None, seed: int = 0) -> Corpus:
-    """Collect deduplicated training text: all of the stdlib, then packages, up to `max_bytes`.
+def collect(max_bytes: int = 300_000_000, max_files: int | None = None, seed: int = 0) -> Corpus:
+    """Collect deduplicated training text: all of the stdlib, then a fair share of every permissive package.
 
-    No single distribution may take more than a quarter of the budget, so the biggest packages
-    (torch, transformers) do not crowd out the rest. `max_files` caps the count (for smoke tests).
+    The packages split what the stdlib leaves of `max_bytes` by water-filling: one byte cap for all,
+    the largest that fits the budget, so small packages come whole and the biggest (torch,
+    transformers) give only their share. `max_files` caps the count (for smoke tests).
     """
     rng = random.Random(seed)
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
@@ -230,34 +231,14 @@ def collect(max_bytes: int = 120_000_000, max_files: int | None = None, seed: in
     stats["stdlib_files"] = len(train)
     stats["stdlib_bytes"] = total
 
+    candidates = _package_files(rng)
+    cap = _fair_cap([sum(size for _, size in files) for _, _, files in candidates], max_bytes - total)
+    stats["per_package_cap"] = cap
     packages: list[dict[str, str]] = []
-    dists = {}
-    for d in md.distributions():
-        name = (d.metadata.get("Name") or "").strip()
-        if name and name.lower() not in dists:
-            dists[name.lower()] = d
-    per_dist_cap = max_bytes // 4
-    for key in sorted(dists):
-        d = dists[key]
-        try:
-            lic = classify_license(d.metadata)
-            files = [f for f in d.files or [] if str(f).endswith(".py") and not str(f).startswith("..")]
-        except Exception:  # noqa: BLE001 - a broken RECORD/METADATA just means the package is not used
-            continue
-        if lic is None or key in SKIP_DISTS or not files:
-            continue
-        rng.shuffle(files)
-        used = 0
-        n_used = 0
-        for f in files:
-            if total >= max_bytes or used >= per_dist_cap:
-                break
-            if max_files is not None and len(train) >= max_files:
-                break
-            p = Path(d.locate_file(f))
-            if any(part in SKIP_DIRS or part.startswith("test_") for part in Path(str(f)).parts[:-1]):
-                continue
-            if p.name.startswith("test_") or p.name == "conftest.py":
+    for d, lic, files in candidates:
+        used = n_used = 0
+        for p, size in files:
+            if used + size > cap or (max_files is not None and len(train) >= max_files):
                 continue
             text = _read(p)
             if text is not None and add(p, text, d.metadata["Name"]):
@@ -270,3 +251,54 @@ def collect(max_bytes: int = 120_000_000, max_files: int | None = None, seed: in
     stats["bytes"] = total
     v = sys.version_info
     return Corpus(train, held, packages, f"{v.major}.{v.minor}.{v.micro}", stats)
+
+
+def _package_files(rng: random.Random) -> list[tuple[md.Distribution, str, list[tuple[Path, int]]]]:
+    """Every permissively licensed distribution with its usable Python files and their sizes (shuffled)."""
+    dists = {}
+    for d in md.distributions():
+        name = (d.metadata.get("Name") or "").strip()
+        if name and name.lower() not in dists:
+            dists[name.lower()] = d
+    out = []
+    for key in sorted(dists):
+        d = dists[key]
+        try:
+            lic = classify_license(d.metadata)
+            listed = [f for f in d.files or [] if str(f).endswith(".py") and not str(f).startswith("..")]
+        except Exception:  # noqa: BLE001 - a broken RECORD/METADATA just means the package is not used
+            continue
+        if lic is None or key in SKIP_DISTS:
+            continue
+        files = []
+        for f in listed:
+            parts = Path(str(f)).parts
+            if any(part in SKIP_DIRS or part.startswith("test_") for part in parts[:-1]):
+                continue
+            if parts[-1].startswith("test_") or parts[-1] == "conftest.py":
+                continue
+            p = Path(d.locate_file(f))
+            try:
+                size = p.stat().st_size
+            except OSError:
+                continue
+            if MIN_FILE_BYTES <= size <= MAX_FILE_BYTES:
+                files.append((p, size))
+        if files:
+            rng.shuffle(files)
+            out.append((d, lic, files))
+    return out
+
+
+def _fair_cap(sizes: list[int], budget: int) -> int:
+    """The largest per-package cap c with sum(min(size, c)) <= budget (water-filling)."""
+    if sum(sizes) <= budget:
+        return max(sizes, default=0)
+    lo, hi = 0, max(sizes)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(s, mid) for s in sizes) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

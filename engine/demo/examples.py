@@ -228,7 +228,6 @@ class ExampleSettings:
     whole_line: float = 0.7  # of line-level examples, the share that masks one whole line (the evaluation's task)
     max_chars: int = 2800
     max_tokens: int = 1025  # an example longer than this (one packed row) is made from the two halves of its piece
-    copies: int = 2  # each file is encoded this many times, with independent transforms
     chat_per_file: int = 3
     chat_system_rate: float = 0.3
     seed: int = 0
@@ -244,16 +243,16 @@ def _init_worker(model_file: str) -> None:
     _SP = spm.SentencePieceProcessor(model_file=model_file)
 
 
-def file_examples(args: tuple[str, str, ExampleSettings]) -> tuple[list[np.ndarray], dict[str, int]]:
+def file_examples(args: tuple[str, str, int, ExampleSettings]) -> tuple[list[np.ndarray], dict[str, int]]:
     """All training examples of one file (worker function): plain, PSM/SPM FIM, and chat pairs."""
-    name, text, st = args
+    name, text, copies, st = args
     sp = _SP
     assert sp is not None
     ids = Ids.of(sp)
     rng = random.Random(zlib.crc32(f"{st.seed}:{name}".encode()))
     out: list[np.ndarray] = []
     counts = {"plain": 0, "psm": 0, "spm": 0, "line_fim": 0, "chat": 0}
-    for _ in range(st.copies):
+    for _ in range(copies):
         todo = chunks(text, st.max_chars, rng)
         while todo:
             piece = todo.pop()
@@ -288,10 +287,10 @@ def _piece_example(
 
 
 def build_examples(
-    files: Sequence[tuple[str, str]], model_file: str, st: ExampleSettings, workers: int
+    files: Sequence[tuple[str, str, int]], model_file: str, st: ExampleSettings, workers: int
 ) -> tuple[list[np.ndarray], dict[str, int]]:
     """Encode every file with a process pool; the result order is deterministic (the input order)."""
-    jobs = [(n, t, st) for n, t in files]
+    jobs = [(n, t, c, st) for n, t, c in files]
     counts: dict[str, int] = {}
     out: list[np.ndarray] = []
     if workers <= 1:

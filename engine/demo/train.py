@@ -1,6 +1,7 @@
 """Train the built-in demo model end to end in one run: data, tokenizer, model, evaluation, model card.
 
-    python -m engine.demo.train --out OUT_DIR --minutes 4 --device cuda
+    python -m engine.demo.train --out OUT_DIR --minutes 5 --device cuda
+    torchrun --nproc-per-node 2 -m engine.demo.train --out OUT_DIR --minutes 5   # data-parallel on 2 GPUs
 
 1. Data: the running interpreter's stdlib and permissively licensed site-packages (`corpus.py`); a few
    stdlib modules are held out for evaluation.
@@ -8,8 +9,10 @@
 3. Examples in CodeLlama's token layouts: plain files, FIM (rate 0.9, half PSM / half SPM, random-span and
    line-level splits) and Instruct pairs (docstring -> function), packed whole into fixed-length rows (padding
    takes no loss), so every FIM middle is learned with its whole prompt in view.
-4. A small Llama (`modeling.py`) trained with AdamW, bf16 autocast, warmup + cosine over a wall-clock
-   budget (`--minutes`), saved in Hugging Face Llama format and checked against `transformers`.
+4. A small Llama (`modeling.py`) trained with AdamW, bf16 autocast, `torch.compile` on CUDA, warmup + cosine
+   over a wall-clock budget (`--minutes`, counted from the first compiled step), saved in Hugging Face Llama
+   format and checked against `transformers`. Under `torchrun` the batch is split over the GPUs: rank 0
+   prepares the data and broadcasts it, gradients are averaged, and rank 0 alone saves and evaluates.
 5. Held-out evaluation (`evaluate.py`), samples, `README.md` (model card) and `SHA256SUMS`.
 
 Seeded (`--seed`); the data, tokenizer and examples are deterministic for a given Python installation,
@@ -30,10 +33,13 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from engine.demo import corpus as corpus_mod
@@ -75,11 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="output directory (created)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock budget of the training loop")
+    ap.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of the training loop")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="smoke test on the CPU: a few files, tiny model")
-    ap.add_argument("--corpus-mb", type=float, default=120.0)
+    ap.add_argument("--corpus-mb", type=float, default=300.0)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--tok-lines", type=int, default=600_000, help="source lines sampled for the tokenizer")
     ap.add_argument("--hidden", type=int, default=256)
@@ -92,8 +98,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=60, help="warmup steps")
     ap.add_argument("--fim-copies", type=int, default=2, help="encodings of each file (independent FIM draws)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (costs compile time)")
-    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument(
+        "--stdlib-copies", type=int, default=4, help="encodings of each stdlib file (closest to users' code)"
+    )
+    ap.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)"
+    )
+    ap.add_argument("--workers", type=int, default=min(30, os.cpu_count() or 1))
     ap.add_argument("--infills", type=int, default=600)
     ap.add_argument("--body-infills", type=int, default=200)
     ap.add_argument("--log-every", type=int, default=25)
@@ -101,10 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.tiny:
         a.corpus_mb, a.vocab, a.tok_lines = 1.0, 1000, 20_000
         a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate = 128, 2, 2, 1, 256
-        a.seq_len, a.batch, a.warmup, a.fim_copies = 128, 8, 5, 1
+        a.seq_len, a.batch, a.warmup, a.fim_copies, a.stdlib_copies = 128, 8, 5, 1, 1
         a.max_steps = a.max_steps or 20
         a.infills, a.body_infills, a.log_every = 50, 10, 5
         a.workers = min(a.workers, 2)
+    if a.compile is None:
+        a.compile = torch.device(a.device).type == "cuda"
     return a
 
 
@@ -170,8 +183,13 @@ def lr_at(step: int, frac: float, a: argparse.Namespace) -> float:
 
 
 def train_model(data: torch.Tensor, cfg: DemoConfig, a: argparse.Namespace, t0: float) -> tuple[DemoLlama, dict]:
-    """The training loop: random rows without replacement per epoch, stops on the time budget or step cap."""
-    dev = torch.device(a.device)
+    """The training loop: random rows without replacement per epoch, stops on the time budget or step cap.
+
+    With several ranks each takes its slice of every batch and the gradients are averaged; rank 0 keeps
+    the clock and tells the others, every 10 steps, how far through the budget they are and when to stop.
+    """
+    dev = data.device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model = DemoLlama(cfg).to(dev)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -185,21 +203,32 @@ def train_model(data: torch.Tensor, cfg: DemoConfig, a: argparse.Namespace, t0: 
     fwd = torch.compile(model) if a.compile else model
     gen = torch.Generator(device="cpu").manual_seed(a.seed)
     n = data.shape[0]
+    local = a.batch // world
     perm = torch.randperm(n, generator=gen)
     cursor = 0
     budget = a.minutes * 60.0
     start = time.time()
+    clock = torch.zeros(2, device=dev)  # [fraction of the budget used, stop]
     step, tokens, losses = 0, 0, []
     use_amp = dev.type == "cuda"
     while True:
-        elapsed = time.time() - start
-        if (a.max_steps and step >= a.max_steps) or (elapsed >= budget and step > 0):
-            break
+        if step == 1 or step % 10 == 0:
+            if step == 1:
+                start = time.time()  # the budget counts from the first compiled step
+            elapsed = time.time() - start
+            stop = bool(a.max_steps and step >= a.max_steps) or (elapsed >= budget and step > 1)
+            clock[0], clock[1] = elapsed / budget, float(stop)
+            if world > 1:
+                dist.broadcast(clock, 0)
+            frac, stop = float(clock[0]), bool(clock[1])
+            if stop:
+                break
         if cursor + a.batch > n:
             perm, cursor = torch.randperm(n, generator=gen), 0
-        rows = data[perm[cursor : cursor + a.batch].to(dev)].long()
+        mine = perm[cursor + rank * local : cursor + (rank + 1) * local]
+        rows = data[mine.to(dev)].long()
         cursor += a.batch
-        lr = lr_at(step, elapsed / budget, a)
+        lr = lr_at(step, frac if step else 0.0, a)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -208,18 +237,18 @@ def train_model(data: torch.Tensor, cfg: DemoConfig, a: argparse.Namespace, t0: 
         loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), targets, ignore_index=PAD)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            average_gradients(model, world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        tokens += rows.numel()
-        if step % a.log_every == 0 or step == 1:
+        tokens += rows.numel() * world
+        if rank == 0 and (step % a.log_every == 0 or step == 1):
             lv = float(loss.detach())  # syncs
             losses.append((step, round(time.time() - start, 1), round(lv, 4)))
             rate = tokens / max(time.time() - start, 1e-9)
             epoch = tokens / data.numel()
             log(f"step {step} loss {lv:.4f} lr {lr:.2e} tok/s {rate:,.0f} epochs {epoch:.2f}", t0)
-        elif dev.type == "cuda" and step % 10 == 0:
-            torch.cuda.synchronize()  # keep the wall-clock check honest
     if dev.type == "cuda":
         torch.cuda.synchronize()
     final = float(loss.detach())
@@ -229,9 +258,37 @@ def train_model(data: torch.Tensor, cfg: DemoConfig, a: argparse.Namespace, t0: 
         "seconds": round(time.time() - start, 1),
         "final_loss": round(final, 4),
         "epochs": round(tokens / data.numel(), 3),
+        "gpus": world,
+        "compiled": bool(a.compile),
         "loss_log": losses,
     }
     return model.eval(), stats
+
+
+def average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Data parallelism's one collective: all gradients averaged over the ranks in a single all-reduce."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+
+
+def share_rows(rows: np.ndarray | None, dev: torch.device) -> torch.Tensor:
+    """Rank 0's packed rows on every rank's device (one broadcast; the others never build data)."""
+    if not dist.is_initialized():
+        assert rows is not None
+        return torch.from_numpy(rows).to(dev)
+    shape = torch.tensor(rows.shape if rows is not None else (0, 0), device=dev)
+    dist.broadcast(shape, 0)
+    data = (
+        torch.from_numpy(rows).to(dev)
+        if rows is not None
+        else torch.empty(*shape.tolist(), dtype=torch.int32, device=dev)
+    )
+    dist.broadcast(data, 0)
+    return data
 
 
 def samples(model_dir: Path, device: torch.device, max_new: int) -> dict:
@@ -307,7 +364,9 @@ def model_card(out: Path, info: dict) -> None:
         f"Python {info['data']['stdlib_version']} standard library ({info['data']['stats'].get('stdlib_files', 0)}"
         " files; test suites, idlelib, lib2to3, encodings, pydoc_data skipped) and the Python files of the"
         " permissively licensed distributions below (licence from each distribution's metadata; unknown or"
-        " non-permissive licences, vendored and test folders skipped), deduplicated by content:"
+        " non-permissive licences, vendored and test folders skipped; every package gets the same byte cap,"
+        f" {info['data']['stats'].get('per_package_cap', 0) / 1e6:.1f} MB, so none crowds out the rest),"
+        " deduplicated by content:"
         f" {info['data']['stats']['files']} files, {info['data']['stats']['bytes'] / 1e6:.1f} MB.",
         f"Held out for evaluation (never trained on): {', '.join(info['data']['held_out'])}.",
         "",
@@ -316,8 +375,9 @@ def model_card(out: Path, info: dict) -> None:
         *[f"| {p['name']} | {p['version']} | {p['license']} | {p['files']} |" for p in pk],
         "",
         "Examples (CodeLlama token layouts, see `engine/demo/examples.py`): each file cut at line boundaries into"
-        f" pieces of {info['max_chars'] // 6} to {info['max_chars']} characters, encoded {info['fim_copies']}x with"
-        f" independent draws; FIM at rate {info['fim_rate']} (half PSM, half SPM; {1 - info['line_fim_share']:.0%}"
+        f" pieces of {info['max_chars'] // 6} to {info['max_chars']} characters, encoded {info['fim_copies']}x (stdlib"
+        f" files {info['stdlib_copies']}x) with independent draws; FIM at rate {info['fim_rate']} (half PSM, half SPM;"
+        f" {1 - info['line_fim_share']:.0%}"
         f" random character spans as in the paper, {info['line_fim_share']:.0%} line-level: a whole line"
         f" ({info['whole_line']:.0%}, the evaluation's task), a span inside a line or a short block), plain otherwise;"
         " plus Instruct pairs (a function's docstring as the request, its code in a ```python block as the answer;"
@@ -330,7 +390,9 @@ def model_card(out: Path, info: dict) -> None:
         f"`{info['command']}`",
         "",
         f"{t['steps']} steps of {info['batch']} x {info['seq_len']} tokens ({t['tokens'] / 1e6:.0f}M tokens,"
-        f" {t['epochs']} epochs) in {t['seconds']} s on {info['device_name']}; AdamW (0.9, 0.95), weight decay"
+        f" {t['epochs']} epochs) in {t['seconds']} s on {t['gpus']} x {info['device_name']}"
+        f"{' (data parallel)' if t['gpus'] > 1 else ''}{', torch.compile' if t['compiled'] else ''};"
+        " AdamW (0.9, 0.95), weight decay"
         f" 0.1, lr {info['lr']} with {info['warmup']} warmup steps and cosine decay to 10% over the time budget,"
         f" bf16 autocast, gradient clip 1.0, seed {info['seed']}. Final training loss {t['final_loss']}."
         f" Whole run: {info['total_seconds']:.0f} s. Max |logit diff| vs transformers: {info['logit_diff']:.2e}.",
@@ -386,9 +448,19 @@ def main(argv: list[str] | None = None) -> None:
     """Run the whole pipeline; see the module docstring."""
     a = parse_args(argv)
     t0 = time.time()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc-per-node {world}" if world > 1 else "python"
+    a.command = f"{launcher} -m engine.demo.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    if world > 1:  # started by torchrun: one process per GPU (gloo processes on the CPU, for tests)
+        if torch.device(a.device).type == "cuda":
+            a.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(a.device)
+            dist.init_process_group("nccl", timeout=timedelta(minutes=30), device_id=torch.device(a.device))
+        else:
+            dist.init_process_group("gloo", timeout=timedelta(minutes=30))
+    rank = dist.get_rank() if world > 1 else 0
     seed_all(a.seed)
     out: Path = a.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(a.device)
     cfg = DemoConfig(
         vocab_size=a.vocab,
@@ -399,6 +471,45 @@ def main(argv: list[str] | None = None) -> None:
         num_key_value_heads=a.kv_heads,
         max_position_embeddings=max(2048, a.seq_len),
     )
+    prep = prepare(a, cfg, out, t0) if rank == 0 else None
+    data = share_rows(prep.rows if prep else None, dev)
+
+    # 4. training
+    if rank == 0:
+        log(
+            f"training on {world} x {dev.type} for {a.minutes} min"
+            + (f" / {a.max_steps} steps" if a.max_steps else ""),
+            t0,
+        )
+    model, tstats = train_model(data, cfg, a, t0)
+    del data
+    if world > 1:
+        dist.destroy_process_group()
+    if prep is None:
+        return
+    finish(a, cfg, out, prep, model, tstats, t0)
+
+
+@dataclass
+class Prepared:
+    """What rank 0 built before training and the model card reports."""
+
+    corp: corpus_mod.Corpus
+    sp: object
+    fim_ids: list[int]
+    tok_lines: int
+    hf_note: str
+    hf_check: dict
+    probe: list[str]
+    settings: ExampleSettings
+    counts: dict[str, int]
+    rows: np.ndarray
+    pad_share: float
+
+
+def prepare(a: argparse.Namespace, cfg: DemoConfig, out: Path, t0: float) -> Prepared:
+    """Steps 1-3: corpus, tokenizer and packed training rows."""
+    out.mkdir(parents=True, exist_ok=True)
     est = 2 * cfg.n_params() + 600_000
     log(f"model {cfg.n_params():,} params, about {est / 2**20:.2f} MiB shipped", t0)
     if est > MAX_TOTAL_BYTES and not a.tiny:
@@ -428,28 +539,30 @@ def main(argv: list[str] | None = None) -> None:
     log(f"tokenizer: {sp.get_piece_size()} pieces, FIM ids {fim_ids}; {hf_note}; HF check {hf_check}", t0)
 
     # 3. examples
-    st = ExampleSettings(
-        copies=a.fim_copies, seed=a.seed, max_chars=2800 if not a.tiny else 350, max_tokens=a.seq_len + 1
-    )
-    files = [(hashlib.sha1(f.text.encode()).hexdigest(), f.text) for f in corp.train]
+    st = ExampleSettings(seed=a.seed, max_chars=2800 if not a.tiny else 350, max_tokens=a.seq_len + 1)
+    files = [
+        (hashlib.sha1(f.text.encode()).hexdigest(), f.text, a.stdlib_copies if f.origin == "stdlib" else a.fim_copies)
+        for f in corp.train
+    ]
     exs, counts = build_examples(files, str(out / "tokenizer.model"), st, a.workers)
     rows = pack(exs, a.seq_len + 1, a.seed)
-    n_tok = int(rows.size)
     pad_share = float((rows == PAD).mean()) if rows.size else 0.0
     log(
-        f"examples: {len(exs)} ({counts}), {rows.shape[0]} rows x {a.seq_len + 1} = {n_tok / 1e6:.1f}M tokens"
+        f"examples: {len(exs)} ({counts}), {rows.shape[0]} rows x {a.seq_len + 1} = {rows.size / 1e6:.1f}M tokens"
         f" ({pad_share:.1%} padding)",
         t0,
     )
-    data = torch.from_numpy(rows).to(dev)
-    del exs
+    return Prepared(corp, sp, fim_ids, len(lines), hf_note, hf_check, probe, st, counts, rows, pad_share)
 
-    # 4. training
-    log(f"training on {dev} for {a.minutes} min" + (f" / {a.max_steps} steps" if a.max_steps else ""), t0)
-    model, tstats = train_model(data, cfg, a, t0)
-    del data
+
+def finish(
+    a: argparse.Namespace, cfg: DemoConfig, out: Path, prep: Prepared, model: DemoLlama, tstats: dict, t0: float
+) -> None:
+    """Steps 5-6 on rank 0: save, check against transformers, evaluate, write the card and checksums."""
+    dev = torch.device(a.device)
+    sp, corp, st = prep.sp, prep.corp, prep.settings
     save_hf(model.cpu().float(), out)
-    sample_ids = torch.tensor([[BOS] + sp.encode(probe[0])[:127]])
+    sample_ids = torch.tensor([[BOS] + sp.encode(prep.probe[0])[:127]])
     diff = float("nan")
     e: dict | None = None
     smp: dict | None = None
@@ -481,24 +594,25 @@ def main(argv: list[str] | None = None) -> None:
         "lr": a.lr,
         "warmup": a.warmup,
         "seed": a.seed,
-        "fim_ids": fim_ids,
-        "tok_lines": len(lines),
-        "hf_tokenizer": hf_note,
-        "hf_check": hf_check,
+        "fim_ids": prep.fim_ids,
+        "tok_lines": prep.tok_lines,
+        "hf_tokenizer": prep.hf_note,
+        "hf_check": prep.hf_check,
         "max_chars": st.max_chars,
         "fim_rate": st.fim_rate,
         "line_fim_share": st.line_fim_share,
         "whole_line": st.whole_line,
-        "pad_share": pad_share,
+        "pad_share": prep.pad_share,
         "fim_copies": a.fim_copies,
-        "example_counts": counts,
-        "rows": int(rows.shape[0]),
+        "stdlib_copies": a.stdlib_copies,
+        "example_counts": prep.counts,
+        "rows": int(prep.rows.shape[0]),
         "train": tstats,
         "eval": e,
         "samples": smp,
         "logit_diff": diff,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "command": "python -m engine.demo.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": a.command,
         "data": {
             "stdlib_version": corp.stdlib_version,
             "packages": corp.packages,
