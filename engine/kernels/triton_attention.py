@@ -1,11 +1,17 @@
 """Split-KV decode attention ("flash-decoding") in Triton.
 
 Decode has one query per sequence, so one program per (sequence, kv head) would leave most of
-the GPU idle on long contexts. Instead each (sequence, kv head) is split into `num_splits` chunks
+the GPU idle on long contexts. Instead each (sequence, head) is split into `num_splits` chunks
 processed in parallel; a second kernel merges the partial softmaxes. The lengths are read from
 device memory and each program sizes its chunk from the actual length, so one captured graph
 serves every length up to the cache size and the work is spread evenly whatever the length.
-All query heads of a GQA group share a program, so each K/V row is read once per group.
+With one split (large batches) the split kernel writes the output itself and there is no merge.
+
+Two inner loops, picked per model by its GQA group size:
+- groups of `DOT_MIN_GROUP` or more (34B/70B: 8) share a program per kv head and use tl.dot,
+  so each K/V tile is read once per group; tl.dot needs >= 16 rows, so the rows are padded.
+- smaller groups (7B/13B MHA: 1) would waste most of those rows, so each query head gets its
+  own program and computes its scores and weighted values with plain multiply-and-sum.
 """
 
 from __future__ import annotations
@@ -18,7 +24,87 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_N = 64  # keys per inner step
+# Smaller groups get one program per query head: the group's programs run side by side and read
+# their shared K/V again from L2, which stops paying off at about four heads.
+DOT_MIN_GROUP = 4
+BLOCK_N_DOT = 64  # keys per inner step of the tl.dot loop
+# Keys per step of the multiply-and-sum loop, whose [keys, head_dim] accumulator and prefetched
+# tile live in registers: at head_dim 128 about 128 per thread, four programs per SM.
+BLOCK_N_LANES = 32
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _attend_dot(
+    q,
+    k_ptr,
+    v_ptr,
+    start,
+    end,
+    stride_cp,
+    qk_scale,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online softmax of the BLOCK_H query rows of q over keys start..end-1: (acc, max, sum)."""
+    d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        visible = n < end
+        offsets = n[:, None] * stride_cp + d[None, :]
+        k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
+        s = tl.where(visible[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_lanes(q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_attend_dot` for one query row ([1, HEAD_DIM]) without tl.dot.
+
+    Each of the BLOCK_N key lanes keeps its own running max, sum and weighted values, so a step
+    reduces only over head_dim (within a warp) and the lanes are combined once at the end, not
+    across warps at every step. Each tile is loaded one step ahead: otherwise ptxas issues the
+    loads a few rows at a time, each waiting on memory.
+    """
+    d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    n = start + tl.arange(0, BLOCK_N)
+    offsets = n[:, None] * stride_cp + d[None, :]
+    k_next = tl.load(k_ptr + offsets, mask=(n < end)[:, None], other=0.0)
+    v_next = tl.load(v_ptr + offsets, mask=(n < end)[:, None], other=0.0)
+    for _ in range(start, end, BLOCK_N):
+        visible = n < end
+        k = k_next.to(tl.float32)
+        v = v_next.to(tl.float32)
+        n += BLOCK_N
+        offsets += BLOCK_N * stride_cp
+        k_next = tl.load(k_ptr + offsets, mask=(n < end)[:, None], other=0.0)
+        v_next = tl.load(v_ptr + offsets, mask=(n < end)[:, None], other=0.0)
+        s = tl.where(visible, tl.sum(k * q, axis=1) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, s)
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a lane without keys yet: exp2(-inf) = 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v
+        m_i = m_new
+    m = tl.max(m_i[:, None], axis=0)
+    w = tl.exp2(m_i[:, None] - tl.where(m > float("-inf"), m, 0.0)[None, :])
+    return tl.sum(acc * w, axis=0, keep_dims=True), m, tl.sum(l_i[:, None] * w, axis=0)
 
 
 @triton.jit
@@ -28,6 +114,7 @@ def _split_kernel(
     v_cache_ptr,
     slots_ptr,
     lengths_ptr,
+    out_ptr,
     acc_ptr,
     max_ptr,
     sum_ptr,
@@ -37,17 +124,19 @@ def _split_kernel(
     stride_cs,
     stride_ch,
     stride_cp,
-    n_kv_heads: tl.constexpr,
+    n_heads: tl.constexpr,
     n_splits: tl.constexpr,
     GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    HEADS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """One (sequence, HEADS query heads, split) per program; BLOCK_H == 1 selects `_attend_lanes`."""
     pid = tl.program_id(0)
-    b = pid // n_kv_heads
-    kv_head = pid % n_kv_heads
+    b = pid // (n_heads // HEADS)
+    head0 = pid % (n_heads // HEADS) * HEADS
     split = tl.program_id(1)
 
     length = tl.load(lengths_ptr + b).to(tl.int32)
@@ -55,36 +144,34 @@ def _split_kernel(
     start = split * chunk
     end = tl.minimum(start + chunk, length)
 
-    g = tl.arange(0, BLOCK_G)
+    h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HEAD_DIM)
-    heads = kv_head * GROUP + g
-    q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=g[:, None] < GROUP, other=0.0).to(tl.float32)
+    rows = h < HEADS
+    q_ptrs = q_ptr + b * stride_qb + (head0 + h)[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=rows[:, None], other=0.0).to(tl.float32)
     slot = tl.load(slots_ptr + b)
-    kv_base = slot * stride_cs + kv_head * stride_ch
+    kv_base = slot * stride_cs + head0 // GROUP * stride_ch
+    k_ptr, v_ptr = k_cache_ptr + kv_base, v_cache_ptr + kv_base
+    # qk_scale includes log2(e) so that exp2 gives the softmax's exponentials.
+    if BLOCK_H == 1:
+        acc, m, total = _attend_lanes(q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, HEAD_DIM, BLOCK_N)
+    else:
+        acc, m, total = _attend_dot(
+            q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, BLOCK_H, HEAD_DIM, BLOCK_N, PRECISION
+        )
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        visible = n < end
-        offsets = kv_base + n[:, None] * stride_cp + d[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
-        # qk_scale includes log2(e) so that exp2 gives the softmax's exponentials.
-        s = tl.where(visible[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
-
-    out = (b * n_kv_heads * GROUP + heads) * n_splits + split
-    tl.store(acc_ptr + out[:, None] * HEAD_DIM + d[None, :], acc, mask=g[:, None] < GROUP)
-    tl.store(max_ptr + out, m_i, mask=g < GROUP)
-    tl.store(sum_ptr + out, l_i, mask=g < GROUP)
+    out = b * n_heads + head0 + h
+    if n_splits == 1:
+        # A row with keys has sum >= 1 (its max key contributes 1); length 0 gives 0 / 1.
+        result = acc / tl.maximum(total, 1.0)[:, None]
+        tl.store(
+            out_ptr + out[:, None] * HEAD_DIM + d[None, :], result.to(out_ptr.dtype.element_ty), mask=rows[:, None]
+        )
+    else:
+        part = out * n_splits + split
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=rows[:, None])
+        tl.store(max_ptr + part, m, mask=rows)
+        tl.store(sum_ptr + part, total, mask=rows)
 
 
 @triton.jit
@@ -97,7 +184,11 @@ def _merge_kernel(
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Combine the splits of one (sequence, query head); empty splits have max -inf and sum 0."""
+    """Combine the splits of one (sequence, query head); empty splits have max -inf and sum 0.
+
+    All loads are issued at once: skipping the empty splits would first need the length (one
+    more memory round trip, which costs more than the few KB it would save).
+    """
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
@@ -127,10 +218,14 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_splits(batch: int, n_kv_heads: int, max_seq: int, sm_count: int) -> int:
-    """Enough (sequence, kv head, split) programs for about four per SM, each with >= 1 key block."""
-    wanted = math.ceil(4 * sm_count / (batch * n_kv_heads))
-    return max(1, min(wanted, triton.cdiv(max_seq, BLOCK_N), 64))
+def choose_splits(programs: int, max_seq: int, block_n: int, sm_count: int) -> int:
+    """Splits for at most one wave of four programs per SM (the occupancy of both loops), given
+    `programs` per split, each split >= 1 key block. Rounding down rather than up spares a second,
+    partial wave, and a batch that fills the wave gets one split, which also drops the merge kernel.
+    The chunk of a split follows the actual length, so at short lengths the surplus splits find no
+    keys and exit at once.
+    """
+    return max(1, min(4 * sm_count // programs, triton.cdiv(max_seq, block_n), MAX_SPLITS))
 
 
 def decode_attention(
@@ -149,24 +244,31 @@ def decode_attention(
     assert group * n_kv_heads == n_heads, "q heads must be a multiple of kv heads"
     assert head_dim >= 16 and triton.next_power_of_2(head_dim) == head_dim, "head_dim: a power of 2 >= 16"
     assert q.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    heads = group if group >= DOT_MIN_GROUP else 1  # query heads per program
+    block_h = max(16, triton.next_power_of_2(heads)) if heads > 1 else 1
+    block_n = BLOCK_N_DOT if heads > 1 else BLOCK_N_LANES
+    programs = batch * n_heads // heads
     if num_splits is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
-        num_splits = choose_splits(batch, n_kv_heads, max_seq, sm_count)
+        num_splits = choose_splits(programs, max_seq, block_n, sm_count)
 
-    partial = torch.empty((batch * n_heads * num_splits, head_dim), dtype=torch.float32, device=q.device)
-    maxes = torch.empty((batch * n_heads * num_splits,), dtype=torch.float32, device=q.device)
-    sums = torch.empty_like(maxes)
-    _split_kernel[(batch * n_kv_heads, num_splits)](
-        q, k_cache, v_cache, slots, lengths, partial, maxes, sums,
+    out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    partial = maxes = sums = out  # unused with one split
+    if num_splits > 1:
+        partial = torch.empty((batch * n_heads * num_splits, head_dim), dtype=torch.float32, device=q.device)
+        maxes = torch.empty((batch * n_heads * num_splits,), dtype=torch.float32, device=q.device)
+        sums = torch.empty_like(maxes)
+    _split_kernel[(programs, num_splits)](
+        q, k_cache, v_cache, slots, lengths, out, partial, maxes, sums,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        n_kv_heads=n_kv_heads, n_splits=num_splits, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, PRECISION=dot_precision(q.dtype),
+        n_heads=n_heads, n_splits=num_splits, GROUP=group, HEADS=heads, BLOCK_H=block_h,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2,
     )  # fmt: skip
-    out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    _merge_kernel[(batch * n_heads,)](
-        partial, maxes, sums, out, n_splits=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-        HEAD_DIM=head_dim, num_warps=4,
-    )  # fmt: skip
+    if num_splits > 1:
+        _merge_kernel[(batch * n_heads,)](
+            partial, maxes, sums, out, n_splits=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, num_warps=4,
+        )  # fmt: skip
     return out

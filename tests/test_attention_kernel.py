@@ -1,0 +1,188 @@
+"""Split-KV decode attention (engine/kernels/triton_attention.py) against `reference.decode_attention`.
+
+Both inner loops are covered: per query head without tl.dot (groups 1 and 2) and per kv head with
+tl.dot (groups 4 and 8), each with one split (the output written directly) and several (merged).
+Lengths include 1, multiples of both key-block sizes (32 and 64), max_seq and one more than a
+block. The cache beyond each length and the unused slots hold NaN, so any read past a length
+shows. As in tests/test_kernels.py, the interpreted cases run in one child process
+(`python -m tests.test_attention_kernel` with TRITON_INTERPRET=1); with CUDA they also run
+compiled, with real 7B/34B head counts and inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.kernels import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+HAVE_CUDA = torch.cuda.is_available()
+RESULT_MARK = "ATTENTION-CASE-RESULTS "
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}}
+
+
+def make_inputs(
+    name: str, device: str, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
+    lengths: list[int],
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """q (a strided view, as the fused QKV output gives it), clean caches, slots, lengths."""
+    gen = torch.Generator(device).manual_seed(zlib.crc32(name.encode()))
+    batch, n_slots = len(lengths), len(lengths) + 2
+    qkv = torch.randn(batch, n_heads + 2, head_dim, generator=gen, device=device).to(dtype)
+    q = qkv[:, :n_heads]
+    k_cache, v_cache = (
+        torch.randn(n_slots, n_kv_heads, max_seq, head_dim, generator=gen, device=device).to(dtype) for _ in range(2)
+    )
+    slots = torch.randperm(n_slots, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))[:batch]
+    slots = slots.to(device)
+    return q, k_cache, v_cache, slots, torch.tensor(lengths, dtype=torch.int32, device=device)
+
+
+def poisoned(cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A copy with NaN wherever attention must not look: past each length and in unused slots."""
+    keep = torch.zeros(cache.shape[0], cache.shape[2], dtype=torch.bool, device=cache.device)
+    for slot, length in zip(slots.tolist(), lengths.tolist(), strict=True):
+        keep[slot, :length] = True
+    return cache.masked_fill(~keep[:, None, :, None], float("nan"))
+
+
+def check_attention(
+    name: str, device: str, dtype: str, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
+    lengths: list[int], num_splits: int | None,
+) -> None:  # fmt: skip
+    from engine.kernels import triton_attention
+
+    dt = DTYPES[dtype]
+    q, k_cache, v_cache, slots, lens = make_inputs(name, device, dt, n_heads, n_kv_heads, head_dim, max_seq, lengths)
+    scale = head_dim**-0.5
+    expected = reference.decode_attention(q, k_cache, v_cache, slots, lens, scale)
+    k_bad, v_bad = poisoned(k_cache, slots, lens), poisoned(v_cache, slots, lens)
+    out = triton_attention.decode_attention(q, k_bad, v_bad, slots, lens, scale, num_splits=num_splits)
+    assert out.dtype == dt and out.shape == expected.shape
+    torch.testing.assert_close(out.cpu().float(), expected.cpu().float(), **TOLERANCE[dt])
+
+
+def _cases(
+    prefix: str, dtype: str, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int, lengths: list[int],
+    splits: tuple[int | None, ...],
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    shape = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "max_seq": max_seq}
+    return {
+        f"{prefix}-splits{s or 'auto'}": {"dtype": dtype, **shape, "lengths": lengths, "num_splits": s} for s in splits
+    }
+
+
+# Small shapes: the interpreter runs every program in Python.
+INTERPRETED_CASES = {
+    **_cases("mha-fp32", "fp32", 2, 2, 32, 96, [1, 32, 96, 33, 64], (1, None)),
+    **_cases("mha-bf16", "bf16", 3, 3, 16, 130, [130, 1, 64, 65], (1, 4)),
+    **_cases("gqa2-bf16", "bf16", 4, 2, 16, 70, [70, 1, 64, 0], (1, 3)),
+    **_cases("gqa4-fp32", "fp32", 8, 2, 32, 128, [128, 1, 64, 65], (1, 3)),
+    **_cases("gqa8-bf16", "bf16", 16, 2, 16, 130, [1, 64, 130], (1, None)),
+}
+
+
+def _run_interpreted_cases() -> None:
+    """Child process entry: run every case on the CPU through the interpreter, print the results."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for name, kwargs in INTERPRETED_CASES.items():
+        try:
+            check_attention(name, "cpu", **kwargs)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    print(RESULT_MARK + json.dumps(results), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, str]:
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_attention_kernel"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK) :])
+    pytest.fail(f"the interpreter run failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+
+
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES))
+def test_interpreted(name: str, interpreted_results: dict[str, str]) -> None:
+    if interpreted_results[name] != "ok":
+        pytest.fail(interpreted_results[name], pytrace=False)
+
+
+def test_choose_splits() -> None:
+    """One split (no merge) once the batch fills a wave of four programs per SM, otherwise enough to fill it."""
+    triton_attention = pytest.importorskip("engine.kernels.triton_attention")
+    assert triton_attention.choose_splits(32 * 32, 4096, 32, 132) == 1  # 7B, batch 32
+    assert triton_attention.choose_splits(16 * 32, 4096, 32, 132) == 1  # 7B, batch 16
+    assert triton_attention.choose_splits(8 * 32, 4096, 32, 132) == 2  # 7B, batch 8
+    assert triton_attention.choose_splits(32, 4096, 32, 132) == 16  # 7B, batch 1
+    assert triton_attention.choose_splits(32, 40, 32, 132) == 2  # no more splits than key blocks
+    assert triton_attention.choose_splits(8, 10**6, 64, 132) == triton_attention.MAX_SPLITS  # 34B, batch 1
+
+
+# Real CodeLlama head counts, compiled, only where there is a GPU.
+CUDA_CASES = {
+    **_cases("7b-bf16", "bf16", 32, 32, 128, 4096, [1, 129, 4096, 2048, 4095], (None, 1)),
+    **_cases("7b-batch32", "bf16", 32, 32, 128, 512, [1 + 16 * i for i in range(32)], (None,)),
+    **_cases("34b-bf16", "bf16", 64, 8, 128, 3000, [2999, 65, 1, 3000], (None, 1)),
+    **_cases("34b-batch32", "bf16", 64, 8, 128, 300, [1 + 9 * i for i in range(32)], (None,)),
+    **_cases("gqa2-bf16", "bf16", 16, 8, 128, 1000, [1000, 1, 333], (None,)),
+    **_cases("gqa4-bf16", "bf16", 16, 4, 128, 1000, [1000, 1, 333], (None,)),
+    **_cases("7b-fp32", "fp32", 8, 8, 128, 600, [513, 1, 64], (None, 1)),
+    **_cases("gqa8-fp32", "fp32", 16, 2, 128, 600, [513, 1, 64], (None, 1)),
+}
+cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES) + list(CUDA_CASES))
+def test_cuda(name: str) -> None:
+    check_attention(name, "cuda", **(INTERPRETED_CASES.get(name) or CUDA_CASES[name]))
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize(("n_heads", "n_kv_heads", "batch"), [(32, 32, 1), (32, 32, 32), (64, 8, 2)])
+def test_cuda_graph_replays_at_any_length(n_heads: int, n_kv_heads: int, batch: int) -> None:
+    """One capture (fixed grid and splits) serves every length: the lengths live on the device."""
+    from engine.kernels import triton_attention
+
+    max_seq = 1024
+    q, k_cache, v_cache, slots, lens = make_inputs(
+        f"graph-{n_heads}-{batch}", "cuda", torch.bfloat16, n_heads, n_kv_heads, 128, max_seq, [1] * batch
+    )
+    scale = 128**-0.5
+    triton_attention.decode_attention(q, k_cache, v_cache, slots, lens, scale)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_attention.decode_attention(q, k_cache, v_cache, slots, lens, scale)
+    for lengths in ([1] * batch, [max_seq] * batch, [(37 * i) % max_seq + 1 for i in range(batch)]):
+        lens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        expected = reference.decode_attention(q, k_cache, v_cache, slots, lens, scale)
+        torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[torch.bfloat16])
+
+
+if __name__ == "__main__":
+    _run_interpreted_cases()
