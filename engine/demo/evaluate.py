@@ -12,7 +12,10 @@ import argparse
 import ast
 import json
 import math
+import platform
 import random
+import subprocess
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -226,6 +229,30 @@ def score_infills(
     }
 
 
+def through_cli(model_dir: Path, cases: list[InfillCase], max_prefix: int, max_suffix: int, device: str) -> dict:
+    """The issue's own check: `codellama-tui generate --cap infilling` (greedy, one `--jsonl` process) on each
+    masked line, the first line of its answer put back in the file, and how often the file then parses."""
+    texts = []
+    for c in cases:
+        prefix, suffix = _clip(c.prefix, c.suffix, max_prefix, max_suffix)
+        texts.append(json.dumps({"text": prefix + "<FILL>" + suffix}))
+    cmd = [sys.executable, "-m", "tui.cli", "generate", "--model", str(model_dir), "--cap", "infilling", "--jsonl"]
+    cmd += ["--temperature", "0", "--max-new-tokens", "64", "--stop", "\n", "--device", device]
+    run = subprocess.run(cmd, input="\n".join(texts) + "\n", capture_output=True, text=True, check=True)
+    answers = [json.loads(line) for line in run.stdout.splitlines()]
+    preds = [a.get("text", "").split("\n")[0] for a in answers]
+    parses = [_parses(c.prefix + p + c.suffix) for p, c in zip(preds, cases, strict=True)]
+    exact = [p.strip() == c.middle.strip() for p, c in zip(preds, cases, strict=True)]
+    n = max(len(cases), 1)
+    return {
+        "command": " ".join(cmd[2:]),
+        "python": platform.python_version(),
+        "n": len(cases),
+        "parse_rate": sum(parses) / n,
+        "exact_match": sum(exact) / n,
+    }
+
+
 def load(model_dir: Path, device: torch.device) -> tuple[torch.nn.Module, object]:
     """The checkpoint through `transformers` (bf16 on CUDA, fp32 on CPU) and its SentencePiece model."""
     import sentencepiece as spm
@@ -282,6 +309,14 @@ def summary(res: dict) -> str:
         f"(line deleted: {li['parse_rate_if_line_deleted']:.1%})\n"
         f"function-body line infill exact match {bo['exact_match']:.1%} of {bo['n']}, parses {bo['parse_rate']:.1%} "
         f"(line deleted: {bo['parse_rate_if_line_deleted']:.1%})"
+    ) + (_cli_summary(res["body_line_infill_cli"]) if "body_line_infill_cli" in res else "")
+
+
+def _cli_summary(cli: dict) -> str:
+    return (
+        f"\n{cli['n']} function-body lines of Python {cli['python']}'s held-out modules through"
+        f" `codellama-tui generate --cap infilling`: parses {cli['parse_rate']:.1%},"
+        f" exact match {cli['exact_match']:.1%}"
     )
 
 
@@ -295,7 +330,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--cli", action="store_true", help="only the function-body check through `codellama-tui generate`")
     a = ap.parse_args(argv)
+    if a.cli:
+        cases = body_cases(held_out_texts(), a.body_infills, a.seed + 1)
+        res = through_cli(a.model_dir, cases, 1800, 700, a.device)
+        print(json.dumps(res), flush=True)
+        if not a.no_write:
+            path = a.model_dir / "eval.json"
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**saved, "body_line_infill_cli": res}, indent=2) + "\n")
+        return
     res = run_eval(
         a.model_dir, torch.device(a.device), a.infills, a.body_infills, a.seq_len, seed=a.seed, write=not a.no_write
     )

@@ -575,6 +575,10 @@ def finish(
         # 5. evaluation and samples
         small = {"max_prefix": 300, "max_suffix": 100, "max_new": 8, "max_chars_per_file": 1500} if a.tiny else {}
         e = ev.run_eval(out, dev, a.infills, a.body_infills, a.seq_len, seed=a.seed, **small)
+        if not a.tiny:
+            cases = ev.body_cases(ev.held_out_texts(), a.body_infills, a.seed + 1)
+            e["body_line_infill_cli"] = ev.through_cli(out, cases, 1800, 700, str(dev))
+            (out / "eval.json").write_text(json.dumps(e, indent=2) + "\n")
         log("held-out:\n" + ev.summary(e), t0)
         smp = samples(out, dev, 8 if a.tiny else 96)
         log(f"samples: {json.dumps(smp)[:600]}", t0)
