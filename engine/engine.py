@@ -121,6 +121,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        model.par.enable_one_shot((n_slots + 1) * model.cfg.dim, model.norm.dtype, device)
         seen = torch.zeros(n_slots + 1, model.cfg.vocab_size, dtype=torch.bool, device=device)
         self.runner = DecodeRunner(model, seen, n_slots, n_slots, cuda_graphs and device.type == "cuda")
         self.inflight: list[Sequence] | None = None  # the sequences of the launched, not yet collected step

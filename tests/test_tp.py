@@ -202,3 +202,46 @@ def test_launch_refuses_more_gpus_than_there_are() -> None:
     assert _devices(EngineSpec(device="cpu", tp=4), 4) == ("gloo", ["cpu"] * 4)
     with pytest.raises(EngineError, match="no CUDA device"):
         _devices(EngineSpec(device="cuda", tp=2), 2)
+
+
+ONE_SHOT_WORKER = """
+import os, torch, torch.distributed as dist
+from engine.parallel import Parallel
+rank = int(os.environ["RANK"])
+torch.cuda.set_device(rank)
+dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+par = Parallel(rank, 2)
+assert par.enable_one_shot(4 * 4096, torch.bfloat16, torch.device("cuda", rank))
+torch.manual_seed(rank)
+inputs = [torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16) for n in (1, 2, 4, 1, 3)]
+expected = [x.clone() for x in inputs]
+for x in expected:
+    dist.all_reduce(x)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    outs = [par.all_reduce(x) for x in inputs]  # back to back: the buffer is reused while peers may still read it
+for _ in range(3):
+    graph.replay()
+torch.cuda.synchronize()
+for out, want in zip(outs, expected):
+    assert torch.equal(out, want), (out - want).abs().max()
+gathered = [torch.empty_like(outs[0]) for _ in range(2)]
+dist.all_gather(gathered, outs[0])
+assert torch.equal(gathered[0], gathered[1])
+big = torch.ones(8, 4096, device="cuda", dtype=torch.bfloat16)
+assert torch.equal(par.all_reduce(big), torch.full_like(big, 2))  # over the buffer: NCCL
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_one_shot_all_reduce_on_two_gpus_matches_nccl(tmp_path: Path) -> None:
+    """In a CUDA graph, back-to-back one-shot all-reduces give NCCL's bits on both ranks."""
+    script = tmp_path / "one_shot.py"
+    script.write_text(ONE_SHOT_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok 0" in result.stdout and "ok 1" in result.stdout
