@@ -4,7 +4,9 @@ RMSNorm and SwiGLU, written tensor-parallel from the start (a world of one is th
 Weights are fused per layer: `wqkv` holds this rank's q, k and v heads, `w13` its gate and up rows;
 `wo` and `w2` are row-parallel and followed by an all-reduce; embedding and LM head are split by vocabulary.
 Prefill runs one sequence at a time with SDPA; decode runs a batch of one new token per sequence and
-reads per-slot positions from device tensors, so it can be captured in a CUDA graph.
+reads per-slot positions from device tensors, so it can be captured in a CUDA graph. Decode carries the
+residual stream unadded, as (x, residual), so that each residual add and RMSNorm can run inside the
+projection after it (`kernels.norm_linear`), as SwiGLU's activation does: three launches fewer per layer.
 """
 
 from __future__ import annotations
@@ -61,8 +63,7 @@ class Attention(nn.Module):
         self.par = par
         self.scale = cfg.head_dim**-0.5
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        qkv = kernels.linear(x, self.wqkv)
+    def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
         return (
             q.view(-1, self.n_heads, self.head_dim),
@@ -73,7 +74,7 @@ class Attention(nn.Module):
     def prefill(self, x: Tensor, layer: int, cache: KVCache, slot: int, start: int, cos: Tensor, sin: Tensor) -> Tensor:
         """`x [T, dim]`: tokens at positions `start .. start+T-1` of one sequence in `slot`."""
         T = x.shape[0]
-        q, k, v = self._split(x)
+        q, k, v = self._heads(kernels.linear(x, self.wqkv))
         q = rotate(q.transpose(0, 1), cos, sin)  # [H, T, D]
         k = rotate(k.transpose(0, 1), cos, sin)
         end = start + T
@@ -93,14 +94,15 @@ class Attention(nn.Module):
         return self.par.all_reduce(kernels.linear(out.transpose(0, 1).reshape(T, -1), self.wo))
 
     def decode(
-        self, x: Tensor, layer: int, cache: KVCache, slots: Tensor, positions: Tensor, cos: Tensor, sin: Tensor
+        self, qkv: Tensor, layer: int, cache: KVCache, slots: Tensor, positions: Tensor, cos: Tensor, sin: Tensor
     ) -> Tensor:
-        """`x [B, dim]`: one new token per sequence, written at `positions` of `slots` (device tensors)."""
-        q, k, v = self._split(x)
+        """`qkv [B, ...]`: the projection of one new token per sequence (made with the norm, by the caller),
+        written at `positions` of `slots` (device tensors)."""
+        q, k, v = self._heads(qkv)
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # once: every op counts on the CPU
         q = kernels.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
         out = kernels.decode_attention(q, k_cache, v_cache, slots, positions + 1, self.scale)
-        return self.par.all_reduce(kernels.linear(out.reshape(x.shape[0], -1), self.wo))
+        return self.par.all_reduce(kernels.linear(out.reshape(qkv.shape[0], -1), self.wo))
 
 
 class FeedForward(nn.Module):
@@ -111,7 +113,10 @@ class FeedForward(nn.Module):
         self.par = par
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.par.all_reduce(kernels.linear(kernels.silu_mul(kernels.linear(x, self.w13)), self.w2))
+        return self.down(kernels.silu_mul(kernels.linear(x, self.w13)))
+
+    def down(self, act: Tensor) -> Tensor:
+        return self.par.all_reduce(kernels.linear(act, self.w2))
 
 
 class Block(nn.Module):
@@ -122,6 +127,23 @@ class Block(nn.Module):
         self.attention_norm = nn.Parameter(torch.empty(cfg.dim))
         self.ffn_norm = nn.Parameter(torch.empty(cfg.dim))
         self.eps = cfg.norm_eps
+
+    def decode(
+        self,
+        x: Tensor,
+        residual: Tensor | None,
+        layer: int,
+        cache: KVCache,
+        slots: Tensor,
+        positions: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """One layer of a decode step on the residual stream `x + residual` (x alone before the first layer)."""
+        qkv, residual = kernels.norm_linear(x, residual, self.attention_norm, self.eps, self.attention.wqkv)
+        x = self.attention.decode(qkv, layer, cache, slots, positions, cos, sin)
+        act, residual = kernels.norm_linear_silu_mul(x, residual, self.ffn_norm, self.eps, self.feed_forward.w13)
+        return self.feed_forward.down(act), residual
 
 
 class Llama(nn.Module):
@@ -173,8 +195,11 @@ class Llama(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """Final norm and LM head; float32 logits over the real vocabulary `[N, vocab_size]`."""
-        x = kernels.rms_norm(x, self.norm, self.cfg.norm_eps)
-        return self.par.all_gather_last(kernels.linear(x, self.output))[..., : self.cfg.vocab_size].float()
+        return self.full_vocab(kernels.linear(kernels.rms_norm(x, self.norm, self.cfg.norm_eps), self.output))
+
+    def full_vocab(self, logits: Tensor) -> Tensor:
+        """This rank's LM-head output -> float32 logits over the real vocabulary (shards gathered, padding cut)."""
+        return self.par.all_gather_last(logits)[..., : self.cfg.vocab_size].float()
 
     def prefill(self, tokens: Tensor, slot: int, start: int, all_logits: bool = False) -> Tensor:
         """Run `tokens [T]` of the sequence in `slot` from position `start`; logits of the last token
@@ -192,13 +217,7 @@ class Llama(nn.Module):
 
     def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`."""
-        x = self.embed(tokens)
-        h, residual = kernels.rms_norm(x, self.layers[0].attention_norm, self.cfg.norm_eps), x
+        x, residual = self.embed(tokens), None
         for i, block in enumerate(self.layers):
-            attn = block.attention.decode(h, i, self.cache, slots, positions, self.cos, self.sin)
-            h, residual = kernels.add_rms_norm(attn, residual, block.ffn_norm, block.eps)
-            ffn = block.feed_forward(h)
-            last = i + 1 == len(self.layers)
-            norm = self.norm if last else self.layers[i + 1].attention_norm
-            h, residual = kernels.add_rms_norm(ffn, residual, norm, self.cfg.norm_eps)
-        return self.par.all_gather_last(kernels.linear(h, self.output))[..., : self.cfg.vocab_size].float()
+            x, residual = block.decode(x, residual, i, self.cache, slots, positions, self.cos, self.sin)
+        return self.full_vocab(kernels.norm_linear(x, residual, self.norm, self.cfg.norm_eps, self.output)[0])

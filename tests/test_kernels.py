@@ -144,6 +144,52 @@ def check_linear(
         _close(actual, expected, dt)
 
 
+def check_norm_linear(
+    name: str,
+    device: str,
+    dtype: str,
+    m: int,
+    n: int,
+    k: int,
+    residual: bool,
+    silu_mul: bool,
+    config: tuple[int, int, int] | None,
+    weights: str | None = None,
+) -> None:
+    """The fused kernel against `reference.norm_linear(_silu_mul)`, with the matmul itself done in float64 (as in
+    check_linear) and rounded where the reference rounds. n is the output width: w13 has 2n rows with silu_mul."""
+    from engine.kernels import triton_gemv
+
+    dt, wt, gen = DTYPES[dtype], DTYPES[weights or dtype], _rng(name, device)
+    x = _randn(gen, m, k, dtype=dt, device=device)
+    res = _randn(gen, m, k, dtype=dt, device=device) if residual else None
+    norm_weight = 1 + 0.1 * _randn(gen, k, dtype=wt, device=device)
+    w = _randn(gen, 2 * n if silu_mul else n, k, dtype=wt, device=device)
+    cfg = triton_gemv.GemvConfig(*config) if config else None
+    out, h = triton_gemv.norm_linear(x, res, norm_weight, 1e-5, w, cfg, silu_mul=silu_mul)
+
+    ref_fn = reference.norm_linear_silu_mul if silu_mul else reference.norm_linear
+    ref_out, ref_h = ref_fn(x, res, norm_weight, 1e-5, w)
+    if res is None:
+        assert h.data_ptr() == x.data_ptr()
+        normed = reference.rms_norm(x, norm_weight, 1e-5)
+    else:
+        assert torch.equal(h, ref_h) and h.data_ptr() not in (x.data_ptr(), res.data_ptr())
+        normed = reference.add_rms_norm(x, res, norm_weight, 1e-5)[0]
+    product = reference.linear(normed.double(), w.double())
+    expected = product.to(normed.dtype)
+    if silu_mul:
+        expected = reference.silu_mul(expected)
+    assert out.dtype == ref_out.dtype == expected.dtype and out.shape == ref_out.shape == expected.shape
+    if expected.dtype == torch.float32:  # as check_linear: float32 rounding of a k-term sum grows with sqrt(k)
+        atol = 4 * torch.finfo(torch.float32).eps * k**0.5 * float(normed.abs().max() * w.abs().max())
+        if silu_mul:  # silu(gate) * up passes errors on scaled by at most 1.1 |up| + |gate|
+            atol *= 2.1 * float(product.abs().max())
+        torch.testing.assert_close(out.cpu(), expected.cpu(), rtol=1e-5, atol=max(atol, 1e-5))
+    else:
+        _close(out, expected, dt)
+
+
 def check_silu_mul(name: str, device: str, dtype: str, rows: int, dim: int) -> None:
     from engine.kernels import triton_act
 
@@ -158,6 +204,7 @@ CHECKS = {
     "rotary": check_rotary,
     "attention": check_attention,
     "linear": check_linear,
+    "norm_linear": check_norm_linear,
 }
 
 # Small shapes: the interpreter runs every program in Python.
@@ -213,6 +260,53 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "linear-fp32-m5": ("linear", {"dtype": "fp32", "m": 5, "n": 72, "k": 96, "config": None}),
     "linear-bf16-m16-splitk": ("linear", {"dtype": "bf16", "m": 16, "n": 48, "k": 160, "config": (16, 32, 2)}),
     "linear-fp16-m3": ("linear", {"dtype": "fp16", "m": 3, "n": 50, "k": 64, "config": None}),
+    # Fused norm/SwiGLU cases in fp16, not bf16: the interpreter truncates float32 -> bfloat16 where compiled
+    # Triton rounds to nearest, which biases every rounded input of the product; bf16 runs in CUDA_CASES.
+    "norm_linear-fp32-m1-odd-k": (
+        "norm_linear",
+        {"dtype": "fp32", "m": 1, "n": 40, "k": 300, "residual": True, "silu_mul": False, "config": (8, 64)},
+    ),
+    "norm_linear-fp16-m1-first-layer": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 1, "n": 24, "k": 96, "residual": False, "silu_mul": False, "config": None},
+    ),
+    "norm_linear-fp16-m1-splitk": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 1, "n": 40, "k": 200, "residual": True, "silu_mul": False, "config": (16, 32, 3)},
+    ),
+    "norm_linear-fp32-m5": (
+        "norm_linear",
+        {"dtype": "fp32", "m": 5, "n": 40, "k": 100, "residual": True, "silu_mul": False, "config": (16, 32)},
+    ),
+    "norm_linear-fp16-m16-first-layer-splitk": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 16, "n": 48, "k": 160, "residual": False, "silu_mul": False, "config": (16, 32, 2)},
+    ),
+    "norm_linear-fp32-m3": (
+        "norm_linear",
+        {"dtype": "fp32", "m": 3, "n": 20, "k": 64, "residual": True, "silu_mul": False, "config": None},
+    ),
+    "norm_linear-fp16-fp32-weights": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 2, "n": 24, "k": 48, "residual": True, "silu_mul": False, "config": None,
+         "weights": "fp32"},
+    ),
+    "norm_silu-fp16-m1": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 1, "n": 40, "k": 200, "residual": True, "silu_mul": True, "config": (16, 64)},
+    ),
+    "norm_silu-fp32-m1-first-layer": (
+        "norm_linear",
+        {"dtype": "fp32", "m": 1, "n": 24, "k": 96, "residual": False, "silu_mul": True, "config": None},
+    ),
+    "norm_silu-fp16-m7": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 7, "n": 24, "k": 96, "residual": True, "silu_mul": True, "config": (32, 32)},
+    ),
+    "norm_silu-fp32-m16-splitk": (
+        "norm_linear",
+        {"dtype": "fp32", "m": 16, "n": 16, "k": 128, "residual": True, "silu_mul": True, "config": (32, 32, 2)},
+    ),
 }  # fmt: skip
 
 
@@ -289,6 +383,34 @@ CUDA_CASES = {
     "linear-down-7b": ("linear", {"dtype": "bf16", "m": 1, "n": 4096, "k": 11008, "config": None}),
     "linear-m8": ("linear", {"dtype": "bf16", "m": 8, "n": 13824, "k": 5120, "config": None}),
     "linear-fp32-m4": ("linear", {"dtype": "fp32", "m": 4, "n": 1000, "k": 4096, "config": None}),
+    "norm_linear-qkv-7b": (
+        "norm_linear",
+        {"dtype": "bf16", "m": 1, "n": 12288, "k": 4096, "residual": True, "silu_mul": False, "config": None},
+    ),
+    "norm_linear-lm-head-first-layer": (
+        "norm_linear",
+        {"dtype": "bf16", "m": 1, "n": 32016, "k": 4096, "residual": False, "silu_mul": False, "config": None},
+    ),
+    "norm_linear-splitk": (
+        "norm_linear",
+        {"dtype": "bf16", "m": 1, "n": 1024, "k": 8192, "residual": True, "silu_mul": False, "config": None},
+    ),
+    "norm_linear-fp32-m4": (
+        "norm_linear",
+        {"dtype": "fp32", "m": 4, "n": 1000, "k": 4096, "residual": True, "silu_mul": False, "config": None},
+    ),
+    "norm_silu-7b": (
+        "norm_linear",
+        {"dtype": "bf16", "m": 1, "n": 11008, "k": 4096, "residual": True, "silu_mul": True, "config": None},
+    ),
+    "norm_silu-m8-13b": (
+        "norm_linear",
+        {"dtype": "bf16", "m": 8, "n": 13824, "k": 5120, "residual": True, "silu_mul": True, "config": None},
+    ),
+    "norm_silu-splitk": (
+        "norm_linear",
+        {"dtype": "bf16", "m": 1, "n": 512, "k": 4096, "residual": True, "silu_mul": True, "config": None},
+    ),
 }  # fmt: skip
 cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
 
@@ -339,6 +461,41 @@ def test_decode_step_in_cuda_graph() -> None:
         assert torch.equal(static_tokens, expected_tokens)
 
 
+@pytest.mark.gpu
+@cuda_only
+def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where `tune_linear` chose Triton, norm_linear(_silu_mul) run the fused kernel, captured in a graph, and
+    agree with the separate norm, cuBLAS and activation that run where it chose cuBLAS."""
+    from engine.kernels import triton_gemv
+
+    device, dt, dim, inter = "cuda", torch.bfloat16, 512, 1376
+    gen = _rng("fused-graph", device)
+    x, res, x2 = (_randn(gen, 1, dim, dtype=dt, device=device) for _ in range(3))
+    norm_weight = 1 + 0.1 * _randn(gen, dim, dtype=dt, device=device)
+    wqkv, w13 = _randn(gen, 3 * dim, dim, dtype=dt, device=device), _randn(gen, 2 * inter, dim, dtype=dt, device=device)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        first, same = kernels.norm_linear(x, None, norm_weight, 1e-5, wqkv)
+        assert same is x
+        qkv, h = kernels.norm_linear(x, res, norm_weight, 1e-5, wqkv)
+        act, h2 = kernels.norm_linear_silu_mul(x2, h, norm_weight, 1e-5, w13)
+        return first, qkv, h, act, h2
+
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    chosen = {(1, *w.shape, dt): triton_gemv.choose_config(1, *w.shape, sm) for w in (wqkv, w13)}
+    monkeypatch.setattr(kernels, "_TRITON_CONFIG", chosen)
+    step()  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused = step()
+    for t in (x, res, x2):
+        t.copy_(_randn(gen, 1, dim, dtype=dt, device=device))
+    graph.replay()
+    monkeypatch.setattr(kernels, "_TRITON_CONFIG", {})
+    for actual, expected in zip(fused, step(), strict=True):
+        _close(actual, expected, dt)
+
+
 def test_dispatch_uses_reference_on_cpu() -> None:
     gen = _rng("dispatch", "cpu")
     x, w = _randn(gen, 2, 64, dtype=torch.float32, device="cpu"), _randn(gen, 64, dtype=torch.float32, device="cpu")
@@ -346,6 +503,14 @@ def test_dispatch_uses_reference_on_cpu() -> None:
     assert torch.equal(kernels.add_rms_norm(x, x, w, 1e-5)[0], reference.rms_norm(x + x, w, 1e-5))
     m = _randn(gen, 3, 64, dtype=torch.float32, device="cpu")
     assert torch.equal(kernels.linear(x, m), x @ m.T)
+    for res in (None, 2 * x):
+        out, h = kernels.norm_linear(x, res, w, 1e-5, m)
+        ref_out, ref_h = reference.norm_linear(x, res, w, 1e-5, m)
+        assert torch.equal(out, ref_out) and torch.equal(h, ref_h)
+        act, h = kernels.norm_linear_silu_mul(x, res, w, 1e-5, m[:2])
+        ref_act, ref_h = reference.norm_linear_silu_mul(x, res, w, 1e-5, m[:2])
+        assert torch.equal(act, ref_act) and torch.equal(h, ref_h)
+    assert kernels.norm_linear(x, None, w, 1e-5, m)[1] is x  # the first layer's residual stream is x itself
 
 
 def test_import_does_not_import_triton() -> None:

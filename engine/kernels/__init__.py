@@ -15,6 +15,9 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   query per sequence, GQA aware.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
 - `linear(x, w)`: `x @ w.T`, a weight-streaming matrix-vector kernel for decode-sized x.
+- `norm_linear(x, residual, norm_weight, eps, w)` and `norm_linear_silu_mul(...)`: residual add and RMSNorm,
+  then `linear` (then, on the gate/up weight, `silu_mul`); where the matrix-vector kernel runs the shape, the
+  norm is its prologue and the activation its epilogue, one launch instead of two or three.
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling.
 
 `reference` holds the plain PyTorch versions, which define the semantics.
@@ -39,6 +42,8 @@ __all__ = [
     "decode_attention",
     "linear",
     "mark_seen",
+    "norm_linear",
+    "norm_linear_silu_mul",
     "rms_norm",
     "rotary_kv_write",
     "sample",
@@ -117,15 +122,51 @@ def decode_attention(
 _TRITON_CONFIG: dict[tuple[int, int, int, object], object] = {}
 
 
+def _gemv_config(x: Tensor, w: Tensor) -> object | None:
+    """The Triton config `tune_linear` chose for `x @ w.T`'s shape; None where cuBLAS (or the CPU) runs it."""
+    if not _use_triton(x):
+        return None
+    return _TRITON_CONFIG.get((x.numel() // x.shape[-1], *w.shape, w.dtype))
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """`x @ w.T`: the Triton matrix-vector kernel where `tune_linear` measured it faster, cuBLAS elsewhere."""
-    if _use_triton(x):
-        config = _TRITON_CONFIG.get((x.numel() // x.shape[-1], *w.shape, w.dtype))
-        if config is not None:
-            from . import triton_gemv
+    config = _gemv_config(x, w)
+    if config is not None:
+        from . import triton_gemv
 
-            return triton_gemv.linear(x, w, config)
+        return triton_gemv.linear(x, w, config)
     return F.linear(x, w)
+
+
+def norm_linear(
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`(linear(rms_norm(h), w), h)` for the residual stream `h = x + residual` (x itself where residual is None):
+    one launch where the Triton kernel runs this shape (the norm is its prologue), the two ops elsewhere."""
+    config = _gemv_config(x, w)
+    if config is not None:
+        from . import triton_gemv
+
+        return triton_gemv.norm_linear(x, residual, norm_weight, eps, w, config)
+    if residual is None:
+        return F.linear(rms_norm(x, norm_weight, eps), w), x
+    normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return F.linear(normed, w), residual
+
+
+def norm_linear_silu_mul(
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w13: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`norm_linear` with the fused gate/up weight w13 `[2I, K]` (gate rows first), then `silu_mul`: one launch
+    where the Triton kernel runs this shape (each program computes matching gate and up rows)."""
+    config = _gemv_config(x, w13)
+    if config is not None:
+        from . import triton_gemv
+
+        return triton_gemv.norm_linear(x, residual, norm_weight, eps, w13, config, silu_mul=True)
+    gu, residual = norm_linear(x, residual, norm_weight, eps, w13)
+    return silu_mul(gu), residual
 
 
 def _graph_time(fn: Callable[[], object], calls: int) -> float:
@@ -148,7 +189,9 @@ def _graph_time(fn: Callable[[], object], calls: int) -> float:
 
 def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 20) -> dict[str, dict[str, float]]:
     """Time cuBLAS and the Triton kernel for each weight shape, each in a CUDA graph as decode runs them,
-    and remember the faster. Which wins depends on the shape: measuring beats a rule. Run before capture."""
+    and remember the faster. Which wins depends on the shape: measuring beats a rule. Run before capture.
+    `norm_linear` and `norm_linear_silu_mul` follow the choice: where the plain kernel wins, fusing also saves
+    the norm's and the activation's launches."""
     if not weights or not _use_triton(weights[0]):
         return {}
     from . import triton_gemv

@@ -7,7 +7,9 @@ Each kernel is first checked against its reference at the benchmarked shape, the
 counterpart. Memory-bound kernels are reported in GB/s and as a fraction of the measured
 device-copy bandwidth (read + write of a 1 GiB copy). "all matmuls" replays every decode matmul
 of the model (fused QKV, O, fused gate/up, down per layer, plus the LM head) as one CUDA graph,
-as ARCHITECTURE.md's cuBLAS measurement does. `--sweep` times alternative GEMV configs per shape.
+as ARCHITECTURE.md's cuBLAS measurement does. "fused" times the GEMV with its RMSNorm prologue (and
+SwiGLU epilogue) against the separate kernels, both replayed in CUDA graphs as decode runs them.
+`--sweep` times alternative GEMV configs per shape.
 A failure in one section is printed and the others still run.
 """
 
@@ -112,6 +114,42 @@ def bench_linear(models: list[str], copy_gbs: float) -> None:
                     bench(partial(F.linear, x, w)),
                     copy_gbs,
                 )
+
+
+def graph_bench(fn: Callable[[], object], calls: int = 10) -> float:
+    """Median milliseconds per call of `fn`, captured `calls` times in one CUDA graph: launch gaps as in decode."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return bench(graph.replay) / calls
+
+
+def bench_fused(models: list[str], copy_gbs: float) -> None:
+    from engine.kernels import triton_act, triton_gemv, triton_norm
+
+    print(f"{'shape':<34} {'fused':>12} | base = add_rms_norm, GEMV (, silu_mul)")
+    for model in models:
+        mats = MODELS[model].matmuls()
+        for name in ("qkv", "gate_up", "lm_head"):
+            n, k = mats[name]
+            silu = name == "gate_up"
+            w = torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
+            norm_weight = torch.rand(k, dtype=DTYPE, device="cuda") + 0.5
+            for m in (1, 8):
+                x, res = torch.randn(m, k, dtype=DTYPE, device="cuda"), torch.randn(m, k, dtype=DTYPE, device="cuda")
+                fused = partial(triton_gemv.norm_linear, x, res, norm_weight, 1e-5, w, silu_mul=silu)
+
+                def unfused(x=x, res=res, w=w, norm_weight=norm_weight, silu=silu) -> torch.Tensor:
+                    normed, _ = triton_norm.add_rms_norm(x, res, norm_weight, 1e-5)
+                    out = triton_gemv.linear(normed, w)
+                    return triton_act.silu_mul(out) if silu else out
+
+                check(f"norm_linear {n}x{k} m={m}", fused()[0], unfused())
+                nbytes = 2 * (n * k + 3 * m * k + m * (n // 2 if silu else n))
+                row(f"{model} {name} {n}x{k} m={m}", nbytes, graph_bench(fused), graph_bench(unfused), copy_gbs)
 
 
 def bench_all_matmuls(models: list[str], copy_gbs: float) -> None:
@@ -282,6 +320,7 @@ def main() -> None:
     copy_gbs = copy_bandwidth()
     section("linear (per matmul)", lambda: bench_linear(models, copy_gbs))
     section("all decode matmuls in one CUDA graph", lambda: bench_all_matmuls(models, copy_gbs))
+    section("norm (+ SwiGLU) fused into the GEMV", lambda: bench_fused(models, copy_gbs))
     section("decode attention", lambda: bench_attention(models, copy_gbs))
     section("norm and rotary", lambda: bench_small_ops(models, copy_gbs))
     section("sampling (temperature 0.2, top-k 40, top-p 0.9, V=32016)", bench_sampling)

@@ -159,3 +159,21 @@ def silu_mul(gu: Tensor) -> Tensor:
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """`x @ w.T`."""
     return F.linear(x, w)
+
+
+def norm_linear(
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`(linear(rms_norm(h), w), h)` for the residual stream `h = x + residual` (x itself without a residual)."""
+    if residual is None:
+        return linear(rms_norm(x, norm_weight, eps), w), x
+    normed, h = add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, w), h
+
+
+def norm_linear_silu_mul(
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w13: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`norm_linear` with the fused gate/up weight, followed by `silu_mul`."""
+    gu, h = norm_linear(x, residual, norm_weight, eps, w13)
+    return silu_mul(gu), h

@@ -9,6 +9,16 @@ at the end; 2..16 rows use a tensor-core dot with the rows padded to 16 (TF32 on
 the tiles, exact for 16-bit inputs). When N alone gives too few programs, K is split and the fp32
 partials are summed in a fixed order, so results stay deterministic.
 
+The same kernel can also fuse what surrounds a decode projection, since each of those ops is a
+separate launch of a few microseconds while the projection itself streams megabytes:
+- an RMSNorm prologue (`norm_linear`): a first pass over the (cached) input row sums the squares
+  of `x + residual`, then the main loop normalises each K block on the fly; one program also writes
+  the new residual `x + residual` to its own buffer, as the other programs are still reading x;
+- a SwiGLU epilogue (`silu_mul=True`): each program takes a strip of gate rows of the fused gate/up
+  weight and the matching up rows (half the plain strip each, so the same bytes per program) and
+  stores `silu(gate) * up`.
+Both round where the unfused ops round (reference.add_rms_norm, reference.silu_mul).
+
 Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never benchmarks);
 `python -m engine.kernels.bench_kernels --sweep` times alternatives on the real GPU.
 """
@@ -24,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import triton_act
 from .triton_attention import dot_precision
 
 MAX_ROWS = 16  # larger batches go to cuBLAS, which is compute-efficient there
@@ -39,10 +50,50 @@ class GemvConfig:
 
 
 @triton.jit
+def _x_offsets(m, k, k_mask, M, stride_xm, BLOCK_M: tl.constexpr):
+    """Offsets and mask of an x tile: a vector for one row, [BLOCK_M, BLOCK_K] for several."""
+    if BLOCK_M == 1:
+        offsets, mask = k, k_mask
+    else:
+        offsets, mask = m[:, None] * stride_xm + k[None, :], (m[:, None] < M) & k_mask[None, :]
+    return offsets, mask
+
+
+@triton.jit
+def _residual_tile(x_ptr, res_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    """A tile of `x + residual`, rounded to x's dtype as the unfused add rounds."""
+    h = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_last")
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_last")
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return h
+
+
+@triton.jit
+def _x_tile(
+    x_ptr, res_ptr, norm_ptr, offsets, mask, k, k_mask, rstd,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
+):  # fmt: skip
+    """The float32 input tile of the product: x, or RMSNorm(x + residual) rounded as reference.rms_norm rounds."""
+    if NORM:
+        h = _residual_tile(x_ptr, res_ptr, offsets, mask, HAS_RESIDUAL)
+        weight = tl.load(norm_ptr + k, mask=k_mask, other=0.0, eviction_policy="evict_last")
+        x = (h.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * weight.to(tl.float32)
+        if ROUND_NORMED:
+            x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
     out_ptr,
+    res_ptr,
+    norm_ptr,
+    h_ptr,
     M,
     N,
     K,
@@ -51,10 +102,16 @@ def _gemv_kernel(
     stride_os,
     stride_om,
     k_per_split,
+    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_SQ: tl.constexpr,
     PRECISION: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -64,28 +121,63 @@ def _gemv_kernel(
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
+    up_rows = w_ptr + (n + N).to(tl.int64)[:, None] * stride_wn  # with SILU_MUL: up row j follows the N gate rows
+
+    rstd = 1.0
+    if NORM:  # first pass, over the whole row whatever this program's K split: the sum of squares
+        squares = tl.zeros([BLOCK_M, BLOCK_SQ], tl.float32)  # a single row's vector broadcasts to [1, BLOCK_SQ]
+        h_end = tl.where(pid_n + split == 0, K, 0)  # the first program writes x + residual out
+        for k0 in range(0, K, BLOCK_SQ):
+            k = k0 + tl.arange(0, BLOCK_SQ)
+            offsets, mask = _x_offsets(m, k, k < K, M, stride_xm, BLOCK_M)
+            h = _residual_tile(x_ptr, res_ptr, offsets, mask, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                tl.store(h_ptr + offsets, h, mask=mask & (k < h_end))
+            h = h.to(tl.float32)
+            squares += h * h
+        rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)
+        if BLOCK_M > 1:
+            rstd = rstd[:, None]
 
     if BLOCK_M == 1:
         acc2d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        if SILU_MUL:
+            up2d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
-            x = tl.load(x_ptr + k, mask=k_mask, other=0.0, eviction_policy="evict_last")
-            acc2d += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k_mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+            acc2d += w.to(tl.float32) * x[None, :]
+            if SILU_MUL:
+                u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")  # fmt: skip
+                up2d += u.to(tl.float32) * x[None, :]
         acc = tl.sum(acc2d, axis=1)[None, :]
+        if SILU_MUL:
+            up = tl.sum(up2d, axis=1)[None, :]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if SILU_MUL:
+            up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & k_mask[None, :],
-                        other=0.0, eviction_policy="evict_last")  # fmt: skip
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            offsets, mask = _x_offsets(m, k, k_mask, M, stride_xm, BLOCK_M)
+            x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+            acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            if SILU_MUL:
+                u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")  # fmt: skip
+                up += tl.dot(x, tl.trans(u.to(tl.float32)), input_precision=PRECISION)
 
+    if SILU_MUL:  # round gate, silu and up as the unfused linear and silu_mul do; the last product rounds at the store
+        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = act * up.to(out_ptr.dtype.element_ty).to(tl.float32)
     out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & n_mask[None, :])
 
@@ -114,32 +206,76 @@ def choose_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
 
 
+def _rule_config(x2: Tensor, w: Tensor) -> GemvConfig:
+    return choose_config(x2.shape[0], *w.shape, _sm_count(x2.device.index or 0) if x2.is_cuda else 132)
+
+
+def _launch(
+    x2: Tensor,
+    w: Tensor,
+    config: GemvConfig,
+    norm: tuple[Tensor | None, Tensor, float, Tensor] | None = None,
+    silu_mul: bool = False,
+) -> Tensor:
+    """Run the kernel on x2 [M, K]; `norm` is (residual or None, norm weight, eps, buffer for x + residual)."""
+    m, k = x2.shape
+    assert m <= MAX_ROWS, f"{m} rows: the GEMV takes at most {MAX_ROWS}"
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    residual, norm_weight, eps, h = norm if norm is not None else (None, x2, 0.0, x2)  # x2: pointers left unused
+    normed_dtype = torch.promote_types(x2.dtype, norm_weight.dtype)
+    out_dtype = torch.promote_types(normed_dtype, w.dtype)
+    n, block_n = w.shape[0], config.block_n
+    if silu_mul:  # gate and up strips of half the width: the same weight bytes per program as the plain GEMV
+        n, block_n = n // 2, max(block_n // 2, 1 if m == 1 else 16)
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    if config.split_k == 1:
+        out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    else:
+        out = torch.empty((config.split_k, m, n), dtype=torch.float32, device=x2.device)
+    _gemv_kernel[(triton.cdiv(n, block_n), config.split_k)](
+        x2, w, out, residual if residual is not None else x2, norm_weight, h, m, n, k, x2.stride(0), w.stride(0),
+        out.stride(0) if config.split_k > 1 else 0, out.stride(-2), k_per_split, eps,
+        BLOCK_M=1 if m == 1 else 16, BLOCK_N=block_n, BLOCK_K=config.block_k,
+        BLOCK_SQ=4 * config.block_k if m == 1 else config.block_k, PRECISION=dot_precision(w.dtype),
+        NORM=norm is not None, HAS_RESIDUAL=residual is not None, ROUND_NORMED=normed_dtype == x2.dtype,
+        SILU_MUL=silu_mul, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if config.split_k > 1:
+        out = out.sum(0).to(out_dtype)
+    return out
+
+
 def linear(x: Tensor, w: Tensor, config: GemvConfig | None = None) -> Tensor:
     """`x @ w.T` for x [..., K] with at most MAX_ROWS rows; more rows go to `F.linear`."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
-    m, n = x2.shape[0], w.shape[0]
-    if m > MAX_ROWS:
+    if x2.shape[0] > MAX_ROWS:
         return F.linear(x, w)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    if w.stride(1) != 1:
-        w = w.contiguous()
-    if config is None:
-        config = choose_config(m, n, k, _sm_count(x.device.index or 0) if x.is_cuda else 132)
-    out_dtype = torch.promote_types(x.dtype, w.dtype)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    if config.split_k == 1:
-        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    else:
-        out = torch.empty((config.split_k, m, n), dtype=torch.float32, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
-        x2, w, out, m, n, k, x2.stride(0), w.stride(0),
-        out.stride(0) if config.split_k > 1 else 0, out.stride(-2), k_per_split,
-        BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        PRECISION=dot_precision(w.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    if config.split_k > 1:
-        out = out.sum(0).to(out_dtype)
-    return out.view(*lead, n)
+    return _launch(x2, w, config or _rule_config(x2, w)).view(*lead, -1)
+
+
+def norm_linear(
+    x: Tensor,
+    residual: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    w: Tensor,
+    config: GemvConfig | None = None,
+    silu_mul: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """`(linear(rms_norm(h), w), h)` with `h = x + residual` (x if residual is None) in one launch, for x
+    [..., K] with at most MAX_ROWS rows; with `silu_mul`, w is the fused gate/up weight and the output
+    `silu(gate) * up`. x and residual share a dtype."""
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k).contiguous()
+    res2 = residual.reshape(-1, k).contiguous() if residual is not None else None
+    h = torch.empty_like(x2) if residual is not None else x2
+    config = config or _rule_config(x2, w)
+    fuse_act = silu_mul and config.split_k == 1  # K-split partials are summed after the kernel: too late for it
+    out = _launch(x2, w, config, (res2, norm_weight.contiguous(), eps, h), fuse_act)
+    if silu_mul and not fuse_act:
+        out = triton_act.silu_mul(out)
+    return out.view(*lead, -1), h.view(x.shape)
