@@ -278,4 +278,4 @@ def norm_linear(
     out = _launch(x2, w, config, (res2, norm_weight.contiguous(), eps, h), fuse_act)
     if silu_mul and not fuse_act:
         out = triton_act.silu_mul(out)
-    return out.view(*lead, -1), h.view(x.shape)
+    return out.view(*lead, -1), (h.view(x.shape) if residual is not None else x)
