@@ -31,7 +31,7 @@ BLOCK_N_DOT = 64  # keys per inner step of the tl.dot loop
 # Keys per step of the multiply-and-sum loop, whose [keys, head_dim] accumulator and prefetched
 # tile live in registers: at head_dim 128 about 128 per thread, four programs per SM.
 BLOCK_N_LANES = 32
-MAX_SPLITS = 64
+MAX_SPLITS = 64  # a power of 2: the merge kernel reads this many (masked) whatever the split count
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _attend_lanes(q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, HEAD_DIM: tl
     return tl.sum(acc * w, axis=0, keep_dims=True), m, tl.sum(l_i[:, None] * w, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])  # one compiled kernel for every batch bucket's split count
 def _split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -124,8 +124,9 @@ def _split_kernel(
     stride_cs,
     stride_ch,
     stride_cp,
+    n_splits,
     n_heads: tl.constexpr,
-    n_splits: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
     GROUP: tl.constexpr,
     HEADS: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -161,7 +162,7 @@ def _split_kernel(
         )
 
     out = b * n_heads + head0 + h
-    if n_splits == 1:
+    if ONE_SPLIT:
         # A row with keys has sum >= 1 (its max key contributes 1); length 0 gives 0 / 1.
         result = acc / tl.maximum(total, 1.0)[:, None]
         tl.store(
@@ -174,13 +175,13 @@ def _split_kernel(
         tl.store(sum_ptr + part, total, mask=rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def _merge_kernel(
     acc_ptr,
     max_ptr,
     sum_ptr,
     out_ptr,
-    n_splits: tl.constexpr,
+    n_splits,
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
@@ -262,13 +263,13 @@ def decode_attention(
         q, k_cache, v_cache, slots, lengths, out, partial, maxes, sums,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        n_heads=n_heads, n_splits=num_splits, GROUP=group, HEADS=heads, BLOCK_H=block_h,
+        num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, HEADS=heads, BLOCK_H=block_h,
         HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:
         _merge_kernel[(batch * n_heads,)](
-            partial, maxes, sums, out, n_splits=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            partial, maxes, sums, out, num_splits, BLOCK_S=MAX_SPLITS,
             HEAD_DIM=head_dim, num_warps=4,
         )  # fmt: skip
     return out
