@@ -12,24 +12,17 @@ compiled, with real 7B/34B head counts and inside a CUDA graph.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-import traceback
 import zlib
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from engine.kernels import reference
+from tests import interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CUDA = torch.cuda.is_available()
-RESULT_MARK = "ATTENTION-CASE-RESULTS "
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}}
 
@@ -95,32 +88,9 @@ INTERPRETED_CASES = {
 }
 
 
-def _run_interpreted_cases() -> None:
-    """Child process entry: run every case on the CPU through the interpreter, print the results."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    results = {}
-    for name, kwargs in INTERPRETED_CASES.items():
-        try:
-            check_attention(name, "cpu", **kwargs)
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-    print(RESULT_MARK + json.dumps(results), flush=True)
-
-
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, str]:
-    if not HAVE_TRITON:
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_attention_kernel"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK) :])
-    pytest.fail(f"the interpreter run failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return interpreted.results_of("tests.test_attention_kernel")
 
 
 @pytest.mark.parametrize("name", list(INTERPRETED_CASES))
@@ -185,4 +155,4 @@ def test_cuda_graph_replays_at_any_length(n_heads: int, n_kv_heads: int, batch: 
 
 
 if __name__ == "__main__":
-    _run_interpreted_cases()
+    interpreted.child_main(INTERPRETED_CASES, lambda name: check_attention(name, "cpu", **INTERPRETED_CASES[name]))

@@ -10,12 +10,9 @@ result per case; each case is then its own pytest test. On a machine with CUDA t
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
 import subprocess
 import sys
-import traceback
 import zlib
 from pathlib import Path
 from typing import Any
@@ -26,11 +23,11 @@ import torch.nn.functional as F
 
 from engine import kernels
 from engine.kernels import reference, sampling
+from tests import interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CUDA = torch.cuda.is_available()
-RESULT_MARK = "KERNEL-CASE-RESULTS "
 
 TOLERANCE = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
@@ -329,32 +326,9 @@ def run_case(name: str, device: str) -> None:
     CHECKS[check](name, device, **kwargs)
 
 
-def _run_interpreted_cases() -> None:
-    """Child process entry: run every case on the CPU through the interpreter, print the results."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    results = {}
-    for name in INTERPRETED_CASES:
-        try:
-            run_case(name, "cpu")
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-    print(RESULT_MARK + json.dumps(results), flush=True)
-
-
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, str]:
-    if not HAVE_TRITON:
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_kernels"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK) :])
-    pytest.fail(f"the interpreter run failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return interpreted.results_of("tests.test_kernels")
 
 
 @pytest.mark.parametrize("name", list(INTERPRETED_CASES))
@@ -677,4 +651,4 @@ def test_repetition_penalty_matches_hf() -> None:
 
 
 if __name__ == "__main__":
-    _run_interpreted_cases()
+    interpreted.child_main(INTERPRETED_CASES, lambda name: run_case(name, "cpu"))

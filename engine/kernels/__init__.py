@@ -169,7 +169,7 @@ def norm_linear_silu_mul(
     return silu_mul(gu), residual
 
 
-def _graph_time(fn: Callable[[], object], calls: int) -> float:
+def graph_time(fn: Callable[[], object], calls: int) -> float:
     """Milliseconds per call of `fn`, replayed back to back in a CUDA graph as the decode step runs it."""
     fn()
     torch.cuda.synchronize()
@@ -205,8 +205,8 @@ def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int 
             # every 7B shape (BENCHMARKS.md), while costing seconds of compilation at each cold start.
             config = triton_gemv.choose_config(m, *shape, sm)
             times = {
-                "cublas": _graph_time(lambda x=x, w=w: F.linear(x, w), calls),
-                "triton": _graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls),
+                "cublas": graph_time(lambda x=x, w=w: F.linear(x, w), calls),
+                "triton": graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls),
             }
             if times["triton"] < times["cublas"]:
                 _TRITON_CONFIG[(m, *shape, dtype)] = config

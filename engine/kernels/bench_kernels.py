@@ -25,7 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import reference, sampling
+from engine.kernels import graph_time, reference, sampling
 
 
 @dataclass(frozen=True)
@@ -116,17 +116,6 @@ def bench_linear(models: list[str], copy_gbs: float) -> None:
                 )
 
 
-def graph_bench(fn: Callable[[], object], calls: int = 10) -> float:
-    """Median milliseconds per call of `fn`, captured `calls` times in one CUDA graph: launch gaps as in decode."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return bench(graph.replay) / calls
-
-
 def bench_fused(models: list[str], copy_gbs: float) -> None:
     from engine.kernels import triton_act, triton_gemv, triton_norm
 
@@ -149,7 +138,8 @@ def bench_fused(models: list[str], copy_gbs: float) -> None:
 
                 check(f"norm_linear {n}x{k} m={m}", fused()[0], unfused())
                 nbytes = 2 * (n * k + 3 * m * k + m * (n // 2 if silu else n))
-                row(f"{model} {name} {n}x{k} m={m}", nbytes, graph_bench(fused), graph_bench(unfused), copy_gbs)
+                times = graph_time(fused, 10), graph_time(unfused, 10)
+                row(f"{model} {name} {n}x{k} m={m}", nbytes, *times, copy_gbs)
 
 
 def bench_all_matmuls(models: list[str], copy_gbs: float) -> None:
