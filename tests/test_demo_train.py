@@ -147,3 +147,18 @@ def test_tiny_pipeline_end_to_end(tiny_run: Path) -> None:
     assert ev["line_infill"]["n"] == 50 and ev["perplexity"]["perplexity"] > 1
     card = (out / "README.md").read_text()
     assert "| package | version | licence | files |" in card and "Held-out results" in card
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_data_parallel(tmp_path: Path) -> None:
+    """Under torchrun (gloo on the CPU) the ranks split every batch, average gradients and end identical; rank 0
+    alone writes the model."""
+    out = tmp_path / "model"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "engine.demo.train"]
+    cmd += ["--out", str(out), "--tiny", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    info = json.loads((out / "training.json").read_text())
+    assert info["command"].startswith("torchrun --nproc-per-node 2 -m engine.demo.train")
+    assert info["train"]["gpus"] == 2 and info["train"]["steps"] == 20 and info["train"]["ranks_in_sync"] is True
+    assert (out / "model.safetensors").exists() and r.stdout.count("step 20 loss") == 1

@@ -252,6 +252,12 @@ def train_model(data: torch.Tensor, cfg: DemoConfig, a: argparse.Namespace, t0: 
     if dev.type == "cuda":
         torch.cuda.synchronize()
     final = float(loss.detach())
+    in_sync = True
+    if world > 1:  # averaged gradients keep every rank's copy identical; a drift means a data-parallel bug
+        mine = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        copies = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(copies, mine)
+        in_sync = all(torch.equal(c, copies[0]) for c in copies)
     stats = {
         "steps": step,
         "tokens": tokens,
@@ -259,6 +265,7 @@ def train_model(data: torch.Tensor, cfg: DemoConfig, a: argparse.Namespace, t0: 
         "final_loss": round(final, 4),
         "epochs": round(tokens / data.numel(), 3),
         "gpus": world,
+        "ranks_in_sync": in_sync,
         "compiled": bool(a.compile),
         "loss_log": losses,
     }
