@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+
 # Smaller groups get one program per query head: the group's programs run side by side and read
 # their shared K/V again from L2, which stops paying off at about four heads.
 DOT_MIN_GROUP = 4
@@ -133,8 +135,11 @@ def _split_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """One (sequence, HEADS query heads, split) per program; BLOCK_H == 1 selects `_attend_lanes`."""
+    if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading anything
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     b = pid // (n_heads // HEADS)
     head0 = pid % (n_heads // HEADS) * HEADS
@@ -161,6 +166,8 @@ def _split_kernel(
             q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, BLOCK_H, HEAD_DIM, BLOCK_N, PRECISION
         )
 
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     out = b * n_heads + head0 + h
     if ONE_SPLIT:
         # A row with keys has sum >= 1 (its max key contributes 1); length 0 gives 0 / 1.
@@ -184,12 +191,16 @@ def _merge_kernel(
     n_splits,
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """Combine the splits of one (sequence, query head); empty splits have max -inf and sum 0.
 
     All loads are issued at once: skipping the empty splits would first need the length (one
     more memory round trip, which costs more than the few KB it would save).
     """
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
@@ -254,6 +265,7 @@ def decode_attention(
         num_splits = choose_splits(programs, max_seq, block_n, sm_count)
 
     out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    gdc = pdl.enabled(q)
     partial = maxes = sums = out  # unused with one split
     if num_splits > 1:
         partial = torch.empty((batch * n_heads * num_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -264,12 +276,12 @@ def decode_attention(
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, HEADS=heads, BLOCK_H=block_h,
-        HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), USE_GDC=gdc,
+        num_warps=4, num_stages=2, launch_pdl=gdc,
     )  # fmt: skip
     if num_splits > 1:
         _merge_kernel[(batch * n_heads,)](
             partial, maxes, sums, out, num_splits, BLOCK_S=MAX_SPLITS,
-            HEAD_DIM=head_dim, num_warps=4,
+            HEAD_DIM=head_dim, USE_GDC=gdc, num_warps=4, launch_pdl=gdc,
         )  # fmt: skip
     return out

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import triton_act
+from . import pdl, triton_act
 from .triton_attention import dot_precision
 
 MAX_ROWS = 16  # larger batches go to cuBLAS, which is compute-efficient there
@@ -112,6 +112,7 @@ def _gemv_kernel(
     HAS_RESIDUAL: tl.constexpr,
     ROUND_NORMED: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -123,6 +124,8 @@ def _gemv_kernel(
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
     up_rows = w_ptr + (n + N).to(tl.int64)[:, None] * stride_wn  # with SILU_MUL: up row j follows the N gate rows
 
+    if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading anything
+        tl.extra.cuda.gdc_wait()
     rstd = 1.0
     if NORM:  # first pass, over the whole row whatever this program's K split: the sum of squares
         squares = tl.zeros([BLOCK_M, BLOCK_SQ], tl.float32)  # a single row's vector broadcasts to [1, BLOCK_SQ]
@@ -174,6 +177,8 @@ def _gemv_kernel(
                             eviction_policy="evict_first")  # fmt: skip
                 up += tl.dot(x, tl.trans(u.to(tl.float32)), input_precision=PRECISION)
 
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
     if SILU_MUL:  # round gate, silu and up as the unfused linear and silu_mul do; the last product rounds at the store
         gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -229,6 +234,7 @@ def _launch(
     if silu_mul:  # gate and up strips of half the width: the same weight bytes per program as the plain GEMV
         n, block_n = n // 2, max(block_n // 2, 1 if m == 1 else 16)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    gdc = pdl.enabled(x2)
     if config.split_k == 1:
         out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     else:
@@ -239,7 +245,7 @@ def _launch(
         BLOCK_M=1 if m == 1 else 16, BLOCK_N=block_n, BLOCK_K=config.block_k,
         BLOCK_SQ=4 * config.block_k if m == 1 else config.block_k, PRECISION=dot_precision(w.dtype),
         NORM=norm is not None, HAS_RESIDUAL=residual is not None, ROUND_NORMED=normed_dtype == x2.dtype,
-        SILU_MUL=silu_mul, num_warps=config.num_warps, num_stages=config.num_stages,
+        SILU_MUL=silu_mul, USE_GDC=gdc, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=gdc,
     )  # fmt: skip
     if config.split_k > 1:
         out = out.sum(0).to(out_dtype)

@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+
 
 @triton.jit
 def _rotary_kv_kernel(
@@ -36,7 +38,11 @@ def _rotary_kv_kernel(
     stride_cp,
     n_q_heads,
     HALF: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes, then let the next one launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     head = tl.program_id(1)
     pos = tl.load(positions_ptr + b)
@@ -88,11 +94,12 @@ def rotary_kv_write(
     assert cos.stride() == sin.stride() and cos.stride(1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     q_out = torch.empty((batch, n_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    gdc = pdl.enabled(q)
     _rotary_kv_kernel[(batch, n_q_heads + n_kv_heads)](
         q, k, v, cos, sin, positions, slots, k_cache, v_cache, q_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        n_q_heads, HALF=head_dim // 2,
-        num_warps=1,
+        n_q_heads, HALF=head_dim // 2, USE_GDC=gdc,
+        num_warps=1, launch_pdl=gdc,
     )  # fmt: skip
     return q_out
