@@ -124,7 +124,15 @@ def _gemv_kernel(
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
     up_rows = w_ptr + (n + N).to(tl.int64)[:, None] * stride_wn  # with SILU_MUL: up row j follows the N gate rows
 
-    if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading anything
+    k_first = k_start + tl.arange(0, BLOCK_K)  # own names: a reassigned name would become loop-carried below
+    mask_first = k_first < k_end
+    if BLOCK_M == 1:  # the first weight tiles depend on no other kernel: in flight before the wait below
+        w_first = tl.load(w_rows + k_first[None, :], mask=n_mask[:, None] & mask_first[None, :], other=0.0,
+                          eviction_policy="evict_first")  # fmt: skip
+        if SILU_MUL:
+            u_first = tl.load(up_rows + k_first[None, :], mask=n_mask[:, None] & mask_first[None, :], other=0.0,
+                              eviction_policy="evict_first")  # fmt: skip
+    if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading its outputs
         tl.extra.cuda.gdc_wait()
     rstd = 1.0
     if NORM:  # first pass, over the whole row whatever this program's K split: the sum of squares
@@ -143,10 +151,12 @@ def _gemv_kernel(
             rstd = rstd[:, None]
 
     if BLOCK_M == 1:
-        acc2d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
+                          HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        acc2d = w_first.to(tl.float32) * x_first[None, :]
         if SILU_MUL:
-            up2d = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
+            up2d = u_first.to(tl.float32) * x_first[None, :]
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
