@@ -20,7 +20,8 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   norm is its prologue and the activation its epilogue, one launch instead of two or three.
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling.
 
-`reference` holds the plain PyTorch versions, which define the semantics.
+`reference` holds the plain PyTorch versions, which define the semantics. On Hopper the Triton kernels of the
+decode step launch with programmatic dependent launch (`pdl.py`), each starting while its predecessor finishes.
 """
 
 from __future__ import annotations
