@@ -5,8 +5,10 @@ Weights are fused per layer: `wqkv` holds this rank's q, k and v heads, `w13` it
 `wo` and `w2` are row-parallel and followed by an all-reduce; embedding and LM head are split by vocabulary.
 Prefill runs one sequence at a time with SDPA; decode runs a batch of one new token per sequence and
 reads per-slot positions from device tensors, so it can be captured in a CUDA graph. Decode carries the
-residual stream unadded, as (x, residual), so that each residual add and RMSNorm can run inside the
-projection after it (`kernels.norm_linear`), as SwiGLU's activation does: three launches fewer per layer.
+residual stream as (x, residual, squares): unadded, so that each residual add and RMSNorm can run inside the
+projection after it (`kernels.norm_linear`), as SwiGLU's activation does (three launches fewer per layer); or,
+with a world of one, added by the projection before it (`kernels.linear_residual`), which also sums the squares
+the next norm needs.
 """
 
 from __future__ import annotations
@@ -100,12 +102,12 @@ class Attention(nn.Module):
         self, qkv: Tensor, layer: int, cache: KVCache, slots: Tensor, positions: Tensor, cos: Tensor, sin: Tensor
     ) -> Tensor:
         """`qkv [B, ...]`: the projection of one new token per sequence (made with the norm, by the caller),
-        written at `positions` of `slots` (device tensors)."""
+        written at `positions` of `slots` (device tensors); the attention's output `[B, heads * head_dim]`, before
+        the output projection (`join`)."""
         q, k, v = self._heads(qkv)
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # once: every op counts on the CPU
         q = kernels.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
-        out = kernels.decode_attention(q, k_cache, v_cache, slots, positions + 1, self.scale)
-        return self.par.all_reduce(kernels.linear(out.reshape(qkv.shape[0], -1), self.wo))
+        return kernels.decode_attention(q, k_cache, v_cache, slots, positions + 1, self.scale).flatten(1)
 
 
 class FeedForward(nn.Module):
@@ -116,10 +118,15 @@ class FeedForward(nn.Module):
         self.par = par
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(kernels.silu_mul(kernels.linear(x, self.w13)))
+        return self.par.all_reduce(kernels.linear(kernels.silu_mul(kernels.linear(x, self.w13)), self.w2))
 
-    def down(self, act: Tensor) -> Tensor:
-        return self.par.all_reduce(kernels.linear(act, self.w2))
+
+def join(par: Parallel, x: Tensor, w: Tensor, residual: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """A row-parallel projection `x @ w.T` back into the residual stream, as (x, residual, squares) for the next
+    norm: in one kernel with a world of one; after the all-reduce, the add left to the norm, with several."""
+    if par.world == 1:
+        return kernels.linear_residual(x, w, residual)
+    return par.all_reduce(kernels.linear(x, w)), residual, None
 
 
 class Block(nn.Module):
@@ -133,20 +140,22 @@ class Block(nn.Module):
 
     def decode(
         self,
-        x: Tensor,
-        residual: Tensor | None,
+        stream: tuple[Tensor, Tensor | None, Tensor | None],
         layer: int,
         cache: KVCache,
         slots: Tensor,
         positions: Tensor,
         cos: Tensor,
         sin: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """One layer of a decode step on the residual stream `x + residual` (x alone before the first layer)."""
-        qkv, residual = kernels.norm_linear(x, residual, self.attention_norm, self.eps, self.attention.wqkv)
-        x = self.attention.decode(qkv, layer, cache, slots, positions, cos, sin)
-        act, residual = kernels.norm_linear_silu_mul(x, residual, self.ffn_norm, self.eps, self.feed_forward.w13)
-        return self.feed_forward.down(act), residual
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """One layer of a decode step on the residual stream (x, residual, squares) (x alone before the first)."""
+        x, residual, squares = stream
+        qkv, residual = kernels.norm_linear(x, residual, self.attention_norm, self.eps, self.attention.wqkv, squares)
+        out = self.attention.decode(qkv, layer, cache, slots, positions, cos, sin)
+        x, residual, squares = join(self.attention.par, out, self.attention.wo, residual)
+        ffn = self.feed_forward
+        act, residual = kernels.norm_linear_silu_mul(x, residual, self.ffn_norm, self.eps, ffn.w13, squares)
+        return join(ffn.par, act, ffn.w2, residual)
 
 
 class Llama(nn.Module):
@@ -220,7 +229,8 @@ class Llama(nn.Module):
 
     def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`."""
-        x, residual = self.embed(tokens), None
+        stream = self.embed(tokens), None, None
         for i, block in enumerate(self.layers):
-            x, residual = block.decode(x, residual, i, self.cache, slots, positions, self.cos, self.sin)
-        return self.full_vocab(kernels.norm_linear(x, residual, self.norm, self.cfg.norm_eps, self.output)[0])
+            stream = block.decode(stream, i, self.cache, slots, positions, self.cos, self.sin)
+        x, residual, squares = stream
+        return self.full_vocab(kernels.norm_linear(x, residual, self.norm, self.cfg.norm_eps, self.output, squares)[0])

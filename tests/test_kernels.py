@@ -153,9 +153,11 @@ def check_norm_linear(
     silu_mul: bool,
     config: tuple[int, int, int] | None,
     weights: str | None = None,
+    partials: int = 0,
 ) -> None:
     """The fused kernel against `reference.norm_linear(_silu_mul)`, with the matmul itself done in float64 (as in
-    check_linear) and rounded where the reference rounds. n is the output width: w13 has 2n rows with silu_mul."""
+    check_linear) and rounded where the reference rounds. n is the output width: w13 has 2n rows with silu_mul.
+    `partials`: x's sums of squares come in that many pieces, as `linear_residual` leaves them."""
     from engine.kernels import triton_gemv
 
     dt, wt, gen = DTYPES[dtype], DTYPES[weights or dtype], _rng(name, device)
@@ -164,7 +166,14 @@ def check_norm_linear(
     norm_weight = 1 + 0.1 * _randn(gen, k, dtype=wt, device=device)
     w = _randn(gen, 2 * n if silu_mul else n, k, dtype=wt, device=device)
     cfg = triton_gemv.GemvConfig(*config) if config else None
-    out, h = triton_gemv.norm_linear(x, res, norm_weight, 1e-5, w, cfg, silu_mul=silu_mul)
+    squares = None
+    if partials:
+        squares = torch.stack([(c.float() ** 2).sum(-1) for c in x.tensor_split(partials, dim=-1)])
+        assert squares.shape == (partials, m) and res is None
+    out, h = triton_gemv.norm_linear(x, res, norm_weight, 1e-5, w, cfg, silu_mul=silu_mul, squares=squares)
+    if squares is not None and not silu_mul:  # the kernel reads them: four times the squares halve the output
+        quarter = triton_gemv.norm_linear(x, None, norm_weight, 0.0, w, cfg, squares=4 * squares)[0]
+        assert torch.equal(quarter, triton_gemv.norm_linear(x, None, norm_weight, 0.0, w, cfg, squares=squares)[0] / 2)
 
     ref_fn = reference.norm_linear_silu_mul if silu_mul else reference.norm_linear
     ref_out, ref_h = ref_fn(x, res, norm_weight, 1e-5, w)
@@ -201,6 +210,21 @@ def check_norm_linear(
         _close(out, expected, dt)
 
 
+def check_linear_residual(name: str, device: str, dtype: str, m: int, n: int, k: int, config: tuple[int, int]) -> None:
+    """The residual epilogue: the sum rounded where the unfused linear and add round, and per-program squares."""
+    from engine.kernels import triton_gemv
+
+    dt, gen = DTYPES[dtype], _rng(name, device)
+    x, w = _randn(gen, m, k, dtype=dt, device=device), _randn(gen, n, k, dtype=dt, device=device)
+    res = _randn(gen, m, n, dtype=dt, device=device)
+    cfg = triton_gemv.GemvConfig(*config)
+    h, squares = triton_gemv.linear_residual(x, w, res, cfg)
+    _close(h, reference.linear(x.double(), w.double()).to(dt) + res, dt)
+    assert squares.shape == (-(-n // cfg.block_n), m) and squares.dtype == torch.float32
+    strips = torch.stack([(s.float() ** 2).sum(-1) for s in h.split(cfg.block_n, dim=-1)])
+    torch.testing.assert_close(squares, strips, rtol=1e-5, atol=1e-6)
+
+
 def check_silu_mul(name: str, device: str, dtype: str, rows: int, dim: int) -> None:
     from engine.kernels import triton_act
 
@@ -216,6 +240,7 @@ CHECKS = {
     "attention": check_attention,
     "linear": check_linear,
     "norm_linear": check_norm_linear,
+    "linear_residual": check_linear_residual,
 }
 
 # Small shapes: the interpreter runs every program in Python.
@@ -318,6 +343,25 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         "norm_linear",
         {"dtype": "fp32", "m": 16, "n": 16, "k": 128, "residual": True, "silu_mul": True, "config": (32, 32, 2)},
     ),
+    "norm_linear-fp16-m1-partials": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 1, "n": 40, "k": 200, "residual": False, "silu_mul": False, "config": (8, 64),
+         "partials": 5},
+    ),
+    "norm_linear-fp32-m3-partials-splitk": (
+        "norm_linear",
+        {"dtype": "fp32", "m": 3, "n": 20, "k": 128, "residual": False, "silu_mul": False, "config": (16, 32, 2),
+         "partials": 3},
+    ),
+    "norm_silu-fp16-m1-partials": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 1, "n": 24, "k": 96, "residual": False, "silu_mul": True, "config": (16, 32),
+         "partials": 12},
+    ),
+    "linear_residual-fp16-m1": ("linear_residual", {"dtype": "fp16", "m": 1, "n": 40, "k": 96, "config": (16, 32)}),
+    "linear_residual-fp32-m3-odd-n": (
+        "linear_residual", {"dtype": "fp32", "m": 3, "n": 37, "k": 64, "config": (16, 32)},
+    ),
 }  # fmt: skip
 
 
@@ -399,6 +443,20 @@ CUDA_CASES = {
         "norm_linear",
         {"dtype": "bf16", "m": 1, "n": 512, "k": 4096, "residual": True, "silu_mul": True, "config": None},
     ),
+    "norm_linear-qkv-7b-partials": (
+        "norm_linear",
+        {"dtype": "bf16", "m": 1, "n": 12288, "k": 4096, "residual": False, "silu_mul": False, "config": None,
+         "partials": 512},
+    ),
+    "norm_silu-7b-partials": (
+        "norm_linear",
+        {"dtype": "bf16", "m": 1, "n": 11008, "k": 4096, "residual": False, "silu_mul": True, "config": None,
+         "partials": 512},
+    ),
+    "linear_residual-o-7b": ("linear_residual", {"dtype": "bf16", "m": 1, "n": 4096, "k": 4096, "config": (8, 512)}),
+    "linear_residual-down-7b": (
+        "linear_residual", {"dtype": "bf16", "m": 1, "n": 4096, "k": 11008, "config": (8, 512)},
+    ),
 }  # fmt: skip
 cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
 
@@ -461,16 +519,19 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatc
     x, res, x2 = (_randn(gen, 1, dim, dtype=dt, device=device) for _ in range(3))
     norm_weight = 1 + 0.1 * _randn(gen, dim, dtype=dt, device=device)
     wqkv, w13 = _randn(gen, 3 * dim, dim, dtype=dt, device=device), _randn(gen, 2 * inter, dim, dtype=dt, device=device)
+    w2 = _randn(gen, dim, inter, dtype=dt, device=device)
 
     def step() -> tuple[torch.Tensor, ...]:
         first, same = kernels.norm_linear(x, None, norm_weight, 1e-5, wqkv)
         assert same is x
         qkv, h = kernels.norm_linear(x, res, norm_weight, 1e-5, wqkv)
         act, h2 = kernels.norm_linear_silu_mul(x2, h, norm_weight, 1e-5, w13)
-        return first, qkv, h, act, h2
+        x3, res3, squares = kernels.linear_residual(act, w2, h2)  # added, with squares where fused
+        qkv2, h3 = kernels.norm_linear(x3, res3, norm_weight, 1e-5, wqkv, squares)
+        return first, qkv, h, act, h2, qkv2, h3
 
     sm = torch.cuda.get_device_properties(0).multi_processor_count
-    chosen = {(1, *w.shape, dt): triton_gemv.choose_config(1, *w.shape, sm) for w in (wqkv, w13)}
+    chosen = {(1, *w.shape, dt): triton_gemv.choose_config(1, *w.shape, sm) for w in (wqkv, w13, w2)}
     monkeypatch.setattr(kernels, "_TRITON_CONFIG", chosen)
     step()  # compile before capture
     graph = torch.cuda.CUDAGraph()
@@ -499,6 +560,8 @@ def test_dispatch_uses_reference_on_cpu() -> None:
         ref_act, ref_h = reference.norm_linear_silu_mul(x, res, w, 1e-5, m[:2])
         assert torch.equal(act, ref_act) and torch.equal(h, ref_h)
     assert kernels.norm_linear(x, None, w, 1e-5, m)[1] is x  # the first layer's residual stream is x itself
+    out, res, squares = kernels.linear_residual(x, m, 2 * x[:, :3])  # the add is left to the next norm
+    assert torch.equal(out, x @ m.T) and torch.equal(res, 2 * x[:, :3]) and squares is None
 
 
 def test_import_does_not_import_triton() -> None:

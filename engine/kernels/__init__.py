@@ -18,6 +18,9 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 - `norm_linear(x, residual, norm_weight, eps, w)` and `norm_linear_silu_mul(...)`: residual add and RMSNorm,
   then `linear` (then, on the gate/up weight, `silu_mul`); where the matrix-vector kernel runs the shape, the
   norm is its prologue and the activation its epilogue, one launch instead of two or three.
+- `linear_residual(x, w, residual)`: the projection that ends a layer's half, returned as the residual stream
+  the next `norm_linear` takes; where the matrix-vector kernel runs it, the residual add is its epilogue, which
+  also leaves the next norm its sums of squares.
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling.
 
 `reference` holds the plain PyTorch versions, which define the semantics. On Hopper the Triton kernels of the
@@ -42,6 +45,7 @@ __all__ = [
     "apply_repetition_penalty",
     "decode_attention",
     "linear",
+    "linear_residual",
     "mark_seen",
     "norm_linear",
     "norm_linear_silu_mul",
@@ -140,16 +144,34 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     return F.linear(x, w)
 
 
+def linear_residual(x: Tensor, w: Tensor, residual: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The residual stream after adding `x @ w.T` to `residual`, as `(x, residual, squares)` for `norm_linear`:
+    `(h, None, squares)` where the Triton kernel runs the shape unsplit (the add and the next norm's partial sums
+    of squares in its epilogue), else `(x @ w.T, residual, None)`, the add left to the next norm."""
+    config = _gemv_config(x, w)
+    if config is not None and config.split_k == 1:
+        from . import triton_gemv
+
+        h, squares = triton_gemv.linear_residual(x, w, residual, config)
+        return h, None, squares
+    if config is not None:
+        from . import triton_gemv
+
+        return triton_gemv.linear(x, w, config), residual, None
+    return F.linear(x, w), residual, None
+
+
 def norm_linear(
-    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor, squares: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`(linear(rms_norm(h), w), h)` for the residual stream `h = x + residual` (x itself where residual is None):
-    one launch where the Triton kernel runs this shape (the norm is its prologue), the two ops elsewhere."""
+    one launch where the Triton kernel runs this shape (the norm is its prologue), the two ops elsewhere.
+    `squares`, from `linear_residual`, lets the kernel skip summing the squares of x itself."""
     config = _gemv_config(x, w)
     if config is not None:
         from . import triton_gemv
 
-        return triton_gemv.norm_linear(x, residual, norm_weight, eps, w, config)
+        return triton_gemv.norm_linear(x, residual, norm_weight, eps, w, config, squares=squares)
     if residual is None:
         return F.linear(rms_norm(x, norm_weight, eps), w), x
     normed, residual = add_rms_norm(x, residual, norm_weight, eps)
@@ -157,7 +179,7 @@ def norm_linear(
 
 
 def norm_linear_silu_mul(
-    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w13: Tensor
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w13: Tensor, squares: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`norm_linear` with the fused gate/up weight w13 `[2I, K]` (gate rows first), then `silu_mul`: one launch
     where the Triton kernel runs this shape (each program computes matching gate and up rows)."""
@@ -165,7 +187,7 @@ def norm_linear_silu_mul(
     if config is not None:
         from . import triton_gemv
 
-        return triton_gemv.norm_linear(x, residual, norm_weight, eps, w13, config, silu_mul=True)
+        return triton_gemv.norm_linear(x, residual, norm_weight, eps, w13, config, silu_mul=True, squares=squares)
     gu, residual = norm_linear(x, residual, norm_weight, eps, w13)
     return silu_mul(gu), residual
 

@@ -2,10 +2,11 @@
 
 Decode has one query per sequence, so one program per (sequence, kv head) would leave most of
 the GPU idle on long contexts. Instead each (sequence, head) is split into `num_splits` chunks
-processed in parallel; a second kernel merges the partial softmaxes. The lengths are read from
-device memory and each program sizes its chunk from the actual length, so one captured graph
-serves every length up to the cache size and the work is spread evenly whatever the length.
-With one split (large batches) the split kernel writes the output itself and there is no merge.
+processed in parallel, and the last of a row's splits to finish merges their partial softmaxes
+(each split counts itself in with an atomic add): no second kernel to launch and wait for. The
+lengths are read from device memory and each program sizes its chunk from the actual length, so
+one captured graph serves every length up to the cache size and the work is spread evenly whatever
+the length. With one split (large batches) the split kernel writes the output itself.
 
 Two inner loops, picked per model by its GQA group size:
 - groups of `DOT_MIN_GROUP` or more (34B/70B: 8) share a program per kv head and use tl.dot,
@@ -33,7 +34,7 @@ BLOCK_N_DOT = 64  # keys per inner step of the tl.dot loop
 # Keys per step of the multiply-and-sum loop, whose [keys, head_dim] accumulator and prefetched
 # tile live in registers: at head_dim 128 about 128 per thread, four programs per SM.
 BLOCK_N_LANES = 32
-MAX_SPLITS = 64  # a power of 2: the merge kernel reads this many (masked) whatever the split count
+MAX_SPLITS = 64  # a power of 2: the merge reads this many (masked) whatever the split count
 
 
 @triton.jit
@@ -109,6 +110,32 @@ def _attend_lanes(q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, HEAD_DIM: tl
     return tl.sum(acc * w, axis=0, keep_dims=True), m, tl.sum(l_i[:, None] * w, axis=0)
 
 
+@triton.jit
+def _merge_row(acc_ptr, max_ptr, sum_ptr, out_ptr, row, n_splits, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Combine the splits of one (sequence, query head); empty splits have max -inf and sum 0. The partials come
+    from other programs of this grid: read from L2 (".cg"), never from a stale L1 line.
+
+    All loads are issued at once: skipping the empty splits would first need the length (one
+    more memory round trip, which costs more than the few KB it would save).
+    """
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    in_range = s < n_splits
+    m = tl.load(max_ptr + row * n_splits + s, mask=in_range, other=float("-inf"), cache_modifier=".cg")
+    sums = tl.load(sum_ptr + row * n_splits + s, mask=in_range, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # all splits empty (length 0)
+    weight = tl.exp2(m - m_max)
+    acc = tl.load(acc_ptr + (row * n_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=in_range[:, None], other=0.0,
+                  cache_modifier=".cg")  # fmt: skip
+    numerator = tl.sum(acc * weight[:, None], axis=0)
+    denominator = tl.sum(sums * weight, axis=0)
+    # The split holding the overall max contributes >= 1 to the denominator; with length 0
+    # there is none and the numerator is 0, so clamping gives zeros.
+    out = numerator / tl.maximum(denominator, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
+
 @triton.jit(do_not_specialize=["n_splits"])  # one compiled kernel for every batch bucket's split count
 def _split_kernel(
     q_ptr,
@@ -120,6 +147,7 @@ def _split_kernel(
     acc_ptr,
     max_ptr,
     sum_ptr,
+    count_ptr,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -134,10 +162,12 @@ def _split_kernel(
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    """One (sequence, HEADS query heads, split) per program; BLOCK_H == 1 selects `_attend_lanes`."""
+    """One (sequence, HEADS query heads, split) per program; BLOCK_H == 1 selects `_attend_lanes`. count_ptr: one
+    zeroed counter per (sequence, HEADS heads), back to zero after each call."""
     if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading anything
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -180,43 +210,12 @@ def _split_kernel(
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=rows[:, None])
         tl.store(max_ptr + part, m, mask=rows)
         tl.store(sum_ptr + part, total, mask=rows)
-
-
-@triton.jit(do_not_specialize=["n_splits"])
-def _merge_kernel(
-    acc_ptr,
-    max_ptr,
-    sum_ptr,
-    out_ptr,
-    n_splits,
-    BLOCK_S: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    USE_GDC: tl.constexpr,
-):
-    """Combine the splits of one (sequence, query head); empty splits have max -inf and sum 0.
-
-    All loads are issued at once: skipping the empty splits would first need the length (one
-    more memory round trip, which costs more than the few KB it would save).
-    """
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    row = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, HEAD_DIM)
-    in_range = s < n_splits
-    m = tl.load(max_ptr + row * n_splits + s, mask=in_range, other=float("-inf"))
-    sums = tl.load(sum_ptr + row * n_splits + s, mask=in_range, other=0.0)
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # all splits empty (length 0)
-    weight = tl.exp2(m - m_max)
-    acc = tl.load(acc_ptr + (row * n_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=in_range[:, None], other=0.0)
-    numerator = tl.sum(acc * weight[:, None], axis=0)
-    denominator = tl.sum(sums * weight, axis=0)
-    # The split holding the overall max contributes >= 1 to the denominator; with length 0
-    # there is none and the numerator is 0, so clamping gives zeros.
-    out = numerator / tl.maximum(denominator, 1.0)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+        # Every thread's stores before the (one-thread) release; the acquire makes the others' visible to the last.
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+            for i in tl.static_range(HEADS):
+                _merge_row(acc_ptr, max_ptr, sum_ptr, out_ptr, b * n_heads + head0 + i, n_splits, BLOCK_S, HEAD_DIM)
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -228,6 +227,18 @@ def dot_precision(dtype: torch.dtype) -> str:
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_COUNTERS: dict[torch.device, list[Tensor]] = {}
+
+
+def _counters(device: torch.device, n: int) -> Tensor:
+    """The split kernel's zeroed counters: one buffer per device shared by every call (each call leaves them
+    zeroed). A larger one is added when needed; the smaller ones stay alive, as captured graphs may use them."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
+        buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def choose_splits(programs: int, max_seq: int, block_n: int, sm_count: int) -> int:
@@ -266,22 +277,18 @@ def decode_attention(
 
     out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
     gdc = pdl.enabled(q)
-    partial = maxes = sums = out  # unused with one split
+    partial = maxes = sums = counts = out  # unused with one split
     if num_splits > 1:
         partial = torch.empty((batch * n_heads * num_splits, head_dim), dtype=torch.float32, device=q.device)
         maxes = torch.empty((batch * n_heads * num_splits,), dtype=torch.float32, device=q.device)
         sums = torch.empty_like(maxes)
+        counts = _counters(q.device, programs)
     _split_kernel[(programs, num_splits)](
-        q, k_cache, v_cache, slots, lengths, out, partial, maxes, sums,
+        q, k_cache, v_cache, slots, lengths, out, partial, maxes, sums, counts,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, HEADS=heads, BLOCK_H=block_h,
-        HEAD_DIM=head_dim, BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), USE_GDC=gdc,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=MAX_SPLITS, PRECISION=dot_precision(q.dtype), USE_GDC=gdc,
         num_warps=4, num_stages=2, launch_pdl=gdc,
     )  # fmt: skip
-    if num_splits > 1:
-        _merge_kernel[(batch * n_heads,)](
-            partial, maxes, sums, out, num_splits, BLOCK_S=MAX_SPLITS,
-            HEAD_DIM=head_dim, USE_GDC=gdc, num_warps=4, launch_pdl=gdc,
-        )  # fmt: skip
     return out

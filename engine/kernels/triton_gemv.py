@@ -17,6 +17,9 @@ separate launch of a few microseconds while the projection itself streams megaby
 - a SwiGLU epilogue (`silu_mul=True`): each program takes a strip of gate rows of the fused gate/up
   weight and the matching up rows (half the plain strip each, so the same bytes per program) and
   stores `silu(gate) * up`.
+- a residual epilogue (`linear_residual`): the projection that ends a layer's half adds the residual
+  stream and stores the sum, with each program's partial sum of its squares; the next `norm_linear`
+  then reads a few hundred partials instead of the whole row in every program.
 Both round where the unfused ops round (reference.add_rms_norm, reference.silu_mul).
 
 Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never benchmarks);
@@ -94,6 +97,7 @@ def _gemv_kernel(
     res_ptr,
     norm_ptr,
     h_ptr,
+    sq_ptr,
     M,
     N,
     K,
@@ -103,6 +107,7 @@ def _gemv_kernel(
     stride_om,
     k_per_split,
     eps,
+    n_sq,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,8 +117,13 @@ def _gemv_kernel(
     HAS_RESIDUAL: tl.constexpr,
     ROUND_NORMED: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    PARTIALS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    ADD_RESIDUAL: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
+    """res_ptr: the residual added in the norm prologue (HAS_RESIDUAL) or the epilogue (ADD_RESIDUAL); sq_ptr: the
+    [n_sq, M] partial sums of squares the prologue reads (PARTIALS) or the [programs, M] ones the epilogue writes."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,7 +145,13 @@ def _gemv_kernel(
     if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading its outputs
         tl.extra.cuda.gdc_wait()
     rstd = 1.0
-    if NORM:  # first pass, over the whole row whatever this program's K split: the sum of squares
+    if NORM and PARTIALS:  # the producer of x summed the squares: add up its programs' partials, in a fixed order
+        p = tl.arange(0, BLOCK_P)
+        partials = tl.load(sq_ptr + p[None, :] * M + m[:, None], mask=(p[None, :] < n_sq) & (m[:, None] < M), other=0.0)
+        rstd = tl.math.rsqrt(tl.sum(partials, axis=1) / K + eps)
+        if BLOCK_M > 1:
+            rstd = rstd[:, None]
+    elif NORM:  # first pass, over the whole row whatever this program's K split: the sum of squares
         squares = tl.zeros([BLOCK_M, BLOCK_SQ], tl.float32)  # a single row's vector broadcasts to [1, BLOCK_SQ]
         h_end = tl.where(pid_n + split == 0, K, 0)  # the first program writes x + residual out
         for k0 in range(0, K, BLOCK_SQ):
@@ -193,8 +209,14 @@ def _gemv_kernel(
         gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
         acc = act * up.to(out_ptr.dtype.element_ty).to(tl.float32)
+    out_mask = (m[:, None] < M) & n_mask[None, :]
+    if ADD_RESIDUAL:  # h = residual + product, rounded as the unfused linear and add round; squares of this strip
+        r = tl.load(res_ptr + m[:, None] * stride_om + n[None, :], mask=out_mask, other=0.0)
+        acc = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        h32 = acc.to(tl.float32)
+        tl.store(sq_ptr + pid_n * M + m, tl.sum(h32 * h32, axis=1), mask=m < M)
     out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & n_mask[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @functools.cache
@@ -229,15 +251,19 @@ def _launch(
     x2: Tensor,
     w: Tensor,
     config: GemvConfig,
-    norm: tuple[Tensor | None, Tensor, float, Tensor] | None = None,
+    norm: tuple[Tensor | None, Tensor, float, Tensor, Tensor | None] | None = None,
     silu_mul: bool = False,
+    add: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Run the kernel on x2 [M, K]; `norm` is (residual or None, norm weight, eps, buffer for x + residual)."""
+    """Run the kernel on x2 [M, K]. `norm` is (residual or None, norm weight, eps, buffer for x + residual, the
+    partial sums of squares of x or None); `add` is (residual [M, N], buffer for the [programs, M] squares)."""
     m, k = x2.shape
     assert m <= MAX_ROWS, f"{m} rows: the GEMV takes at most {MAX_ROWS}"
     if w.stride(1) != 1:
         w = w.contiguous()
-    residual, norm_weight, eps, h = norm if norm is not None else (None, x2, 0.0, x2)  # x2: pointers left unused
+    residual, norm_weight, eps, h, squares = norm if norm is not None else (None, x2, 0.0, x2, None)  # x2: unused
+    if add is not None:
+        residual, squares = add
     normed_dtype = torch.promote_types(x2.dtype, norm_weight.dtype)
     out_dtype = torch.promote_types(normed_dtype, w.dtype)
     n, block_n = w.shape[0], config.block_n
@@ -249,13 +275,17 @@ def _launch(
         out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     else:
         out = torch.empty((config.split_k, m, n), dtype=torch.float32, device=x2.device)
+    partials = squares is not None and add is None
     _gemv_kernel[(triton.cdiv(n, block_n), config.split_k)](
-        x2, w, out, residual if residual is not None else x2, norm_weight, h, m, n, k, x2.stride(0), w.stride(0),
-        out.stride(0) if config.split_k > 1 else 0, out.stride(-2), k_per_split, eps,
+        x2, w, out, residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
+        m, n, k, x2.stride(0), w.stride(0), out.stride(0) if config.split_k > 1 else 0, out.stride(-2), k_per_split,
+        eps, squares.shape[0] if partials else 0,
         BLOCK_M=1 if m == 1 else 16, BLOCK_N=block_n, BLOCK_K=config.block_k,
         BLOCK_SQ=4 * config.block_k if m == 1 else config.block_k, PRECISION=dot_precision(w.dtype),
-        NORM=norm is not None, HAS_RESIDUAL=residual is not None, ROUND_NORMED=normed_dtype == x2.dtype,
-        SILU_MUL=silu_mul, USE_GDC=gdc, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=gdc,
+        NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
+        ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
+        BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
+        USE_GDC=gdc, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=gdc,
     )  # fmt: skip
     if config.split_k > 1:
         out = out.sum(0).to(out_dtype)
@@ -273,6 +303,15 @@ def linear(x: Tensor, w: Tensor, config: GemvConfig | None = None) -> Tensor:
     return _launch(x2, w, config or _rule_config(x2, w)).view(*lead, -1)
 
 
+def linear_residual(x: Tensor, w: Tensor, residual: Tensor, config: GemvConfig) -> tuple[Tensor, Tensor]:
+    """`(residual + x @ w.T, squares)` in one launch, for x [M, K] and residual [M, N] of one dtype and an unsplit
+    K: `squares` [programs, M] holds each program's float32 sum of the squares of its strip of the sum."""
+    assert config.split_k == 1 and residual.dtype == x.dtype
+    x2 = x.contiguous()
+    squares = torch.empty((triton.cdiv(w.shape[0], config.block_n), x2.shape[0]), dtype=torch.float32, device=x.device)
+    return _launch(x2, w, config, add=(residual.contiguous(), squares)), squares
+
+
 def norm_linear(
     x: Tensor,
     residual: Tensor | None,
@@ -281,17 +320,19 @@ def norm_linear(
     w: Tensor,
     config: GemvConfig | None = None,
     silu_mul: bool = False,
+    squares: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`(linear(rms_norm(h), w), h)` with `h = x + residual` (x if residual is None) in one launch, for x
     [..., K] with at most MAX_ROWS rows; with `silu_mul`, w is the fused gate/up weight and the output
-    `silu(gate) * up`. x and residual share a dtype."""
+    `silu(gate) * up`. x and residual share a dtype. `squares` (with no residual): `linear_residual`'s partial
+    sums of squares of x, which spare every program the pass over the row."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k).contiguous()
     res2 = residual.reshape(-1, k).contiguous() if residual is not None else None
     h = torch.empty_like(x2) if residual is not None else x2
     config = config or _rule_config(x2, w)
     fuse_act = silu_mul and config.split_k == 1  # K-split partials are summed after the kernel: too late for it
-    out = _launch(x2, w, config, (res2, norm_weight.contiguous(), eps, h), fuse_act)
+    out = _launch(x2, w, config, (res2, norm_weight.contiguous(), eps, h, squares if res2 is None else None), fuse_act)
     if silu_mul and not fuse_act:
         out = triton_act.silu_mul(out)
     return out.view(*lead, -1), (h.view(x.shape) if residual is not None else x)
