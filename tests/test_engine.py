@@ -244,6 +244,18 @@ def test_bin_fallback_and_sharded_safetensors_load_the_same_weights(tiny_gqa_dir
         assert torch.equal(pa, pb), name
 
 
+def test_cpu_float32_projections_are_column_major(tiny_gqa_dir: Path) -> None:
+    """The layout MKL's matrix-vector product reads fastest, with the values and shapes of the checkpoint."""
+    engine, ref = load(tiny_gqa_dir), hf_model(tiny_gqa_dir)
+    layer, model = engine.model.layers[0], engine.model
+    for w in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2, model.output):
+        assert w.t().is_contiguous()
+    assert model.tok_embeddings.is_contiguous()  # looked up by row
+    assert torch.equal(layer.feed_forward.w2, ref.model.layers[0].mlp.down_proj.weight)
+    bf16 = Engine.load(EngineSpec(model=str(tiny_gqa_dir), device="cpu", dtype="bfloat16", max_batch=2))
+    assert bf16.model.layers[0].attention.wqkv.is_contiguous()  # MKL's bfloat16 product wants rows
+
+
 def test_more_requests_than_slots_wait_their_turn(tiny_model_dir: Path) -> None:
     """With one slot, a second request queues, then runs when the first retires; both give their own answer."""
     engine = load(tiny_model_dir, max_batch=1)
