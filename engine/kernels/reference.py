@@ -6,6 +6,8 @@ they also work (slowly) inside a CUDA graph, except where a comment says the CPU
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,8 +15,9 @@ from torch import Tensor
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Hugging Face `LlamaRMSNorm`: normalise in float32, cast back to x's dtype, then scale."""
-    if _cpu_fp32(x, weight):  # the same float32 arithmetic (bit-identical) as one op instead of seven
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    if _cpu_fp32(x, weight):  # the same float32 arithmetic (bit-identical) in 3/4 of F.rms_norm's time
+        variance = torch.addcdiv(_scalar(eps), (x * x).sum(-1, keepdim=True), _scalar(x.shape[-1]))
+        return x * variance.rsqrt_() * weight
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
@@ -143,6 +146,14 @@ def _cpu_decode_attention(
     if min(lens) == 0:  # all-masked rows come out as NaN: zeros, as the reference defines them
         out = out.masked_fill(lengths.view(batch, 1, 1) == 0, 0.0)
     return out
+
+
+@functools.cache
+def _scalar(value: float) -> Tensor:
+    """`value` as a float32 CPU tensor, made once: an op given a Python float converts it to a tensor on every
+    call, which costs as much as a small op itself on the CPU."""
+    with torch.inference_mode(False):  # an ordinary tensor, usable outside inference mode too
+        return torch.tensor(value, dtype=torch.float32)
 
 
 def _cpu_fp32(*tensors: Tensor) -> bool:
