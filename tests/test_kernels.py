@@ -598,6 +598,13 @@ def test_reference_rotary_matches_hf() -> None:
     for b in range(3):
         torch.testing.assert_close(k_cache[slots[b], :, positions[b]], hf_k[b, :, 0], rtol=1e-6, atol=1e-6)
         assert torch.equal(v_cache[slots[b], :, positions[b]], v[b])
+    for b in range(3):  # one sequence at a time: the CPU's plain-indexing path
+        one, k_cache = slice(b, b + 1), torch.zeros_like(k_cache)
+        q_one = reference.rotary_kv_write(
+            q[one], k[one], v[one], cos, sin, positions[one], slots[one], k_cache, v_cache
+        )
+        torch.testing.assert_close(q_one, hf_q[one, :, 0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(k_cache[slots[b], :, positions[b]], hf_k[b, :, 0], rtol=1e-6, atol=1e-6)
 
 
 def test_reference_attention_matches_sdpa() -> None:

@@ -103,22 +103,20 @@ def _cpu_rotary_kv_write(
     k_cache: Tensor,
     v_cache: Tensor,
 ) -> Tensor:
-    """`rotary_kv_write` for float32 CPU tensors, where per-op overhead dominates: q and k are rotated
-    together (the same float32 products and sums), and one sequence is written by plain indexing."""
-    n_q = q.shape[1]
-    qk = torch.cat((q, k), dim=1)
-    half = qk.shape[-1] // 2
-    rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-    if qk.shape[0] == 1:
+    """`rotary_kv_write` for float32 CPU tensors, where per-op overhead dominates: each of q and k is rotated as
+    `x * cos + roll(x) * signed_sin` in three ops (rotate-half's negation moved onto sin: the same products,
+    summed in one fused op), and one sequence is written by plain indexing."""
+    half = q.shape[-1] // 2
+    if q.shape[0] == 1:
         pos, slot = int(positions.item()), int(slots.item())
-        out = qk * cos[pos] + rotated * sin[pos]
-        k_cache[slot, :, pos] = out[0, n_q:]
-        v_cache[slot, :, pos] = v[0]
+        cos_b, sin_b = cos[pos], sin[pos] * _rotate_half_signs(q.shape[-1])
+        k_cache[slot : slot + 1, :, pos] = torch.addcmul(k * cos_b, k.roll(half, -1), sin_b)
+        v_cache[slot : slot + 1, :, pos] = v
     else:
-        out = qk * cos[positions][:, None] + rotated * sin[positions][:, None]
-        k_cache[slots, :, positions] = out[:, n_q:]
+        cos_b, sin_b = cos[positions][:, None], (sin[positions] * _rotate_half_signs(q.shape[-1]))[:, None]
+        k_cache[slots, :, positions] = torch.addcmul(k * cos_b, k.roll(half, -1), sin_b)
         v_cache[slots, :, positions] = v
-    return out[:, :n_q]
+    return torch.addcmul(q * cos_b, q.roll(half, -1), sin_b)
 
 
 def _cpu_decode_attention(
@@ -154,6 +152,13 @@ def _scalar(value: float) -> Tensor:
     call, which costs as much as a small op itself on the CPU."""
     with torch.inference_mode(False):  # an ordinary tensor, usable outside inference mode too
         return torch.tensor(value, dtype=torch.float32)
+
+
+@functools.cache
+def _rotate_half_signs(head_dim: int) -> Tensor:
+    """-1 over the first half, 1 over the second: `rotate_half(x) == roll(x, head_dim // 2) * signs`."""
+    with torch.inference_mode(False):
+        return torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2)))
 
 
 def _cpu_fp32(*tensors: Tensor) -> bool:
