@@ -81,12 +81,11 @@ class DecodeRunner:
         """Repetition penalty, then greedy or sampled choice; marks the choice as seen in its slot."""
         _, _, slots, top_k, seeds, offsets = self.ints[:, :batch]
         temperature, top_p, penalty = self.floats[:, :batch]
+        if greedy:
+            return kernels.greedy_pick(logits, self.seen, slots, penalty if penalize else None)
         if penalize:
             logits = kernels.apply_repetition_penalty(logits, self.seen[slots], penalty)
-        if greedy:
-            nxt = logits.argmax(dim=-1)
-        else:
-            nxt = kernels.sample(logits, temperature, top_k.int(), top_p, seeds, offsets)
+        nxt = kernels.sample(logits, temperature, top_k.int(), top_p, seeds, offsets)
         self.seen.index_put_((slots, nxt), self.true[:batch])
         return nxt
 

@@ -225,6 +225,27 @@ def check_linear_residual(name: str, device: str, dtype: str, m: int, n: int, k:
     torch.testing.assert_close(squares, strips, rtol=1e-5, atol=1e-6)
 
 
+def check_greedy(name: str, device: str, batch: int, vocab: int, penalty: bool) -> None:
+    """The fused greedy tail against the plain ops: same tokens (ties to the first index, also across blocks), same
+    seen mask after marking; rows share a slot as padding rows do."""
+    from engine.kernels import sampling, triton_pick
+
+    gen = _rng(name, device)
+    logits = _randn(gen, batch, vocab, dtype=torch.float32, device=device)
+    logits[0, 7] = logits[0, vocab - 3] = logits[0].max() + 1  # a tie, in different blocks when vocab > BLOCK
+    n_slots = batch + 2
+    seen = torch.rand(n_slots, vocab, generator=gen, device=device) < 0.3
+    slots = torch.randperm(n_slots, generator=_rng(name + "s", "cpu"))[:batch].to(device)
+    slots[-1] = slots[0] if batch > 2 else slots[-1]
+    factor = torch.linspace(1.0, 3.0, batch, device=device) if penalty else None
+    ref_seen = seen.clone()
+    expected = sampling.greedy_pick(logits, ref_seen, slots, factor)
+    assert torch.equal(triton_pick.greedy_pick(logits, seen, slots, factor), expected)
+    assert torch.equal(seen, ref_seen)
+    if not penalty:
+        assert expected[0] == 7
+
+
 def check_silu_mul(name: str, device: str, dtype: str, rows: int, dim: int) -> None:
     from engine.kernels import triton_act
 
@@ -241,6 +262,7 @@ CHECKS = {
     "linear": check_linear,
     "norm_linear": check_norm_linear,
     "linear_residual": check_linear_residual,
+    "greedy": check_greedy,
 }
 
 # Small shapes: the interpreter runs every program in Python.
@@ -358,6 +380,8 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         {"dtype": "fp16", "m": 1, "n": 24, "k": 96, "residual": False, "silu_mul": True, "config": (16, 32),
          "partials": 12},
     ),
+    "greedy-penalty": ("greedy", {"batch": 3, "vocab": 5000, "penalty": True}),
+    "greedy-ties": ("greedy", {"batch": 2, "vocab": 9000, "penalty": False}),
     "linear_residual-fp16-m1": ("linear_residual", {"dtype": "fp16", "m": 1, "n": 40, "k": 96, "config": (16, 32)}),
     "linear_residual-fp32-m3-odd-n": (
         "linear_residual", {"dtype": "fp32", "m": 3, "n": 37, "k": 64, "config": (16, 32)},
@@ -453,6 +477,8 @@ CUDA_CASES = {
         {"dtype": "bf16", "m": 1, "n": 11008, "k": 4096, "residual": False, "silu_mul": True, "config": None,
          "partials": 512},
     ),
+    "greedy-7b-b32": ("greedy", {"batch": 32, "vocab": 32016, "penalty": True}),
+    "greedy-7b-b1-ties": ("greedy", {"batch": 1, "vocab": 32016, "penalty": False}),
     "linear_residual-o-7b": ("linear_residual", {"dtype": "bf16", "m": 1, "n": 4096, "k": 4096, "config": (8, 512)}),
     "linear_residual-down-7b": (
         "linear_residual", {"dtype": "bf16", "m": 1, "n": 4096, "k": 11008, "config": (8, 512)},

@@ -21,7 +21,8 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 - `linear_residual(x, w, residual)`: the projection that ends a layer's half, returned as the residual stream
   the next `norm_linear` takes; where the matrix-vector kernel runs it, the residual add is its epilogue, which
   also leaves the next norm its sums of squares.
-- `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling.
+- `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling; `greedy_pick(...)`:
+  the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
 
 `reference` holds the plain PyTorch versions, which define the semantics. On Hopper the Triton kernels of the
 decode step launch with programmatic dependent launch (`pdl.py`), each starting while its predecessor finishes.
@@ -37,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import reference, sampling
 from .sampling import apply_repetition_penalty, mark_seen, sample
 
 __all__ = [
     "add_rms_norm",
     "apply_repetition_penalty",
     "decode_attention",
+    "greedy_pick",
     "linear",
     "linear_residual",
     "mark_seen",
@@ -110,6 +112,15 @@ def rotary_kv_write(
 
         return triton_rotary.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
     return reference.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
+
+
+def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | None) -> Tensor:
+    """Argmax of logits [B, V] after the repetition penalty (None: none), marked in `seen` at each row's slot."""
+    if _use_triton(logits):
+        from . import triton_pick
+
+        return triton_pick.greedy_pick(logits, seen, slots, penalty)
+    return sampling.greedy_pick(logits, seen, slots, penalty)
 
 
 def decode_attention(

@@ -88,3 +88,13 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
 def mark_seen(seen: Tensor, tokens: Tensor) -> Tensor:
     """Set `seen[b, tokens[b]]` in place for the tokens just sampled; returns seen."""
     return seen.scatter_(1, tokens.long()[:, None], True)
+
+
+def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | None) -> Tensor:
+    """The greedy step's choice: the argmax of float32 logits [B, V] after the repetition penalty (None: none),
+    marked in the seen mask [n_slots, V] at each row's slot; int64 [B]."""
+    if penalty is not None:
+        logits = apply_repetition_penalty(logits, seen[slots], penalty)
+    nxt = logits.argmax(dim=-1)
+    seen[slots, nxt] = True
+    return nxt
