@@ -49,6 +49,7 @@ class DecodeRunner:
         # Integer and float inputs live in one buffer each, so an update is two host-to-device copies.
         self.ints = torch.zeros(6, max_batch, dtype=torch.int64, device=dev)  # token position slot top_k seed offset
         self.floats = torch.ones(3, max_batch, dtype=torch.float32, device=dev)  # temperature top_p penalty
+        self.rows: dict[int, tuple[Tensor, ...]] = {}  # batch size -> its columns of ints and floats, row by row
         self.out = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.true = torch.ones(max_batch, dtype=torch.bool, device=dev)
         self.linear_choice: dict = {}
@@ -67,7 +68,7 @@ class DecodeRunner:
             self.capture()
 
     def _step(self, batch: int, greedy: bool, penalize: bool = True) -> None:
-        tokens, positions, slots, _, _, offsets = self.ints[:, :batch]
+        tokens, positions, slots, _, _, offsets, _, _, _ = self._inputs(batch)
         logits = self.model.decode(tokens, positions, slots)
         self.logits[:batch] = logits
         nxt = self._pick(logits, batch, greedy, penalize)
@@ -77,10 +78,16 @@ class DecodeRunner:
         positions.add_(1).clamp_(max=self.max_position)
         offsets.add_(1)
 
+    def _inputs(self, batch: int) -> tuple[Tensor, ...]:
+        """The step's inputs for `batch` rows (token position slot top_k seed offset temperature top_p penalty):
+        views of the static buffers, made once per batch size, since every view costs µs of host time."""
+        if batch not in self.rows:
+            self.rows[batch] = (*self.ints[:, :batch].unbind(), *self.floats[:, :batch].unbind())
+        return self.rows[batch]
+
     def _pick(self, logits: Tensor, batch: int, greedy: bool, penalize: bool) -> Tensor:
         """Repetition penalty, then greedy or sampled choice; marks the choice as seen in its slot."""
-        _, _, slots, top_k, seeds, offsets = self.ints[:, :batch]
-        temperature, top_p, penalty = self.floats[:, :batch]
+        _, _, slots, top_k, seeds, offsets, temperature, top_p, penalty = self._inputs(batch)
         if greedy:
             return kernels.greedy_pick(logits, self.seen, slots, penalty if penalize else None)
         if penalize:
