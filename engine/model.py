@@ -99,23 +99,14 @@ class Attention(nn.Module):
         return self.par.all_reduce(kernels.linear(out.transpose(0, 1).reshape(T, -1), self.wo))
 
     def decode(
-        self,
-        qkv: Tensor,
-        layer: int,
-        cache: KVCache,
-        slots: Tensor,
-        positions: Tensor,
-        lengths: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        self, qkv: Tensor, layer: int, cache: KVCache, slots: Tensor, positions: Tensor, cos: Tensor, sin: Tensor
     ) -> Tensor:
         """`qkv [B, ...]`: the projection of one new token per sequence (made with the norm, by the caller),
-        written at `positions` of `slots` (device tensors; `lengths` is `positions + 1`); the attention's output
-        `[B, heads * head_dim]`, before the output projection (`join`)."""
+        written at `positions` of `slots` (device tensors); the attention's output `[B, heads * head_dim]`, before
+        the output projection (`join`)."""
         q, k, v = self._heads(qkv)
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # once: every op counts on the CPU
-        q = kernels.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
-        return kernels.decode_attention(q, k_cache, v_cache, slots, lengths, self.scale).flatten(1)
+        return kernels.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, self.scale).flatten(1)
 
 
 class FeedForward(nn.Module):
@@ -153,14 +144,13 @@ class Block(nn.Module):
         cache: KVCache,
         slots: Tensor,
         positions: Tensor,
-        lengths: Tensor,
         cos: Tensor,
         sin: Tensor,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """One layer of a decode step on the residual stream (x, residual, squares) (x alone before the first)."""
         x, residual, squares = stream
         qkv, residual = kernels.norm_linear(x, residual, self.attention_norm, self.eps, self.attention.wqkv, squares)
-        out = self.attention.decode(qkv, layer, cache, slots, positions, lengths, cos, sin)
+        out = self.attention.decode(qkv, layer, cache, slots, positions, cos, sin)
         x, residual, squares = join(self.attention.par, out, self.attention.wo, residual)
         ffn = self.feed_forward
         act, residual = kernels.norm_linear_silu_mul(x, residual, self.ffn_norm, self.eps, ffn.w13, squares)
@@ -239,8 +229,7 @@ class Llama(nn.Module):
     def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`."""
         stream = self.embed(tokens), None, None
-        lengths = positions + 1  # once per step: a launch per layer, on the GPU, between rotary and attention
         for i, block in enumerate(self.layers):
-            stream = block.decode(stream, i, self.cache, slots, positions, lengths, self.cos, self.sin)
+            stream = block.decode(stream, i, self.cache, slots, positions, self.cos, self.sin)
         x, residual, squares = stream
         return self.full_vocab(kernels.norm_linear(x, residual, self.norm, self.cfg.norm_eps, self.output, squares)[0])

@@ -75,56 +75,6 @@ def check_rms_norm(name: str, device: str, dtype: str, rows: int, dim: int) -> N
     _close(out, ref_out, dt)
 
 
-def check_rotary(
-    name: str, device: str, dtype: str, batch: int, n_heads: int, n_kv_heads: int, head_dim: int, table: str
-) -> None:
-    """q/k/v are views of one fused QKV output; the whole caches must match (nothing else written)."""
-    from engine.kernels import triton_rotary
-
-    dt, gen = DTYPES[dtype], _rng(name, device)
-    max_seq, n_slots = 40, batch + 2
-    qkv = _randn(gen, batch, (n_heads + 2 * n_kv_heads) * head_dim, dtype=dt, device=device)
-    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
-    q, k, v = (t.view(batch, -1, head_dim) for t in (q, k, v))
-    cos, sin = (t.to(device=device, dtype=DTYPES[table]) for t in rope_tables(max_seq, head_dim))
-    positions = torch.randperm(max_seq, generator=_rng(name + "p", "cpu"))[:batch].to(device)
-    positions[0] = 0
-    slots = torch.randperm(n_slots, generator=_rng(name + "s", "cpu"))[:batch].to(device)
-    k_cache = _randn(gen, n_slots, n_kv_heads, max_seq, head_dim, dtype=dt, device=device)
-    v_cache = _randn(gen, n_slots, n_kv_heads, max_seq, head_dim, dtype=dt, device=device)
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    q_out = triton_rotary.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
-    ref_q = reference.rotary_kv_write(q, k, v, cos, sin, positions, slots, ref_k, ref_v)
-    _close(q_out, ref_q, dt)
-    _close(k_cache, ref_k, dt)
-    assert torch.equal(v_cache, ref_v)
-
-
-def check_attention(
-    name: str,
-    device: str,
-    dtype: str,
-    n_heads: int,
-    n_kv_heads: int,
-    head_dim: int,
-    max_seq: int,
-    lengths: list[int],
-    num_splits: int | None,
-) -> None:
-    from engine.kernels import triton_attention
-
-    dt, gen = DTYPES[dtype], _rng(name, device)
-    batch, n_slots = len(lengths), len(lengths) + 1
-    q = _randn(gen, batch, n_heads, head_dim, dtype=dt, device=device)
-    k_cache = _randn(gen, n_slots, n_kv_heads, max_seq, head_dim, dtype=dt, device=device)
-    v_cache = _randn(gen, n_slots, n_kv_heads, max_seq, head_dim, dtype=dt, device=device)
-    slots = torch.randperm(n_slots, generator=_rng(name + "s", "cpu"))[:batch].to(device)
-    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    scale = head_dim**-0.5
-    out = triton_attention.decode_attention(q, k_cache, v_cache, slots, lens, scale, num_splits=num_splits)
-    _close(out, reference.decode_attention(q, k_cache, v_cache, slots, lens, scale), dt)
-
-
 def check_linear(
     name: str, device: str, dtype: str, m: int, n: int, k: int, config: tuple[int, int, int] | None
 ) -> None:
@@ -257,8 +207,6 @@ def check_silu_mul(name: str, device: str, dtype: str, rows: int, dim: int) -> N
 CHECKS = {
     "silu_mul": check_silu_mul,
     "rms_norm": check_rms_norm,
-    "rotary": check_rotary,
-    "attention": check_attention,
     "linear": check_linear,
     "norm_linear": check_norm_linear,
     "linear_residual": check_linear_residual,
@@ -272,46 +220,6 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "rms_norm-fp32-pow2": ("rms_norm", {"dtype": "fp32", "rows": 3, "dim": 64}),
     "rms_norm-bf16-odd": ("rms_norm", {"dtype": "bf16", "rows": 2, "dim": 80}),
     "rms_norm-fp16": ("rms_norm", {"dtype": "fp16", "rows": 1, "dim": 128}),
-    "rotary-fp32-mha": (
-        "rotary",
-        {"dtype": "fp32", "batch": 3, "n_heads": 4, "n_kv_heads": 4, "head_dim": 32, "table": "fp32"},
-    ),
-    "rotary-bf16-gqa": (
-        "rotary",
-        {"dtype": "bf16", "batch": 2, "n_heads": 8, "n_kv_heads": 2, "head_dim": 16, "table": "fp32"},
-    ),
-    "rotary-bf16-bf16table": (
-        "rotary",
-        {"dtype": "bf16", "batch": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 32, "table": "bf16"},
-    ),
-    "attention-fp32-mha": (
-        "attention",
-        {
-            "dtype": "fp32", "n_heads": 2, "n_kv_heads": 2, "head_dim": 32, "max_seq": 150,
-            "lengths": [1, 150, 65], "num_splits": None,
-        },
-    ),
-    "attention-bf16-gqa64/8": (
-        "attention",
-        {
-            "dtype": "bf16", "n_heads": 64, "n_kv_heads": 8, "head_dim": 16, "max_seq": 70,
-            "lengths": [69], "num_splits": 2,
-        },
-    ),
-    "attention-fp32-gqa-splits": (
-        "attention",
-        {
-            "dtype": "fp32", "n_heads": 8, "n_kv_heads": 2, "head_dim": 16, "max_seq": 200,
-            "lengths": [199, 1, 0], "num_splits": 5,
-        },
-    ),
-    "attention-fp16-gqa4": (
-        "attention",
-        {
-            "dtype": "fp16", "n_heads": 4, "n_kv_heads": 1, "head_dim": 64, "max_seq": 100,
-            "lengths": [37], "num_splits": 1,
-        },
-    ),
     "linear-fp32-m1": ("linear", {"dtype": "fp32", "m": 1, "n": 100, "k": 300, "config": None}),
     "linear-bf16-m1-n32016": ("linear", {"dtype": "bf16", "m": 1, "n": 32016, "k": 24, "config": (256, 32)}),
     "linear-bf16-m1-splitk": ("linear", {"dtype": "bf16", "m": 1, "n": 40, "k": 200, "config": (16, 32, 3)}),
@@ -410,31 +318,6 @@ CUDA_CASES = {
     "silu_mul-7b": ("silu_mul", {"dtype": "bf16", "rows": 32, "dim": 11008}),
     "rms_norm-7b": ("rms_norm", {"dtype": "bf16", "rows": 8, "dim": 4096}),
     "rms_norm-34b": ("rms_norm", {"dtype": "bf16", "rows": 1, "dim": 8192}),
-    "rotary-34b": (
-        "rotary",
-        {"dtype": "bf16", "batch": 4, "n_heads": 64, "n_kv_heads": 8, "head_dim": 128, "table": "fp32"},
-    ),
-    "attention-7b": (
-        "attention",
-        {
-            "dtype": "bf16", "n_heads": 32, "n_kv_heads": 32, "head_dim": 128, "max_seq": 4096,
-            "lengths": [1, 4096, 1000], "num_splits": None,
-        },
-    ),
-    "attention-34b": (
-        "attention",
-        {
-            "dtype": "bf16", "n_heads": 64, "n_kv_heads": 8, "head_dim": 128, "max_seq": 3000,
-            "lengths": [2999, 65, 1, 0], "num_splits": None,
-        },
-    ),
-    "attention-fp32": (
-        "attention",
-        {
-            "dtype": "fp32", "n_heads": 8, "n_kv_heads": 8, "head_dim": 128, "max_seq": 600,
-            "lengths": [513], "num_splits": None,
-        },
-    ),
     "linear-lm-head": ("linear", {"dtype": "bf16", "m": 1, "n": 32016, "k": 4096, "config": None}),
     "linear-down-7b": ("linear", {"dtype": "bf16", "m": 1, "n": 4096, "k": 11008, "config": None}),
     "linear-m8": ("linear", {"dtype": "bf16", "m": 8, "n": 13824, "k": 5120, "config": None}),
@@ -511,8 +394,7 @@ def test_decode_step_in_cuda_graph() -> None:
     ones = torch.ones(batch, device=device)
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
-        q_rot = kernels.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
-        attn = kernels.decode_attention(q_rot, k_cache, v_cache, slots, positions + 1, head_dim**-0.5)
+        attn = kernels.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, head_dim**-0.5)
         logits = kernels.linear(attn.reshape(batch, -1), w_out).float()
         tokens = kernels.sample(logits, ones, slots.int(), ones, slots, positions)
         return logits, tokens

@@ -9,10 +9,9 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 
 - `rms_norm(x, weight, eps)` and `add_rms_norm(x, residual, weight, eps)`: Llama RMSNorm, the
   second also returning the residual sum.
-- `rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)`: rotary embedding of
-  the new token's q and k, with k and v written into the cache.
-- `decode_attention(q, k_cache, v_cache, slots, lengths, scale)`: split-KV attention of one new
-  query per sequence, GQA aware.
+- `rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)`: rotary embedding of
+  the new token's q and k, k and v written into the cache, and split-KV attention of the one new query
+  per sequence over its keys, GQA aware: one kernel on the GPU.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
 - `linear(x, w)`: `x @ w.T`, a weight-streaming matrix-vector kernel for decode-sized x.
 - `norm_linear(x, residual, norm_weight, eps, w)` and `norm_linear_silu_mul(...)`: residual add and RMSNorm,
@@ -44,7 +43,6 @@ from .sampling import apply_repetition_penalty, mark_seen, sample
 __all__ = [
     "add_rms_norm",
     "apply_repetition_penalty",
-    "decode_attention",
     "greedy_pick",
     "linear",
     "linear_residual",
@@ -52,7 +50,7 @@ __all__ = [
     "norm_linear",
     "norm_linear_silu_mul",
     "rms_norm",
-    "rotary_kv_write",
+    "rotary_attention",
     "sample",
     "silu_mul",
 ]
@@ -94,7 +92,7 @@ def silu_mul(gu: Tensor) -> Tensor:
     return reference.silu_mul(gu)
 
 
-def rotary_kv_write(
+def rotary_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -104,14 +102,15 @@ def rotary_kv_write(
     slots: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
+    scale: float,
 ) -> Tensor:
-    """Rotate q [B, Hq, D] and k [B, Hkv, D] at `positions`, store k and v at `[slots, :, positions]`
-    of the caches [n_slots, Hkv, max_seq, D], and return the rotated q."""
+    """Rotate q [B, Hq, D] and k [B, Hkv, D] at `positions`, store k and v at `[slots, :, positions]` of the caches
+    [n_slots, Hkv, max_seq, D], and return the attention of the rotated q over keys `0 .. positions[b]`."""
     if _use_triton(q):
-        from . import triton_rotary
+        from . import triton_attention
 
-        return triton_rotary.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
-    return reference.rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
+        return triton_attention.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
+    return reference.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
 
 
 def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | None) -> Tensor:
@@ -121,17 +120,6 @@ def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | N
 
         return triton_pick.greedy_pick(logits, seen, slots, penalty)
     return sampling.greedy_pick(logits, seen, slots, penalty)
-
-
-def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lengths: Tensor, scale: float
-) -> Tensor:
-    """Attention of q [B, Hq, D] over keys `0 .. lengths[b]-1` of cache slot `slots[b]`."""
-    if _use_triton(q):
-        from . import triton_attention
-
-        return triton_attention.decode_attention(q, k_cache, v_cache, slots, lengths, scale)
-    return reference.decode_attention(q, k_cache, v_cache, slots, lengths, scale)
 
 
 # (rows, N, K, dtype) -> the Triton config that beat cuBLAS there; filled by `tune_linear` on the device.

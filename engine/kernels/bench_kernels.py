@@ -190,21 +190,22 @@ def bench_attention(models: list[str], copy_gbs: float) -> None:
             k_cache = torch.randn(batch, hkv, length, d, dtype=DTYPE, device="cuda")
             v_cache = torch.randn_like(k_cache)
             q = torch.randn(batch, shape.heads, d, dtype=DTYPE, device="cuda")
-            slots = torch.arange(batch, device="cuda")
-            lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
-            scale = d**-0.5
-            out = triton_attention.decode_attention(q, k_cache, v_cache, slots, lengths, scale)
-            check(f"attention {model}", out, reference.decode_attention(q, k_cache, v_cache, slots, lengths, scale))
+            k, v = (torch.randn(batch, hkv, d, dtype=DTYPE, device="cuda") for _ in range(2))
+            cos, sin = torch.rand(length, d, device="cuda"), torch.rand(length, d, device="cuda")
+            positions = torch.full((batch,), length - 1, device="cuda")
+            args = (q, k, v, cos, sin, positions, torch.arange(batch, device="cuda"), k_cache, v_cache, d**-0.5)
+            out = triton_attention.rotary_attention(*args)
+            check(f"attention {model}", out, reference.rotary_attention(*args))
             nbytes = 2 * k_cache.numel() * k_cache.element_size()
-            ms = bench(partial(triton_attention.decode_attention, q, k_cache, v_cache, slots, lengths, scale))
+            ms = bench(partial(triton_attention.rotary_attention, *args))
             sdpa = partial(
-                F.scaled_dot_product_attention, q[:, :, None], k_cache, v_cache, scale=scale, enable_gqa=True
+                F.scaled_dot_product_attention, q[:, :, None], k_cache, v_cache, scale=d**-0.5, enable_gqa=True
             )
             row(f"{model} B={batch} L={length}", nbytes, ms, bench(sdpa), copy_gbs)
 
 
 def bench_small_ops(models: list[str], copy_gbs: float) -> None:
-    from engine.kernels import triton_norm, triton_rotary
+    from engine.kernels import triton_norm
 
     print("base = the PyTorch reference, eager")
     for model in models:
@@ -222,28 +223,6 @@ def bench_small_ops(models: list[str], copy_gbs: float) -> None:
                 4 * x.numel() * x.element_size(),
                 bench(partial(triton_norm.add_rms_norm, x, res, weight, 1e-5)),
                 bench(partial(reference.add_rms_norm, x, res, weight, 1e-5)),
-                copy_gbs,
-            )
-
-            d, max_seq = shape.head_dim, 4096
-            q = torch.randn(batch, shape.heads, d, dtype=DTYPE, device="cuda")
-            k = torch.randn(batch, shape.kv_heads, d, dtype=DTYPE, device="cuda")
-            v = torch.randn_like(k)
-            cos, sin = torch.rand(max_seq, d, device="cuda"), torch.rand(max_seq, d, device="cuda")
-            positions = torch.randint(0, max_seq, (batch,), device="cuda")
-            slots = torch.randperm(batch, device="cuda")
-            caches = [torch.zeros(batch, shape.kv_heads, max_seq, d, dtype=DTYPE, device="cuda") for _ in range(4)]
-            args = (q, k, v, cos, sin, positions, slots)
-            got = triton_rotary.rotary_kv_write(*args, caches[0], caches[1])
-            want = reference.rotary_kv_write(*args, caches[2], caches[3])
-            check("rotary q", got, want)
-            check("rotary k cache", caches[0], caches[2])
-            nbytes = 2 * (q.numel() + 2 * k.numel()) * 2
-            row(
-                f"{model} rotary_kv_write B={batch}",
-                nbytes,
-                bench(partial(triton_rotary.rotary_kv_write, *args, caches[0], caches[1])),
-                bench(partial(reference.rotary_kv_write, *args, caches[2], caches[3])),
                 copy_gbs,
             )
 
@@ -312,7 +291,7 @@ def main() -> None:
     section("all decode matmuls in one CUDA graph", lambda: bench_all_matmuls(models, copy_gbs))
     section("norm (+ SwiGLU) fused into the GEMV", lambda: bench_fused(models, copy_gbs))
     section("decode attention", lambda: bench_attention(models, copy_gbs))
-    section("norm and rotary", lambda: bench_small_ops(models, copy_gbs))
+    section("norm", lambda: bench_small_ops(models, copy_gbs))
     section("sampling (temperature 0.2, top-k 40, top-p 0.9, V=32016)", bench_sampling)
     if args.sweep:
         section("GEMV config sweep", lambda: sweep_gemv(models, copy_gbs))

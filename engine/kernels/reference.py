@@ -92,6 +92,24 @@ def decode_attention(
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)
 
 
+def rotary_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    scale: float,
+) -> Tensor:
+    """A decode step's attention: `rotary_kv_write` of the new token at `positions`, then `decode_attention` of its
+    rotated q over the keys up to and including it (`positions + 1`); [B, Hq, D]."""
+    q = rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
+    return decode_attention(q, k_cache, v_cache, slots, positions + 1, scale)
+
+
 def _cpu_rotary_kv_write(
     q: Tensor,
     k: Tensor,

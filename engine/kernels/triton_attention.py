@@ -1,10 +1,15 @@
-"""Split-KV decode attention ("flash-decoding") in Triton.
+"""Split-KV decode attention ("flash-decoding") in Triton, with the new token's rotary embedding and KV-cache write.
+
+Each program rotates its query heads and the new token's key itself (a few hundred bytes); the
+program whose keys end at the new position reads the keys before it from the cache and adds the new
+key and value from registers, then writes them to the cache for the steps after: no separate rotary
+kernel to wait for, and no program reads what another writes.
 
 Decode has one query per sequence, so one program per (sequence, kv head) would leave most of
 the GPU idle on long contexts. Instead each (sequence, head) is split into `num_splits` chunks
 processed in parallel, and the last of a row's splits to finish merges their partial softmaxes
 (each split counts itself in with an atomic add): no second kernel to launch and wait for. The
-lengths are read from device memory and each program sizes its chunk from the actual length, so
+positions are read from device memory and each program sizes its chunk from the actual length, so
 one captured graph serves every length up to the cache size and the work is spread evenly whatever
 the length. With one split (large batches) the split kernel writes the output itself.
 
@@ -123,26 +128,27 @@ def _merge_row(acc_ptr, max_ptr, sum_ptr, out_ptr, row, n_splits, BLOCK_S: tl.co
     in_range = s < n_splits
     m = tl.load(max_ptr + row * n_splits + s, mask=in_range, other=float("-inf"), cache_modifier=".cg")
     sums = tl.load(sum_ptr + row * n_splits + s, mask=in_range, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # all splits empty (length 0)
+    m_max = tl.max(m, axis=0)  # finite: the split holding the new key has keys
     weight = tl.exp2(m - m_max)
     acc = tl.load(acc_ptr + (row * n_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=in_range[:, None], other=0.0,
                   cache_modifier=".cg")  # fmt: skip
     numerator = tl.sum(acc * weight[:, None], axis=0)
-    denominator = tl.sum(sums * weight, axis=0)
-    # The split holding the overall max contributes >= 1 to the denominator; with length 0
-    # there is none and the numerator is 0, so clamping gives zeros.
-    out = numerator / tl.maximum(denominator, 1.0)
+    denominator = tl.sum(sums * weight, axis=0)  # >= 1: the split holding the overall max contributes 1
+    out = numerator / denominator
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["n_splits"])  # one compiled kernel for every batch bucket's split count
 def _split_kernel(
     q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    positions_ptr,
+    slots_ptr,
     k_cache_ptr,
     v_cache_ptr,
-    slots_ptr,
-    lengths_ptr,
     out_ptr,
     acc_ptr,
     max_ptr,
@@ -151,6 +157,11 @@ def _split_kernel(
     qk_scale,
     stride_qb,
     stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_table,
     stride_cs,
     stride_ch,
     stride_cp,
@@ -166,8 +177,9 @@ def _split_kernel(
     PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    """One (sequence, HEADS query heads, split) per program; BLOCK_H == 1 selects `_attend_lanes`. count_ptr: one
-    zeroed counter per (sequence, HEADS heads), back to zero after each call."""
+    """One (sequence, HEADS query heads, split) per program over keys 0..position; BLOCK_H == 1 selects
+    `_attend_lanes`. q, k, v: the new token's, unrotated. count_ptr: one zeroed counter per (sequence, HEADS heads),
+    back to zero after each call."""
     if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading anything
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -175,7 +187,8 @@ def _split_kernel(
     head0 = pid % (n_heads // HEADS) * HEADS
     split = tl.program_id(1)
 
-    length = tl.load(lengths_ptr + b).to(tl.int32)
+    pos = tl.load(positions_ptr + b).to(tl.int32)
+    length = pos + 1
     chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, length)
@@ -183,25 +196,50 @@ def _split_kernel(
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HEAD_DIM)
     rows = h < HEADS
-    q_ptrs = q_ptr + b * stride_qb + (head0 + h)[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=rows[:, None], other=0.0).to(tl.float32)
+    # Rotate-half rotary embedding, rounded once to the input dtype as reference.rotary_kv_write rounds.
+    partner = (d + HEAD_DIM // 2) % HEAD_DIM
+    cos = tl.load(cos_ptr + pos * stride_table + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * stride_table + d).to(tl.float32) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
+    q_rows = q_ptr + b * stride_qb + (head0 + h)[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    q_partner = tl.load(q_rows + partner[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    q = (q * cos[None, :] + q_partner * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
+    kv_head = head0 // GROUP
+    k_row = k_ptr + b * stride_kb + kv_head * stride_kh
+    k_new = (
+        (tl.load(k_row + d).to(tl.float32) * cos + tl.load(k_row + partner).to(tl.float32) * sin)
+        .to(k_ptr.dtype.element_ty)
+        .to(k_cache_ptr.dtype.element_ty)
+    )
+    v_new = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + d).to(v_cache_ptr.dtype.element_ty)
     slot = tl.load(slots_ptr + b)
-    kv_base = slot * stride_cs + head0 // GROUP * stride_ch
-    k_ptr, v_ptr = k_cache_ptr + kv_base, v_cache_ptr + kv_base
-    # qk_scale includes log2(e) so that exp2 gives the softmax's exponentials.
+    kv_base = slot * stride_cs + kv_head * stride_ch
+    k_cache, v_cache = k_cache_ptr + kv_base, v_cache_ptr + kv_base
+    # qk_scale includes log2(e) so that exp2 gives the softmax's exponentials. The cache holds keys 0..pos-1; the new
+    # key and value join from registers below.
+    cached_end = tl.minimum(end, pos)
     if BLOCK_H == 1:
-        acc, m, total = _attend_lanes(q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, HEAD_DIM, BLOCK_N)
+        acc, m, total = _attend_lanes(q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, HEAD_DIM, BLOCK_N)
     else:
         acc, m, total = _attend_dot(
-            q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, BLOCK_H, HEAD_DIM, BLOCK_N, PRECISION
+            q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, BLOCK_H, HEAD_DIM, BLOCK_N, PRECISION
         )
-
+    if (start <= pos) & (pos < end):  # this split's keys end with the new one: one more online-softmax step
+        score = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+        m_new = tl.maximum(m, score)
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(score - m_new)
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+        total = total * alpha + p
+        m = m_new
+        if head0 % GROUP == 0:  # one program per kv head writes them to the cache, for the steps after
+            tl.store(k_cache + pos * stride_cp + d, k_new)
+            tl.store(v_cache + pos * stride_cp + d, v_new)
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     out = b * n_heads + head0 + h
     if ONE_SPLIT:
-        # A row with keys has sum >= 1 (its max key contributes 1); length 0 gives 0 / 1.
-        result = acc / tl.maximum(total, 1.0)[:, None]
+        result = acc / total[:, None]  # >= 1: the max key contributes 1
         tl.store(
             out_ptr + out[:, None] * HEAD_DIM + d[None, :], result.to(out_ptr.dtype.element_ty), mask=rows[:, None]
         )
@@ -251,22 +289,28 @@ def choose_splits(programs: int, max_seq: int, block_n: int, sm_count: int) -> i
     return max(1, min(4 * sm_count // programs, triton.cdiv(max_seq, block_n), MAX_SPLITS))
 
 
-def decode_attention(
+def rotary_attention(
     q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    slots: Tensor,
-    lengths: Tensor,
     scale: float,
     num_splits: int | None = None,
 ) -> Tensor:
-    """See `reference.decode_attention`. `num_splits` overrides the heuristic (for tests)."""
+    """See `reference.rotary_attention`. q/k/v may be strided views (of the fused QKV output); `num_splits`
+    overrides the heuristic (for tests)."""
     batch, n_heads, head_dim = q.shape
     n_kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
-    assert group * n_kv_heads == n_heads, "q heads must be a multiple of kv heads"
+    assert group * n_kv_heads == n_heads and k.shape[1] == v.shape[1] == n_kv_heads, "q heads: a multiple of kv heads"
     assert head_dim >= 16 and triton.next_power_of_2(head_dim) == head_dim, "head_dim: a power of 2 >= 16"
-    assert q.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos.stride() == sin.stride() and cos.stride(1) == 1
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     heads = group if group >= DOT_MIN_GROUP else 1  # query heads per program
     block_h = max(16, triton.next_power_of_2(heads)) if heads > 1 else 1
     block_n = BLOCK_N_DOT if heads > 1 else BLOCK_N_LANES
@@ -284,9 +328,10 @@ def decode_attention(
         sums = torch.empty_like(maxes)
         counts = _counters(q.device, programs)
     _split_kernel[(programs, num_splits)](
-        q, k_cache, v_cache, slots, lengths, out, partial, maxes, sums, counts,
+        q, k, v, cos, sin, positions, slots, k_cache, v_cache, out, partial, maxes, sums, counts,
         scale * math.log2(math.e),
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, HEADS=heads, BLOCK_H=block_h,
         HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=MAX_SPLITS, PRECISION=dot_precision(q.dtype), USE_GDC=gdc,
         num_warps=4, num_stages=2, launch_pdl=gdc,
