@@ -506,13 +506,6 @@ def test_reference_rotary_matches_hf() -> None:
     for b in range(3):
         torch.testing.assert_close(k_cache[slots[b], :, positions[b]], hf_k[b, :, 0], rtol=1e-6, atol=1e-6)
         assert torch.equal(v_cache[slots[b], :, positions[b]], v[b])
-    for b in range(3):  # one sequence at a time: the CPU's plain-indexing path
-        one, k_cache = slice(b, b + 1), torch.zeros_like(k_cache)
-        q_one = reference.rotary_kv_write(
-            q[one], k[one], v[one], cos, sin, positions[one], slots[one], k_cache, v_cache
-        )
-        torch.testing.assert_close(q_one, hf_q[one, :, 0], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(k_cache[slots[b], :, positions[b]], hf_k[b, :, 0], rtol=1e-6, atol=1e-6)
 
 
 def test_reference_attention_matches_sdpa() -> None:
@@ -528,6 +521,25 @@ def test_reference_attention_matches_sdpa() -> None:
         values = v_cache[slots[b], :, :length].repeat_interleave(n_heads // n_kv, dim=0)
         expected = torch.nn.functional.scaled_dot_product_attention(q[b, :, None], keys, values, scale=0.3)
         torch.testing.assert_close(out[b], expected[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_rotary_attention_matches_the_reference() -> None:
+    """The float32 CPU shortcut, for one sequence (plain indexing, no mask) and for a batch (gathered, masked),
+    against the reference's own ops, which float64 inputs take: the output and what lands in the caches."""
+    gen = _rng("cpu-rotary-attention", "cpu")
+    n_heads, n_kv, head_dim, max_seq = 8, 2, 32, 40
+    cos, sin = rope_tables(max_seq, head_dim)
+    q, k, v = (_randn(gen, 3, h, head_dim, dtype=torch.float32, device="cpu") for h in (n_heads, n_kv, n_kv))
+    caches = [_randn(gen, 4, n_kv, max_seq, head_dim, dtype=torch.float32, device="cpu") for _ in range(2)]
+    positions, slots = torch.tensor([5, 0, 39]), torch.tensor([1, 3, 0])
+    for rows in (slice(0, 3), slice(0, 1), slice(1, 2), slice(2, 3)):
+        ours, theirs = [c.clone() for c in caches], [c.double() for c in caches]
+        out = reference.rotary_attention(q[rows], k[rows], v[rows], cos, sin, positions[rows], slots[rows], *ours, 0.3)
+        qkv = (t[rows].double() for t in (q, k, v))
+        expected = reference.rotary_attention(*qkv, cos, sin, positions[rows], slots[rows], *theirs, 0.3)
+        torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-6)
+        for got, want in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
 
 
 # --- sampling -----------------------------------------------------------------------------------

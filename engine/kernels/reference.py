@@ -56,8 +56,6 @@ def rotary_kv_write(
     q: [B, Hq, D], k/v: [B, Hkv, D], cos/sin: [max_pos, D], positions/slots: int64 [B],
     caches: [n_slots, Hkv, max_seq, D]; the token of row b goes to `cache[slots[b], :, positions[b]]`.
     """
-    if _cpu_fp32(q, k, v, cos, sin, k_cache, v_cache):
-        return _cpu_rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
     cos_b = cos[positions][:, None, :]
     sin_b = sin[positions][:, None, :]
     k_cache[slots, :, positions] = rotate(k, cos_b, sin_b).to(k_cache.dtype)
@@ -74,8 +72,6 @@ def decode_attention(
     """
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
-    if _cpu_fp32(q, k_cache, v_cache):
-        return _cpu_decode_attention(q, k_cache, v_cache, slots, lengths, scale)
     if q.is_cuda:
         keys, values = k_cache[slots], v_cache[slots]  # [B, Hkv, max_seq, D]
     else:
@@ -106,11 +102,13 @@ def rotary_attention(
 ) -> Tensor:
     """A decode step's attention: `rotary_kv_write` of the new token at `positions`, then `decode_attention` of its
     rotated q over the keys up to and including it (`positions + 1`); [B, Hq, D]."""
+    if _cpu_fp32(q, k, v, cos, sin, k_cache, v_cache):
+        return _cpu_rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
     q = rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
     return decode_attention(q, k_cache, v_cache, slots, positions + 1, scale)
 
 
-def _cpu_rotary_kv_write(
+def _cpu_rotary_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -120,48 +118,34 @@ def _cpu_rotary_kv_write(
     slots: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
+    scale: float,
 ) -> Tensor:
-    """`rotary_kv_write` for float32 CPU tensors, where per-op overhead dominates: each of q and k is rotated as
-    `x * cos + roll(x) * signed_sin` in three ops (rotate-half's negation moved onto sin: the same products,
-    summed in one fused op), and one sequence is written by plain indexing."""
-    half = q.shape[-1] // 2
-    if q.shape[0] == 1:
+    """`rotary_attention` for float32 CPU tensors, where each op's host time is the cost. q and k are each rotated
+    as `x * cos + roll(x) * signed_sin` (rotate-half's negation moved onto sin: the same products, summed in one
+    fused op), and attention is one fused SDPA call (GQA aware, float32 softmax). One sequence reads its position
+    and slot once, is written by plain indexing and attends over a view of its cache (no gather, no mask); a batch
+    gathers the live part of its slots and masks each row beyond its length."""
+    batch, n_heads, head_dim = q.shape
+    half, signs = head_dim // 2, _rotate_half_signs(head_dim)
+    mask = None
+    if batch == 1:
         pos, slot = int(positions.item()), int(slots.item())
-        cos_b, sin_b = cos[pos], sin[pos] * _rotate_half_signs(q.shape[-1])
+        cos_b, sin_b = cos[pos], sin[pos] * signs
         k_cache[slot : slot + 1, :, pos] = torch.addcmul(k * cos_b, k.roll(half, -1), sin_b)
         v_cache[slot : slot + 1, :, pos] = v
+        keys, values = k_cache[slot : slot + 1, :, : pos + 1], v_cache[slot : slot + 1, :, : pos + 1]
     else:
-        cos_b, sin_b = cos[positions][:, None], (sin[positions] * _rotate_half_signs(q.shape[-1]))[:, None]
+        cos_b, sin_b = cos[positions][:, None], (sin[positions] * signs)[:, None]
         k_cache[slots, :, positions] = torch.addcmul(k * cos_b, k.roll(half, -1), sin_b)
         v_cache[slots, :, positions] = v
-    return torch.addcmul(q * cos_b, q.roll(half, -1), sin_b)
-
-
-def _cpu_decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lengths: Tensor, scale: float
-) -> Tensor:
-    """`decode_attention` for float32 CPU tensors in one fused SDPA call (GQA aware, float32 softmax).
-
-    A single sequence attends over a view of its cache (no gather, no mask); a batch gathers the live
-    part of its slots and masks each row beyond its length.
-    """
-    batch, n_heads, head_dim = q.shape
-    lens = lengths.tolist()
-    longest = max(max(lens), 1)
-    if batch == 1:
-        slot = int(slots.item())
-        keys, values = k_cache[slot : slot + 1, :, :longest], v_cache[slot : slot + 1, :, :longest]
-    else:
-        keys, values = k_cache[:, :, :longest][slots], v_cache[:, :, :longest][slots]
-    mask = None
-    if min(lens) < longest:
-        mask = torch.arange(longest, device=q.device) < lengths.view(batch, 1, 1, 1)
-    out = F.scaled_dot_product_attention(
-        q.view(batch, n_heads, 1, head_dim), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-    ).view(batch, n_heads, head_dim)
-    if min(lens) == 0:  # all-masked rows come out as NaN: zeros, as the reference defines them
-        out = out.masked_fill(lengths.view(batch, 1, 1) == 0, 0.0)
-    return out
+        lengths = positions + 1
+        lens = lengths.tolist()
+        keys, values = k_cache[:, :, : max(lens)][slots], v_cache[:, :, : max(lens)][slots]
+        if min(lens) < max(lens):
+            mask = torch.arange(max(lens)) < lengths.view(batch, 1, 1, 1)
+    q = torch.addcmul(q * cos_b, q.roll(half, -1), sin_b)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.view(batch, n_heads, head_dim)
 
 
 @functools.cache
