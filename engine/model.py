@@ -69,12 +69,9 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def _heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
-        return (
-            q.view(-1, self.n_heads, self.head_dim),
-            k.view(-1, self.n_kv, self.head_dim),
-            v.view(-1, self.n_kv, self.head_dim),
-        )
+        """q, k and v `[N, heads, head_dim]` as views of `qkv [N, ...]`: one view and one split (each costs µs)."""
+        heads = qkv.view(-1, self.n_heads + 2 * self.n_kv, self.head_dim)
+        return heads.split([self.n_heads, self.n_kv, self.n_kv], 1)
 
     def prefill(self, x: Tensor, layer: int, cache: KVCache, slot: int, start: int, cos: Tensor, sin: Tensor) -> Tensor:
         """`x [T, dim]`: tokens at positions `start .. start+T-1` of one sequence in `slot`."""
@@ -148,11 +145,11 @@ class Block(nn.Module):
         sin: Tensor,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """One layer of a decode step on the residual stream (x, residual, squares) (x alone before the first)."""
+        attention, ffn = self.attention, self.feed_forward  # once: a submodule lookup costs µs of host time
         x, residual, squares = stream
-        qkv, residual = kernels.norm_linear(x, residual, self.attention_norm, self.eps, self.attention.wqkv, squares)
-        out = self.attention.decode(qkv, layer, cache, slots, positions, cos, sin)
-        x, residual, squares = join(self.attention.par, out, self.attention.wo, residual)
-        ffn = self.feed_forward
+        qkv, residual = kernels.norm_linear(x, residual, self.attention_norm, self.eps, attention.wqkv, squares)
+        out = attention.decode(qkv, layer, cache, slots, positions, cos, sin)
+        x, residual, squares = join(attention.par, out, attention.wo, residual)
         act, residual = kernels.norm_linear_silu_mul(x, residual, self.ffn_norm, self.eps, ffn.w13, squares)
         return join(ffn.par, act, ffn.w2, residual)
 
@@ -229,7 +226,8 @@ class Llama(nn.Module):
     def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`."""
         stream = self.embed(tokens), None, None
+        cache, cos, sin = self.cache, self.cos, self.sin  # once, not per layer: module attributes cost µs each
         for i, block in enumerate(self.layers):
-            stream = block.decode(stream, i, self.cache, slots, positions, self.cos, self.sin)
+            stream = block.decode(stream, i, cache, slots, positions, cos, sin)
         x, residual, squares = stream
         return self.full_vocab(kernels.norm_linear(x, residual, self.norm, self.cfg.norm_eps, self.output, squares)[0])
