@@ -651,4 +651,3 @@ def run_app(
     app = CodeLlamaApp(file, spec, cap, system or config.system, merged, theme, text=text, keys=config.keys)
     result = app.run()
     return result if isinstance(result, int) else (app.return_code or 0)
-
