@@ -11,10 +11,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.errors import EngineError
-from engine.events import Event, Failed, Finished, LoadFailed, Loading, ModelInfo, Ready
+from engine.events import Event, Failed, Finished, LoadFailed, Loading, ModelInfo, Ready, TextDelta
 from engine.requests import EngineSpec, Request
 
 _TERMINAL = (Finished, Failed)
@@ -82,19 +82,30 @@ class EngineClient:
         """Submit `request` and yield its events up to and including Finished or Failed.
 
         Ctrl+C while waiting for the next event cancels the request; the stream then ends with
-        Finished(reason="cancelled"), so a console keeps its session and its partial answer.
+        Finished(reason="cancelled"), so a console keeps its session and its partial answer. Text the engine made
+        before the cancel reached it but not yet yielded is dropped: the output stops when the user asks, and the
+        Finished text is what was yielded.
         """
         q: queue.Queue[Event] = queue.Queue()
         with self._lock:
             self._streams[request.id] = q
         self.submit(request)
+        shown: list[str] = []
+        interrupted = False
         try:
             while True:
                 try:
                     event = q.get()
                 except KeyboardInterrupt:
                     self.cancel(request.id)
+                    interrupted = True
                     continue
+                if interrupted and isinstance(event, TextDelta):
+                    continue
+                if interrupted and isinstance(event, Finished):
+                    event = replace(event, reason="cancelled", text="".join(shown))
+                if isinstance(event, TextDelta):
+                    shown.append(event.text)
                 yield event
                 if isinstance(event, _TERMINAL):
                     return

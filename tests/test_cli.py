@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.prompts import build_prompt
-from engine.requests import Request
+from engine.requests import EngineSpec, Request
 from engine.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,6 +226,33 @@ def test_ctrl_c_cancels_mid_generation(tiny_model_dir: Path) -> None:
         "Traceback" not in err.decode() and err.decode().strip().splitlines()[-1] == "codellama-tui: error: cancelled"
     )
     assert len(first + out) < 480 * 8  # it stopped early, keeping what was printed
+
+
+def test_ctrl_c_after_the_engine_finished_still_stops_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine may run ahead of the printing: text it made before the cancel arrived is not shown, and the
+    stream ends "cancelled" with the text that was shown, even when the request had already finished."""
+    from types import SimpleNamespace
+
+    from engine import client as client_module
+    from engine.events import Finished, Stats, TextDelta
+
+    stats = Stats(3, 3, 0.1, 0.3)
+    script = [TextDelta(1, "a"), KeyboardInterrupt, TextDelta(1, "b"), Finished(1, "length", "ab", stats)]
+
+    class Scripted:
+        def get(self) -> object:
+            item = script.pop(0)
+            if item is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            return item
+
+    client = client_module.EngineClient(EngineSpec())
+    cancelled = []
+    monkeypatch.setattr(client, "submit", lambda request: None)
+    monkeypatch.setattr(client, "cancel", cancelled.append)
+    monkeypatch.setattr(client_module, "queue", SimpleNamespace(Queue=Scripted))
+    events = list(client.stream(Request("completion", text="x")))
+    assert events == [TextDelta(1, "a"), Finished(1, "cancelled", "a", stats)] and len(cancelled) == 1
 
 
 def test_the_config_files_model_is_the_default(tiny_model_dir: Path) -> None:

@@ -90,14 +90,17 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def _run(client, request: Request, jsonl: bool) -> int:  # client: engine.client.EngineClient
-    """Stream one request to stdout; Ctrl+C cancels it (exit 130) and keeps what was printed."""
+    """Stream one request to stdout; Ctrl+C cancels it (exit 130), prints nothing more and keeps what was printed.
+    A Ctrl+C that lands while this prints (not while the stream waits, which handles it itself) is handled here."""
     events = client.stream(request)
+    interrupted = False
     while True:
         try:
             for event in events:
                 if isinstance(event, TextDelta) and not jsonl:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
+                    if not interrupted:
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
                 elif isinstance(event, Failed):
                     if jsonl:
                         print(json.dumps({"error": event.message}), flush=True)
@@ -107,11 +110,13 @@ def _run(client, request: Request, jsonl: bool) -> int:  # client: engine.client
                         print(json.dumps({"text": event.text}), flush=True)
                     elif event.text and not event.text.endswith("\n") and sys.stdout.isatty():
                         print()
-                    if event.reason == "cancelled":
+                    if interrupted or event.reason == "cancelled":
                         return _fail("cancelled", 130)
                     return 0
+            return _fail("cancelled", 130)  # a Ctrl+C inside the stream's own code ended it
         except KeyboardInterrupt:
             client.cancel(request.id)
+            interrupted = True
 
 
 def tokenize(args: argparse.Namespace) -> int:

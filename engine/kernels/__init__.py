@@ -1,8 +1,8 @@
 """The decode-path kernels, behind one dispatch: Triton for CUDA tensors, plain PyTorch otherwise.
 
 The model calls these functions and runs unchanged on the CPU (CI, tests) and on the GPU. Every op
-is CUDA-graph capturable: no host syncs, shapes fixed by the inputs' shapes, and positions, slots
-and lengths read from device memory, so one captured decode step serves every position. Triton
+is CUDA-graph capturable: no host syncs, shapes fixed by the inputs' shapes, and positions and
+slots read from device memory, so one captured decode step serves every position. Triton
 compiles each kernel on its first call for a new shape or dtype, so run the decode step once
 before capturing it (the usual warm-up run does this). Triton is imported only when a CUDA tensor
 reaches a kernel, so `import engine.kernels` works where triton is not installed.
