@@ -119,10 +119,11 @@ class FeedForward(nn.Module):
 
 def join(par: Parallel, x: Tensor, w: Tensor, residual: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """A row-parallel projection `x @ w.T` back into the residual stream, as (x, residual, squares) for the next
-    norm: in one kernel with a world of one; after the all-reduce, the add left to the norm, with several."""
+    norm: the add (and the norm's sums of squares) in the projection's kernel with a world of one, in the
+    all-reduce's with several (`Parallel.reduce_into`)."""
     if par.world == 1:
         return kernels.linear_residual(x, w, residual)
-    return par.all_reduce(kernels.linear(x, w)), residual, None
+    return par.reduce_into(kernels.linear(x, w), residual)
 
 
 class Block(nn.Module):
@@ -213,6 +214,7 @@ class Llama(nn.Module):
         """Run `tokens [T]` of the sequence in `slot` from position `start`; logits of the last token
         `[vocab]` (or of every token `[T, vocab]`)."""
         T = tokens.shape[0]
+        self.par.start_pass()
         h = self.embed(tokens)
         cos, sin = (t[start : start + T].to(h.dtype) for t in (self.cos, self.sin))  # cast once, not per layer
         with sdpa_kernel(PREFILL_BACKENDS):
@@ -225,6 +227,7 @@ class Llama(nn.Module):
 
     def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`."""
+        self.par.start_pass()
         stream = self.embed(tokens), None, None
         cache, cos, sin = self.cache, self.cos, self.sin  # once, not per layer: module attributes cost µs each
         for i, block in enumerate(self.layers):

@@ -211,25 +211,37 @@ rank = int(os.environ["RANK"])
 torch.cuda.set_device(rank)
 dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
 par = Parallel(rank, 2)
-assert par.enable_one_shot(4 * 4096, torch.bfloat16, torch.device("cuda", rank))
+assert par.enable_one_shot(4 * 4096, 8, torch.bfloat16, torch.device("cuda", rank))
 torch.manual_seed(rank)
 inputs = [torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16) for n in (1, 2, 4, 1, 3)]
 expected = [x.clone() for x in inputs]
 for x in expected:
     dist.all_reduce(x)
+residual = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(9))
+par.start_pass()
+par.all_reduce(inputs[0].clone())  # compile outside the capture
+par.reduce_into(inputs[1].clone(), residual)
 graph = torch.cuda.CUDAGraph()
 with torch.cuda.graph(graph):
-    outs = [par.all_reduce(x) for x in inputs]  # back to back: the buffer is reused while peers may still read it
+    par.start_pass()
+    outs = [par.all_reduce(x) for x in inputs]  # back to back, each in its own region of the buffer
+    h, none, squares = par.reduce_into(inputs[1], residual)
 for _ in range(3):
     graph.replay()
 torch.cuda.synchronize()
 for out, want in zip(outs, expected):
     assert torch.equal(out, want), (out - want).abs().max()
+assert none is None and torch.equal(h, (expected[1].float() + residual.float()).bfloat16())
+assert torch.allclose(squares.sum(0), (h.float() ** 2).sum(-1), rtol=1e-5)
 gathered = [torch.empty_like(outs[0]) for _ in range(2)]
 dist.all_gather(gathered, outs[0])
 assert torch.equal(gathered[0], gathered[1])
 big = torch.ones(8, 4096, device="cuda", dtype=torch.bfloat16)
 assert torch.equal(par.all_reduce(big), torch.full_like(big, 2))  # over the buffer: NCCL
+par.start_pass()
+for x in inputs * 2:  # more calls than regions: the rest go to NCCL
+    par.all_reduce(x.clone())
+assert torch.equal(par.all_reduce(inputs[0].clone()), expected[0])
 dist.destroy_process_group()
 print("ok", rank)
 """
@@ -237,7 +249,8 @@ print("ok", rank)
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_one_shot_all_reduce_on_two_gpus_matches_nccl(tmp_path: Path) -> None:
-    """In a CUDA graph, back-to-back one-shot all-reduces give NCCL's bits on both ranks."""
+    """In a CUDA graph, back-to-back one-shot all-reduces give NCCL's bits on both ranks, the fused residual add
+    NCCL's sum plus the residual and its squares; past the buffer's size or regions, NCCL takes over."""
     script = tmp_path / "one_shot.py"
     script.write_text(ONE_SHOT_WORKER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0"}

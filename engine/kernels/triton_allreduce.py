@@ -1,0 +1,101 @@
+"""A one-shot all-reduce for decode-sized messages in Triton, over PyTorch symmetric memory, with the residual
+add (and the next RMSNorm's sums of squares) fused in.
+
+Every rank copies its partial result into its own symmetric buffer, signals each peer through the peer's signal
+pad, waits for each peer's signal on its own pad, then reads every rank's copy over NVLink and adds them in rank
+order, so all ranks get the same bits. A signal is a 0 -> 1 compare-and-swap on the receiver's pad, released after
+the copy; the receiver takes it back 1 -> 0 with acquire semantics before reading, so the pads are clean for the
+next call and a sender never signals twice ahead. Each call of a forward pass has its own region of the buffers
+(`region`): a rank that runs ahead never overwrites a copy a slower peer is still reading.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import pdl
+
+BLOCK = 1024
+
+
+@triton.jit
+def _all_reduce_kernel(
+    x_ptr, buffers_ptr, pads_ptr, res_ptr, out_ptr, sq_ptr, N, region_offset, rank,
+    WORLD: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
+):  # fmt: skip
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    signal = (row * tl.num_programs(0) + chunk) * WORLD  # this program's WORLD words on every pad
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    offsets = row * N + cols
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    mine = tl.load(buffers_ptr + rank).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    tl.store(mine + region_offset + offsets, x, mask=mask)
+    tl.debug_barrier()  # every thread's copy before the (one-thread) release below
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            pad = tl.load(pads_ptr + peer).to(tl.pointer_type(tl.int32))
+            while tl.atomic_cas(pad + signal + rank, 0, 1, sem="release", scope="sys") != 0:
+                pass
+    own = tl.load(pads_ptr + rank).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            while tl.atomic_cas(own + signal + peer, 1, 0, sem="acquire", scope="sys") != 1:
+                pass
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+    total = tl.zeros([BLOCK], tl.float32)
+    for peer in tl.static_range(WORLD):
+        theirs = tl.load(buffers_ptr + peer).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        total += tl.load(theirs + region_offset + offsets, mask=mask, other=0.0, volatile=True).to(tl.float32)
+    out = total.to(out_ptr.dtype.element_ty)
+    if ADD_RESIDUAL:  # rounded as the unfused add rounds; the squares of this strip for the next norm
+        r = tl.load(res_ptr + offsets, mask=mask, other=0.0)
+        out = (out.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        h = out.to(tl.float32)
+        tl.store(sq_ptr + chunk * tl.num_programs(1) + row, tl.sum(h * h, axis=0))
+    tl.store(out_ptr + offsets, out, mask=mask)
+
+
+class OneShot:
+    """The symmetric buffer (`regions` regions of `numel` elements) and the signal pads of one process group."""
+
+    def __init__(self, numel: int, regions: int, dtype: torch.dtype, device: torch.device, group: str) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.numel, self.regions, self.dtype = numel, regions, dtype
+        self.buffer = symm_mem.empty(numel * regions, dtype=dtype, device=device)
+        handle = symm_mem.rendezvous(self.buffer, group)
+        self.rank, self.world = handle.rank, handle.world_size
+        self.buffers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.pads = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        pad = handle.get_signal_pad(handle.rank)
+        self.pad_words = pad.numel() * pad.element_size() // 4
+        self.handle = handle  # keeps the mapping alive
+
+    def fits(self, x: Tensor, region: int) -> bool:
+        """Whether x can go through region `region`: this dtype, contiguous, within a region, a region left."""
+        return x.dtype == self.dtype and x.numel() <= self.numel and region < self.regions and x.is_contiguous()
+
+    def all_reduce(self, x: Tensor, region: int, residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The sum over ranks of x [M, N] (plus `residual`, then with the [chunks, M] float32 sums of squares of
+        the result) through region `region` of the buffers."""
+        m, n = x.shape
+        chunks = triton.cdiv(n, BLOCK)
+        assert chunks * m * self.world <= self.pad_words, "the signal pad is too small for this message"
+        out = torch.empty_like(x)
+        squares = torch.empty((chunks, m), dtype=torch.float32, device=x.device) if residual is not None else None
+        gdc = pdl.enabled(x)
+        _all_reduce_kernel[(chunks, m)](
+            x, self.buffers, self.pads, residual if residual is not None else x, out,
+            squares if squares is not None else self.buffers, n, region * self.numel, self.rank,
+            WORLD=self.world, ADD_RESIDUAL=residual is not None, BLOCK=BLOCK, USE_GDC=gdc,
+            num_warps=4, launch_pdl=gdc,
+        )  # fmt: skip
+        return out, squares
