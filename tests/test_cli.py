@@ -214,6 +214,9 @@ def test_ctrl_c_cancels_mid_generation(tiny_model_dir: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tui.cli", *args, "--prompt", "def f("],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        # As from a terminal: a shell without job control starts background jobs (this test's runner, say) with
+        # SIGINT ignored, and children inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     first = proc.stdout.read(1)
     assert first
