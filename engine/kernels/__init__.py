@@ -23,8 +23,10 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling; `greedy_pick(...)`:
   the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
 
-`reference` holds the plain PyTorch versions, which define the semantics. On Hopper the Triton kernels of the
-decode step launch with programmatic dependent launch (`pdl.py`), each starting while its predecessor finishes.
+`triton_allreduce` holds tensor parallelism's one-shot all-reduce (used by `engine.parallel`, checked against
+NCCL on two GPUs). `reference` holds the plain PyTorch versions, which define the semantics. On Hopper the Triton
+kernels of the decode step launch with programmatic dependent launch (`pdl.py`), each starting while its
+predecessor finishes.
 """
 
 from __future__ import annotations
