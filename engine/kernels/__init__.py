@@ -150,16 +150,14 @@ def linear_residual(x: Tensor, w: Tensor, residual: Tensor) -> tuple[Tensor, Ten
     `(h, None, squares)` where the Triton kernel runs the shape unsplit (the add and the next norm's partial sums
     of squares in its epilogue), else `(x @ w.T, residual, None)`, the add left to the next norm."""
     config = _gemv_config(x, w)
-    if config is not None and config.split_k == 1:
-        from . import triton_gemv
+    if config is None:
+        return F.linear(x, w), residual, None
+    from . import triton_gemv
 
-        h, squares = triton_gemv.linear_residual(x, w, residual, config)
-        return h, None, squares
-    if config is not None:
-        from . import triton_gemv
-
+    if config.split_k > 1:  # K-split partials are summed after the kernel: too late for an epilogue
         return triton_gemv.linear(x, w, config), residual, None
-    return F.linear(x, w), residual, None
+    h, squares = triton_gemv.linear_residual(x, w, residual, config)
+    return h, None, squares
 
 
 def norm_linear(
