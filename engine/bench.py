@@ -23,7 +23,7 @@ from engine.events import Finished, ModelInfo
 from engine.model import Llama
 from engine.parallel import SINGLE, Parallel
 from engine.requests import EngineSpec, Request, SamplingParams
-from engine.runner import Row
+from engine.runner import Row, compile_ahead
 from engine.tokenizer import Tokenizer
 
 
@@ -52,21 +52,31 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     """An engine on random weights (normal, std 0.02; norms 1) at a real shape; returns it and the init time."""
     device, dtype = pick_device(spec.device), pick_dtype(spec.dtype, pick_device(spec.device))
     start = _now(device)
-    model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype)
-    built = _now(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for p in model.parameters():
-        if p.dim() == 1:
-            p.fill_(1.0)
-        else:
-            p.normal_(0, 0.02, generator=gen)
-    filled = _now(device)
-    model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
+    graphs = spec.cuda_graphs and par.world == 1
+    with compile_ahead(cfg, spec.max_seq_len, spec.max_batch, device, dtype, graphs) as compiling:
+        recorded = _now(device)
+        model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype)
+        built = _now(device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=gen)
+        filled = _now(device)
+        model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
+        cached = _now(device)
     load_s = _now(device) - start
-    cache_s = load_s - (filled - start)
     print(
-        f"random weights: build {built - start:.1f}s, fill {filled - built:.1f}s, cache {cache_s:.1f}s", file=sys.stderr
+        f"random weights: build {built - recorded:.1f}s, fill {filled - built:.1f}s, cache {cached - filled:.1f}s",
+        file=sys.stderr,
     )
+    if compiling is not None:
+        print(
+            f"compile ahead: {compiling.kernels} Triton kernels recorded in {recorded - start:.1f}s, waited "
+            f"{compiling.waited_s:.1f}s after loading, {len(compiling.errors)} failed",
+            file=sys.stderr,
+        )
     info = ModelInfo(f"random {cfg.dim}", "base", tok.can_infill, str(device), str(dtype), par.world,
                      spec.max_seq_len, cfg.vocab_size)  # fmt: skip
     return Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs), load_s

@@ -36,7 +36,7 @@ from engine.model import KVCache, Llama
 from engine.parallel import SINGLE, Parallel, Shard
 from engine.prompts import build_prompt, stop_ids
 from engine.requests import EngineSpec, Request
-from engine.runner import DecodeRunner, Row
+from engine.runner import DecodeRunner, Row, compile_ahead
 from engine.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 2048
@@ -160,9 +160,10 @@ class Engine:
         shard = Shard.of(cfg, par.world)
         context = par.smallest(cls._context(spec, cfg, shard, device, dtype))
         try:
-            model = Llama.empty(cfg, context, par, device, dtype)
-            load_weights(model, path, progress)
-            model.setup_cache(spec.max_batch + 1, context, dtype)
+            with compile_ahead(cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs and par.world == 1):
+                model = Llama.empty(cfg, context, par, device, dtype)
+                load_weights(model, path, progress)
+                model.setup_cache(spec.max_batch + 1, context, dtype)
         except torch.OutOfMemoryError:
             need = cfg.n_params * torch.finfo(dtype).bits // 8 / par.world / 2**30
             raise OutOfMemoryError(

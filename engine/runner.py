@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from engine import kernels
+from engine.config import ModelConfig
+from engine.kernels.compile_ahead import Compiling, recording
 from engine.model import Llama
+from engine.parallel import SINGLE
 
 
 @dataclass(frozen=True)
@@ -130,9 +134,7 @@ class DecodeRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for batch in reversed(buckets(self.max_batch)):
-                for greedy in (True, False):
-                    self._step(batch, greedy)
+            self.every_step()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         for batch in reversed(buckets(self.max_batch)):
@@ -144,6 +146,16 @@ class DecodeRunner:
         torch.cuda.synchronize()
         self.seen[self.scratch_slot].zero_()
         self.capture_s = time.perf_counter() - start
+
+    def every_step(self, reset: bool = False) -> None:
+        """Run each step `capture` captures (every bucket, greedy and sampled), largest first. `reset` points every
+        row at the scratch slot before each, for `compile_ahead`, whose skipped kernels leave outputs unwritten:
+        those must not become token ids."""
+        for batch in reversed(buckets(self.max_batch)):
+            for greedy in (True, False):
+                if reset:
+                    self._fill_padding(0, self.max_batch)
+                self._step(batch, greedy)
 
     def _fill_padding(self, start: int, end: int) -> None:
         self.ints[:, start:end] = 0
@@ -183,3 +195,36 @@ class DecodeRunner:
         """Decode one token for each row and wait for it."""
         self.launch(rows)
         return self.collect()
+
+
+@contextmanager
+def compile_ahead(
+    cfg: ModelConfig, max_seq: int, max_batch: int, device: torch.device, dtype: torch.dtype, graphs: bool = True
+) -> Iterator[Compiling | None]:
+    """Compile the decode step's Triton kernels in worker processes while the body loads the weights, and wait for
+    them at its end (on an error, stop them instead); yields the `Compiling`, None where there is nothing to do:
+    no CUDA graphs, no Triton, or a tensor-parallel rank (its small model would have to join the collectives).
+    A two-layer model of the same shapes, so the same kernel specialisations (the second layer's norm takes the
+    first layer's sums of squares), runs every step `capture` will run, under each choice `tune_linear` can make,
+    with each Triton launch recorded instead of compiled."""
+    if not graphs or device.type != "cuda" or not kernels.have_triton():
+        yield None
+        return
+
+    compiling = Compiling()
+    try:
+        model = Llama.empty(replace(cfg, n_layers=min(2, cfg.n_layers)), max_seq, SINGLE, device, dtype)
+        model.setup_cache(max_batch + 1, max_seq, dtype)
+        seen = torch.zeros(max_batch + 1, cfg.vocab_size, dtype=torch.bool, device=device)
+        runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False)
+        with recording() as specs:
+            for _ in kernels.linear_choices([p for p in model.parameters() if p.dim() == 2]):
+                runner.every_step(reset=True)
+        del runner, model, seen
+        torch.cuda.empty_cache()
+        compiling.submit(specs)
+        yield compiling
+    except BaseException:
+        compiling.cancel()
+        raise
+    compiling.wait()

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -88,3 +94,30 @@ def test_pipelined_steps_feed_themselves_on_the_device() -> None:
         )
         explicit.append(tokens)
     assert piped == explicit
+
+
+COMPILE_AHEAD = """
+import json, torch
+from triton import knobs
+from engine.runner import DecodeRunner, compile_ahead
+from tests.test_gpu import CFG, model
+
+misses = []
+knobs.compilation.listener = lambda *, src, cache_hit, **_: cache_hit or misses.append(src.name)
+with compile_ahead(CFG, 1024, 8, torch.device("cuda"), torch.bfloat16) as compiling:
+    m = model(torch.bfloat16, 8)
+seen = torch.zeros(9, m.cfg.vocab_size, dtype=torch.bool, device="cuda")
+DecodeRunner(m, seen, 8, 8, use_graphs=True)
+print(json.dumps({"kernels": compiling.kernels, "errors": compiling.errors, "misses": misses}))
+"""
+
+
+def test_compile_ahead_leaves_the_capture_nothing_to_compile(tmp_path) -> None:
+    """On a cold Triton cache, the workers compile every kernel the capture launches (a fresh process: this one
+    has them compiled already)."""
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", COMPILE_AHEAD], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kernels"] >= 5 and result["errors"] == [] and result["misses"] == [], result

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +59,13 @@ __all__ = [
 
 
 @functools.cache
-def _have_triton() -> bool:
+def have_triton() -> bool:
+    """Whether Triton is installed (CUDA tensors then take the Triton kernels)."""
     return importlib.util.find_spec("triton") is not None
 
 
 def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda and _have_triton()
+    return t.is_cuda and have_triton()
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -209,6 +210,19 @@ def graph_time(fn: Callable[[], object], calls: int) -> float:
     return start.elapsed_time(end) / (3 * calls)
 
 
+def _candidates(weights: list[Tensor], rows: tuple[int, ...]) -> Iterator[tuple[tuple, Tensor, Tensor, object]]:
+    """For each distinct weight shape and row count: the config key, an input x, the weight and the Triton config
+    the rule picks for it (split-K and wider-tile alternatives were timed on the H100 and lost on every 7B shape,
+    BENCHMARKS.md, while costing seconds of compilation at each cold start)."""
+    from . import triton_gemv
+
+    for (shape, dtype), w in {(tuple(w.shape), w.dtype): w for w in weights}.items():
+        sm = torch.cuda.get_device_properties(w.device).multi_processor_count
+        for m in rows:
+            x = torch.randn(m, shape[1], device=w.device, dtype=dtype)
+            yield (m, *shape, dtype), x, w, triton_gemv.choose_config(m, *shape, sm)
+
+
 def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 20) -> dict[str, dict[str, float]]:
     """Time cuBLAS and the Triton kernel for each weight shape, each in a CUDA graph as decode runs them,
     and remember the faster. Which wins depends on the shape: measuring beats a rule. Run before capture.
@@ -219,18 +233,34 @@ def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int 
     from . import triton_gemv
 
     report: dict[str, dict[str, float]] = {}
-    for (shape, dtype), w in {(tuple(w.shape), w.dtype): w for w in weights}.items():
-        for m in rows:
-            x = torch.randn(m, shape[1], device=w.device, dtype=dtype)
-            sm = torch.cuda.get_device_properties(w.device).multi_processor_count
-            # The rule's config: split-K and wider-tile alternatives were timed here on the H100 and lost on
-            # every 7B shape (BENCHMARKS.md), while costing seconds of compilation at each cold start.
-            config = triton_gemv.choose_config(m, *shape, sm)
-            times = {
-                "cublas": graph_time(lambda x=x, w=w: F.linear(x, w), calls),
-                "triton": graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls),
-            }
-            if times["triton"] < times["cublas"]:
-                _TRITON_CONFIG[(m, *shape, dtype)] = config
-            report[f"{shape[0]}x{shape[1]} m={m}"] = {k: round(v * 1e3, 1) for k, v in times.items()}
+    for key, x, w, config in _candidates(weights, rows):
+        times = {
+            "cublas": graph_time(lambda x=x, w=w: F.linear(x, w), calls),
+            "triton": graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls),
+        }
+        if times["triton"] < times["cublas"]:
+            _TRITON_CONFIG[key] = config
+        report[f"{w.shape[0]}x{w.shape[1]} m={key[0]}"] = {k: round(v * 1e3, 1) for k, v in times.items()}
     return report
+
+
+def linear_choices(weights: list[Tensor], rows: tuple[int, ...] = (1,)) -> Iterator[None]:
+    """Yield twice: with every weight shape at `rows` on the Triton kernel (its plain form run once, as
+    `tune_linear` runs it), then with every shape on cuBLAS; the tuned choice is restored after. A decode step
+    run at each yield launches every kernel variant that `tune_linear` and the captured step could need, which
+    is what compiling ahead records (`engine.runner.compile_ahead`)."""
+    if not weights or not _use_triton(weights[0]):
+        return
+    from . import triton_gemv
+
+    tuned = dict(_TRITON_CONFIG)
+    try:
+        for key, x, w, config in _candidates(weights, rows):
+            _TRITON_CONFIG[key] = config
+            triton_gemv.linear(x, w, config)
+        yield
+        _TRITON_CONFIG.clear()
+        yield
+    finally:
+        _TRITON_CONFIG.clear()
+        _TRITON_CONFIG.update(tuned)

@@ -1,0 +1,178 @@
+"""Compile Triton kernels in worker processes, ahead of their first launch.
+
+On a cold Triton cache the decode step's first run compiles ~20 kernel variants one after another, each
+holding the GIL: seconds of start-up with the GPU idle. Compiling needs no GPU, only each launch's exact
+specialisation (argument types, alignments, constexprs, options), so the engine runs the step once with
+every Triton launch recorded instead of compiled or run (`recording`), hands the records to worker
+processes (`Compiling`) and loads the weights meanwhile. The workers write Triton's on-disk cache,
+compiled kernel and launcher alike, so the real first launch finds both there. A record a worker fails to
+compile costs nothing but time: that launch compiles as it always did.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One Triton launch's compilation: the kernel (module and name) and what Triton compiles it with."""
+
+    module: str
+    name: str
+    signature: dict[str, Any]
+    constants: dict[Any, Any]
+    attrs: dict[Any, Any]
+    options: dict[str, Any]
+    target: Any  # triton.backends.compiler.GPUTarget
+
+
+def _tuples(value: Any) -> Any:
+    """JSON gives lists where Triton's options held tuples; the cache key hashes the difference."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+@contextmanager
+def recording() -> Iterator[list[Spec]]:
+    """Inside, a Triton launch that would compile is recorded and skipped (its outputs stay unwritten);
+    launches of kernels already compiled in this process run as usual."""
+    from triton import knobs
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    specs: dict[str, Spec] = {}
+
+    def hook(*, fn: Any, compile: dict[str, Any], **_: Any) -> bool:
+        data = compile["specialization_data"]
+        options = {k: _tuples(v) for k, v in json.loads(data)["options"].items()}
+        spec = Spec(
+            fn.module, fn.name, compile["signature"], compile["constants"], compile["configs"][0], options, target
+        )
+        specs.setdefault(data, spec)
+        return True  # handled: Triton neither compiles nor launches
+
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    found: list[Spec] = []
+    try:
+        yield found
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+        found.extend(specs.values())
+
+
+def build(spec: Spec) -> None:
+    """Compile one record into Triton's cache, with its launcher (a worker process runs this; no GPU needed)."""
+    import triton
+    from triton.compiler import ASTSource
+    from triton.runtime import driver
+
+    fn = getattr(importlib.import_module(spec.module), spec.name)
+    kernel = triton.compile(ASTSource(fn, spec.signature, spec.constants, spec.attrs), spec.target, spec.options)
+    driver.active.launcher_cls(kernel.src, kernel.metadata)
+
+
+class Compiling:
+    """A helper process (`python -m engine.kernels.compile_ahead`: a fresh interpreter, so neither the engine's CUDA
+    state nor the caller's `__main__` goes along) that imports torch, Triton and the kernel modules as soon as it
+    starts, while the caller records, then forks a worker per share of the records (`submit`) to compile them.
+    `wait()` before the kernels' first launch."""
+
+    def __init__(self) -> None:
+        root = str(Path(__file__).resolve().parents[2])  # where `engine` is importable from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        cmd = [sys.executable, "-m", __name__]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+        )
+        self.kernels = 0
+        self.errors: list[str] = []
+        self.waited_s = 0.0
+
+    def submit(self, specs: list[Spec], workers: int | None = None) -> None:
+        """Hand the helper the records to compile, in `workers` processes (default: the cores less two, <= 16)."""
+        self.kernels = len(specs)
+        workers = workers or max(1, min(len(specs), (os.cpu_count() or 2) - 2, 16))
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(pickle.dumps((specs, workers)))
+        self.proc.stdin.close()
+
+    def wait(self, timeout: float = 300.0) -> None:
+        """Block until the helper is done. A record that failed (its error in `errors`) compiles at its first launch
+        instead. The answer is a short JSON list, well inside a pipe's buffer, so waiting before reading is safe."""
+        start = time.perf_counter()
+        assert self.proc.stdout is not None
+        try:
+            self.proc.wait(timeout)
+            self.errors = json.loads(self.proc.stdout.read()) if self.proc.returncode == 0 else []
+            if self.proc.returncode != 0:
+                self.errors = [f"compile helper exited {self.proc.returncode}"] * self.kernels
+        except (subprocess.TimeoutExpired, ValueError):
+            self.cancel()
+            self.errors = ["compile helper timed out or answered garbage"] * self.kernels
+        self.waited_s = time.perf_counter() - start
+
+    def cancel(self) -> None:
+        """Stop the helper and its workers now (the load failed)."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _compile_share(specs: list[Spec]) -> list[str]:
+    errors = []
+    for spec in specs:
+        try:
+            build(spec)
+        except Exception as err:  # reported, and that launch compiles in the engine as before
+            errors.append(f"{spec.name}: {type(err).__name__}: {err}"[:500])
+    return errors
+
+
+def main() -> None:
+    """The helper: import what compiling needs, read `(records, workers)` from stdin, fork the workers (safe here:
+    no CUDA context, no threads), print every error as one JSON list."""
+    import pkgutil
+
+    import triton  # noqa: F401
+
+    import engine.kernels as package
+
+    for module in pkgutil.iter_modules(package.__path__, "engine.kernels."):
+        if module.name.rsplit(".", 1)[1].startswith("triton_"):
+            importlib.import_module(module.name)
+    specs, workers = pickle.load(sys.stdin.buffer)
+    children = []
+    for share in (specs[i::workers] for i in range(workers)):
+        if not share:
+            continue
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            with os.fdopen(write, "w") as out:
+                out.write(json.dumps(_compile_share(share)))
+            os._exit(0)
+        os.close(write)
+        children.append((pid, read, len(share)))
+    errors: list[str] = []
+    for pid, read, n in children:
+        with os.fdopen(read) as answer:
+            text = answer.read()
+        _, status = os.waitpid(pid, 0)
+        errors += json.loads(text) if status == 0 and text else [f"worker {pid} died ({status})"] * n
+    print(json.dumps(errors))
+
+
+if __name__ == "__main__":
+    main()
