@@ -23,10 +23,11 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling; `greedy_pick(...)`:
   the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
 
-`triton_allreduce` holds tensor parallelism's one-shot all-reduce (used by `engine.parallel`, checked against
-NCCL on two GPUs). `reference` holds the plain PyTorch versions, which define the semantics. On Hopper the Triton
-kernels of the decode step launch with programmatic dependent launch (`pdl.py`), each starting while its
-predecessor finishes.
+`compile_ahead` compiles the decode step's Triton kernels in worker processes while the weights load
+(`engine.runner.compile_ahead` drives it). `triton_allreduce` holds tensor parallelism's one-shot all-reduce (used
+by `engine.parallel`, checked against NCCL on two GPUs). `reference` holds the plain PyTorch versions, which define
+the semantics. On Hopper the Triton kernels of the decode step launch with programmatic dependent launch (`pdl.py`),
+each starting while its predecessor finishes.
 """
 
 from __future__ import annotations

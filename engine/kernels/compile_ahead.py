@@ -38,6 +38,13 @@ class Spec:
     target: Any  # triton.backends.compiler.GPUTarget
 
 
+def can_record() -> bool:
+    """Whether this Triton has the jit cache hook that `recording` needs (Triton 3.3 and newer)."""
+    import triton
+
+    return hasattr(getattr(getattr(triton, "knobs", None), "runtime", None), "jit_cache_hook")
+
+
 def _tuples(value: Any) -> Any:
     """JSON gives lists where Triton's options held tuples; the cache key hashes the difference."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
