@@ -73,8 +73,9 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     )
     if compiling is not None:
         print(
-            f"compile ahead: {compiling.kernels} Triton kernels recorded in {recorded - start:.1f}s, waited "
-            f"{compiling.waited_s:.1f}s after loading, {len(compiling.errors)} failed",
+            f"compile ahead: {compiling.kernels} Triton kernels recorded in {recorded - start:.1f}s, "
+            f"{compiling.compiled} not in Triton's cache compiled in workers (waited {compiling.waited_s:.1f}s "
+            f"after loading), {len(compiling.errors)} failed",
             file=sys.stderr,
         )
     info = ModelInfo(f"random {cfg.dim}", "base", tok.can_infill, str(device), str(dtype), par.world,

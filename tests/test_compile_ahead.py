@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.kernels.compile_ahead import Compiling, Spec, build
+from engine.kernels.compile_ahead import Compiling, Spec, build, is_cached
 
 triton = pytest.importorskip("triton")
 
@@ -45,7 +45,10 @@ def test_build_compiles_a_record_and_its_launcher_into_the_cache(tmp_path: Path,
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     fake = FakeDriver()
     monkeypatch.setattr(triton.runtime.driver, "_active", fake)
-    build(silu_mul_spec())
+    spec = silu_mul_spec()
+    assert not is_cached(spec)
+    build(spec)
+    assert is_cached(spec)  # the key `triton.compile` stores it under, so a warm start needs no workers
     assert fake.launchers == ["_silu_mul_kernel"]
     cubins = list(tmp_path.rglob("_silu_mul_kernel.cubin"))
     assert len(cubins) == 1 and cubins[0].stat().st_size > 0

@@ -11,6 +11,7 @@ compile costs nothing but time: that launch compiles as it always did.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -103,37 +104,63 @@ class Compiling:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
         )
-        self.kernels = 0
+        self.kernels = self.compiled = 0  # recorded; of those, not found in Triton's cache
         self.errors: list[str] = []
         self.waited_s = 0.0
 
     def submit(self, specs: list[Spec], workers: int | None = None) -> None:
-        """Hand the helper the records to compile, in `workers` processes (default: the cores less two, <= 16)."""
+        """Hand the helper the records not yet in Triton's cache, to compile in `workers` processes (default: the
+        cores less two, at most 16); with every record cached (a warm start) stop it, there is nothing to wait for."""
         self.kernels = len(specs)
-        workers = workers or max(1, min(len(specs), (os.cpu_count() or 2) - 2, 16))
+        todo = [spec for spec in specs if not is_cached(spec)]
+        self.compiled = len(todo)
+        if not todo:
+            self.cancel()
+            return
+        workers = workers or max(1, min(len(todo), (os.cpu_count() or 2) - 2, 16))
         assert self.proc.stdin is not None
-        self.proc.stdin.write(pickle.dumps((specs, workers)))
+        self.proc.stdin.write(pickle.dumps((todo, workers)))
         self.proc.stdin.close()
 
     def wait(self, timeout: float = 300.0) -> None:
         """Block until the helper is done. A record that failed (its error in `errors`) compiles at its first launch
         instead. The answer is a short JSON list, well inside a pipe's buffer, so waiting before reading is safe."""
+        if not self.compiled:
+            return
         start = time.perf_counter()
         assert self.proc.stdout is not None
         try:
             self.proc.wait(timeout)
-            self.errors = json.loads(self.proc.stdout.read()) if self.proc.returncode == 0 else []
-            if self.proc.returncode != 0:
-                self.errors = [f"compile helper exited {self.proc.returncode}"] * self.kernels
+            if self.proc.returncode == 0:
+                self.errors = json.loads(self.proc.stdout.read())
+            else:
+                self.errors = [f"compile helper exited {self.proc.returncode}"] * self.compiled
         except (subprocess.TimeoutExpired, ValueError):
             self.cancel()
-            self.errors = ["compile helper timed out or answered garbage"] * self.kernels
+            self.errors = ["compile helper timed out or answered garbage"] * self.compiled
         self.waited_s = time.perf_counter() - start
 
     def cancel(self) -> None:
         """Stop the helper and its workers now (the load failed)."""
         self.proc.kill()
         self.proc.wait()
+
+
+def is_cached(spec: Spec) -> bool:
+    """Whether Triton's cache holds this record's kernel: the first lines of `triton.compile`, which looks it up by
+    the same key. False where this Triton computes the key otherwise (the helper then finds it cached itself)."""
+    try:
+        from triton.compiler import compiler
+
+        fn = getattr(importlib.import_module(spec.module), spec.name)
+        src = compiler.ASTSource(fn, spec.signature, spec.constants, spec.attrs)
+        backend = compiler.make_backend(spec.target)
+        options = backend.parse_options(dict(spec.options, **src.parse_options()))
+        key = compiler.get_cache_key(src, backend, options, env_vars=compiler.get_cache_invalidating_env_vars())
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return compiler.get_cache_manager(digest).get_group(f"{src.name[:150]}.json") is not None
+    except Exception:
+        return False
 
 
 def _compile_share(specs: list[Spec]) -> list[str]:
