@@ -11,11 +11,13 @@ compile costs nothing but time: that launch compiles as it always did.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -101,8 +103,13 @@ class Compiling:
         root = str(Path(__file__).resolve().parents[2])  # where `engine` is importable from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", __name__]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+        self.proc = subprocess.Popen(  # its own process group, so that `cancel` also ends the workers it forked
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         self.kernels = self.compiled = 0  # recorded; of those, not found in Triton's cache
         self.errors: list[str] = []
@@ -141,8 +148,9 @@ class Compiling:
         self.waited_s = time.perf_counter() - start
 
     def cancel(self) -> None:
-        """Stop the helper and its workers now (the load failed)."""
-        self.proc.kill()
+        """Stop the helper and its workers now (the load failed, or nothing is left to compile)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
 
