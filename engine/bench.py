@@ -71,16 +71,11 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
         f"random weights: build {built - recorded:.1f}s, fill {filled - built:.1f}s, cache {cached - filled:.1f}s",
         file=sys.stderr,
     )
-    if compiling is not None:
-        print(
-            f"compile ahead: {compiling.kernels} Triton kernels recorded in {recorded - start:.1f}s, "
-            f"{compiling.compiled} not in Triton's cache compiled in workers (waited {compiling.waited_s:.1f}s "
-            f"after loading), {len(compiling.errors)} failed",
-            file=sys.stderr,
-        )
     info = ModelInfo(f"random {cfg.dim}", "base", tok.can_infill, str(device), str(dtype), par.world,
                      spec.max_seq_len, cfg.vocab_size)  # fmt: skip
-    return Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs), load_s
+    engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs)
+    engine.compiled_ahead = compiling
+    return engine, load_s
 
 
 def random_rank(spec: EngineSpec, progress: object, par: Parallel, shape: str, tokenizer: str) -> Engine:
@@ -281,6 +276,8 @@ def main(args: argparse.Namespace) -> int:
         engine = Engine.load(spec)
         out["load_s"] = time.perf_counter() - start - engine.runner.capture_s
         out["model"] = str(model_dir(args.model))
+    if engine.compiled_ahead is not None:
+        print(engine.compiled_ahead, file=sys.stderr)
     out["capture_s"] = engine.runner.capture_s
     out["tune_s"] = engine.runner.tune_s
     out["startup_s"] = time.perf_counter() - start

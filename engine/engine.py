@@ -32,6 +32,7 @@ from engine.events import (
     TextDelta,
     TurnsDropped,
 )
+from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import SINGLE, Parallel, Shard
 from engine.prompts import build_prompt, stop_ids
@@ -138,6 +139,7 @@ class Engine:
         self.runner = DecodeRunner(model, seen, n_slots, n_slots, cuda_graphs and device.type == "cuda")
         self.inflight: list[Sequence] | None = None  # the sequences of the launched, not yet collected step
         self.tp = None  # engine.tp.Leader on rank 0 of a tensor-parallel world
+        self.compiled_ahead: Compiling | None = None  # what start-up compiled ahead (`bench` reports it)
 
     @classmethod
     def load(cls, spec: EngineSpec, progress: Progress | None = None, par: Parallel = SINGLE) -> Engine:
@@ -160,7 +162,8 @@ class Engine:
         shard = Shard.of(cfg, par.world)
         context = par.smallest(cls._context(spec, cfg, shard, device, dtype))
         try:
-            with compile_ahead(cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs and par.world == 1):
+            graphs = spec.cuda_graphs and par.world == 1
+            with compile_ahead(cfg, context, spec.max_batch, device, dtype, graphs) as ahead:
                 model = Llama.empty(cfg, context, par, device, dtype)
                 load_weights(model, path, progress)
                 model.setup_cache(spec.max_batch + 1, context, dtype)
@@ -182,12 +185,14 @@ class Engine:
             is_demo=is_demo,
         )
         try:
-            return cls(model, tok, info, spec.max_batch, context, device, spec.cuda_graphs)
+            engine = cls(model, tok, info, spec.max_batch, context, device, spec.cuda_graphs)
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(
                 f"out of GPU memory capturing the decode graphs for {spec.max_batch} sequences of {context} tokens; "
                 + _TRY
             ) from None
+        engine.compiled_ahead = ahead
+        return engine
 
     @staticmethod
     def _context(spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.device, dtype: torch.dtype) -> int:

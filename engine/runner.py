@@ -211,6 +211,7 @@ def compile_ahead(
         yield None
         return
 
+    start = time.perf_counter()
     compiling = Compiling()
     try:
         model = Llama.empty(replace(cfg, n_layers=min(2, cfg.n_layers)), max_seq, SINGLE, device, dtype)
@@ -223,6 +224,7 @@ def compile_ahead(
         del runner, model, seen
         torch.cuda.empty_cache()
         compiling.submit(specs)
+        compiling.recorded_s = time.perf_counter() - start
         yield compiling
     except BaseException:
         compiling.cancel()

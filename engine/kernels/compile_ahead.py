@@ -113,7 +113,13 @@ class Compiling:
         )
         self.kernels = self.compiled = 0  # recorded; of those, not found in Triton's cache
         self.errors: list[str] = []
-        self.waited_s = 0.0
+        self.recorded_s = self.waited_s = 0.0  # the caller's time recording, and waiting after its own work
+
+    def __str__(self) -> str:
+        return (
+            f"compile ahead: {self.kernels} Triton kernels recorded in {self.recorded_s:.1f}s, {self.compiled} not in "
+            f"Triton's cache compiled by workers (waited {self.waited_s:.1f}s for them), {len(self.errors)} failed"
+        )
 
     def submit(self, specs: list[Spec], workers: int | None = None) -> None:
         """Hand the helper the records not yet in Triton's cache, to compile in `workers` processes (default: the
