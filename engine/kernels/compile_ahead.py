@@ -56,7 +56,8 @@ def _tuples(value: Any) -> Any:
 @contextmanager
 def recording() -> Iterator[list[Spec]]:
     """Inside, a Triton launch that would compile is recorded and skipped (its outputs stay unwritten);
-    launches of kernels already compiled in this process run as usual."""
+    launches of kernels already compiled in this process run as usual. Triton's hook is process-wide, so no other
+    thread may launch Triton kernels meanwhile (the engine's worker thread is the only one that does)."""
     from triton import knobs
     from triton.runtime import driver
 
