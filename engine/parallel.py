@@ -84,6 +84,10 @@ class Parallel:
         self._one_shot[str(dtype)] = OneShot(numel, calls, dtype, device, _group_name())
         return True
 
+    def stalled(self) -> bool:
+        """Whether a one-shot all-reduce gave up waiting for another rank (one died): the steps since are garbage."""
+        return any(one_shot.stalled() for one_shot in self._one_shot.values())  # type: ignore[attr-defined]
+
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate vocabulary shards of the logits along the last dimension (one gather, one copy)."""
         if self.world == 1:

@@ -15,7 +15,8 @@ sum), so device sampling picks the same tokens everywhere. Workers hold no sched
 
 Faults: a monitor thread on rank 0 watches the children and the length of every step; a child that
 dies, or a step that outlives the timeout, stops the engine with a one-line error (the other children
-are killed, an NCCL group is aborted so that rank 0's kernels return). Children exit when rank 0's
+are killed, an NCCL group is aborted so that rank 0's kernels return; our one-shot all-reduce gives up on a
+peer by itself after a few seconds and raises a flag that rank 0 checks after every call). Children exit when rank 0's
 process goes away (their stdin pipe closes) and on the stop plan that `Engine.close()` sends.
 """
 
@@ -188,6 +189,7 @@ class Leader:
         self.world, self.backend, self.children = world, backend, children
         self.plans: Plans | None = None
         self.runner: Any = None
+        self.par: Parallel | None = None
         self.broken: str | None = None
         self.step_since: float | None = None
         self._lock = threading.Lock()
@@ -200,7 +202,7 @@ class Leader:
 
     def attach(self, engine: Engine, plans: Plans) -> None:
         """Route the engine's prefill and decode step through the broadcast; `engine.close()` ends the world."""
-        self.plans, self.runner = plans, engine.runner
+        self.plans, self.runner, self.par = plans, engine.runner, engine.model.par
         engine.model, engine.runner, engine.tp = _Model(engine.model, self), _Runner(engine.runner, self), self
 
     def run(self, plan: tuple[int, Sequence[int], torch.Tensor | None] | None, call: Callable[[], Any]) -> Any:
@@ -217,16 +219,25 @@ class Leader:
             raise EngineError(self.fail_from(err)) from None
         finally:
             self.step_since = None
+        if self.par is not None and self.par.stalled() and not self.broken:  # an all-reduce gave up on a peer
+            self._await_children()
+            self.fault(
+                "a tensor-parallel all-reduce waited seconds for another rank and gave up; the engine has stopped"
+            )
         if self.broken:
             raise EngineError(self.broken)
         return result
 
-    def fail_from(self, err: BaseException) -> str:
-        """The one-line reason rank 0's call failed: a dead rank if one died (the monitor gets a moment)."""
+    def _await_children(self) -> None:
+        """Give the monitor a moment to see a child that died: its message names the rank."""
         deadline = time.monotonic() + 2.0
         while self.children and not self.broken and time.monotonic() < deadline:
             self._check_children()
             time.sleep(0.05)
+
+    def fail_from(self, err: BaseException) -> str:
+        """The one-line reason rank 0's call failed: a dead rank if one died (the monitor gets a moment)."""
+        self._await_children()
         if isinstance(err, torch.OutOfMemoryError):
             self.fault("tensor-parallel rank 0 ran out of GPU memory; the engine has stopped")
         else:

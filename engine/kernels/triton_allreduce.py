@@ -7,6 +7,14 @@ order, so all ranks get the same bits. A signal is a 0 -> 1 compare-and-swap on 
 the copy; the receiver takes it back 1 -> 0 with acquire semantics before reading, so the pads are clean for the
 next call and a sender never signals twice ahead. Each call of a forward pass has its own region of the buffers
 (`region`): a rank that runs ahead never overwrites a copy a slower peer is still reading.
+
+A peer that died never signals, and a kernel spinning for it would never return: its CUDA stream, and the thread
+that waits on it, would hang for good (aborting NCCL does not reach this kernel). So every wait gives up after
+`TRIES` compare-and-swaps (a few seconds) and raises a flag in pinned host memory (`OneShot.stalled`), which the
+host reads without touching the stream, and one on the device, which makes every later call skip its waits: the
+step finishes at once, its result garbage, and the engine stops with an error.
+The waits count tries rather than read a clock: every thread must leave the loop together, and a clock read by
+each warp could tick between them.
 """
 
 from __future__ import annotations
@@ -19,11 +27,12 @@ from torch import Tensor
 from . import pdl
 
 BLOCK = 1024
+TRIES = 4_000_000  # ~0.5-3 µs a try: a few seconds, while ranks in lockstep find a live peer in microseconds
 
 
 @triton.jit
 def _all_reduce_kernel(
-    x_ptr, buffers_ptr, pads_ptr, res_ptr, out_ptr, sq_ptr, N, region_offset, rank,
+    x_ptr, buffers_ptr, pads_ptr, res_ptr, out_ptr, sq_ptr, N, region_offset, rank, dead_ptr, stalled_addr, tries,
     WORLD: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
@@ -35,19 +44,32 @@ def _all_reduce_kernel(
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    tries = tl.where(tl.load(dead_ptr) == 0, tries, 0)  # a peer already failed to come: wait no more
     mine = tl.load(buffers_ptr + rank).to(tl.pointer_type(x_ptr.dtype.element_ty))
     tl.store(mine + region_offset + offsets, x, mask=mask)
     tl.debug_barrier()  # every thread's copy before the (one-thread) release below
+    late = False
     for peer in tl.static_range(WORLD):
         if peer != rank:
             pad = tl.load(pads_ptr + peer).to(tl.pointer_type(tl.int32))
-            while tl.atomic_cas(pad + signal + rank, 0, 1, sem="release", scope="sys") != 0:
-                pass
+            was = tl.atomic_cas(pad + signal + rank, 0, 1, sem="release", scope="sys")
+            left = tries
+            while (was != 0) & (left > 0):
+                was = tl.atomic_cas(pad + signal + rank, 0, 1, sem="release", scope="sys")
+                left -= 1
+            late = late | (was != 0)
     own = tl.load(pads_ptr + rank).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         if peer != rank:
-            while tl.atomic_cas(own + signal + peer, 1, 0, sem="acquire", scope="sys") != 1:
-                pass
+            was = tl.atomic_cas(own + signal + peer, 1, 0, sem="acquire", scope="sys")
+            left = tries
+            while (was != 1) & (left > 0):
+                was = tl.atomic_cas(own + signal + peer, 1, 0, sem="acquire", scope="sys")
+                left -= 1
+            late = late | (was != 1)
+    if late:  # a peer never came: say so here and where the host can read it, and finish (the result is garbage)
+        tl.store(dead_ptr, 1)
+        tl.store(stalled_addr.to(tl.pointer_type(tl.int32)), 1, cache_modifier=".wt")
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     total = tl.zeros([BLOCK], tl.float32)
@@ -78,6 +100,13 @@ class OneShot:
         pad = handle.get_signal_pad(handle.rank)
         self.pad_words = pad.numel() * pad.element_size() // 4
         self.handle = handle  # keeps the mapping alive
+        self.flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)  # pinned: the GPU writes it in place
+        self._flag = self.flag.numpy()  # the same memory, read in ~0.1 µs every step
+        self.dead = torch.zeros(1, dtype=torch.int32, device=device)  # the device's copy, read by every call
+
+    def stalled(self) -> bool:
+        """Whether an all-reduce gave up waiting for a peer (a host read: valid after the step's sync)."""
+        return bool(self._flag[0])
 
     def fits(self, x: Tensor, region: int) -> bool:
         """Whether x can go through region `region`: this dtype, contiguous, within a region, a region left."""
@@ -94,8 +123,8 @@ class OneShot:
         gdc = pdl.enabled(x)
         _all_reduce_kernel[(chunks, m)](
             x, self.buffers, self.pads, residual if residual is not None else x, out,
-            squares if squares is not None else self.buffers, n, region * self.numel, self.rank,
-            WORLD=self.world, ADD_RESIDUAL=residual is not None, BLOCK=BLOCK, USE_GDC=gdc,
-            num_warps=4, launch_pdl=gdc,
+            squares if squares is not None else self.buffers, n, region * self.numel, self.rank, self.dead,
+            self.flag.data_ptr(), TRIES, WORLD=self.world, ADD_RESIDUAL=residual is not None, BLOCK=BLOCK,
+            USE_GDC=gdc, num_warps=4, launch_pdl=gdc,
         )  # fmt: skip
         return out, squares
