@@ -218,7 +218,7 @@ class Engine:
         self.model.cache = None
         if self.tp is not None:
             self.tp.close()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and (self.tp is None or not self.tp.broken):  # a broken world's GPU may hang
             torch.cuda.empty_cache()
 
     # ---- requests in ----

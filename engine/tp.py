@@ -255,8 +255,9 @@ class Leader:
             if proc.poll() is None:
                 proc.kill()
         if self.backend == "nccl" and dist.is_initialized():
-            with contextlib.suppress(Exception):  # already broken: the abort is best effort
-                dist.distributed_c10d._abort_process_group()
+            # In a thread of its own: with a peer gone, NCCL's abort can block (seen on two GPUs) and the error
+            # must reach the UI now. The thread lets rank 0's stuck NCCL kernels return; the process's exit ends it.
+            threading.Thread(target=_abort_nccl, name="tp-nccl-abort", daemon=True).start()
 
     def _drain(self, rank: int, proc: subprocess.Popen) -> None:
         for line in proc.stderr:
@@ -297,17 +298,23 @@ class Leader:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
         self._monitor.join()
+        if self.broken and self.backend == "nccl":
+            return  # a broken world's group and graphs go with the process: tearing them down can block on the GPU
         if self.runner is not None:
             self.runner.graphs.clear()  # graphs hold the communicator's kernels: drop them before it goes
         _end_group(self.backend)
+
+
+def _abort_nccl() -> None:
+    with contextlib.suppress(Exception):  # already broken: the abort is best effort
+        dist.distributed_c10d._abort_process_group()
 
 
 def _end_group(backend: str) -> None:
     if not dist.is_initialized():
         return
     if backend == "nccl":  # local and non-blocking, unlike a destroy that may wait for dead peers
-        with contextlib.suppress(Exception):
-            dist.distributed_c10d._abort_process_group()
+        _abort_nccl()
     with contextlib.suppress(Exception):  # a group broken by a dead rank still goes away with the process
         dist.destroy_process_group()
 

@@ -10,11 +10,11 @@ next call and a sender never signals twice ahead. Each call of a forward pass ha
 
 A peer that died never signals, and a kernel spinning for it would never return: its CUDA stream, and the thread
 that waits on it, would hang for good (aborting NCCL does not reach this kernel). So every wait gives up after
-`TRIES` compare-and-swaps (a few seconds) and raises a flag in pinned host memory (`OneShot.stalled`), which the
-host reads without touching the stream, and one on the device, which makes every later call skip its waits: the
-step finishes at once, its result garbage, and the engine stops with an error.
-The waits count tries rather than read a clock: every thread must leave the loop together, and a clock read by
-each warp could tick between them.
+`WAIT_S` seconds of the GPU's clock and raises a flag in pinned host memory (`OneShot.stalled`), which the host
+reads without touching the stream, and one on the device, which makes every later call skip its waits: the step
+finishes at once, its result garbage, and the engine stops with an error. The clock is read by every thread and
+reduced over the program, so that all threads leave a wait together (the loop's atomic is one thread's, its
+result shared through a barrier).
 """
 
 from __future__ import annotations
@@ -27,12 +27,19 @@ from torch import Tensor
 from . import pdl
 
 BLOCK = 1024
-TRIES = 4_000_000  # ~0.5-3 µs a try: a few seconds, while ranks in lockstep find a live peer in microseconds
+WAIT_S = 5.0  # ranks run in lockstep: a live peer comes within microseconds (a second or so while compiling)
+
+
+@triton.jit
+def _clock_ns(like):
+    """The GPU's global clock, the same value in every thread of the program (`like`: any [BLOCK] tensor)."""
+    now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [like], dtype=tl.int64, is_pure=False, pack=1)
+    return tl.max(now, axis=0)
 
 
 @triton.jit
 def _all_reduce_kernel(
-    x_ptr, buffers_ptr, pads_ptr, res_ptr, out_ptr, sq_ptr, N, region_offset, rank, dead_ptr, stalled_addr, tries,
+    x_ptr, buffers_ptr, pads_ptr, res_ptr, out_ptr, sq_ptr, N, region_offset, rank, dead_ptr, stalled_addr, wait_ns,
     WORLD: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
@@ -44,28 +51,25 @@ def _all_reduce_kernel(
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    tries = tl.where(tl.load(dead_ptr) == 0, tries, 0)  # a peer already failed to come: wait no more
+    wait_ns = tl.where(tl.load(dead_ptr) == 0, wait_ns, 0)  # a peer already failed to come: wait no more
     mine = tl.load(buffers_ptr + rank).to(tl.pointer_type(x_ptr.dtype.element_ty))
     tl.store(mine + region_offset + offsets, x, mask=mask)
     tl.debug_barrier()  # every thread's copy before the (one-thread) release below
     late = False
+    start = _clock_ns(cols)
     for peer in tl.static_range(WORLD):
         if peer != rank:
             pad = tl.load(pads_ptr + peer).to(tl.pointer_type(tl.int32))
             was = tl.atomic_cas(pad + signal + rank, 0, 1, sem="release", scope="sys")
-            left = tries
-            while (was != 0) & (left > 0):
+            while (was != 0) & (_clock_ns(cols) - start < wait_ns):
                 was = tl.atomic_cas(pad + signal + rank, 0, 1, sem="release", scope="sys")
-                left -= 1
             late = late | (was != 0)
     own = tl.load(pads_ptr + rank).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         if peer != rank:
             was = tl.atomic_cas(own + signal + peer, 1, 0, sem="acquire", scope="sys")
-            left = tries
-            while (was != 1) & (left > 0):
+            while (was != 1) & (_clock_ns(cols) - start < wait_ns):
                 was = tl.atomic_cas(own + signal + peer, 1, 0, sem="acquire", scope="sys")
-                left -= 1
             late = late | (was != 1)
     if late:  # a peer never came: say so here and where the host can read it, and finish (the result is garbage)
         tl.store(dead_ptr, 1)
@@ -124,7 +128,7 @@ class OneShot:
         _all_reduce_kernel[(chunks, m)](
             x, self.buffers, self.pads, residual if residual is not None else x, out,
             squares if squares is not None else self.buffers, n, region * self.numel, self.rank, self.dead,
-            self.flag.data_ptr(), TRIES, WORLD=self.world, ADD_RESIDUAL=residual is not None, BLOCK=BLOCK,
+            self.flag.data_ptr(), int(WAIT_S * 1e9), WORLD=self.world, ADD_RESIDUAL=residual is not None, BLOCK=BLOCK,
             USE_GDC=gdc, num_warps=4, launch_pdl=gdc,
         )  # fmt: skip
         return out, squares
