@@ -1,6 +1,6 @@
 """Compile Triton kernels in worker processes, ahead of their first launch.
 
-On a cold Triton cache the decode step's first run compiles ~20 kernel variants one after another, each
+On a cold Triton cache the decode step's first run compiles ~15 kernel variants one after another, each
 holding the GIL: seconds of start-up with the GPU idle. Compiling needs no GPU, only each launch's exact
 specialisation (argument types, alignments, constexprs, options), so the engine runs the step once with
 every Triton launch recorded instead of compiled or run (`recording`), hands the records to worker
