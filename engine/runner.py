@@ -212,7 +212,13 @@ def compile_ahead(
         return
 
     start = time.perf_counter()
-    compiling = Compiling()
+    try:
+        compiling = Compiling()
+    except OSError:  # no helper process can start here: the capture compiles, as it would without this
+        compiling = None
+    if compiling is None:
+        yield None
+        return
     try:
         model = Llama.empty(replace(cfg, n_layers=min(2, cfg.n_layers)), max_seq, SINGLE, device, dtype)
         model.setup_cache(max_batch + 1, max_seq, dtype)

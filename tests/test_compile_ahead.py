@@ -6,6 +6,7 @@ everything compiled need one (`tests/test_gpu.py`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,14 @@ def test_a_record_that_fails_is_counted_not_raised(tmp_path: Path, monkeypatch) 
     assert compiling.kernels == 2
     assert compiling.errors[0].startswith("_no_such_kernel: AttributeError")
     assert list(tmp_path.rglob("_silu_mul_kernel.cubin"))  # the next record compiled (its launcher needs a GPU)
+
+
+def test_a_helper_that_cannot_start_costs_nothing_but_its_errors(tmp_path: Path, monkeypatch) -> None:
+    """Compiling ahead only saves time: a helper that dies at once must not fail the engine's load."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    compiling = Compiling()
+    compiling.proc.wait()  # gone before the records come: writing them finds a closed pipe
+    compiling.submit([silu_mul_spec()])
+    compiling.wait()
+    assert compiling.errors == ["compile helper exited 1"]

@@ -133,8 +133,11 @@ class Compiling:
             return
         workers = workers or max(1, min(len(todo), (os.cpu_count() or 2) - 2, 16))
         assert self.proc.stdin is not None
-        self.proc.stdin.write(pickle.dumps((todo, workers)))
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.write(pickle.dumps((todo, workers)))
+            self.proc.stdin.close()
+        except OSError:  # the helper is gone already (`wait` says how it ended); the capture compiles instead
+            pass
 
     def wait(self, timeout: float = 300.0) -> None:
         """Block until the helper is done. A record that failed (its error in `errors`) compiles at its first launch
