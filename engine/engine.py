@@ -132,7 +132,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        model.par.enable_one_shot((n_slots + 1) * model.cfg.dim, 2 * model.cfg.n_layers + 1, model.norm.dtype, device)
+        # One-shot all-reduces for decode batches of up to 64 rows (its buffers grow with rows x calls x ranks)
+        rows = min(n_slots + 1, 64)
+        model.par.enable_one_shot(rows * model.cfg.dim, 2 * model.cfg.n_layers + 1, model.norm.dtype, device)
         if device.type == "cpu":
             column_major(model)
         seen = torch.zeros(n_slots + 1, model.cfg.vocab_size, dtype=torch.bool, device=device)
