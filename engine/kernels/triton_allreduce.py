@@ -53,6 +53,9 @@ def _all_reduce_kernel(
     offsets = row * N + cols
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
+        # The next kernel may start now: it streams weights it needs from nobody until its own wait, which holds
+        # until this kernel has finished, so its ramp overlaps the wait for the peers below.
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     wait_ns = tl.where(tl.load(dead_ptr) == 0, wait_ns, 0)  # a peer already failed to come: wait no more
     for peer in tl.static_range(WORLD):
@@ -78,8 +81,6 @@ def _all_reduce_kernel(
     if late:  # a peer never came: say so here and where the host can read it, and finish (the result is garbage)
         tl.store(dead_ptr, 1)
         tl.store(stalled_addr.to(tl.pointer_type(tl.int32)), 1, cache_modifier=".wt")
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
     total = tl.zeros([BLOCK], tl.float32)
     for peer in tl.static_range(WORLD):
         if peer == rank:
