@@ -34,8 +34,8 @@ class Parallel:
         """Sum the partial results of row-parallel layers.
 
         Decode-sized messages (a few KB) go through the one-shot all-reduce when `enable_one_shot` set it
-        up: every rank reads the others' copies straight over NVLink and adds them in rank order (about
-        5 µs on two GPUs against NCCL's 20), with the same bits on every rank. Larger ones go to NCCL.
+        up: every rank writes its part straight into the others' buffers over NVLink and each adds them in rank
+        order, with the same bits on every rank, in a few µs against NCCL's 20. Larger ones go to NCCL.
         """
         if self.world == 1:
             return x
@@ -80,7 +80,7 @@ class Parallel:
             return False
         from engine.kernels.triton_allreduce import OneShot
 
-        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # one-shot reads peers; no multicast needed
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")  # peer-to-peer writes; no multicast needed
         self._one_shot[str(dtype)] = OneShot(numel, calls, dtype, device, _group_name())
         return True
 
