@@ -55,7 +55,6 @@ class DecodeRunner:
         self.floats = torch.ones(3, max_batch, dtype=torch.float32, device=dev)  # temperature top_p penalty
         self.rows: dict[int, tuple[Tensor, ...]] = {}  # batch size -> its columns of ints and floats, row by row
         self.out = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.true = torch.ones(max_batch, dtype=torch.bool, device=dev)
         self.linear_choice: dict = {}
         self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.pinned = dev.type == "cuda"
@@ -97,7 +96,7 @@ class DecodeRunner:
         if penalize:
             logits = kernels.apply_repetition_penalty(logits, self.seen[slots], penalty)
         nxt = kernels.sample(logits, temperature, top_k.int(), top_p, seeds, offsets)
-        self.seen.index_put_((slots, nxt), self.true[:batch])
+        kernels.mark_seen(self.seen, slots, nxt)
         return nxt
 
     def _load(self, rows: Sequence[Row]) -> tuple[bool, bool]:

@@ -634,7 +634,7 @@ def test_repetition_penalty(device: str) -> None:
     assert torch.equal(by_ids, torch.tensor([[1.0, -4.0, 0.5, 3.0], [2.0, -2.0, 0.5, 1.5]], device=device))
 
     mask = torch.zeros(2, 4, dtype=torch.bool, device=device)
-    sampling.mark_seen(mask, torch.tensor([2, 0], device=device))
+    sampling.mark_seen(mask, torch.tensor([0, 1], device=device), torch.tensor([2, 0], device=device))
     assert mask.nonzero().tolist() == [[0, 2], [1, 0]]
 
 

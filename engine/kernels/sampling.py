@@ -85,9 +85,10 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
     return torch.where(seen, penalized, logits)
 
 
-def mark_seen(seen: Tensor, tokens: Tensor) -> Tensor:
-    """Set `seen[b, tokens[b]]` in place for the tokens just sampled; returns seen."""
-    return seen.scatter_(1, tokens.long()[:, None], True)
+def mark_seen(seen: Tensor, slots: Tensor, tokens: Tensor) -> Tensor:
+    """Set `seen[slots[b], tokens[b]]` in place: the tokens just picked, in their sequences' rows of the mask
+    [n_slots, V]; returns seen. No host scalar is involved, so it runs inside a captured graph."""
+    return seen.index_put_((slots, tokens.long()), torch.ones_like(tokens, dtype=torch.bool))
 
 
 def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | None) -> Tensor:
@@ -96,5 +97,5 @@ def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | N
     if penalty is not None:
         logits = apply_repetition_penalty(logits, seen[slots], penalty)
     nxt = logits.argmax(dim=-1)
-    seen[slots, nxt] = True
+    mark_seen(seen, slots, nxt)
     return nxt
