@@ -126,7 +126,7 @@ class DecodeRunner:
         """Warm up (Triton compiles here) and capture every bucket, largest first, into one pool."""
         start = time.perf_counter()
         weights = [p for p in self.model.parameters() if p.dim() == 2]
-        self.linear_choice = kernels.tune_linear(weights, rows=(1,))
+        self.linear_choice = kernels.tune_linear(weights, rows=tuple(buckets(self.max_batch)))
         self.tune_s = time.perf_counter() - start
         self._fill_padding(0, self.max_batch)
         pool = torch.cuda.graph_pool_handle()
@@ -224,7 +224,7 @@ def compile_ahead(
         seen = torch.zeros(max_batch + 1, cfg.vocab_size, dtype=torch.bool, device=device)
         runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False)
         with recording() as specs:
-            for _ in kernels.linear_choices([p for p in model.parameters() if p.dim() == 2]):
+            for _ in kernels.linear_choices([p for p in model.parameters() if p.dim() == 2], tuple(buckets(max_batch))):
                 runner.every_step(reset=True)
         del runner, model, seen
         torch.cuda.empty_cache()

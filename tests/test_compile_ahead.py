@@ -24,10 +24,16 @@ def silu_mul_spec() -> Spec:
     return Spec(
         module="engine.kernels.triton_act",
         name="_silu_mul_kernel",
-        signature={"gu_ptr": "*bf16", "out_ptr": "*bf16", "n_cols": "i32", "BLOCK": "constexpr"},
-        constants={(3,): 1024},
+        signature={
+            "gu_ptr": "*bf16",
+            "out_ptr": "*bf16",
+            "n_cols": "i32",
+            "BLOCK": "constexpr",
+            "USE_GDC": "constexpr",
+        },
+        constants={(3,): 1024, (4,): True},
         attrs={(0,): divisible, (1,): divisible, (2,): divisible},
-        options={"num_warps": 4},
+        options={"num_warps": 4, "launch_pdl": True},
         target=GPUTarget("cuda", 90, 32),
     )
 

@@ -13,13 +13,14 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   the new token's q and k, k and v written into the cache, and split-KV attention of the one new query
   per sequence over its keys, GQA aware: one kernel on the GPU.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
-- `linear(x, w)`: `x @ w.T`, a weight-streaming matrix-vector kernel for decode-sized x.
+- `linear(x, w)`: `x @ w.T`, a weight-streaming matrix-vector kernel for decode-sized x (up to 64 rows), where
+  start-up timing found it faster than cuBLAS for the shape and row count.
 - `norm_linear(x, residual, norm_weight, eps, w)` and `norm_linear_silu_mul(...)`: residual add and RMSNorm,
-  then `linear` (then, on the gate/up weight, `silu_mul`); where the matrix-vector kernel runs the shape, the
-  norm is its prologue and the activation its epilogue, one launch instead of two or three.
+  then `linear` (then, on the gate/up weight, `silu_mul`); where the matrix-vector kernel runs the shape for
+  one row, the norm is its prologue and the activation its epilogue, one launch instead of two or three.
 - `linear_residual(x, w, residual)`: the projection that ends a layer's half, returned as the residual stream
-  the next `norm_linear` takes; where the matrix-vector kernel runs it, the residual add is its epilogue, which
-  also leaves the next norm its sums of squares.
+  the next `norm_linear` takes; where the matrix-vector kernel runs it for one row, the residual add is its
+  epilogue, which also leaves the next norm its sums of squares.
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling; `greedy_pick(...)`:
   the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
 
@@ -137,6 +138,13 @@ def _gemv_config(x: Tensor, w: Tensor) -> object | None:
     return _TRITON_CONFIG.get((x.numel() // x.shape[-1], *w.shape, w.dtype))
 
 
+def _fused_config(x: Tensor, w: Tensor) -> object | None:
+    """`_gemv_config` where the norm and the residual add pay as the kernel's prologue and epilogue: for one row.
+    With several rows the prologue's per-tile normalisation stalls the kernel's pipelined K loop (QKV at 32 rows:
+    75 µs against 39 for the separate norm and the plain kernel, BENCHMARKS.md), so they stay separate kernels."""
+    return _gemv_config(x, w) if x.numel() == x.shape[-1] else None
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """`x @ w.T`: the Triton matrix-vector kernel where `tune_linear` measured it faster, cuBLAS elsewhere."""
     config = _gemv_config(x, w)
@@ -149,48 +157,53 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
 
 def linear_residual(x: Tensor, w: Tensor, residual: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The residual stream after adding `x @ w.T` to `residual`, as `(x, residual, squares)` for `norm_linear`:
-    `(h, None, squares)` where the Triton kernel runs the shape unsplit (the add and the next norm's partial sums
-    of squares in its epilogue), else `(x @ w.T, residual, None)`, the add left to the next norm."""
-    config = _gemv_config(x, w)
+    `(h, None, squares)` where the Triton kernel fuses the add (its epilogue, which also leaves the next norm its
+    partial sums of squares), else `(x @ w.T, residual, None)`, the add left to the next norm."""
+    config = _fused_config(x, w)
     if config is None:
-        return F.linear(x, w), residual, None
+        return linear(x, w), residual, None
     from . import triton_gemv
 
-    if config.split_k > 1:  # K-split partials are summed after the kernel: too late for an epilogue
-        return triton_gemv.linear(x, w, config), residual, None
     h, squares = triton_gemv.linear_residual(x, w, residual, config)
     return h, None, squares
+
+
+def _norm(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`(rms_norm(h), h)` for `h = x + residual` (x where residual is None)."""
+    if residual is None:
+        return rms_norm(x, norm_weight, eps), x
+    return add_rms_norm(x, residual, norm_weight, eps)
 
 
 def norm_linear(
     x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor, squares: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`(linear(rms_norm(h), w), h)` for the residual stream `h = x + residual` (x itself where residual is None):
-    one launch where the Triton kernel runs this shape (the norm is its prologue), the two ops elsewhere.
-    `squares`, from `linear_residual`, lets the kernel skip summing the squares of x itself."""
-    config = _gemv_config(x, w)
+    one launch where the Triton kernel fuses the norm (its prologue), the two ops elsewhere. `squares`, from
+    `linear_residual`, lets the kernel skip summing the squares of x itself."""
+    config = _fused_config(x, w)
     if config is not None:
         from . import triton_gemv
 
         return triton_gemv.norm_linear(x, residual, norm_weight, eps, w, config, squares=squares)
-    if residual is None:
-        return F.linear(rms_norm(x, norm_weight, eps), w), x
-    normed, residual = add_rms_norm(x, residual, norm_weight, eps)
-    return F.linear(normed, w), residual
+    normed, h = _norm(x, residual, norm_weight, eps)
+    return linear(normed, w), h
 
 
 def norm_linear_silu_mul(
     x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w13: Tensor, squares: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`norm_linear` with the fused gate/up weight w13 `[2I, K]` (gate rows first), then `silu_mul`: one launch
-    where the Triton kernel runs this shape (each program computes matching gate and up rows)."""
-    config = _gemv_config(x, w13)
+    where the Triton kernel fuses the norm (its prologue) and the activation (its epilogue: each program computes
+    matching gate and up rows). With several rows the activation stays a kernel of its own too: in its epilogue
+    the half-width strips lost 0.7% at batch 32 (BENCHMARKS.md)."""
+    config = _fused_config(x, w13)
     if config is not None:
         from . import triton_gemv
 
         return triton_gemv.norm_linear(x, residual, norm_weight, eps, w13, config, silu_mul=True, squares=squares)
-    gu, residual = norm_linear(x, residual, norm_weight, eps, w13)
-    return silu_mul(gu), residual
+    normed, h = _norm(x, residual, norm_weight, eps)
+    return silu_mul(linear(normed, w13)), h
 
 
 def graph_time(fn: Callable[[], object], calls: int) -> float:
@@ -211,37 +224,41 @@ def graph_time(fn: Callable[[], object], calls: int) -> float:
     return start.elapsed_time(end) / (3 * calls)
 
 
-def _candidates(weights: list[Tensor], rows: tuple[int, ...]) -> Iterator[tuple[tuple, Tensor, Tensor, object]]:
-    """For each distinct weight shape and row count: the config key, an input x, the weight and the Triton config
-    the rule picks for it (split-K and wider-tile alternatives were timed on the H100 and lost on every 7B shape,
-    BENCHMARKS.md, while costing seconds of compilation at each cold start)."""
+def _candidates(weights: list[Tensor], rows: tuple[int, ...]) -> Iterator[tuple[tuple, Tensor, list[Tensor], object]]:
+    """For each distinct weight shape and row count up to the kernel's: the config key, an input x, up to eight
+    weights of that shape and the Triton config the rule picks for it (alternatives were timed on the H100 and
+    lost or tied on every 7B shape, BENCHMARKS.md; timing them at start-up would cost seconds of compilation)."""
     from . import triton_gemv
 
-    for (shape, dtype), w in {(tuple(w.shape), w.dtype): w for w in weights}.items():
-        sm = torch.cuda.get_device_properties(w.device).multi_processor_count
-        for m in rows:
-            x = torch.randn(m, shape[1], device=w.device, dtype=dtype)
-            yield (m, *shape, dtype), x, w, triton_gemv.choose_config(m, *shape, sm)
+    by_shape: dict[tuple, list[Tensor]] = {}
+    for w in weights:
+        by_shape.setdefault((tuple(w.shape), w.dtype), []).append(w)
+    for (shape, dtype), same in by_shape.items():
+        sm = torch.cuda.get_device_properties(same[0].device).multi_processor_count
+        for m in (m for m in rows if m <= triton_gemv.MAX_ROWS):
+            x = torch.randn(m, shape[1], device=same[0].device, dtype=dtype)
+            yield (m, *shape, dtype), x, same[:8], triton_gemv.choose_config(m, *shape, sm)
 
 
-def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 20) -> dict[str, dict[str, float]]:
-    """Time cuBLAS and the Triton kernel for each weight shape, each in a CUDA graph as decode runs them,
-    and remember the faster. Which wins depends on the shape: measuring beats a rule. Run before capture.
-    `norm_linear` and `norm_linear_silu_mul` follow the choice: where the plain kernel wins, fusing also saves
-    the norm's and the activation's launches."""
+def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 4) -> dict[str, dict[str, float]]:
+    """Time cuBLAS and the Triton kernel for each weight shape and row count, in a CUDA graph over several layers'
+    weights as decode runs them (one weight over and over would time the L2 cache, not memory), and remember the
+    faster. Which wins depends on the shape: measuring beats a rule. Run before capture. `norm_linear` and
+    `norm_linear_silu_mul` follow the choice: where the plain kernel wins, fusing also saves launches."""
     if not weights or not _use_triton(weights[0]):
         return {}
     from . import triton_gemv
 
     report: dict[str, dict[str, float]] = {}
-    for key, x, w, config in _candidates(weights, rows):
+    for key, x, ws, config in _candidates(weights, rows):
         times = {
-            "cublas": graph_time(lambda x=x, w=w: F.linear(x, w), calls),
-            "triton": graph_time(lambda x=x, w=w, c=config: triton_gemv.linear(x, w, c), calls),
+            "cublas": graph_time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], calls) / len(ws),
+            "triton": graph_time(lambda x=x, ws=ws, c=config: [triton_gemv.linear(x, w, c) for w in ws], calls)
+            / len(ws),
         }
         if times["triton"] < times["cublas"]:
             _TRITON_CONFIG[key] = config
-        report[f"{w.shape[0]}x{w.shape[1]} m={key[0]}"] = {k: round(v * 1e3, 1) for k, v in times.items()}
+        report[f"{key[1]}x{key[2]} m={key[0]}"] = {k: round(v * 1e3, 1) for k, v in times.items()}
     return report
 
 
@@ -256,9 +273,9 @@ def linear_choices(weights: list[Tensor], rows: tuple[int, ...] = (1,)) -> Itera
 
     tuned = dict(_TRITON_CONFIG)
     try:
-        for key, x, w, config in _candidates(weights, rows):
+        for key, x, ws, config in _candidates(weights, rows):
             _TRITON_CONFIG[key] = config
-            triton_gemv.linear(x, w, config)
+            triton_gemv.linear(x, ws[0], config)
         yield
         _TRITON_CONFIG.clear()
         yield

@@ -102,7 +102,7 @@ def bench_linear(models: list[str], copy_gbs: float) -> None:
     for model in models:
         for name, (n, k) in MODELS[model].matmuls().items():
             w = torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
-            for m in (1, 4, 8, 16):
+            for m in (1, 8, 32):
                 x = torch.randn(m, k, dtype=DTYPE, device="cuda")
                 check(f"linear {n}x{k} m={m}", triton_gemv.linear(x, w), F.linear(x, w))
                 nbytes = 2 * (n * k + m * k + m * n)
@@ -253,13 +253,12 @@ def sweep_gemv(models: list[str], copy_gbs: float) -> None:
     from engine.kernels import triton_gemv
 
     shapes = sorted({nk for model in models for nk in MODELS[model].matmuls().values()})
-    for m in (1, 8):
-        block_ns = (8, 16, 32, 64) if m == 1 else (16, 32, 64)
-        block_ks = (256, 512, 1024) if m == 1 else (64, 128, 256)
-        configs = [
-            triton_gemv.GemvConfig(bn, bk, sk, nw, ns)
-            for bn, bk, sk, nw, ns in itertools.product(block_ns, block_ks, (1, 2, 4), (4, 8), (1, 3))
-        ]
+    for m in (1, 32):
+        if m == 1:
+            grid = itertools.product((8, 16, 32, 64), (256, 512, 1024), (1, 2, 4), (4, 8), (1, 3))
+        else:
+            grid = itertools.product((64, 128), (64, 128), (1, 2, 4), (4,), (3, 4))
+        configs = [triton_gemv.GemvConfig(bn, bk, sk, nw, ns) for bn, bk, sk, nw, ns in grid]
         for n, k in shapes:
             w = torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
             x = torch.randn(m, k, dtype=DTYPE, device="cuda")

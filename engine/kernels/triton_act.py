@@ -11,11 +11,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    if USE_GDC:  # launched early (pdl.py); the next kernel may start now, as it too waits before reading
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -32,5 +37,8 @@ def silu_mul(gu: Tensor) -> Tensor:
     n_cols = gu.shape[-1] // 2
     gu2 = gu.reshape(-1, 2 * n_cols).contiguous()
     out = torch.empty((gu2.shape[0], n_cols), dtype=gu.dtype, device=gu.device)
-    _silu_mul_kernel[(gu2.shape[0], triton.cdiv(n_cols, BLOCK))](gu2, out, n_cols, BLOCK=BLOCK, num_warps=4)
+    gdc = pdl.enabled(gu2)
+    _silu_mul_kernel[(gu2.shape[0], triton.cdiv(n_cols, BLOCK))](
+        gu2, out, n_cols, BLOCK=BLOCK, USE_GDC=gdc, num_warps=4, launch_pdl=gdc
+    )
     return out.view(*gu.shape[:-1], n_cols)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import pdl
+from . import counters, pdl
 
 # Smaller groups get one program per query head: the group's programs run side by side and read
 # their shared K/V again from L2, which stops paying off at about four heads.
@@ -267,18 +267,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_COUNTERS: dict[torch.device, list[Tensor]] = {}
-
-
-def _counters(device: torch.device, n: int) -> Tensor:
-    """The split kernel's zeroed counters: one buffer per device shared by every call (each call leaves them
-    zeroed). A larger one is added when needed; the smaller ones stay alive, as captured graphs may use them."""
-    buffers = _COUNTERS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < n:
-        buffers.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def choose_splits(programs: int, max_seq: int, block_n: int, sm_count: int) -> int:
     """Splits for at most one wave of four programs per SM (the occupancy of both loops), given
     `programs` per split, each split >= 1 key block. Rounding down rather than up spares a second,
@@ -326,7 +314,7 @@ def rotary_attention(
         partial = torch.empty((batch * n_heads * num_splits, head_dim), dtype=torch.float32, device=q.device)
         maxes = torch.empty((batch * n_heads * num_splits,), dtype=torch.float32, device=q.device)
         sums = torch.empty_like(maxes)
-        counts = _counters(q.device, programs)
+        counts = counters.zeroed(q.device, programs)
     _split_kernel[(programs, num_splits)](
         q, k, v, cos, sin, positions, slots, k_cache, v_cache, out, partial, maxes, sums, counts,
         scale * math.log2(math.e),

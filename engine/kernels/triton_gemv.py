@@ -1,13 +1,18 @@
-"""`x @ w.T` for decode-sized x (a few rows) in Triton, streaming the weight at copy bandwidth.
+"""`x @ w.T` for decode-sized x (1 to 64 rows) in Triton, streaming the weight at copy bandwidth.
 
-With one to a few tokens per step a linear layer is a pass over its weight and nothing else, so
+With one to a few dozen tokens per step a linear layer is a pass over its weight and little else, so
 the kernel is built to keep the memory system busy: each program owns a strip of BLOCK_N weight
 rows and walks K in BLOCK_K-wide steps (16-byte loads along K), there are several programs per SM
 to hide latency, and the weight is marked evict-first so it does not push x out of the cache.
 A single row (M == 1) is a pure multiply-add into a [BLOCK_N, BLOCK_K] accumulator reduced once
-at the end; 2..16 rows use a tensor-core dot with the rows padded to 16 (TF32 on float32 copies of
-the tiles, exact for 16-bit inputs). When N alone gives too few programs, K is split and the fp32
-partials are summed in a fixed order, so results stay deterministic.
+at the end. Several rows use a tensor-core dot with the weight strip as the tile's long side
+(`w @ x.T`, 64 or 128 weight rows against the rows padded to 16, 32 or 64), on the 16-bit inputs
+themselves, through Triton's pipelined K loop. When N alone gives too few programs, K is split: the
+last split of a strip to finish (an atomic count) adds the splits' float32 products in split order,
+so results stay deterministic and the epilogues below work on split strips too. Launched early
+(programmatic dependent launch, `pdl.py`), a program fetches its first weight tiles before it waits
+for the previous kernel: into registers for one row, into L2 for several (registers or shared memory
+for them would cost a program per SM there).
 
 The same kernel can also fuse what surrounds a decode projection, since each of those ops is a
 separate launch of a few microseconds while the projection itself streams megabytes:
@@ -20,7 +25,8 @@ separate launch of a few microseconds while the projection itself streams megaby
 - a residual epilogue (`linear_residual`): the projection that ends a layer's half adds the residual
   stream and stores the sum, with each program's partial sum of its squares; the next `norm_linear`
   then reads a few hundred partials instead of the whole row in every program.
-Both round where the unfused ops round (reference.add_rms_norm, reference.silu_mul).
+All round where the unfused ops round (reference.add_rms_norm, reference.silu_mul). The engine fuses
+the norm and the residual add only for one row (`engine.kernels` says why).
 
 Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never benchmarks);
 `python -m engine.kernels.bench_kernels --sweep` times alternatives on the real GPU.
@@ -29,6 +35,7 @@ Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never b
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +44,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import pdl, triton_act
+from . import counters, pdl
 from .triton_attention import dot_precision
 
-MAX_ROWS = 16  # larger batches go to cuBLAS, which is compute-efficient there
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_ROWS = 64  # larger batches go to cuBLAS, which is compute-efficient there
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,27 @@ def _x_tile(
 
 
 @triton.jit
+def _dot(w, x, acc, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
+    """`acc + w @ x.T` for a weight tile [BLOCK_N, BLOCK_K] and float32 rows [BLOCK_M, BLOCK_K]: the weight strip
+    is the tensor-core tile's long side, so a handful of rows needs no padding to 64. NATIVE_DOT: x holds values
+    of w's 16-bit dtype, so the dot runs on 16-bit inputs exactly; otherwise on float32 copies at PRECISION."""
+    if NATIVE_DOT:
+        return tl.dot(w, tl.trans(x.to(w.dtype)), acc)
+    return tl.dot(w.to(tl.float32), tl.trans(x), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _prefetch_l2(w_ptr, rows, n_mask, k_start, k_end, BLOCK_K: tl.constexpr):
+    """Ask L2 for the strip's first two weight tiles, one 128-byte line per request (masked-off lines become
+    requests for the weight's first line)."""
+    per_line: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    k = k_start + tl.arange(0, 2 * BLOCK_K // per_line) * per_line
+    lines = tl.where(n_mask[:, None] & (k[None, :] < k_end), rows + k[None, :], w_ptr)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -98,12 +127,13 @@ def _gemv_kernel(
     norm_ptr,
     h_ptr,
     sq_ptr,
+    part_ptr,
+    count_ptr,
     M,
     N,
     K,
     stride_xm,
     stride_wn,
-    stride_os,
     stride_om,
     k_per_split,
     eps,
@@ -113,6 +143,7 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_SQ: tl.constexpr,
     PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     ROUND_NORMED: tl.constexpr,
@@ -120,10 +151,13 @@ def _gemv_kernel(
     PARTIALS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
     """res_ptr: the residual added in the norm prologue (HAS_RESIDUAL) or the epilogue (ADD_RESIDUAL); sq_ptr: the
-    [n_sq, M] partial sums of squares the prologue reads (PARTIALS) or the [programs, M] ones the epilogue writes."""
+    [n_sq, M] partial sums of squares the prologue reads (PARTIALS) or the [programs, M] ones the epilogue writes;
+    part_ptr, count_ptr: with SPLIT_K, the float32 [SPLIT_K, 1 or 2, M, N] products of each split and a zeroed counter
+    per strip."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,12 +170,18 @@ def _gemv_kernel(
 
     k_first = k_start + tl.arange(0, BLOCK_K)  # own names: a reassigned name would become loop-carried below
     mask_first = k_first < k_end
-    if BLOCK_M == 1:  # the first weight tiles depend on no other kernel: in flight before the wait below
+    # The first weight tiles depend on no other kernel: in flight before the wait below. One row holds them in
+    # registers; several rows would need shared memory for them too (a program fewer per SM), so fetch into L2.
+    if BLOCK_M == 1:
         w_first = tl.load(w_rows + k_first[None, :], mask=n_mask[:, None] & mask_first[None, :], other=0.0,
                           eviction_policy="evict_first")  # fmt: skip
         if SILU_MUL:
             u_first = tl.load(up_rows + k_first[None, :], mask=n_mask[:, None] & mask_first[None, :], other=0.0,
                               eviction_policy="evict_first")  # fmt: skip
+    elif USE_GDC:
+        _prefetch_l2(w_ptr, w_rows, n_mask, k_start, k_end, BLOCK_K)
+        if SILU_MUL:
+            _prefetch_l2(w_ptr, up_rows, n_mask, k_start, k_end, BLOCK_K)
     if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading its outputs
         tl.extra.cuda.gdc_wait()
     rstd = 1.0
@@ -187,9 +227,9 @@ def _gemv_kernel(
         if SILU_MUL:
             up = tl.sum(up2d, axis=1)[None, :]
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # transposed: see _dot
         if SILU_MUL:
-            up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
@@ -197,26 +237,61 @@ def _gemv_kernel(
                         eviction_policy="evict_first")  # fmt: skip
             offsets, mask = _x_offsets(m, k, k_mask, M, stride_xm, BLOCK_M)
             x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            acc += tl.dot(x, tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            acc = _dot(w, x, acc, PRECISION, NATIVE_DOT)
             if SILU_MUL:
                 u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
-                up += tl.dot(x, tl.trans(u.to(tl.float32)), input_precision=PRECISION)
+                up = _dot(u, x, up, PRECISION, NATIVE_DOT)
+        acc = tl.trans(acc)
+        if SILU_MUL:
+            up = tl.trans(up)
 
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
+    if not SILU_MUL:
+        up = acc  # unused
+    out_mask = (m[:, None] < M) & n_mask[None, :]
+    if SPLIT_K == 1:
+        _epilogue(acc, up, m, n, out_mask, pid_n, M, stride_om, out_ptr, res_ptr, sq_ptr,
+                  SILU_MUL, ADD_RESIDUAL)  # fmt: skip
+    else:  # the last split of a strip to finish adds up every split's product, in split order, and finishes it
+        part = part_ptr + m[:, None] * N + n[None, :]
+        plane = M * N
+        planes = 2 if SILU_MUL else 1  # gate and up
+        tl.store(part + planes * split * plane, acc, mask=out_mask)
+        if SILU_MUL:
+            tl.store(part + (2 * split + 1) * plane, up, mask=out_mask)
+        # Every thread's stores before the (one-thread) release; the acquire makes the others' visible to the last.
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for i in tl.static_range(SPLIT_K):
+                acc += tl.load(part + planes * i * plane, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if SILU_MUL:
+                    up += tl.load(part + (2 * i + 1) * plane, mask=out_mask, other=0.0, cache_modifier=".cg")
+            _epilogue(acc, up, m, n, out_mask, pid_n, M, stride_om, out_ptr, res_ptr, sq_ptr, SILU_MUL,
+                      ADD_RESIDUAL)  # fmt: skip
+            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next call
+
+
+@triton.jit
+def _epilogue(
+    acc, up, m, n, out_mask, pid_n, M, stride_om, out_ptr, res_ptr, sq_ptr,
+    SILU_MUL: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """Store the finished product [BLOCK_M, BLOCK_N] of a strip: `silu(gate) * up`, or `residual + product` with
+    the strip's sums of squares (ADD_RESIDUAL), or the product itself."""
     if SILU_MUL:  # round gate, silu and up as the unfused linear and silu_mul do; the last product rounds at the store
         gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
         acc = act * up.to(out_ptr.dtype.element_ty).to(tl.float32)
-    out_mask = (m[:, None] < M) & n_mask[None, :]
     if ADD_RESIDUAL:  # h = residual + product, rounded as the unfused linear and add round; squares of this strip
         r = tl.load(res_ptr + m[:, None] * stride_om + n[None, :], mask=out_mask, other=0.0)
         acc = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
         h32 = acc.to(tl.float32)
         tl.store(sq_ptr + pid_n * M + m, tl.sum(h32 * h32, axis=1), mask=m < M)
-    out = out_ptr + split * stride_os + m[:, None] * stride_om + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @functools.cache
@@ -225,22 +300,27 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
-    """A fixed rule: the widest row strip that still gives about three programs per SM.
-
-    Wider strips mean fewer, longer programs (less waste at the tail); narrower ones more
-    programs in flight. K is split only when even the narrowest strips leave SMs short of work.
-    """
-    narrowest = 8 if m == 1 else 16  # the tensor-core dot needs 16 rows of w
-    block_n = narrowest
-    for candidate in (32, 16) if m == 1 else (64, 32, 16):  # 64 x 512 fp32 accumulators spill registers
-        if candidate >= narrowest and triton.cdiv(n, candidate) >= 3 * sm_count:
-            block_n = candidate
-            break
-    block_k = 512 if m == 1 else 128
-    split_k = 1
-    while triton.cdiv(n, block_n) * split_k < 2 * sm_count and k // (split_k * 2) >= 4 * block_k:
+    """A fixed rule (timed on the H100 against the alternatives, BENCHMARKS.md). One row: the widest row strip
+    that still gives about three programs per SM (wider strips mean fewer, longer programs, less waste at the
+    tail; narrower ones more programs in flight), K split only when even the narrowest strips leave SMs short of
+    work. Several rows: strips of 64 or 128 weight rows, a tensor-core tile's long side (128 where that still gives
+    1.5 programs per SM); K split only where the strips leave half the SMs idle and K is long; a deeper pipeline
+    where programs are fewer than SMs."""
+    if m == 1:
+        block_n, block_k = 8, 512
+        for candidate in (32, 16):  # 64 x 512 fp32 accumulators spill registers
+            if triton.cdiv(n, candidate) >= 3 * sm_count:
+                block_n = candidate
+                break
+        split_k = 1
+        while triton.cdiv(n, block_n) * split_k < 2 * sm_count and k // (split_k * 2) >= 4 * block_k:
+            split_k *= 2
+        return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+    block_n, block_k, split_k = 128 if 2 * triton.cdiv(n, 128) >= 3 * sm_count else 64, 128, 1
+    while 2 * triton.cdiv(n, block_n) * split_k <= sm_count and k // (split_k * 2) >= 32 * block_k:
         split_k *= 2
-    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+    stages = 4 if triton.cdiv(n, block_n) * split_k < sm_count else 3
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=stages)
 
 
 def _rule_config(x2: Tensor, w: Tensor) -> GemvConfig:
@@ -271,24 +351,28 @@ def _launch(
         n, block_n = n // 2, max(block_n // 2, 1 if m == 1 else 16)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     gdc = pdl.enabled(x2)
-    if config.split_k == 1:
-        out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    strips = triton.cdiv(n, block_n)
+    if config.split_k > 1:
+        parts = torch.empty((config.split_k, 2 if silu_mul else 1, m, n), dtype=torch.float32, device=x2.device)
+        counts = counters.zeroed(x2.device, strips)
     else:
-        out = torch.empty((config.split_k, m, n), dtype=torch.float32, device=x2.device)
+        parts = counts = out  # unused
     partials = squares is not None and add is None
-    _gemv_kernel[(triton.cdiv(n, block_n), config.split_k)](
+    native_dot = w.dtype in (torch.float16, torch.bfloat16) and x2.dtype == w.dtype and normed_dtype == x2.dtype
+    native_dot &= not INTERPRETED  # the interpreter's bfloat16 dot returns garbage; float32 copies give the same sums
+    _gemv_kernel[(strips, config.split_k)](
         x2, w, out, residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
-        m, n, k, x2.stride(0), w.stride(0), out.stride(0) if config.split_k > 1 else 0, out.stride(-2), k_per_split,
+        parts, counts, m, n, k, x2.stride(0), w.stride(0), out.stride(0), k_per_split,
         eps, squares.shape[0] if partials else 0,
-        BLOCK_M=1 if m == 1 else 16, BLOCK_N=block_n, BLOCK_K=config.block_k,
+        BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=config.block_k,
         BLOCK_SQ=4 * config.block_k if m == 1 else config.block_k, PRECISION=dot_precision(w.dtype),
-        NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
+        NATIVE_DOT=native_dot, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
         BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
-        USE_GDC=gdc, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=gdc,
+        SPLIT_K=config.split_k, USE_GDC=gdc, num_warps=config.num_warps, num_stages=config.num_stages,
+        launch_pdl=gdc,
     )  # fmt: skip
-    if config.split_k > 1:
-        out = out.sum(0).to(out_dtype)
     return out
 
 
@@ -304,9 +388,9 @@ def linear(x: Tensor, w: Tensor, config: GemvConfig | None = None) -> Tensor:
 
 
 def linear_residual(x: Tensor, w: Tensor, residual: Tensor, config: GemvConfig) -> tuple[Tensor, Tensor]:
-    """`(residual + x @ w.T, squares)` in one launch, for x [M, K] and residual [M, N] of one dtype and an unsplit
-    K: `squares` [programs, M] holds each program's float32 sum of the squares of its strip of the sum."""
-    assert config.split_k == 1 and residual.dtype == x.dtype
+    """`(residual + x @ w.T, squares)` in one launch, for x [M, K] and residual [M, N] of one dtype: `squares`
+    [strips, M] holds each strip's float32 sum of the squares of its part of the sum."""
+    assert residual.dtype == x.dtype
     x2 = x.contiguous()
     squares = torch.empty((triton.cdiv(w.shape[0], config.block_n), x2.shape[0]), dtype=torch.float32, device=x.device)
     return _launch(x2, w, config, add=(residual.contiguous(), squares)), squares
@@ -331,8 +415,5 @@ def norm_linear(
     res2 = residual.reshape(-1, k).contiguous() if residual is not None else None
     h = torch.empty_like(x2) if residual is not None else x2
     config = config or _rule_config(x2, w)
-    fuse_act = silu_mul and config.split_k == 1  # K-split partials are summed after the kernel: too late for it
-    out = _launch(x2, w, config, (res2, norm_weight.contiguous(), eps, h, squares if res2 is None else None), fuse_act)
-    if silu_mul and not fuse_act:
-        out = triton_act.silu_mul(out)
+    out = _launch(x2, w, config, (res2, norm_weight.contiguous(), eps, h, squares if res2 is None else None), silu_mul)
     return out.view(*lead, -1), (h.view(x.shape) if residual is not None else x)

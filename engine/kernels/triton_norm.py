@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -23,7 +25,11 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:  # launched early (pdl.py); the next kernel may start now, as it too waits before reading
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -50,6 +56,7 @@ def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> t
     res2 = residual.reshape(-1, n_cols).contiguous() if residual is not None else x2
     block = triton.next_power_of_2(n_cols)
     num_warps = min(max(block // 256, 1), 16)
+    gdc = pdl.enabled(x2)
     _rms_norm_kernel[(x2.shape[0],)](
         x2,
         res2,
@@ -60,7 +67,9 @@ def _launch(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> t
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
+        USE_GDC=gdc,
         num_warps=num_warps,
+        launch_pdl=gdc,
     )
     return out.view(x.shape), total.view(x.shape)
 
