@@ -234,10 +234,11 @@ def conformance(engine: Engine, hf, n: int = 32) -> dict[str, float]:
 
 
 @torch.inference_mode()  # as the engine runs its steps
-def graph_step_ms(engine: Engine, batch: int, steps: int = 50) -> float:
-    """Milliseconds of one decode step on the GPU alone: graph replays back to back, no host work between."""
+def graph_step_ms(engine: Engine, batch: int, position: int, steps: int) -> float:
+    """Milliseconds of one decode step on the GPU alone: graph replays back to back, no host work between, from
+    `position` on as `decode_rate` runs them (each replay advances the positions, so the keys read grow alike)."""
+    engine.runner([Row(3 + i, position, i, 0.0, 40, 1.0, 1.0, i, 0) for i in range(batch)])
     graph = engine.runner.graphs[(engine.runner.bucket(batch), True)]
-    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
@@ -287,7 +288,7 @@ def main(args: argparse.Namespace) -> int:
     for b in batches:
         out[f"decode_b{b}_tps"] = decode_rate(engine, b, args.steps, 128)
         if engine.runner.graphs and args.tp == 1:  # replays rank 0's graph alone: no partner for its collectives
-            out[f"graph_b{b}_ms"] = graph_step_ms(engine, b)
+            out[f"graph_b{b}_ms"] = graph_step_ms(engine, b, 128, args.steps)
     out["engine_b1_tps"] = engine_rate(engine, args.steps)
     out["linear_choice_us"] = engine.runner.linear_choice
     if args.profile and device.type == "cuda":
