@@ -452,8 +452,8 @@ def test_decode_step_in_cuda_graph() -> None:
 @pytest.mark.parametrize("rows", [1, 24])
 def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     """Where `tune_linear` chose Triton, norm_linear(_silu_mul) and linear_residual run the Triton kernel (fused
-    with the norm and the add for one row, with the activation always), captured in a graph, and agree with the
-    separate norm, cuBLAS and activation that run where it chose cuBLAS."""
+    with the norm, the activation and the add for one row, between the separate kernels for several), captured in
+    a graph, and agree with the separate norm, cuBLAS and activation that run where it chose cuBLAS."""
     from engine.kernels import triton_gemv
 
     device, dt, dim, inter = "cuda", torch.bfloat16, 512, 1376
