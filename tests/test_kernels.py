@@ -206,6 +206,23 @@ def check_greedy(name: str, device: str, batch: int, vocab: int, penalty: bool) 
         assert expected[0] == 7
 
 
+def check_sample(name: str, device: str, batch: int, vocab: int) -> None:
+    """The sampling kernel draws what `sampling.sample` draws, row by row, across temperatures (0 included), top-k
+    (0, 1, beyond the vocabulary) and top-p (1, tiny, cutting inside and past the first block)."""
+    from engine.kernels import triton_sample
+
+    gen = _rng(name, device)
+    logits = 3 * _randn(gen, batch, vocab, dtype=torch.float32, device=device)
+    rows = torch.arange(batch, device=device)
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.5, 0.2, 2.0], device=device)[rows % 6]
+    top_k = torch.tensor([0, 40, 1, vocab + 7, 0, 3], dtype=torch.int32, device=device)[rows % 6]
+    top_p = torch.tensor([1.0, 0.9, 0.95, 0.5, 1e-6, 0.999, 1.0], device=device)[rows % 7]
+    seeds = rows * 7919 - 3
+    offsets = rows + 2**33
+    expected = sampling.sample(logits, temperature, top_k, top_p, seeds, offsets)
+    assert torch.equal(triton_sample.sample(logits, temperature, top_k, top_p, seeds, offsets), expected)
+
+
 def check_silu_mul(name: str, device: str, dtype: str, rows: int, dim: int) -> None:
     from engine.kernels import triton_act
 
@@ -221,6 +238,7 @@ CHECKS = {
     "norm_linear": check_norm_linear,
     "linear_residual": check_linear_residual,
     "greedy": check_greedy,
+    "sample": check_sample,
 }
 
 # Small shapes: the interpreter runs every program in Python.
@@ -300,6 +318,7 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "greedy-penalty": ("greedy", {"batch": 3, "vocab": 5000, "penalty": True}),
     "greedy-ties": ("greedy", {"batch": 2, "vocab": 9000, "penalty": False}),
+    "sample": ("sample", {"batch": 14, "vocab": 5000}),
     "linear_residual-fp16-m1": ("linear_residual", {"dtype": "fp16", "m": 1, "n": 40, "k": 96, "config": (16, 32)}),
     "linear_residual-fp32-m3-odd-n": (
         "linear_residual", {"dtype": "fp32", "m": 3, "n": 37, "k": 64, "config": (16, 32)},
@@ -384,6 +403,7 @@ CUDA_CASES = {
     ),
     "greedy-7b-b32": ("greedy", {"batch": 32, "vocab": 32016, "penalty": True}),
     "greedy-7b-b1-ties": ("greedy", {"batch": 1, "vocab": 32016, "penalty": False}),
+    "sample-7b-b32": ("sample", {"batch": 32, "vocab": 32016}),
     "linear_residual-o-7b": ("linear_residual", {"dtype": "bf16", "m": 1, "n": 4096, "k": 4096, "config": (8, 512)}),
     "linear_residual-down-7b": (
         "linear_residual", {"dtype": "bf16", "m": 1, "n": 4096, "k": 11008, "config": (8, 512)},
@@ -599,9 +619,9 @@ def _params(batch: int, device: str, temperature: float = 1.0, top_k: int = 0, t
 def test_greedy_and_degenerate_filters_take_the_argmax(device: str) -> None:
     logits = torch.randn(6, 1000, generator=_rng("greedy", device), device=device) * 3
     argmax = logits.argmax(-1)
-    assert torch.equal(sampling.sample(logits, **_params(6, device, temperature=0.0)), argmax)
-    assert torch.equal(sampling.sample(logits, **_params(6, device, top_k=1)), argmax)
-    assert torch.equal(sampling.sample(logits, **_params(6, device, top_p=1e-6)), argmax)
+    assert torch.equal(kernels.sample(logits, **_params(6, device, temperature=0.0)), argmax)
+    assert torch.equal(kernels.sample(logits, **_params(6, device, top_k=1)), argmax)
+    assert torch.equal(kernels.sample(logits, **_params(6, device, top_p=1e-6)), argmax)
 
 
 @pytest.mark.parametrize("device", SAMPLING_DEVICES)
@@ -613,13 +633,13 @@ def test_seeded_draws_do_not_depend_on_batch_position(device: str) -> None:
     for offset in range(20):
         params = _params(1, device, temperature=1.5, top_k=50, top_p=0.95, seed=1234)
         params["offsets"].fill_(offset)
-        alone.append(sampling.sample(row, **params))
+        alone.append(kernels.sample(row, **params))
         big = _params(6, device, temperature=0.8, top_k=10, top_p=0.5, seed=99)
         for key in big:
             big[key][3] = params[key][0]
-        batched.append(sampling.sample(torch.cat([others[:3], row, others[3:]]), **big)[3:4])
+        batched.append(kernels.sample(torch.cat([others[:3], row, others[3:]]), **big)[3:4])
         params["seeds"].fill_(4321)
-        reseeded.append(sampling.sample(row, **params))
+        reseeded.append(kernels.sample(row, **params))
     assert torch.equal(torch.cat(alone), torch.cat(batched))
     assert len(set(torch.cat(alone).tolist())) > 3  # the offset changes the draw
     assert not torch.equal(torch.cat(alone), torch.cat(reseeded))  # and so does the seed
@@ -639,7 +659,7 @@ def test_seeded_draws_do_not_depend_on_batch_position(device: str) -> None:
 def test_sampled_distribution(device: str, temperature: float, top_k: int, top_p: float, expected: list[float]) -> None:
     draws = 4000
     logits = torch.tensor([0.1, 0.2, 0.3, 0.4], device=device).log().expand(draws, 4).contiguous()
-    tokens = sampling.sample(logits, **_params(draws, device, temperature, top_k, top_p, seed=2024))
+    tokens = kernels.sample(logits, **_params(draws, device, temperature, top_k, top_p, seed=2024))
     freq = torch.bincount(tokens.cpu(), minlength=4).double() / draws
     for f, p in zip(freq.tolist(), expected, strict=True):
         assert abs(f - p) <= 4.5 * math.sqrt(max(p * (1 - p), 1e-12) / draws), (freq, expected)

@@ -21,8 +21,8 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 - `linear_residual(x, w, residual)`: the projection that ends a layer's half, returned as the residual stream
   the next `norm_linear` takes; where the matrix-vector kernel runs it for one row, the residual add is its
   epilogue, which also leaves the next norm its sums of squares.
-- `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling; `greedy_pick(...)`:
-  the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
+- `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling (after the sort, one
+  kernel on the GPU); `greedy_pick(...)`: the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
 
 `compile_ahead` compiles the decode step's Triton kernels in worker processes while the weights load
 (`engine.runner.compile_ahead` drives it). `triton_allreduce` holds tensor parallelism's one-shot all-reduce (used
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference, sampling
-from .sampling import apply_repetition_penalty, mark_seen, sample
+from .sampling import apply_repetition_penalty, mark_seen
 
 __all__ = [
     "add_rms_norm",
@@ -116,6 +116,16 @@ def rotary_attention(
 
         return triton_attention.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
     return reference.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
+
+
+def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:
+    """One token per row of logits [B, V] (`sampling.sample` says how); on the GPU its tail after the sort is one
+    kernel."""
+    if _use_triton(logits):
+        from . import triton_sample
+
+        return triton_sample.sample(logits, temperature, top_k, top_p, seeds, offsets)
+    return sampling.sample(logits, temperature, top_k, top_p, seeds, offsets)
 
 
 def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | None) -> Tensor:

@@ -228,6 +228,8 @@ def bench_small_ops(models: list[str], copy_gbs: float) -> None:
 
 
 def bench_sampling() -> None:
+    from engine import kernels
+
     for batch in (1, 8, 32):
         logits = torch.randn(batch, 32016, device="cuda")
         params = {
@@ -237,15 +239,14 @@ def bench_sampling() -> None:
             "seeds": torch.arange(batch, device="cuda"),
             "offsets": torch.zeros(batch, dtype=torch.int64, device="cuda"),
         }
-        graph = torch.cuda.CUDAGraph()
-        sampling.sample(logits, **params)
-        with torch.cuda.graph(graph):
-            sampling.sample(logits, **params)
-        print(
-            f"sample B={batch}: eager {bench(partial(sampling.sample, logits, **params)) * 1e3:.1f} us, "
-            f"graph replay {bench(graph.replay) * 1e3:.1f} us",
-            flush=True,
-        )
+        check("sample", kernels.sample(logits, **params), sampling.sample(logits, **params), rtol=0, atol=0)
+        replay = {}
+        for label, fn in (("triton", kernels.sample), ("plain ops", sampling.sample)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn(logits, **params)
+            replay[label] = bench(graph.replay) * 1e3
+        print(f"sample B={batch}: graph replay {replay['triton']:.1f} us (plain ops {replay['plain ops']:.1f} us)")
 
 
 def sweep_gemv(models: list[str], copy_gbs: float) -> None:

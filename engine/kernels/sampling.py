@@ -40,6 +40,15 @@ def uniform_noise(seeds: Tensor, offsets: Tensor, vocab_size: int) -> Tensor:
     return (bits.float() + 0.5) * (1.0 / (1 << 24))
 
 
+def scale_and_sort(logits: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sampling's start: the greedy choice (argmax of logits [B, V]), float32 logits / temperature (1 where it is
+    0), and those sorted in descending order with their token ids."""
+    logits = logits.float()
+    temperature = temperature.float()
+    scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    return logits.argmax(dim=-1), scaled, *scaled.sort(dim=-1, descending=True)
+
+
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:
     """One token per row of logits [B, V]; int64 [B].
 
@@ -49,12 +58,8 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     noise from (seeds[b], offsets[b]); bump the offset each step for a fresh draw.
     """
     batch, vocab = logits.shape
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
+    greedy, scaled, sorted_logits, order = scale_and_sort(logits, temperature)
     temperature = temperature.float()
-    scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
-
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)
     k = top_k.long()
     in_top_k = rank[None, :] < torch.where(k > 0, k, vocab)[:, None]
