@@ -52,8 +52,7 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     """An engine on random weights (normal, std 0.02; norms 1) at a real shape; returns it and the init time."""
     device, dtype = pick_device(spec.device), pick_dtype(spec.dtype, pick_device(spec.device))
     start = _now(device)
-    graphs = spec.cuda_graphs and par.world == 1
-    with compile_ahead(cfg, spec.max_seq_len, spec.max_batch, device, dtype, graphs) as compiling:
+    with compile_ahead(cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world) as compiling:
         recorded = _now(device)
         model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype)
         built = _now(device)

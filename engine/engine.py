@@ -164,8 +164,7 @@ class Engine:
         shard = Shard.of(cfg, par.world)
         context = par.smallest(cls._context(spec, cfg, shard, device, dtype))
         try:
-            graphs = spec.cuda_graphs and par.world == 1
-            with compile_ahead(cfg, context, spec.max_batch, device, dtype, graphs) as ahead:
+            with compile_ahead(cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world) as ahead:
                 model = Llama.empty(cfg, context, par, device, dtype)
                 load_weights(model, path, progress)
                 model.setup_cache(spec.max_batch + 1, context, dtype)

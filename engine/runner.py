@@ -198,15 +198,21 @@ class DecodeRunner:
 
 @contextmanager
 def compile_ahead(
-    cfg: ModelConfig, max_seq: int, max_batch: int, device: torch.device, dtype: torch.dtype, graphs: bool = True
+    cfg: ModelConfig,
+    max_seq: int,
+    max_batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    graphs: bool = True,
+    world: int = 1,
 ) -> Iterator[Compiling | None]:
     """Compile the decode step's Triton kernels in worker processes while the body loads the weights, and wait for
     them at its end (on an error, stop them instead); yields the `Compiling`, None where there is nothing to do: no
-    CUDA graphs, no Triton 3.3 or newer, or a tensor-parallel rank (its small model would have to join collectives).
+    CUDA graphs, no Triton 3.3 or newer, or a tensor-parallel world (its small model would have to join collectives).
     A two-layer model of the same shapes, so the same kernel specialisations (the second layer's norm takes the
     first layer's sums of squares), runs every step `capture` will run, under each choice `tune_linear` can make,
     with each Triton launch recorded instead of compiled."""
-    if not graphs or device.type != "cuda" or not kernels.have_triton() or not can_record():
+    if not graphs or world > 1 or device.type != "cuda" or not kernels.have_triton() or not can_record():
         yield None
         return
 

@@ -11,31 +11,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
-# Multipliers below 2**31 keep every product of two 32-bit values inside int64.
-_MUL1 = 0x7FEB352D
-_MUL2 = 0x046CA68B
-_GOLDEN = 0x1E3779B9
+MASK32 = 0xFFFFFFFF
+# The hash's constants (shared with triton_sample). Multipliers below 2**31 keep every product of two 32-bit
+# values inside int64.
+MUL1 = 0x7FEB352D
+MUL2 = 0x046CA68B
+GOLDEN = 0x1E3779B9
 
 
 def _mix32(x: Tensor) -> Tensor:
     """An avalanche hash of 32-bit values held in int64 (after Wellons' lowbias32)."""
-    x = x & _MASK32
+    x = x & MASK32
     x = x ^ (x >> 16)
-    x = (x * _MUL1) & _MASK32
+    x = (x * MUL1) & MASK32
     x = x ^ (x >> 15)
-    x = (x * _MUL2) & _MASK32
+    x = (x * MUL2) & MASK32
     return x ^ (x >> 16)
 
 
 def uniform_noise(seeds: Tensor, offsets: Tensor, vocab_size: int) -> Tensor:
     """[B, V] float32 uniforms in (0, 1), a pure function of (seeds[b], offsets[b], token id)."""
     seeds, offsets = seeds.long(), offsets.long()
-    key = _mix32(seeds ^ _GOLDEN)
+    key = _mix32(seeds ^ GOLDEN)
     key = _mix32(key ^ (seeds >> 32))
     key = _mix32(key ^ offsets)
     key = _mix32(key ^ (offsets >> 32))
-    tokens = _mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) + _GOLDEN)
+    tokens = _mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) + GOLDEN)
     bits = _mix32(key[:, None] ^ tokens[None, :]) >> 8  # 24 bits: exact in float32
     return (bits.float() + 0.5) * (1.0 / (1 << 24))
 

@@ -18,16 +18,20 @@ from torch import Tensor
 from . import sampling
 
 BLOCK = 2048
+MASK32 = tl.constexpr(sampling.MASK32)
+MUL1 = tl.constexpr(sampling.MUL1)
+MUL2 = tl.constexpr(sampling.MUL2)
+GOLDEN = tl.constexpr(sampling.GOLDEN)
 
 
 @triton.jit
 def _mix32(x):
     """`sampling._mix32` on int64 lanes: the same products, masked to 32 bits, so the same bits."""
-    x = x & 0xFFFFFFFF
+    x = x & MASK32
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = (x * MUL1) & MASK32
     x = x ^ (x >> 15)
-    x = (x * 0x046CA68B) & 0xFFFFFFFF
+    x = (x * MUL2) & MASK32
     return x ^ (x >> 16)
 
 
@@ -45,7 +49,7 @@ def _draw_kernel(
     top_p = tl.where(top_p >= 1.0, float("inf"), top_p)  # 1 keeps all, even where the sums round below 1
     seed = tl.load(seed_ptr + row).to(tl.int64)
     offset = tl.load(offset_ptr + row).to(tl.int64)
-    key = _mix32(seed ^ 0x1E3779B9)  # sampling.uniform_noise's row key
+    key = _mix32(seed ^ GOLDEN)  # sampling.uniform_noise's row key
     key = _mix32(key ^ (seed >> 32))
     key = _mix32(key ^ offset)
     key = _mix32(key ^ (offset >> 32))
@@ -70,7 +74,7 @@ def _draw_kernel(
         mass_before = before + tl.cumsum(probs, axis=0) - probs
         keep = in_top_k & ((mass_before < top_p) | (rank == 0))
         token = tl.load(order_ptr + base + rank, mask=in_top_k, other=0)
-        bits = _mix32(key ^ _mix32(token + 0x1E3779B9)) >> 8  # 24 bits: exact in float32
+        bits = _mix32(key ^ _mix32(token + GOLDEN)) >> 8  # 24 bits: exact in float32
         u = (bits.to(tl.float32) + 0.5) * (1.0 / (1 << 24))
         score = tl.where(keep, s - tl.log(-tl.log(u)), float("-inf"))
         block_best, at = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
