@@ -162,3 +162,26 @@ def test_tiny_pipeline_data_parallel(tmp_path: Path) -> None:
     assert info["command"].startswith("torchrun --nproc-per-node 2 -m engine.demo.train")
     assert info["train"]["gpus"] == 2 and info["train"]["steps"] == 20 and info["train"]["ranks_in_sync"] is True
     assert (out / "model.safetensors").exists() and r.stdout.count("step 20 loss") == 1
+
+
+def test_middle_weighting_covers_what_follows_mid_in_psm() -> None:
+    """A PSM middle (after `▁<MID>`, through `▁<EOT>`) gets the weight; its prompt, an SPM example, a plain
+    example and padding do not, and a weight of 1 is the plain mean."""
+    import torch
+
+    from engine.demo.train import PAD, weighted_loss
+
+    pre, suf, mid, eot = 3, 4, 5, 6
+    psm = [BOS, pre, 20, suf, 21, mid, 22, 23, eot]
+    spm = [BOS, pre, suf, 24, mid, 25, 26, eot]
+    row = psm + spm + [BOS, 27, EOS, PAD, PAD]
+    rows = torch.tensor([row])
+    n = len(row) - 1
+    logits = torch.randn(1, n, 32, generator=torch.Generator().manual_seed(0))
+    nll = torch.nn.functional.cross_entropy(logits[0], rows[0, 1:].clamp(min=0), reduction="none")
+    real = torch.tensor([t != PAD for t in row[1:]])
+    assert torch.allclose(weighted_loss(logits, rows, (pre, suf, mid, eot), 1.0), nll[real].mean())
+    w = real.float()
+    w[[psm.index(22) - 1, psm.index(23) - 1, len(psm) - 2]] = 4.0  # targets 22, 23 and the PSM example's EOT
+    expected = (nll * w).sum() / w.sum()
+    assert torch.allclose(weighted_loss(logits, rows, (pre, suf, mid, eot), 4.0), expected)

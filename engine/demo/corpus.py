@@ -29,11 +29,12 @@ HELD_OUT = (
     "calendar.py",
 )
 
-# Folders never used: test suites, IDLE, generated or vendored code (vendored code has its own licences).
+# Test suites are used (plain, idiomatic code, and the fresh text a long run needs), except the held-out
+# modules' own tests, which quote their lines: `test_<module>` as a file or a folder, anywhere.
+HELD_OUT_TESTS = frozenset(f"test_{name[:-3]}" for name in HELD_OUT)
+
+# Folders never used: IDLE, generated or vendored code (vendored code has its own licences).
 SKIP_DIRS = {
-    "test",
-    "tests",
-    "testing",
     "idlelib",
     "lib2to3",
     "site-packages",
@@ -157,9 +158,11 @@ def _spdx(expr: str) -> str | None:
     return None
 
 
-def _usable(path: Path, base: Path) -> bool:
-    parts = path.relative_to(base).parts
-    return not any(p in SKIP_DIRS or p.startswith("test_") for p in parts[:-1]) and not parts[-1].startswith("test_")
+def _usable(parts: tuple[str, ...]) -> bool:
+    """Whether a file at this relative path may be trained on (see SKIP_DIRS and HELD_OUT_TESTS)."""
+    return not any(p in SKIP_DIRS for p in parts[:-1]) and not any(
+        p.removesuffix(".py") in HELD_OUT_TESTS for p in parts
+    )
 
 
 def _read(path: Path) -> str | None:
@@ -219,7 +222,9 @@ def collect(max_bytes: int = 300_000_000, max_files: int | None = None, seed: in
         total += len(text)
         return True
 
-    std_files = sorted(p for p in stdlib.rglob("*.py") if _usable(p, stdlib) and p.name not in HELD_OUT)
+    std_files = sorted(
+        p for p in stdlib.rglob("*.py") if _usable(p.relative_to(stdlib).parts) and p.name not in HELD_OUT
+    )
     if max_files is not None:
         rng.shuffle(std_files)
     for p in std_files:
@@ -272,10 +277,7 @@ def _package_files(rng: random.Random) -> list[tuple[md.Distribution, str, list[
             continue
         files = []
         for f in listed:
-            parts = Path(str(f)).parts
-            if any(part in SKIP_DIRS or part.startswith("test_") for part in parts[:-1]):
-                continue
-            if parts[-1].startswith("test_") or parts[-1] == "conftest.py":
+            if not _usable(Path(str(f)).parts):
                 continue
             p = Path(d.locate_file(f))
             try:

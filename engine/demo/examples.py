@@ -226,8 +226,8 @@ class ExampleSettings:
     fim_rate: float = 0.9
     line_fim_share: float = 0.7  # of FIM examples, the share that masks lines rather than random spans
     whole_line: float = 0.7  # of line-level examples, the share that masks one whole line (the evaluation's task)
-    max_chars: int = 2800
-    max_tokens: int = 1025  # an example longer than this (one packed row) is made from the two halves of its piece
+    max_chars: int = 1400
+    max_tokens: int = 2049  # an example longer than this (one packed row) is made from the two halves of its piece
     chat_per_file: int = 3
     chat_system_rate: float = 0.3
     seed: int = 0
