@@ -29,13 +29,14 @@ from engine.events import (
     ModelInfo,
     Started,
     Stats,
+    TextClipped,
     TextDelta,
     TurnsDropped,
 )
 from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import SINGLE, Parallel, Shard
-from engine.prompts import build_prompt, stop_ids
+from engine.prompts import build_prompt, fit_request, stop_ids
 from engine.requests import EngineSpec, Request
 from engine.runner import DecodeRunner, Row, compile_ahead
 from engine.tokenizer import Tokenizer
@@ -252,8 +253,8 @@ class Engine:
             request = replace(request, system=session.system)
             exchanges = session.exchanges
         ids = build_prompt(self.tok, request, exchanges)
+        reserve = min(request.sampling.max_new_tokens, self.context // 4)
         if request.cap == "chat":
-            reserve = min(request.sampling.max_new_tokens, self.context // 4)
             dropped = 0
             while len(ids) + reserve > self.context and dropped < len(exchanges):
                 dropped += 1
@@ -261,6 +262,10 @@ class Engine:
             if dropped and session is not None:
                 del session.exchanges[:dropped]
                 events.append(TurnsDropped(request.id, dropped))
+        elif request.fit and len(ids) + reserve > self.context:
+            request, before, after = fit_request(self.tok, request, self.context - reserve)
+            ids = build_prompt(self.tok, request)
+            events.append(TextClipped(request.id, before, after))
         if len(ids) >= self.context:
             raise PromptError(
                 f"the prompt is {len(ids)} tokens but the context holds {self.context}: "

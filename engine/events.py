@@ -64,6 +64,16 @@ class TurnsDropped:
 
 
 @dataclass(frozen=True)
+class TextClipped:
+    """A `fit` request's text outgrew the context: `before` lines above the cursor and `after` below were
+    left out of the prompt."""
+
+    request_id: int
+    before: int
+    after: int
+
+
+@dataclass(frozen=True)
 class TextDelta:
     """New text of a request, in order; never splits a UTF-8 character."""
 
@@ -102,4 +112,4 @@ class Failed:
     message: str
 
 
-Event = Loading | Ready | LoadFailed | Started | TurnsDropped | TextDelta | Finished | Failed
+Event = Loading | Ready | LoadFailed | Started | TurnsDropped | TextClipped | TextDelta | Finished | Failed

@@ -6,7 +6,8 @@ Ids are assembled piece by piece rather than from a text template, because templ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from engine.errors import CapabilityError, PromptError
 from engine.requests import CAPS, FILL, Request
@@ -82,6 +83,66 @@ def build_prompt(tok: Tokenizer, request: Request, exchanges: Sequence[Exchange]
     if cap == "chat":
         return chat_ids(tok, exchanges, request.text, request.system)
     raise PromptError(f"unknown capability {cap!r}; expected one of: {', '.join(CAPS)}")
+
+
+def fit_request(tok: Tokenizer, request: Request, budget: int) -> tuple[Request, int, int]:
+    """A completion or infilling request whose prompt holds at most `budget` ids, and the lines it left out.
+
+    An editor sends the whole file; like the best completion tools, keep the lines nearest the cursor: whole
+    lines go from the start of the text (the prefix) and, while the suffix holds more than a quarter of the
+    budget, from its end. Returns (request, lines dropped before the cursor, lines dropped after it).
+    """
+    if request.cap in ("completion", "python"):
+        text, dropped = _keep_end(request.text, lambda t: len(tok.encode(t, bos=True)), budget)
+        return replace(request, text=text), dropped, 0
+    if request.prefix is not None and request.suffix is not None:
+        prefix, suffix = request.prefix, request.suffix
+    else:
+        prefix, suffix = split_fill(request.text)
+    fixed = len(infilling_ids(tok, "", "", request.suffix_first))
+    n_prefix = len(tok.encode(prefix))
+    suffix_budget = max(budget - fixed - n_prefix, budget // 4)
+    suffix, after = _keep_start(suffix, lambda t: len(tok.encode_infilling(t)), suffix_budget)
+    prefix_budget = budget - fixed - len(tok.encode_infilling(suffix))
+    prefix, before = _keep_end(prefix, lambda t: len(tok.encode(t)), prefix_budget)
+    return replace(request, text="", prefix=prefix, suffix=suffix), before, after
+
+
+# No piece is longer than this many characters, so a text cut to budget * _CHARS_PER_ID characters still
+# holds every line that fits: the search never encodes more of a huge file than could fit.
+_CHARS_PER_ID = 16
+
+
+def _keep_end(text: str, count: Callable[[str], int], budget: int) -> tuple[str, int]:
+    """The longest run of whole lines ending `text` that counts at most `budget`, and how many lines went."""
+    lines = text.splitlines(keepends=True)
+    lo, hi, chars = 0, len(lines), len(text)  # drop lines[:k]; the smallest k that fits lies in [lo, hi]
+    while lo < hi and chars > budget * _CHARS_PER_ID:
+        chars -= len(lines[lo])
+        lo += 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count("".join(lines[mid:])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return "".join(lines[lo:]), lo
+
+
+def _keep_start(text: str, count: Callable[[str], int], budget: int) -> tuple[str, int]:
+    """The longest run of whole lines starting `text` that counts at most `budget`, and how many lines went."""
+    lines = text.splitlines(keepends=True)
+    lo, hi, chars = 0, len(lines), len(text)  # keep lines[:k]; the largest k that fits lies in [lo, hi]
+    while lo < hi and chars > budget * _CHARS_PER_ID:
+        hi -= 1
+        chars -= len(lines[hi])
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count("".join(lines[:mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return "".join(lines[:lo]), len(lines) - lo
 
 
 def stop_ids(tok: Tokenizer, cap: str) -> set[int]:

@@ -61,6 +61,8 @@ class Request:
     - completion / python: `text` is the prompt, continued as is.
     - infilling: either `text` with exactly one `<FILL>`, or `prefix` and `suffix` given directly
       (the TUI fills several markers one by one this way); `suffix_first` picks SPM over PSM.
+    - completion and infilling with `fit`: a text longer than the context loses whole lines far from the
+      cursor (the engine reports how many) instead of failing; an editor sends whole files this way.
     - chat: `text` is the new user message; `session` names a conversation whose KV cache and
       history the engine keeps between turns; `system` is the system instruction (first turn).
     """
@@ -72,6 +74,7 @@ class Request:
     system: str | None = None
     session: str | None = None
     suffix_first: bool = False
+    fit: bool = False  # completion/infilling from an editor: leave out the lines farthest from the cursor
     sampling: SamplingParams = field(default_factory=SamplingParams)
     id: int = field(default_factory=lambda: next(_ids))
 

@@ -127,6 +127,7 @@ async def test_infill_one_marker_streams_into_place_as_one_undo_step() -> None:
             "def add(a, b):\n    ",
             "\n\nprint(add(1, 2))\n",
         )
+        assert request.sampling.stop == ("\nprint(add(1, 2))",)  # a fill stops before repeating the next line
         assert app.editor.text == SOURCE.replace("<FILL>", "return a + b")
         app.editor.undo()
         assert app.editor.text == SOURCE

@@ -49,3 +49,20 @@ async def test_without_a_model_the_app_runs_the_demo_model() -> None:
         await wait_for(pilot, lambda: not app._jobs, timeout=60)
         assert app.status.state == "ready", app.status.render_text()
         assert "<FILL>" not in app.editor.text
+
+
+async def test_a_file_longer_than_the_context_still_fills() -> None:
+    """The editor sends whole files: one that outgrows the context loses the lines farthest from the cursor,
+    says so in the status line, and the fill still lands."""
+    spec = EngineSpec(device="cpu", max_batch=1, max_seq_len=256)
+    body = "".join(f"    total = total + values[{i}]\n" for i in range(300))
+    text = "def add_all(values):\n    total = 0\n" + body + "    <FILL>\n" + body + "    return total\n"
+    app = CodeLlamaApp(None, spec, "completion", overrides={"max_new_tokens": 8, "temperature": 0.0}, text=text)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.info is not None or app.load_error is not None, timeout=120)
+        assert app.load_error is None
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: not app._jobs, timeout=60)
+        assert app.status.state == "ready", app.status.render_text()
+        assert "<FILL>" not in app.editor.text
+        assert "lines above" in app.status.note and "left out" in app.status.note

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.engine import Engine
-from engine.events import Failed, Finished, Started, TextDelta
+from engine.events import Failed, Finished, Started, TextClipped, TextDelta
 from engine.prompts import chat_ids
 from engine.requests import EngineSpec, Request, SamplingParams
 
@@ -213,6 +213,10 @@ def test_context_end_and_overlong_prompt(tiny_model_dir: Path) -> None:
     request = Request("completion", text="a b c d e f g h i j k l m n o p q r s t u v w x y z", sampling=GREEDY)
     (failed,) = run(engine, request)[request.id]
     assert isinstance(failed, Failed) and "too many" in failed.message and "context holds 24" in failed.message
+    request = Request("completion", text="x = 1\n" * 30, fit=True, sampling=GREEDY)  # an editor's whole file
+    clipped, started, *_, finished = run(engine, request)[request.id]
+    assert isinstance(clipped, TextClipped) and clipped.before > 0 and clipped.after == 0
+    assert isinstance(started, Started) and started.prompt_tokens <= 24 - 6 and isinstance(finished, Finished)
     request = Request("completion", text="def f(", sampling=GREEDY)
     finished = run(engine, request)[request.id][-1]
     assert finished.reason == "context" and finished.stats.prompt_tokens + finished.stats.new_tokens == 24

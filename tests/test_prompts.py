@@ -141,3 +141,38 @@ def test_stop_ids(tok: Tokenizer) -> None:
     assert stop_ids(tok, "infilling") == {32010, 2}
     for cap in ("completion", "chat", "python"):
         assert stop_ids(tok, cap) == {2}
+
+
+def _numbered(n: int, start: int = 0) -> str:
+    return "".join(f"    total = total + values[{i}]  # step {i}\n" for i in range(start, start + n))
+
+
+@pytest.mark.parametrize("cap", ["completion", "infilling"])
+def test_fit_keeps_the_lines_nearest_the_cursor(cap: str) -> None:
+    """A file longer than the budget loses whole lines far from the cursor; the prompt then fits, and one more
+    line would not have fitted."""
+    from engine.config import DEMO_DIR
+    from engine.prompts import fit_request
+
+    tok = Tokenizer.from_dir(DEMO_DIR)
+    budget = 300
+    prefix, suffix = _numbered(200), _numbered(200, start=200)
+    request = Request(cap, text=prefix) if cap == "completion" else Request(cap, prefix=prefix, suffix=suffix)
+    assert len(build_prompt(tok, request)) > budget
+
+    fitted, before, after = fit_request(tok, request, budget)
+    assert len(build_prompt(tok, fitted)) <= budget and before > 0
+    kept_prefix = fitted.text if cap == "completion" else fitted.prefix
+    assert kept_prefix == "".join(prefix.splitlines(keepends=True)[before:])
+    wider = prefix.splitlines(keepends=True)[before - 1 :]
+    if cap == "completion":
+        assert after == 0 and len(build_prompt(tok, Request(cap, text="".join(wider)))) > budget
+    else:
+        assert fitted.suffix == "".join(suffix.splitlines(keepends=True)[: 200 - after]) and after > 0
+        assert len(tok.encode_infilling(fitted.suffix)) <= budget // 4  # the suffix gets a quarter
+        one_more = Request(cap, prefix="".join(wider), suffix=fitted.suffix)
+        assert len(build_prompt(tok, one_more)) > budget
+
+    small = Request(cap, text="x = 1\n") if cap == "completion" else Request(cap, prefix="x = ", suffix="\n")
+    fitted, before, after = fit_request(tok, small, budget)
+    assert build_prompt(tok, fitted) == build_prompt(tok, small) and (before, after) == (0, 0)

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
 from textual.app import App, ComposeResult, SystemCommand
@@ -40,6 +40,7 @@ from engine.events import (
     ModelInfo,
     Ready,
     Started,
+    TextClipped,
     TextDelta,
     TurnsDropped,
 )
@@ -53,6 +54,16 @@ from widgets.editor import CodeEditor, EditorPane, fill_markers
 from widgets.status_bar import StatusBar
 
 FLUSH_HZ = 30
+
+
+def suffix_stop(suffix: str) -> tuple[str, ...]:
+    """A fill ends where it would write the next non-blank line below it again.
+
+    Small models (the demo's) often miss `▁<EOT>` and run on into the code that follows the hole; editors
+    (Tabby, Continue) cut a fill where it starts repeating the suffix.
+    """
+    below = next((line for line in suffix.split("\n")[1:] if line.strip()), None)
+    return ("\n" + below,) if below is not None else ()
 
 
 class Client(Protocol):
@@ -256,6 +267,11 @@ class CodeLlamaApp(App[int]):
             if job is not None:
                 job.started = time.perf_counter()
                 self.status.context_used = event.prompt_tokens
+        elif isinstance(event, TextClipped):
+            if event.request_id in self._jobs:
+                self.status.note = (
+                    f"file longer than the context: {event.before} lines above and {event.after} below left out"
+                )
         elif isinstance(event, TurnsDropped):
             if event.request_id in self._jobs:
                 turns = "turn was" if event.count == 1 else "turns were"
@@ -387,7 +403,7 @@ class CodeLlamaApp(App[int]):
         prefix = editor.get_text_range((0, 0), (row, column))
         cap = self._completion_cap()
         editor.begin_ghost()
-        self._submit(_Job(Request(cap=cap, text=prefix, sampling=self._sampling(cap)), "ghost"))
+        self._submit(_Job(Request(cap=cap, text=prefix, fit=True, sampling=self._sampling(cap)), "ghost"))
         editor.focus()
 
     def action_infill(self) -> None:
@@ -412,13 +428,16 @@ class CodeLlamaApp(App[int]):
             if (row, column) >= after:
                 self._start_fill((row, column), (row, column + len(FILL)), next_marker=True)
                 return
-        self.status.note = "all markers filled"
+        clipped = self.status.note  # a fill's note that the file outgrew the context stays in view
+        self.status.note = f"all markers filled; {clipped}" if clipped else "all markers filled"
 
     def _start_fill(self, start: tuple[int, int], end: tuple[int, int], *, next_marker: bool) -> None:
         editor = self.editor
         prefix = editor.get_text_range((0, 0), start)
         suffix = editor.get_text_range(end, editor.document.end).replace(FILL, "")
-        request = Request(cap="infilling", prefix=prefix, suffix=suffix, sampling=self._sampling("infilling"))
+        sampling = self._sampling("infilling")
+        sampling = replace(sampling, stop=sampling.stop + suffix_stop(suffix))
+        request = Request(cap="infilling", prefix=prefix, suffix=suffix, fit=True, sampling=sampling)
         editor.begin_stream(start, end)
         self._submit(_Job(request, "fill", next_marker=next_marker))
 
