@@ -108,8 +108,8 @@ def fit_request(tok: Tokenizer, request: Request, budget: int) -> tuple[Request,
     return replace(request, text="", prefix=prefix, suffix=suffix), before, after
 
 
-# No piece is longer than this many characters, so a text cut to budget * _CHARS_PER_ID characters still
-# holds every line that fits: the search never encodes more of a huge file than could fit.
+# A token seldom covers more than this many characters (typical code: 3 or 4), so the search first cuts a huge
+# file to the budget times this many and never encodes the rest; text of longer tokens only loses more lines.
 _CHARS_PER_ID = 16
 
 
