@@ -189,6 +189,7 @@ def perplexity(
             nll += float(torch.nn.functional.cross_entropy(logits[0], w[0, 1:], reduction="sum"))
             n_tok += w.shape[1] - 1
     return {
+        "window": seq_len,
         "tokens": n_tok,
         "chars": n_chars,
         "perplexity": math.exp(nll / n_tok),
@@ -304,7 +305,8 @@ def summary(res: dict) -> str:
     """One short human-readable block for logs and the model card."""
     p, li, bo = res["perplexity"], res["line_infill"], res["body_line_infill"]
     return (
-        f"perplexity {p['perplexity']:.3f} ({p['bits_per_char']:.3f} bits/char over {p['tokens']} tokens)\n"
+        f"perplexity {p['perplexity']:.3f} ({p['bits_per_char']:.3f} bits/char over {p['tokens']} tokens"
+        f" in windows of {p['window']})\n"
         f"single-line infill exact match {li['exact_match']:.1%} of {li['n']}, parses {li['parse_rate']:.1%} "
         f"(line deleted: {li['parse_rate_if_line_deleted']:.1%})\n"
         f"function-body line infill exact match {bo['exact_match']:.1%} of {bo['n']}, parses {bo['parse_rate']:.1%} "

@@ -98,7 +98,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=896)
-    ap.add_argument("--seq-len", type=int, default=2048, help="training length, also the context the model declares")
+    ap.add_argument("--seq-len", type=int, default=2048, help="tokens per packed training row")
+    ap.add_argument(
+        "--context",
+        type=int,
+        default=1024,
+        help="the context the model declares (max_position_embeddings): examples of at most --max-chars characters"
+        " teach it little about longer prompts",
+    )
     ap.add_argument("--batch", type=int, default=64, help="sequences per step")
     ap.add_argument(
         "--max-chars", type=int, default=1400, help="longest piece of a file per example (short: more FIM middles)"
@@ -385,8 +392,9 @@ def model_card(out: Path, info: dict) -> None:
         f"Llama: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads"
         f" (head_dim {c['head_dim']}), {c['num_key_value_heads']} KV heads, SwiGLU intermediate"
         f" {c['intermediate_size']}, RMSNorm eps {c['rms_norm_eps']}, rope_theta {c['rope_theta']:g},"
-        f" untied embeddings, vocab {c['vocab_size']}, trained at {info['seq_len']} tokens"
-        f" (max_position_embeddings {c['max_position_embeddings']}). {info['n_params']:,} parameters.",
+        f" untied embeddings, vocab {c['vocab_size']}, trained in rows of {info['seq_len']} tokens on examples of at"
+        f" most {info['max_chars']} characters; it declares a context of {c['max_position_embeddings']} tokens"
+        f" (max_position_embeddings). {info['n_params']:,} parameters.",
         "",
         "## Tokenizer",
         "",
@@ -509,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
         num_hidden_layers=a.layers,
         num_attention_heads=a.heads,
         num_key_value_heads=a.kv_heads,
-        max_position_embeddings=max(2048, a.seq_len),
+        max_position_embeddings=a.context,
     )
     prep = prepare(a, cfg, out, t0) if rank == 0 else None
     data, fim_ids = share_rows(prep, dev)
@@ -614,7 +622,7 @@ def finish(
 
         # 5. evaluation and samples
         small = {"max_prefix": 300, "max_suffix": 100, "max_new": 8, "max_chars_per_file": 1500} if a.tiny else {}
-        e = ev.run_eval(out, dev, a.infills, a.body_infills, a.seq_len, seed=a.seed, **small)
+        e = ev.run_eval(out, dev, a.infills, a.body_infills, a.context, seed=a.seed, **small)
         if not a.tiny:
             cases = ev.body_cases(ev.held_out_texts(), a.body_infills, a.seed + 1)
             e["body_line_infill_cli"] = ev.through_cli(out, cases, 1800, 700, str(dev))
