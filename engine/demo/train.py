@@ -87,9 +87,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="smoke test on the CPU: a few files, tiny model")
-    ap.add_argument(
-        "--over-cap", action="store_true", help="allow a model over the 16 MiB the package ships (experiments only)"
-    )
     ap.add_argument("--corpus-mb", type=float, default=450.0)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--tok-lines", type=int, default=600_000, help="source lines sampled for the tokenizer")
@@ -560,7 +557,7 @@ def prepare(a: argparse.Namespace, cfg: DemoConfig, out: Path, t0: float) -> Pre
     out.mkdir(parents=True, exist_ok=True)
     est = 2 * cfg.n_params() + 600_000
     log(f"model {cfg.n_params():,} params, about {est / 2**20:.2f} MiB shipped", t0)
-    if est > MAX_TOTAL_BYTES and not (a.tiny or a.over_cap):
+    if est > MAX_TOTAL_BYTES and not a.tiny:
         sys.exit(f"the model would not fit in 16 MiB ({est} bytes): make it smaller")
 
     # 1. data
@@ -687,7 +684,7 @@ def finish(
     sha256sums(out)
     size = sum((out / n).stat().st_size for n in (*SHIPPED, "SHA256SUMS") if (out / n).exists())
     log(f"done: {out} ({size / 2**20:.2f} MiB)", t0)
-    if size > MAX_TOTAL_BYTES and not (a.tiny or a.over_cap):
+    if size > MAX_TOTAL_BYTES and not a.tiny:
         log("WARNING: over 16 MiB", t0)
 
 
