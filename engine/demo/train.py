@@ -528,7 +528,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     model, tstats = train_model(data, fim_ids, cfg, a, t0)
     del data
-    if world > 1:
+    if world > 1:  # together: a rank that tears gloo down while another still talks to it can abort
+        dist.barrier()
         dist.destroy_process_group()
     if prep is None:
         return
