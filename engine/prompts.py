@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from itertools import accumulate
 
 from engine.errors import CapabilityError, PromptError
 from engine.requests import CAPS, FILL, Request
@@ -85,6 +86,11 @@ def build_prompt(tok: Tokenizer, request: Request, exchanges: Sequence[Exchange]
     raise PromptError(f"unknown capability {cap!r}; expected one of: {', '.join(CAPS)}")
 
 
+# A token seldom covers more than this many characters (typical code: 3 or 4), so the search first cuts a huge
+# file to the budget times this many and never encodes the rest; text of longer tokens only loses more lines.
+_CHARS_PER_ID = 16
+
+
 def fit_request(tok: Tokenizer, request: Request, budget: int) -> tuple[Request, int, int]:
     """A completion or infilling request whose prompt holds at most `budget` ids, and the lines it left out.
 
@@ -93,56 +99,38 @@ def fit_request(tok: Tokenizer, request: Request, budget: int) -> tuple[Request,
     budget, from its end. Returns (request, lines dropped before the cursor, lines dropped after it).
     """
     if request.cap in ("completion", "python"):
-        text, dropped = _keep_end(request.text, lambda t: len(tok.encode(t, bos=True)), budget)
+        text, dropped = _keep_near(request.text, lambda t: len(tok.encode(t, bos=True)), budget, at_end=True)
         return replace(request, text=text), dropped, 0
     if request.prefix is not None and request.suffix is not None:
         prefix, suffix = request.prefix, request.suffix
     else:
         prefix, suffix = split_fill(request.text)
     fixed = len(infilling_ids(tok, "", "", request.suffix_first))
-    n_prefix = len(tok.encode(prefix))
+    n_prefix = len(tok.encode(prefix[-budget * _CHARS_PER_ID :]))  # never all of a huge file
     suffix_budget = max(budget - fixed - n_prefix, budget // 4)
-    suffix, after = _keep_start(suffix, lambda t: len(tok.encode_infilling(t)), suffix_budget)
+    suffix, after = _keep_near(suffix, lambda t: len(tok.encode_infilling(t)), suffix_budget, at_end=False)
     prefix_budget = budget - fixed - len(tok.encode_infilling(suffix))
-    prefix, before = _keep_end(prefix, lambda t: len(tok.encode(t)), prefix_budget)
+    prefix, before = _keep_near(prefix, lambda t: len(tok.encode(t)), prefix_budget, at_end=True)
     return replace(request, text="", prefix=prefix, suffix=suffix), before, after
 
 
-# A token seldom covers more than this many characters (typical code: 3 or 4), so the search first cuts a huge
-# file to the budget times this many and never encodes the rest; text of longer tokens only loses more lines.
-_CHARS_PER_ID = 16
-
-
-def _keep_end(text: str, count: Callable[[str], int], budget: int) -> tuple[str, int]:
-    """The longest run of whole lines ending `text` that counts at most `budget`, and how many lines went."""
+def _keep_near(text: str, count: Callable[[str], int], budget: int, at_end: bool) -> tuple[str, int]:
+    """The most whole lines nearest the cursor (the end of `text` when `at_end`, else its start) that count at
+    most `budget`, and how many lines went."""
     lines = text.splitlines(keepends=True)
-    lo, hi, chars = 0, len(lines), len(text)  # drop lines[:k]; the smallest k that fits lies in [lo, hi]
-    while lo < hi and chars > budget * _CHARS_PER_ID:
-        chars -= len(lines[lo])
-        lo += 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if count("".join(lines[mid:])) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    return "".join(lines[lo:]), lo
 
+    def kept(k: int) -> str:
+        return "".join(lines[len(lines) - k :] if at_end else lines[:k])
 
-def _keep_start(text: str, count: Callable[[str], int], budget: int) -> tuple[str, int]:
-    """The longest run of whole lines starting `text` that counts at most `budget`, and how many lines went."""
-    lines = text.splitlines(keepends=True)
-    lo, hi, chars = 0, len(lines), len(text)  # keep lines[:k]; the largest k that fits lies in [lo, hi]
-    while lo < hi and chars > budget * _CHARS_PER_ID:
-        hi -= 1
-        chars -= len(lines[hi])
+    sizes = accumulate(len(line) for line in (reversed(lines) if at_end else lines))
+    lo, hi = 0, sum(1 for size in sizes if size <= budget * _CHARS_PER_ID)  # the most that fits lies in [lo, hi]
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if count("".join(lines[:mid])) <= budget:
+        if count(kept(mid)) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    return "".join(lines[:lo]), len(lines) - lo
+    return kept(lo), len(lines) - lo
 
 
 def stop_ids(tok: Tokenizer, cap: str) -> set[int]:
