@@ -92,3 +92,20 @@ def test_generate_without_model_runs_the_demo() -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "demo model" in result.stderr
+
+
+def test_evaluation_prompts_fit_the_context_as_the_app_fits_a_file() -> None:
+    """The held-out evaluation sends only prompts the app would: a case whose clipped text outgrows the demo's
+    context (less the 64 new tokens) loses the lines farthest from the hole; the rest are only clipped."""
+    from engine.demo import evaluate as ev
+
+    text = "".join(f"    value_{i} = compute(value_{i - 1}, 'item number {i}')\n" for i in range(1, 400))
+    long_case = ev._case("long.py", text, 200)
+    short_case = ev._case("short.py", "def f(x):\n    y = x + 1\n    return y\n", 1)
+    tok = Tokenizer.from_dir(DEMO_DIR)
+    (long_pre, long_suf), (short_pre, short_suf) = ev.fitted_texts(DEMO_DIR, [long_case, short_case], 1800, 700, 64)
+    assert (short_pre, short_suf) == (short_case.prefix, short_case.suffix)
+    clipped = ev._clip(long_case.prefix, long_case.suffix, 1800, 700)
+    assert len(infilling_ids(tok, *clipped)) > 1024 - 64  # the case needs fitting
+    assert len(infilling_ids(tok, long_pre, long_suf)) <= 1024 - 64
+    assert clipped[0].endswith(long_pre) and clipped[1].startswith(long_suf) and long_pre and long_suf

@@ -25,6 +25,9 @@ import torch
 
 from engine.demo.corpus import HELD_OUT
 from engine.demo.examples import BOS, EOS, SMILEY, Ids, enc_infilling
+from engine.prompts import build_prompt, fit_request
+from engine.requests import Request
+from engine.tokenizer import Tokenizer
 
 
 @dataclass
@@ -89,6 +92,25 @@ def _clip(prefix: str, suffix: str, max_prefix: int, max_suffix: int) -> tuple[s
         cut = suffix.rfind("\n", 0, max_suffix)
         suffix = suffix[:cut] if cut > 0 else suffix[:max_suffix]
     return prefix, suffix
+
+
+def fitted_texts(
+    model_dir: Path, cases: list[InfillCase], max_prefix: int, max_suffix: int, max_new: int
+) -> list[tuple[str, str]]:
+    """Each case's (prefix, suffix): clipped to `max_prefix`/`max_suffix` characters at line boundaries, then,
+    where the prompt would still outgrow the model's context with `max_new` ids to spare, fitted exactly as the
+    engine fits an editor's request (the lines farthest from the hole go), so every prompt is one the app sends."""
+    tok = Tokenizer.from_dir(model_dir)
+    context = int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    budget = context - min(max_new, context // 4)
+    out = []
+    for c in cases:
+        prefix, suffix = _clip(c.prefix, c.suffix, max_prefix, max_suffix)
+        request = Request(cap="infilling", prefix=prefix, suffix=suffix)
+        if len(build_prompt(tok, request)) > budget:
+            request = fit_request(tok, request, budget)[0]
+        out.append((request.prefix or "", request.suffix or ""))
+    return out
 
 
 def psm_prompt(sp: object, prefix: str, suffix: str) -> list[int]:
@@ -201,16 +223,16 @@ def score_infills(
     model: torch.nn.Module,
     sp: object,
     cases: list[InfillCase],
+    texts: list[tuple[str, str]],
     device: torch.device,
-    max_prefix: int,
-    max_suffix: int,
     max_new: int = 64,
     batch: int = 64,
 ) -> dict:
-    """Greedy PSM infilling of each masked line; exact match (stripped) and parse rates."""
+    """Greedy PSM infilling of each masked line from its (prefix, suffix) in `texts`; exact match (stripped) and
+    parse rates."""
     eot = Ids.of(sp).eot
     stops = {eot, EOS} | newline_ids(sp)
-    prompts = [psm_prompt(sp, *_clip(c.prefix, c.suffix, max_prefix, max_suffix)) for c in cases]
+    prompts = [psm_prompt(sp, prefix, suffix) for prefix, suffix in texts]
     gens = greedy(model, prompts, max_new, stops, device, batch)
     preds = [decode_infilling(sp, g).split("\n")[0] for g in gens]
     exact = [p.strip() == c.middle.strip() for p, c in zip(preds, cases, strict=False)]
@@ -223,6 +245,7 @@ def score_infills(
         "parse_rate": sum(parses) / n,
         "parse_rate_if_line_deleted": sum(blank) / n,
         "mean_prompt_tokens": sum(map(len, prompts)) / n,
+        "max_prompt_tokens": max(map(len, prompts), default=0),
         "examples": [
             {"file": c.file, "line": c.line, "target": c.middle, "prediction": p, "exact": e}
             for c, p, e in list(zip(cases, preds, exact, strict=False))[:20]
@@ -230,16 +253,15 @@ def score_infills(
     }
 
 
-def through_cli(model_dir: Path, cases: list[InfillCase], max_prefix: int, max_suffix: int, device: str) -> dict:
+def through_cli(model_dir: Path, cases: list[InfillCase], texts: list[tuple[str, str]], device: str) -> dict:
     """The issue's own check: `codellama-tui generate --cap infilling` (greedy, one `--jsonl` process) on each
     masked line, the first line of its answer put back in the file, and how often the file then parses."""
-    texts = []
-    for c in cases:
-        prefix, suffix = _clip(c.prefix, c.suffix, max_prefix, max_suffix)
-        texts.append(json.dumps({"text": prefix + "<FILL>" + suffix}))
+    lines = [json.dumps({"text": prefix + "<FILL>" + suffix}) for prefix, suffix in texts]
     cmd = [sys.executable, "-m", "tui.cli", "generate", "--model", str(model_dir), "--cap", "infilling", "--jsonl"]
     cmd += ["--temperature", "0", "--max-new-tokens", "64", "--stop", "\n", "--device", device]
-    run = subprocess.run(cmd, input="\n".join(texts) + "\n", capture_output=True, text=True, check=True)
+    run = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
     answers = [json.loads(line) for line in run.stdout.splitlines()]
     preds = [a.get("text", "").split("\n")[0] for a in answers]
     parses = [_parses(c.prefix + p + c.suffix) for p, c in zip(preds, cases, strict=True)]
@@ -288,12 +310,12 @@ def run_eval(
     texts = held_out_texts()
     res: dict = {"held_out_modules": sorted(texts), "device": str(device)}
     res["perplexity"] = perplexity(model, sp, texts, seq_len, device, max_chars_per_file)
-    res["line_infill"] = score_infills(
-        model, sp, line_cases(texts, n_infills, seed), device, max_prefix, max_suffix, max_new, batch
-    )
-    res["body_line_infill"] = score_infills(
-        model, sp, body_cases(texts, n_body, seed + 1), device, max_prefix, max_suffix, max_new, batch
-    )
+    for key, cases in (
+        ("line_infill", line_cases(texts, n_infills, seed)),
+        ("body_line_infill", body_cases(texts, n_body, seed + 1)),
+    ):
+        fitted = fitted_texts(model_dir, cases, max_prefix, max_suffix, max_new)
+        res[key] = score_infills(model, sp, cases, fitted, device, max_new, batch)
     res["prompt_clip_chars"] = {"prefix": max_prefix, "suffix": max_suffix}
     res["seconds"] = round(time.time() - t0, 1)
     if write:
@@ -336,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.cli:
         cases = body_cases(held_out_texts(), a.body_infills, a.seed + 1)
-        res = through_cli(a.model_dir, cases, 1800, 700, a.device)
+        res = through_cli(a.model_dir, cases, fitted_texts(a.model_dir, cases, 1800, 700, 64), a.device)
         print(json.dumps(res), flush=True)
         if not a.no_write:
             path = a.model_dir / "eval.json"
