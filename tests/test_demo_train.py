@@ -105,6 +105,7 @@ def test_license_classification() -> None:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "model"
     cmd = [sys.executable, "-m", "engine.demo.train", "--out", str(out), "--tiny", "--device", "cpu"]
+    cmd += ["--line-fim-share", "0.8", "--whole-line", "0.9"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 20 loss" in r.stdout
@@ -143,6 +144,8 @@ def test_tiny_pipeline_end_to_end(tiny_run: Path) -> None:
         names.add(name)
     assert {"config.json", "model.safetensors", "tokenizer.model", "README.md"} <= names
 
+    training = json.loads((out / "training.json").read_text())
+    assert (training["line_fim_share"], training["whole_line"]) == (0.8, 0.9)  # the example mix as asked
     ev = json.loads((out / "eval.json").read_text())
     assert ev["line_infill"]["n"] == 50 and ev["perplexity"]["perplexity"] > 1
     card = (out / "README.md").read_text()
@@ -185,3 +188,12 @@ def test_middle_weighting_covers_what_follows_mid_in_psm() -> None:
     w[[psm.index(22) - 1, psm.index(23) - 1, len(psm) - 2]] = 4.0  # targets 22, 23 and the PSM example's EOT
     expected = (nll * w).sum() / w.sum()
     assert torch.allclose(weighted_loss(logits, rows, (pre, suf, mid, eot), 4.0), expected)
+
+
+def test_a_model_over_the_size_cap_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Only a scaling experiment (`--over-cap`) may train a model that could not ship in 16 MiB."""
+    from engine.demo import train
+
+    with pytest.raises(SystemExit, match="would not fit in 16 MiB"):
+        train.main(["--out", str(tmp_path / "big"), "--device", "cpu", "--hidden", "512", "--layers", "8"])
+    assert not any((tmp_path / "big").iterdir())

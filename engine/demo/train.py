@@ -109,6 +109,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--middle-weight", type=float, default=4.0, help="loss weight of PSM middles (what follows <MID>)")
+    ap.add_argument(
+        "--line-fim-share",
+        type=float,
+        default=0.7,
+        help="of FIM examples, the share that masks lines, not random spans",
+    )
+    ap.add_argument(
+        "--whole-line",
+        type=float,
+        default=ExampleSettings.whole_line,
+        help="of line-level FIM examples, the share that masks one whole line",
+    )
+    ap.add_argument(
+        "--over-cap",
+        action="store_true",
+        help="scaling experiments only: allow a model over the 16 MiB cap (such a model is never shipped)",
+    )
     ap.add_argument("--warmup", type=int, default=60, help="warmup steps")
     ap.add_argument("--fim-copies", type=int, default=2, help="encodings of each file (independent FIM draws)")
     ap.add_argument(
@@ -560,7 +577,7 @@ def prepare(a: argparse.Namespace, cfg: DemoConfig, out: Path, t0: float) -> Pre
     out.mkdir(parents=True, exist_ok=True)
     est = 2 * cfg.n_params() + 600_000
     log(f"model {cfg.n_params():,} params, about {est / 2**20:.2f} MiB shipped", t0)
-    if est > MAX_TOTAL_BYTES and not a.tiny:
+    if est > MAX_TOTAL_BYTES and not (a.tiny or a.over_cap):
         sys.exit(f"the model would not fit in 16 MiB ({est} bytes): make it smaller")
 
     # 1. data
@@ -587,7 +604,13 @@ def prepare(a: argparse.Namespace, cfg: DemoConfig, out: Path, t0: float) -> Pre
     log(f"tokenizer: {sp.get_piece_size()} pieces, FIM ids {fim_ids}; {hf_note}; HF check {hf_check}", t0)
 
     # 3. examples
-    st = ExampleSettings(seed=a.seed, max_chars=a.max_chars, max_tokens=a.seq_len + 1)
+    st = ExampleSettings(
+        line_fim_share=a.line_fim_share,
+        whole_line=a.whole_line,
+        max_chars=a.max_chars,
+        max_tokens=a.seq_len + 1,
+        seed=a.seed,
+    )
     files = [
         (hashlib.sha1(f.text.encode()).hexdigest(), f.text, a.stdlib_copies if f.origin == "stdlib" else a.fim_copies)
         for f in corp.train
