@@ -94,6 +94,18 @@ def test_generate_without_model_runs_the_demo() -> None:
     assert "demo model" in result.stderr
 
 
+def test_bench_runs_on_the_demo_model_and_leaves_out_prompts_over_its_context() -> None:
+    """README's `codellama-tui bench --device cpu`: the default prompt lengths (128, 2048) meet a demo model whose
+    context is 1024; the longer one is left out with a note instead of failing the whole benchmark."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tui.cli", "bench", "--device", "cpu", "--batch", "1", "--steps", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "decode, batch 1" in result.stdout and "time to first token, 128-token prompt" in result.stdout
+    assert "2048-token prompt" not in result.stdout
+    assert "time to first token at 2048 tokens left out: the context holds 1024" in result.stderr
+
+
 def test_evaluation_prompts_fit_the_context_as_the_app_fits_a_file() -> None:
     """The held-out evaluation sends only prompts the app would: a case whose clipped text outgrows the demo's
     context (less the 64 new tokens) loses the lines farthest from the hole; the rest are only clipped."""
