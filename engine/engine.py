@@ -36,7 +36,7 @@ from engine.events import (
 from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import SINGLE, Parallel, Shard
-from engine.prompts import build_prompt, fit_request, stop_ids
+from engine.prompts import answer_room, build_prompt, fit_request, stop_ids
 from engine.requests import EngineSpec, Request
 from engine.runner import DecodeRunner, Row, compile_ahead
 from engine.tokenizer import Tokenizer
@@ -253,7 +253,7 @@ class Engine:
             request = replace(request, system=session.system)
             exchanges = session.exchanges
         ids = build_prompt(self.tok, request, exchanges)
-        reserve = min(request.sampling.max_new_tokens, self.context // 4)
+        reserve = answer_room(request.sampling.max_new_tokens, self.context)
         if request.cap == "chat":
             dropped = 0
             while len(ids) + reserve > self.context and dropped < len(exchanges):

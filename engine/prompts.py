@@ -114,6 +114,12 @@ def fit_request(tok: Tokenizer, request: Request, budget: int) -> tuple[Request,
     return replace(request, text="", prefix=prefix, suffix=suffix), before, after
 
 
+def answer_room(max_new_tokens: int, context: int) -> int:
+    """Ids a prompt leaves free for the answer: the request's limit, never more than a quarter of the context
+    (a long limit must not squeeze the prompt to nothing)."""
+    return min(max_new_tokens, context // 4)
+
+
 def _keep_near(text: str, count: Callable[[str], int], budget: int, at_end: bool) -> tuple[str, int]:
     """The most whole lines nearest the cursor (the end of `text` when `at_end`, else its start) that count at
     most `budget`, and how many lines went."""

@@ -31,6 +31,7 @@ from rich.text import Text
 from engine.client import EngineClient
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, Loading, ModelInfo, Started, Stats, TextDelta, TurnsDropped
+from engine.prompts import answer_room
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
 from tui.console_input import Action, Input, classify, is_sentinel, read_inputs
 
@@ -189,7 +190,7 @@ class Chat:
         before refusing; the engine then drops the oldest exchanges, keeping room for a full answer."""
         message = max(0, stats.prompt_tokens - self.used)
         self.used = stats.prompt_tokens + stats.new_tokens
-        reserve = min(self.sampling.max_new_tokens, context // 4)
+        reserve = answer_room(self.sampling.max_new_tokens, context)
         if self.warned_full or self.used + message + reserve <= context:
             return
         self.warned_full = True

@@ -25,7 +25,7 @@ import torch
 
 from engine.demo.corpus import HELD_OUT
 from engine.demo.examples import BOS, EOS, SMILEY, Ids, enc_infilling
-from engine.prompts import build_prompt, fit_request
+from engine.prompts import answer_room, build_prompt, fit_request
 from engine.requests import Request
 from engine.tokenizer import Tokenizer
 
@@ -102,7 +102,7 @@ def fitted_texts(
     engine fits an editor's request (the lines farthest from the hole go), so every prompt is one the app sends."""
     tok = Tokenizer.from_dir(model_dir)
     context = int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
-    budget = context - min(max_new, context // 4)
+    budget = context - answer_room(max_new, context)
     out = []
     for c in cases:
         prefix, suffix = _clip(c.prefix, c.suffix, max_prefix, max_suffix)

@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--line-fim-share",
         type=float,
-        default=0.7,
+        default=ExampleSettings.line_fim_share,
         help="of FIM examples, the share that masks lines, not random spans",
     )
     ap.add_argument(
