@@ -101,6 +101,7 @@ class _Job:
     kind: str
     closing: str = ""  # Markdown that ends a chat-log answer (closes an opened fence)
     next_marker: bool = False  # a fill that goes on to the next <FILL> marker when it ends
+    clipped: str = ""  # what its text lost when the file outgrew the context (for the status line)
     started: float = 0.0
     deltas: int = 0
 
@@ -268,10 +269,12 @@ class CodeLlamaApp(App[int]):
                 job.started = time.perf_counter()
                 self.status.context_used = event.prompt_tokens
         elif isinstance(event, TextClipped):
-            if event.request_id in self._jobs:
-                self.status.note = (
+            job = self._jobs.get(event.request_id)
+            if job is not None:
+                job.clipped = (
                     f"file longer than the context: {event.before} lines above and {event.after} below left out"
                 )
+                self.status.note = job.clipped
         elif isinstance(event, TurnsDropped):
             if event.request_id in self._jobs:
                 turns = "turn was" if event.count == 1 else "turns were"
@@ -305,7 +308,7 @@ class CodeLlamaApp(App[int]):
         if job.kind == "fill":
             end = editor.end_stream(keep=True)
             if job.next_marker and event.reason != "cancelled" and end is not None:
-                self._fill_next_marker(after=end)
+                self._fill_next_marker(after=end, clipped=job.clipped)
         elif job.kind == "chat":
             self.chat_log.end_answer(job.closing)
             self._last_code = self.chat_log.last_code()
@@ -422,13 +425,14 @@ class CodeLlamaApp(App[int]):
         else:
             self._fill_next_marker(after=(0, 0))
 
-    def _fill_next_marker(self, after: tuple[int, int]) -> None:
+    def _fill_next_marker(self, after: tuple[int, int], clipped: str = "") -> None:
+        """Start the fill of the next marker after `after`; past the last, say so (and keep the last fill's
+        `clipped` note in view)."""
         editor = self.editor
         for row, column in fill_markers(editor.text):
             if (row, column) >= after:
                 self._start_fill((row, column), (row, column + len(FILL)), next_marker=True)
                 return
-        clipped = self.status.note  # a fill's note that the file outgrew the context stays in view
         self.status.note = f"all markers filled; {clipped}" if clipped else "all markers filled"
 
     def _start_fill(self, start: tuple[int, int], end: tuple[int, int], *, next_marker: bool) -> None:

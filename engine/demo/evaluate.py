@@ -23,11 +23,16 @@ from pathlib import Path
 
 import torch
 
+from engine.config import ModelConfig
 from engine.demo.corpus import HELD_OUT
 from engine.demo.examples import BOS, EOS, SMILEY, Ids, enc_infilling
 from engine.prompts import answer_room, build_prompt, fit_request
 from engine.requests import Request
 from engine.tokenizer import Tokenizer
+
+# What every infilling case sends: the prefix's last and the suffix's first characters (at line boundaries),
+# and the new tokens it may write (the prompt leaves room for them, as the engine's do).
+MAX_PREFIX, MAX_SUFFIX, MAX_NEW = 1800, 700, 64
 
 
 @dataclass
@@ -101,7 +106,7 @@ def fitted_texts(
     where the prompt would still outgrow the model's context with `max_new` ids to spare, fitted exactly as the
     engine fits an editor's request (the lines farthest from the hole go), so every prompt is one the app sends."""
     tok = Tokenizer.from_dir(model_dir)
-    context = int(json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    context = ModelConfig.from_dir(model_dir).max_position
     budget = context - answer_room(max_new, context)
     out = []
     for c in cases:
@@ -225,7 +230,7 @@ def score_infills(
     cases: list[InfillCase],
     texts: list[tuple[str, str]],
     device: torch.device,
-    max_new: int = 64,
+    max_new: int = MAX_NEW,
     batch: int = 64,
 ) -> dict:
     """Greedy PSM infilling of each masked line from its (prefix, suffix) in `texts`; exact match (stripped) and
@@ -253,12 +258,13 @@ def score_infills(
     }
 
 
-def through_cli(model_dir: Path, cases: list[InfillCase], texts: list[tuple[str, str]], device: str) -> dict:
+def through_cli(model_dir: Path, cases: list[InfillCase], device: str) -> dict:
     """The issue's own check: `codellama-tui generate --cap infilling` (greedy, one `--jsonl` process) on each
     masked line, the first line of its answer put back in the file, and how often the file then parses."""
+    texts = fitted_texts(model_dir, cases, MAX_PREFIX, MAX_SUFFIX, MAX_NEW)
     lines = [json.dumps({"text": prefix + "<FILL>" + suffix}) for prefix, suffix in texts]
     cmd = [sys.executable, "-m", "tui.cli", "generate", "--model", str(model_dir), "--cap", "infilling", "--jsonl"]
-    cmd += ["--temperature", "0", "--max-new-tokens", "64", "--stop", "\n", "--device", device]
+    cmd += ["--temperature", "0", "--max-new-tokens", str(MAX_NEW), "--stop", "\n", "--device", device]
     run = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -293,11 +299,11 @@ def run_eval(
     n_infills: int = 600,
     n_body: int = 200,
     seq_len: int = 1024,
-    max_prefix: int = 1800,
-    max_suffix: int = 700,
+    max_prefix: int = MAX_PREFIX,
+    max_suffix: int = MAX_SUFFIX,
     seed: int = 0,
     write: bool = True,
-    max_new: int = 64,
+    max_new: int = MAX_NEW,
     max_chars_per_file: int | None = None,
 ) -> dict:
     """All held-out metrics for a saved model; written to `model_dir/eval.json` when `write`.
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.cli:
         cases = body_cases(held_out_texts(), a.body_infills, a.seed + 1)
-        res = through_cli(a.model_dir, cases, fitted_texts(a.model_dir, cases, 1800, 700, 64), a.device)
+        res = through_cli(a.model_dir, cases, a.device)
         print(json.dumps(res), flush=True)
         if not a.no_write:
             path = a.model_dir / "eval.json"

@@ -105,7 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--batch", type=int, default=64, help="sequences per step")
     ap.add_argument(
-        "--max-chars", type=int, default=1400, help="longest piece of a file per example (short: more FIM middles)"
+        "--max-chars",
+        type=int,
+        default=ExampleSettings.max_chars,
+        help="longest piece of a file per example (short: more FIM middles)",
     )
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--middle-weight", type=float, default=4.0, help="loss weight of PSM middles (what follows <MID>)")
@@ -473,8 +476,8 @@ def model_card(out: Path, info: dict) -> None:
             "Single-line infilling: a random non-blank line masked (its content without the newline), PSM prompt"
             f" with the prefix clipped to its last {e['prompt_clip_chars']['prefix']} and the suffix to its first"
             f" {e['prompt_clip_chars']['suffix']} characters at line boundaries (and where the prompt would still"
-            " outgrow the model's context with 64 tokens to spare, fitted as the app fits an editor's file: the lines"
-            " farthest from the hole go), greedy, stopped at `▁<EOT>` or a newline, compared after stripping."
+            f" outgrow the model's context with {ev.MAX_NEW} tokens to spare, fitted as the app fits an editor's file:"
+            " the lines farthest from the hole go), greedy, stopped at `▁<EOT>` or a newline, compared after stripping."
             " Parses: `ast.parse` of the whole file with the predicted line in place (for comparison, how often it"
             " still parses with the line deleted).",
             "",
@@ -648,7 +651,7 @@ def finish(
         e = ev.run_eval(out, dev, a.infills, a.body_infills, a.context, seed=a.seed, **small)
         if not a.tiny:
             cases = ev.body_cases(ev.held_out_texts(), a.body_infills, a.seed + 1)
-            e["body_line_infill_cli"] = ev.through_cli(out, cases, ev.fitted_texts(out, cases, 1800, 700, 64), str(dev))
+            e["body_line_infill_cli"] = ev.through_cli(out, cases, str(dev))
             (out / "eval.json").write_text(json.dumps(e, indent=2) + "\n")
         log("held-out:\n" + ev.summary(e), t0)
         smp = samples(out, dev, 8 if a.tiny else 96)
