@@ -57,11 +57,14 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
         model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype)
         built = _now(device)
         gen = torch.Generator(device=device).manual_seed(0)
-        for p in model.parameters():
+        for p in model.parameters():  # the dense projections among them
             if p.dim() == 1:
                 p.fill_(1.0)
             else:
                 p.normal_(0, 0.02, generator=gen)
+        for w in model.weights():
+            if w.format != "dense":  # quantized from random dense weights, one at a time
+                w.fill(torch.empty(w.shape, device=device, dtype=dtype).normal_(0, 0.02, generator=gen))
         filled = _now(device)
         model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
         cached = _now(device)
@@ -152,7 +155,8 @@ def engine_rate(engine: Engine, tokens: int) -> float:
 
 
 def hf_twin(engine: Engine):
-    """A transformers LlamaForCausalLM holding exactly the engine's weights (unfused), on the same device."""
+    """A transformers LlamaForCausalLM holding exactly the engine's weights (unfused; quantized ones dequantized), on
+    the same device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m, cfg = engine.model, engine.model.cfg
@@ -168,17 +172,17 @@ def hf_twin(engine: Engine):
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     with torch.no_grad():
         hf.model.embed_tokens.weight.copy_(m.tok_embeddings[: cfg.vocab_size])
-        hf.lm_head.weight.copy_(m.output[: cfg.vocab_size])
+        hf.lm_head.weight.copy_(m.output.dense()[: cfg.vocab_size])
         hf.model.norm.weight.copy_(m.norm)
         for ours, theirs in zip(m.layers, hf.model.layers, strict=True):
-            a, f = ours.attention, ours.feed_forward
-            theirs.self_attn.q_proj.weight.copy_(a.wqkv[:q])
-            theirs.self_attn.k_proj.weight.copy_(a.wqkv[q : q + kv])
-            theirs.self_attn.v_proj.weight.copy_(a.wqkv[q + kv :])
-            theirs.self_attn.o_proj.weight.copy_(a.wo)
-            theirs.mlp.gate_proj.weight.copy_(f.w13[: cfg.intermediate])
-            theirs.mlp.up_proj.weight.copy_(f.w13[cfg.intermediate :])
-            theirs.mlp.down_proj.weight.copy_(f.w2)
+            wqkv, w13 = ours.attention.wqkv.dense(), ours.feed_forward.w13.dense()
+            theirs.self_attn.q_proj.weight.copy_(wqkv[:q])
+            theirs.self_attn.k_proj.weight.copy_(wqkv[q : q + kv])
+            theirs.self_attn.v_proj.weight.copy_(wqkv[q + kv :])
+            theirs.self_attn.o_proj.weight.copy_(ours.attention.wo.dense())
+            theirs.mlp.gate_proj.weight.copy_(w13[: cfg.intermediate])
+            theirs.mlp.up_proj.weight.copy_(w13[cfg.intermediate :])
+            theirs.mlp.down_proj.weight.copy_(ours.feed_forward.w2.dense())
             theirs.input_layernorm.weight.copy_(ours.attention_norm)
             theirs.post_attention_layernorm.weight.copy_(ours.ffn_norm)
         hf.model.rotary_emb.__init__(hf_cfg, device=engine.device)
@@ -281,7 +285,7 @@ def main(args: argparse.Namespace) -> int:
     out["capture_s"] = engine.runner.capture_s
     out["tune_s"] = engine.runner.tune_s
     out["startup_s"] = time.perf_counter() - start
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in engine.model.parameters()}.values())
+    weights = engine.model.nbytes()
     out["weights_GB"] = weights / 1e9
     out["roofline_tps"] = out["copy_GBps"] * 1e9 / weights
     for b in batches:

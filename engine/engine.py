@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import Progress, load_weights
+from engine.checkpoint import Progress, load_weights, quantization_of
 from engine.config import DEMO_DIR, ModelConfig, model_dir
 from engine.detok import IncrementalDecoder, StopStrings
 from engine.errors import CheckpointError, EngineError, OutOfMemoryError, PromptError
@@ -40,6 +40,7 @@ from engine.prompts import answer_room, build_prompt, fit_request, stop_ids
 from engine.requests import EngineSpec, Request
 from engine.runner import DecodeRunner, Row, compile_ahead
 from engine.tokenizer import Tokenizer
+from engine.weights import Dense, Quant
 
 PREFILL_CHUNK = 2048
 _TRY = "try a smaller --max-batch, a shorter --max-seq-len, --dtype bfloat16, or more GPUs with --tp"
@@ -67,13 +68,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def column_major(model: Llama) -> None:
-    """Hold each float32 projection weight `[N, K]` as the transpose of a row-major `[K, N]` buffer (same values,
-    same shape): MKL's float32 matrix-vector product reads it that way about 25% faster, and a decode step at
-    batch 1 on the CPU is mostly that read (demo model: ~3.1 -> ~2.4 ms of ~7 a step); prefill and batches run
-    as fast as before. Not bfloat16, which MKL multiplies several times slower in this layout."""
-    for p in model.parameters():
-        if p.dim() == 2 and p.dtype == torch.float32 and p is not model.tok_embeddings:
-            p.data = p.data.t().contiguous().t()
+    """Every dense projection in the layout MKL reads fastest (`Dense.column_major`); prefill and batches run as
+    fast as before."""
+    for w in model.weights():
+        if isinstance(w, Dense):
+            w.column_major()
 
 
 def flavour(path: Path, is_demo: bool) -> str:
@@ -158,21 +157,29 @@ class Engine:
             raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} pieces, the model only {cfg.vocab_size}")
         device = pick_device(spec.device)
         dtype = pick_dtype(spec.dtype, device)
+        quant = Quant.of(spec.quant, spec.quant_head)
+        already = quantization_of(path)
+        if already and spec.quant:
+            raise CheckpointError(f"{path}: already quantized ({already}); drop --quant {spec.quant}")
         if device.type == "cpu" and os.cpu_count():  # leave a core to the UI thread: spinning threads make typing lag
             torch.set_num_threads(max(1, (os.cpu_count() - 1) // par.world))
         if spec.max_batch < 1:
             raise EngineError(f"--max-batch must be >= 1, got {spec.max_batch}")
         shard = Shard.of(cfg, par.world)
-        context = par.smallest(cls._context(spec, cfg, shard, device, dtype))
+        quant.check(cfg, shard, par.world)
+        weight_bytes = Llama.empty(cfg, 1, par, torch.device("meta"), dtype, quant).nbytes()
+        context = par.smallest(cls._context(spec, cfg, shard, device, dtype, weight_bytes))
         try:
-            with compile_ahead(cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world) as ahead:
-                model = Llama.empty(cfg, context, par, device, dtype)
+            with compile_ahead(
+                cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant
+            ) as ahead:
+                model = Llama.empty(cfg, context, par, device, dtype, quant)
                 load_weights(model, path, progress)
                 model.setup_cache(spec.max_batch + 1, context, dtype)
         except torch.OutOfMemoryError:
-            need = cfg.n_params * torch.finfo(dtype).bits // 8 / par.world / 2**30
             raise OutOfMemoryError(
-                f"out of GPU memory loading {path.name} ({need:.1f} GiB of weights per GPU plus the KV cache); {_TRY}"
+                f"out of GPU memory loading {path.name} ({weight_bytes / 2**30:.1f} GiB of weights per GPU plus the KV "
+                f"cache); {_TRY}" + (", or --quant int4" if quant.layers != "int4" else "")
             ) from None
         is_demo = path == DEMO_DIR
         info = ModelInfo(
@@ -181,6 +188,7 @@ class Engine:
             can_infill=tok.can_infill,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
+            quant=spec.quant,
             tp=par.world,
             context=context,
             vocab_size=cfg.vocab_size,
@@ -197,8 +205,11 @@ class Engine:
         return engine
 
     @staticmethod
-    def _context(spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.device, dtype: torch.dtype) -> int:
-        """Tokens per sequence: what was asked, else the model's maximum, limited by memory on a GPU."""
+    def _context(
+        spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.device, dtype: torch.dtype, weights: int
+    ) -> int:
+        """Tokens per sequence: what was asked, else the model's maximum, limited by memory on a GPU next to the
+        `weights` bytes this rank holds."""
         if spec.max_seq_len is not None:
             if spec.max_seq_len < 2:
                 raise EngineError(f"--max-seq-len must be >= 2, got {spec.max_seq_len}")
@@ -206,7 +217,6 @@ class Engine:
         if device.type != "cuda":
             return min(cfg.max_position, 4096)
         free, _ = torch.cuda.mem_get_info(device)
-        weights = cfg.n_params * torch.finfo(dtype).bits // 8 // max(cfg.n_heads // shard.n_heads, 1)
         per_token = KVCache.bytes_per_token(cfg, shard, dtype) * spec.max_batch
         fit = int((free * 0.9 - weights - 2**30) // per_token)
         return max(min(cfg.max_position, fit // 256 * 256), 256)

@@ -21,6 +21,7 @@ class ModelInfo:
     context: int  # tokens one sequence may hold (prompt + generation)
     vocab_size: int
     is_demo: bool = False
+    quant: str | None = None  # how the weights were quantized at load ("int8", "int4"), None: as in the checkpoint
 
 
 @dataclass(frozen=True)

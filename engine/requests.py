@@ -90,3 +90,5 @@ class EngineSpec:
     max_batch: int = 8
     max_seq_len: int | None = None
     cuda_graphs: bool = True
+    quant: str | None = None  # quantize the projections at load: "int8" or "int4" (engine.weights)
+    quant_head: bool = False  # the LM head too (it stays in the model's dtype otherwise)

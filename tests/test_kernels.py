@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from engine import kernels
 from engine.kernels import reference, sampling
+from engine.weights import Dense
 from tests import interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -439,7 +440,7 @@ def test_decode_step_in_cuda_graph() -> None:
     cos, sin = (t.to(device) for t in rope_tables(max_seq, head_dim))
     k_cache = _randn(gen, batch, n_kv, max_seq, head_dim, dtype=dt, device=device)
     v_cache = _randn(gen, batch, n_kv, max_seq, head_dim, dtype=dt, device=device)
-    w_out = _randn(gen, vocab, n_heads * head_dim, dtype=dt, device=device)
+    w_out = Dense.from_dense(_randn(gen, vocab, n_heads * head_dim, dtype=dt, device=device))
     q, k, v = (_randn(gen, batch, h, head_dim, dtype=dt, device=device) for h in (n_heads, n_kv, n_kv))
     positions = torch.zeros(batch, dtype=torch.int64, device=device)
     slots = torch.arange(batch, device=device)
@@ -480,8 +481,10 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatc
     gen = _rng("fused-graph", device)
     x, res, x2 = (_randn(gen, rows, dim, dtype=dt, device=device) for _ in range(3))
     norm_weight = 1 + 0.1 * _randn(gen, dim, dtype=dt, device=device)
-    wqkv, w13 = _randn(gen, 3 * dim, dim, dtype=dt, device=device), _randn(gen, 2 * inter, dim, dtype=dt, device=device)
-    w2 = _randn(gen, dim, inter, dtype=dt, device=device)
+    wqkv, w13, w2 = (
+        Dense.from_dense(_randn(gen, n, k, dtype=dt, device=device))
+        for n, k in ((3 * dim, dim), (2 * inter, dim), (dim, inter))
+    )
 
     def step() -> tuple[torch.Tensor, ...]:
         first, same = kernels.norm_linear(x, None, norm_weight, 1e-5, wqkv)
@@ -493,7 +496,7 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatc
         return first, qkv, h, act, h2, qkv2, h3
 
     sm = torch.cuda.get_device_properties(0).multi_processor_count
-    chosen = {(rows, *w.shape, dt): triton_gemv.choose_config(rows, *w.shape, sm) for w in (wqkv, w13, w2)}
+    chosen = {(rows, *w.key): triton_gemv.choose_config(rows, *w.shape, sm) for w in (wqkv, w13, w2)}
     monkeypatch.setattr(kernels, "_TRITON_CONFIG", chosen)
     step()  # compile before capture
     graph = torch.cuda.CUDAGraph()
@@ -516,18 +519,19 @@ def test_dispatch_uses_reference_on_cpu() -> None:
     x, w = _randn(gen, 2, 64, dtype=torch.float32, device="cpu"), _randn(gen, 64, dtype=torch.float32, device="cpu")
     assert torch.equal(kernels.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5))
     assert torch.equal(kernels.add_rms_norm(x, x, w, 1e-5)[0], reference.rms_norm(x + x, w, 1e-5))
-    m = _randn(gen, 3, 64, dtype=torch.float32, device="cpu")
-    assert torch.equal(kernels.linear(x, m), x @ m.T)
+    m = _randn(gen, 4, 64, dtype=torch.float32, device="cpu")
+    dense, half = Dense.from_dense(m), Dense.from_dense(m[:2])
+    assert torch.equal(kernels.linear(x, dense), x @ m.T)
     for res in (None, 2 * x):
-        out, h = kernels.norm_linear(x, res, w, 1e-5, m)
+        out, h = kernels.norm_linear(x, res, w, 1e-5, dense)
         ref_out, ref_h = reference.norm_linear(x, res, w, 1e-5, m)
         assert torch.equal(out, ref_out) and torch.equal(h, ref_h)
-        act, h = kernels.norm_linear_silu_mul(x, res, w, 1e-5, m[:2])
+        act, h = kernels.norm_linear_silu_mul(x, res, w, 1e-5, half)
         ref_act, ref_h = reference.norm_linear_silu_mul(x, res, w, 1e-5, m[:2])
         assert torch.equal(act, ref_act) and torch.equal(h, ref_h)
-    assert kernels.norm_linear(x, None, w, 1e-5, m)[1] is x  # the first layer's residual stream is x itself
-    out, res, squares = kernels.linear_residual(x, m, 2 * x[:, :3])  # the add is left to the next norm
-    assert torch.equal(out, x @ m.T) and torch.equal(res, 2 * x[:, :3]) and squares is None
+    assert kernels.norm_linear(x, None, w, 1e-5, dense)[1] is x  # the first layer's residual stream is x itself
+    out, res, squares = kernels.linear_residual(x, dense, 2 * x[:, :4])  # the add is left to the next norm
+    assert torch.equal(out, x @ m.T) and torch.equal(res, 2 * x[:, :4]) and squares is None
 
 
 def test_import_does_not_import_triton() -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,12 @@ from torch import Tensor
 from . import counters, pdl
 from .triton_attention import dot_precision
 
+if TYPE_CHECKING:
+    from engine.weights import Weight
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 64  # larger batches go to cuBLAS, which is compute-efficient there
+FORMATS = ("dense",)  # the weight formats (engine.weights) this kernel runs
 
 
 @dataclass(frozen=True)
@@ -299,7 +304,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
+def choose_config(m: int, n: int, k: int, sm_count: int, fmt: str = "dense") -> GemvConfig:
     """A fixed rule (timed on the H100 against the alternatives, BENCHMARKS.md). One row: the widest row strip
     that still gives about three programs per SM (wider strips mean fewer, longer programs, less waste at the
     tail; narrower ones more programs in flight), K split only when even the narrowest strips leave SMs short of
@@ -323,13 +328,14 @@ def choose_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=stages)
 
 
-def _rule_config(x2: Tensor, w: Tensor) -> GemvConfig:
-    return choose_config(x2.shape[0], *w.shape, _sm_count(x2.device.index or 0) if x2.is_cuda else 132)
+def _rule_config(x2: Tensor, w: Tensor | Weight) -> GemvConfig:
+    fmt = "dense" if isinstance(w, Tensor) else w.format
+    return choose_config(x2.shape[0], *w.shape, _sm_count(x2.device.index or 0) if x2.is_cuda else 132, fmt)
 
 
 def _launch(
     x2: Tensor,
-    w: Tensor,
+    w: Tensor | Weight,
     config: GemvConfig,
     norm: tuple[Tensor | None, Tensor, float, Tensor, Tensor | None] | None = None,
     silu_mul: bool = False,
@@ -339,6 +345,8 @@ def _launch(
     partial sums of squares of x or None); `add` is (residual [M, N], buffer for the [programs, M] squares)."""
     m, k = x2.shape
     assert m <= MAX_ROWS, f"{m} rows: the GEMV takes at most {MAX_ROWS}"
+    if not isinstance(w, Tensor):
+        w = w.tensors()[0]
     if w.stride(1) != 1:
         w = w.contiguous()
     residual, norm_weight, eps, h, squares = norm if norm is not None else (None, x2, 0.0, x2, None)  # x2: unused
@@ -376,18 +384,18 @@ def _launch(
     return out
 
 
-def linear(x: Tensor, w: Tensor, config: GemvConfig | None = None) -> Tensor:
+def linear(x: Tensor, w: Tensor | Weight, config: GemvConfig | None = None) -> Tensor:
     """`x @ w.T` for x [..., K] with at most MAX_ROWS rows; more rows go to `F.linear`."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     if x2.shape[0] > MAX_ROWS:
-        return F.linear(x, w)
+        return F.linear(x, w) if isinstance(w, Tensor) else w.linear(x)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     return _launch(x2, w, config or _rule_config(x2, w)).view(*lead, -1)
 
 
-def linear_residual(x: Tensor, w: Tensor, residual: Tensor, config: GemvConfig) -> tuple[Tensor, Tensor]:
+def linear_residual(x: Tensor, w: Tensor | Weight, residual: Tensor, config: GemvConfig) -> tuple[Tensor, Tensor]:
     """`(residual + x @ w.T, squares)` in one launch, for x [M, K] and residual [M, N] of one dtype: `squares`
     [strips, M] holds each strip's float32 sum of the squares of its part of the sum."""
     assert residual.dtype == x.dtype
@@ -401,7 +409,7 @@ def norm_linear(
     residual: Tensor | None,
     norm_weight: Tensor,
     eps: float,
-    w: Tensor,
+    w: Tensor | Weight,
     config: GemvConfig | None = None,
     silu_mul: bool = False,
     squares: Tensor | None = None,

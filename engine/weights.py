@@ -1,0 +1,270 @@
+"""The weight type: one object per projection (each layer's wqkv, wo, w13 and w2, and the LM head) holding this
+rank's shard `[n, k]` of it (`y = x @ W.T`) in one storage format, so that a format plugs in here without touching
+the model, the runner or the scheduler.
+
+Every format has:
+- `format` ("dense", "int8", "int4"), `n`, `k`, `shape`, and `dtype`: that of x, y and the dequantized weight.
+- `nbytes()`: the bytes it holds (the memory budget and the roofline add these up: `Llama.nbytes`).
+- `load(part, dim, dest, whole)`: fill from a dense checkpoint tensor, quantizing at load. `part` is this rank's
+  piece of it, already read: rows `dest .. dest + len(part)` of the (fused) weight for dim 0 (column-parallel QKV
+  and gate/up, the LM head's vocabulary rows), the whole weight for dim 1 (the columns of a row-parallel O or down
+  shard) and dim -1 (unsplit). `whole()` reads the entire checkpoint tensor: int8 takes a row-parallel shard's
+  scales from its whole rows, so every rank holds the weights one GPU would. `fill(w)` loads a whole dense `[n, k]`.
+- `zero_rows(start)`: rows `start ..` compute 0 (the padding of the last vocabulary shard).
+- `dense()`: the dequantized weight `[n, k]` in `dtype`, the semantics every kernel matches to rounding.
+- `linear(x)`: `x @ dense().T` where our matrix-vector kernel does not run it: cuBLAS (dense); on the GPU the
+  weight dequantized into a scratch buffer, then cuBLAS (quantized: prefill and large batches); the plain-PyTorch
+  reference on the CPU.
+- `tensors()`: `(data, scales, zeros)` as `engine.kernels.triton_gemv` reads them; it runs every format at 1 to 64
+  rows, fused with the norm, the residual add and SwiGLU where that pays. `engine.kernels` dispatches on the object:
+  its GEMV or `linear`, chosen per (format, shape, rows) at start-up.
+
+Storage: `Dense.weight [n, k]` (a Parameter). `Int8.q [n, k]` int8 and `Int8.scale [n]` float32. `Int4.qweight
+[n, k / 8]` int32, `Int4.scales [k / 128, n]` float16 and `Int4.zeros [k / 128, n]` uint8 (engine.quant holds the
+layouts and the math). Tensor parallelism builds each weight at its shard's shape: column-parallel ones split along
+n (any size), row-parallel ones along k, which int4 needs in whole groups of 128 (`Quant.check`, one line).
+
+`Quant` says which type each projection gets (`--quant`, `--quant-head`). A pre-quantized checkpoint (GPTQ, AWQ,
+`convert`'s output) adds a loader that repacks its tensors into these buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine import quant
+from engine.config import ModelConfig
+from engine.errors import EngineError
+from engine.parallel import Shard
+
+
+class Weight(nn.Module):
+    """A projection's weight `[n, k]` (this rank's shard) in one storage format; the module docstring has the API."""
+
+    format: ClassVar[str]
+    dtype: torch.dtype
+
+    def __init__(self, n: int, k: int) -> None:
+        super().__init__()
+        self.n, self.k = n, k
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    @property
+    def key(self) -> tuple[str, int, int, torch.dtype]:
+        """What the kernel choice depends on: format, shape and dtype."""
+        return self.format, self.n, self.k, self.dtype
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(False), *self.buffers(False)))
+
+    @classmethod
+    def from_dense(cls, w: Tensor) -> Weight:
+        """This format holding the dense `w [n, k]` (quantized), on w's device, in w's dtype (tests, benchmarks)."""
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(w.dtype)
+        try:
+            with torch.device(w.device):
+                weight = cls(*w.shape)
+        finally:
+            torch.set_default_dtype(previous)
+        weight.fill(w)
+        return weight
+
+    def fill(self, w: Tensor) -> None:
+        """Load a whole dense `[n, k]` (random weights, tests)."""
+        self.load(w, -1, 0, lambda: w)
+
+    def load(self, part: Tensor, dim: int, dest: int, whole: Callable[[], Tensor]) -> None:
+        raise NotImplementedError
+
+    def zero_rows(self, start: int) -> None:
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:
+        raise NotImplementedError
+
+    def linear(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.format}, n={self.n}, k={self.k}"
+
+
+class Dense(Weight):
+    """The weight as it is, in the model's dtype."""
+
+    format = "dense"
+
+    def __init__(self, n: int, k: int) -> None:
+        super().__init__(n, k)
+        self.weight = nn.Parameter(torch.empty(n, k), requires_grad=False)
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.weight.dtype
+
+    def load(self, part: Tensor, dim: int, dest: int, whole: Callable[[], Tensor]) -> None:
+        target = self.weight if dim < 0 else self.weight.narrow(dim, dest if dim == 0 else 0, part.shape[dim])
+        target.copy_(part)
+
+    def zero_rows(self, start: int) -> None:
+        self.weight[start:].zero_()
+
+    def dense(self) -> Tensor:
+        return self.weight
+
+    def linear(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def tensors(self) -> tuple[Tensor, None, None]:
+        return self.weight, None, None
+
+    def column_major(self) -> None:
+        """Hold a float32 weight as the transpose of a row-major `[k, n]` buffer (same values, same shape): MKL's
+        float32 matrix-vector product reads it that way faster, and a CPU decode step is mostly that read
+        (BENCHMARKS.md). Not bfloat16, which MKL multiplies several times slower in this layout."""
+        if self.weight.dtype == torch.float32:
+            self.weight.data = self.weight.data.t().contiguous().t()
+
+
+class _Quantized(Weight):
+    """What the quantized formats share: a dtype of their own, quantizing on their device, and the fallback path
+    that dequantizes, then multiplies."""
+
+    def __init__(self, n: int, k: int) -> None:
+        super().__init__(n, k)
+        self.dtype = torch.get_default_dtype()  # `Llama.empty` builds the model under its dtype
+
+    def linear(self, x: Tensor) -> Tensor:
+        from engine import kernels
+
+        return F.linear(x, kernels.dequantize(self))
+
+    def _on_device(self, t: Tensor) -> Tensor:
+        """A checkpoint tensor where this weight lives: the GPU quantizes a 7B model in a second, the CPU in minutes."""
+        return t.to(next(self.buffers(False)).device)
+
+
+class Int8(_Quantized):
+    """Symmetric int8 per output channel (engine.quant)."""
+
+    format = "int8"
+
+    def __init__(self, n: int, k: int) -> None:
+        super().__init__(n, k)
+        self.register_buffer("q", torch.empty(n, k, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(n, dtype=torch.float32))
+
+    def load(self, part: Tensor, dim: int, dest: int, whole: Callable[[], Tensor]) -> None:
+        part = self._on_device(part)
+        scale = quant.int8_scale(self._on_device(whole())) if dim == 1 else None  # a row-parallel shard: whole rows'
+        q, scale = quant.quantize_int8(part, scale)
+        rows = slice(dest, dest + part.shape[0]) if dim == 0 else slice(None)
+        self.q[rows] = q
+        self.scale[rows] = scale
+
+    def zero_rows(self, start: int) -> None:
+        self.q[start:].zero_()
+        self.scale[start:].zero_()
+
+    def dense(self) -> Tensor:
+        return quant.dequantize_int8(self.q, self.scale, self.dtype)
+
+    def tensors(self) -> tuple[Tensor, Tensor, None]:
+        return self.q, self.scale, None
+
+
+class Int4(_Quantized):
+    """Asymmetric int4 in groups of 128 along k (engine.quant), the layout GPTQ and AWQ checkpoints repack into."""
+
+    format = "int4"
+
+    def __init__(self, n: int, k: int) -> None:
+        super().__init__(n, k)
+        if k % quant.GROUP:
+            raise EngineError(f"int4 needs whole groups of {quant.GROUP} inputs; a weight has {k}")
+        groups = k // quant.GROUP
+        self.register_buffer("qweight", torch.empty(n, k // 8, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(groups, n, dtype=torch.float16))
+        self.register_buffer("zeros", torch.empty(groups, n, dtype=torch.uint8))
+
+    def load(self, part: Tensor, dim: int, dest: int, whole: Callable[[], Tensor]) -> None:
+        qweight, scales, zeros = quant.quantize_int4(self._on_device(part))
+        rows = slice(dest, dest + part.shape[0]) if dim == 0 else slice(None)
+        self.qweight[rows] = qweight
+        self.scales[:, rows] = scales
+        self.zeros[:, rows] = zeros
+
+    def zero_rows(self, start: int) -> None:
+        self.qweight[start:].zero_()
+        self.scales[:, start:].zero_()
+        self.zeros[:, start:].zero_()
+
+    def dense(self) -> Tensor:
+        return quant.dequantize_int4(self.qweight, self.scales, self.zeros, self.dtype)
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.qweight, self.scales, self.zeros
+
+
+FORMATS: dict[str, type[Weight]] = {"dense": Dense, "int8": Int8, "int4": Int4}
+QUANT_CHOICES = ("int8", "int4")  # what --quant takes (quantized at load)
+
+
+@dataclass(frozen=True)
+class Quant:
+    """Which weight type the projections get: `layers` for every layer's four, `head` for the LM head."""
+
+    layers: str = "dense"
+    head: str = "dense"
+
+    @classmethod
+    def of(cls, name: str | None, head: bool = False) -> Quant:
+        """`--quant NAME` (None: dense) and `--quant-head`."""
+        if name is not None and name not in QUANT_CHOICES:
+            raise EngineError(f"unknown --quant '{name}'; choose {' or '.join(QUANT_CHOICES)}")
+        return cls(name or "dense", name if head and name else "dense")
+
+    def make(self, n: int, k: int, head: bool = False) -> Weight:
+        return FORMATS[self.head if head else self.layers](n, k)
+
+    @property
+    def name(self) -> str:
+        """How reports name it: "dense", "int4", "int8 + int8 head"."""
+        return self.layers + (f" + {self.head} head" if self.head != "dense" else "")
+
+    def check(self, cfg: ModelConfig, shard: Shard, world: int) -> None:
+        """One line where int4 cannot hold the model: inputs not in whole groups, or a `--tp` that splits a group."""
+        group = quant.GROUP
+        inputs = [  # (projection, its inputs, this rank's), for every int4 weight
+            ("attention QKV", cfg.dim, cfg.dim),
+            ("attention output", cfg.n_heads * cfg.head_dim, shard.n_heads * cfg.head_dim),
+            ("gate/up", cfg.dim, cfg.dim),
+            ("down", cfg.intermediate, shard.intermediate),
+        ] * (self.layers == "int4") + [("LM head", cfg.dim, cfg.dim)] * (self.head == "int4")
+        for name, full, local in inputs:
+            if full % group:
+                raise EngineError(
+                    f"--quant int4 needs inputs in whole groups of {group}: the {name} projection has {full}; "
+                    "use --quant int8"
+                )
+            if local % group:
+                raise EngineError(
+                    f"--tp {world} splits the {name} projection's {full} inputs into {local} per GPU, not whole "
+                    f"int4 groups of {group}; choose a --tp that keeps them whole"
+                )
+
+
+DENSE = Quant()
