@@ -185,7 +185,7 @@ def hf_twin(engine: Engine):
             theirs.mlp.down_proj.weight.copy_(ours.feed_forward.w2.dense())
             theirs.input_layernorm.weight.copy_(ours.attention_norm)
             theirs.post_attention_layernorm.weight.copy_(ours.ffn_norm)
-        hf.model.rotary_emb.__init__(hf_cfg, device=engine.device)
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg).to(engine.device)  # its tables, not meta's garbage
     return hf
 
 

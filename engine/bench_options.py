@@ -1,8 +1,35 @@
-"""The options of `codellama-tui bench`, apart from the benchmark so that `--help` does not import torch."""
+"""The options of `codellama-tui bench` and the engine's `--quant`, apart from the engine so that `--help` does not
+import torch."""
 
 from __future__ import annotations
 
 import argparse
+
+from engine.requests import QUANT
+
+
+def add_quant_options(g: argparse._ActionsContainer, several: bool = False) -> None:
+    """`--quant` and `--quant-head`, for every command that runs the engine (bench takes a list)."""
+    if several:
+        g.add_argument(
+            "--quant", type=_quant_list, metavar="LIST",
+            help="quantize the weights at load, one run each: int8, int4 (e.g. int4,int8); the unquantized dtype runs "
+            "too, for the ratio",
+        )  # fmt: skip
+    else:
+        g.add_argument(
+            "--quant", choices=QUANT,
+            help="quantize the weights at load: int8 (per output channel) or int4 (groups of 128); default: as stored",
+        )  # fmt: skip
+    g.add_argument("--quant-head", action="store_true", help="quantize the LM head too (it stays unquantized)")
+
+
+def _quant_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name not in QUANT]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(QUANT)}, comma-separated")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,3 +47,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (to see what the graphs buy)")
     p.add_argument("--profile", action="store_true", help="also print the per-kernel GPU time of one decode step")
     p.add_argument("--json", metavar="FILE", help="write every number here too")
+    add_quant_options(p, several=True)

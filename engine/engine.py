@@ -148,6 +148,10 @@ class Engine:
         """Check the checkpoint, build the model on the device and load its weights shard by shard."""
         path = model_dir(spec.model)
         cfg = ModelConfig.from_dir(path)
+        quant = Quant.of(spec.quant, spec.quant_head)
+        already = quantization_of(path)
+        if already and spec.quant:
+            raise CheckpointError(f"{path}: already quantized ({already}); drop --quant {spec.quant}")
         if spec.tp > 1 and par.world == 1:  # the caller's rank 0: start (or join) the other ranks first
             from engine import tp
 
@@ -157,10 +161,6 @@ class Engine:
             raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} pieces, the model only {cfg.vocab_size}")
         device = pick_device(spec.device)
         dtype = pick_dtype(spec.dtype, device)
-        quant = Quant.of(spec.quant, spec.quant_head)
-        already = quantization_of(path)
-        if already and spec.quant:
-            raise CheckpointError(f"{path}: already quantized ({already}); drop --quant {spec.quant}")
         if device.type == "cpu" and os.cpu_count():  # leave a core to the UI thread: spinning threads make typing lag
             torch.set_num_threads(max(1, (os.cpu_count() - 1) // par.world))
         if spec.max_batch < 1:

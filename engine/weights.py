@@ -42,6 +42,7 @@ from engine import quant
 from engine.config import ModelConfig
 from engine.errors import EngineError
 from engine.parallel import Shard
+from engine.requests import QUANT
 
 
 class Weight(nn.Module):
@@ -220,7 +221,6 @@ class Int4(_Quantized):
 
 
 FORMATS: dict[str, type[Weight]] = {"dense": Dense, "int8": Int8, "int4": Int4}
-QUANT_CHOICES = ("int8", "int4")  # what --quant takes (quantized at load)
 
 
 @dataclass(frozen=True)
@@ -233,8 +233,8 @@ class Quant:
     @classmethod
     def of(cls, name: str | None, head: bool = False) -> Quant:
         """`--quant NAME` (None: dense) and `--quant-head`."""
-        if name is not None and name not in QUANT_CHOICES:
-            raise EngineError(f"unknown --quant '{name}'; choose {' or '.join(QUANT_CHOICES)}")
+        if name is not None and name not in QUANT:
+            raise EngineError(f"unknown --quant '{name}'; choose {' or '.join(QUANT)}")
         return cls(name or "dense", name if head and name else "dense")
 
     def make(self, n: int, k: int, head: bool = False) -> Weight:

@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from engine.bench_options import add_quant_options
 from engine.requests import CAPS, EngineSpec
 
 SUBCOMMANDS = {
@@ -51,6 +52,7 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion")
     g.add_argument("--tp", type=_positive, default=1, metavar="N", help="tensor-parallel size (GPUs)")
     g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
     g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
+    add_quant_options(g)
     s = p.add_argument_group("sampling (defaults per cap)")
     s.add_argument("--temperature", type=float, metavar="T", help="0 is greedy")
     s.add_argument("--top-p", type=float, metavar="P")
@@ -69,6 +71,8 @@ def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
         tp=args.tp,
         max_batch=args.max_batch or max_batch,
         max_seq_len=args.max_seq_len,
+        quant=args.quant,
+        quant_head=args.quant_head,
     )
 
 

@@ -96,7 +96,8 @@ def run_console(
             return 1
         chat = Chat(client, out, info, cap, system, sampling, stdin if interactive else None)
         if interactive:
-            out.note(f"{info.name} · cap {cap} · {info.device} {info.dtype} · context {info.context} tokens")
+            weights = f" · {info.quant} weights" if info.quant else ""
+            out.note(f"{info.name} · cap {cap} · {info.device} {info.dtype}{weights} · context {info.context} tokens")
             out.note(HINT)
         return chat.run(terminal_inputs(make_prompt_session()) if interactive else read_inputs(stdin))
     except EngineError as err:

@@ -49,8 +49,9 @@ def _progress(event: Event) -> None:
     elif isinstance(event, Ready):
         info = event.info
         demo = " (the built-in demo model; use --model DIR for real weights)" if info.is_demo else ""
+        weights = f", {info.quant} weights" if info.quant else ""
         print(
-            f"ready: {info.name}{demo} on {info.device} ({info.dtype}, tp {info.tp}), "
+            f"ready: {info.name}{demo} on {info.device} ({info.dtype}{weights}, tp {info.tp}), "
             f"context {info.context} tokens, {event.startup_s:.1f}s",
             file=sys.stderr,
             flush=True,
