@@ -11,7 +11,8 @@ Every format has:
   shard) and dim -1 (unsplit). `whole()` reads the entire checkpoint tensor: int8 takes a row-parallel shard's
   scales from its whole rows, so every rank holds the weights one GPU would. `fill(w)` loads a whole dense `[n, k]`.
 - `zero_rows(start)`: rows `start ..` compute 0 (the padding of the last vocabulary shard).
-- `dense()`: the dequantized weight `[n, k]` in `dtype`, the semantics every kernel matches to rounding.
+- `dense(dtype=None)`: the dequantized weight `[n, k]` (in `dtype`, default its own), the semantics every kernel
+  matches to rounding (the kernels multiply by the float32 values, `dense(torch.float32)`).
 - `linear(x)`: `x @ dense().T` where our matrix-vector kernel does not run it: cuBLAS (dense); on the GPU the
   weight dequantized into a scratch buffer, then cuBLAS (quantized: prefill and large batches); the plain-PyTorch
   reference on the CPU.
@@ -90,7 +91,7 @@ class Weight(nn.Module):
     def zero_rows(self, start: int) -> None:
         raise NotImplementedError
 
-    def dense(self) -> Tensor:
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         raise NotImplementedError
 
     def linear(self, x: Tensor) -> Tensor:
@@ -123,8 +124,8 @@ class Dense(Weight):
     def zero_rows(self, start: int) -> None:
         self.weight[start:].zero_()
 
-    def dense(self) -> Tensor:
-        return self.weight
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.weight if dtype is None else self.weight.to(dtype)
 
     def linear(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
@@ -180,8 +181,8 @@ class Int8(_Quantized):
         self.q[start:].zero_()
         self.scale[start:].zero_()
 
-    def dense(self) -> Tensor:
-        return quant.dequantize_int8(self.q, self.scale, self.dtype)
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return quant.dequantize_int8(self.q, self.scale, dtype or self.dtype)
 
     def tensors(self) -> tuple[Tensor, Tensor, None]:
         return self.q, self.scale, None
@@ -213,8 +214,8 @@ class Int4(_Quantized):
         self.scales[:, start:].zero_()
         self.zeros[:, start:].zero_()
 
-    def dense(self) -> Tensor:
-        return quant.dequantize_int4(self.qweight, self.scales, self.zeros, self.dtype)
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return quant.dequantize_int4(self.qweight, self.scales, self.zeros, dtype or self.dtype)
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.qweight, self.scales, self.zeros

@@ -174,7 +174,12 @@ def linear(x: Tensor, w: Weight) -> Tensor:
 
 
 def dequantize(w: Weight) -> Tensor:
-    """The quantized weight `w` as a dense `[n, k]` in its dtype (engine.quant's reference)."""
+    """The quantized weight `w` as a dense `[n, k]` in its dtype: one Triton kernel on the GPU (into a fresh buffer,
+    which the caching allocator, or a CUDA graph's pool, reuses), `w.dense()` (engine.quant's reference) elsewhere."""
+    if _use_triton(w.tensors()[0]):
+        from . import triton_dequant
+
+        return triton_dequant.dequantize(w)
     return w.dense()
 
 
