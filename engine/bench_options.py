@@ -48,3 +48,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="also print the per-kernel GPU time of one decode step")
     p.add_argument("--json", metavar="FILE", help="write every number here too")
     add_quant_options(p, several=True)
+    p.add_argument("--quant-only", action="store_true", help="with --quant: leave out the unquantized run")
