@@ -13,6 +13,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -63,15 +64,7 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
         recorded = _now(device)
         model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype, quant)
         built = _now(device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        for p in model.parameters():  # the dense projections among them
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=gen)
-        for w in model.weights():
-            if w.format != "dense":  # quantized from random dense weights, one at a time
-                w.fill(torch.empty(w.shape, device=device, dtype=dtype).normal_(0, 0.02, generator=gen))
+        randomize(model, torch.Generator(device=device).manual_seed(0))
         filled = _now(device)
         model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
         cached = _now(device)
@@ -85,6 +78,55 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs)
     engine.compiled_ahead = compiling
     return engine, load_s
+
+
+@torch.no_grad()
+def randomize(model: Llama, gen: torch.Generator) -> None:
+    """Random weights: normal with std 0.02 (quantized from such dense weights, one at a time), norms 1."""
+    for p in model.parameters():  # the dense projections among them
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.02, generator=gen)
+    for w in model.weights():
+        if w.format != "dense":
+            dense = torch.empty(w.shape, device=gen.device, dtype=model.norm.dtype).normal_(0, 0.02, generator=gen)
+            w.fill(dense)
+
+
+@torch.inference_mode()
+def logits_error(cfg: ModelConfig, formats: list[str], device: torch.device, dtype: torch.dtype, tokens: int = 128):
+    """`||logits - reference|| / ||reference||` of a prefill of `tokens` random ids, with the projections of one
+    random model quantized to each of `formats` (and, for a float32 reference, the unquantized model in bfloat16),
+    against that model unquantized in `dtype`."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    reference = Llama.empty(cfg, tokens, SINGLE, device, dtype)
+    randomize(reference, gen)
+    ids = torch.randint(3, cfg.vocab_size - 1, (tokens,), generator=gen, device=device)
+
+    def prefill(model: Llama) -> torch.Tensor:
+        model.setup_cache(1, tokens, model.norm.dtype)
+        logits = model.prefill(ids, 0, 0, all_logits=True).float()
+        model.cache = None
+        return logits
+
+    expected = prefill(reference)
+    variants = [(fmt, Quant.of(fmt), dtype) for fmt in formats]
+    if dtype == torch.float32:
+        variants.append(("bfloat16", Quant(), torch.bfloat16))
+    errors = {}
+    for name, quant, variant_dtype in variants:
+        model = Llama.empty(cfg, tokens, SINGLE, device, variant_dtype, quant)
+        model.tok_embeddings.copy_(reference.tok_embeddings)
+        model.norm.copy_(reference.norm)
+        for ours, theirs in zip(model.layers, reference.layers, strict=True):
+            ours.attention_norm.copy_(theirs.attention_norm)
+            ours.ffn_norm.copy_(theirs.ffn_norm)
+        for ours, theirs in zip(model.weights(), reference.weights(), strict=True):
+            ours.fill(theirs.dense().to(variant_dtype))
+        errors[name] = float((prefill(model) - expected).norm() / expected.norm())
+        del model
+    return errors
 
 
 def random_rank(spec: EngineSpec, progress: object, par: Parallel, shape: str, tokenizer: str) -> Engine:
@@ -262,6 +304,16 @@ def main(args: argparse.Namespace) -> int:
     """One run per `--quant` format, then the unquantized dtype (unless `--quant-only`), each with its own table;
     with several, a table of their ratios. `--json` keeps the numbers, per format when there are several."""
     device = pick_device(args.device)
+    if args.logits_error:
+        cfg = shape_config(args.shape or "7b")
+        cfg = replace(cfg, n_layers=min(args.layers or cfg.n_layers, cfg.n_layers))
+        dtype = pick_dtype(args.dtype, device)
+        errors = logits_error(cfg, args.quant or ["int8", "int4"], device, dtype)
+        what = f"random CodeLlama-{args.shape or '7b'}-shaped weights ({cfg.n_layers} layers), 128 tokens, on {device}"
+        print(f"logits' relative error against the unquantized model in {str(dtype).removeprefix('torch.')}, {what}:")
+        for name, error in errors.items():
+            print(f"  {name:<10} {error:.3e}")
+        return 0
     copy_gbps = copy_bandwidth(device)
     formats: list[str | None] = [*(args.quant or []), *([None] if not (args.quant and args.quant_only) else [])]
     runs: dict[str, dict] = {}

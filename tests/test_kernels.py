@@ -434,6 +434,15 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "int4-linear_residual-fp32-m3": (
         "linear_residual", {"fmt": "int4", "dtype": "fp32", "m": 3, "n": 37, "k": 256, "config": (16, 256)},
     ),
+    "int4-norm_silu-fp16-m1-tensor-cores": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 24, "k": 256, "residual": True, "silu_mul": True,
+         "config": (32, 128, 2, 4, 3, True)},
+    ),
+    "int8-linear_residual-fp32-m1-tensor-cores": (
+        "linear_residual",
+        {"fmt": "int8", "dtype": "fp32", "m": 1, "n": 40, "k": 96, "config": (16, 32, 1, 4, 3, True)},
+    ),
     "int4-dequantize-fp16": ("dequantize", {"fmt": "int4", "dtype": "fp16", "n": 37, "k": 384}),  # bf16: CUDA_CASES
     "int8-dequantize-fp16": ("dequantize", {"fmt": "int8", "dtype": "fp16", "n": 37, "k": 200}),
 }  # fmt: skip

@@ -293,13 +293,15 @@ def quant_candidates(fmt: str, m: int) -> list:
     """The configs the quantized sweep times for `fmt` at m rows (int4 steps are whole groups of 128 inputs)."""
     from engine.kernels.triton_gemv import GemvConfig
 
-    if m == 1:
+    if m == 1:  # int4: the more rows per thread, the less each one spends on x (and its norm) per weight
         tiles = (
-            [(16, 256), (32, 256), (64, 256), (128, 128), (128, 256), (32, 512), (64, 512)]
+            [(32, 256), (64, 256), (128, 128), (128, 256), (256, 128), (256, 256)]
             if fmt == "int4"
             else [(8, 512), (16, 512), (32, 512), (16, 1024), (32, 256), (64, 256)]
         )
-        return [GemvConfig(bn, bk, sk, nw, 3) for bn, bk in tiles for sk in (1, 2, 4) for nw in (4, 8)]
+        plain = [GemvConfig(bn, bk, sk, nw, 3) for bn, bk in tiles for sk in (1, 2, 4) for nw in (2, 4, 8)]
+        dots = [(64, 128), (64, 256), (128, 128), (128, 256)]  # the row padded to 16, through the tensor cores
+        return plain + [GemvConfig(bn, bk, sk, 4, ns, True) for bn, bk in dots for sk in (1, 2, 4) for ns in (3, 4)]
     tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (32, 256, 4)]
     return [GemvConfig(bn, bk, sk, nw, ns) for bn, bk, nw in tiles for sk in (1, 2, 4) for ns in (3, 4)]
 
@@ -395,7 +397,7 @@ def sweep_quant(models: list[str], copy_gbs: float) -> dict:
 
 
 def _cfg(c) -> str:
-    return f"{c.block_n:>3}/{c.block_k:<4}/s{c.split_k}/w{c.num_warps}/p{c.num_stages}"
+    return f"{c.block_n:>3}/{c.block_k:<4}/s{c.split_k}/w{c.num_warps}/p{c.num_stages}{'/tc' if c.tensor_cores else ''}"
 
 
 def quant_all_matmuls(models: list[str], best: dict, copy_gbs: float) -> None:
@@ -450,8 +452,8 @@ def _matmuls(weights: list, head: torch.Tensor, inputs: dict, best: dict, fmt: s
 
 
 def print_rules(best: dict) -> None:
-    print("\nbest configs (format, rows, N, K) -> (BLOCK_N, BLOCK_K, split-K, warps, stages):")
-    print("{" + ", ".join(f"{key!r}: {(c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages)!r}"
+    print("\nbest configs (format, rows, N, K) -> (BLOCK_N, BLOCK_K, split-K, warps, stages, tensor cores):")
+    print("{" + ", ".join(f"{key!r}: {(c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, c.tensor_cores)!r}"
                           for key, c in sorted(best.items())) + "}")  # fmt: skip
 
 

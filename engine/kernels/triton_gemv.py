@@ -28,6 +28,14 @@ separate launch of a few microseconds while the projection itself streams megaby
 All round where the unfused ops round (reference.add_rms_norm, reference.silu_mul). The engine fuses
 the norm and the residual add only for one row (`engine.kernels` says why).
 
+The weight comes in one of three formats (`engine.weights`; FORMAT): dense rows; int8 rows, the product scaled once
+per row at the end; int4, packed 8 to an int32 word K-contiguous per row, groups of 128 inputs with a scale and zero
+point each (engine.quant has the layout). The int4 loop unpacks a group plane by plane (16 consecutive inputs per
+nibble position: one shift and one mask per word), each nibble or-ed into the mantissa of 2^23 so that subtracting
+2^23 + zero gives the exact integer `q - zero` with no conversion instruction, multiplies (one row) or dots (several,
+the exact integers in x's 16-bit dtype) it with x and scales the group's sum once. Prologue, epilogues and split-K
+are the same for every format; the quantized weights' first tiles go to L2 early under PDL.
+
 Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never benchmarks);
 `python -m engine.kernels.bench_kernels --sweep` times alternatives on the real GPU.
 """
@@ -64,6 +72,7 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    tensor_cores: bool = False  # one row too through the several-row path (a dot with the row padded to 16)
 
 
 @triton.jit
@@ -112,6 +121,17 @@ def _dot(w, x, acc, x_ptr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
     if NATIVE_DOT:
         return tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x.to(x_ptr.dtype.element_ty)), acc)
     return tl.dot(w.to(tl.float32), tl.trans(x), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _values(w, FORMAT: tl.constexpr):
+    """A weight tile as float32. int8 takes no int-to-float conversion (a quarter-rate instruction that alone would
+    cap the kernel below the copy rate): the byte with its sign bit flipped (q + 128) is or-ed into the mantissa of
+    2^23, and 2^23 + 128 subtracted, exactly."""
+    if FORMAT == INT8:
+        biased = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000
+        return biased.to(tl.float32, bitcast=True) - 8388736.0
+    return w.to(tl.float32)
 
 
 @triton.jit
@@ -280,20 +300,20 @@ def _gemv_kernel(
     elif BLOCK_M == 1:
         x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
                           HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
-        acc2d = w_first.to(tl.float32) * x_first[None, :]
+        acc2d = _values(w_first, FORMAT) * x_first[None, :]
         if SILU_MUL:
-            up2d = u_first.to(tl.float32) * x_first[None, :]
+            up2d = _values(u_first, FORMAT) * x_first[None, :]
         for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
             x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k_mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            acc2d += w.to(tl.float32) * x[None, :]
+            acc2d += _values(w, FORMAT) * x[None, :]
             if SILU_MUL:
                 u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
-                up2d += u.to(tl.float32) * x[None, :]
+                up2d += _values(u, FORMAT) * x[None, :]
         acc = tl.sum(acc2d, axis=1)[None, :]
         if SILU_MUL:
             up = tl.sum(up2d, axis=1)[None, :]
@@ -312,10 +332,14 @@ def _gemv_kernel(
                         eviction_policy="evict_first")  # fmt: skip
             offsets, mask = _x_offsets(m, k, k_mask, M, stride_xm, BLOCK_M)
             x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+            if FORMAT == INT8:
+                w = _values(w, FORMAT)
             acc = _dot(w, x, acc, x_ptr, PRECISION, NATIVE_DOT)
             if SILU_MUL:
                 u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
+                if FORMAT == INT8:
+                    u = _values(u, FORMAT)
                 up = _dot(u, x, up, x_ptr, PRECISION, NATIVE_DOT)
         if FORMAT == INT8:
             acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[:, None]
@@ -388,12 +412,14 @@ def choose_config(m: int, n: int, k: int, sm_count: int, fmt: str = "dense") -> 
 
 def _int4_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     """A fixed rule until a sweep on the GPU (`bench_kernels --quant-sweep`) sets it: two groups of 128 inputs per
-    step (128 bytes per weight row); for one row the widest strip that gives two programs per SM, for several the
-    tensor-core tile's 64 rows; K split where the strips leave SMs short of work."""
+    step (128 bytes per weight row). One row: strips of 128 rows where that still gives a strip per SM, else 64 (each
+    thread holds several rows, so the x values it computes, norm included, serve several weights), K split until
+    there are two programs per SM or a split would hold fewer than four groups. Several rows: the tensor-core tile's
+    64 rows, K split where the strips leave SMs idle and K is long."""
     block_k = 256
     if m == 1:
-        block_n = next((b for b in (128, 64, 32) if triton.cdiv(n, b) >= 2 * sm_count), 16)
-        enough, long_k = 2 * sm_count, 4 * block_k
+        block_n = 128 if triton.cdiv(n, 128) >= sm_count else 64
+        enough, long_k = 2 * sm_count, 2 * block_k
     else:
         block_n, enough, long_k = 64, sm_count, 8 * block_k
     split_k = 1
@@ -454,8 +480,9 @@ def _launch(
     normed_dtype = torch.promote_types(x2.dtype, norm_weight.dtype)
     out_dtype = torch.promote_types(normed_dtype, w.dtype)
     n, block_n = data.shape[0], config.block_n
+    block_m = 1 if m == 1 and not config.tensor_cores else max(16, triton.next_power_of_2(m))
     if silu_mul:  # gate and up strips of half the width: the same weight bytes per program as the plain GEMV
-        n, block_n = n // 2, max(block_n // 2, 1 if m == 1 else 16)
+        n, block_n = n // 2, max(block_n // 2, 1 if block_m == 1 else 16)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     gdc = pdl.enabled(x2)
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
@@ -475,8 +502,8 @@ def _launch(
         residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
         parts, counts, m, n, k, x2.stride(0), data.stride(0), scales.stride(0) if fmt == "int4" else 0, out.stride(0),
         k_per_split, eps, squares.shape[0] if partials else 0,
-        BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=config.block_k,
-        BLOCK_SQ=4 * config.block_k if m == 1 else config.block_k, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
+        BLOCK_SQ=4 * config.block_k if block_m == 1 else config.block_k, PRECISION=precision,
         NATIVE_DOT=native_dot, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
         BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
