@@ -44,7 +44,7 @@ from engine.events import (
     TextDelta,
     TurnsDropped,
 )
-from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
 from tui.files import read_text, save_atomic
 from tui.screens import PromptScreen, QuitScreen
@@ -268,6 +268,8 @@ class CodeLlamaApp(App[int]):
             if job is not None:
                 job.started = time.perf_counter()
                 self.status.context_used = event.prompt_tokens
+                if event.replaced:
+                    self.notify(replacement_warning(event.replaced), severity="warning")
         elif isinstance(event, TextClipped):
             job = self._jobs.get(event.request_id)
             if job is not None:
@@ -666,11 +668,12 @@ def run_app(
     try:
         config = load_config()
         theme = theme_name(theme or config.theme or "dark")
+        merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+        SamplingParams.for_cap(cap, **merged).check()  # a bad value is refused now, not at the first request
         text = read_text(file) if file else ""
     except (ConfigError, ValueError, OSError, UnicodeDecodeError) as err:
-        print(f"codellama-tui: {err}", file=sys.stderr)
+        print(f"codellama-tui: error: {err}", file=sys.stderr)
         return 2
-    merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
     app = CodeLlamaApp(file, spec, cap, system or config.system, merged, theme, text=text, keys=config.keys)
     result = app.run()
     return result if isinstance(result, int) else (app.return_code or 0)

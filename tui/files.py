@@ -12,9 +12,12 @@ from pathlib import Path
 def read_text(path: str) -> str:
     """The file's text (empty for a file that does not exist yet: it is created on save).
 
-    Raises OSError or UnicodeDecodeError, which the caller reports before the app starts.
+    Raises OSError or UnicodeDecodeError, which the caller reports before the app starts; anything but a regular
+    file is refused before it is opened (a FIFO would block the open, /dev/zero never ends).
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise OSError(f"{path}: not a regular file")
         with open(path, encoding="utf-8", newline="") as f:
             return f.read()
     except FileNotFoundError:
