@@ -291,6 +291,15 @@ def test_invalid_utf8_on_stdin_is_replaced_and_reported_by_generate_and_tokenize
     assert json.loads(ids.stdout) == json.loads(cli("tokenize", "--prompt", "def f(x):\ufffd\ufffd\n").stdout)
 
 
+def test_invalid_utf8_in_the_console_chat_is_replaced_and_reported() -> None:
+    got = cli("chat", *DEMO_GREEDY, "--cap", "completion", stdin=b"def f(\xff\n!!\ndef g(\n!!\n", timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stderr.decode().count("tokens/s") == 2  # both inputs answered
+    assert [line for line in got.stderr.decode().splitlines() if "warning:" in line] == [
+        "warning: 1 invalid character (bad UTF-8 or a lone surrogate) replaced with U+FFFD"
+    ]
+
+
 def test_a_lone_surrogate_in_jsonl_is_replaced_and_the_later_lines_answered() -> None:
     """Once, the line after a `\\ud800` was never answered and Ctrl+C did not end the command."""
     lines = json.dumps({"text": "x\ud800y"}) + "\n" + json.dumps({"text": "def g("}) + "\n"
