@@ -398,3 +398,55 @@ def test_a_file_argument_that_is_not_a_regular_file_is_refused_without_blocking(
         os.mkfifo(path)
     got = cli(str(path), timeout=30)
     assert got.returncode == 2 and str(path) in error_line(got)
+
+
+def demo_copy(tmp_path: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
+    """The demo model copied with config.json changes, or with tensors added (None values drop one)."""
+    from engine.config import DEMO_DIR
+
+    out = tmp_path / "demo"
+    shutil.copytree(DEMO_DIR, out)
+    if config:
+        cfg = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, **config}))
+    if tensors:
+        from safetensors.torch import load_file, save_file
+
+        state = {**load_file(out / "model.safetensors"), **tensors}
+        save_file({k: v for k, v in state.items() if v is not None}, out / "model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (
+            {"num_key_value_heads": 2},
+            "model.layers.0.self_attn.k_proj.weight has shape (256, 256), config.json implies (128, 256)",
+        ),
+        ({"num_hidden_layers": 5}, "model.layers.5.input_layernorm.weight: config.json declares only 5 layers"),
+        (
+            {"intermediate_size": 640},
+            "model.layers.0.mlp.down_proj.weight has shape (256, 896), config.json implies (256, 640)",
+        ),
+        ({"num_hidden_layers": 7}, "missing weights model.layers.6."),
+    ],
+    ids=["kv-heads", "fewer-layers", "smaller-ffn", "more-layers"],
+)
+def test_a_config_that_disagrees_with_the_weights_is_one_line(tmp_path: Path, config: dict, expected: str) -> None:
+    """Once, the demo model with 2 key/value heads in config.json loaded the first rows of each k/v projection
+    and wrote garbage."""
+    got = cli("generate", "--model", str(demo_copy(tmp_path, config)), "--device", "cpu", "--prompt", "x")
+    assert expected in error_line(got)
+
+
+def test_unexpected_tensors_are_refused_and_rotary_buffers_ignored(tmp_path: Path) -> None:
+    import torch
+
+    inv_freq = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(32)}
+    harmless = cli("generate", "--model", str(demo_copy(tmp_path, tensors=inv_freq)), *DEMO_GREEDY, "--prompt", "x")
+    assert harmless.returncode == 0, harmless.stderr
+    shutil.rmtree(tmp_path / "demo")
+    extra = demo_copy(tmp_path, tensors={"model.layers.0.mlp.extra_proj.weight": torch.ones(4, 4)})
+    line = error_line(cli("generate", "--model", str(extra), "--device", "cpu", "--prompt", "x"))
+    assert "unexpected tensor model.layers.0.mlp.extra_proj.weight" in line

@@ -137,6 +137,23 @@ def test_a_size_that_does_not_divide_is_one_line(request, checkpoint: str, tp: i
     assert tagged(tag) == []
 
 
+def test_every_rank_checks_the_whole_shape_of_each_tensor(tiny_gqa_dir: Path, tmp_path: Path) -> None:
+    """With half the intermediate size in config.json, each rank's slice of the MLP fits; the whole tensor does not."""
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_gqa_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] // 2}))
+    tag = uuid.uuid4().hex
+    result = cli("generate", "--model", str(bad), "--device", "cpu", "--tp", "2", "--prompt", "x", tag=tag)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("codellama-tui: error: ") and "config.json implies" in last and "_proj.weight" in last
+    assert tagged(tag) == []
+
+
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 
 
