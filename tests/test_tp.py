@@ -233,6 +233,26 @@ def test_an_idle_world_stays_up(tiny_model_dir: Path) -> None:
         client.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_paused_command_resumes_without_a_false_alarm(tiny_model_dir: Path) -> None:
+    """ctrl+z, then fg: while rank 0 was stopped its workers' heartbeats waited in their pipes, which is no fault."""
+    from engine.tp import SILENT_S
+
+    cmd = [sys.executable, "-m", "tui.cli", "generate", "--model", str(tiny_model_dir), "--device", "cpu", "--tp", "2"]
+    cmd += ["--temperature", "0", "--max-new-tokens", "300", "--prompt", PROMPT]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        assert proc.stdout.read(8)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(SILENT_S + 2)
+        proc.send_signal(signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        proc.kill()
+
+
 def test_workers_exit_when_rank_0_is_killed(tiny_model_dir: Path) -> None:
     tag = uuid.uuid4().hex
     cmd = [sys.executable, "-m", "tui.cli", "generate", "--model", str(tiny_model_dir), "--device", "cpu", "--tp", "2"]
