@@ -312,14 +312,23 @@ class OpenFile:
     def _endings_for(self, lines: list[str]) -> list[str]:
         """Each line's old ending where the line (edited or not) stands where it stood; the file's own elsewhere."""
         endings = [self.newline] * (len(lines) - 1)
+        old = self._lines
         if all(ending == self.newline for ending in self._endings):
             return endings
-        matcher = difflib.SequenceMatcher(None, self._lines, lines, autojunk=False)
+        head = 0  # the unchanged lines above and below the edits pair up directly; only the middle is matched
+        while head < min(len(old), len(lines)) and old[head] == lines[head]:
+            head += 1
+        tail = 0
+        while tail < min(len(old), len(lines)) - head and old[-1 - tail] == lines[-1 - tail]:
+            tail += 1
+        pairs = [(k, k) for k in range(head)] + [(len(old) - 1 - k, len(lines) - 1 - k) for k in range(tail)]
+        matcher = difflib.SequenceMatcher(None, old[head : len(old) - tail], lines[head : len(lines) - tail])
         for tag, i1, i2, j1, j2 in matcher.get_opcodes():
             if tag in ("equal", "replace"):
-                for k in range(min(i2 - i1, j2 - j1)):
-                    if i1 + k < len(self._endings) and j1 + k < len(endings):
-                        endings[j1 + k] = self._endings[i1 + k]
+                pairs.extend((head + i1 + k, head + j1 + k) for k in range(min(i2 - i1, j2 - j1)))
+        for i, j in pairs:
+            if i < len(self._endings) and j < len(endings):
+                endings[j] = self._endings[i]
         return endings
 
     def save(self, text: str, path: str | None = None, *, overwrite: bool = False, make_folder: bool = False) -> None:

@@ -125,8 +125,9 @@ class ConflictScreen(ModalScreen[str]):
                 yield Label(summary, id="diff-summary", markup=False)
                 with VerticalScroll(id="diff"):
                     yield Static("\n".join(diff), markup=False)
-            reload = "" if self._on_disk is None else "r: reload from disk (ctrl+z brings yours back)   "
-            yield Label(f"o: overwrite it with yours   {reload}a: save as   Esc: keep editing", markup=False)
+            yield Label("o: overwrite it with yours   a: save as   Esc: keep editing")
+            if self._on_disk is not None:
+                yield Label("r: reload from disk (ctrl+z brings yours back)")
         yield Footer()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
