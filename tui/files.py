@@ -25,7 +25,6 @@ import difflib
 import hashlib
 import os
 import re
-import shutil
 import stat
 import tempfile
 from collections import Counter
@@ -101,13 +100,14 @@ def _kind(mode: int) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """False only for a process that surely is gone (another user's, or an impossible pid, counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
-    return True
+    return pid > 0
 
 
 def _clean_leftovers(target: Path) -> list[Path]:
@@ -172,44 +172,55 @@ def _replace(target: Path, data: bytes, st: os.stat_result | None) -> None:
     _fsync_dir(target.parent)
 
 
-def _copy_into(src: str | Path, dst_fd: int) -> None:
-    with open(src, "rb") as f, os.fdopen(os.dup(dst_fd), "wb") as out:
-        shutil.copyfileobj(f, out)
-        out.flush()
-        os.fsync(out.fileno())
+def _copy_into(src: str | Path, fd: int) -> int:
+    """Write the whole of file `src` to `fd` from its start, fsynced; returns the size copied."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    size = 0
+    with open(src, "rb") as f:
+        while chunk := f.read(1 << 20):
+            _write_all(fd, chunk)
+            size += len(chunk)
+    os.ftruncate(fd, size)
+    os.fsync(fd)
+    return size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _write_in_place(target: Path, data: bytes) -> None:
     """Overwrite `target` itself (its inode, links and owner stay), after a fsynced backup copy of it."""
+    fd = os.open(target, os.O_RDWR)  # fails before anything is touched when the file is not writable
     try:
-        fd, backup = _mkstemp(target.parent, target.name, "bak")
-    except PermissionError:  # a folder this user cannot write into: the backup goes to the temp folder
-        fd, backup = _mkstemp(Path(tempfile.gettempdir()), target.name, "bak")
-    try:
-        _copy_into(target, fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(backup)
-        raise
-    os.close(fd)
-    try:
-        with open(target, "r+b") as f:
-            f.write(data)
-            f.truncate()
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
         try:
-            with open(target, "r+b") as f:
-                _copy_into(backup, f.fileno())
-                f.truncate(os.path.getsize(backup))
-                os.fsync(f.fileno())
-        except OSError as err:
-            raise FileError(f"{target}: the save failed and so did restoring it; the original is in {backup}") from err
+            backup_fd, backup = _mkstemp(target.parent, target.name, "bak")
+        except PermissionError:  # a folder this user cannot write into: the backup goes to the temp folder
+            backup_fd, backup = _mkstemp(Path(tempfile.gettempdir()), target.name, "bak")
+        try:
+            _copy_into(target, backup_fd)
+        except BaseException:
+            os.close(backup_fd)
+            os.unlink(backup)
+            raise
+        os.close(backup_fd)
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            _write_all(fd, data)
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        except BaseException:
+            try:
+                _copy_into(backup, fd)
+            except OSError as err:
+                raise FileError(f"{target}: the save failed, and so did putting it back; see {backup}") from err
+            os.unlink(backup)
+            raise
         os.unlink(backup)
-        raise
-    os.unlink(backup)
+    finally:
+        os.close(fd)
 
 
 def save_atomic(path: str, text: str) -> None:
