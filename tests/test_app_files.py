@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from textual.pilot import Pilot
 from textual.widgets import Input
 
 from engine.requests import EngineSpec
@@ -27,8 +28,8 @@ def opened(path: Path) -> CodeLlamaApp:
     return CodeLlamaApp(OpenFile.open(str(path)), EngineSpec(), "completion", client_factory=FakeClient)
 
 
-async def answer(pilot, text: str) -> None:
-    """Type an answer into the open prompt and submit it."""
+async def answer(pilot: Pilot, text: str) -> None:
+    """Put an answer into the open prompt and submit it."""
     assert isinstance(pilot.app.screen, PromptScreen)
     pilot.app.screen.query_one(Input).value = text
     await pilot.press("enter")
@@ -251,6 +252,15 @@ async def test_save_as_expands_home_and_offers_to_create_the_folder(
         await answer(pilot, "~/project/x.py")
         await pilot.press("y")
         assert (tmp_path / "project" / "x.py").read_text() == "x" + SOURCE and not app.modified
+
+
+async def test_save_as_is_in_the_palette_and_rebindable() -> None:
+    app = CodeLlamaApp(None, text=SOURCE, keys={"save_as": "f11"}, client_factory=FakeClient)
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        assert "Save as" in [command.title for command in app.get_system_commands(app.screen)]
+        await pilot.press("f11")
+        assert isinstance(app.screen, PromptScreen)
 
 
 async def test_a_bad_name_keeps_the_dialog_and_the_text(tmp_path: Path) -> None:
