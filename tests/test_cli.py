@@ -131,6 +131,13 @@ def _broken(tmp: Path, source: Path, how: str) -> Path:
             (bad / name).unlink(missing_ok=True)
     elif how == "bad-json":
         (bad / "config.json").write_text("{not json")
+    elif how == "unreadable-config":
+        config = bad / "config.json"
+        if os.geteuid() == 0:  # root reads any mode: a file whose read fails (EIO) instead
+            config.unlink()
+            config.symlink_to("/proc/self/mem")
+        else:
+            config.chmod(0)
     return bad
 
 
@@ -143,6 +150,7 @@ def _broken(tmp: Path, source: Path, how: str) -> Path:
         ("truncated", "truncated"),
         ("no-tokenizer", "tokenizer"),
         ("bad-json", "not valid JSON"),
+        ("unreadable-config", "config.json: cannot read ("),
     ],
 )
 def test_broken_checkpoints_give_one_line(tiny_gqa_dir: Path, tmp_path: Path, how: str, expected: str) -> None:
@@ -333,9 +341,9 @@ def test_bad_sampling_values_are_refused_before_anything_loads(command: str, arg
     """Once, `--repetition-penalty nan` printed nothing with exit 0, `--temperature nan` was greedy, and a huge
     seed failed only after the model had loaded."""
     got = cli(*([] if command == "app" else [command]), "--device", "cpu", *args, stdin="x\n", timeout=60)
-    assert got.returncode == 2
-    assert expected in error_line(got)
-    assert "loading" not in got.stderr and "ready:" not in got.stderr
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+    (line,) = got.stderr.splitlines()  # nothing loaded: no progress, just the error
+    assert expected in line
 
 
 def until_the_reader_goes(*args: str, stdin: str, tmp_path: Path) -> tuple[int, str]:
@@ -388,16 +396,6 @@ def test_a_closed_stdin_is_one_line_before_anything_loads(args: tuple, expected:
 def test_a_closed_stdout_is_one_line() -> None:
     got = cli("generate", "--device", "cpu", "--prompt", "x", timeout=60, preexec_fn=lambda: os.close(1))  # `>&-`
     assert got.returncode == 1 and "stdout is closed" in error_line(got)
-
-
-@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
-def test_a_file_argument_that_is_not_a_regular_file_is_refused_without_blocking(kind: str, tmp_path: Path) -> None:
-    """Once, a FIFO blocked the app's start for good and /dev/zero filled the memory."""
-    path = {"fifo": tmp_path / "pipe", "device": Path("/dev/zero"), "directory": tmp_path}[kind]
-    if kind == "fifo":
-        os.mkfifo(path)
-    got = cli(str(path), timeout=30)
-    assert got.returncode == 2 and str(path) in error_line(got)
 
 
 def demo_copy(tmp_path: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
