@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
+from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer
 
 from engine.events import (
     Event,
@@ -51,6 +51,7 @@ from tui.screens import PromptScreen, QuitScreen
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
 from widgets.editor import CodeEditor, EditorPane, fill_markers
+from widgets.footer import Footer
 from widgets.status_bar import StatusBar
 
 FLUSH_HZ = 30
@@ -164,7 +165,7 @@ class CodeLlamaApp(App[int]):
         self._sessions = itertools.count(1)
         self.session = self._new_session_id()
         self._last_code: str | None = None
-        self._input_empty = True
+        self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
 
     # ----- layout
 
@@ -257,12 +258,12 @@ class CodeLlamaApp(App[int]):
             self.status.set_state("ready", f"loaded in {event.startup_s:.1f}s")
             if event.info.flavour == "python" and self.cap == "completion":
                 self._set_cap("python")
-            self.refresh_bindings()
+            self._refresh_keys()
         elif isinstance(event, LoadFailed):
             self.load_error = event.message
             self.status.set_state("error", event.message)
             self.chat_log.add_notice(f"The model could not be loaded: {event.message}", "error")
-            self.refresh_bindings()
+            self._refresh_keys()
         elif isinstance(event, Started):
             job = self._jobs.get(event.request_id)
             if job is not None:
@@ -321,7 +322,7 @@ class CodeLlamaApp(App[int]):
                 self._flush_timer.resume()
             else:
                 self._flush_timer.pause()
-        self.refresh_bindings()
+        self._refresh_keys()
 
     # ----- submitting
 
@@ -563,20 +564,35 @@ class CodeLlamaApp(App[int]):
                 self._cancel(request_id)
         else:
             self.editor.dismiss_ghost()
-        self.refresh_bindings()
+        self._refresh_keys()
 
     def on_code_editor_interrupted(self, message: CodeEditor.Interrupted) -> None:
         self._cancel_editor_jobs()
 
-    def on_text_area_selection_changed(self, message: CodeEditor.SelectionChanged) -> None:
-        if message.text_area is self.editor:
-            self.refresh_bindings()
+    @on(CodeEditor.GhostChanged)
+    @on(CodeEditor.SelectionChanged)
+    def _keys_may_change(self) -> None:
+        self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
 
     def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
         if message.text_area is self.editor:
             self._update_title()
-        elif (empty := not message.text_area.text.strip()) != self._input_empty:
-            self._input_empty = empty  # the footer's Send key comes and goes with the input
+        else:
+            self._refresh_keys()  # the footer's Send key comes and goes with the input
+
+    def _refresh_keys(self) -> None:
+        """Rebuild the footer only when the keys it offers change.
+
+        Each rebuild makes new key widgets (Textual's Footer keeps the old ones alive), so refreshing on every
+        streamed delta or cursor move would grow memory without bound.
+        """
+        keys = tuple(
+            (key, active.binding.action, active.enabled)
+            for key, active in self.screen.active_bindings.items()
+            if active.binding.show
+        )
+        if keys != self._keys_shown:
+            self._keys_shown = keys
             self.refresh_bindings()
 
     # ----- files

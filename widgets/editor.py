@@ -129,7 +129,7 @@ class CodeEditor(TextArea):
         """The user edited or moved while a ghost or a stream was live: its request should stop."""
 
     class GhostChanged(Message):
-        """The ghost text changed (the pane redraws the lines below the cursor)."""
+        """The ghost text changed (the pane redraws the lines below the cursor, the app its keys)."""
 
     def __init__(self, text: str = "", *, path: str | None = None, id: str | None = None) -> None:
         super().__init__(
@@ -227,7 +227,6 @@ class CodeEditor(TextArea):
         self.update_suggestion()
         self.refresh()
         self.post_message(self.GhostChanged())
-        self.app.refresh_bindings()
 
     def action_cursor_right(self, select: bool = False) -> None:
         if self._ghost and not select:
