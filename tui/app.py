@@ -14,6 +14,7 @@ Typing in the chat input never disturbs an answer that is streaming into the log
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import threading
@@ -21,12 +22,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import ClassVar, Protocol
 
+from rich.console import RenderableType
 from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.driver import Driver
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
@@ -47,7 +51,10 @@ from engine.events import (
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
 from themes import APP_TCSS, register_themes, theme_name
 from tui.files import read_text, save_atomic
+from tui.recover_screen import RecoverScreen
+from tui.recovery import RecoveryCopy, RecoveryStore
 from tui.screens import PromptScreen, QuitScreen
+from tui.terminal import ExitSignals, tolerate_invalid_input
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
 from widgets.editor import CodeEditor, EditorPane, fill_markers
@@ -55,6 +62,7 @@ from widgets.footer import Footer
 from widgets.status_bar import StatusBar
 
 FLUSH_HZ = 30
+RECOVERY_DELAY_S = 1.5  # the recovery copy is written this long after the last edit
 
 
 def suffix_stop(suffix: str) -> tuple[str, ...]:
@@ -141,6 +149,7 @@ class CodeLlamaApp(App[int]):
         text: str | None = None,
         keys: dict[str, str] | None = None,
         client_factory: ClientFactory = _engine_client_factory,
+        recovery: RecoveryStore | None = None,
     ) -> None:
         super().__init__()
         register_themes(self)
@@ -166,6 +175,10 @@ class CodeLlamaApp(App[int]):
         self.session = self._new_session_id()
         self._last_code: str | None = None
         self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
+        self.recovery = recovery or RecoveryStore()
+        self.recovery_file: Path | None = None  # this buffer's recovery copy, once written
+        self._recovery_timer: Timer | None = None
+        self._exit_signals: ExitSignals | None = None
 
     # ----- layout
 
@@ -178,21 +191,24 @@ class CodeLlamaApp(App[int]):
         yield StatusBar(id="status")
         yield Footer(compact=True)
 
+    # The widgets live on the first screen: an engine event or a timer that reaches them while a dialog is on top
+    # must not look for them on the dialog.
+
     @property
     def editor(self) -> CodeEditor:
-        return self.query_one("#editor", CodeEditor)
+        return self.screen_stack[0].query_one("#editor", CodeEditor)
 
     @property
     def chat_log(self) -> ChatLog:
-        return self.query_one("#chat-log", ChatLog)
+        return self.screen_stack[0].query_one("#chat-log", ChatLog)
 
     @property
     def chat_input(self) -> ChatInput:
-        return self.query_one("#chat-input", ChatInput)
+        return self.screen_stack[0].query_one("#chat-input", ChatInput)
 
     @property
     def status(self) -> StatusBar:
-        return self.query_one("#status", StatusBar)
+        return self.screen_stack[0].query_one("#status", StatusBar)
 
     def on_mount(self) -> None:
         self._set_cap(self.cap)
@@ -200,12 +216,18 @@ class CodeLlamaApp(App[int]):
         self._update_title()
         self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_stream, pause=True)
         self.call_after_refresh(self._start_engine)
+        self.call_after_refresh(self._offer_recovery, self.recovery.copies_of(self.path))
+        if not self.is_headless:
+            self._exit_signals = ExitSignals(asyncio.get_running_loop(), self.keep_recovery_copy, self._exit_on_signal)
+            self._exit_signals.install()
 
     def _start_engine(self) -> None:
         """Start the engine thread after the first frame has painted (it imports torch)."""
         self.client = self._client_factory(self.spec, on_event=self._relay_engine_event).start()
 
     def on_unmount(self) -> None:
+        if self._exit_signals is not None:
+            self._exit_signals.restore()
         if self.client is not None:
             for request_id in list(self._jobs):
                 self.client.cancel(request_id)
@@ -577,6 +599,7 @@ class CodeLlamaApp(App[int]):
     def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
         if message.text_area is self.editor:
             self._update_title()
+            self._write_recovery_later()
         else:
             self._refresh_keys()  # the footer's Send key comes and goes with the input
 
@@ -629,6 +652,7 @@ class CodeLlamaApp(App[int]):
             self.notify(f"Could not save {self.path}: {reason}", severity="error", timeout=8)
             return False
         self._saved_text = text
+        self.drop_recovery_copy()
         self.status.note = f"saved {self.path}"
         self._update_title()
         return True
@@ -643,6 +667,7 @@ class CodeLlamaApp(App[int]):
 
         def done(choice: str | None) -> None:
             if choice == "discard":
+                self.drop_recovery_copy()
                 self.exit(0)
             elif choice == "save":
                 if self.path is None:
@@ -656,6 +681,81 @@ class CodeLlamaApp(App[int]):
         self._save_as(path)
         if self.path is not None and not self.modified:
             self.exit(0)
+
+    # ----- recovery copies (tui/recovery.py) and the ways the app can end without a quit
+
+    def _write_recovery_later(self) -> None:
+        """After an edit: the copy is written a moment after the last one, so typing never waits for the disk."""
+        if self._recovery_timer is not None:
+            self._recovery_timer.stop()
+        self._recovery_timer = self.set_timer(RECOVERY_DELAY_S, self._write_recovery_now)
+
+    def _write_recovery_now(self) -> None:
+        if not self.keep_recovery_copy():
+            self.status.note = "NO recovery copy: the recovery folder cannot be written"
+
+    def keep_recovery_copy(self) -> bool:
+        """Write the buffer's recovery copy if it has unsaved changes (and drop it if it has none); False when it
+        could not be written. Safe to call from a signal handler or while the app is failing."""
+        try:
+            if not self.modified:
+                self.drop_recovery_copy()
+            else:
+                self.recovery_file = self.recovery.write(self.path, self.editor.text, self.recovery_file)
+        except Exception:  # a crash path must not fail in its turn; the caller says what it means
+            return False
+        return True
+
+    def drop_recovery_copy(self) -> None:
+        """The buffer was saved or its changes discarded: its recovery copy goes."""
+        if self._recovery_timer is not None:
+            self._recovery_timer.stop()
+        if self.recovery_file is not None:
+            self.recovery.remove(self.recovery_file)
+            self.recovery_file = None
+
+    def _offer_recovery(self, copies: list[RecoveryCopy]) -> None:
+        """Offer each copy of this file (newest first) until one is recovered; copies of what the file already
+        holds are removed without asking."""
+        while copies and copies[0].text == self._saved_text:
+            self.recovery.remove(copies.pop(0).file)
+        if not copies:
+            return
+        copy, rest = copies[0], copies[1:]
+
+        def done(choice: str | None) -> None:
+            if choice == "recover":
+                editor = self.editor
+                editor.history.checkpoint()
+                editor.replace(copy.text, (0, 0), editor.document.end)  # one undo step back to the file
+                editor.history.checkpoint()
+                self.recovery_file = copy.file  # this session's copy from now on
+                self.status.note = "recovered the unsaved changes: ctrl+s saves them"
+                return
+            if choice == "discard":
+                self.recovery.remove(copy.file)
+            self._offer_recovery(rest)
+
+        name = os.path.basename(self.path) if self.path else "the new buffer"
+        self.push_screen(RecoverScreen(copy, self._saved_text, name), done)
+
+    def _exit_on_signal(self, code: int) -> None:
+        self.exit(code, return_code=code)
+
+    def get_driver_class(self) -> type[Driver]:
+        tolerate_invalid_input()  # before the driver's input thread makes its decoder
+        return super().get_driver_class()
+
+    def _handle_exception(self, error: Exception) -> None:
+        """Every unhandled exception in a handler, timer or worker ends here: keep the edits, then fail."""
+        self.keep_recovery_copy()
+        super()._handle_exception(error)
+
+    def panic(self, *renderables: RenderableType) -> None:
+        """Textual panics when its input thread dies: keep the edits, and exit non-zero (Textual would exit 0)."""
+        self.keep_recovery_copy()
+        super().panic(*renderables)
+        self._return_code = self._return_code or 1
 
     # ----- command palette
 
