@@ -6,9 +6,12 @@ from __future__ import annotations
 import gc
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from textual import events
 from textual.widget import Widget
 from textual.widgets import Label, Static
 
@@ -16,6 +19,9 @@ from tests.test_app import make_app, ready, wait_for
 from tui.recover_screen import RecoverScreen
 from tui.recovery import RecoveryCopy, RecoveryStore
 from tui.screens import QuitScreen
+from widgets.editor import HIGHLIGHT_MAX_BYTES, MAX_BYTES, MAX_LINES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _live_widgets() -> int:
@@ -189,3 +195,57 @@ async def test_a_panic_keeps_the_edits_and_exits_non_zero() -> None:
         app.panic("the input thread died")
     assert app.return_code == 1
     assert [copy.text for copy in _copies(None)] == ["ok"]
+
+
+def _command(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "tui.cli", *args], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        ("big.py", "x = 1  # " + "y" * 90 + "\n", "MiB, more than the 2 MiB the editor takes"),
+        ("long.txt", "x\n", "lines, more than the 30,000 the editor takes"),
+    ],
+)
+def test_a_file_too_big_to_edit_is_refused_in_one_line(tmp_path: Path, name: str, text: str, reason: str) -> None:
+    """A 20 MB file took 84 s to paint and 30 s a keystroke: past the editor's limits the command refuses it
+    before the app starts (the size on disk before reading it, then the lines)."""
+    file = tmp_path / name
+    file.write_text(text * (MAX_BYTES // len(text) + 1 if name == "big.py" else MAX_LINES + 1))
+    result = _command(str(file))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"codellama-tui: {file}: too big to edit here (") and reason in line
+    assert line.endswith("; open it in another editor")
+
+
+async def test_a_big_file_is_edited_as_plain_text(tmp_path: Path) -> None:
+    """Syntax highlighting re-parses the whole file on every keystroke: past HIGHLIGHT_MAX_BYTES it is off."""
+    big = "x = 1\n" * (HIGHLIGHT_MAX_BYTES // 6 + 1)
+    app = make_app(text=big, path=str(tmp_path / "big.py"))
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        assert app.editor.language is None and app.editor.plain_for_size
+        assert "no syntax highlighting" in app.status.note
+    app = make_app(text="x = 1\n", path=str(tmp_path / "small.py"))
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        assert app.editor.language == "python" and "highlighting" not in app.status.note
+
+
+async def test_a_paste_that_would_make_the_text_too_big_is_refused() -> None:
+    app = make_app(text="x = 1\n")
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.post_message(events.Paste("y\n" * MAX_LINES))  # as the driver does: the app hands it to the editor
+        await pilot.pause()
+        assert app.editor.text == "x = 1\n"
+        assert app.status.note.startswith("paste refused: the text would be too big to edit here (30,002 lines")
+        app.post_message(events.Paste("y = 2\n"))
+        await pilot.pause()
+        assert app.editor.text == "y = 2\nx = 1\n"

@@ -15,8 +15,10 @@ Typing in the chat input never disturbs an answer that is streaming into the log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import stat
 import threading
 import time
 import uuid
@@ -57,7 +59,7 @@ from tui.screens import PromptScreen, QuitScreen
 from tui.terminal import ExitSignals, tolerate_invalid_input
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
-from widgets.editor import CodeEditor, EditorPane, fill_markers
+from widgets.editor import CodeEditor, EditorPane, fill_markers, size_problem, utf8_size
 from widgets.footer import Footer
 from widgets.status_bar import StatusBar
 
@@ -213,6 +215,8 @@ class CodeLlamaApp(App[int]):
     def on_mount(self) -> None:
         self._set_cap(self.cap)
         self.editor.focus()
+        if self.editor.plain_for_size:
+            self.status.note = "a big file: no syntax highlighting (it would slow every keystroke)"
         self._update_title()
         self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_stream, pause=True)
         self.call_after_refresh(self._start_engine)
@@ -588,6 +592,9 @@ class CodeLlamaApp(App[int]):
             self.editor.dismiss_ghost()
         self._refresh_keys()
 
+    def on_code_editor_paste_refused(self, message: CodeEditor.PasteRefused) -> None:
+        self.status.note = f"paste refused: the text would be too big to edit here ({message.reason})"
+
     def on_code_editor_interrupted(self, message: CodeEditor.Interrupted) -> None:
         self._cancel_editor_jobs()
 
@@ -660,6 +667,7 @@ class CodeLlamaApp(App[int]):
     async def action_quit(self) -> None:
         """ctrl+q: quit, asking first when the buffer has unsaved changes."""
         if not self.modified:
+            self.drop_recovery_copy()
             self.exit(0)
             return
         if isinstance(self.screen, QuitScreen):
@@ -779,6 +787,13 @@ def run_app(
 
     from tui.config import ConfigError, load_config
 
+    def too_big(problem: str) -> int:
+        print(f"codellama-tui: {file}: too big to edit here ({problem}); open it in another editor", file=sys.stderr)
+        return 2
+
+    with contextlib.suppress(OSError):  # before reading it; a missing file is a new one, other errors come next
+        if file and stat.S_ISREG((info := os.stat(file)).st_mode) and (problem := size_problem(info.st_size, 0)):
+            return too_big(problem)
     try:
         config = load_config()
         theme = theme_name(theme or config.theme or "dark")
@@ -786,7 +801,20 @@ def run_app(
     except (ConfigError, ValueError, OSError, UnicodeDecodeError) as err:
         print(f"codellama-tui: {err}", file=sys.stderr)
         return 2
+    if problem := size_problem(utf8_size(text), text.count("\n") + 1):
+        return too_big(problem)
     merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
     app = CodeLlamaApp(file, spec, cap, system or config.system, merged, theme, text=text, keys=config.keys)
     result = app.run()
-    return result if isinstance(result, int) else (app.return_code or 0)
+    code = result if isinstance(result, int) else (app.return_code or 0)
+    if app.recovery_file is not None and app.recovery_file.exists():
+        with contextlib.suppress(OSError):  # stderr may be a terminal that is gone
+            print(f"codellama-tui: the unsaved changes are kept in {app.recovery_file}", file=sys.stderr)
+    if any(thread.is_alive() for thread in threading.enumerate() if thread is not threading.main_thread()):
+        # the engine is still loading: finalizing the interpreter under its C++ threads aborts (SIGABRT), and
+        # everything that must last (the file, the recovery copy) is on disk by now
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code
