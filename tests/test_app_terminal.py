@@ -135,8 +135,9 @@ def test_a_signal_keeps_the_edits_restores_the_terminal_and_the_next_open_offers
     terminal.proc.send_signal(signum)
     assert terminal.end() == 128 + signum
     assert_terminal_restored(bytes(terminal.output))
-    assert [copy.text for copy in copies(file, tmp_path)] == [f"typed_{MARKER}\n"]
-    assert file.read_text() == f"{MARKER}\n"
+    (copy,) = copies(file, tmp_path)
+    assert copy.text == f"typed_{MARKER}\n" and file.read_text() == f"{MARKER}\n"
+    assert f"codellama-tui: the unsaved changes are kept in {copy.file}".encode() in terminal.output
 
     again = Terminal(file, tmp_path / "state")
     try:
