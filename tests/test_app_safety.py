@@ -113,9 +113,10 @@ async def test_opening_a_file_with_a_copy_offers_it_and_recover_takes_it(tmp_pat
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, RecoverScreen) and app.screen.query("#recovery-summary"))
         summary = str(app.screen.query_one("#recovery-summary", Label).render())
-        assert "The copy has 3 lines, a.py on disk has 2: the copy adds 2 lines and removes 1." in summary
-        diff = str(app.screen.query_one("#recovery-diff", Static).render())
-        assert diff.splitlines() == ["-y = 2", "+y = 3", "+z = 4"]
+        assert "by process" in summary and "The copy has 3 lines, a.py on disk has 2." in summary
+        assert str(app.screen.query_one("#diff-summary", Label).render()) == "2 lines added, 1 removed in the copy"
+        diff = str(app.screen.query_one("#diff Static", Static).render()).splitlines()
+        assert [line for line in diff if line[:1] in "+-"] == ["-y = 2", "+y = 3", "+z = 4"]
         await pilot.press("r")
         assert app.editor.text == "x = 1\ny = 3\nz = 4\n" and app.modified
         assert file.read_text() == "x = 1\ny = 2\n"  # nothing is written to the file until ctrl+s

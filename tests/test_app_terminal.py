@@ -142,7 +142,7 @@ def test_a_signal_keeps_the_edits_restores_the_terminal_and_the_next_open_offers
     again = Terminal(file, tmp_path / "state")
     try:
         again.wait_for("notes.txt has a recovery copy with unsaved changes.")
-        again.wait_for("the copy adds 1 line and removes 1.")
+        again.wait_for("1 line added, 1 removed in the copy")
         again.type(b"r")
         again.wait_for("typed_" + MARKER)
         again.proc.send_signal(signal.SIGTERM)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import time
 from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Label, Static
 
+from tui.files import pid_alive
 from tui.recovery import RecoveryCopy
+from tui.screens import diff_lines
 from widgets.footer import Footer
-
-PREVIEW_LINES = 8
 
 
 def _ago(seconds: float) -> str:
@@ -33,36 +32,17 @@ def _lines(count: int) -> str:
     return f"{count} line" if count == 1 else f"{count} lines"
 
 
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, and another user's
-    return True
-
-
-def describe(copy: RecoveryCopy, current: str, name: str) -> tuple[str, str]:
-    """What the dialog says about `copy` against `current` (the file as it is now): a summary, and the first
-    changed lines as a diff."""
+def describe(copy: RecoveryCopy, current: str, name: str) -> str:
+    """When and by whom `copy` was written, and its size against `current` (the file as it is now)."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(copy.written))
-    ours, theirs = copy.text.splitlines(), current.splitlines()
-    diff = list(difflib.unified_diff(theirs, ours, lineterm="", n=0))[2:]
-    added = sum(1 for line in diff if line.startswith("+"))
-    removed = sum(1 for line in diff if line.startswith("-"))
-    where = "on disk" if copy.path is not None else "in the new buffer"
-    summary = [
+    where = "on disk" if copy.path is not None else "now"
+    lines = [
         f"Written {stamp} ({_ago(time.time() - copy.written)}) by process {copy.pid}.",
-        f"The copy has {_lines(len(ours))}, {name} {where} has {len(theirs)}: "
-        f"the copy adds {_lines(added)} and removes {removed}.",
+        f"The copy has {_lines(len(copy.text.splitlines()))}, {name} {where} has {len(current.splitlines())}.",
     ]
-    if _running(copy.pid):
-        summary.append(f"Process {copy.pid} is still running: another codellama-tui may be editing it.")
-    preview = [line for line in diff if not line.startswith("@@")][:PREVIEW_LINES]
-    return "\n".join(summary), "\n".join(line[:200] for line in preview)
+    if copy.pid != os.getpid() and pid_alive(copy.pid):
+        lines.append(f"Process {copy.pid} is still running: another codellama-tui may be editing it.")
+    return "\n".join(lines)
 
 
 class RecoverScreen(ModalScreen[str]):
@@ -81,12 +61,14 @@ class RecoverScreen(ModalScreen[str]):
         self._name = name
 
     def compose(self) -> ComposeResult:
-        summary, preview = describe(self._copy, self._current, self._name)
+        summary, diff = diff_lines(self._current, self._copy.text, "in the copy")
         with Vertical(id="dialog"):
-            yield Label(f"{self._name} has a recovery copy with unsaved changes.", id="question")
-            yield Label(summary, id="recovery-summary")
-            yield Static(preview, id="recovery-diff", markup=False)
-            yield Label("r: recover it   d: discard it   k: keep it for later")
+            yield Label(f"{self._name} has a recovery copy with unsaved changes.", id="question", markup=False)
+            yield Label(describe(self._copy, self._current, self._name), id="recovery-summary", markup=False)
+            yield Label(summary, id="diff-summary", markup=False)
+            with VerticalScroll(id="diff"):
+                yield Static("\n".join(diff), markup=False)
+            yield Label("r: recover it   d: discard it   k / Esc: keep it for later")
         yield Footer()
 
     def action_choose(self, choice: str) -> None:
