@@ -153,7 +153,6 @@ class CodeLlamaApp(App[int]):
         text: str | None = None,
         keys: dict[str, str] | None = None,
         client_factory: ClientFactory = _engine_client_factory,
-        recovery: RecoveryStore | None = None,
     ) -> None:
         """`file` is an opened file, or a path to open; `text`, when given, is the buffer's text and taken to be
         what the file at that path holds (tests and embedders), so the file is not read."""
@@ -185,7 +184,7 @@ class CodeLlamaApp(App[int]):
         self.session = self._new_session_id()
         self._last_code: str | None = None
         self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
-        self.recovery = recovery or RecoveryStore()
+        self.recovery = RecoveryStore()
         self.recovery_file: Path | None = None  # this buffer's recovery copy, once written
         self._recovery_timer: Timer | None = None
         self._exit_signals: ExitSignals | None = None
@@ -816,7 +815,8 @@ class CodeLlamaApp(App[int]):
             if choice == "recover":
                 editor = self.editor
                 editor.history.checkpoint()
-                editor.replace(copy.text, (0, 0), editor.document.end)  # one undo step back to the file
+                # one undo step back to the file
+                editor.replace(copy.text, (0, 0), editor.document.end, maintain_selection_offset=False)
                 editor.history.checkpoint()
                 self.recovery_file = copy.file  # this session's copy from now on
                 self.status.note = "recovered the unsaved changes: ctrl+s saves them"
