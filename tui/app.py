@@ -872,7 +872,7 @@ def run_app(
     from tui.config import ConfigError, load_config
 
     def too_big(problem: str) -> int:
-        print(f"codellama-tui: {file}: too big to edit here ({problem}); open it in another editor", file=sys.stderr)
+        print(f"codellama-tui: error: {file}: too big to edit here ({problem}); open it in another editor", file=sys.stderr)
         return 2
 
     with contextlib.suppress(OSError):  # before reading it; a missing file is a new one, other errors come next
@@ -885,7 +885,7 @@ def run_app(
         SamplingParams.for_cap(cap, **merged).check()  # a bad value is refused now, not at the first request
         opened = OpenFile.open(file) if file else OpenFile(None)
     except (ConfigError, FileError, ValueError, OSError) as err:
-        print(f"codellama-tui: {err}", file=sys.stderr)
+        print(f"codellama-tui: error: {err}", file=sys.stderr)
         return 2
     if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
         return too_big(problem)
