@@ -293,7 +293,8 @@ def quantized_scores(
     max_chars_per_file: int | None = None,
 ) -> dict:
     """Held-out perplexity and single-line infilling of the unquantized model (bf16 on CUDA, float32 on the CPU) and
-    of each of `formats`; `same_infill`: the share of lines whose greedy infill equals the unquantized model's."""
+    of each of `formats`; `same_infill`: the share of lines whose greedy infill equals the unquantized model's.
+    "bfloat16" among `formats` is the yardstick: the unquantized model computing in bfloat16."""
     model, sp = load(model_dir, device)
     texts = held_out_texts()
     cases = line_cases(texts, n_infills, seed)
@@ -303,8 +304,10 @@ def quantized_scores(
                  "lines": len(cases), "window": seq_len, "formats": {}}  # fmt: skip
     base: list[str] | None = None
     for fmt in ("unquantized", *formats):
-        model.load_state_dict(original)
-        if fmt != "unquantized":
+        model.to(original["lm_head.weight"].dtype).load_state_dict(original)
+        if fmt == "bfloat16":
+            model.to(torch.bfloat16)
+        elif fmt != "unquantized":
             round_trip(model, fmt)
         ppl = perplexity(model, sp, texts, seq_len, device, max_chars_per_file)
         preds = infill_predictions(model, sp, prompts, device, max_new, 256 if device.type == "cuda" else 16)
@@ -321,16 +324,18 @@ def quantized_scores(
 
 def _quant_summary(q: dict) -> str:
     base = q["formats"]["unquantized"]
+    names = {"bfloat16": "unquantized in bfloat16 (the yardstick)"}
     parts = [
-        f"{fmt} perplexity {r['perplexity']:.3f} ({r['perplexity'] / base['perplexity'] - 1:+.2%}), line infill exact"
-        f" match {r['exact_match']:.1%}, the unquantized model's own infill on {r['same_infill']:.1%} of the lines"
+        f"{names.get(fmt, fmt)}: perplexity {r['perplexity']:.3f} ({r['perplexity'] / base['perplexity'] - 1:+.2%}),"
+        f" line infill exact match {r['exact_match']:.1%}, the unquantized model's own infill on"
+        f" {r['same_infill']:.1%} of the lines"
         for fmt, r in q["formats"].items()
         if fmt != "unquantized"
     ]
     return (
-        f"\nweights quantized at load (`--quant`; LM head unquantized), {q['device']} {q['dtype']}, against"
-        f" perplexity {base['perplexity']:.3f} and exact match {base['exact_match']:.1%} unquantized on the same"
-        f" {q['lines']} lines: " + "; ".join(parts)
+        f"\nweights quantized at load (`--quant`; LM head unquantized), on {q['device']} against the unquantized model"
+        f" in {q['dtype']} (perplexity {base['perplexity']:.3f}, exact match {base['exact_match']:.1%}) on"
+        f" {q['lines']} lines:\n" + "\n".join(f"- {part}" for part in parts)
     )
 
 
@@ -439,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--cli", action="store_true", help="only the function-body check through `codellama-tui generate`")
-    ap.add_argument("--quant", metavar="LIST", help="only the quantized comparison, e.g. int8,int4")
+    ap.add_argument("--quant", metavar="LIST", help="only the quantized comparison: int8,int4 (bfloat16: a yardstick)")
     a = ap.parse_args(argv)
     if a.quant:
         res = quantized_scores(a.model_dir, torch.device(a.device), a.quant.split(","), a.infills, a.seq_len, a.seed)
