@@ -186,7 +186,8 @@ def _prefetch_l2(w_ptr, rows, n_mask, k_start, k_end, BLOCK_K: tl.constexpr):
     """Ask L2 for the strip's first two weight tiles, one 128-byte line per request (masked-off lines become
     requests for the weight's first line)."""
     per_line: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-    k = k_start + tl.arange(0, 2 * BLOCK_K // per_line) * per_line
+    span: tl.constexpr = 2 * BLOCK_K if per_line < 2 * BLOCK_K else per_line  # at least one line (int8, narrow K)
+    k = k_start + tl.arange(0, span // per_line) * per_line
     lines = tl.where(n_mask[:, None] & (k[None, :] < k_end), rows + k[None, :], w_ptr)
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
                               is_pure=False, pack=1)  # fmt: skip
