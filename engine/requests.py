@@ -12,7 +12,7 @@ from typing import Literal, get_args
 Cap = Literal["completion", "infilling", "chat", "python"]
 CAPS: tuple[str, ...] = get_args(Cap)
 FILL = "<FILL>"
-QUANT = ("int8", "int4")  # what `--quant` quantizes to at load (engine.weights)
+QUANT = ("int8", "int4", "nf4")  # what `--quant` quantizes to at load (engine.weights)
 
 
 @dataclass(frozen=True)
