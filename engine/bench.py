@@ -13,18 +13,21 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from engine.config import DEMO_DIR, ModelConfig, model_dir, shape_config
 from engine.engine import Engine, pick_device, pick_dtype
+from engine.errors import OutOfMemoryError
 from engine.events import Finished, ModelInfo
 from engine.model import Llama
-from engine.parallel import SINGLE, Parallel
+from engine.parallel import SINGLE, Parallel, Shard
 from engine.requests import EngineSpec, Request, SamplingParams
 from engine.runner import Row, compile_ahead
 from engine.tokenizer import Tokenizer
+from engine.weights import Quant
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -49,22 +52,19 @@ def _now(device: torch.device) -> float:
 
 
 def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Parallel = SINGLE) -> tuple[Engine, float]:
-    """An engine on random weights (normal, std 0.02; norms 1) at a real shape; returns it and the init time."""
+    """An engine on random weights (normal, std 0.02; norms 1) at a real shape, quantized as `spec` says; returns it
+    and the init time."""
     device, dtype = pick_device(spec.device), pick_dtype(spec.dtype, pick_device(spec.device))
+    quant = Quant.of(spec.quant, spec.quant_head)
+    quant.check(cfg, Shard.of(cfg, par.world), par.world)
     start = _now(device)
-    with compile_ahead(cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world) as compiling:
+    with compile_ahead(
+        cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant
+    ) as compiling:
         recorded = _now(device)
-        model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype)
+        model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype, quant)
         built = _now(device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        for p in model.parameters():  # the dense projections among them
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=gen)
-        for w in model.weights():
-            if w.format != "dense":  # quantized from random dense weights, one at a time
-                w.fill(torch.empty(w.shape, device=device, dtype=dtype).normal_(0, 0.02, generator=gen))
+        randomize(model, torch.Generator(device=device).manual_seed(0))
         filled = _now(device)
         model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
         cached = _now(device)
@@ -74,10 +74,59 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
         file=sys.stderr,
     )
     info = ModelInfo(f"random {cfg.dim}", "base", tok.can_infill, str(device), str(dtype), par.world,
-                     spec.max_seq_len, cfg.vocab_size)  # fmt: skip
+                     spec.max_seq_len, cfg.vocab_size, quant=spec.quant)  # fmt: skip
     engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs)
     engine.compiled_ahead = compiling
     return engine, load_s
+
+
+@torch.no_grad()
+def randomize(model: Llama, gen: torch.Generator) -> None:
+    """Random weights: normal with std 0.02 (quantized from such dense weights, one at a time), norms 1."""
+    for p in model.parameters():  # the dense projections among them
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.02, generator=gen)
+    for w in model.weights():
+        if w.format != "dense":
+            dense = torch.empty(w.shape, device=gen.device, dtype=model.norm.dtype).normal_(0, 0.02, generator=gen)
+            w.fill(dense)
+
+
+@torch.inference_mode()
+def logits_error(cfg: ModelConfig, formats: list[str], device: torch.device, dtype: torch.dtype, tokens: int = 128):
+    """`||logits - reference|| / ||reference||` of a prefill of `tokens` random ids, with the projections of one
+    random model quantized to each of `formats` (and, for a float32 reference, the unquantized model in bfloat16),
+    against that model unquantized in `dtype`."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    reference = Llama.empty(cfg, tokens, SINGLE, device, dtype)
+    randomize(reference, gen)
+    ids = torch.randint(3, cfg.vocab_size - 1, (tokens,), generator=gen, device=device)
+
+    def prefill(model: Llama) -> torch.Tensor:
+        model.setup_cache(1, tokens, model.norm.dtype)
+        logits = model.prefill(ids, 0, 0, all_logits=True).float()
+        model.cache = None
+        return logits
+
+    expected = prefill(reference)
+    variants = [(fmt, Quant.of(fmt), dtype) for fmt in formats]
+    if dtype == torch.float32:
+        variants.append(("bfloat16", Quant(), torch.bfloat16))
+    errors = {}
+    for name, quant, variant_dtype in variants:
+        model = Llama.empty(cfg, tokens, SINGLE, device, variant_dtype, quant)
+        model.tok_embeddings.copy_(reference.tok_embeddings)
+        model.norm.copy_(reference.norm)
+        for ours, theirs in zip(model.layers, reference.layers, strict=True):
+            ours.attention_norm.copy_(theirs.attention_norm)
+            ours.ffn_norm.copy_(theirs.ffn_norm)
+        for ours, theirs in zip(model.weights(), reference.weights(), strict=True):
+            ours.fill(theirs.dense().to(variant_dtype))
+        errors[name] = float((prefill(model) - expected).norm() / expected.norm())
+        del model
+    return errors
 
 
 def random_rank(spec: EngineSpec, progress: object, par: Parallel, shape: str, tokenizer: str) -> Engine:
@@ -252,6 +301,40 @@ def graph_step_ms(engine: Engine, batch: int, position: int, steps: int) -> floa
 
 
 def main(args: argparse.Namespace) -> int:
+    """One run per `--quant` format, then the unquantized dtype (unless `--quant-only`), each with its own table;
+    with several, a table of their ratios. `--json` keeps the numbers, per format when there are several."""
+    device = pick_device(args.device)
+    if args.logits_error:
+        cfg = shape_config(args.shape or "7b")
+        cfg = replace(cfg, n_layers=min(args.layers or cfg.n_layers, cfg.n_layers))
+        dtype = pick_dtype(args.dtype, device)
+        errors = logits_error(cfg, args.quant or ["int8", "int4"], device, dtype)
+        what = f"random CodeLlama-{args.shape or '7b'}-shaped weights ({cfg.n_layers} layers), 128 tokens, on {device}"
+        print(f"logits' relative error against the unquantized model in {str(dtype).removeprefix('torch.')}, {what}:")
+        for name, error in errors.items():
+            print(f"  {name:<10} {error:.3e}")
+        return 0
+    copy_gbps = copy_bandwidth(device)
+    formats: list[str | None] = [*(args.quant or []), *([None] if not (args.quant and args.quant_only) else [])]
+    runs: dict[str, dict] = {}
+    for quant in formats:
+        name = quant or str(pick_dtype(args.dtype, device)).removeprefix("torch.")
+        try:
+            runs[name] = measure(args, quant, copy_gbps)
+        except (OutOfMemoryError, torch.OutOfMemoryError) as err:
+            print(f"{name}: does not fit ({str(err).splitlines()[0][:200]})", file=sys.stderr)
+            runs[name] = {"does_not_fit": True}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if len(runs) > 1:
+        print("\n" + ratios(runs, [int(b) for b in args.batch.split(",")]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs if len(runs) > 1 else next(iter(runs.values())), indent=2))
+    return 0
+
+
+def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> dict[str, object]:
+    """Build the engine (weights quantized at load to `quant`, None: as they are), time it, print its table."""
     batches = [int(b) for b in args.batch.split(",")]
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     device = pick_device(args.device)
@@ -259,10 +342,12 @@ def main(args: argparse.Namespace) -> int:
     need = max(max(prompt_lens), 128 + args.steps + 16) + 64
     spec = EngineSpec(
         model=args.model, device=str(device), dtype=str(dtype).removeprefix("torch."), max_batch=max(batches),
-        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp,
+        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp, quant=quant,
+        quant_head=args.quant_head and quant is not None,
     )  # fmt: skip
     out: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    out["copy_GBps"] = copy_bandwidth(device)
+    out["copy_GBps"] = copy_gbps
+    out["quant"] = Quant.of(quant, spec.quant_head).name
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
     start = time.perf_counter()
     if args.shape and not args.model:
@@ -319,14 +404,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"\n{what}, GPU time per kernel (total {sum(t for _, t in out[key]):.0f} us):")
             for name, t in out[key][:16]:
                 print(f"  {t:9.1f} us  {name}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
     engine.close()  # with --tp, ends the other ranks
-    return 0
+    return out
 
 
 def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
-    lines = [f"codellama-tui bench: {r['model']} on {r['device']}", ""]
+    weights = f", {r['quant']} weights" if r.get("quant", "dense") != "dense" else ""
+    lines = [f"codellama-tui bench: {r['model']} on {r['device']}{weights}", ""]
     lines.append(f"{'figure':<44} {'value':>12}")
     lines.append(f"{'copy bandwidth (read+write)':<44} {r['copy_GBps']:>9.0f} GB/s")
     lines.append(f"{'weights':<44} {r['weights_GB']:>10.2f} GB")
@@ -363,4 +447,25 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
         lines.append(
             f"{'  (transformers bf16 vs its own fp32)':<44} {r['hf_bf16_greedy_agree_vs_fp32']:>7d} / {r['greedy_of']}"
         )
+    return "\n".join(lines)
+
+
+def ratios(runs: dict[str, dict], batches: list[int]) -> str:
+    """Each format's decode rates, weight bytes and start-up, and its speed-up over the unquantized run (the last)."""
+    names = list(runs)
+    base = runs[names[-1]]
+    lines = [f"{'quantized weights, same run':<32}" + "".join(f"{name:>22}" for name in names)]
+    rows = [(f"decode, batch {b} (tok/s)", f"decode_b{b}_tps", True) for b in batches]
+    rows += [("weights (GB)", "weights_GB", False), ("start-up (s)", "startup_s", False)]
+    for label, key, ratio in rows:
+        cells = []
+        for name in names:
+            value = runs[name].get(key)
+            if value is None:
+                cells.append(f"{'does not fit' if runs[name].get('does_not_fit') else '-':>22}")
+                continue
+            times = f" ({value / base[key]:.2f}x)" if ratio and base.get(key) and runs[name] is not base else ""
+            digits = 2 if key == "weights_GB" else 1
+            cells.append(f"{f'{value:.{digits}f}{times}':>22}")
+        lines.append(f"{label:<32}" + "".join(cells))
     return "\n".join(lines)

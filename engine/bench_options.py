@@ -49,3 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="also print the per-kernel GPU time of one decode step")
     p.add_argument("--json", metavar="FILE", help="write every number here too")
     add_quant_options(p, several=True)
+    p.add_argument("--quant-only", action="store_true", help="with --quant: leave out the unquantized run")
+    p.add_argument(
+        "--logits-error", action="store_true",
+        help="only the logits' relative error of each --quant format (default int8,int4) on random --shape weights",
+    )  # fmt: skip
+    p.add_argument("--layers", type=int, metavar="N", help="with --logits-error: the first N layers of the shape")

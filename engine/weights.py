@@ -16,7 +16,8 @@ Every format has:
   rows `dest ..` (None: all) from tensors already in that layout, this rank's part (a converted workspace, a
   repacked GPTQ or AWQ checkpoint), so a reader slices any format's shard without knowing it.
 - `zero_rows(start)`: rows `start ..` compute 0 (the padding of the last vocabulary shard).
-- `dense()`: the dequantized weight `[n, k]` in `dtype`, the semantics every kernel matches to rounding.
+- `dense(dtype=None)`: the dequantized weight `[n, k]` (in `dtype`, default its own), the semantics every kernel
+  matches to rounding (the kernels multiply by the float32 values, `dense(torch.float32)`).
 - `perm`: None, or the order `[k]` of the inputs its columns are stored in (int4 from an act-order GPTQ checkpoint,
   its groups made contiguous: `Int4.set_perm`): the matrix-vector kernel reads `x[..., perm]`; `dense()` and
   `linear` take x as it is.
@@ -113,7 +114,7 @@ class Weight(nn.Module):
     def zero_rows(self, start: int) -> None:
         raise NotImplementedError
 
-    def dense(self) -> Tensor:
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         raise NotImplementedError
 
     def linear(self, x: Tensor) -> Tensor:
@@ -147,8 +148,8 @@ class Dense(Weight):
     def zero_rows(self, start: int) -> None:
         self.weight[start:].zero_()
 
-    def dense(self) -> Tensor:
-        return self.weight
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.weight if dtype is None else self.weight.to(dtype)
 
     def linear(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
@@ -205,8 +206,8 @@ class Int8(_Quantized):
         self.q[start:].zero_()
         self.scale[start:].zero_()
 
-    def dense(self) -> Tensor:
-        return quant.dequantize_int8(self.q, self.scale, self.dtype)
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return quant.dequantize_int8(self.q, self.scale, dtype or self.dtype)
 
     def tensors(self) -> tuple[Tensor, Tensor, None]:
         return self.q, self.scale, None
@@ -243,8 +244,8 @@ class Int4(_Quantized):
         self.scales[:, start:].zero_()
         self.zeros[:, start:].zero_()
 
-    def dense(self) -> Tensor:
-        w = quant.dequantize_int4(self.qweight, self.scales, self.zeros, self.dtype)
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        w = quant.dequantize_int4(self.qweight, self.scales, self.zeros, dtype or self.dtype)
         if self.perm is None:
             return w
         return torch.empty_like(w).index_copy_(1, self.perm, w)
@@ -278,8 +279,8 @@ class NF4(_Quantized):
         self.packed[start:] = 0x77  # level 7 is 0.0
         self.absmax[start:].zero_()
 
-    def dense(self) -> Tensor:
-        return quant.dequantize_nf4(self.packed, self.absmax, self.dtype)
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return quant.dequantize_nf4(self.packed, self.absmax, dtype or self.dtype)
 
     def linear(self, x: Tensor) -> Tensor:
         if not x.is_cuda:

@@ -175,7 +175,13 @@ def linear(x: Tensor, w: Weight) -> Tensor:
 
 
 def dequantize(w: Weight) -> Tensor:
-    """The quantized weight `w` as a dense `[n, k]` in its dtype (engine.quant's reference)."""
+    """The quantized weight `w` as a dense `[n, k]` in its dtype: one Triton kernel on the GPU (into a fresh buffer,
+    which the caching allocator, or a CUDA graph's pool, reuses), `w.dense()` (engine.quant's reference) elsewhere."""
+    if _use_triton(w.tensors()[0]):
+        from . import triton_dequant
+
+        stored = triton_dequant.dequantize(w)  # columns in the stored order: `w.perm`'s
+        return stored if w.perm is None else torch.empty_like(stored).index_copy_(1, w.perm, stored)
     return w.dense()
 
 

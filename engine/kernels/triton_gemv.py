@@ -28,6 +28,14 @@ separate launch of a few microseconds while the projection itself streams megaby
 All round where the unfused ops round (reference.add_rms_norm, reference.silu_mul). The engine fuses
 the norm and the residual add only for one row (`engine.kernels` says why).
 
+The weight comes in one of three formats (`engine.weights`; FORMAT): dense rows; int8 rows, the product scaled once
+per row at the end; int4, packed 8 to an int32 word K-contiguous per row, groups of 128 inputs with a scale and zero
+point each (engine.quant has the layout). The int4 loop unpacks a group plane by plane (16 consecutive inputs per
+nibble position: one shift and one mask per word), each nibble or-ed into the mantissa of 2^23 so that subtracting
+2^23 + zero gives the exact integer `q - zero` with no conversion instruction, multiplies (one row) or dots (several,
+the exact integers in x's 16-bit dtype) it with x and scales the group's sum once. Prologue, epilogues and split-K
+are the same for every format; the quantized weights' first tiles go to L2 early under PDL.
+
 Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never benchmarks);
 `python -m engine.kernels.bench_kernels --sweep` times alternatives on the real GPU.
 """
@@ -53,7 +61,8 @@ if TYPE_CHECKING:
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 64  # larger batches go to cuBLAS, which is compute-efficient there
-FORMATS = ("dense",)  # the weight formats (engine.weights) this kernel runs
+DENSE, INT8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+FORMATS = {"dense": DENSE, "int8": INT8, "int4": INT4}  # the weight formats (engine.weights) this kernel runs
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    tensor_cores: bool = False  # one row too through the several-row path (a dot with the row padded to 16)
 
 
 @triton.jit
@@ -103,13 +113,70 @@ def _x_tile(
 
 
 @triton.jit
-def _dot(w, x, acc, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
+def _dot(w, x, acc, x_ptr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """`acc + w @ x.T` for a weight tile [BLOCK_N, BLOCK_K] and float32 rows [BLOCK_M, BLOCK_K]: the weight strip
     is the tensor-core tile's long side, so a handful of rows needs no padding to 64. NATIVE_DOT: x holds values
-    of w's 16-bit dtype, so the dot runs on 16-bit inputs exactly; otherwise on float32 copies at PRECISION."""
+    of its 16-bit dtype, and so does w (the weight itself, or integers a quantized format holds exactly), so the
+    dot runs on 16-bit inputs exactly; otherwise on float32 copies at PRECISION."""
     if NATIVE_DOT:
-        return tl.dot(w, tl.trans(x.to(w.dtype)), acc)
+        return tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x.to(x_ptr.dtype.element_ty)), acc)
     return tl.dot(w.to(tl.float32), tl.trans(x), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _values(w, FORMAT: tl.constexpr):
+    """A weight tile as float32. int8 takes no int-to-float conversion (a quarter-rate instruction that alone would
+    cap the kernel below the copy rate): the byte with its sign bit flipped (q + 128) is or-ed into the mantissa of
+    2^23, and 2^23 + 128 subtracted, exactly."""
+    if FORMAT == INT8:
+        biased = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000
+        return biased.to(tl.float32, bitcast=True) - 8388736.0
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _int4_plane(words, j: tl.constexpr, zero):
+    """`q - zero` in float32 for plane j of packed int4 words [BLOCK_N, 16] (inputs 16 j .. 16 j + 15 of their
+    group): the nibble is or-ed into the mantissa of 2^23 and `zero` carries the same 2^23, so the subtraction is
+    exact and no integer-to-float conversion runs."""
+    nibble = (words >> (4 * j)) & 0xF
+    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]
+
+
+@triton.jit
+def _int4_product(
+    x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg, k_start, k_end, rstd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
+):  # fmt: skip
+    """The product [BLOCK_M, BLOCK_N] of the rows of x with the int4 weight rows `n` (packed words at `w_rows`,
+    scales and zeros at column n of the group-major [groups, N] tables) over inputs k_start .. k_end, whole groups
+    of 128 (engine.quant has the layout). Each group is unpacked plane by plane, 16 inputs each: a multiply-add for
+    one row, a tensor-core dot for several, of the exact integers `q - zero`, scaled once per group."""
+    c = tl.arange(0, 16)
+    width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M  # one row: products summed over the plane at the end
+    acc = tl.zeros([BLOCK_N, width], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        for t in tl.static_range(BLOCK_K // 128):
+            g = k0 // 128 + t
+            live = n_mask & (tl.full([BLOCK_N], 128 * g, tl.int32) < k_end)  # a step may run past its split's end
+            words = tl.load(w_rows + (16 * g + c)[None, :], mask=live[:, None], other=0, eviction_policy="evict_first")
+            scale = tl.load(s_ptr + g * stride_sg + n, mask=live, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + g * stride_sg + n, mask=live, other=0).to(tl.float32) + 8388608.0
+            group = tl.zeros([BLOCK_N, width], tl.float32)
+            for j in tl.static_range(8):
+                k = 128 * g + 16 * j + c
+                offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
+                x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL,
+                            ROUND_NORMED)  # fmt: skip
+                if BLOCK_M == 1:
+                    group += _int4_plane(words, j, zero) * x[None, :]
+                else:
+                    group = _dot(_int4_plane(words, j, zero), x, group, x_ptr, PRECISION, NATIVE_DOT)
+            acc += group * scale[:, None]
+    if BLOCK_M == 1:
+        return tl.sum(acc, axis=1)[None, :]
+    return tl.trans(acc)
 
 
 @triton.jit
@@ -127,6 +194,8 @@ def _prefetch_l2(w_ptr, rows, n_mask, k_start, k_end, BLOCK_K: tl.constexpr):
 def _gemv_kernel(
     x_ptr,
     w_ptr,
+    s_ptr,
+    z_ptr,
     out_ptr,
     res_ptr,
     norm_ptr,
@@ -139,6 +208,7 @@ def _gemv_kernel(
     K,
     stride_xm,
     stride_wn,
+    stride_sg,
     stride_om,
     k_per_split,
     eps,
@@ -158,11 +228,13 @@ def _gemv_kernel(
     ADD_RESIDUAL: tl.constexpr,
     SPLIT_K: tl.constexpr,
     USE_GDC: tl.constexpr,
+    FORMAT: tl.constexpr,
 ):
-    """res_ptr: the residual added in the norm prologue (HAS_RESIDUAL) or the epilogue (ADD_RESIDUAL); sq_ptr: the
-    [n_sq, M] partial sums of squares the prologue reads (PARTIALS) or the [programs, M] ones the epilogue writes;
-    part_ptr, count_ptr: with SPLIT_K, the float32 [SPLIT_K, 1 or 2, M, N] products of each split and a zeroed counter
-    per strip."""
+    """w_ptr, s_ptr, z_ptr: the weight as its FORMAT holds it (`Weight.tensors()`: DENSE rows, INT8 rows and a scale
+    per row, INT4 packed rows and [groups, N] scales and zeros, stride_sg apart); res_ptr: the residual added in the
+    norm prologue (HAS_RESIDUAL) or the epilogue (ADD_RESIDUAL); sq_ptr: the [n_sq, M] partial sums of squares the
+    prologue reads (PARTIALS) or the [programs, M] ones the epilogue writes; part_ptr, count_ptr: with SPLIT_K, the
+    float32 [SPLIT_K, 1 or 2, M, N] products of each split and a zeroed counter per strip."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,8 +248,14 @@ def _gemv_kernel(
     k_first = k_start + tl.arange(0, BLOCK_K)  # own names: a reassigned name would become loop-carried below
     mask_first = k_first < k_end
     # The first weight tiles depend on no other kernel: in flight before the wait below. One row holds them in
-    # registers; several rows would need shared memory for them too (a program fewer per SM), so fetch into L2.
-    if BLOCK_M == 1:
+    # registers; several rows would need shared memory for them too (a program fewer per SM), so fetch into L2, as
+    # for int4, whose loop unpacks group by group.
+    if FORMAT == INT4:
+        if USE_GDC:
+            _prefetch_l2(w_ptr, w_rows, n_mask, k_start // 8, k_end // 8, BLOCK_K // 8)
+            if SILU_MUL:
+                _prefetch_l2(w_ptr, up_rows, n_mask, k_start // 8, k_end // 8, BLOCK_K // 8)
+    elif BLOCK_M == 1:
         w_first = tl.load(w_rows + k_first[None, :], mask=n_mask[:, None] & mask_first[None, :], other=0.0,
                           eviction_policy="evict_first")  # fmt: skip
         if SILU_MUL:
@@ -211,26 +289,38 @@ def _gemv_kernel(
         if BLOCK_M > 1:
             rstd = rstd[:, None]
 
-    if BLOCK_M == 1:
+    if FORMAT == INT4:
+        acc = _int4_product(x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg,
+                            k_start, k_end, rstd, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT, NORM,
+                            HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        if SILU_MUL:
+            up = _int4_product(x_ptr, res_ptr, norm_ptr, up_rows, s_ptr, z_ptr, n + N, n_mask, m, M, stride_xm,
+                               stride_sg, k_start, k_end, rstd, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT,
+                               NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+    elif BLOCK_M == 1:
         x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
                           HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
-        acc2d = w_first.to(tl.float32) * x_first[None, :]
+        acc2d = _values(w_first, FORMAT) * x_first[None, :]
         if SILU_MUL:
-            up2d = u_first.to(tl.float32) * x_first[None, :]
+            up2d = _values(u_first, FORMAT) * x_first[None, :]
         for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
             x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k_mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            acc2d += w.to(tl.float32) * x[None, :]
+            acc2d += _values(w, FORMAT) * x[None, :]
             if SILU_MUL:
                 u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
-                up2d += u.to(tl.float32) * x[None, :]
+                up2d += _values(u, FORMAT) * x[None, :]
         acc = tl.sum(acc2d, axis=1)[None, :]
         if SILU_MUL:
             up = tl.sum(up2d, axis=1)[None, :]
+        if FORMAT == INT8:  # per output row: one multiply at the end
+            acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[None, :]
+            if SILU_MUL:
+                up *= tl.load(s_ptr + n + N, mask=n_mask, other=0.0)[None, :]
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # transposed: see _dot
         if SILU_MUL:
@@ -242,11 +332,19 @@ def _gemv_kernel(
                         eviction_policy="evict_first")  # fmt: skip
             offsets, mask = _x_offsets(m, k, k_mask, M, stride_xm, BLOCK_M)
             x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            acc = _dot(w, x, acc, PRECISION, NATIVE_DOT)
+            if FORMAT == INT8:
+                w = _values(w, FORMAT)
+            acc = _dot(w, x, acc, x_ptr, PRECISION, NATIVE_DOT)
             if SILU_MUL:
                 u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
-                up = _dot(u, x, up, PRECISION, NATIVE_DOT)
+                if FORMAT == INT8:
+                    u = _values(u, FORMAT)
+                up = _dot(u, x, up, x_ptr, PRECISION, NATIVE_DOT)
+        if FORMAT == INT8:
+            acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[:, None]
+            if SILU_MUL:
+                up *= tl.load(s_ptr + n + N, mask=n_mask, other=0.0)[:, None]
         acc = tl.trans(acc)
         if SILU_MUL:
             up = tl.trans(up)
@@ -305,6 +403,32 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, sm_count: int, fmt: str = "dense") -> GemvConfig:
+    """The config for `fmt`'s weight [n, k] at m rows: `_int4_config` for int4, `_dense_config` for dense and int8
+    (the same loop, its scale applied once per row)."""
+    if fmt == "int4":
+        return _int4_config(m, n, k, sm_count)
+    return _dense_config(m, n, k, sm_count)
+
+
+def _int4_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
+    """A fixed rule until a sweep on the GPU (`bench_kernels --quant-sweep`) sets it: two groups of 128 inputs per
+    step (128 bytes per weight row). One row: strips of 128 rows where that still gives a strip per SM, else 64 (each
+    thread holds several rows, so the x values it computes, norm included, serve several weights), K split until
+    there are two programs per SM or a split would hold fewer than four groups. Several rows: the tensor-core tile's
+    64 rows, K split where the strips leave SMs idle and K is long."""
+    block_k = 256
+    if m == 1:
+        block_n = 128 if triton.cdiv(n, 128) >= sm_count else 64
+        enough, long_k = 2 * sm_count, 2 * block_k
+    else:
+        block_n, enough, long_k = 64, sm_count, 8 * block_k
+    split_k = 1
+    while triton.cdiv(n, block_n) * split_k < enough and k // (split_k * 2) >= long_k:
+        split_k *= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+
+
+def _dense_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     """A fixed rule (timed on the H100 against the alternatives, BENCHMARKS.md). One row: the widest row strip
     that still gives about three programs per SM (wider strips mean fewer, longer programs, less waste at the
     tail; narrower ones more programs in flight), K split only when even the narrowest strips leave SMs short of
@@ -345,18 +469,20 @@ def _launch(
     partial sums of squares of x or None); `add` is (residual [M, N], buffer for the [programs, M] squares)."""
     m, k = x2.shape
     assert m <= MAX_ROWS, f"{m} rows: the GEMV takes at most {MAX_ROWS}"
-    if not isinstance(w, Tensor):
-        w = w.tensors()[0]
-    if w.stride(1) != 1:
-        w = w.contiguous()
+    fmt = "dense" if isinstance(w, Tensor) else w.format
+    data, scales, zeros = (w, None, None) if isinstance(w, Tensor) else w.tensors()
+    assert fmt != "int4" or config.block_k % 128 == 0, f"int4 takes whole groups of 128: BLOCK_K {config.block_k}"
+    if data.stride(1) != 1:
+        data = data.contiguous()
     residual, norm_weight, eps, h, squares = norm if norm is not None else (None, x2, 0.0, x2, None)  # x2: unused
     if add is not None:
         residual, squares = add
     normed_dtype = torch.promote_types(x2.dtype, norm_weight.dtype)
     out_dtype = torch.promote_types(normed_dtype, w.dtype)
-    n, block_n = w.shape[0], config.block_n
+    n, block_n = data.shape[0], config.block_n
+    block_m = 1 if m == 1 and not config.tensor_cores else max(16, triton.next_power_of_2(m))
     if silu_mul:  # gate and up strips of half the width: the same weight bytes per program as the plain GEMV
-        n, block_n = n // 2, max(block_n // 2, 1 if m == 1 else 16)
+        n, block_n = n // 2, max(block_n // 2, 1 if block_m == 1 else 16)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     gdc = pdl.enabled(x2)
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
@@ -367,19 +493,22 @@ def _launch(
     else:
         parts = counts = out  # unused
     partials = squares is not None and add is None
-    native_dot = w.dtype in (torch.float16, torch.bfloat16) and x2.dtype == w.dtype and normed_dtype == x2.dtype
+    # Quantized weights enter the dot as small integers (int4: q - zero), exact in x's 16-bit dtype.
+    native_dot = x2.dtype in (torch.float16, torch.bfloat16) and x2.dtype == w.dtype and normed_dtype == x2.dtype
     native_dot &= not INTERPRETED  # the interpreter's bfloat16 dot returns garbage; float32 copies give the same sums
+    precision = dot_precision(data.dtype if fmt == "dense" else x2.dtype)
     _gemv_kernel[(strips, config.split_k)](
-        x2, w, out, residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
-        parts, counts, m, n, k, x2.stride(0), w.stride(0), out.stride(0), k_per_split,
-        eps, squares.shape[0] if partials else 0,
-        BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=config.block_k,
-        BLOCK_SQ=4 * config.block_k if m == 1 else config.block_k, PRECISION=dot_precision(w.dtype),
+        x2, data, scales if scales is not None else data, zeros if zeros is not None else data, out,
+        residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
+        parts, counts, m, n, k, x2.stride(0), data.stride(0), scales.stride(0) if fmt == "int4" else 0, out.stride(0),
+        k_per_split, eps, squares.shape[0] if partials else 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
+        BLOCK_SQ=4 * config.block_k if block_m == 1 else config.block_k, PRECISION=precision,
         NATIVE_DOT=native_dot, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
         BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
-        SPLIT_K=config.split_k, USE_GDC=gdc, num_warps=config.num_warps, num_stages=config.num_stages,
-        launch_pdl=gdc,
+        SPLIT_K=config.split_k, USE_GDC=gdc, FORMAT=FORMATS[fmt], num_warps=config.num_warps,
+        num_stages=config.num_stages, launch_pdl=gdc,
     )  # fmt: skip
     return out
 
