@@ -72,3 +72,17 @@ def test_nf4_on_inputs_not_in_whole_blocks_is_one_line(tiny_model_dir: Path) -> 
     cfg = replace(cfg, dim=128, n_heads=4, head_dim=32, n_kv_heads=4, intermediate=192)  # down: 96 per GPU at --tp 2
     with pytest.raises(EngineError, match="--tp 2 splits the down projection's 192 inputs into 96 per GPU, not whole"):
         Quant.of("nf4").check(cfg, Shard.of(cfg, 2), 2)
+
+
+def test_the_bitsandbytes_baseline_holds_our_nf4_bytes(tiny_int4_dir: Path) -> None:
+    """`bench --baseline --quant nf4` times transformers on bitsandbytes' `Linear4bit` modules (what `load_in_4bit`
+    builds), quantized from the twin's weights: the very bytes the engine runs."""
+    from engine.bench import bnb_4bit
+
+    engine = Engine.load(EngineSpec(model=str(tiny_int4_dir), device="cpu", dtype="float32", max_batch=1,
+                                    quant="nf4"))  # fmt: skip
+    four = bnb_4bit(hf_twin(engine))
+    theirs = four.model.layers[1].mlp.down_proj
+    assert type(theirs).__name__ == "Linear4bit" and theirs.weight.quant_state.blocksize == 64
+    assert torch.equal(theirs.weight.data.flatten(), engine.model.layers[1].feed_forward.w2.packed.flatten())
+    assert torch.equal(theirs.weight.quant_state.absmax, engine.model.layers[1].feed_forward.w2.absmax.flatten())
