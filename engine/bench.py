@@ -253,7 +253,8 @@ def bnb_4bit(hf):
                 four = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
                                          quant_type="nf4", device="meta")  # fmt: skip
                 four.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                                blocksize=64).to(linear.weight.device)  # fmt: skip
+                                                blocksize=64, compress_statistics=False,  # load_in_4bit's default
+                                                ).to(linear.weight.device)  # fmt: skip
                 setattr(parent, name, four)
     return hf
 
