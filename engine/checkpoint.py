@@ -67,7 +67,7 @@ def _check_safetensors(file: Path) -> dict:
     return header
 
 
-class _Placement:
+class Placement:
     """Where one Hugging Face tensor goes: a parameter or a projection's weight, the rows/columns of it, and the
     slice of the source. A tied LM head is loaded from the embedding."""
 
@@ -150,7 +150,7 @@ def _tensors(file: Path, wanted: Callable[[str], tuple | None]) -> Iterator[tupl
 def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> None:
     """Fill every parameter of `model` (already on its device and dtype) from the checkpoint at `path`."""
     files = weight_files(path)
-    place = _Placement(model)
+    place = Placement(model)
     scheme = scheme_of(path)
     repack = Repacker(model, place.layer_rules, scheme) if scheme else None
     expected = place.expected()

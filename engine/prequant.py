@@ -132,7 +132,7 @@ def model_quant(path: Path, name: str | None, head: bool) -> tuple[Quant, Scheme
     return scheme.quant, scheme
 
 
-def _rows(t: Tensor, layout: tuple[int, int | None, int], dim: int, src: int, size: int) -> Tensor:
+def part_of(t: Tensor, layout: tuple[int, int | None, int], dim: int, src: int, size: int) -> Tensor:
     """This rank's part of a stored tensor in one of our layouts: rows `src ..` (dim 0) or inputs `src ..` (dim 1)."""
     rows, inputs, per = layout
     if dim == 0:
@@ -190,7 +190,7 @@ class Repacker:
         device = weight.tensors()[0].device
         parts = {k: v.to(device) for k, v in parts.items()}
         if self.scheme.method == WORKSPACE:
-            stored = {k: _rows(parts[k], layout, dim, src, size) for k, layout in weight.LAYOUT.items()}
+            stored = {k: part_of(parts[k], layout, dim, src, size) for k, layout in weight.LAYOUT.items()}
             weight.load_stored(stored, dest if dim == 0 else None)
             return
         bias = parts.get("bias")
