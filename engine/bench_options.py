@@ -22,7 +22,9 @@ def add_quant_options(g: argparse._ActionsContainer, several: bool = False) -> N
             help="quantize the weights at load: int8 (per output channel), int4 (groups of 128) or nf4 (bitsandbytes, "
             "blocks of 64); default: as stored",
         )  # fmt: skip
-    g.add_argument("--quant-head", action="store_true", help="quantize the LM head too (it stays unquantized)")
+    g.add_argument(
+        "--quant-head", action="store_true", help="quantize the LM head too (otherwise it stays unquantized)"
+    )
 
 
 def _quant_list(text: str) -> list[str]:

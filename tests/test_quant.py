@@ -148,3 +148,20 @@ def test_int4_on_a_model_without_whole_groups_is_one_line(tiny_model_dir: Path) 
     line = error_line(cli("generate", "--model", str(tiny_model_dir), "--device", "cpu", "--quant", "int4", "--prompt",
                           "x"))  # fmt: skip
     assert "the attention QKV projection has 64; use --quant int8" in line
+
+
+def test_the_demo_evaluation_scores_quantized_weights() -> None:
+    """`evaluate --quant`: the round trip changes the projections (not the LM head) to what `--quant` holds, and
+    the scores come next to the unquantized model's on the same lines (a small run: a few lines, short windows)."""
+    from engine.demo import evaluate as ev
+
+    res = ev.quantized_scores(DEMO_DIR, torch.device("cpu"), ["int8"], n_infills=6, seq_len=256, max_new=8,
+                              max_chars_per_file=600)  # fmt: skip
+    base, int8 = res["formats"]["unquantized"], res["formats"]["int8"]
+    assert res["lines"] == 6 and base["same_infill"] == 1.0
+    assert 0 < abs(int8["perplexity"] / base["perplexity"] - 1) < 0.02
+    assert "int8 perplexity" in ev._quant_summary(res)
+    model, _ = ev.load(DEMO_DIR, torch.device("cpu"))
+    head, down = model.lm_head.weight.clone(), model.model.layers[0].mlp.down_proj.weight.clone()
+    ev.round_trip(model, "int4")
+    assert torch.equal(model.lm_head.weight, head) and not torch.equal(model.model.layers[0].mlp.down_proj.weight, down)
