@@ -386,6 +386,7 @@ def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> di
         engine = Engine.load(spec)
         out["load_s"] = time.perf_counter() - start - engine.runner.capture_s
         out["model"] = str(model_dir(args.model))
+        out["quant"] = engine.info.quant or out["quant"]  # a GPTQ, AWQ or converted checkpoint's own
     if engine.compiled_ahead is not None:
         print(engine.compiled_ahead, file=sys.stderr)
     out["capture_s"] = engine.runner.capture_s
