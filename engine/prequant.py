@@ -113,11 +113,13 @@ def scheme_of(path: Path) -> Scheme | None:
         if not raw.get("zero_point", True):
             raise refuse("AWQ without zero points")
         return Scheme("awq")
-    layout = str(raw.get("checkpoint_format") or "gptq").lower()
+    layout = "marlin" if raw.get("is_marlin_format") else str(raw.get("checkpoint_format") or "gptq").lower()
     if layout not in ("gptq", "gptq_v2"):
         raise refuse(f"GPTQ in the '{layout}' layout")
     if group not in (quant.GROUP, -1):
         raise refuse(f"GPTQ with group size {group}")
+    if raw.get("lm_head"):
+        raise refuse("GPTQ with a quantized LM head")
     return Scheme("gptq", group, 1 if layout == "gptq" else 0, bool(raw.get("desc_act")))
 
 
@@ -127,8 +129,9 @@ def model_quant(path: Path, name: str | None, head: bool) -> tuple[Quant, Scheme
     scheme = scheme_of(path)
     if scheme is None:
         return Quant.of(name, head), None
-    if name:
-        raise CheckpointError(f"{path}: already quantized ({scheme.name}); drop --quant {name}")
+    if name or head:
+        option = f"--quant {name}" if name else "--quant-head"
+        raise CheckpointError(f"{path}: already quantized ({scheme.name}); drop {option}")
     return scheme.quant, scheme
 
 
