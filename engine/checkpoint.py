@@ -26,6 +26,7 @@ from engine.weights import Weight
 Progress = Callable[[float, str], None]
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HARMLESS = ("rotary_emb.inv_freq",)  # buffers older transformers saved: recomputed, never loaded
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -93,6 +94,16 @@ class Placement:
             "lm_head.weight": ("output", 0, 0, vocab_rows, r * s.vocab),
             "model.norm.weight": ("norm", -1, 0, cfg.dim, 0),
         }
+        q, kv, ff, d = cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.intermediate, cfg.dim
+        self.shapes = {  # the whole tensor, as config.json implies it (each rank reads a slice of it)
+            "self_attn.q_proj.weight": (q, d),
+            **dict.fromkeys(("self_attn.k_proj.weight", "self_attn.v_proj.weight"), (kv, d)),
+            "self_attn.o_proj.weight": (d, q),
+            **dict.fromkeys(("mlp.gate_proj.weight", "mlp.up_proj.weight"), (ff, d)),
+            "mlp.down_proj.weight": (d, ff),
+            **dict.fromkeys(("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight"), (d,)),
+            **dict.fromkeys(("model.embed_tokens.weight", "lm_head.weight"), (cfg.vocab_size, d)),
+        }
 
     def expected(self) -> set[str]:
         names = set(self.top_rules)
@@ -101,6 +112,20 @@ class Placement:
         for i in range(self.model.cfg.n_layers):
             names |= {f"model.layers.{i}.{k}" for k in self.layer_rules}
         return names
+
+    def check(self, name: str, shape: tuple[int, ...]) -> str | None:
+        """Why tensor `name` of `shape` does not belong in the model config.json describes; None when it does."""
+        m = _LAYER.fullmatch(name)
+        if self.find(name) is None:
+            if name.endswith(_HARMLESS):
+                return None
+            if m and int(m.group(1)) >= self.model.cfg.n_layers:
+                return f"{name}: config.json declares only {self.model.cfg.n_layers} layers (num_hidden_layers)"
+            return f"unexpected tensor {name}: not a weight of the Llama model config.json describes"
+        want = self.shapes[m.group(2) if m else name]
+        if shape != want:
+            return f"{name} has shape {shape}, config.json implies {want}"
+        return None
 
     def find(self, name: str) -> list[tuple[torch.Tensor | Weight, int, int, int, int]] | None:
         """Every place the tensor `name` goes (None: nowhere, it is not ours)."""
@@ -117,17 +142,14 @@ class Placement:
         return None
 
 
-def _tensors(file: Path, wanted: Callable[[str], tuple | None]) -> Iterator[tuple[str, Callable]]:
-    """Yield (name, read(dim, start, size)) for the tensors of one file; read returns only the slice."""
+def _tensors(file: Path) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
+    """Yield (name, whole shape, read(dim, start, size)) for the tensors of one file; read returns only the slice."""
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
         _check_safetensors(file)
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if wanted(name) is None:
-                    yield name, None
-                    continue
                 sl = f.get_slice(name)
 
                 def read(dim: int, start: int, size: int, sl=sl) -> torch.Tensor:
@@ -137,14 +159,15 @@ def _tensors(file: Path, wanted: Callable[[str], tuple | None]) -> Iterator[tupl
                         return sl[:, start : start + size]
                     return sl[:]
 
-                yield name, read
+                yield name, tuple(sl.get_shape()), read
     else:
         try:
             state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except Exception as err:
             raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {err})") from None
         for name, tensor in state.items():
-            yield name, lambda dim, start, size, t=tensor: t.narrow(dim, start, size) if dim >= 0 else t
+            read = lambda dim, start, size, t=tensor: t.narrow(dim, start, size) if dim >= 0 else t
+            yield name, tuple(tensor.shape), read
 
 
 def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> None:
@@ -152,32 +175,24 @@ def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> 
     files = weight_files(path)
     place = Placement(model)
     scheme = scheme_of(path)
-    repack = Repacker(model, place.layer_rules, scheme) if scheme else None
+    repack = Repacker(model, place, scheme) if scheme else None
     expected = place.expected()
     loaded: set[str] = set()
-
-    def wanted(name: str) -> object:
-        return place.find(name) or (repack and repack.wants(name)) or None
 
     total = sum(f.stat().st_size for f in files)
     done = 0
     for file in files:
         try:
-            for name, read in _tensors(file, wanted):
-                if read is None:
-                    continue
+            for name, shape, read in _tensors(file):
                 if repack and repack.wants(name):
                     repack.add(name, read(-1, 0, 0))
                     continue
-                for target, dim, dest, size, src in place.find(name):
+                if (wrong := place.check(name, shape)) is not None:
+                    raise CheckpointError(f"{file.name}: {wrong}")
+                if (found := place.find(name)) is None:  # a harmless extra
+                    continue
+                for target, dim, dest, size, src in found:
                     part = read(dim, src, size)
-                    shape = list(target.shape)
-                    if dim >= 0:
-                        shape[dim] = size
-                    if list(part.shape) != shape:
-                        raise CheckpointError(
-                            f"{file.name}: {name} has shape {tuple(part.shape)}, config.json implies {tuple(shape)}"
-                        )
                     if isinstance(target, Weight):
                         target.load(part, dim, dest, lambda read=read: read(-1, 0, 0))
                     else:

@@ -7,6 +7,7 @@ so a UI posts them as messages) and, for `stream()`, through a per-request queue
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -53,6 +54,8 @@ class EngineClient:
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
+        self._stopped: str | None = None  # why the worker stopped serving after a fault of its own loop
+        self._exited = False  # the worker thread has ended: stream() must not wait for it
 
     def start(self) -> EngineClient:
         self._thread.start()
@@ -89,7 +92,11 @@ class EngineClient:
         q: queue.Queue[Event] = queue.Queue()
         with self._lock:
             self._streams[request.id] = q
-        self.submit(request)
+            exited = self._exited
+        if exited:
+            q.put(Failed(request.id, self._stopped or "the engine was closed"))
+        else:
+            self.submit(request)
         shown: list[str] = []
         interrupted = False
         try:
@@ -132,6 +139,21 @@ class EngineClient:
     def _run(self) -> None:
         engine = self._load()
         self._ready.set()
+        try:
+            while True:
+                try:
+                    return self._serve(engine)
+                except Exception as err:  # a fault of the loop itself: no thread dies silently
+                    self._stop(engine, err)
+                    engine = None
+        finally:  # whatever ends this thread, no stream() waits for it
+            with self._lock:
+                self._exited = True
+                waiting = list(self._streams.items())
+            for request_id, q in waiting:
+                q.put(Failed(request_id, self._stopped or "the engine was closed"))
+
+    def _serve(self, engine) -> None:  # engine: engine.engine.Engine | None
         closed = False
         while not closed:
             busy = engine is not None and engine.busy
@@ -154,6 +176,19 @@ class EngineClient:
         if engine is not None:
             engine.close()
 
+    def _stop(self, engine, err: Exception) -> None:
+        """The loop failed outside any one request: fail every request in flight, then refuse new ones with why."""
+        self._stopped = f"the engine stopped: {_reason(err)}"
+        with self._lock:
+            ids = set(self._streams)
+        if engine is not None:
+            ids |= {seq.request.id for seq in (*engine.waiting, *engine.prefilling, *engine.running)}
+            with contextlib.suppress(Exception):
+                engine.close()
+        for request_id in sorted(ids):
+            with contextlib.suppress(Exception):
+                self._emit(Failed(request_id, self._stopped))
+
     def _load(self):  # -> engine.engine.Engine | None
         start = time.perf_counter()
         try:
@@ -174,12 +209,22 @@ class EngineClient:
     def _handle(self, engine, command: object) -> None:
         if isinstance(command, _Submit):
             if engine is None:
-                self._emit(Failed(command.request.id, self.load_error or "no model is loaded"))
+                self._emit(Failed(command.request.id, self._stopped or self.load_error or "no model is loaded"))
                 return
-            for event in engine.add(command.request):
+            try:
+                events = engine.add(command.request)
+            except Exception as err:  # an unforeseen fault of one request fails that request, not the worker
+                events = [Failed(command.request.id, f"the request failed: {_reason(err)}")]
+            for event in events:
                 self._emit(event)
         elif isinstance(command, _Cancel) and engine is not None:
             for event in engine.cancel(command.request_id):
                 self._emit(event)
         elif isinstance(command, _EndSession) and engine is not None:
             engine.end_session(command.session)
+
+
+def _reason(err: Exception) -> str:
+    """An unexpected exception as the one line a user sees."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -234,15 +234,17 @@ class Engine:
     # ---- requests in ----
 
     def add(self, request: Request) -> list[Event]:
-        """Validate and queue a request; bad input comes back as a Failed event, never an exception."""
+        """Validate and queue a request; bad input comes back as a Failed event, never an exception.
+        Characters the tokenizer cannot encode are replaced (Started says how many)."""
         events: list[Event] = []
+        request, replaced = request.cleaned()
         try:
             request.sampling.check()
             seq = self._sequence(request, events)
         except (EngineError, ValueError) as err:
             return [Failed(request.id, str(err))]
         self.waiting.append(seq)
-        events.append(Started(request.id, len(seq.ids), self.context))
+        events.append(Started(request.id, len(seq.ids), self.context, replaced))
         return events
 
     def prompt_ids(self, request: Request) -> list[int]:

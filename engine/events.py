@@ -49,11 +49,13 @@ class LoadFailed:
 
 @dataclass(frozen=True)
 class Started:
-    """A request was admitted: its prompt is `prompt_tokens` long (after any dropped turns)."""
+    """A request was admitted: its prompt is `prompt_tokens` long (after any dropped turns); `replaced` characters
+    of its text could not be encoded and were replaced with U+FFFD (`requests.clean_text`)."""
 
     request_id: int
     prompt_tokens: int
     context: int
+    replaced: int = 0
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from engine import quant
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, EngineError
 from engine.weights import FORMATS, Quant, Weight
 
 WORKSPACE = "codellama-tui"  # `quant_method` of `convert`'s workspaces
@@ -149,8 +149,9 @@ class Repacker:
     """Collects each quantized projection's tensors as they are read and, once they are all there, fills this rank's
     part of its weight (`add`, then `flush` after every file)."""
 
-    def __init__(self, model, rules: dict[str, tuple[str, int, int, int, int]], scheme: Scheme) -> None:
-        self.model, self.rules, self.scheme = model, rules, scheme
+    def __init__(self, model, place, scheme: Scheme) -> None:
+        """`place`: engine.checkpoint's Placement of `model` (where each projection goes, and its whole shape)."""
+        self.model, self.rules, self.shapes, self.scheme = model, place.layer_rules, place.shapes, scheme
         self.pending: dict[tuple[int, str], dict[str, Tensor]] = {}
         self.down_order: dict[int, Tensor | None] = {}  # a layer's down projection's input order, once loaded
         self.perms: dict[int, Tensor | None] = {}  # id(weight): the input order its first projection set
@@ -194,7 +195,10 @@ class Repacker:
         parts = {k: v.to(device) for k, v in parts.items()}
         if self.scheme.method == WORKSPACE:
             stored = {k: part_of(parts[k], layout, dim, src, size) for k, layout in weight.LAYOUT.items()}
-            weight.load_stored(stored, dest if dim == 0 else None)
+            try:
+                weight.load_stored(stored, dest if dim == 0 else None)
+            except EngineError as err:
+                raise CheckpointError(f"{name}: {err}; config.json implies {self.shapes[proj + '.weight']}") from None
             return
         bias = parts.get("bias")
         if bias is not None and bias.any():
@@ -205,6 +209,8 @@ class Repacker:
             q, zeros = quant.unpack_gptq(parts["qweight"], parts["qzeros"], self.scheme.zero_offset)
         scales = parts["scales"].half()
         n, k = q.shape
+        if (n, k) != self.shapes[f"{proj}.weight"]:
+            raise CheckpointError(f"{name}: holds a {n}x{k} weight, config.json implies {self.shapes[proj + '.weight']}")
         group = k if self.scheme.group == -1 else self.scheme.group
         if k % group or scales.shape != (k // group, n) or zeros.shape != scales.shape:
             raise CheckpointError(

@@ -123,11 +123,9 @@ class FakeClient:
         if self.load_error is not None or self.fail is not None:
             self._emit(Failed(request.id, self.load_error or self.fail or ""))
             return
-        self._emit(
-            Started(
-                request.id, prompt_tokens=len(request.text or request.prefix or "") // 4 + 1, context=self.info.context
-            )
-        )
+        request, replaced = request.cleaned()  # as the engine does
+        prompt_tokens = len(request.text or request.prefix or "") // 4 + 1
+        self._emit(Started(request.id, prompt_tokens, self.info.context, replaced))
         if request.cap == "chat" and self.drop_turns:
             self._emit(TurnsDropped(request.id, self.drop_turns))
         text = self._answer(request)

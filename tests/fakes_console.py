@@ -82,6 +82,7 @@ class FakeClient:
             n = request.text.count(FILL)
             yield Failed(request.id, f"infilling needs exactly one {FILL} marker in the input, found {n}")
             return
+        request, replaced = request.cleaned()  # as the engine does
         text = self.answer(request)
         prompt = len(request.text)
         if request.session is not None:
@@ -94,7 +95,7 @@ class FakeClient:
                 yield TurnsDropped(request.id, dropped)
             prompt += sum(turns)
             turns.append(len(request.text) + len(text))
-        yield Started(request.id, prompt, self.info.context)
+        yield Started(request.id, prompt, self.info.context, replaced)
         out = ""
         for index, start in enumerate(range(0, len(text), self.piece)):
             if self.on_delta is not None:

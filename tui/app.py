@@ -14,22 +14,28 @@ Typing in the chat input never disturbs an answer that is streaming into the log
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import ClassVar, Protocol
 
+from rich.console import RenderableType
+from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.driver import Driver
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer
 
 from engine.events import (
     Event,
@@ -44,16 +50,21 @@ from engine.events import (
     TextDelta,
     TurnsDropped,
 )
-from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
-from tui.files import read_text, save_atomic
-from tui.screens import PromptScreen, QuitScreen
+from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
+from tui.recover_screen import RecoverScreen
+from tui.recovery import RecoveryCopy, RecoveryStore
+from tui.screens import ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
+from tui.terminal import ExitSignals, tolerate_invalid_input
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
-from widgets.editor import CodeEditor, EditorPane, fill_markers
+from widgets.editor import CodeEditor, EditorPane, fill_markers, size_problem, utf8_size
+from widgets.footer import Footer
 from widgets.status_bar import StatusBar
 
 FLUSH_HZ = 30
+RECOVERY_DELAY_S = 1.5  # the recovery copy is written this long after the last edit
 
 
 def suffix_stop(suffix: str) -> tuple[str, ...]:
@@ -114,6 +125,8 @@ class CodeLlamaApp(App[int]):
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (100, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "save", "Save", id="save", priority=True),
+        # F12, not ctrl+shift+s: terminals (and tmux) send ctrl+shift+s as ctrl+s.
+        Binding("f12", "save_as", "Save as", id="save_as", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
         Binding("f2", "complete", "Complete", id="complete"),
         Binding("f3", "infill", "Infill", id="infill"),
@@ -130,7 +143,7 @@ class CodeLlamaApp(App[int]):
 
     def __init__(
         self,
-        file: str | None = None,
+        file: OpenFile | str | None = None,
         spec: EngineSpec | None = None,
         cap: str = "completion",
         system: str | None = None,
@@ -141,18 +154,24 @@ class CodeLlamaApp(App[int]):
         keys: dict[str, str] | None = None,
         client_factory: ClientFactory = _engine_client_factory,
     ) -> None:
+        """`file` is an opened file, or a path to open; `text`, when given, is the buffer's text and taken to be
+        what the file at that path holds (tests and embedders), so the file is not read."""
         super().__init__()
         register_themes(self)
         self.theme = theme_name(theme or "dark")
         if keys:
             self.set_keymap(keys)
-        self.path = file
+        if isinstance(file, OpenFile):
+            self.file = file
+        elif text is not None:
+            on_disk = text.encode() if file is not None and os.path.exists(file) else None
+            self.file = OpenFile(file, text, on_disk=on_disk)
+        else:
+            self.file = OpenFile.open(file) if file is not None else OpenFile(None)
         self.spec = spec or EngineSpec()
         self.cap = cap
         self.system = system
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        self._initial_text = text if text is not None else (read_text(file) if file else "")
-        self._saved_text = self._initial_text
         self._client_factory = client_factory
         self.client: Client | None = None
         self.info: ModelInfo | None = None
@@ -164,47 +183,62 @@ class CodeLlamaApp(App[int]):
         self._sessions = itertools.count(1)
         self.session = self._new_session_id()
         self._last_code: str | None = None
-        self._input_empty = True
+        self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
+        self.recovery = RecoveryStore()
+        self.recovery_file: Path | None = None  # this buffer's recovery copy, once written
+        self._recovery_timer: Timer | None = None
+        self._exit_signals: ExitSignals | None = None
 
     # ----- layout
 
     def compose(self) -> ComposeResult:
         with Vertical(id="main"):
-            yield EditorPane(self._initial_text, path=self.path, id="editor-pane")
+            yield EditorPane(self.file.text, path=self.file.path, id="editor-pane")
             with Vertical(id="chat-pane"):
                 yield ChatLog(id="chat-log")
                 yield ChatInput(id="chat-input")
         yield StatusBar(id="status")
         yield Footer(compact=True)
 
+    # The widgets live on the first screen: an engine event or a timer that reaches them while a dialog is on top
+    # must not look for them on the dialog.
+
     @property
     def editor(self) -> CodeEditor:
-        return self.query_one("#editor", CodeEditor)
+        return self.screen_stack[0].query_one("#editor", CodeEditor)
 
     @property
     def chat_log(self) -> ChatLog:
-        return self.query_one("#chat-log", ChatLog)
+        return self.screen_stack[0].query_one("#chat-log", ChatLog)
 
     @property
     def chat_input(self) -> ChatInput:
-        return self.query_one("#chat-input", ChatInput)
+        return self.screen_stack[0].query_one("#chat-input", ChatInput)
 
     @property
     def status(self) -> StatusBar:
-        return self.query_one("#status", StatusBar)
+        return self.screen_stack[0].query_one("#status", StatusBar)
 
     def on_mount(self) -> None:
         self._set_cap(self.cap)
         self.editor.focus()
         self._update_title()
+        plain = "a big file: no syntax highlighting (it would slow every keystroke)"
+        self.status.note = self.file.note or (plain if self.editor.plain_for_size else "")
         self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_stream, pause=True)
         self.call_after_refresh(self._start_engine)
+        self.call_after_refresh(self._offer_recovery, self.recovery.copies_of(self.file.path))
+        if not self.is_headless:
+            self._exit_signals = ExitSignals(asyncio.get_running_loop(), self.keep_recovery_copy, self._exit_on_signal)
+            self._exit_signals.install()
 
     def _start_engine(self) -> None:
         """Start the engine thread after the first frame has painted (it imports torch)."""
         self.client = self._client_factory(self.spec, on_event=self._relay_engine_event).start()
 
     def on_unmount(self) -> None:
+        if self._exit_signals is not None:
+            self._exit_signals.restore()
         if self.client is not None:
             for request_id in list(self._jobs):
                 self.client.cancel(request_id)
@@ -257,17 +291,19 @@ class CodeLlamaApp(App[int]):
             self.status.set_state("ready", f"loaded in {event.startup_s:.1f}s")
             if event.info.flavour == "python" and self.cap == "completion":
                 self._set_cap("python")
-            self.refresh_bindings()
+            self._refresh_keys()
         elif isinstance(event, LoadFailed):
             self.load_error = event.message
             self.status.set_state("error", event.message)
             self.chat_log.add_notice(f"The model could not be loaded: {event.message}", "error")
-            self.refresh_bindings()
+            self._refresh_keys()
         elif isinstance(event, Started):
             job = self._jobs.get(event.request_id)
             if job is not None:
                 job.started = time.perf_counter()
                 self.status.context_used = event.prompt_tokens
+                if event.replaced:
+                    self.notify(replacement_warning(event.replaced), severity="warning")
         elif isinstance(event, TextClipped):
             job = self._jobs.get(event.request_id)
             if job is not None:
@@ -321,7 +357,7 @@ class CodeLlamaApp(App[int]):
                 self._flush_timer.resume()
             else:
                 self._flush_timer.pause()
-        self.refresh_bindings()
+        self._refresh_keys()
 
     # ----- submitting
 
@@ -379,7 +415,7 @@ class CodeLlamaApp(App[int]):
         return self.screen is self.screen_stack[0]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("save", "quit"):
+        if action == "quit":
             return True
         if not self._main_screen_active():
             return False
@@ -563,83 +599,254 @@ class CodeLlamaApp(App[int]):
                 self._cancel(request_id)
         else:
             self.editor.dismiss_ghost()
-        self.refresh_bindings()
+        self._refresh_keys()
+
+    def on_code_editor_paste_refused(self, message: CodeEditor.PasteRefused) -> None:
+        self.status.note = f"paste refused: the text would be too big to edit here ({message.reason})"
 
     def on_code_editor_interrupted(self, message: CodeEditor.Interrupted) -> None:
         self._cancel_editor_jobs()
 
-    def on_text_area_selection_changed(self, message: CodeEditor.SelectionChanged) -> None:
-        if message.text_area is self.editor:
-            self.refresh_bindings()
+    @on(CodeEditor.GhostChanged)
+    @on(CodeEditor.SelectionChanged)
+    def _keys_may_change(self) -> None:
+        self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
 
     def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
         if message.text_area is self.editor:
             self._update_title()
-        elif (empty := not message.text_area.text.strip()) != self._input_empty:
-            self._input_empty = empty  # the footer's Send key comes and goes with the input
+            self._write_recovery_later()
+        else:
+            self._refresh_keys()  # the footer's Send key comes and goes with the input
+
+    def _refresh_keys(self) -> None:
+        """Rebuild the footer only when the keys it offers change.
+
+        Each rebuild makes new key widgets (Textual's Footer keeps the old ones alive), so refreshing on every
+        streamed delta or cursor move would grow memory without bound.
+        """
+        keys = tuple(
+            (key, active.binding.action, active.enabled)
+            for key, active in self.screen.active_bindings.items()
+            if active.binding.show
+        )
+        if keys != self._keys_shown:
+            self._keys_shown = keys
             self.refresh_bindings()
 
     # ----- files
 
     @property
     def modified(self) -> bool:
-        return self.editor.text != self._saved_text
+        return self.editor.text != self.file.text
 
     def _update_title(self) -> None:
-        name = os.path.basename(self.path) if self.path else "new buffer"
+        name = os.path.basename(self.file.path) if self.file.path else "new buffer"
         self.sub_title = f"{name}{' *' if self.modified else ''}"
 
     def action_save(self) -> None:
-        """ctrl+s: save atomically; a new buffer asks for a file name first."""
-        if self.path is None:
-            self.push_screen(PromptScreen("Save as:"), self._save_as)
-        else:
-            self.save()
+        """ctrl+s: save; a new buffer asks for a file name first."""
+        self.save()
 
-    def _save_as(self, path: str | None) -> None:
-        if path and path.strip():
-            self.path = path.strip()
-            self.save()
+    def action_save_as(self) -> None:
+        """F12: save under another name (`~` is expanded; asks before replacing a file or creating a folder)."""
+        self._ask_path(self.file.path or "")
 
-    def save(self) -> bool:
-        """Write the buffer; on failure keep it, say why, and return False."""
-        assert self.path is not None
+    def _ask_path(self, value: str = "", problem: str = "", then: Callable[[], None] | None = None) -> None:
+        """The save-as dialog; after a failure it comes back with the same name and the reason."""
+
+        def chosen(answer: str | None) -> None:
+            if answer and answer.strip():
+                self.save(answer.strip(), then=then)
+            else:
+                self.status.note = "not saved"
+
+        self.push_screen(PromptScreen("Save as:", value, problem), chosen)
+
+    def save(
+        self,
+        path: str | None = None,
+        *,
+        overwrite: bool = False,
+        make_folder: bool = False,
+        then: Callable[[], None] | None = None,
+    ) -> bool:
+        """Save the buffer (to `path`: save-as), then call `then`; True when saved now.
+
+        Whatever stands in the way is asked about (a change on disk, a file that exists, a missing folder)
+        or explained in the save-as dialog; until a save succeeds the buffer keeps its name and stays modified.
+        """
+        if path is None and self.file.path is None:
+            self._ask_path(then=then)
+            return False
         text = self.editor.text
         try:
-            save_atomic(self.path, text)
-        except OSError as err:
-            reason = err.strerror or str(err)
-            self.status.note = f"NOT saved: {reason}"
-            self.notify(f"Could not save {self.path}: {reason}", severity="error", timeout=8)
-            return False
-        self._saved_text = text
-        self.status.note = f"saved {self.path}"
+            self.file.save(text, path, overwrite=overwrite, make_folder=make_folder)
+        except ChangedOnDisk as err:
+            self._on_conflict(err, path, then)
+        except AlreadyExists as err:
+            self._ask_replace(str(err), path, make_folder, then)
+        except MissingFolder as err:
+            self._ask_create(err.folder, path, overwrite, then)
+        except (FileError, OSError) as err:
+            reason = str(err) if isinstance(err, FileError) else (err.strerror or str(err))
+            self._not_saved(reason)
+            self._ask_path(path or self.file.path or "", f"Not saved: {reason}", then)
+        else:
+            self.drop_recovery_copy()
+            self.status.note = f"saved {self.file.path}"
+            self._update_title()
+            if then is not None:
+                then()
+            return True
+        return False
+
+    def _ask_replace(self, reason: str, path: str | None, make_folder: bool, then: Callable[[], None] | None) -> None:
+        def decided(yes: bool | None) -> None:
+            if yes:
+                self.save(path, overwrite=True, make_folder=make_folder, then=then)
+            else:
+                self._ask_path(path or "", f"{reason}: not replaced", then)
+
+        self.push_screen(ConfirmScreen(f"{reason}. Replace it?"), decided)
+
+    def _ask_create(self, folder: str, path: str | None, overwrite: bool, then: Callable[[], None] | None) -> None:
+        def decided(yes: bool | None) -> None:
+            if yes:
+                self.save(path, overwrite=overwrite, make_folder=True, then=then)
+            else:
+                self._not_saved(f"the folder {folder} does not exist")
+
+        self.push_screen(ConfirmScreen(f"The folder {folder} does not exist. Create it?"), decided)
+
+    def _not_saved(self, reason: str) -> None:
+        self.status.note = f"NOT saved: {reason}"
+        self.notify(f"Not saved: {reason}", severity="error", timeout=8)
+
+    def _on_conflict(self, err: ChangedOnDisk, path: str | None, then: Callable[[], None] | None) -> None:
+        def decided(choice: str | None) -> None:
+            if choice == "overwrite":
+                self.save(path, overwrite=True, then=then)
+            elif choice == "reload":
+                self._reload()
+            elif choice == "save_as":
+                self._ask_path(self.file.path or "", then=then)
+            else:
+                self.status.note = f"NOT saved: {err}"
+
+        self.push_screen(ConflictScreen(str(err), self.file.text, err.on_disk), decided)
+
+    def _reload(self) -> None:
+        """Replace the buffer with the file on disk, as one edit (ctrl+z brings the buffer back)."""
+        assert self.file.path is not None
+        try:
+            fresh = OpenFile.open(self.file.path)
+        except FileError as err:
+            self.status.note = f"not reloaded: {err}"
+            return
+        self._cancel_editor_jobs()
+        self.file = fresh
+        editor = self.editor
+        editor.dismiss_ghost()
+        editor.history.checkpoint()
+        editor.replace(fresh.text, (0, 0), editor.document.end, maintain_selection_offset=False)
+        editor.history.checkpoint()
+        self.status.note = f"reloaded {fresh.path} from disk"
         self._update_title()
-        return True
 
     async def action_quit(self) -> None:
         """ctrl+q: quit, asking first when the buffer has unsaved changes."""
         if not self.modified:
+            self.drop_recovery_copy()
             self.exit(0)
             return
         if isinstance(self.screen, QuitScreen):
             return
 
-        def done(choice: str | None) -> None:
+        def decided(choice: str | None) -> None:
             if choice == "discard":
+                self.drop_recovery_copy()
                 self.exit(0)
             elif choice == "save":
-                if self.path is None:
-                    self.push_screen(PromptScreen("Save as:"), self._save_as_and_quit)
-                elif self.save():
-                    self.exit(0)
+                self.save(then=lambda: self.exit(0))
 
-        self.push_screen(QuitScreen(os.path.basename(self.path) if self.path else "The new buffer"), done)
+        self.push_screen(QuitScreen(os.path.basename(self.file.path) if self.file.path else "The new buffer"), decided)
 
-    def _save_as_and_quit(self, path: str | None) -> None:
-        self._save_as(path)
-        if self.path is not None and not self.modified:
-            self.exit(0)
+    # ----- recovery copies (tui/recovery.py) and the ways the app can end without a quit
+
+    def _write_recovery_later(self) -> None:
+        """After an edit: the copy is written a moment after the last one, so typing never waits for the disk."""
+        if self._recovery_timer is not None:
+            self._recovery_timer.stop()
+        self._recovery_timer = self.set_timer(RECOVERY_DELAY_S, self._write_recovery_now)
+
+    def _write_recovery_now(self) -> None:
+        if not self.keep_recovery_copy():
+            self.status.note = "NO recovery copy: the recovery folder cannot be written"
+
+    def keep_recovery_copy(self) -> bool:
+        """Write the buffer's recovery copy if it has unsaved changes (and drop it if it has none); False when it
+        could not be written. Safe to call from a signal handler or while the app is failing."""
+        try:
+            if not self.modified:
+                self.drop_recovery_copy()
+            else:
+                self.recovery_file = self.recovery.write(self.file.path, self.editor.text, self.recovery_file)
+        except Exception:  # a crash path must not fail in its turn; the caller says what it means
+            return False
+        return True
+
+    def drop_recovery_copy(self) -> None:
+        """The buffer was saved or its changes discarded: its recovery copy goes."""
+        if self._recovery_timer is not None:
+            self._recovery_timer.stop()
+        if self.recovery_file is not None:
+            self.recovery.remove(self.recovery_file)
+            self.recovery_file = None
+
+    def _offer_recovery(self, copies: list[RecoveryCopy]) -> None:
+        """Offer each copy of this file (newest first) until one is recovered; copies of what the file already
+        holds are removed without asking."""
+        while copies and copies[0].text == self.file.text:
+            self.recovery.remove(copies.pop(0).file)
+        if not copies:
+            return
+        copy, rest = copies[0], copies[1:]
+
+        def done(choice: str | None) -> None:
+            if choice == "recover":
+                editor = self.editor
+                editor.history.checkpoint()
+                # one undo step back to the file
+                editor.replace(copy.text, (0, 0), editor.document.end, maintain_selection_offset=False)
+                editor.history.checkpoint()
+                self.recovery_file = copy.file  # this session's copy from now on
+                self.status.note = "recovered the unsaved changes: ctrl+s saves them"
+                return
+            if choice == "discard":
+                self.recovery.remove(copy.file)
+            self._offer_recovery(rest)
+
+        name = os.path.basename(self.file.path) if self.file.path else "the new buffer"
+        self.push_screen(RecoverScreen(copy, self.file.text, name), done)
+
+    def _exit_on_signal(self, code: int) -> None:
+        self.exit(code, return_code=code)
+
+    def get_driver_class(self) -> type[Driver]:
+        tolerate_invalid_input()  # before the driver's input thread makes its decoder
+        return super().get_driver_class()
+
+    def _handle_exception(self, error: Exception) -> None:
+        """Every unhandled exception in a handler, timer or worker ends here: keep the edits, then fail."""
+        self.keep_recovery_copy()
+        super()._handle_exception(error)
+
+    def panic(self, *renderables: RenderableType) -> None:
+        """Textual panics when its input thread dies: keep the edits, and exit non-zero (Textual would exit 0)."""
+        self.keep_recovery_copy()
+        super().panic(*renderables)
+        self._return_code = self._return_code or 1
 
     # ----- command palette
 
@@ -647,6 +854,7 @@ class CodeLlamaApp(App[int]):
         yield from super().get_system_commands(screen)
         yield SystemCommand("System instruction", "Set the chat's system instruction", self.action_set_system)
         yield SystemCommand("New chat", "Forget the conversation", self.action_new_chat)
+        yield SystemCommand("Save as", "Save the file under another name (F12)", self.action_save_as)
         yield SystemCommand("Switch cap", "Cycle completion / infilling / chat / python", self.action_switch_cap)
 
 
@@ -663,14 +871,35 @@ def run_app(
 
     from tui.config import ConfigError, load_config
 
+    def too_big(problem: str) -> int:
+        print(f"codellama-tui: error: {file}: too big to edit here ({problem}); open it in another editor", file=sys.stderr)
+        return 2
+
+    with contextlib.suppress(OSError):  # before reading it; a missing file is a new one, other errors come next
+        if file and stat.S_ISREG((info := os.stat(file)).st_mode) and (problem := size_problem(info.st_size, 0)):
+            return too_big(problem)
     try:
         config = load_config()
         theme = theme_name(theme or config.theme or "dark")
-        text = read_text(file) if file else ""
-    except (ConfigError, ValueError, OSError, UnicodeDecodeError) as err:
-        print(f"codellama-tui: {err}", file=sys.stderr)
+        merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+        SamplingParams.for_cap(cap, **merged).check()  # a bad value is refused now, not at the first request
+        opened = OpenFile.open(file) if file else OpenFile(None)
+    except (ConfigError, FileError, ValueError, OSError) as err:
+        print(f"codellama-tui: error: {err}", file=sys.stderr)
         return 2
-    merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
-    app = CodeLlamaApp(file, spec, cap, system or config.system, merged, theme, text=text, keys=config.keys)
+    if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
+        return too_big(problem)
+    app = CodeLlamaApp(opened, spec, cap, system or config.system, merged, theme, keys=config.keys)
     result = app.run()
-    return result if isinstance(result, int) else (app.return_code or 0)
+    code = result if isinstance(result, int) else (app.return_code or 0)
+    if app.recovery_file is not None and app.recovery_file.exists():
+        with contextlib.suppress(OSError):  # stderr may be a terminal that is gone
+            print(f"codellama-tui: the unsaved changes are kept in {app.recovery_file}", file=sys.stderr)
+    if any(thread.is_alive() for thread in threading.enumerate() if thread is not threading.main_thread()):
+        # the engine is still loading: finalizing the interpreter under its C++ threads aborts (SIGABRT), and
+        # everything that must last (the file, the recovery copy) is on disk by now
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code
