@@ -209,8 +209,8 @@ class Repacker:
             q, zeros = quant.unpack_gptq(parts["qweight"], parts["qzeros"], self.scheme.zero_offset)
         scales = parts["scales"].half()
         n, k = q.shape
-        if (n, k) != self.shapes[f"{proj}.weight"]:
-            raise CheckpointError(f"{name}: holds a {n}x{k} weight, config.json implies {self.shapes[proj + '.weight']}")
+        if (n, k) != (want := self.shapes[f"{proj}.weight"]):
+            raise CheckpointError(f"{name}: holds a {n}x{k} weight, config.json implies {want}")
         group = k if self.scheme.group == -1 else self.scheme.group
         if k % group or scales.shape != (k // group, n) or zeros.shape != scales.shape:
             raise CheckpointError(
