@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from engine.errors import EngineError
+
 GROUP = 128
 NF4_BLOCK = 64
 NF4_CODE = (
@@ -114,8 +116,10 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, dtype: torch
 def quantize_nf4(w: Tensor) -> tuple[Tensor, Tensor]:
     """`(packed, absmax)` for `w [N, K]` (K a multiple of NF4_BLOCK) through bitsandbytes' own `quantize_4bit`, on
     w's device (its CPU backend on the CPU)."""
-    import bitsandbytes.functional as bnb
-
+    try:
+        import bitsandbytes.functional as bnb
+    except ImportError:
+        raise EngineError("--quant nf4 needs bitsandbytes (pip install bitsandbytes)") from None
     n, k = w.shape
     packed = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(n, k // NF4_BLOCK, dtype=torch.float32, device=w.device)
