@@ -163,3 +163,19 @@ def test_the_convert_command_then_generate_from_the_workspace(tiny_int4_dir: Pat
         again.returncode == 1
         and again.stderr.strip() == f"codellama-tui convert: error: {out} exists; pass --force to replace it"
     )
+
+
+def test_evaluate_scores_a_workspace_as_the_engine_loads_it(tiny_int4_dir: Path) -> None:
+    """`evaluate --converted DIR`: transformers' weights are the workspace's, dequantized (here round-to-nearest,
+    so `--quant int4`'s round trip of the checkpoint)."""
+    from safetensors.torch import load_file
+
+    from engine.demo.evaluate import converted_weights
+
+    name, state = converted_weights(_workspace(tiny_int4_dir, "int4", False), torch.device("cpu"))
+    assert name == "int4 rtn"
+    dense = {}
+    for f in tiny_int4_dir.glob("*.safetensors"):
+        dense.update(load_file(f))
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(state[key], quant.dequantize_int4(*quant.quantize_int4(dense[key]), torch.float32))
