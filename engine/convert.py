@@ -179,10 +179,10 @@ def convert(
     umask = os.umask(0)
     os.umask(umask)
     try:
-        model_ = Llama.empty(cfg, window, SINGLE, dev, dtype)
-        load_weights(model_, path)
-        model_.setup_cache(1, window, dtype)
-        config = _write(model_, path, work, fmt, windows, progress)
+        llama = Llama.empty(cfg, window, SINGLE, dev, dtype)
+        load_weights(llama, path)
+        llama.setup_cache(1, window, dtype)
+        config = _write(llama, path, work, fmt, windows, progress)
         config["quantization_config"]["calibration"] = (
             {"files": [str(f) for f in calib], "windows": len(windows), "window": window} if calib else None
         )

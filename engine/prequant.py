@@ -20,6 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,6 +28,10 @@ from torch import Tensor
 from engine import quant
 from engine.errors import CheckpointError, EngineError
 from engine.weights import FORMATS, Quant, Weight
+
+if TYPE_CHECKING:
+    from engine.checkpoint import Placement
+    from engine.model import Llama
 
 WORKSPACE = "codellama-tui"  # `quant_method` of `convert`'s workspaces
 TAKEN = "4-bit GPTQ (group 128 or -1) and AWQ GEMM (group 128, zero points)"
@@ -149,7 +154,7 @@ class Repacker:
     """Collects each quantized projection's tensors as they are read and, once they are all there, fills this rank's
     part of its weight (`add`, then `flush` after every file)."""
 
-    def __init__(self, model, place, scheme: Scheme) -> None:
+    def __init__(self, model: Llama, place: Placement, scheme: Scheme) -> None:
         """`place`: engine.checkpoint's Placement of `model` (where each projection goes, and its whole shape)."""
         self.model, self.rules, self.shapes, self.scheme = model, place.layer_rules, place.shapes, scheme
         self.pending: dict[tuple[int, str], dict[str, Tensor]] = {}
