@@ -174,9 +174,11 @@ def _int4_product(
                 else:
                     group = _dot(_int4_plane(words, j, zero), x, group, x_ptr, PRECISION, NATIVE_DOT)
             acc += group * scale[:, None]
-    if BLOCK_M == 1:
-        return tl.sum(acc, axis=1)[None, :]
-    return tl.trans(acc)
+    if BLOCK_M == 1:  # one return: Triton types every return alike, even one in a branch that is never compiled
+        product = tl.sum(acc, axis=1)[None, :]
+    else:
+        product = tl.trans(acc)
+    return product
 
 
 @triton.jit
