@@ -238,6 +238,27 @@ def hf_twin(engine: Engine):
     return hf
 
 
+def bnb_4bit(hf):
+    """Turn the twin's projections into bitsandbytes' `Linear4bit` (nf4, blocksize 64, compute in the model's dtype),
+    the modules `from_pretrained(..., load_in_4bit=True)` builds; quantized from its dequantized nf4 weights, which
+    gives back the same bytes (each block's largest value is a code of +-1 times its absmax)."""
+    import bitsandbytes as bnb
+
+    dtype = hf.model.norm.weight.dtype
+    for layer in hf.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                four = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
+                                         quant_type="nf4", device="meta")  # fmt: skip
+                four.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                                blocksize=64, compress_statistics=False,  # load_in_4bit's default
+                                                ).to(linear.weight.device)  # fmt: skip
+                setattr(parent, name, four)
+    return hf
+
+
 def hf_rate(hf, batch: int, tokens: int, device: torch.device) -> float:
     ids = torch.randint(3, 1000, (batch, 128), device=device)
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
@@ -365,6 +386,7 @@ def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> di
         engine = Engine.load(spec)
         out["load_s"] = time.perf_counter() - start - engine.runner.capture_s
         out["model"] = str(model_dir(args.model))
+        out["quant"] = engine.info.quant or out["quant"]  # a GPTQ, AWQ or converted checkpoint's own
     if engine.compiled_ahead is not None:
         print(engine.compiled_ahead, file=sys.stderr)
     out["capture_s"] = engine.runner.capture_s
@@ -392,8 +414,11 @@ def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> di
         out["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.baseline and args.tp == 1:  # the twin needs the whole model in this process
             hf = hf_twin(engine)
+            timed = bnb_4bit(hf_twin(engine)) if quant == "nf4" else hf  # nf4: as transformers runs load_in_4bit
             for b in (1, 32) if 32 in batches else (1,):
-                out[f"hf_b{b}_tps"] = hf_rate(hf, b, min(args.steps, 32), device)
+                out[f"hf_b{b}_tps"] = hf_rate(timed, b, min(args.steps, 32), device)
+            out["baseline"] = "transformers + bitsandbytes nf4" if quant == "nf4" else "transformers"
+            del timed
             out.update(conformance(engine, hf))
             del hf
     print(table(out, batches, prompt_lens))
@@ -429,11 +454,12 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
     lines.append(f"{'    of which Triton/cuBLAS choice per shape':<44} {r['tune_s']:>11.2f} s")
     if "peak_GiB" in r:
         lines.append(f"{'peak GPU memory':<44} {r['peak_GiB']:>9.1f} GiB")
-    for key, label in (("hf_b1_tps", "transformers generate(), batch 1"), ("hf_b32_tps", "transformers, batch 32")):
+    baseline = r.get("baseline", "transformers")
+    for key, label in (("hf_b1_tps", f"{baseline} generate(), batch 1"), ("hf_b32_tps", f"{baseline}, batch 32")):
         if key in r:
             lines.append(f"{label:<44} {r[key]:>8.1f} tok/s")
     if "hf_b1_tps" in r:
-        lines.append(f"{'speed-up over transformers, batch 1':<44} {r['decode_b1_tps'] / r['hf_b1_tps']:>10.1f} x")
+        lines.append(f"{f'speed-up over {baseline}, batch 1':<44} {r['decode_b1_tps'] / r['hf_b1_tps']:>10.1f} x")
     if "logits_rel_err" in r:
         lines.append(f"{'logits vs transformers bf16 (relative error)':<44} {r['logits_rel_err']:>12.2e}")
         lines.append(f"{'logits vs transformers fp32':<44} {r['logits_rel_err_vs_fp32']:>12.2e}")

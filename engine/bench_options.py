@@ -13,13 +13,14 @@ def add_quant_options(g: argparse._ActionsContainer, several: bool = False) -> N
     if several:
         g.add_argument(
             "--quant", type=_quant_list, metavar="LIST",
-            help="quantize the weights at load, one run each: int8, int4 (e.g. int4,int8); the unquantized dtype runs "
-            "too, for the ratio",
+            help="quantize the weights at load, one run each: int8, int4, nf4 (e.g. int4,int8); the unquantized dtype "
+            "runs too, for the ratio",
         )  # fmt: skip
     else:
         g.add_argument(
             "--quant", choices=QUANT,
-            help="quantize the weights at load: int8 (per output channel) or int4 (groups of 128); default: as stored",
+            help="quantize the weights at load: int8 (per output channel), int4 (groups of 128) or nf4 (bitsandbytes, "
+            "blocks of 64); default: as stored",
         )  # fmt: skip
     g.add_argument(
         "--quant-head", action="store_true", help="quantize the LM head too (otherwise it stays unquantized)"

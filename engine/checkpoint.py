@@ -3,7 +3,8 @@
 Tensors are read one at a time from each shard file (safetensors through `get_slice`, so a tensor-parallel
 rank reads only its own part; `.bin` files memory-mapped as a fallback) and copied into the preallocated,
 fused parameters, the projections through their weight objects (`engine.weights.Weight.load`, which quantize at
-load): no second copy of the model is ever materialised.
+load; a pre-quantized checkpoint's through `engine.prequant.Repacker`): no second copy of the model is ever
+materialised.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from engine.errors import CheckpointError
 from engine.model import Llama
+from engine.prequant import Repacker, scheme_of
 from engine.weights import Weight
 
 Progress = Callable[[float, str], None]
@@ -66,18 +68,7 @@ def _check_safetensors(file: Path) -> dict:
     return header
 
 
-def quantization_of(path: Path) -> str | None:
-    """How the checkpoint at `path` is already quantized (its `quantization_config`'s method), None if it is not."""
-    try:
-        config = json.loads((path / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        config = None
-    if isinstance(config, dict):
-        return str(config.get("quant_method") or config.get("format") or "quantized")
-    return "gptq" if (path / "quantize_config.json").is_file() else None
-
-
-class _Placement:
+class Placement:
     """Where one Hugging Face tensor goes: a parameter or a projection's weight, the rows/columns of it, and the
     slice of the source. A tied LM head is loaded from the embedding."""
 
@@ -182,14 +173,20 @@ def _tensors(file: Path) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
 def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> None:
     """Fill every parameter of `model` (already on its device and dtype) from the checkpoint at `path`."""
     files = weight_files(path)
-    place = _Placement(model)
+    place = Placement(model)
+    scheme = scheme_of(path)
+    repack = Repacker(model, place, scheme) if scheme else None
     expected = place.expected()
     loaded: set[str] = set()
+
     total = sum(f.stat().st_size for f in files)
     done = 0
     for file in files:
         try:
             for name, shape, read in _tensors(file):
+                if repack and repack.wants(name):
+                    repack.add(name, read(-1, 0, 0))
+                    continue
                 if (wrong := place.check(name, shape)) is not None:
                     raise CheckpointError(f"{file.name}: {wrong}")
                 if (found := place.find(name)) is None:  # a harmless extra
@@ -201,6 +198,8 @@ def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> 
                     else:
                         (target if dim < 0 else target.narrow(dim, dest, size)).copy_(part)
                 loaded.add(name)
+            if repack:
+                loaded |= repack.flush(final=file == files[-1])
         except CheckpointError:
             raise
         except Exception as err:

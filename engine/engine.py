@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import Progress, load_weights, quantization_of
+from engine.checkpoint import Progress, load_weights
 from engine.config import DEMO_DIR, ModelConfig, model_dir
 from engine.detok import IncrementalDecoder, StopStrings
 from engine.errors import CheckpointError, EngineError, OutOfMemoryError, PromptError
@@ -36,11 +36,12 @@ from engine.events import (
 from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import SINGLE, Parallel, Shard
+from engine.prequant import model_quant
 from engine.prompts import answer_room, build_prompt, fit_request, stop_ids
 from engine.requests import EngineSpec, Request
 from engine.runner import DecodeRunner, Row, compile_ahead
 from engine.tokenizer import Tokenizer
-from engine.weights import Dense, Quant
+from engine.weights import Dense
 
 PREFILL_CHUNK = 2048
 _TRY = "try a smaller --max-batch, a shorter --max-seq-len, --dtype bfloat16, or more GPUs with --tp"
@@ -148,10 +149,7 @@ class Engine:
         """Check the checkpoint, build the model on the device and load its weights shard by shard."""
         path = model_dir(spec.model)
         cfg = ModelConfig.from_dir(path)
-        quant = Quant.of(spec.quant, spec.quant_head)
-        already = quantization_of(path)
-        if already and spec.quant:
-            raise CheckpointError(f"{path}: already quantized ({already}); drop --quant {spec.quant}")
+        quant, scheme = model_quant(path, spec.quant, spec.quant_head)
         if spec.tp > 1 and par.world == 1:  # the caller's rank 0: start (or join) the other ranks first
             from engine import tp
 
@@ -188,7 +186,7 @@ class Engine:
             can_infill=tok.can_infill,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            quant=spec.quant,
+            quant=scheme.name if scheme else spec.quant,
             tp=par.world,
             context=context,
             vocab_size=cfg.vocab_size,

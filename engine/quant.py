@@ -13,6 +13,18 @@ stored so) and q computed from the stored scale.
   unpacks a plane with one shift and one mask and reads x in runs of 16.
 - scales (float16) and zeros (uint8) are `[K / 128, N]`, group-major: a program working on a strip of rows reads one
   group's scales and zeros in one contiguous load each.
+
+nf4 is bitsandbytes' format (`quantize_4bit(w, blocksize=64, quant_type="nf4")`, what `load_in_4bit` makes): each
+block of NF4_BLOCK = 64 consecutive values of the row-major weight holds `code[q] * absmax`, q in [0, 15], NF4_CODE
+its 16 levels, absmax the block's largest magnitude (float32); two q to a byte, the first in the high nibble. Held as
+`packed [N, K / 2]` uint8 and `absmax [N, K / 64]` (the same bytes as bitsandbytes' flat tensors, rows whole).
+
+Pre-quantized checkpoints (`unpack_gptq`, `unpack_awq`) hold the int4 math above with other packings:
+- GPTQ: `qweight [K / 8, N]` int32 packs 8 inputs per word along K (input 8 r + j in bits 4j of row r), `qzeros
+  [G, N / 8]` int32 8 outputs per word the same way, `scales [G, N]` float16, `g_idx [K]` the group of each input
+  (act-order: not k // group). The classic format stores zero - 1 (`zero_offset` 1; gptq_v2 stores the zero).
+- AWQ (GEMM): `qweight [K, N / 8]` and `qzeros [G, N / 8]` pack 8 outputs per word with nibble j holding output
+  8 c + AWQ_ORDER[j]; `scales [G, N]`; groups are contiguous.
 """
 
 from __future__ import annotations
@@ -20,7 +32,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from engine.errors import EngineError
+
 GROUP = 128
+NF4_BLOCK = 64
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635, -0.18477343022823334,
+    -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+"""The 16 NF4 levels: the quantiles of a standard normal scaled to [-1, 1], as bitsandbytes documents them (QLoRA)."""
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 _ROWS = 4096  # rows quantized at a time: bounds the float32 temporaries of a large weight
 
 
@@ -89,3 +111,59 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, dtype: torch
     q = unpack_int4(qweight).view(n, scales.shape[0], GROUP).float()
     w = (q - zeros.T[..., None].float()) * scales.T[..., None].float()
     return w.view(n, -1).to(dtype)
+
+
+def quantize_nf4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """`(packed, absmax)` for `w [N, K]` (K a multiple of NF4_BLOCK) through bitsandbytes' own `quantize_4bit`, on
+    w's device (its CPU backend on the CPU)."""
+    try:
+        import bitsandbytes.functional as bnb
+    except ImportError:
+        raise EngineError("--quant nf4 needs bitsandbytes (pip install bitsandbytes)") from None
+    n, k = w.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(n, k // NF4_BLOCK, dtype=torch.float32, device=w.device)
+    for start in range(0, n, _ROWS):
+        q, state = bnb.quantize_4bit(w[start : start + _ROWS].contiguous(), blocksize=NF4_BLOCK, quant_type="nf4")
+        packed[start : start + _ROWS] = q.view(-1, k // 2)
+        absmax[start : start + _ROWS] = state.absmax.view(-1, k // NF4_BLOCK)
+    return packed, absmax
+
+
+def dequantize_nf4(packed: Tensor, absmax: Tensor, dtype: torch.dtype) -> Tensor:
+    """`code[q] * absmax` in `dtype`, `[N, K]`, computed in float32: bitsandbytes' `dequantize_4bit` in plain
+    PyTorch."""
+    n = packed.shape[0]
+    q = torch.stack((packed >> 4, packed & 15), dim=-1).view(n, -1, NF4_BLOCK).long()
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=packed.device)
+    return (code[q] * absmax[..., None]).view(n, -1).to(dtype)
+
+
+def _unpack_words(words: Tensor, dim: int) -> Tensor:
+    """The 8 nibbles of each int32 word (low bits first) laid out along `dim`, as uint8."""
+    shifts = 4 * torch.arange(8, device=words.device, dtype=torch.int32)
+    nibbles = (words.unsqueeze(-1) >> shifts) & 15  # [..., words, 8]
+    if dim == 0:
+        return nibbles.transpose(1, 2).reshape(-1, words.shape[1]).to(torch.uint8)
+    return nibbles.reshape(words.shape[0], -1).to(torch.uint8)
+
+
+def unpack_gptq(qweight: Tensor, qzeros: Tensor, zero_offset: int) -> tuple[Tensor, Tensor]:
+    """`(q [N, K], zeros [G, N])` (uint8) from a GPTQ checkpoint's `qweight [K / 8, N]` and `qzeros [G, N / 8]`;
+    the stored zero plus `zero_offset` (1 in the classic format: a stored 15 is a zero of 16, as its kernels read)."""
+    q = _unpack_words(qweight, 0)  # [K, N]: row 8 r + j from bits 4 j of row r
+    return q.T.contiguous(), _unpack_words(qzeros, 1) + zero_offset
+
+
+def unpack_awq(qweight: Tensor, qzeros: Tensor) -> tuple[Tensor, Tensor]:
+    """`(q [N, K], zeros [G, N])` (uint8) from an AWQ GEMM checkpoint's `qweight [K, N / 8]` and `qzeros
+    [G, N / 8]`, undoing the interleaved nibble order."""
+    order = torch.tensor(AWQ_ORDER, device=qweight.device)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(8, device=qweight.device)  # output 8 c + m sits in nibble where[m]
+
+    def outputs(words: Tensor) -> Tensor:
+        nibbles = _unpack_words(words, 1).view(words.shape[0], -1, 8)
+        return nibbles[..., where].reshape(words.shape[0], -1)
+
+    return outputs(qweight).T.contiguous(), outputs(qzeros)

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 Cap = Literal["completion", "infilling", "chat", "python"]
 CAPS: tuple[str, ...] = get_args(Cap)
 FILL = "<FILL>"
-QUANT = ("int8", "int4")  # what `--quant` quantizes to at load (engine.weights)
+QUANT = ("int8", "int4", "nf4")  # what `--quant` quantizes to at load (engine.weights)
 SEED_RANGE = range(-(2**63), 2**63)  # seeds travel as int64
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -3,16 +3,24 @@ rank's shard `[n, k]` of it (`y = x @ W.T`) in one storage format, so that a for
 the model, the runner or the scheduler.
 
 Every format has:
-- `format` ("dense", "int8", "int4"), `n`, `k`, `shape`, and `dtype`: that of x, y and the dequantized weight.
+- `format` ("dense", "int8", "int4", "nf4"), `n`, `k`, `shape`, and `dtype`: that of x, y and the dequantized
+  weight.
 - `nbytes()`: the bytes it holds (the memory budget and the roofline add these up: `Llama.nbytes`).
 - `load(part, dim, dest, whole)`: fill from a dense checkpoint tensor, quantizing at load. `part` is this rank's
   piece of it, already read: rows `dest .. dest + len(part)` of the (fused) weight for dim 0 (column-parallel QKV
   and gate/up, the LM head's vocabulary rows), the whole weight for dim 1 (the columns of a row-parallel O or down
   shard) and dim -1 (unsplit). `whole()` reads the entire checkpoint tensor: int8 takes a row-parallel shard's
   scales from its whole rows, so every rank holds the weights one GPU would. `fill(w)` loads a whole dense `[n, k]`.
+- `LAYOUT` and `load_stored(stored, dest)`: the buffers a format holds, each with the dimension its rows lie along,
+  the dimension its inputs lie along (None: whole rows) and how many inputs one element spans; `load_stored` fills
+  rows `dest ..` (None: all) from tensors already in that layout, this rank's part (a converted workspace, a
+  repacked GPTQ or AWQ checkpoint), so a reader slices any format's shard without knowing it.
 - `zero_rows(start)`: rows `start ..` compute 0 (the padding of the last vocabulary shard).
 - `dense(dtype=None)`: the dequantized weight `[n, k]` (in `dtype`, default its own), the semantics every kernel
   matches to rounding (the kernels multiply by the float32 values, `dense(torch.float32)`).
+- `perm`: None, or the order `[k]` of the inputs its columns are stored in (int4 from an act-order GPTQ checkpoint,
+  its groups made contiguous: `Int4.set_perm`): the matrix-vector kernel reads `x[..., perm]`; `dense()` and
+  `linear` take x as it is.
 - `linear(x)`: `x @ dense().T` where our matrix-vector kernel does not run it: cuBLAS (dense); on the GPU the
   weight dequantized into a scratch buffer, then cuBLAS (quantized: prefill and large batches); the plain-PyTorch
   reference on the CPU.
@@ -21,12 +29,14 @@ Every format has:
   its GEMV or `linear`, chosen per (format, shape, rows) at start-up.
 
 Storage: `Dense.weight [n, k]` (a Parameter). `Int8.q [n, k]` int8 and `Int8.scale [n]` float32. `Int4.qweight
-[n, k / 8]` int32, `Int4.scales [k / 128, n]` float16 and `Int4.zeros [k / 128, n]` uint8 (engine.quant holds the
-layouts and the math). Tensor parallelism builds each weight at its shard's shape: column-parallel ones split along
-n (any size), row-parallel ones along k, which int4 needs in whole groups of 128 (`Quant.check`, one line).
+[n, k / 8]` int32, `Int4.scales [k / 128, n]` float16 and `Int4.zeros [k / 128, n]` uint8. `NF4.packed [n, k / 2]`
+uint8 and `NF4.absmax [n, k / 64]` float32, bitsandbytes' own (its `matmul_4bit` runs it on the GPU). engine.quant
+holds the layouts and the math. Tensor parallelism builds each weight at its shard's shape: column-parallel ones split
+along n (any size), row-parallel ones along k, which int4 needs in whole groups of 128 and nf4 in whole blocks of 64
+(`Quant.check`, one line).
 
 `Quant` says which type each projection gets (`--quant`, `--quant-head`). A pre-quantized checkpoint (GPTQ, AWQ,
-`convert`'s output) adds a loader that repacks its tensors into these buffers.
+`convert`'s output: engine.prequant) fills int4 weights with `Int4.load_quantized`, repacked from its tensors.
 """
 
 from __future__ import annotations
@@ -50,11 +60,14 @@ class Weight(nn.Module):
     """A projection's weight `[n, k]` (this rank's shard) in one storage format; the module docstring has the API."""
 
     format: ClassVar[str]
+    LAYOUT: ClassVar[dict[str, tuple[int, int | None, int]]]  # buffer: (rows' dim, inputs' dim or None, inputs each)
     dtype: torch.dtype
+    perm: Tensor | None
 
     def __init__(self, n: int, k: int) -> None:
         super().__init__()
         self.n, self.k = n, k
+        self.register_buffer("perm", None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -88,6 +101,16 @@ class Weight(nn.Module):
     def load(self, part: Tensor, dim: int, dest: int, whole: Callable[[], Tensor]) -> None:
         raise NotImplementedError
 
+    def load_stored(self, stored: dict[str, Tensor], dest: int | None) -> None:
+        """Fill rows `dest ..` (None: every row) from tensors in this format's layout, one per name in `LAYOUT`."""
+        for name, (rows, _, _) in self.LAYOUT.items():
+            target, part = getattr(self, name), stored[name]
+            if dest is not None:
+                target = target.narrow(rows, dest, part.shape[rows])
+            if target.shape != part.shape:
+                raise EngineError(f"{self.format} {name}: shape {tuple(part.shape)}, expected {tuple(target.shape)}")
+            target.copy_(part)
+
     def zero_rows(self, start: int) -> None:
         raise NotImplementedError
 
@@ -108,6 +131,7 @@ class Dense(Weight):
     """The weight as it is, in the model's dtype."""
 
     format = "dense"
+    LAYOUT = {"weight": (0, 1, 1)}
 
     def __init__(self, n: int, k: int) -> None:
         super().__init__(n, k)
@@ -163,6 +187,7 @@ class Int8(_Quantized):
     """Symmetric int8 per output channel (engine.quant)."""
 
     format = "int8"
+    LAYOUT = {"q": (0, 1, 1), "scale": (0, None, 0)}
 
     def __init__(self, n: int, k: int) -> None:
         super().__init__(n, k)
@@ -192,6 +217,7 @@ class Int4(_Quantized):
     """Asymmetric int4 in groups of 128 along k (engine.quant), the layout GPTQ and AWQ checkpoints repack into."""
 
     format = "int4"
+    LAYOUT = {"qweight": (0, 1, 8), "scales": (1, 0, quant.GROUP), "zeros": (1, 0, quant.GROUP)}
 
     def __init__(self, n: int, k: int) -> None:
         super().__init__(n, k)
@@ -209,19 +235,70 @@ class Int4(_Quantized):
         self.scales[:, rows] = scales
         self.zeros[:, rows] = zeros
 
+    def set_perm(self, perm: Tensor) -> None:
+        """Columns stored in the input order `perm [k]` (act-order GPTQ)."""
+        self.perm = perm.to(self.tensors()[0].device, torch.long)
+
     def zero_rows(self, start: int) -> None:
         self.qweight[start:].zero_()
         self.scales[:, start:].zero_()
         self.zeros[:, start:].zero_()
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
-        return quant.dequantize_int4(self.qweight, self.scales, self.zeros, dtype or self.dtype)
+        w = quant.dequantize_int4(self.qweight, self.scales, self.zeros, dtype or self.dtype)
+        if self.perm is None:
+            return w
+        return torch.empty_like(w).index_copy_(1, self.perm, w)
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.qweight, self.scales, self.zeros
 
 
-FORMATS: dict[str, type[Weight]] = {"dense": Dense, "int8": Int8, "int4": Int4}
+class NF4(_Quantized):
+    """bitsandbytes' nf4 in blocks of 64 (engine.quant), quantized by its own `quantize_4bit`; on the GPU its
+    `matmul_4bit` (its GEMV at one row) multiplies, as under transformers' `load_in_4bit`."""
+
+    format = "nf4"
+    LAYOUT = {"packed": (0, 1, 2), "absmax": (0, 1, quant.NF4_BLOCK)}
+
+    def __init__(self, n: int, k: int) -> None:
+        super().__init__(n, k)
+        if k % quant.NF4_BLOCK:
+            raise EngineError(f"nf4 needs whole blocks of {quant.NF4_BLOCK} inputs; a weight has {k}")
+        self.register_buffer("packed", torch.empty(n, k // 2, dtype=torch.uint8))
+        self.register_buffer("absmax", torch.empty(n, k // quant.NF4_BLOCK, dtype=torch.float32))
+        self._state = None
+
+    def load(self, part: Tensor, dim: int, dest: int, whole: Callable[[], Tensor]) -> None:
+        packed, absmax = quant.quantize_nf4(self._on_device(part))
+        rows = slice(dest, dest + part.shape[0]) if dim == 0 else slice(None)
+        self.packed[rows] = packed
+        self.absmax[rows] = absmax
+
+    def zero_rows(self, start: int) -> None:
+        self.packed[start:] = 0x77  # level 7 is 0.0
+        self.absmax[start:].zero_()
+
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        return quant.dequantize_nf4(self.packed, self.absmax, dtype or self.dtype)
+
+    def linear(self, x: Tensor) -> Tensor:
+        if not x.is_cuda:
+            return super().linear(x)
+        import bitsandbytes as bnb
+
+        if self._state is None:  # built once: bitsandbytes' description of these bytes
+            code = torch.tensor(quant.NF4_CODE, dtype=torch.float32, device=x.device)
+            self._state = bnb.functional.QuantState(
+                self.absmax.view(-1), self.shape, code, quant.NF4_BLOCK, "nf4", self.dtype
+            )
+        return bnb.matmul_4bit(x, self.packed.view(-1, 1).t(), self._state)
+
+    def tensors(self) -> tuple[Tensor, Tensor, None]:
+        return self.packed, self.absmax, None
+
+
+FORMATS: dict[str, type[Weight]] = {"dense": Dense, "int8": Int8, "int4": Int4, "nf4": NF4}
 
 
 @dataclass(frozen=True)
@@ -247,25 +324,26 @@ class Quant:
         return self.layers + (f" + {self.head} head" if self.head != "dense" else "")
 
     def check(self, cfg: ModelConfig, shard: Shard, world: int) -> None:
-        """One line where int4 cannot hold the model: inputs not in whole groups, or a `--tp` that splits a group."""
-        group = quant.GROUP
-        inputs = [  # (projection, its inputs, this rank's), for every int4 weight
-            ("attention QKV", cfg.dim, cfg.dim),
-            ("attention output", cfg.n_heads * cfg.head_dim, shard.n_heads * cfg.head_dim),
-            ("gate/up", cfg.dim, cfg.dim),
-            ("down", cfg.intermediate, shard.intermediate),
-        ] * (self.layers == "int4") + [("LM head", cfg.dim, cfg.dim)] * (self.head == "int4")
-        for name, full, local in inputs:
-            if full % group:
-                raise EngineError(
-                    f"--quant int4 needs inputs in whole groups of {group}: the {name} projection has {full}; "
-                    "use --quant int8"
-                )
-            if local % group:
-                raise EngineError(
-                    f"--tp {world} splits the {name} projection's {full} inputs into {local} per GPU, not whole "
-                    f"int4 groups of {group}; choose a --tp that keeps them whole"
-                )
+        """One line where int4 or nf4 cannot hold the model: inputs not in whole groups (blocks), or a `--tp` that
+        splits one."""
+        for fmt, group, unit in (("int4", quant.GROUP, "groups"), ("nf4", quant.NF4_BLOCK, "blocks")):
+            inputs = [  # (projection, its inputs, this rank's), for every weight of the format
+                ("attention QKV", cfg.dim, cfg.dim),
+                ("attention output", cfg.n_heads * cfg.head_dim, shard.n_heads * cfg.head_dim),
+                ("gate/up", cfg.dim, cfg.dim),
+                ("down", cfg.intermediate, shard.intermediate),
+            ] * (self.layers == fmt) + [("LM head", cfg.dim, cfg.dim)] * (self.head == fmt)
+            for name, full, local in inputs:
+                if full % group:
+                    raise EngineError(
+                        f"--quant {fmt} needs inputs in whole {unit} of {group}: the {name} projection has {full}; "
+                        "use --quant int8"
+                    )
+                if local % group:
+                    raise EngineError(
+                        f"--tp {world} splits the {name} projection's {full} inputs into {local} per GPU, not whole "
+                        f"{fmt} {unit} of {group}; choose a --tp that keeps them whole"
+                    )
 
 
 DENSE = Quant()

@@ -872,7 +872,10 @@ def run_app(
     from tui.config import ConfigError, load_config
 
     def too_big(problem: str) -> int:
-        print(f"codellama-tui: error: {file}: too big to edit here ({problem}); open it in another editor", file=sys.stderr)
+        print(
+            f"codellama-tui: error: {file}: too big to edit here ({problem}); open it in another editor",
+            file=sys.stderr,
+        )
         return 2
 
     with contextlib.suppress(OSError):  # before reading it; a missing file is a new one, other errors come next

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from engine.bench_options import add_quant_options
 from engine.requests import CAPS, EngineSpec
@@ -21,6 +22,7 @@ SUBCOMMANDS = {
     "tokenize": "print the prompt's token ids as the engine would feed them",
     "chat": "the console chat of the seed: inputs end with a line '!!'",
     "bench": "time the engine: decode tokens/s, time to first token, memory, start-up, roofline",
+    "convert": "quantize a checkpoint once into a workspace every command loads directly (int4: GPTQ with --calib)",
 }
 
 DEMO_NOTE = (
@@ -150,6 +152,17 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     add_arguments(bench)
     parsers["bench"] = bench
+
+    conv = _Parser(prog="codellama-tui convert", description=SUBCOMMANDS["convert"] + ".")
+    conv.add_argument("model", metavar="MODEL", help="the unquantized Hugging Face checkpoint directory")
+    conv.add_argument("--out", required=True, type=Path, metavar="DIR", help="the workspace to write (a new folder)")
+    conv.add_argument("--quant", choices=["int8", "int4"], default="int4", help="the weights' format (default int4)")
+    conv.add_argument("--calib", nargs="+", type=Path, metavar="FILE",
+                      help="text (code) like what the model will see: int4 by GPTQ on it (act order, groups of 128) "
+                      "instead of round-to-nearest")  # fmt: skip
+    conv.add_argument("--device", default="auto", help="where to quantize: cpu, cuda, cuda:N or auto (default)")
+    conv.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    parsers["convert"] = conv
     return parsers
 
 
@@ -199,6 +212,8 @@ def _main(argv: Sequence[str] | None) -> int:
         except EngineError as err:  # a bad --tp, a dead rank, a broken checkpoint: one line, as everywhere
             print(f"codellama-tui bench: error: {err}", file=sys.stderr)
             return 1
+    if command == "convert":
+        return _convert(args)
     if command == "chat":
         from tui.console import run_console
 
@@ -206,6 +221,22 @@ def _main(argv: Sequence[str] | None) -> int:
     from tui.app import run_app
 
     return run_app(args.file, spec_of(args), args.cap, args.sys_instruct, overrides_of(args), args.theme)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from engine.convert import convert
+    from engine.errors import EngineError
+
+    try:
+        how = convert(args.model, args.out, args.quant, args.calib, args.device, args.force)
+    except EngineError as err:
+        print(f"codellama-tui convert: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("codellama-tui convert: interrupted; nothing was written to the workspace", file=sys.stderr)
+        return 130
+    print(f"{args.out}: {how['format']} weights ({how['method']}); run it with --model {args.out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Usage: `python -m engine.demo.evaluate MODEL_DIR [--device cuda] [--infills 600]
 unless `--no-write`). Runs the checkpoint through `transformers` so the numbers do not depend on the
 training code. Reports token-level perplexity (and bits per character, which compares across tokenizers),
 greedy single-line infilling exact match with the PSM prompt, and how often the predicted lines parse.
-`--quant int8,int4` instead scores the model with its projections quantized as `--quant` quantizes them at load
-(round trip through engine.weights; transformers then holds the values the engine computes with), next to the
-unquantized model: perplexity, line infilling, and how many lines get the unquantized model's own greedy infill.
+`--quant int8,int4,nf4` instead scores the model with its projections quantized as `--quant` quantizes them at
+load (round trip through engine.weights; transformers then holds the values the engine computes with), and
+`--converted DIR` a `codellama-tui convert` workspace of it (GPTQ) as the engine loads it, next to the unquantized
+model: perplexity, line infilling, and how many lines get the unquantized model's own greedy infill.
 """
 
 from __future__ import annotations
@@ -282,6 +283,21 @@ def round_trip(model: torch.nn.Module, fmt: str) -> None:
             weight.copy_(FORMATS[fmt].from_dense(weight.detach()).dense())
 
 
+def converted_weights(workspace: Path, device: torch.device) -> tuple[str, dict]:
+    """A converted workspace's name ("int4 gptq") and its weights as the engine loads them, dequantized, under
+    transformers' names, in the dtype `load` gives."""
+    from engine.bench import hf_twin
+    from engine.engine import Engine
+    from engine.requests import EngineSpec
+
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    engine = Engine.load(EngineSpec(model=str(workspace), device=str(device), dtype=dtype, max_batch=1))
+    state = {k: v.clone() for k, v in hf_twin(engine).state_dict().items()}
+    engine.close()
+    how = json.loads((workspace / "config.json").read_text())["quantization_config"]
+    return f"{how['format']} {how['method']}", state
+
+
 def quantized_scores(
     model_dir: Path,
     device: torch.device,
@@ -291,11 +307,14 @@ def quantized_scores(
     seed: int = 0,
     max_new: int = MAX_NEW,
     max_chars_per_file: int | None = None,
+    converted: tuple[Path, ...] = (),
 ) -> dict:
     """Held-out perplexity and single-line infilling of the unquantized model (bf16 on CUDA, float32 on the CPU) and
-    of each of `formats`; `same_infill`: the share of lines whose greedy infill equals the unquantized model's.
+    of each of `formats`, then of each `converted` workspace of it (`codellama-tui convert`: GPTQ, say) as the
+    engine loads it; `same_infill`: the share of lines whose greedy infill equals the unquantized model's.
     "bfloat16" among `formats` is the yardstick: the unquantized model computing in bfloat16."""
     model, sp = load(model_dir, device)
+    states = dict(converted_weights(path, device) for path in converted)
     texts = held_out_texts()
     cases = line_cases(texts, n_infills, seed)
     prompts = [psm_prompt(sp, p, s) for p, s in fitted_texts(model_dir, cases, MAX_PREFIX, MAX_SUFFIX, max_new)]
@@ -303,11 +322,11 @@ def quantized_scores(
     res: dict = {"device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                  "lines": len(cases), "window": seq_len, "formats": {}}  # fmt: skip
     base: list[str] | None = None
-    for fmt in ("unquantized", *formats):
-        model.to(original["lm_head.weight"].dtype).load_state_dict(original)
+    for fmt in ("unquantized", *formats, *states):
+        model.to(original["lm_head.weight"].dtype).load_state_dict(states.get(fmt, original))
         if fmt == "bfloat16":
             model.to(torch.bfloat16)
-        elif fmt != "unquantized":
+        elif fmt in formats:
             round_trip(model, fmt)
         ppl = perplexity(model, sp, texts, seq_len, device, max_chars_per_file)
         preds = infill_predictions(model, sp, prompts, device, max_new, 256 if device.type == "cuda" else 16)
@@ -333,9 +352,9 @@ def _quant_summary(q: dict) -> str:
         if fmt != "unquantized"
     ]
     return (
-        f"\nweights quantized at load (`--quant`; LM head unquantized), on {q['device']} against the unquantized model"
-        f" in {q['dtype']} (perplexity {base['perplexity']:.3f}, exact match {base['exact_match']:.1%}) on"
-        f" {q['lines']} lines:\n" + "\n".join(f"- {part}" for part in parts)
+        f"\nweights quantized at load (`--quant`) or converted (`--converted`), LM head unquantized, on {q['device']}"
+        f" against the unquantized model in {q['dtype']} (perplexity {base['perplexity']:.3f}, exact match"
+        f" {base['exact_match']:.1%}) on {q['lines']} lines:\n" + "\n".join(f"- {part}" for part in parts)
     )
 
 
@@ -444,10 +463,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--cli", action="store_true", help="only the function-body check through `codellama-tui generate`")
-    ap.add_argument("--quant", metavar="LIST", help="only the quantized comparison: int8,int4 (bfloat16: a yardstick)")
+    ap.add_argument(
+        "--quant", metavar="LIST", help="only the quantized comparison, e.g. int8,int4,nf4 (bfloat16: a yardstick)"
+    )
+    ap.add_argument("--converted", nargs="+", type=Path, default=(), metavar="DIR",
+                    help="with --quant: also `codellama-tui convert` workspaces of the model (int4 GPTQ)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.quant:
-        res = quantized_scores(a.model_dir, torch.device(a.device), a.quant.split(","), a.infills, a.seq_len, a.seed)
+        formats = [f for f in a.quant.split(",") if f]
+        res = quantized_scores(a.model_dir, torch.device(a.device), formats, a.infills, a.seq_len, a.seed,
+                               converted=tuple(a.converted))  # fmt: skip
         print(json.dumps(res), flush=True)
         if not a.no_write:
             path = a.model_dir / "eval.json"

@@ -13,10 +13,11 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   the new token's q and k, k and v written into the cache, and split-KV attention of the one new query
   per sequence over its keys, GQA aware: one kernel on the GPU.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
-- `linear(x, w)`: `x @ W.T` for a weight object `w` (`engine.weights.Weight`: dense, int8 or int4), a
+- `linear(x, w)`: `x @ W.T` for a weight object `w` (`engine.weights.Weight`: dense, int8, int4 or nf4), a
   weight-streaming matrix-vector kernel for decode-sized x (up to 64 rows) that dequantizes in registers, where
   start-up timing found it faster than the weight's own `linear` (cuBLAS, after dequantizing for the quantized
-  formats) for the format, shape and row count.
+  formats; bitsandbytes for nf4) for the format, shape and row count. A weight whose columns are stored permuted
+  (`w.perm`, act-order GPTQ) gets x gathered into that order first, and no fused norm or residual.
 - `dequantize(w)`: a quantized weight as a dense `[n, k]` (what `Weight.linear` multiplies on the GPU).
 - `norm_linear(x, residual, norm_weight, eps, w)` and `norm_linear_silu_mul(...)`: residual add and RMSNorm,
   then `linear` (then, on the gate/up weight, `silu_mul`); where the matrix-vector kernel runs the shape for
@@ -160,7 +161,7 @@ def _fused_config(x: Tensor, w: Weight) -> object | None:
     """`_gemv_config` where the norm and the residual add pay as the kernel's prologue and epilogue: for one row.
     With several rows the prologue's per-tile normalisation stalls the kernel's pipelined K loop (QKV at 32 rows:
     75 µs against 39 for the separate norm and the plain kernel, BENCHMARKS.md), so they stay separate kernels."""
-    return _gemv_config(x, w) if x.numel() == x.shape[-1] else None
+    return _gemv_config(x, w) if x.numel() == x.shape[-1] and w.perm is None else None
 
 
 def linear(x: Tensor, w: Weight) -> Tensor:
@@ -169,7 +170,7 @@ def linear(x: Tensor, w: Weight) -> Tensor:
     if config is not None:
         from . import triton_gemv
 
-        return triton_gemv.linear(x, w, config)
+        return triton_gemv.linear(x if w.perm is None else x.index_select(-1, w.perm), w, config)
     return w.linear(x)
 
 
@@ -179,7 +180,8 @@ def dequantize(w: Weight) -> Tensor:
     if _use_triton(w.tensors()[0]):
         from . import triton_dequant
 
-        return triton_dequant.dequantize(w)
+        stored = triton_dequant.dequantize(w)  # columns in the stored order: `w.perm`'s
+        return stored if w.perm is None else torch.empty_like(stored).index_copy_(1, w.perm, stored)
     return w.dense()
 
 
