@@ -70,8 +70,8 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
         f"random weights: build {built - recorded:.1f}s, fill {filled - built:.1f}s, cache {cached - filled:.1f}s",
         file=sys.stderr,
     )
-    info = ModelInfo(f"random {cfg.dim}", "base", tok.can_infill, str(device), str(dtype), par.world,
-                     spec.max_seq_len, cfg.vocab_size)  # fmt: skip
+    info = ModelInfo(name=f"random {cfg.dim}", flavour="base", can_infill=tok.can_infill, device=str(device),
+                     dtype=str(dtype), tp=par.world, context=spec.max_seq_len, vocab_size=cfg.vocab_size)  # fmt: skip
     engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs)
     engine.compiled_ahead = compiling
     return engine, load_s

@@ -1,9 +1,8 @@
-"""The engine: owns the model, the KV-cache slots and the chat sessions, and runs the scheduler loop.
+"""The engine: owns the model and the KV-cache slots, and runs the scheduler loop.
 
-Every method runs on the worker thread (engine.client). `step()` admits waiting requests into free slots,
+Every method runs on the worker thread (engine.local_client). `step()` admits waiting requests into free slots,
 prefills one chunk of one prompt, then decodes one token for every running sequence as one batch,
-and returns the events that produced. Chat sessions keep their slot and token history between turns,
-so a new turn prefills only what differs from what the slot already holds.
+and returns the events that produced.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from engine.events import (
 from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import SINGLE, Parallel, Shard
-from engine.prompts import answer_room, build_prompt, fit_request, stop_ids
+from engine.prompts import answer_room, build_prompt, fit_chat, fit_request, stop_ids
 from engine.requests import EngineSpec, Request
 from engine.runner import DecodeRunner, Row, compile_ahead
 from engine.tokenizer import Tokenizer
@@ -84,19 +83,6 @@ def flavour(path: Path, is_demo: bool) -> str:
 
 
 @dataclass
-class Session:
-    """A chat: its finished exchanges, and the tokens whose keys/values its slot holds."""
-
-    name: str
-    system: str | None = None
-    exchanges: list[tuple[str, str]] = field(default_factory=list)
-    slot: int | None = None
-    cached: list[int] = field(default_factory=list)
-    busy: bool = False
-    last_used: float = 0.0
-
-
-@dataclass
 class Sequence:
     request: Request
     ids: list[int]
@@ -105,7 +91,6 @@ class Sequence:
     stop_strings: StopStrings
     seed: int
     t0: float
-    session: Session | None = None
     slot: int = -1
     done: int = 0  # prompt tokens whose keys/values are in the slot
     generated: list[int] = field(default_factory=list)
@@ -129,7 +114,6 @@ class Engine:
         self.model, self.tok, self.info = model, tok, info
         self.context, self.device = context, device
         self.free_slots = list(range(n_slots))
-        self.sessions: dict[str, Session] = {}
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -242,37 +226,25 @@ class Engine:
         return build_prompt(self.tok, request)
 
     def _sequence(self, request: Request, events: list[Event]) -> Sequence:
-        session = None
-        exchanges: list[tuple[str, str]] = []
-        if request.session is not None:
-            session = self.sessions.setdefault(request.session, Session(request.session))
-            if session.busy:
-                raise EngineError("this chat is still answering; wait for it or cancel it")
-            if request.system is not None:
-                session.system = request.system
-            request = replace(request, system=session.system)
-            exchanges = session.exchanges
-        ids = build_prompt(self.tok, request, exchanges)
-        reserve = answer_room(request.sampling.max_new_tokens, self.context)
-        if request.cap == "chat":
-            dropped = 0
-            while len(ids) + reserve > self.context and dropped < len(exchanges):
-                dropped += 1
-                ids = build_prompt(self.tok, request, exchanges[dropped:])
-            if dropped and session is not None:
-                del session.exchanges[:dropped]
-                events.append(TurnsDropped(request.id, dropped))
-        elif request.fit and len(ids) + reserve > self.context:
-            request, before, after = fit_request(self.tok, request, self.context - reserve)
+        ids = build_prompt(self.tok, request)
+        budget = self.context - answer_room(request.sampling.max_new_tokens, self.context)
+        if request.fit and len(ids) > budget:
+            if request.cap == "chat":
+                messages, dropped = fit_chat(self.tok, request.messages, budget)
+                request = replace(request, messages=messages)
+                if dropped:
+                    events.append(TurnsDropped(request.id, dropped))
+            else:
+                request, before, after = fit_request(self.tok, request, budget)
+                events.append(TextClipped(request.id, before, after))
             ids = build_prompt(self.tok, request)
-            events.append(TextClipped(request.id, before, after))
         if len(ids) >= self.context:
             raise PromptError(
                 f"the prompt is {len(ids)} tokens but the context holds {self.context}: "
                 f"{len(ids) - self.context + 1} tokens too many"
             )
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(62)
-        seq = Sequence(
+        return Sequence(
             request=request,
             ids=ids,
             stops=stop_ids(self.tok, request.cap),
@@ -280,30 +252,16 @@ class Engine:
             stop_strings=StopStrings(request.sampling.stop),
             seed=seed,
             t0=time.perf_counter(),
-            session=session,
             strip_leading=request.cap == "chat",
         )
-        if session is not None:
-            session.busy = True
-        return seq
 
-    def cancel(self, request_id: int) -> list[Event]:
+    def cancel(self, request_id: str) -> list[Event]:
         """End a request now; its slot is free for the next step."""
         for queue in (self.waiting, self.prefilling, self.running):
             for seq in queue:
                 if seq.request.id == request_id:
                     return self._finish(seq, "cancelled")
         return []
-
-    def end_session(self, name: str) -> None:
-        session = self.sessions.pop(name, None)
-        if session is None:
-            return
-        for seq in [*self.waiting, *self.prefilling, *self.running]:
-            if seq.session is session:
-                self._finish(seq, "cancelled")
-        if session.slot is not None:
-            self.free_slots.append(session.slot)
 
     # ---- the scheduler ----
 
@@ -324,31 +282,13 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting:
             seq = self.waiting[0]
-            slot = self._take_slot(seq.session)
-            if slot is None:
+            if not self.free_slots:
                 return
-            seq.slot = slot
-            self.runner.mark_seen(slot, seq.ids)  # may fail (a dead tensor-parallel rank): still queued, so it fails
+            seq.slot = self.free_slots[-1]
+            self.runner.mark_seen(seq.slot, seq.ids)  # may fail (a dead tensor-parallel rank): still queued, it fails
+            self.free_slots.pop()
             self.waiting.popleft()
-            cached = seq.session.cached if seq.session is not None else []
-            seq.done = _common_prefix(cached, seq.ids, limit=len(seq.ids) - 1)
             self.prefilling.append(seq)
-
-    def _take_slot(self, session: Session | None) -> int | None:
-        if session is not None and session.slot is not None:
-            session.last_used = time.monotonic()
-            return session.slot
-        if not self.free_slots:
-            idle = [s for s in self.sessions.values() if s.slot is not None and not s.busy]
-            if not idle:
-                return None
-            victim = min(idle, key=lambda s: s.last_used)
-            self.free_slots.append(victim.slot)
-            victim.slot, victim.cached = None, []
-        slot = self.free_slots.pop()
-        if session is not None:
-            session.slot, session.cached, session.last_used = slot, [], time.monotonic()
-        return slot
 
     def _prefill_chunk(self, seq: Sequence, events: list[Event]) -> None:
         end = min(seq.done + PREFILL_CHUNK, len(seq.ids))
@@ -435,16 +375,7 @@ class Engine:
         if seq in self.running:
             self.running.remove(seq)
         text = "".join(seq.text)
-        session = seq.session
-        if session is not None:
-            session.busy = False
-            if seq.slot >= 0:
-                session.cached = (
-                    (seq.ids[: seq.done] + seq.generated[:-1]) if seq.done == len(seq.ids) else seq.ids[: seq.done]
-                )
-            if reason != "cancelled" and seq.request.cap == "chat":
-                session.exchanges.append((seq.request.text, text))
-        elif seq.slot >= 0:
+        if seq.slot >= 0:
             self.free_slots.append(seq.slot)
         now = time.perf_counter()
         ttft = (seq.t_first or now) - seq.t0
@@ -464,17 +395,6 @@ class Engine:
         for seq in [*self.waiting, *self.prefilling, *self.running]:
             self._finish(seq, "cancelled")
             events.append(Failed(seq.request.id, message))
-        for session in self.sessions.values():
-            session.cached = []
         self.inflight = None
         self.runner.inflight.clear()
         return events
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y or n >= limit:
-            break
-        n += 1
-    return n

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.engine import Engine
-from engine.events import Failed, Finished, Started, TextClipped, TextDelta
+from engine.events import Failed, Finished, Started, TextClipped, TextDelta, TurnsDropped
 from engine.prompts import chat_ids
-from engine.requests import EngineSpec, Request, SamplingParams
+from engine.requests import ChatMessage, EngineSpec, Request, SamplingParams
+from tui.conversation import Conversation
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,8 +29,8 @@ def hf_model(path: Path):
     return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def run(engine: Engine, *requests: Request) -> dict[int, list]:
-    events: dict[int, list] = {r.id: [] for r in requests}
+def run(engine: Engine, *requests: Request) -> dict[str, list]:
+    events: dict[str, list] = {r.id: [] for r in requests}
     for r in requests:
         for e in engine.add(r):
             events[r.id].append(e)
@@ -99,40 +101,21 @@ def test_batched_requests_match_single_runs(tiny_gqa_dir: Path) -> None:
     assert together[b.id][-1].text == next(iter(alone_b.values()))[-1].text
 
 
-def test_second_chat_turn_reuses_the_cache_and_matches_transformers(checkpoint: Path, monkeypatch) -> None:
+def test_a_whole_conversation_matches_transformers(checkpoint: Path) -> None:
+    """A second turn arrives as the whole conversation, and is answered as transformers answers that prompt."""
     engine, ref = load(checkpoint), hf_model(checkpoint)
-    prefilled: list[int] = []
-    original = engine.model.prefill
-
-    def counting_prefill(tokens, slot, start, all_logits=False):
-        prefilled.append(len(tokens))
-        return original(tokens, slot, start, all_logits)
-
-    monkeypatch.setattr(engine.model, "prefill", counting_prefill)
     sampling = SamplingParams(temperature=0, max_new_tokens=24)
-    first = Request(
-        "chat",
-        text="Write a function that adds two numbers.",
-        system="Answer in Python",
-        session="s",
-        sampling=sampling,
-    )
+    chat = Conversation("Answer in Python")
+    first = chat.request("Write a function that adds two numbers.", sampling)
     answer = run(engine, first)[first.id][-1]
     assert isinstance(answer, Finished)
-    second = Request("chat", text="Now make it multiply.", session="s", sampling=sampling)
+    chat.answered(first, answer.text)
+    second = chat.request("Now make it multiply.", sampling)
     events = run(engine, second)[second.id]
-    ids = engine.prompt_ids(Request("chat", text=second.text, system=None))
-    full = chat_ids(engine.tok, [(first.text, answer.text)], second.text, "Answer in Python")
-    started = next(e for e in events if isinstance(e, Started))
-    assert started.prompt_tokens == len(full)
-    assert prefilled[-1] < len(full) - len(ids) // 2, "the second turn re-read the first one"
-    expected = hf_greedy(ref, full, 24, stop=2)
-    assert events[-1].text == engine.tok.decode(expected).strip()
-    with torch.no_grad():
-        logits_ref = ref(torch.tensor([full])).logits[0, -1]
-    slot = engine.sessions["s"].slot
-    logits = engine.model.prefill(torch.tensor(full[-1:]), slot=slot, start=len(full) - 1)
-    assert (logits - logits_ref).abs().max().item() < 1e-4
+    full = chat_ids(engine.tok, second.messages)
+    assert second.messages[2] == ChatMessage("assistant", answer.text)
+    assert next(e for e in events if isinstance(e, Started)).prompt_tokens == len(full)
+    assert events[-1].text == engine.tok.decode(hf_greedy(ref, full, 24, stop=2)).strip()
 
 
 def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypatch) -> None:
@@ -222,16 +205,28 @@ def test_context_end_and_overlong_prompt(tiny_model_dir: Path) -> None:
     assert finished.reason == "context" and finished.stats.prompt_tokens + finished.stats.new_tokens == 24
 
 
-def test_chat_drops_oldest_turns_when_the_context_is_full(tiny_model_dir: Path) -> None:
+def test_a_fit_chat_drops_its_oldest_turns_when_the_context_is_full(tiny_model_dir: Path) -> None:
+    """The prompt keeps room for the answer: the oldest exchanges go, the system instruction stays, and the
+    conversation (which forgets what went) never grows past the context."""
     engine = load(tiny_model_dir, max_seq_len=160)
     sampling = SamplingParams(temperature=0, max_new_tokens=16)
-    dropped = []
+    chat, dropped = Conversation("Be brief"), []
     for i in range(8):
-        request = Request("chat", text=f"Question number {i}: what does this do?", session="c", sampling=sampling)
+        request = chat.request(f"Question number {i}: what does this do?", sampling)
         events = run(engine, request)[request.id]
         assert isinstance(events[-1], Finished)
-        dropped += [e.count for e in events if type(e).__name__ == "TurnsDropped"]
-    assert dropped and len(engine.sessions["c"].exchanges) < 8
+        for event in events:
+            if isinstance(event, TurnsDropped):
+                chat.drop(event.count)
+                dropped.append(event.count)
+            if isinstance(event, Started):
+                assert event.prompt_tokens <= 160 - 16
+        chat.answered(request, events[-1].text)
+    assert dropped and len(chat.exchanges) < 8
+    chat.exchanges = [(f"Question {i}?", "An answer of a few words.") for i in range(12)]
+    whole = replace(chat.request("And this one?", sampling), fit=False)  # as an HTTP client sends it
+    (failed,) = run(engine, whole)[whole.id]
+    assert isinstance(failed, Failed) and "too many" in failed.message
 
 
 def test_bin_fallback_and_sharded_safetensors_load_the_same_weights(tiny_gqa_dir: Path, tmp_path: Path) -> None:

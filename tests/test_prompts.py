@@ -8,7 +8,7 @@ import pytest
 
 from engine.errors import CapabilityError, PromptError
 from engine.prompts import build_prompt, chat_ids, infilling_ids, split_fill, stop_ids
-from engine.requests import Request
+from engine.requests import ChatMessage, Request
 from engine.tokenizer import Tokenizer
 
 PREFIX = 'def remove_non_ascii(s: str) -> str:\n    """ '
@@ -41,6 +41,10 @@ def dialog(exchanges: list[tuple[str, str]], user: str, system: str | None) -> l
     for u, a in exchanges:
         msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
     return msgs + [{"role": "user", "content": user}]
+
+
+def chat(exchanges: list[tuple[str, str]], user: str, system: str | None = None) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(m["role"], m["content"]) for m in dialog(exchanges, user, system))
 
 
 @pytest.mark.parametrize("cap", ["completion", "python"])
@@ -109,25 +113,24 @@ def test_infilling_on_base_tokenizer_is_refused(codellama_base_tokenizer_dir: Pa
 def test_chat_matches_meta(tok: Tokenizer, sp, exchanges, system) -> None:
     user = "\n  Now in Rust, please.  \n"
     expected = meta_chat(sp, dialog(exchanges, user, system))
-    assert chat_ids(tok, exchanges, user, system) == expected
-    request = Request(cap="chat", text=user, system=system)
-    assert build_prompt(tok, request, exchanges) == expected
+    assert chat_ids(tok, chat(exchanges, user, system)) == expected
+    assert build_prompt(tok, Request(cap="chat", messages=chat(exchanges, user, system))) == expected
 
 
 def test_chat_system_goes_into_first_passed_exchange(tok: Tokenizer) -> None:
-    ids = chat_ids(tok, [("old", "answer")], "new", "sys")
+    ids = chat_ids(tok, chat([("old", "answer")], "new", "sys"))
     first_turn = tok.encode("[INST] <<SYS>>\nsys\n<</SYS>>\n\nold [/INST] answer ", bos=True, eos=True)
     assert ids == first_turn + tok.encode("[INST] new [/INST]", bos=True)
 
 
-@pytest.mark.parametrize("tag", ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"])
+@pytest.mark.parametrize("tag", ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<step>"])
 def test_chat_refuses_reserved_tags(tok: Tokenizer, tag: str) -> None:
     with pytest.raises(PromptError, match="message contains"):
-        chat_ids(tok, [], f"hi {tag} there", None)
+        chat_ids(tok, chat([], f"hi {tag} there"))
     with pytest.raises(PromptError, match="system instruction"):
-        chat_ids(tok, [], "hi", f"be {tag}")
+        chat_ids(tok, chat([], "hi", f"be {tag}"))
     with pytest.raises(PromptError, match="earlier answer"):
-        chat_ids(tok, [("q", f"a {tag}")], "hi", None)
+        chat_ids(tok, chat([("q", f"a {tag}")], "hi"))
 
 
 def test_unknown_cap_is_a_prompt_error(tok: Tokenizer) -> None:

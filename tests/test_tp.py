@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.client import EngineClient
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.events import Failed, Finished, TextDelta
+from engine.local_client import LocalClient
 from engine.requests import EngineSpec, Request, SamplingParams
 from engine.runner import Row
 
@@ -152,7 +152,7 @@ def test_a_killed_rank_fails_the_request_fast_and_close_leaves_no_process(
 ) -> None:
     model = str(request.getfixturevalue("tiny_model_dir")) if device == "cpu" else None
     spec = EngineSpec(model=model, device=device, dtype=dtype, tp=2, max_batch=1)
-    client = EngineClient(spec).start()
+    client = LocalClient(spec).start()
     try:
         client.wait_ready(timeout=60)
         (worker,) = children()

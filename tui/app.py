@@ -1,6 +1,6 @@
 """The full-screen app: the editor and the chat beside it, driven by keys, fed by the engine thread.
 
-Threads: `EngineClient` calls `_relay_engine_event` on its worker thread. Text deltas go into a
+Threads: the engine client (`engine.client`) calls `_relay_engine_event` on its own thread. Text deltas go into a
 locked buffer that a 30 Hz timer on the UI thread drains (so 200+ tokens/s cost at most 30 widget
 updates a second and a keystroke always echoes within a frame); every other event is posted as a
 message. Before a terminal event (Finished, Failed) is handled the buffer is drained, so no text is
@@ -14,14 +14,12 @@ Typing in the chat input never disturbs an answer that is streaming into the log
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
@@ -31,6 +29,7 @@ from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer
 
+from engine.client import Client, EventSink
 from engine.events import (
     Event,
     Failed,
@@ -46,6 +45,7 @@ from engine.events import (
 )
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
 from themes import APP_TCSS, register_themes, theme_name
+from tui.conversation import Conversation
 from tui.files import read_text, save_atomic
 from tui.screens import PromptScreen, QuitScreen
 from widgets.chat_input import ChatInput
@@ -66,23 +66,13 @@ def suffix_stop(suffix: str) -> tuple[str, ...]:
     return ("\n" + below,) if below is not None else ()
 
 
-class Client(Protocol):
-    """What the app needs of `engine.client.EngineClient` (tests pass a fake with the same methods)."""
-
-    def start(self) -> Client: ...
-    def submit(self, request: Request) -> int: ...
-    def cancel(self, request_id: int) -> None: ...
-    def end_session(self, session: str) -> None: ...
-    def close(self, timeout: float = 10.0) -> None: ...
+ClientFactory = Callable[[EngineSpec, EventSink], Client]
 
 
-ClientFactory = Callable[..., Client]
+def _local_client(spec: EngineSpec, on_event: EventSink) -> Client:
+    from engine.local_client import LocalClient  # no torch here: the worker thread imports the engine
 
-
-def _engine_client_factory(spec: EngineSpec, on_event: Callable[[Event], None]) -> Client:
-    from engine.client import EngineClient  # no torch here: the worker thread imports the engine
-
-    return EngineClient(spec, on_event=on_event)
+    return LocalClient(spec, on_event=on_event)
 
 
 class EngineEvent(Message):
@@ -139,7 +129,7 @@ class CodeLlamaApp(App[int]):
         *,
         text: str | None = None,
         keys: dict[str, str] | None = None,
-        client_factory: ClientFactory = _engine_client_factory,
+        client_factory: ClientFactory = _local_client,
     ) -> None:
         super().__init__()
         register_themes(self)
@@ -157,12 +147,11 @@ class CodeLlamaApp(App[int]):
         self.client: Client | None = None
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
-        self._jobs: dict[int, _Job] = {}
-        self._pending: dict[int, list[str]] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._pending: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._flush_timer: Timer | None = None
-        self._sessions = itertools.count(1)
-        self.session = self._new_session_id()
+        self.conversation = Conversation(system)
         self._last_code: str | None = None
         self._input_empty = True
 
@@ -202,7 +191,7 @@ class CodeLlamaApp(App[int]):
 
     def _start_engine(self) -> None:
         """Start the engine thread after the first frame has painted (it imports torch)."""
-        self.client = self._client_factory(self.spec, on_event=self._relay_engine_event).start()
+        self.client = self._client_factory(self.spec, self._relay_engine_event).start()
 
     def on_unmount(self) -> None:
         if self.client is not None:
@@ -277,6 +266,7 @@ class CodeLlamaApp(App[int]):
                 self.status.note = job.clipped
         elif isinstance(event, TurnsDropped):
             if event.request_id in self._jobs:
+                self.conversation.drop(event.count)
                 turns = "turn was" if event.count == 1 else "turns were"
                 self.chat_log.add_notice(
                     f"The conversation outgrew the context: its {event.count} oldest {turns} dropped.",
@@ -314,6 +304,8 @@ class CodeLlamaApp(App[int]):
             self._last_code = self.chat_log.last_code()
             if event.reason == "cancelled":
                 self.chat_log.add_notice("(stopped)")
+            elif job.request.cap == "chat":
+                self.conversation.answered(job.request, event.text)
 
     def _after_jobs_change(self) -> None:
         if self._flush_timer is not None:
@@ -351,7 +343,7 @@ class CodeLlamaApp(App[int]):
             if job.kind in ("ghost", "fill"):
                 self._cancel(request_id)
 
-    def _cancel(self, request_id: int) -> None:
+    def _cancel(self, request_id: str) -> None:
         """Stop a request now: its late text is dropped; the engine frees the slot within a step."""
         job = self._jobs.pop(request_id, None)
         if job is None:
@@ -474,9 +466,7 @@ class CodeLlamaApp(App[int]):
         self.chat_log.add_user(text)
         cap = self.cap
         if cap == "chat":
-            request = Request(
-                cap="chat", text=text, system=self.system, session=self.session, sampling=self._sampling("chat")
-            )
+            request = self.conversation.request(text, self._sampling("chat"))
             self.chat_log.begin_answer()
             self._submit(_Job(request, "chat"))
             return
@@ -527,20 +517,15 @@ class CodeLlamaApp(App[int]):
         self.chat_input.border_title = f"chat input · {cap}"
 
     def action_new_chat(self) -> None:
-        """ctrl+n: forget the conversation (the engine frees its cache) and clear the log."""
+        """ctrl+n: forget the conversation and clear the log."""
         for request_id, job in list(self._jobs.items()):
             if job.kind == "chat":
                 self._cancel(request_id)
-        if self.client is not None:
-            self.client.end_session(self.session)
-        self.session = self._new_session_id()
+        self.conversation = Conversation(self.system)
         self.chat_log.clear_log()
         self._last_code = None
         self.status.context_used = 0
         self.chat_log.add_notice("New chat" + (f" — system: {self.system}" if self.system else ""))
-
-    def _new_session_id(self) -> str:
-        return f"tui-{os.getpid()}-{uuid.uuid4().hex[:6]}-{next(self._sessions)}"
 
     def _set_system(self, system: str | None) -> None:
         """A new system instruction applies from the first turn, so it starts a new chat."""
