@@ -101,6 +101,7 @@ class BaseClient(Client):
         self.on_event = on_event
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
+        self._load_fields: tuple[str, ...] = ()
         self._ready = threading.Event()
         self._streams: dict[str, queue.Queue[Event]] = {}
         self._lock = threading.Lock()
@@ -132,7 +133,7 @@ class BaseClient(Client):
         if not self._ready.wait(timeout):
             raise EngineError("the engine did not become ready in time")
         if self.info is None:
-            raise EngineError(self.load_error or "the engine failed to load")
+            raise EngineError(self.load_error or "the engine failed to load", fields=self._load_fields)
         return self.info
 
     def submit(self, request: Request) -> str:
@@ -201,7 +202,7 @@ class BaseClient(Client):
             self.info = event.info
             self._ready.set()
         elif isinstance(event, LoadFailed):
-            self.load_error = event.message
+            self.load_error, self._load_fields = event.message, event.fields
             self._ready.set()
         request_id = getattr(event, "request_id", None)
         if request_id is not None:

@@ -54,9 +54,10 @@ class Ready:
 @dataclass(frozen=True)
 class LoadFailed:
     """The engine could not be built (or the server reached); the client then fails every request with this
-    message."""
+    message. `fields` names the `EngineSpec` settings that would fix it (`EngineError.fields`)."""
 
     message: str
+    fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -99,14 +99,14 @@ class LocalClient(BaseClient):
 
             engine = Engine.load(self.spec, progress=lambda f, s: self.deliver(Loading(f, s)))
         except EngineError as err:
-            message = str(err)
+            failed = LoadFailed(str(err), err.fields)
         except Exception as err:  # an unexpected failure must still reach the user as one line
-            message = f"could not load the model: {type(err).__name__}: {err}"
+            failed = LoadFailed(f"could not load the model: {type(err).__name__}: {err}")
         else:
             self._tok = engine.tok
             self.deliver(Ready(engine.info, time.perf_counter() - start))
             return engine
-        self.deliver(LoadFailed(message))
+        self.deliver(failed)
         return None
 
     def _handle(self, engine: Engine | None, command: object) -> None:

@@ -101,21 +101,61 @@ def test_batched_requests_match_single_runs(tiny_gqa_dir: Path) -> None:
     assert together[b.id][-1].text == next(iter(alone_b.values()))[-1].text
 
 
-def test_a_whole_conversation_matches_transformers(checkpoint: Path) -> None:
-    """A second turn arrives as the whole conversation, and is answered as transformers answers that prompt."""
+def test_a_second_chat_turn_prefills_only_its_new_part_and_matches_transformers(checkpoint: Path, monkeypatch) -> None:
+    """The second turn arrives as the whole conversation; the first turn's keys and values are still in its slot,
+    so only what follows them is prefilled (counted), and the answer is transformers' on the whole prompt, as it is
+    without the cache."""
     engine, ref = load(checkpoint), hf_model(checkpoint)
+    prefilled: list[int] = []
+    original = engine.model.prefill
+
+    def counting_prefill(tokens, slot, start, all_logits=False):
+        prefilled.append(len(tokens))
+        return original(tokens, slot, start, all_logits)
+
+    monkeypatch.setattr(engine.model, "prefill", counting_prefill)
     sampling = SamplingParams(temperature=0, max_new_tokens=24)
     chat = Conversation("Answer in Python")
     first = chat.request("Write a function that adds two numbers.", sampling)
     answer = run(engine, first)[first.id][-1]
-    assert isinstance(answer, Finished)
+    assert isinstance(answer, Finished) and answer.stats.cached_tokens == 0
     chat.answered(first, answer.text)
     second = chat.request("Now make it multiply.", sampling)
+    prefilled.clear()
     events = run(engine, second)[second.id]
-    full = chat_ids(engine.tok, second.messages)
+    full, before = chat_ids(engine.tok, second.messages), chat_ids(engine.tok, first.messages)
     assert second.messages[2] == ChatMessage("assistant", answer.text)
-    assert next(e for e in events if isinstance(e, Started)).prompt_tokens == len(full)
-    assert events[-1].text == engine.tok.decode(hf_greedy(ref, full, 24, stop=2)).strip()
+    started, finished = next(e for e in events if isinstance(e, Started)), events[-1]
+    assert started.prompt_tokens == finished.stats.prompt_tokens == len(full)
+    assert finished.stats.cached_tokens >= len(before)  # the whole first prompt, and what of the answer re-encodes
+    assert sum(prefilled) == finished.stats.prefilled_tokens == len(full) - finished.stats.cached_tokens
+    assert finished.text == engine.tok.decode(hf_greedy(ref, full, 24, stop=2)).strip()
+    engine.scheduler.cache.forget()
+    again = run(engine, replace(second, id="without the cache"))["without the cache"][-1]
+    assert again.stats.cached_tokens == 0 and again.text == finished.text
+
+
+def test_the_prefix_cache_takes_free_slots_first_then_evicts_the_least_recently_used(tiny_model_dir: Path) -> None:
+    """Two slots, three conversations: the second takes the empty slot although the first one's shares its opening
+    tags; the third evicts the older of the two (keeping the tags it shares), so the second conversation's next turn
+    still finds its cache and the first's does not."""
+    engine = load(tiny_model_dir, max_batch=2)
+    sampling = SamplingParams(temperature=0, max_new_tokens=8)
+    chats = [Conversation(system) for system in ("Answer in Python.", "Be brief.", "You write Rust.")]
+    opened = []
+    for chat in chats:
+        request = chat.request("Write a function that adds two numbers.", sampling)
+        finished = run(engine, request)[request.id][-1]
+        opened.append(finished.stats.cached_tokens)
+        chat.answered(request, finished.text)
+    assert opened[0] == opened[1] == 0 and 0 < opened[2] < 10  # bos, `[INST] <<SYS>>` and the newline
+    turn = {}
+    for i in (1, 0):
+        request = chats[i].request("Now make it multiply.", sampling)
+        turn[i] = run(engine, request)[request.id][-1].stats.cached_tokens
+        assert engine.scheduler.cache.in_use() == 0
+    asked = chats[1].request("Write a function that adds two numbers.", sampling)
+    assert turn[1] >= len(chat_ids(engine.tok, asked.messages[:2])) and turn[0] < 10
 
 
 def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypatch) -> None:
@@ -143,7 +183,7 @@ def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypat
         def mark_seen(self, slot, ids):
             pass
 
-    monkeypatch.setattr(engine, "runner", ScriptedRunner())
+    monkeypatch.setattr(engine.scheduler, "runner", ScriptedRunner())
     request = Request("completion", text="x", sampling=SamplingParams(max_new_tokens=200))
     events = run(engine, request)[request.id]
     deltas = [e.text for e in events if isinstance(e, TextDelta)]
@@ -158,10 +198,10 @@ def test_cancel_stops_within_one_step_and_frees_the_slot(tiny_model_dir: Path) -
     engine.add(request)
     engine.step()
     engine.step()
-    generated = len(engine.running[0].generated)
+    generated = len(engine.scheduler.running[0].generated)
     (finished,) = engine.cancel(request.id)
     assert finished.reason == "cancelled" and finished.stats.new_tokens == generated < 500
-    assert engine.free_slots == [0]
+    assert engine.scheduler.cache.in_use() == 0
     assert engine.step() == []  # drains the step that was already launched, emitting nothing for it
     assert not engine.busy
 
@@ -262,14 +302,15 @@ def test_more_requests_than_slots_wait_their_turn(tiny_model_dir: Path) -> None:
     b = Request("completion", text="class Stack:\n", sampling=SamplingParams(temperature=0, max_new_tokens=8))
     events: dict[int, list] = {a.id: engine.add(a), b.id: engine.add(b)}
     engine.step()
-    assert [s.request.id for s in engine.running] == [a.id] and [s.request.id for s in engine.waiting] == [b.id]
+    scheduler = engine.scheduler
+    assert [s.request.id for s in scheduler.running] == [a.id] and [s.request.id for s in scheduler.waiting] == [b.id]
     while engine.busy:
         for e in engine.step():
             events[e.request_id].append(e)
     for request in (a, b):
         alone = run(engine, Request("completion", text=request.text, sampling=request.sampling))
         assert events[request.id][-1].text == next(iter(alone.values()))[-1].text
-    assert engine.free_slots == [0]
+    assert scheduler.cache.in_use() == 0
 
 
 def test_out_of_memory_at_load_names_what_to_try(tiny_model_dir: Path, monkeypatch) -> None:
@@ -282,4 +323,6 @@ def test_out_of_memory_at_load_names_what_to_try(tiny_model_dir: Path, monkeypat
     monkeypatch.setattr(Llama, "setup_cache", no_memory)
     with pytest.raises(OutOfMemoryError) as err:
         load(tiny_model_dir)
-    assert "--max-batch" in str(err.value) and "--tp" in str(err.value) and "\n" not in str(err.value)
+    message = str(err.value)
+    assert "fewer concurrent sequences" in message and "tensor parallelism" in message and "\n" not in message
+    assert "--" not in message and set(err.value.fields) == {"max_batch", "max_seq_len", "dtype", "tp"}

@@ -45,6 +45,7 @@ from engine.events import (
 )
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
 from themes import APP_TCSS, register_themes, theme_name
+from tui.cli import with_flags
 from tui.conversation import Conversation
 from tui.files import read_text, save_atomic
 from tui.screens import PromptScreen, QuitScreen
@@ -248,9 +249,9 @@ class CodeLlamaApp(App[int]):
                 self._set_cap("python")
             self.refresh_bindings()
         elif isinstance(event, LoadFailed):
-            self.load_error = event.message
-            self.status.set_state("error", event.message)
-            self.chat_log.add_notice(f"The model could not be loaded: {event.message}", "error")
+            self.load_error = with_flags(event.message, event.fields)
+            self.status.set_state("error", self.load_error)
+            self.chat_log.add_notice(f"The model could not be loaded: {self.load_error}", "error")
             self.refresh_bindings()
         elif isinstance(event, Started):
             job = self._jobs.get(event.request_id)

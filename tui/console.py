@@ -32,6 +32,7 @@ from engine.events import Event, Failed, Finished, Loading, ModelInfo, Started, 
 from engine.local_client import LocalClient
 from engine.prompts import answer_room
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from tui.cli import with_flags
 from tui.console_input import Action, Input, classify, is_sentinel, read_inputs
 from tui.conversation import Conversation
 
@@ -89,7 +90,7 @@ def run_console(
             out.note(HINT)
         return chat.run(terminal_inputs(make_prompt_session()) if interactive else read_inputs(stdin))
     except EngineError as err:
-        out.error(f"error: {err}")
+        out.error(f"error: {with_flags(str(err), err.fields)}")
         return 1
     except (KeyboardInterrupt, ForceQuit):
         out.break_line()

@@ -14,7 +14,7 @@ from engine.client import Client, ForceQuit
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, TextDelta
 from engine.requests import Request, SamplingParams
-from tui.cli import overrides_of, spec_of
+from tui.cli import overrides_of, spec_of, with_flags
 from tui.conversation import Conversation
 
 PROG = "codellama-tui"
@@ -80,7 +80,7 @@ def generate(args: argparse.Namespace) -> int:
     try:
         client.wait_ready()
     except EngineError as err:
-        return _fail(str(err))
+        return _fail(with_flags(str(err), err.fields))
     code = 0
     try:
         for _n, text, system, error in _inputs(args):
