@@ -37,14 +37,22 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: Path) -> ModelConfig:
-        """Parse `path/config.json`; a missing file, bad JSON or a non-Llama model is a CheckpointError."""
+        """Parse `path/config.json`; a missing or unreadable file, bad JSON or a non-Llama model: CheckpointError."""
         file = path / "config.json"
         if not file.is_file():
             raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
         try:
-            raw = json.loads(file.read_text())
-        except (OSError, ValueError) as err:
+            text = file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise CheckpointError(f"{file}: cannot read ({err.strerror or err})") from None
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        try:
+            raw = json.loads(text)
+        except ValueError as err:
             raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{file}: not a JSON object")
         return cls.from_dict(raw, str(file))
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat
@@ -12,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from textual import events
 from textual.pilot import Pilot
 
 from engine.requests import ChatMessage, EngineSpec
 from tests.fakes import INFO, FakeClient
 from tui.app import CodeLlamaApp
-from tui.screens import QuitScreen
+from tui.screens import PromptScreen, QuitScreen
 from widgets.chat_log import Notice
 from widgets.editor import CodeEditor
 
@@ -319,15 +321,24 @@ async def test_save_is_atomic_and_keeps_the_mode(tmp_path: Path) -> None:
     assert app.return_code == 0
 
 
-async def test_failed_save_keeps_the_buffer_and_says_why(tmp_path: Path) -> None:
-    path = tmp_path / "missing-dir" / "code.py"
+async def test_failed_save_keeps_the_buffer_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "code.py"
+    path.write_text(SOURCE)
     app = make_app(SOURCE, path=str(path))
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     async with app.run_test() as pilot:
         await ready(pilot)
+        monkeypatch.setattr(os, "fsync", disk_full)
         await pilot.press("x", "ctrl+s")
-        assert "NOT saved" in app.status.render_text() and "No such file" in app.status.render_text()
+        monkeypatch.undo()
+        assert "NOT saved" in app.status.render_text() and "No space left" in app.status.render_text()
+        assert path.read_text() == SOURCE and sorted(p.name for p in tmp_path.iterdir()) == ["code.py"]
         assert app.editor.text == "x" + SOURCE and app.modified
-        await pilot.press("ctrl+q")  # the guard still protects the unsaved buffer
+        assert isinstance(app.screen, PromptScreen)  # another place can be tried at once
+        await pilot.press("escape", "ctrl+q")  # the guard still protects the unsaved buffer
         assert isinstance(app.screen, QuitScreen)
 
 

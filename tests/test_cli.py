@@ -133,6 +133,13 @@ def _broken(tmp: Path, source: Path, how: str) -> Path:
             (bad / name).unlink(missing_ok=True)
     elif how == "bad-json":
         (bad / "config.json").write_text("{not json")
+    elif how == "unreadable-config":
+        config = bad / "config.json"
+        if os.geteuid() == 0:  # root reads any mode: a file whose read fails (EIO) instead
+            config.unlink()
+            config.symlink_to("/proc/self/mem")
+        else:
+            config.chmod(0)
     return bad
 
 
@@ -145,6 +152,7 @@ def _broken(tmp: Path, source: Path, how: str) -> Path:
         ("truncated", "truncated"),
         ("no-tokenizer", "tokenizer"),
         ("bad-json", "not valid JSON"),
+        ("unreadable-config", "config.json: cannot read ("),
     ],
 )
 def test_broken_checkpoints_give_one_line(tiny_gqa_dir: Path, tmp_path: Path, how: str, expected: str) -> None:

@@ -47,8 +47,8 @@ from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
 from themes import APP_TCSS, register_themes, theme_name
 from tui.cli import with_flags
 from tui.conversation import Conversation
-from tui.files import read_text, save_atomic
-from tui.screens import PromptScreen, QuitScreen
+from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
+from tui.screens import ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
 from widgets.editor import CodeEditor, EditorPane, fill_markers
@@ -105,6 +105,8 @@ class CodeLlamaApp(App[int]):
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (100, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+s", "save", "Save", id="save", priority=True),
+        # F12, not ctrl+shift+s: terminals (and tmux) send ctrl+shift+s as ctrl+s.
+        Binding("f12", "save_as", "Save as", id="save_as", show=False, priority=True),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
         Binding("f2", "complete", "Complete", id="complete"),
         Binding("f3", "infill", "Infill", id="infill"),
@@ -121,7 +123,7 @@ class CodeLlamaApp(App[int]):
 
     def __init__(
         self,
-        file: str | None = None,
+        file: OpenFile | str | None = None,
         spec: EngineSpec | None = None,
         cap: str = "completion",
         system: str | None = None,
@@ -132,18 +134,24 @@ class CodeLlamaApp(App[int]):
         keys: dict[str, str] | None = None,
         client_factory: ClientFactory = _local_client,
     ) -> None:
+        """`file` is an opened file, or a path to open; `text`, when given, is the buffer's text and taken to be
+        what the file at that path holds (tests and embedders), so the file is not read."""
         super().__init__()
         register_themes(self)
         self.theme = theme_name(theme or "dark")
         if keys:
             self.set_keymap(keys)
-        self.path = file
+        if isinstance(file, OpenFile):
+            self.file = file
+        elif text is not None:
+            on_disk = text.encode() if file is not None and os.path.exists(file) else None
+            self.file = OpenFile(file, text, on_disk=on_disk)
+        else:
+            self.file = OpenFile.open(file) if file is not None else OpenFile(None)
         self.spec = spec or EngineSpec()
         self.cap = cap
         self.system = system
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        self._initial_text = text if text is not None else (read_text(file) if file else "")
-        self._saved_text = self._initial_text
         self._client_factory = client_factory
         self.client: Client | None = None
         self.info: ModelInfo | None = None
@@ -160,7 +168,7 @@ class CodeLlamaApp(App[int]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="main"):
-            yield EditorPane(self._initial_text, path=self.path, id="editor-pane")
+            yield EditorPane(self.file.text, path=self.file.path, id="editor-pane")
             with Vertical(id="chat-pane"):
                 yield ChatLog(id="chat-log")
                 yield ChatInput(id="chat-input")
@@ -187,6 +195,7 @@ class CodeLlamaApp(App[int]):
         self._set_cap(self.cap)
         self.editor.focus()
         self._update_title()
+        self.status.note = self.file.note
         self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_stream, pause=True)
         self.call_after_refresh(self._start_engine)
 
@@ -372,7 +381,7 @@ class CodeLlamaApp(App[int]):
         return self.screen is self.screen_stack[0]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("save", "quit"):
+        if action == "quit":
             return True
         if not self._main_screen_active():
             return False
@@ -569,39 +578,120 @@ class CodeLlamaApp(App[int]):
 
     @property
     def modified(self) -> bool:
-        return self.editor.text != self._saved_text
+        return self.editor.text != self.file.text
 
     def _update_title(self) -> None:
-        name = os.path.basename(self.path) if self.path else "new buffer"
+        name = os.path.basename(self.file.path) if self.file.path else "new buffer"
         self.sub_title = f"{name}{' *' if self.modified else ''}"
 
     def action_save(self) -> None:
-        """ctrl+s: save atomically; a new buffer asks for a file name first."""
-        if self.path is None:
-            self.push_screen(PromptScreen("Save as:"), self._save_as)
-        else:
-            self.save()
+        """ctrl+s: save; a new buffer asks for a file name first."""
+        self.save()
 
-    def _save_as(self, path: str | None) -> None:
-        if path and path.strip():
-            self.path = path.strip()
-            self.save()
+    def action_save_as(self) -> None:
+        """F12: save under another name (`~` is expanded; asks before replacing a file or creating a folder)."""
+        self._ask_path(self.file.path or "")
 
-    def save(self) -> bool:
-        """Write the buffer; on failure keep it, say why, and return False."""
-        assert self.path is not None
+    def _ask_path(self, value: str = "", problem: str = "", then: Callable[[], None] | None = None) -> None:
+        """The save-as dialog; after a failure it comes back with the same name and the reason."""
+
+        def chosen(answer: str | None) -> None:
+            if answer and answer.strip():
+                self.save(answer.strip(), then=then)
+            else:
+                self.status.note = "not saved"
+
+        self.push_screen(PromptScreen("Save as:", value, problem), chosen)
+
+    def save(
+        self,
+        path: str | None = None,
+        *,
+        overwrite: bool = False,
+        make_folder: bool = False,
+        then: Callable[[], None] | None = None,
+    ) -> bool:
+        """Save the buffer (to `path`: save-as), then call `then`; True when saved now.
+
+        Whatever stands in the way is asked about (a change on disk, a file that exists, a missing folder)
+        or explained in the save-as dialog; until a save succeeds the buffer keeps its name and stays modified.
+        """
+        if path is None and self.file.path is None:
+            self._ask_path(then=then)
+            return False
         text = self.editor.text
         try:
-            save_atomic(self.path, text)
-        except OSError as err:
-            reason = err.strerror or str(err)
-            self.status.note = f"NOT saved: {reason}"
-            self.notify(f"Could not save {self.path}: {reason}", severity="error", timeout=8)
-            return False
-        self._saved_text = text
-        self.status.note = f"saved {self.path}"
+            self.file.save(text, path, overwrite=overwrite, make_folder=make_folder)
+        except ChangedOnDisk as err:
+            self._on_conflict(err, path, then)
+        except AlreadyExists as err:
+            self._ask_replace(str(err), path, make_folder, then)
+        except MissingFolder as err:
+            self._ask_create(err.folder, path, overwrite, then)
+        except (FileError, OSError) as err:
+            reason = str(err) if isinstance(err, FileError) else (err.strerror or str(err))
+            self._not_saved(reason)
+            self._ask_path(path or self.file.path or "", f"Not saved: {reason}", then)
+        else:
+            self.status.note = f"saved {self.file.path}"
+            self._update_title()
+            if then is not None:
+                then()
+            return True
+        return False
+
+    def _ask_replace(self, reason: str, path: str | None, make_folder: bool, then: Callable[[], None] | None) -> None:
+        def decided(yes: bool | None) -> None:
+            if yes:
+                self.save(path, overwrite=True, make_folder=make_folder, then=then)
+            else:
+                self._ask_path(path or "", f"{reason}: not replaced", then)
+
+        self.push_screen(ConfirmScreen(f"{reason}. Replace it?"), decided)
+
+    def _ask_create(self, folder: str, path: str | None, overwrite: bool, then: Callable[[], None] | None) -> None:
+        def decided(yes: bool | None) -> None:
+            if yes:
+                self.save(path, overwrite=overwrite, make_folder=True, then=then)
+            else:
+                self._not_saved(f"the folder {folder} does not exist")
+
+        self.push_screen(ConfirmScreen(f"The folder {folder} does not exist. Create it?"), decided)
+
+    def _not_saved(self, reason: str) -> None:
+        self.status.note = f"NOT saved: {reason}"
+        self.notify(f"Not saved: {reason}", severity="error", timeout=8)
+
+    def _on_conflict(self, err: ChangedOnDisk, path: str | None, then: Callable[[], None] | None) -> None:
+        def decided(choice: str | None) -> None:
+            if choice == "overwrite":
+                self.save(path, overwrite=True, then=then)
+            elif choice == "reload":
+                self._reload()
+            elif choice == "save_as":
+                self._ask_path(self.file.path or "", then=then)
+            else:
+                self.status.note = f"NOT saved: {err}"
+
+        self.push_screen(ConflictScreen(str(err), self.file.text, err.on_disk), decided)
+
+    def _reload(self) -> None:
+        """Replace the buffer with the file on disk, as one edit (ctrl+z brings the buffer back)."""
+        assert self.file.path is not None
+        try:
+            fresh = OpenFile.open(self.file.path)
+        except FileError as err:
+            self.status.note = f"not reloaded: {err}"
+            return
+        self._cancel_editor_jobs()
+        self.file = fresh
+        editor = self.editor
+        editor.dismiss_ghost()
+        editor.history.checkpoint()
+        editor.replace(fresh.text, (0, 0), editor.document.end, maintain_selection_offset=False)
+        editor.history.checkpoint()
+        self.status.note = f"reloaded {fresh.path} from disk"
         self._update_title()
-        return True
 
     async def action_quit(self) -> None:
         """ctrl+q: quit, asking first when the buffer has unsaved changes."""
@@ -611,21 +701,13 @@ class CodeLlamaApp(App[int]):
         if isinstance(self.screen, QuitScreen):
             return
 
-        def done(choice: str | None) -> None:
+        def decided(choice: str | None) -> None:
             if choice == "discard":
                 self.exit(0)
             elif choice == "save":
-                if self.path is None:
-                    self.push_screen(PromptScreen("Save as:"), self._save_as_and_quit)
-                elif self.save():
-                    self.exit(0)
+                self.save(then=lambda: self.exit(0))
 
-        self.push_screen(QuitScreen(os.path.basename(self.path) if self.path else "The new buffer"), done)
-
-    def _save_as_and_quit(self, path: str | None) -> None:
-        self._save_as(path)
-        if self.path is not None and not self.modified:
-            self.exit(0)
+        self.push_screen(QuitScreen(os.path.basename(self.file.path) if self.file.path else "The new buffer"), decided)
 
     # ----- command palette
 
@@ -633,6 +715,7 @@ class CodeLlamaApp(App[int]):
         yield from super().get_system_commands(screen)
         yield SystemCommand("System instruction", "Set the chat's system instruction", self.action_set_system)
         yield SystemCommand("New chat", "Forget the conversation", self.action_new_chat)
+        yield SystemCommand("Save as", "Save the file under another name (F12)", self.action_save_as)
         yield SystemCommand("Switch cap", "Cycle completion / infilling / chat / python", self.action_switch_cap)
 
 
@@ -652,11 +735,11 @@ def run_app(
     try:
         config = load_config()
         theme = theme_name(theme or config.theme or "dark")
-        text = read_text(file) if file else ""
-    except (ConfigError, ValueError, OSError, UnicodeDecodeError) as err:
+        opened = OpenFile.open(file) if file else OpenFile(None)
+    except (ConfigError, FileError, ValueError, OSError) as err:
         print(f"codellama-tui: {err}", file=sys.stderr)
         return 2
     merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
-    app = CodeLlamaApp(file, spec, cap, system or config.system, merged, theme, text=text, keys=config.keys)
+    app = CodeLlamaApp(opened, spec, cap, system or config.system, merged, theme, keys=config.keys)
     result = app.run()
     return result if isinstance(result, int) else (app.return_code or 0)

@@ -110,7 +110,12 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         description="A full-screen terminal coding assistant for CodeLlama.\n\n" + DEMO_NOTE,
         epilog=f"subcommands (codellama-tui SUBCOMMAND --help):\n{listing}",
     )
-    app.add_argument("file", nargs="?", metavar="FILE", help="file to open in the editor")
+    app.add_argument(
+        "file",
+        nargs="?",
+        metavar="FILE",
+        help="UTF-8 text file to open in the editor (created on the first save); ctrl+s saves, F12 saves as",
+    )
     app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
     _engine_options(app)
     parsers = {"app": app}
