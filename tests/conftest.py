@@ -19,8 +19,10 @@ LLAMA2_VOCAB = SHARED / "data" / "llama2-vocab" / "ggml-vocab-llama-spm.gguf"
 
 @pytest.fixture(autouse=True)
 def _private_config_dir(tmp_path_factory, monkeypatch) -> None:
-    """No test reads the developer's own config file (it may name a model, keys or a theme)."""
+    """No test reads the developer's own config file (it may name a model, keys or a theme), nor writes recovery
+    copies among the developer's own."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
 
 
 @pytest.fixture(scope="session")
