@@ -13,7 +13,11 @@ The rules every client keeps (events are `engine.events`, requests `engine.reque
 - Each submitted request gets its events in order: any `TurnsDropped` / `TextClipped`, `Started`, `TextDelta`s,
   and last exactly one terminal event, `Finished` or `Failed`. A request that cannot run (bad input, no model,
   a lost connection) gets `Failed` alone. Nothing is delivered for a request after its terminal event.
-- Events are delivered on the transport's own thread, never the caller's: a UI posts them on as messages.
+- Events are delivered on the transport's own thread, never the caller's: a UI posts them on as messages. (Once
+  a transport has stopped for good, nothing is left to wait for: a request submitted after that fails at once, on
+  the caller's thread.)
+- No request is left waiting: when a transport stops or fails (the engine's worker ends, the connection is lost),
+  every open request gets `Failed` with the reason.
 - `cancel(id)` may be called at any time, any number of times, for any id: unknown and finished ids are
   ignored. A running request then ends with `Finished(reason="cancelled")` within one decode step and frees its
   slot (or with `Failed`, if it failed first).
@@ -94,7 +98,9 @@ class BaseClient(Client):
     - `_tokenize(request)`: the prompt ids (called only once the model is ready and `info.can_tokenize`);
     - `_shut(timeout)`: stop, waiting at most `timeout` seconds;
 
-    and calls `deliver(event)` for every event, from its own thread, `Ready` or `LoadFailed` among them.
+    and calls `deliver(event)` for every event, from its own thread, `Ready` or `LoadFailed` among them; when it
+    can no longer answer the requests it holds it calls `fail_open(reason)`, and when it has ended for good,
+    `stopped(reason)`.
     """
 
     def __init__(self, on_event: EventSink | None = None) -> None:
@@ -104,6 +110,8 @@ class BaseClient(Client):
         self._load_fields: tuple[str, ...] = ()
         self._ready = threading.Event()
         self._streams: dict[str, queue.Queue[Event]] = {}
+        self._open: set[str] = set()  # submitted requests without their terminal event yet
+        self._stopped: str | None = None  # why the transport ended for good
         self._lock = threading.Lock()
 
     # ---- what a transport supplies
@@ -137,7 +145,14 @@ class BaseClient(Client):
         return self.info
 
     def submit(self, request: Request) -> str:
-        self._send(request)
+        with self._lock:
+            stopped = self._stopped
+            if stopped is None:
+                self._open.add(request.id)
+        if stopped is not None:
+            self.deliver(Failed(request.id, stopped))
+        else:
+            self._send(request)
         return request.id
 
     def cancel(self, request_id: str) -> None:
@@ -208,10 +223,25 @@ class BaseClient(Client):
         if request_id is not None:
             with self._lock:
                 q = self._streams.get(request_id)
+                if isinstance(event, (Finished, Failed)):
+                    self._open.discard(request_id)
             if q is not None:
                 q.put(event)
         if self.on_event is not None:
             self.on_event(event)
+
+    def fail_open(self, reason: str) -> None:
+        """End every open request with `Failed(reason)`: the transport cannot answer them any more."""
+        with self._lock:
+            open_ids = sorted(self._open)
+        for request_id in open_ids:
+            self.deliver(Failed(request_id, reason))
+
+    def stopped(self, reason: str) -> None:
+        """The transport has ended for good: fail the open requests, and every later one at once."""
+        with self._lock:
+            self._stopped = reason
+        self.fail_open(reason)
 
 
 @contextmanager

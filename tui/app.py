@@ -49,7 +49,7 @@ from engine.events import (
     TextDelta,
     TurnsDropped,
 )
-from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
 from tui.cli import with_flags
 from tui.conversation import Conversation
@@ -292,6 +292,8 @@ class CodeLlamaApp(App[int]):
             if job is not None:
                 job.started = time.perf_counter()
                 self.status.context_used = event.prompt_tokens
+                if event.replaced:
+                    self.notify(replacement_warning(event.replaced), severity="warning")
         elif isinstance(event, TextClipped):
             job = self._jobs.get(event.request_id)
             if job is not None:
@@ -858,7 +860,10 @@ def run_app(
     from tui.config import ConfigError, load_config
 
     def too_big(problem: str) -> int:
-        print(f"codellama-tui: {file}: too big to edit here ({problem}); open it in another editor", file=sys.stderr)
+        print(
+            f"codellama-tui: error: {file}: too big to edit here ({problem}); open it in another editor",
+            file=sys.stderr,
+        )
         return 2
 
     with contextlib.suppress(OSError):  # before reading it; a missing file is a new one, other errors come next
@@ -867,13 +872,14 @@ def run_app(
     try:
         config = load_config()
         theme = theme_name(theme or config.theme or "dark")
+        merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+        SamplingParams.for_cap(cap, **merged).check()  # a bad value is refused now, not at the first request
         opened = OpenFile.open(file) if file else OpenFile(None)
     except (ConfigError, FileError, ValueError, OSError) as err:
-        print(f"codellama-tui: {err}", file=sys.stderr)
+        print(f"codellama-tui: error: {err}", file=sys.stderr)
         return 2
     if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
         return too_big(problem)
-    merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
     app = CodeLlamaApp(opened, spec, cap, system or config.system, merged, theme, keys=config.keys)
     result = app.run()
     code = result if isinstance(result, int) else (app.return_code or 0)
