@@ -12,7 +12,8 @@ The rules every client keeps (events are `engine.events`, requests `engine.reque
 - Every method returns at once, except `wait_ready`, `tokenize`, `close`, and iterating `stream()`.
 - Each submitted request gets its events in order: any `TurnsDropped` / `TextClipped`, `Started`, `TextDelta`s,
   and last exactly one terminal event, `Finished` or `Failed`. A request that cannot run (bad input, no model,
-  a lost connection) gets `Failed` alone. Nothing is delivered for a request after its terminal event.
+  a lost connection) gets `Failed` alone. Nothing is delivered for a request after its terminal event (the base
+  class drops whatever a transport sends later, or for ids it never submitted).
 - Events are delivered on the transport's own thread, never the caller's: a UI posts them on as messages. (Once
   a transport has stopped for good, nothing is left to wait for: a request submitted after that fails at once, on
   the caller's thread.)
@@ -110,7 +111,7 @@ class BaseClient(Client):
         self._load_fields: tuple[str, ...] = ()
         self._ready = threading.Event()
         self._streams: dict[str, queue.Queue[Event]] = {}
-        self._open: set[str] = set()  # submitted requests without their terminal event yet
+        self._open_ids: set[str] = set()  # submitted requests without their terminal event yet
         self._stopped: str | None = None  # why the transport ended for good
         self._lock = threading.Lock()
 
@@ -147,8 +148,7 @@ class BaseClient(Client):
     def submit(self, request: Request) -> str:
         with self._lock:
             stopped = self._stopped
-            if stopped is None:
-                self._open.add(request.id)
+            self._open_ids.add(request.id)
         if stopped is not None:
             self.deliver(Failed(request.id, stopped))
         else:
@@ -212,7 +212,7 @@ class BaseClient(Client):
 
     def deliver(self, event: Event) -> None:
         """Hand one event to the caller: to its request's stream if one is open, then to `on_event`. Called by the
-        transport, on its thread, in order."""
+        transport, on its thread, in order; an event for a request that has ended is dropped."""
         if isinstance(event, Ready):
             self.info = event.info
             self._ready.set()
@@ -222,9 +222,11 @@ class BaseClient(Client):
         request_id = getattr(event, "request_id", None)
         if request_id is not None:
             with self._lock:
-                q = self._streams.get(request_id)
+                if request_id not in self._open_ids:
+                    return  # it has ended (or was never submitted): nothing more goes out for it
                 if isinstance(event, (Finished, Failed)):
-                    self._open.discard(request_id)
+                    self._open_ids.discard(request_id)
+                q = self._streams.get(request_id)
             if q is not None:
                 q.put(event)
         if self.on_event is not None:
@@ -233,7 +235,7 @@ class BaseClient(Client):
     def fail_open(self, reason: str) -> None:
         """End every open request with `Failed(reason)`: the transport cannot answer them any more."""
         with self._lock:
-            open_ids = sorted(self._open)
+            open_ids = sorted(self._open_ids)
         for request_id in open_ids:
             self.deliver(Failed(request_id, reason))
 
