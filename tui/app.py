@@ -769,6 +769,8 @@ class CodeLlamaApp(App[int]):
         self._recovery_timer = self.set_timer(RECOVERY_DELAY_S, self._write_recovery_now)
 
     def _write_recovery_now(self) -> None:
+        if not self.screen_stack:  # the timer outlived the app's screens while it closed: nothing left to copy
+            return
         if not self.keep_recovery_copy():
             self.status.note = "NO recovery copy: the recovery folder cannot be written"
 
