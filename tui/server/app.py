@@ -172,11 +172,15 @@ def _json(body: object) -> Response:
 async def _prompt_ids(bridge: Bridge, request: EngineRequest) -> list[int]:
     """The exact prompt ids (built off the loop's thread: a long prompt takes a while), or a 400 saying why not."""
     assert bridge.client is not None
+    texts = [request.text, request.prefix or "", request.suffix or "", *(m.content for m in request.messages)]
+    try:
+        for text in [*texts, *request.sampling.stop]:
+            text.encode()
+    except UnicodeError:
+        raise ApiError(400, "the text is not valid Unicode (it holds a lone surrogate)", code="invalid_text") from None
     try:
         request.sampling.check()
         return await asyncio.get_running_loop().run_in_executor(None, bridge.client.tokenize, request)
-    except UnicodeError:
-        raise ApiError(400, "the text is not valid Unicode (it holds a lone surrogate)", code="invalid_text") from None
     except (EngineError, ValueError) as err:
         raise ApiError(400, str(err), code="invalid_prompt") from None
 
