@@ -6,7 +6,8 @@ time (the engine's batch, `--instance-num`), the rest wait here in arrival order
 a request that would overflow the queue is refused (429). Keeping the queue here means the bridge knows exactly
 what runs and what waits, and a request cancelled while it waits never reaches the engine.
 
-Everything but `_from_worker` runs on the event loop's thread, so nothing here takes a lock.
+Everything but `_from_worker` runs on the event loop's thread, so nothing here takes a lock (the inbox between the
+two is a deque, whose appends and pops are atomic).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class Bridge:
         self._waiting: deque[Request] = deque()
         self._in_engine: set[str] = set()
         self._last_stage = ""
+        self._inbox: deque[Event] = deque()  # appended on the client's thread, drained on the loop's
+        self._woken = False
         metrics.watch(self.running_requests, self.waiting_requests, self.slots_in_use, slots)
 
     # ---- state, for /health and /metrics
@@ -180,10 +183,18 @@ class Bridge:
     # ---- events, from the client's thread into the loop
 
     def _from_worker(self, event: Event) -> None:
-        """The client's sink: runs on its thread, hands the event to the loop."""
+        """The client's sink: runs on its thread. Events wait in the inbox, and the loop is woken once for all that
+        arrive before it drains them (a decode step's events for every sequence at once)."""
+        self._inbox.append(event)
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._on_event, event)
+        if not self._woken and loop is not None and not loop.is_closed():
+            self._woken = True
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._woken = False  # before draining: an event that comes meanwhile wakes the loop again
+        while self._inbox:
+            self._on_event(self._inbox.popleft())
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Loading):
