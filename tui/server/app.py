@@ -17,10 +17,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from engine.errors import EngineError
 from engine.events import ModelInfo
-from engine.requests import ChatMessage
+from engine.requests import ChatMessage, SamplingParams
 from engine.requests import Request as EngineRequest
 from tui.conversation import Conversation
 from tui.server import errors
@@ -63,6 +64,7 @@ ROUTES = frozenset(
     }
 )
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+GONE = 499  # the status logged for a client that left before its answer (nginx's "client closed request")
 
 
 def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
@@ -105,10 +107,12 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
         generation = bridge.open(requests)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            events = completion_stream(bridge, generation, rid, created, info.name, body.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
-        tally = await _answer(bridge, request, generation)
-        return _json(tally and completion_body(tally, rid, created, info.name))
+            return _streaming(
+                bridge, generation, completion_stream(bridge, generation, rid, created, info.name, body.include_usage)
+            )
+        if (tally := await _answer(bridge, request, generation)) is None:
+            return Response(status_code=GONE)
+        return JSONResponse(completion_body(tally, rid, created, info.name).model_dump())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -118,10 +122,12 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
         generation = bridge.open(requests)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            events = chat_stream(bridge, generation, rid, created, info.name, body.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
-        tally = await _answer(bridge, request, generation)
-        return _json(tally and chat_body(tally, rid, created, info.name))
+            return _streaming(
+                bridge, generation, chat_stream(bridge, generation, rid, created, info.name, body.include_usage)
+            )
+        if (tally := await _answer(bridge, request, generation)) is None:
+            return Response(status_code=GONE)
+        return JSONResponse(chat_body(tally, rid, created, info.name).model_dump())
 
     async def llama(body: InfillRequest, request: Request, infilling: bool) -> Response:
         info = bridge.check_ready()
@@ -131,11 +137,10 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
         await _check(bridge, engine_request, info)
         generation = bridge.open([engine_request])
         if body.stream:
-            return StreamingResponse(
-                llama_stream(bridge, generation, info.name), media_type="text/event-stream", headers=STREAM_HEADERS
-            )
-        tally = await _answer(bridge, request, generation)
-        return _json(tally and llama_body(tally, info.name, body.response_fields))
+            return _streaming(bridge, generation, llama_stream(bridge, generation, info.name))
+        if (tally := await _answer(bridge, request, generation)) is None:
+            return Response(status_code=GONE)
+        return JSONResponse(llama_body(tally, info.name, body.response_fields))
 
     @app.post("/infill")
     async def infill(body: InfillRequest, request: Request) -> Response:
@@ -154,7 +159,7 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
             messages = tuple(ChatMessage(r, m.text()) for r, m in zip(roles, body.messages, strict=True))  # type: ignore[arg-type]
             engine_request = EngineRequest("chat", messages=messages)
         elif body.cap == "chat":
-            engine_request = Conversation(body.system).request(text, EngineRequest("chat").sampling)
+            engine_request = Conversation(body.system).request(text, SamplingParams())
         else:
             engine_request = EngineRequest(body.cap, text=text, suffix_first=body.spm)
         return JSONResponse({"tokens": await _prompt_ids(bridge, engine_request)})
@@ -162,11 +167,15 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
     return app
 
 
-def _json(body: object) -> Response:
-    """A whole answer, or nothing for a client that has gone."""
-    if body is None:
-        return Response(status_code=499)
-    return JSONResponse(body.model_dump() if hasattr(body, "model_dump") else body)
+def _streaming(bridge: Bridge, generation: Generation, events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events; the background task closes the generation even if the client left before the stream
+    began (the stream's own `finally` would then never run)."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers=STREAM_HEADERS,
+        background=BackgroundTask(bridge.close, generation),
+    )
 
 
 async def _prompt_ids(bridge: Bridge, request: EngineRequest) -> list[int]:

@@ -38,7 +38,7 @@ class Metrics:
         )
         self.ttft = Histogram(
             "codellama_time_to_first_token_seconds",
-            "From a request's arrival to its first text",
+            "From a request's acceptance (its prompt checked) to its first text",
             buckets=_FIRST_S,
             registry=r,
         )

@@ -49,8 +49,21 @@ def chat_requests(body: ChatCompletionRequest, info: ModelInfo) -> list[Request]
 def infill_request(body: InfillRequest, info: ModelInfo, *, infilling: bool = True) -> Request:
     """llama.cpp's `/infill`, or with `infilling=False` its `/completion` (whose `prompt` may be in the FIM
     template, as Tabby's llama.cpp backend sends it)."""
+    if infilling:
+        extra = "".join(_extra_file(f.filename, f.text) for f in body.input_extra)
+        request = Request("infilling", prefix=extra + body.input_prefix + body.prompt, suffix=body.input_suffix)
+    elif (split := split_fim_template(body.prompt)) is not None:
+        request = Request("infilling", prefix=split[0], suffix=split[1])
+    else:
+        request = Request("completion", text=body.prompt)
+    if request.cap == "infilling" and not info.can_infill:
+        raise ApiError(
+            400,
+            f"{info.name} cannot infill (34B and -Python models have no infilling pieces)",
+            code="infilling_unsupported",
+        )
     sampling = SamplingParams.for_cap(
-        "infilling" if infilling else "completion",
+        request.cap,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=None if body.top_k is None else max(body.top_k, 0),
@@ -59,21 +72,7 @@ def infill_request(body: InfillRequest, info: ModelInfo, *, infilling: bool = Tr
         seed=None if body.seed is None or body.seed < 0 else body.seed,
         stop=tuple(s for s in body.stop if s),
     )
-    if infilling:
-        extra = "".join(_extra_file(f.filename, f.text) for f in body.input_extra)
-        prefix, suffix = extra + body.input_prefix + body.prompt, body.input_suffix
-    else:
-        split = split_fim_template(body.prompt)
-        if split is None:
-            return Request("completion", text=body.prompt, sampling=sampling)
-        prefix, suffix = split
-    if not info.can_infill:
-        raise ApiError(
-            400,
-            f"{info.name} cannot infill (34B and -Python models have no infilling pieces)",
-            code="infilling_unsupported",
-        )
-    return Request("infilling", prefix=prefix, suffix=suffix, sampling=sampling)
+    return replace(request, sampling=sampling)
 
 
 def split_fim_template(prompt: str) -> tuple[str, str] | None:
