@@ -62,11 +62,12 @@ class LoadFailed:
 
 @dataclass(frozen=True)
 class Started:
-    """A request was accepted: its prompt is `prompt_tokens` long (after any dropped turns or clipped lines)."""
+    """A request was accepted: its prompt is `prompt_tokens` long (after any dropped turns or clipped lines), of a
+    context of `context` tokens (None when a foreign server does not say)."""
 
     request_id: str
     prompt_tokens: int
-    context: int
+    context: int | None
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ def fit_chat(tok: Tokenizer, messages: Sequence[ChatMessage], budget: int) -> tu
     but the new message, if even that is too few), and how many went. The system instruction stays."""
     dialog = Dialog.of(messages)
     dropped = 0
-    while dropped < len(dialog.exchanges) and len(chat_ids(tok, dialog.messages())) > budget:
+    while dialog.exchanges and len(chat_ids(tok, dialog.messages())) > budget:
         dropped += 1
         dialog = replace(dialog, exchanges=dialog.exchanges[1:])
     return dialog.messages(), dropped

@@ -21,6 +21,8 @@ from engine.tokenizer import Tokenizer
 
 @dataclass(eq=False)
 class SequenceState:
+    """A request from admission to its end (compared by identity: the scheduler's queues hold each once)."""
+
     request: Request
     ids: list[int]
     stops: set[int]

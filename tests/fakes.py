@@ -155,9 +155,8 @@ class FakeClient(BaseClient):
             self.deliver(Failed(request.id, failure))
             return
         request = self._fit(request)
-        context = self.fake_info.context or 0
         prompt = self.tokens(_prompt_text(request))
-        self.deliver(Started(request.id, prompt, context))
+        self.deliver(Started(request.id, prompt, self.fake_info.context))
         text = self._answer(request)
         sent = ""
         cancelled = self._cancel_flags[request.id]

@@ -161,6 +161,23 @@ async def test_infill_at_cursor_without_markers() -> None:
         assert app.editor.text == "def f():\n    return 42\n"
 
 
+async def test_a_foreign_server_that_tells_little_still_shows_a_clean_status_line() -> None:
+    """ModelInfo's optional fields (an OpenAI-compatible server knows neither device nor context) stay out of the
+    line rather than showing as None; chat still works."""
+    from engine.events import ModelInfo
+
+    app = make_app(info=ModelInfo(name="gpt-like", can_infill=False, can_tokenize=False))
+    app.cap = "chat"
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        line = app.status.render_text()
+        assert "gpt-like" in line and "None" not in line and "ctx" not in line
+        app.chat_input.load_text("hi")
+        await pilot.press("f5")
+        await wait_for(pilot, idle(app))
+        assert "def add" in app.chat_log.last_answer and "None" not in app.status.render_text()
+
+
 async def test_infill_on_a_model_without_fim_offers_completion() -> None:
     app = make_app(info=INFO.__class__(**{**INFO.__dict__, "can_infill": False, "flavour": "python"}))
     async with app.run_test() as pilot:

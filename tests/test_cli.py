@@ -105,6 +105,15 @@ def test_tokenize_prints_what_the_engine_feeds(tiny_model_dir: Path, cap: str) -
     assert rows == [build_prompt(tok, request_of(cap, text, "Other")), build_prompt(tok, request_of(cap, text))]
 
 
+def test_tokenize_chat_on_a_70b_instruct_checkpoint_uses_its_step_format(tiny_70b_instruct_dir: Path) -> None:
+    result = cli("tokenize", "--model", str(tiny_70b_instruct_dir), "--cap", "chat", "--sys-instruct", "Be brief",
+                 stdin="Hi")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ids = json.loads(result.stdout)
+    assert ids == build_prompt(Tokenizer.from_dir(tiny_70b_instruct_dir), request_of("chat", "Hi", "Be brief"))
+    assert ids.count(32015) == 2 and ids[-3:] == [13, 13, 29871]  # two turns closed by <step>, then the reply's header
+
+
 def test_infilling_writes_only_the_middle(tiny_model_dir: Path) -> None:
     result = cli(
         "generate", "--model", str(tiny_model_dir), "--device", "cpu", "--cap", "infilling", "--max-new-tokens", "6",

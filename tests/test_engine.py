@@ -11,7 +11,7 @@ import torch
 
 from engine.engine import Engine
 from engine.events import Failed, Finished, Started, TextClipped, TextDelta, TurnsDropped
-from engine.prompts import chat_ids
+from engine.prompts import Dialog, chat_ids, step_dialog_ids
 from engine.requests import ChatMessage, EngineSpec, Request, SamplingParams
 from tui.conversation import Conversation
 
@@ -158,13 +158,9 @@ def test_the_prefix_cache_takes_free_slots_first_then_evicts_the_least_recently_
     assert turn[1] >= len(chat_ids(engine.tok, asked.messages[:2])) and turn[0] < 10
 
 
-def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypatch) -> None:
-    """Byte-fallback pieces must never reach the stream as broken characters."""
-    engine = load(tiny_model_dir)
-    text = " naïve café → 日本語 😀🎉 done"
-    script = engine.tok.encode(text)
-    assert any(len(engine.tok.token_bytes(i)) == 1 and engine.tok.token_bytes(i)[0] >= 0x80 for i in script)
-    tokens = iter(script + [engine.tok.eos_id] * 4)  # the pipeline may compute a step past the end
+def script_tokens(engine: Engine, script: list[int], monkeypatch) -> None:
+    """Make the engine's runner "sample" `script`, one token per row and step, instead of running the model."""
+    tokens = iter(script)
 
     class ScriptedRunner:
         seen = engine.runner.seen
@@ -184,6 +180,26 @@ def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypat
             pass
 
     monkeypatch.setattr(engine.scheduler, "runner", ScriptedRunner())
+
+
+def test_a_70b_instruct_checkpoint_chats_in_its_own_format_and_stops_at_step(tiny_70b_instruct_dir, monkeypatch):
+    engine = load(tiny_70b_instruct_dir)
+    request = Conversation("Be brief").request("Hi", SamplingParams(max_new_tokens=50))
+    assert engine.prompt_ids(request) == step_dialog_ids(engine.tok, Dialog.of(request.messages))
+    script_tokens(
+        engine, engine.tok.encode("Hello!") + [engine.tok.step_id] + engine.tok.encode(" Source") * 4, monkeypatch
+    )
+    finished = run(engine, request)[request.id][-1]
+    assert (finished.reason, finished.text, finished.stats.new_tokens) == ("eos", "Hello!", 3)
+
+
+def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypatch) -> None:
+    """Byte-fallback pieces must never reach the stream as broken characters."""
+    engine = load(tiny_model_dir)
+    text = " naïve café → 日本語 😀🎉 done"
+    script = engine.tok.encode(text)
+    assert any(len(engine.tok.token_bytes(i)) == 1 and engine.tok.token_bytes(i)[0] >= 0x80 for i in script)
+    script_tokens(engine, script + [engine.tok.eos_id] * 4, monkeypatch)  # the pipeline may run a step past the end
     request = Request("completion", text="x", sampling=SamplingParams(max_new_tokens=200))
     events = run(engine, request)[request.id]
     deltas = [e.text for e in events if isinstance(e, TextDelta)]

@@ -125,7 +125,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         "file",
         nargs="?",
         metavar="FILE",
-        help="UTF-8 text file to open in the editor (created on the first save); ctrl+s saves, F12 saves as",
+        help="UTF-8 text file to open in the editor (created on the first save); "
+        "ctrl+s saves, F12 saves as; unsaved changes are kept in $XDG_STATE_HOME/codellama-tui/recovery/ "
+        "(~/.local/state/...) and offered when the file is opened again",
     )
     app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
     _engine_options(app)

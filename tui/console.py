@@ -86,7 +86,9 @@ def run_console(
             return 1
         chat = Chat(client, out, info, cap, system, sampling, stdin if interactive else None)
         if interactive:
-            out.note(f"{info.name} · cap {cap} · {info.device} {info.dtype} · context {info.context} tokens")
+            where = [f"{info.device} {info.dtype}"] if info.device else []
+            context = [f"context {info.context} tokens"] if info.context else []
+            out.note(" · ".join([info.name, f"cap {cap}", *where, *context]))
             out.note(HINT)
         return chat.run(terminal_inputs(make_prompt_session()) if interactive else read_inputs(stdin))
     except EngineError as err:
