@@ -4,9 +4,12 @@ What the real engine answers through it is tests/test_server_demo.py's."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -302,3 +305,18 @@ def test_tokenize_gives_the_clients_prompt_ids(fake_server) -> None:
     assert httpx.post(f"{url}/tokenize", json={"content": "ab"}).json() == {"tokens": [97, 98]}
     chat = {"cap": "chat", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}
     assert httpx.post(f"{url}/tokenize", json=chat).json() == {"tokens": [ord("s"), ord("u")]}
+
+
+def test_the_server_imports_no_torch_and_its_commands_explain_themselves() -> None:
+    """The engine loads on the server's worker thread; `--help` is instant."""
+    root = Path(__file__).resolve().parents[1]
+    probe = "import sys, tui.server.app, tui.server.run, tui.server.bench; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root).stdout == "False\n"
+    for command, words in (
+        ("serve", ("--instance-num", "--max-queue", "--api-key", "--host", "--tp", "--shape")),
+        ("bench-serve", ("--url", "--concurrency", "--requests", "--prompt-len", "--json")),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "tui.cli", command, "--help"], capture_output=True, text=True, cwd=root
+        )
+        assert out.returncode == 0 and all(word in out.stdout for word in words), out.stdout
