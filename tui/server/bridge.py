@@ -125,8 +125,10 @@ class Bridge:
         """The model's info, or the 503 that a request gets while there is none."""
         if self.stopping:
             raise ApiError(503, "the server is shutting down")
+        if self.load_error is not None:
+            raise ApiError(503, self.load_error, code="model_not_loaded")
         if self.info is None:
-            raise ApiError(503, self.load_error or "the model is still loading; try again shortly", code="loading")
+            raise ApiError(503, "the model is still loading; try again shortly", code="loading")
         return self.info
 
     def open(self, requests: Sequence[Request]) -> Generation:
