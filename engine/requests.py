@@ -6,6 +6,7 @@ Plain dataclasses without torch, shared by every front end and by both sides of 
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
@@ -41,15 +42,23 @@ class SamplingParams:
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def check(self) -> None:
-        """Raise ValueError with a one-line message for values out of range."""
-        if self.temperature < 0:
+        """Raise ValueError with a one-line message for values out of range (NaN included), or that the device's
+        int64 seeds and int32 top-k cannot hold."""
+        for name, value in (("temperature", self.temperature), ("repetition penalty", self.repetition_penalty)):
+            if math.isinf(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty <= 0:
+        if self.top_k >= 2**31:
+            raise ValueError(f"top-k must be below 2**31, got {self.top_k}")
+        if not self.repetition_penalty > 0:
             raise ValueError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"the seed must fit in 64 bits, got {self.seed}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
 

@@ -71,6 +71,25 @@ def test_bad_fields_get_400_naming_the_field(fake_server) -> None:
     assert error["param"] == "messages"
 
 
+def test_values_the_engine_cannot_hold_get_400_for_every_choice(fake_server) -> None:
+    """Seeds are int64 on the device and choice i draws from seed + i; top-k is int32; NaN is no number. One bad
+    value in the engine's step would fail every sequence running with it."""
+    url = fake_server.url
+    for body in (
+        {"prompt": "x", "seed": 2**63},
+        {"prompt": "x", "seed": 2**63 - 1, "n": 2},
+        {"prompt": "x", "top_k": 2**40},
+    ):
+        error = _error(httpx.post(f"{url}/v1/completions", json=body), 400, "invalid_request_error")
+        assert "seed" in error["message"] or "top-k" in error["message"]
+    nan = httpx.post(
+        f"{url}/v1/completions",
+        content=b'{"prompt": "x", "temperature": NaN}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert _error(nan, 400, "invalid_request_error")["param"] == "temperature"
+
+
 def test_a_prompt_over_the_context_gets_400_before_it_queues(fake_server) -> None:
     """The fake counts a token per character of the prompt; its context is INFO.context."""
     body = {"prompt": "x" * INFO.context, "max_tokens": 4}

@@ -103,7 +103,7 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
     async def completions(body: CompletionRequest, request: Request) -> Response:
         info = bridge.check_ready()
         requests = completion_requests(body, info)
-        await _check(bridge, requests[0], info)
+        await _check(bridge, requests, info)
         generation = bridge.open(requests)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -118,7 +118,7 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         info = bridge.check_ready()
         requests = chat_requests(body, info)
-        await _check(bridge, requests[0], info)
+        await _check(bridge, requests, info)
         generation = bridge.open(requests)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -134,7 +134,7 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
         engine_request = infill_request(body, info, infilling=infilling)
         if body.n_predict == 0:  # llama.vim warms the server's cache this way; ours fills as requests come
             return JSONResponse({"content": "", "stop": True, "model": info.name, "tokens_predicted": 0})
-        await _check(bridge, engine_request, info)
+        await _check(bridge, [engine_request], info)
         generation = bridge.open([engine_request])
         if body.stream:
             return _streaming(bridge, generation, llama_stream(bridge, generation, info.name))
@@ -194,9 +194,15 @@ async def _prompt_ids(bridge: Bridge, request: EngineRequest) -> list[int]:
         raise ApiError(400, str(err), code="invalid_prompt") from None
 
 
-async def _check(bridge: Bridge, request: EngineRequest, info: ModelInfo) -> None:
-    """Refuse a request whose prompt cannot be built or leaves no room in the context, before it queues."""
-    ids = await _prompt_ids(bridge, request)
+async def _check(bridge: Bridge, requests: list[EngineRequest], info: ModelInfo) -> None:
+    """Refuse a request whose sampling is out of range (each choice has its own seed), or whose prompt cannot be
+    built or leaves no room in the context, before it queues."""
+    for request in requests[1:]:
+        try:
+            request.sampling.check()
+        except ValueError as err:
+            raise ApiError(400, str(err), code="invalid_value") from None
+    ids = await _prompt_ids(bridge, requests[0])
     if info.context is not None and len(ids) >= info.context:
         raise ApiError(
             400,
