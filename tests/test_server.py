@@ -60,6 +60,7 @@ def test_bad_fields_get_400_naming_the_field(fake_server) -> None:
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
         ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x", "stop": [str(i) for i in range(17)]}, "stop"),
         ({}, "prompt"),
     ]
     for body, param in cases:

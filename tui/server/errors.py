@@ -66,7 +66,7 @@ def validation_message(err: RequestValidationError) -> ApiError:
         return ApiError(
             400, "the request body must be a JSON object (with Content-Type: application/json)", code="invalid_json"
         )
-    what = first.get("msg", "invalid value")
+    what = first.get("msg", "invalid value").removeprefix("Value error, ")
     what = what[:1].lower() + what[1:]
     return ApiError(400, f"{param}: {what}" if param else what, param=param, code="invalid_value")
 

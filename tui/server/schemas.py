@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.requests import CAPS
 
 FinishReason = Literal["stop", "length"]
+MAX_STOPS = 16  # stop strings per request (OpenAI takes 4): each is looked for after every token
 _CHECKED = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
@@ -36,6 +37,13 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stop)}")
+        return stop
 
     def stops(self) -> tuple[str, ...] | None:
         if self.stop is None:
@@ -95,7 +103,7 @@ class InfillRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1)
     repeat_penalty: float | None = Field(None, gt=0)
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     stream: bool = False
     response_fields: list[str] | None = None
 
