@@ -173,3 +173,23 @@ def test_the_seeds_instance_num_spelling_is_the_batch() -> None:
     assert parser.parse_args(["--instance_num", "32"]).max_batch == 32
     assert parser.parse_args(["--instance-num", "4"]).max_batch == 4
     assert parser.parse_args([]).host == "127.0.0.1"
+
+
+def test_a_busy_port_is_one_line_and_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run(
+            [sys.executable, "-m", "tui.cli", "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 1
+    assert (
+        out.stderr.strip() == f"codellama-tui serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
