@@ -597,6 +597,8 @@ class CodeLlamaApp(App[int]):
         self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
 
     def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
+        if not self.screen_stack:  # a change that bubbled up while the app closed: its screens are gone
+            return
         if message.text_area is self.editor:
             self._update_title()
             self._write_recovery_later()
