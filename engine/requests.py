@@ -16,6 +16,7 @@ CAPS: tuple[str, ...] = get_args(Cap)
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
 FILL = "<FILL>"
+SEED_RANGE = range(-(2**63), 2**63)  # seeds travel as int64
 
 
 @dataclass(frozen=True)
@@ -42,25 +43,26 @@ class SamplingParams:
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def check(self) -> None:
-        """Raise ValueError with a one-line message for values out of range (NaN included), or that the device's
-        int64 seeds and int32 top-k cannot hold."""
-        for name, value in (("temperature", self.temperature), ("repetition penalty", self.repetition_penalty)):
-            if math.isinf(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-        if not self.temperature >= 0:
+        """Raise ValueError with a one-line message for values out of range (NaN and infinities included)."""
+        for name, value in (
+            ("temperature", self.temperature),
+            ("top-p", self.top_p),
+            ("repetition penalty", self.repetition_penalty),
+        ):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.top_k >= 2**31:
-            raise ValueError(f"top-k must be below 2**31, got {self.top_k}")
-        if not self.repetition_penalty > 0:
+        if not 0 <= self.top_k < 2**31:  # sampled as int32
+            raise ValueError(f"top-k must be >= 0 and < 2**31 (0 disables it), got {self.top_k}")
+        if self.repetition_penalty <= 0:
             raise ValueError(f"repetition penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise ValueError(f"the seed must fit in 64 bits, got {self.seed}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and self.seed not in SEED_RANGE:
+            raise ValueError(f"seed must fit in 64 bits ({SEED_RANGE.start} .. {SEED_RANGE.stop - 1}), got {self.seed}")
 
 
 @dataclass(frozen=True)
