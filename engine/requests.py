@@ -136,7 +136,9 @@ class Request:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How to build an engine: which model, where, how big. `model=None` means the demo model."""
+    """How to build an engine: which model, where, how big. `model=None` means the demo model, or with `shape`
+    (a CodeLlama size such as "7b") random weights at that shape, for timing (`tokenizer` is a directory whose
+    tokenizer they use, default the demo model's): as fast as real weights, their text meaningless."""
 
     model: str | None = None
     device: str = "auto"
@@ -145,3 +147,5 @@ class EngineSpec:
     max_batch: int = 8
     max_seq_len: int | None = None
     cuda_graphs: bool = True
+    shape: str | None = None
+    tokenizer: str | None = None

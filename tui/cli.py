@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from engine.config import SHAPES
 from engine.requests import CAPS, EngineSpec
 
 SUBCOMMANDS = {
@@ -20,6 +21,8 @@ SUBCOMMANDS = {
     "tokenize": "print the prompt's token ids as the engine would feed them",
     "chat": "the console chat of the seed: inputs end with a line '!!'",
     "bench": "time the engine: decode tokens/s, time to first token, memory, start-up, roofline",
+    "serve": "the OpenAI-compatible HTTP server (completions with infilling, chat, llama.cpp's /infill)",
+    "bench-serve": "time the server through streaming HTTP clients: tokens/s, time to first token, inter-token",
 }
 
 DEMO_NOTE = (
@@ -70,18 +73,24 @@ def _finite(text: str) -> float:
     return value
 
 
-def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion") -> None:
+def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "completion", sampling: bool = True) -> None:
+    """The model and engine options (and, unless `cap_default` is None, the cap's; with `sampling`, its knobs)."""
     g = p.add_argument_group("model and engine")
     g.add_argument(
         "--model", metavar="DIR", help="Hugging Face CodeLlama checkpoint directory (default: the demo model)"
     )
-    g.add_argument("--cap", choices=CAPS, default=cap_default, help=f"capability (default: {cap_default})")
-    g.add_argument("--sys-instruct", metavar="TEXT", help="system instruction for the chat cap")
+    if cap_default is not None:
+        g.add_argument("--cap", choices=CAPS, default=cap_default, help=f"capability (default: {cap_default})")
+        g.add_argument("--sys-instruct", metavar="TEXT", help="system instruction for the chat cap")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--tp", type=_positive, default=1, metavar="N", help="tensor-parallel size (GPUs)")
     g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
     g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
+    if not sampling:
+        g.add_argument("--shape", choices=list(SHAPES), help="random weights at a CodeLlama shape instead of --model")
+        g.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --shape (default: the demo model's)")
+        return
     s = p.add_argument_group("sampling (defaults per cap)")
     s.add_argument("--temperature", type=_finite, metavar="T", help="0 is greedy")
     s.add_argument("--top-p", type=_finite, metavar="P")
@@ -100,6 +109,8 @@ def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
         tp=args.tp,
         max_batch=args.max_batch or max_batch,
         max_seq_len=args.max_seq_len,
+        shape=getattr(args, "shape", None),
+        tokenizer=getattr(args, "tokenizer", None),
     )
 
 
@@ -162,6 +173,41 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     add_arguments(bench)
     parsers["bench"] = bench
+
+    serve = _Parser(prog="codellama-tui serve", description=SUBCOMMANDS["serve"] + ". " + DEMO_NOTE)
+    n = serve.add_argument_group("server")
+    n.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    n.add_argument("--port", type=int, default=23333, help="port (default 23333; 0 picks a free one)")
+    n.add_argument(
+        "--instance-num",
+        "--instance_num",
+        dest="max_batch",
+        type=_positive,
+        metavar="N",
+        help="requests that decode together, the engine's batch (default 8; the same as --max-batch)",
+    )
+    n.add_argument(
+        "--max-queue",
+        type=int,
+        default=128,
+        metavar="N",
+        help="requests that may wait for a slot; more are refused with 429 (default 128)",
+    )
+    n.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every route but /health")
+    _engine_options(serve, cap_default=None, sampling=False)
+    parsers["serve"] = serve
+
+    bench_serve = _Parser(
+        prog="codellama-tui bench-serve",
+        description=SUBCOMMANDS["bench-serve"] + ". Without "
+        "--url it serves the engine options' model in this process on a free port and also times "
+        "`bench`'s decode step at the same batches, for comparison.",
+    )
+    from tui.server.bench import add_arguments as bench_serve_arguments
+
+    bench_serve_arguments(bench_serve)
+    _engine_options(bench_serve, cap_default=None, sampling=False)
+    parsers["bench-serve"] = bench_serve
     return parsers
 
 
@@ -211,6 +257,16 @@ def _main(argv: Sequence[str] | None) -> int:
         except EngineError as err:  # a bad --tp, a dead rank, a broken checkpoint: one line, as everywhere
             print(f"codellama-tui bench: error: {with_flags(str(err), err.fields)}", file=sys.stderr)
             return 1
+    if command == "serve":
+        from tui.server.run import serve
+
+        if args.max_queue < 0:
+            parsers[command].exit(2, f"{parsers[command].prog}: error: --max-queue must be >= 0\n")
+        return serve(args, spec_of(args))
+    if command == "bench-serve":
+        from tui.server.bench import main as bench_serve
+
+        return bench_serve(args)
     if command == "chat":
         from tui.console import run_console
 
