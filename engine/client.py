@@ -46,10 +46,12 @@ class ForceQuit(BaseException):
 
 class Client(ABC):
     """What a front end may ask of an engine. `info` is set once the model is ready (`load_error` if it never
-    will be); its flags (`can_infill`, `can_tokenize`) say which requests make sense."""
+    will be); its flags (`can_infill`, `can_tokenize`) say which requests make sense. `server` is the URL of the
+    server the engine runs behind, None for an engine in this process."""
 
     info: ModelInfo | None = None
     load_error: str | None = None
+    server: str | None = None
 
     @abstractmethod
     def start(self) -> Client:

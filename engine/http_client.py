@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 from dataclasses import replace
@@ -32,7 +31,6 @@ from engine.events import Event, Failed, Finished, Link, LoadFailed, Loading, Mo
 from engine.http_wire import COMPLETIONS, AnswerReader, Served, error_message, error_text, request_body, served
 from engine.requests import Request
 
-API_KEY_ENV = "CODELLAMA_TUI_API_KEY"
 CONNECT_TIMEOUT_S = 5.0  # to open a connection: a server that is up answers at once
 READ_TIMEOUT_S = 120.0  # between two pieces of an answer: a busy server queues requests before their first token
 PING_S = 5.0
@@ -62,8 +60,8 @@ def describe(err: httpx.HTTPError) -> str:
 
 
 class HttpClient(BaseClient):
-    """A server at `url`; `api_key` (default: $CODELLAMA_TUI_API_KEY) goes as a bearer token, `model` picks one of
-    the server's models (default: its first)."""
+    """A server at `url`; `api_key` goes as a bearer token, `model` picks one of the server's models (default: its
+    first)."""
 
     def __init__(
         self,
@@ -78,8 +76,8 @@ class HttpClient(BaseClient):
         ping_s: float = PING_S,
     ) -> None:
         super().__init__(on_event)
-        self.url = url.rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self.url = self.server = url.rstrip("/")
+        self.api_key = api_key
         self.model = model
         self.retry, self.read_timeout, self.connect_timeout, self.ping_s = retry, read_timeout, connect_timeout, ping_s
         self.served: Served | None = None
@@ -172,10 +170,10 @@ class HttpClient(BaseClient):
 
     async def _ping(self) -> None:
         assert self._http is not None and self.served is not None
-        up, delay = True, BACKOFF_S[0]
+        up, delay, wait = True, BACKOFF_S[0], 0.0  # the first ping at once: its time for the status line
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._look_now.wait(), self.ping_s if up else delay)
+                await asyncio.wait_for(self._look_now.wait(), wait)
             self._look_now.clear()
             sent = time.perf_counter()
             try:
@@ -192,10 +190,10 @@ class HttpClient(BaseClient):
                 reason = describe(err) if isinstance(err, httpx.HTTPError) else str(err)
                 if not up:
                     delay = min(2 * delay, BACKOFF_S[1])
-                up = False
+                up, wait = False, delay
                 self.deliver(Link(self.url, False, None, f"{reason}; trying again in {_seconds(delay)}"))
                 continue
-            up, delay = True, BACKOFF_S[0]
+            up, delay, wait = True, BACKOFF_S[0], self.ping_s
             self.deliver(Link(self.url, True, rtt))
 
     async def _learn(self) -> Served:

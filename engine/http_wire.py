@@ -93,6 +93,8 @@ def request_body(request: Request, served: Served) -> tuple[str, dict[str, objec
     if request.cap != "infilling":
         body["prompt"] = request.text
         return COMPLETIONS, body
+    if not served.ours and not served.info.can_infill:
+        raise CapabilityError(f"the server cannot infill ({served.model}: it does not take a suffix); use completion")
     if request.prefix is not None and request.suffix is not None:
         body["prompt"], body["suffix"] = request.prefix, request.suffix
     else:
