@@ -51,7 +51,8 @@ def describe(err: httpx.HTTPError) -> str:
         return "no answer to the connection"
     if isinstance(err, httpx.ConnectError):
         text = str(err)
-        return "connection refused" if "refused" in text.lower() else text or "cannot connect"
+        refused = "refused" in text.lower() or text == "All connection attempts failed"  # httpx's, for every address
+        return "nothing listens there (connection refused)" if refused else text or "cannot connect"
     if isinstance(err, httpx.ReadTimeout):
         return "no answer in time"
     if isinstance(err, httpx.RemoteProtocolError):
@@ -127,6 +128,7 @@ class HttpClient(BaseClient):
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._main())
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         finally:
             self._loop.close()
 
@@ -297,11 +299,12 @@ class HttpClient(BaseClient):
                 if response.status_code != 200:
                     return Failed(rid, error_text(response.status_code, await response.aread()))
                 answered = True
-                async for line in response.aiter_lines():
-                    for event in reader.feed(line):
-                        self.deliver(event)
-                    if reader.done:
-                        break
+                async with contextlib.aclosing(response.aiter_lines()) as lines:
+                    async for line in lines:
+                        for event in reader.feed(line):
+                            self.deliver(event)
+                        if reader.done:
+                            break
         except httpx.ReadTimeout:
             return Failed(rid, f"the server sent nothing for {self.read_timeout:.0f} s; the request was given up")
         except httpx.HTTPError as err:
