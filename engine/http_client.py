@@ -306,7 +306,7 @@ class HttpClient(BaseClient):
                         if reader.done:
                             break
         except httpx.ReadTimeout:
-            return Failed(rid, f"the server sent nothing for {self.read_timeout:.0f} s; the request was given up")
+            return Failed(rid, f"the server sent nothing for {_seconds(self.read_timeout)}; the request was given up")
         except httpx.HTTPError as err:
             self._look_now.set()
             if not answered:
