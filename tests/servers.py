@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -145,9 +146,14 @@ class FakeOpenAI:
         self.words, self.key, self.takes_suffix = words, key, takes_suffix
         self.pause_s, self.drop_after, self.health = pause_s, drop_after, health
         self.bodies: list[dict] = []
+        self.connections: set[socket.socket] = set()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                fake.connections.add(self.connection)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -218,7 +224,12 @@ class FakeOpenAI:
                         return
                 self.wfile.write(b"0\r\n\r\n")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # a client gone mid-answer is no error here
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="fake-openai", daemon=True)
@@ -228,8 +239,12 @@ class FakeOpenAI:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stop as a killed server would: the kept-alive connections close too."""
         self.server.shutdown()
         self.server.server_close()
+        for connection in list(self.connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
 
 def free_port() -> int:

@@ -279,6 +279,8 @@ class CodeLlamaApp(App[int]):
 
     def on_engine_event(self, message: EngineEvent) -> None:
         event = message.event
+        if not self.is_running or not self.screen_stack:  # an event that came while the app closed: no widgets
+            return
         if isinstance(event, Loading):
             self.status.show_loading(event.fraction, event.stage)
         elif isinstance(event, Link):
