@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "bench": "time the engine: decode tokens/s, time to first token, memory, start-up, roofline",
     "serve": "the OpenAI-compatible HTTP server (completions with infilling, chat, llama.cpp's /infill)",
     "bench-serve": "time the server through streaming HTTP clients: tokens/s, time to first token, inter-token",
+    "web": "the app in the browser (textual-serve): a tab per app process, one engine for all, access by a token",
 }
 
 DEMO_NOTE = (
@@ -228,6 +229,20 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     bench_serve_arguments(bench_serve)
     _engine_options(bench_serve, cap_default=None, sampling=False)
     parsers["bench-serve"] = bench_serve
+
+    web = _Parser(
+        prog="codellama-tui web",
+        description=SUBCOMMANDS["web"] + ". Every tab talks to the server given by --url, or to one engine this "
+        "command serves for them (the engine options' model) on a free port of 127.0.0.1. Open the address it "
+        "prints: its ?token=... is the access (kept in a cookie); a request without it gets 401.",
+    )
+    w = web.add_argument_group("web")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    w.add_argument("--theme", help="the tabs' theme: dark, light or high-contrast")
+    _engine_options(web)
+    _server_options(web)
+    parsers["web"] = web
     return parsers
 
 
@@ -279,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tui.server.bench import main as bench_serve
 
         return bench_serve(args)
+    if command == "web":
+        from tui.web import run_web
+
+        return run_web(args, spec_of(args))
     if command == "chat":
         from tui.console import run_console
 
