@@ -14,6 +14,8 @@ The rules every client keeps (events are `engine.events`, requests `engine.reque
   and last exactly one terminal event, `Finished` or `Failed`. A request that cannot run (bad input, no model,
   a lost connection) gets `Failed` alone. Nothing is delivered for a request after its terminal event.
 - Events are delivered on the transport's own thread, never the caller's: a UI posts them on as messages.
+- A client whose engine is behind a server (`server` is its URL) also delivers `Link` events, about the connection
+  rather than any request: whether the server answers, and the round-trip time to it.
 - `cancel(id)` may be called at any time, any number of times, for any id: unknown and finished ids are
   ignored. A running request then ends with `Finished(reason="cancelled")` within one decode step and frees its
   slot (or with `Failed`, if it failed first).
