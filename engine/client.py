@@ -12,8 +12,13 @@ The rules every client keeps (events are `engine.events`, requests `engine.reque
 - Every method returns at once, except `wait_ready`, `tokenize`, `close`, and iterating `stream()`.
 - Each submitted request gets its events in order: any `TurnsDropped` / `TextClipped`, `Started`, `TextDelta`s,
   and last exactly one terminal event, `Finished` or `Failed`. A request that cannot run (bad input, no model,
-  a lost connection) gets `Failed` alone. Nothing is delivered for a request after its terminal event.
-- Events are delivered on the transport's own thread, never the caller's: a UI posts them on as messages.
+  a lost connection) gets `Failed` alone. Nothing is delivered for a request after its terminal event (the base
+  class drops whatever a transport sends later, or for ids it never submitted).
+- Events are delivered on the transport's own thread, never the caller's: a UI posts them on as messages. (Once
+  a transport has stopped for good, nothing is left to wait for: a request submitted after that fails at once, on
+  the caller's thread.)
+- No request is left waiting: when a transport stops or fails (the engine's worker ends, the connection is lost),
+  every open request gets `Failed` with the reason.
 - A client whose engine is behind a server (`server` is its URL) also delivers `Link` events, about the connection
   rather than any request: whether the server answers, and the round-trip time to it.
 - `cancel(id)` may be called at any time, any number of times, for any id: unknown and finished ids are
@@ -98,7 +103,9 @@ class BaseClient(Client):
     - `_tokenize(request)`: the prompt ids (called only once the model is ready and `info.can_tokenize`);
     - `_shut(timeout)`: stop, waiting at most `timeout` seconds;
 
-    and calls `deliver(event)` for every event, from its own thread, `Ready` or `LoadFailed` among them.
+    and calls `deliver(event)` for every event, from its own thread, `Ready` or `LoadFailed` among them; when it
+    can no longer answer the requests it holds it calls `fail_open(reason)`, and when it has ended for good,
+    `stopped(reason)`.
     """
 
     def __init__(self, on_event: EventSink | None = None) -> None:
@@ -108,6 +115,8 @@ class BaseClient(Client):
         self._load_fields: tuple[str, ...] = ()
         self._ready = threading.Event()
         self._streams: dict[str, queue.Queue[Event]] = {}
+        self._open_ids: set[str] = set()  # submitted requests without their terminal event yet
+        self._stopped: str | None = None  # why the transport ended for good
         self._lock = threading.Lock()
 
     # ---- what a transport supplies
@@ -141,7 +150,13 @@ class BaseClient(Client):
         return self.info
 
     def submit(self, request: Request) -> str:
-        self._send(request)
+        with self._lock:
+            stopped = self._stopped
+            self._open_ids.add(request.id)
+        if stopped is not None:
+            self.deliver(Failed(request.id, stopped))
+        else:
+            self._send(request)
         return request.id
 
     def cancel(self, request_id: str) -> None:
@@ -201,7 +216,7 @@ class BaseClient(Client):
 
     def deliver(self, event: Event) -> None:
         """Hand one event to the caller: to its request's stream if one is open, then to `on_event`. Called by the
-        transport, on its thread, in order."""
+        transport, on its thread, in order; an event for a request that has ended is dropped."""
         if isinstance(event, Ready):
             self.info = event.info
             self._ready.set()
@@ -211,11 +226,28 @@ class BaseClient(Client):
         request_id = getattr(event, "request_id", None)
         if request_id is not None:
             with self._lock:
+                if request_id not in self._open_ids:
+                    return  # it has ended (or was never submitted): nothing more goes out for it
+                if isinstance(event, (Finished, Failed)):
+                    self._open_ids.discard(request_id)
                 q = self._streams.get(request_id)
             if q is not None:
                 q.put(event)
         if self.on_event is not None:
             self.on_event(event)
+
+    def fail_open(self, reason: str) -> None:
+        """End every open request with `Failed(reason)`: the transport cannot answer them any more."""
+        with self._lock:
+            open_ids = sorted(self._open_ids)
+        for request_id in open_ids:
+            self.deliver(Failed(request_id, reason))
+
+    def stopped(self, reason: str) -> None:
+        """The transport has ended for good: fail the open requests, and every later one at once."""
+        with self._lock:
+            self._stopped = reason
+        self.fail_open(reason)
 
 
 @contextmanager

@@ -97,14 +97,16 @@ class Engine:
         return self.scheduler.busy
 
     def add(self, request: Request) -> list[Event]:
-        """Validate and queue a request; bad input comes back as a Failed event, never an exception."""
+        """Validate and queue a request; bad input comes back as a Failed event, never an exception.
+        Characters the tokenizer cannot encode are replaced (Started says how many)."""
         events: list[Event] = []
+        request, replaced = request.cleaned()
         try:
             seq = admit(self.tok, request, self.context, events)
         except (EngineError, ValueError) as err:
             return [Failed(request.id, str(err))]
         self.scheduler.add(seq)
-        events.append(Started(request.id, len(seq.ids), self.context))
+        events.append(Started(request.id, len(seq.ids), self.context, replaced))
         return events
 
     def cancel(self, request_id: str) -> list[Event]:

@@ -74,11 +74,13 @@ class Link:
 @dataclass(frozen=True)
 class Started:
     """A request was accepted: its prompt is `prompt_tokens` long (after any dropped turns or clipped lines), of a
-    context of `context` tokens (None when a foreign server does not say)."""
+    context of `context` tokens (None when a foreign server does not say); `replaced` characters of its text could
+    not be encoded and were replaced with U+FFFD (`requests.clean_text`)."""
 
     request_id: str
     prompt_tokens: int
     context: int | None
+    replaced: int = 0
 
 
 @dataclass(frozen=True)

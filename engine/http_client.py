@@ -98,7 +98,7 @@ class HttpClient(BaseClient):
         self._thread.start()
 
     def _send(self, request: Request) -> None:
-        if not self._soon(self._begin, request):
+        if not self._soon(self._begin, request):  # closed: `stopped` fails whatever comes later
             self.deliver(Failed(request.id, "the connection to the server is closed"))
 
     def _send_cancel(self, request_id: str) -> None:
@@ -131,6 +131,7 @@ class HttpClient(BaseClient):
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         finally:
             self._loop.close()
+            self.stopped("the connection to the server is closed")  # no request waits for a closed client
 
     async def _main(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -277,11 +278,14 @@ class HttpClient(BaseClient):
             if self.served is None or self.info is None:
                 self.deliver(Failed(rid, self.load_error or "the server is not connected"))
                 return
-            path, body = request_body(request, self.served)
-            reader = AnswerReader(request, self.served)
+            sent, replaced = request.cleaned()  # as the engine would: JSON cannot carry lone surrogates
+            path, body = request_body(sent, self.served)
+            reader = AnswerReader(request, self.served, replaced)
             terminal = await self._stream(path, body, reader)
         except EngineError as err:
             terminal = Failed(rid, str(err))
+        except Exception as err:  # an unforeseen fault fails its request, never silently
+            terminal = Failed(rid, f"the request failed: {type(err).__name__}: {err}")
         except asyncio.CancelledError:
             if rid not in self._cancelled:
                 raise  # the client is closing: the request ends without a word
@@ -316,6 +320,7 @@ class HttpClient(BaseClient):
 
     async def _tokenize_remote(self, request: Request) -> list[int]:
         assert self._http is not None
+        request, _ = request.cleaned()
         body: dict[str, object] = {"cap": request.cap, "spm": request.suffix_first}
         if request.cap == "chat":
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]

@@ -135,10 +135,13 @@ def _one_line(text: str) -> str:
 class AnswerReader:
     """One streamed answer: `feed` it the stream's lines and it returns the events they hold; `end` gives the
     terminal event (`Finished`, or `Failed` for an error event or a stream that stopped short), `cancelled` the one
-    for a request the caller stopped. Timing is the client's own: time to the first text, and the whole answer."""
+    for a request the caller stopped. Timing is the client's own: time to the first text, and the whole answer.
+    `replaced` is how many characters the client replaced before sending (`Request.cleaned`), for `Started`."""
 
-    def __init__(self, request: Request, served: Served, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.request, self.served, self.clock = request, served, clock
+    def __init__(
+        self, request: Request, served: Served, replaced: int = 0, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.request, self.served, self.replaced, self.clock = request, served, replaced, clock
         self.t0 = clock()
         self.t_first = 0.0
         self.text: list[str] = []
@@ -207,7 +210,8 @@ class AnswerReader:
             events.append(TextClipped(rid, int(clipped[0]), int(clipped[1])))
         self.prompt_tokens = int(engine.get("prompt_tokens") or 0)
         context = engine.get("context", self.served.info.context)
-        return [*events, Started(rid, self.prompt_tokens, context if isinstance(context, int) else None)]
+        context = context if isinstance(context, int) else None
+        return [*events, Started(rid, self.prompt_tokens, context, self.replaced)]
 
     def _usage(self, usage: dict) -> None:
         if isinstance(usage.get("prompt_tokens"), int):

@@ -2,11 +2,15 @@
 
 Commands go to the worker through a queue; the worker delivers every event from its own thread. It alone
 touches the engine (and, with tensor parallelism, drives the other ranks), so nothing here takes a lock on
-engine state. Importing this module does not import torch: the worker imports the engine when it loads.
+engine state. No thread dies silently: a fault of one request fails that request, a fault of the loop itself fails
+every open request and leaves the worker refusing new ones with the reason, and when the worker ends (closed, or
+anything else) no request is left waiting. Importing this module does not import torch: the worker imports the
+engine when it loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -55,6 +59,7 @@ class LocalClient(BaseClient):
         self._commands: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._tok: Tokenizer | None = None
+        self._halted: str | None = None  # why the worker stopped serving after a fault of its own loop
 
     def _open(self) -> None:
         self._thread.start()
@@ -86,6 +91,17 @@ class LocalClient(BaseClient):
 
     def _run(self) -> None:
         engine = self._load()
+        try:
+            while True:
+                try:
+                    return self._serve(engine)
+                except Exception as err:  # a fault of the loop itself: no thread dies silently
+                    self._halt(engine, err)
+                    engine = None
+        finally:  # whatever ends this thread, no request waits for it
+            self.stopped(self._halted or "the engine was closed")
+
+    def _serve(self, engine: Engine | None) -> None:
         closed = False
         while not closed:
             busy = engine is not None and engine.busy
@@ -108,6 +124,14 @@ class LocalClient(BaseClient):
         if engine is not None:
             engine.close()
 
+    def _halt(self, engine: Engine | None, err: Exception) -> None:
+        """The loop failed outside any one request: fail every request in flight, then refuse new ones with why."""
+        self._halted = f"the engine stopped: {_reason(err)}"
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.close()
+        self.fail_open(self._halted)
+
     def _load(self) -> Engine | None:
         start = time.perf_counter()
         try:
@@ -128,9 +152,13 @@ class LocalClient(BaseClient):
     def _handle(self, engine: Engine | None, command: object) -> None:
         if isinstance(command, _Submit):
             if engine is None:
-                self.deliver(Failed(command.request.id, self.load_error or "no model is loaded"))
+                self.deliver(Failed(command.request.id, self._halted or self.load_error or "no model is loaded"))
                 return
-            for event in engine.add(command.request):
+            try:
+                events = engine.add(command.request)
+            except Exception as err:  # an unforeseen fault of one request fails that request, not the worker
+                events = [Failed(command.request.id, f"the request failed: {_reason(err)}")]
+            for event in events:
                 self.deliver(event)
         elif isinstance(command, _Cancel) and engine is not None:
             for event in engine.cancel(command.request_id):
@@ -145,3 +173,9 @@ class LocalClient(BaseClient):
                 command.future.set_exception(err)
             finally:
                 engine.scheduler.cache.forget()
+
+
+def _reason(err: Exception) -> str:
+    """An unexpected exception as the one line a user sees."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

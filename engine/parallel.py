@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,12 @@ import torch.distributed as dist
 
 from engine.config import ModelConfig
 from engine.errors import EngineError
+
+# Recent torch deprecates all_gather_into_tensor, whose replacement older releases lack; every rank imports this
+# module, so this one filter keeps exactly that FutureWarning off every rank's stderr
+warnings.filterwarnings(
+    "ignore", message=re.escape("`torch.distributed.all_gather_into_tensor` is deprecated"), category=FutureWarning
+)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Plain dataclasses without torch, shared by every front end and by both sides of 
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
@@ -17,6 +18,22 @@ Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
 FILL = "<FILL>"
 SEED_RANGE = range(-(2**63), 2**63)  # seeds travel as int64
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> tuple[str, int]:
+    """`text` with every lone surrogate replaced by U+FFFD, and how many there were.
+
+    Invalid UTF-8 reaches the engine as lone surrogates (front ends decode input with `surrogateescape`, as
+    Python decodes argv), and JSON can spell them (`"\\ud800"`); the tokenizer cannot encode either.
+    """
+    return _LONE_SURROGATE.subn("\ufffd", text)
+
+
+def replacement_warning(count: int) -> str:
+    """What every front end says when `clean_text` replaced characters of a request."""
+    s = "" if count == 1 else "s"
+    return f"{count} invalid character{s} (bad UTF-8 or a lone surrogate) replaced with U+FFFD"
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,17 @@ class Request:
     fit: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=new_request_id)
+
+    def cleaned(self) -> tuple[Request, int]:
+        """This request with its texts made encodable (`clean_text`), and how many characters that replaced."""
+        texts = {name: getattr(self, name) for name in ("text", "prefix", "suffix")}
+        cleaned = {name: clean_text(value) for name, value in texts.items() if value is not None}
+        messages = [(m, clean_text(m.content)) for m in self.messages]
+        replaced = sum(n for _, n in cleaned.values()) + sum(n for _, (_, n) in messages)
+        if not replaced:
+            return self, 0
+        fixed = tuple(replace(m, content=text) for m, (text, _) in messages)
+        return replace(self, **{name: text for name, (text, _) in cleaned.items()}, messages=fixed), replaced
 
 
 @dataclass(frozen=True)

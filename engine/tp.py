@@ -13,11 +13,12 @@ fresh repetition mask, and stop. Logits after the vocabulary all-gather are bitw
 (the all-reduce gives every rank the same sum), so device sampling picks the same tokens everywhere.
 Workers hold no scheduler state.
 
-Faults: a monitor thread on rank 0 watches the children and the length of every step; a child that
-dies, or a step that outlives the timeout, stops the engine with a one-line error (the other children
-are killed, an NCCL group is aborted so that rank 0's kernels return; our one-shot all-reduce gives up on a
-peer by itself after a few seconds and raises a flag that rank 0 checks after every call). Children exit when rank 0's
-process goes away (their stdin pipe closes) and on the stop plan that `Engine.close()` sends.
+Faults: a monitor thread on rank 0 watches the children, their heartbeats and the length of every step; a child
+that dies or falls silent (stopped, hung), or a step that outlives the timeout, stops the engine with a one-line
+error (the other children are killed, an NCCL group is aborted so that rank 0's kernels return; our one-shot
+all-reduce gives up on a peer by itself after a few seconds and raises a flag that rank 0 checks after every call).
+Children exit when rank 0's process goes away (their stdin pipe closes) and on the stop plan that `Engine.close()`
+sends.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 # Longest wait for another rank: start-up, one collective, one step. Deaths are seen much sooner.
 TIMEOUT_S = float(os.environ.get("CODELLAMA_TP_TIMEOUT", "300"))
 IDLE = timedelta(days=365)  # workers wait for the next plan as long as the app stays open
+BEAT_S, SILENT_S = 0.5, 5.0  # a serving worker writes a byte to its stdout this often; silent this long, it hangs
 
 PREFILL, SAMPLE, SEEN, DECODE, AGAIN, STOP = 1, 2, 3, 4, 5, 6
 _HEADER, _INLINE = 8, 504  # a plan is one 512-value int64 broadcast unless its payload is longer
@@ -191,8 +193,10 @@ class Leader:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._stderr = {r: collections.deque(maxlen=8) for r in children}
+        self._beats: dict[int, float] = {}  # rank -> when its last heartbeat arrived (from when it serves)
         for r, proc in children.items():
             threading.Thread(target=self._drain, args=(r, proc), name=f"tp-rank{r}-stderr", daemon=True).start()
+            threading.Thread(target=self._listen, args=(r, proc), name=f"tp-rank{r}-beats", daemon=True).start()
         self._monitor = threading.Thread(target=self._watch, name="tp-monitor", daemon=True)
         self._monitor.start()
 
@@ -261,19 +265,40 @@ class Leader:
             if line.strip():
                 self._stderr[rank].append(line.decode(errors="replace").strip())
 
+    def _listen(self, rank: int, proc: subprocess.Popen) -> None:
+        while proc.stdout.read1(64):
+            self._beats[rank] = time.monotonic()
+
     def _check_children(self) -> None:
         for rank, proc in self.children.items():
             code = proc.poll()
             if code is not None and not self._closing.is_set():
                 how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                 time.sleep(0.1)  # let the stderr reader catch the child's last words
-                last = f": {self._stderr[rank][-1]}" if self._stderr[rank] else ""
+                # a rank that failed says why in its last line (worker_main); a killed one's last line is unrelated
+                last = f": {self._stderr[rank][-1]}" if code > 0 and self._stderr[rank] else ""
                 self.fault(f"tensor-parallel rank {rank} (pid {proc.pid}) {how}{last}; the engine has stopped")
                 return
 
+    def _check_beats(self, now: float) -> None:
+        for rank, beat in list(self._beats.items()):
+            proc = self.children[rank]
+            if now - beat > SILENT_S and proc.poll() is None:
+                self.fault(
+                    f"tensor-parallel rank {rank} (pid {proc.pid}) has not responded for {SILENT_S:.0f} s "
+                    "(stopped or hung); the engine has stopped"
+                )
+                return
+
     def _watch(self) -> None:
+        last = time.monotonic()
         while not self._closing.wait(0.2) and not self.broken:
+            now = time.monotonic()
+            if now - last > 1.0:  # this process was stopped or starved: the ranks' beats wait unread in their pipes
+                self._beats = dict.fromkeys(self._beats, now)
+            last = now
             self._check_children()
+            self._check_beats(now)
             since = self.step_since
             if since is not None and time.monotonic() - since > TIMEOUT_S:
                 self.fault(f"a tensor-parallel step took over {TIMEOUT_S:.0f} s (a rank hangs); the engine has stopped")
@@ -380,7 +405,7 @@ def _spawn(job: Job) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.tp_worker"],
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,  # heartbeats
         stderr=subprocess.PIPE,
         env=env,
         start_new_session=True,
@@ -469,12 +494,24 @@ def worker_main() -> None:
         )
         plans = Plans(dist.new_group(backend="gloo", timeout=IDLE))
         engine = job.recipe.build(job.spec, None, Parallel(job.rank, job.world))
+        threading.Thread(target=_beat, name="heartbeat", daemon=True).start()
         serve(engine, plans)
     except BaseException as err:  # one line for rank 0's error message, then out
         text = str(err).splitlines()[0] if str(err) else ""
         print(f"{type(err).__name__}: {text}"[:300], file=sys.stderr, flush=True)
         os._exit(1)
     os._exit(0)  # no teardown handshakes: the process's end frees its memory and closes its sockets
+
+
+def _beat() -> None:
+    """Show rank 0 that this process runs: a stopped (SIGSTOP) or frozen one falls silent. From when it serves,
+    since a load may hold the interpreter for long stretches."""
+    while True:
+        try:
+            os.write(1, b".")
+        except OSError:  # rank 0 is gone: _exit_with_parent ends the process
+            return
+        time.sleep(BEAT_S)
 
 
 def _exit_with_parent() -> None:

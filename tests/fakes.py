@@ -154,9 +154,10 @@ class FakeClient(BaseClient):
         if failure is not None:
             self.deliver(Failed(request.id, failure))
             return
+        request, replaced = request.cleaned()  # as the engine does
         request = self._fit(request)
         prompt = self.tokens(_prompt_text(request))
-        self.deliver(Started(request.id, prompt, self.fake_info.context))
+        self.deliver(Started(request.id, prompt, self.fake_info.context, replaced))
         text = self._answer(request)
         sent = ""
         cancelled = self._cancel_flags[request.id]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from textual import events
+from textual.notifications import Notify
 from textual.pilot import Pilot
 
 from engine.requests import ChatMessage, EngineSpec
@@ -319,6 +320,19 @@ async def test_turns_dropped_are_reported_and_forgotten() -> None:
             await wait_for(pilot, lambda n=n: len(app.client.submitted) == n and not app._jobs)
         assert any("2 oldest turns were dropped" in str(n.render()) for n in app.query(Notice))
         assert app.conversation.exchanges == [("hi", "a" * 20), ("0123456789", "a" * 20)]
+
+
+async def test_replaced_characters_are_one_warning() -> None:
+    app = make_app()
+    app.cap = "chat"
+    notes: list[Notify] = []
+    async with app.run_test(message_hook=lambda m: notes.append(m) if isinstance(m, Notify) else None) as pilot:
+        await ready(pilot)
+        app.chat_input.load_text("what is \udcff here?")  # a byte that was not UTF-8, kept by surrogateescape
+        await pilot.press("f5")
+        await wait_for(pilot, idle(app))
+        warnings = [n.notification.message for n in notes if n.notification.severity == "warning"]
+        assert warnings == ["1 invalid character (bad UTF-8 or a lone surrogate) replaced with U+FFFD"]
 
 
 async def test_save_is_atomic_and_keeps_the_mode(tmp_path: Path) -> None:

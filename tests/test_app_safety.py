@@ -221,7 +221,7 @@ def test_a_file_too_big_to_edit_is_refused_in_one_line(tmp_path: Path, name: str
     assert result.returncode == 2
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"codellama-tui: {file}: too big to edit here (") and reason in line
+    assert line.startswith(f"codellama-tui: error: {file}: too big to edit here (") and reason in line
     assert line.endswith("; open it in another editor")
 
 

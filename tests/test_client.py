@@ -176,3 +176,25 @@ def test_local_client_serves_and_tokenizes_like_the_engine(tiny_model_dir: Path)
     finally:
         client.close()
     assert not any(isinstance(e, LoadFailed) for e in events)
+
+
+def test_a_transport_that_stops_leaves_no_request_waiting() -> None:
+    """What an HTTP client does when its connection is lost: the open requests fail with the reason, later ones at
+    once (on the caller's thread: nothing is left to deliver them)."""
+    seen = []
+    client = FakeClient(on_event=seen.append, hold=True).start()
+    try:
+        client.wait_ready(5)
+        held = Request("completion", text="x")
+        client.submit(held)
+        wait_until(lambda: any(isinstance(e, TextDelta) for e in seen))
+        client.stopped("the connection to the server was lost")
+        assert seen[-1] == Failed(held.id, "the connection to the server was lost")
+        (late,) = client.stream(Request("completion", text="y"))
+        assert isinstance(late, Failed) and late.message == "the connection to the server was lost"
+        client.release.set()  # the script goes on to finish the held request: none of that goes out any more
+        client.close()  # joins the fake's thread
+        held_events = [e for e in seen if getattr(e, "request_id", None) == held.id]
+        assert held_events[-1] == Failed(held.id, "the connection to the server was lost")
+    finally:
+        client.close()

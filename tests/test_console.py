@@ -103,6 +103,12 @@ def test_completion_prints_only_the_continuation_without_colour() -> None:
     assert fake.started and fake.closed
 
 
+def test_replaced_characters_are_one_warning_and_the_answer_still_comes() -> None:
+    code, out, err, _ = run("def add(a,\udcff b):\n!!\n")
+    assert code == 0 and out == "    return a + b\n"
+    assert "warning: 1 invalid character (bad UTF-8 or a lone surrogate) replaced with U+FFFD" in err.splitlines()
+
+
 def test_overrides_reach_the_request_and_bad_ones_exit_2() -> None:
     _, _, _, fake = run("x\n!!\n", cap="python", temperature=0.0, max_new_tokens=7, top_k=None)
     assert fake.submitted[0].sampling.temperature == 0.0

@@ -307,3 +307,11 @@ def test_a_foreign_server_that_takes_suffix_infills() -> None:
             assert (fake.bodies[-1]["prompt"], fake.bodies[-1]["suffix"]) == ("a", "b")
         finally:
             client.close()
+
+
+def test_characters_json_cannot_carry_are_replaced_and_counted_as_the_engine_does(remote, here) -> None:
+    request = Request("completion", text="name = '\udcff\udcfe'\n", sampling=GREEDY, id="bad")
+    there, local = list(remote.stream(request)), list(here.stream(request))
+    started = [e for e in there if isinstance(e, Started)]
+    assert started and started[0].replaced == 2 == next(e for e in local if isinstance(e, Started)).replaced
+    assert there[-1].text == local[-1].text

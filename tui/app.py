@@ -54,7 +54,7 @@ from engine.events import (
     TextDelta,
     TurnsDropped,
 )
-from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
 from tui.cli import ClientFactory, with_flags
 from tui.conversation import Conversation
@@ -311,6 +311,8 @@ class CodeLlamaApp(App[int]):
             if job is not None:
                 job.started = time.perf_counter()
                 self.status.context_used = event.prompt_tokens
+                if event.replaced:
+                    self.notify(replacement_warning(event.replaced), severity="warning")
         elif isinstance(event, TextClipped):
             job = self._jobs.get(event.request_id)
             if job is not None:
@@ -793,6 +795,8 @@ class CodeLlamaApp(App[int]):
         self._recovery_timer = self.set_timer(RECOVERY_DELAY_S, self._write_recovery_now)
 
     def _write_recovery_now(self) -> None:
+        if not self.screen_stack:  # the timer outlived the app's screens while it closed: nothing left to copy
+            return
         if not self.keep_recovery_copy():
             self.status.note = "NO recovery copy: the recovery folder cannot be written"
 
@@ -886,7 +890,10 @@ def run_app(
     from tui.config import ConfigError, load_config
 
     def too_big(problem: str) -> int:
-        print(f"codellama-tui: {file}: too big to edit here ({problem}); open it in another editor", file=sys.stderr)
+        print(
+            f"codellama-tui: error: {file}: too big to edit here ({problem}); open it in another editor",
+            file=sys.stderr,
+        )
         return 2
 
     with contextlib.suppress(OSError):  # before reading it; a missing file is a new one, other errors come next
@@ -895,13 +902,14 @@ def run_app(
     try:
         config = load_config()
         theme = theme_name(theme or config.theme or "dark")
+        merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+        SamplingParams.for_cap(cap, **merged).check()  # a bad value is refused now, not at the first request
         opened = OpenFile.open(file) if file else OpenFile(None)
     except (ConfigError, FileError, ValueError, OSError) as err:
-        print(f"codellama-tui: {err}", file=sys.stderr)
+        print(f"codellama-tui: error: {err}", file=sys.stderr)
         return 2
     if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
         return too_big(problem)
-    merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
     app = CodeLlamaApp(
         opened,
         spec,

@@ -6,6 +6,10 @@ Nothing here imports torch: the app must paint before the engine loads, and `--h
 from __future__ import annotations
 
 import argparse
+import io
+import math
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -67,6 +71,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _finite(text: str) -> float:
+    """A float option: NaN and infinities are refused here, before anything loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _server_options(p: argparse.ArgumentParser) -> None:
     """--url and its companions: a server's engine instead of one loaded here."""
     g = p.add_argument_group("a server instead of --model (the config file's url is the default)")
@@ -95,10 +110,10 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "compl
         g.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --shape (default: the demo model's)")
         return
     s = p.add_argument_group("sampling (defaults per cap)")
-    s.add_argument("--temperature", type=float, metavar="T", help="0 is greedy")
-    s.add_argument("--top-p", type=float, metavar="P")
+    s.add_argument("--temperature", type=_finite, metavar="T", help="0 is greedy")
+    s.add_argument("--top-p", type=_finite, metavar="P")
     s.add_argument("--top-k", type=int, metavar="K", help="0 disables it (default 40)")
-    s.add_argument("--repetition-penalty", type=float, metavar="R")
+    s.add_argument("--repetition-penalty", type=_finite, metavar="R")
     s.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default 512")
     s.add_argument("--seed", type=int, metavar="S")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
@@ -247,6 +262,17 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; a reader of stdout that goes away (`| head`) ends it quietly with 141, as SIGPIPE ends
+    `cat` or `yes`, and without the interpreter's "Exception ignored ... BrokenPipeError" at exit."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout then has somewhere to go
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parsers = build_parser()
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "app"
@@ -267,6 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model = config.model
     if getattr(args, "url", None) and args.api_key is None:
         args.api_key = _api_key()
+    if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
+        print(f"{parsers[command].prog}: error: stdout is closed", file=sys.stderr)
+        return 1
+    if sys.stdin is not None and isinstance(sys.stdin, io.TextIOWrapper):
+        # Invalid UTF-8 on stdin is kept as lone surrogates, which the engine replaces and reports (clean_text)
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
     if command == "generate":
         from tui.oneshot import generate
 

@@ -31,7 +31,7 @@ from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, Loading, ModelInfo, Started, Stats, TextDelta, TurnsDropped
 from engine.local_client import LocalClient
 from engine.prompts import answer_room
-from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from tui.cli import ClientFactory, with_flags
 from tui.console_input import Action, Input, classify, is_sentinel, read_inputs
 from tui.conversation import Conversation
@@ -63,8 +63,11 @@ def run_console(
     line by line with the same protocol and nothing is coloured.
     """
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    interactive = stdin.isatty() and stdout.isatty()
+    interactive = stdin is not None and stdin.isatty() and stdout.isatty()
     out = Output(stdout, stderr, interactive)
+    if stdin is None:  # `<&-`
+        out.error("error: stdin is closed: there is nothing to read the inputs from")
+        return 2
     try:
         if cap not in CAPS:
             raise ValueError(f"unknown cap '{cap}'; choose one of {', '.join(CAPS)}")
@@ -156,6 +159,8 @@ class Chat:
                     answer.add(event.text)
                 elif isinstance(event, Started):
                     context = event.context
+                    if event.replaced:
+                        self.out.warn(f"warning: {replacement_warning(event.replaced)}")
                 elif isinstance(event, TurnsDropped):
                     self.conversation.drop(event.count)
                     answer.interrupt()

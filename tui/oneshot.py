@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 from engine.client import Client, ForceQuit
 from engine.errors import EngineError
-from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, TextDelta
-from engine.requests import Request, SamplingParams
+from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, Started, TextDelta
+from engine.requests import Request, SamplingParams, replacement_warning
 from tui.cli import ClientFactory, overrides_of, spec_of, with_flags
 from tui.conversation import Conversation
 
@@ -23,6 +23,19 @@ PROG = "codellama-tui"
 def _fail(message: str, code: int = 1) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _warn_replaced(count: int, n: int, jsonl: bool) -> None:
+    if count:
+        where = f"line {n}: " if jsonl else ""
+        print(f"{PROG}: warning: {where}{replacement_warning(count)}", file=sys.stderr, flush=True)
+
+
+def _no_input(args: argparse.Namespace) -> str | None:
+    """Why there is nothing to read (stdin closed, `<&-`), checked before anything loads; None when input can come."""
+    if sys.stdin is None and (args.jsonl or args.prompt is None):
+        return "stdin is closed: pipe the input in" + ("" if args.jsonl else " or give --prompt")
+    return None
 
 
 def _inputs(args: argparse.Namespace) -> Iterator[tuple[int, str | None, str | None, str | None]]:
@@ -74,6 +87,8 @@ def generate(args: argparse.Namespace, client_factory: ClientFactory | None = No
         sampling.check()
     except ValueError as err:
         return _fail(str(err), 2)
+    if (why := _no_input(args)) is not None:
+        return _fail(why, 2)
     client = (client_factory or LocalClient)(spec_of(args, max_batch=1), _progress).start()
     try:
         client.wait_ready()
@@ -81,13 +96,13 @@ def generate(args: argparse.Namespace, client_factory: ClientFactory | None = No
         return _fail(with_flags(str(err), err.fields))
     code = 0
     try:
-        for _n, text, system, error in _inputs(args):
+        for n, text, system, error in _inputs(args):
             if error is not None:
                 print(json.dumps({"error": error}), flush=True)
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 code = 1
                 continue
-            code = max(code, _run(client, _request(args, text, system, sampling), args.jsonl))
+            code = max(code, _run(client, _request(args, text, system, sampling), args.jsonl, n))
             if code == 130:
                 break
     except (KeyboardInterrupt, ForceQuit):  # between inputs, or a second Ctrl+C during one
@@ -97,11 +112,13 @@ def generate(args: argparse.Namespace, client_factory: ClientFactory | None = No
     return code
 
 
-def _run(client: Client, request: Request, jsonl: bool) -> int:
-    """Stream one request to stdout. Ctrl+C cancels it (exit 130): the stream then yields no more text and ends
-    "cancelled", so what was printed is kept and nothing follows it."""
+def _run(client: Client, request: Request, jsonl: bool, n: int) -> int:
+    """Stream one request (input line `n`) to stdout. Ctrl+C cancels it (exit 130): the stream then yields no more
+    text and ends "cancelled", so what was printed is kept and nothing follows it."""
     for event in client.stream(request):
-        if isinstance(event, TextDelta) and not jsonl:
+        if isinstance(event, Started):
+            _warn_replaced(event.replaced, n, jsonl)
+        elif isinstance(event, TextDelta) and not jsonl:
             sys.stdout.write(event.text)
             sys.stdout.flush()
         elif isinstance(event, Failed):
@@ -122,16 +139,20 @@ def tokenize(args: argparse.Namespace) -> int:
     from engine.prompts import build_prompt
     from engine.tokenizer import Tokenizer
 
+    if (why := _no_input(args)) is not None:
+        return _fail(why, 2)
     try:
         tok = Tokenizer.from_dir(model_dir(args.model))
     except EngineError as err:
         return _fail(str(err))
     code = 0
-    for _n, text, system, error in _inputs(args):
+    for n, text, system, error in _inputs(args):
         try:
             if error is not None:
                 raise EngineError(error)
-            print(json.dumps(build_prompt(tok, _request(args, text, system, SamplingParams()))), flush=True)
+            request, replaced = _request(args, text, system, SamplingParams()).cleaned()
+            _warn_replaced(replaced, n, args.jsonl)
+            print(json.dumps(build_prompt(tok, request)), flush=True)
         except EngineError as err:
             if args.jsonl:
                 print(json.dumps({"error": str(err)}), flush=True)
