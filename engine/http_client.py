@@ -35,6 +35,7 @@ CONNECT_TIMEOUT_S = 5.0  # to open a connection: a server that is up answers at 
 READ_TIMEOUT_S = 120.0  # between two pieces of an answer: a busy server queues requests before their first token
 PING_S = 5.0
 BACKOFF_S = (0.5, 15.0)  # the first wait before trying a server again, and the longest
+LOADING_POLL_S = 1.0  # how often to ask a server that is loading its model
 
 
 class _Unreachable(Exception):
@@ -151,7 +152,17 @@ class HttpClient(BaseClient):
         super().deliver(event)
 
     async def _watch(self) -> None:
-        """Connect (with backoff), then ping until the client closes."""
+        """Connect, then ping until the client closes; a fault of its own is said, never silent."""
+        try:
+            if await self._connect():
+                await self._ping()
+        except Exception as err:
+            reason = f"the connection's watch failed: {type(err).__name__}: {err}"
+            self.deliver(LoadFailed(reason) if self.served is None else Link(self.url, False, None, reason))
+
+    async def _connect(self) -> bool:
+        """Learn what the server serves, trying again with backoff (every second while it loads its model);
+        delivers `Ready` or `LoadFailed`."""
         start = time.perf_counter()
         delay = BACKOFF_S[0]
         while True:
@@ -160,16 +171,17 @@ class HttpClient(BaseClient):
                 break
             except EngineError as err:
                 self.deliver(LoadFailed(str(err), err.fields))
-                return
+                return False
             except _Unreachable as err:
                 if not self.retry and not err.loading:
                     self.deliver(LoadFailed(f"cannot reach {self.url}: {err}", ("url",)))
-                    return
-                self.deliver(Loading(0.0, f"{self.url}: {err}; trying again in {_seconds(delay)}"))
-                await asyncio.sleep(delay)
+                    return False
+                wait = LOADING_POLL_S if err.loading else delay
+                self.deliver(Loading(0.0, f"{self.url}: {err}; trying again in {_seconds(wait)}"))
+                await asyncio.sleep(wait)
                 delay = min(2 * delay, BACKOFF_S[1])
         self.deliver(Ready(self.served.info, time.perf_counter() - start))
-        await self._ping()
+        return True
 
     async def _ping(self) -> None:
         assert self._http is not None and self.served is not None
