@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,70 +15,11 @@ import httpx
 import openai
 import pytest
 
-from tests.servers import metric, sse_events
+from tests.servers import Serve, metric, sse_events
 from tui.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-class Serve:
-    """`codellama-tui serve --port 0 ARGS` in a child process, its stderr collected by a thread."""
-
-    def __init__(self, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tui.cli", "serve", "--port", "0", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
-        self._reader.start()
-        self.url = ""
-
-    def listening(self, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while not self.url:
-            assert time.monotonic() < deadline and self.proc.poll() is None, self.log
-            for line in list(self.lines):
-                if "listening on http://" in line:
-                    self.url = line.split("listening on ")[1].split()[0]
-            time.sleep(0.05)
-        return self.url
-
-    def ready(self, timeout: float = 240) -> str:
-        url = self.listening()
-        deadline = time.monotonic() + timeout
-        while httpx.get(f"{url}/health").status_code != 200:
-            assert time.monotonic() < deadline and self.proc.poll() is None, self.log
-            time.sleep(0.2)
-        return url
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def children(self) -> list[int]:
-        """Pids of this server's child processes (its tensor-parallel ranks)."""
-        kids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                    kids.append(int(entry.name))
-        return kids
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
 
 
 def _alive(pid: int) -> bool:

@@ -11,8 +11,9 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from engine.client import Client, EventSink
 from engine.config import SHAPES
 from engine.requests import CAPS, EngineSpec
 
@@ -23,13 +24,18 @@ SUBCOMMANDS = {
     "bench": "time the engine: decode tokens/s, time to first token, memory, start-up, roofline",
     "serve": "the OpenAI-compatible HTTP server (completions with infilling, chat, llama.cpp's /infill)",
     "bench-serve": "time the server through streaming HTTP clients: tokens/s, time to first token, inter-token",
+    "web": "the app in the browser (textual-serve): a tab per app process, one engine for all, access by a token",
 }
 
 DEMO_NOTE = (
     "Without --model the built-in demo model runs: a tiny CodeLlama-shaped model trained on Python source, "
     "good for trying the app, not for real work. Point --model at a Hugging Face CodeLlama directory "
-    "(e.g. CodeLlama-7b-Instruct-hf) for real answers."
+    "(e.g. CodeLlama-7b-Instruct-hf) for real answers, or --url at a server (codellama-tui serve on a GPU box, "
+    "or any OpenAI-compatible one)."
 )
+REMOTE = ("app", "generate", "chat", "web")
+API_KEY_ENV = "CODELLAMA_TUI_API_KEY"  # the commands that can talk to a server instead of loading a model
+ClientFactory = Callable[[EngineSpec, EventSink], Client]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +52,9 @@ FLAGS = {
     "tp": "--tp",
     "max_batch": "--max-batch",
     "max_seq_len": "--max-seq-len",
+    "url": "--url",
+    "api_key": "--api-key",
+    "served_model": "--served-model",
 }
 
 
@@ -71,6 +80,15 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """--url and its companions: a server's engine instead of one loaded here."""
+    g = p.add_argument_group("a server instead of --model (the config file's url is the default)")
+    g.add_argument("--url", help="a codellama-tui serve (every cap) or any OpenAI-compatible server, e.g. "
+                   "http://localhost:23333")  # fmt: skip
+    g.add_argument("--api-key", metavar="KEY", help="the server's key (default: $CODELLAMA_TUI_API_KEY)")
+    g.add_argument("--served-model", metavar="NAME", help="which of the server's models (default: its first)")
 
 
 def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "completion", sampling: bool = True) -> None:
@@ -99,6 +117,21 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "compl
     s.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default 512")
     s.add_argument("--seed", type=int, metavar="S")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+
+
+def client_factory(args: argparse.Namespace, *, retry: bool) -> ClientFactory | None:
+    """An HTTP client's factory when the command talks to a server (`--url`), else None: the engine runs here.
+    `retry`: keep trying a server that cannot be reached (the app) instead of failing at once (one-shot commands)."""
+    if not getattr(args, "url", None):
+        return None
+    url, api_key, model = args.url, args.api_key, args.served_model
+
+    def make(spec: EngineSpec, on_event: EventSink) -> Client:
+        from engine.http_client import HttpClient
+
+        return HttpClient(url, api_key=api_key, model=model, on_event=on_event, retry=retry)
+
+    return make
 
 
 def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
@@ -146,6 +179,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     )
     app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
     _engine_options(app)
+    _server_options(app)
     parsers = {"app": app}
 
     gen = _Parser(prog="codellama-tui generate", description=SUBCOMMANDS["generate"] + ". " + DEMO_NOTE)
@@ -153,6 +187,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     gen.add_argument("--jsonl", action="store_true", help='stdin lines {"text": ..., "system": ...} -> {"text": ...}')
     gen.add_argument("--spm", action="store_true", help="infilling: suffix-prefix-middle order instead of PSM")
     _engine_options(gen)
+    _server_options(gen)
     parsers["generate"] = gen
 
     tok = _Parser(prog="codellama-tui tokenize", description=SUBCOMMANDS["tokenize"])
@@ -166,6 +201,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     chat = _Parser(prog="codellama-tui chat", description=SUBCOMMANDS["chat"] + ". " + DEMO_NOTE)
     _engine_options(chat, cap_default="chat")
+    _server_options(chat)
     parsers["chat"] = chat
 
     bench = _Parser(prog="codellama-tui bench", description=SUBCOMMANDS["bench"])
@@ -208,6 +244,20 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     bench_serve_arguments(bench_serve)
     _engine_options(bench_serve, cap_default=None, sampling=False)
     parsers["bench-serve"] = bench_serve
+
+    web = _Parser(
+        prog="codellama-tui web",
+        description=SUBCOMMANDS["web"] + ". Every tab talks to the server given by --url, or to one engine this "
+        "command serves for them (the engine options' model) on a free port of 127.0.0.1. Open the address it "
+        "prints: its ?token=... is the access (kept in a cookie); a request without it gets 401.",
+    )
+    w = web.add_argument_group("web")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    w.add_argument("--theme", help="the tabs' theme: dark, light or high-contrast")
+    _engine_options(web)
+    _server_options(web)
+    parsers["web"] = web
     return parsers
 
 
@@ -227,13 +277,22 @@ def _main(argv: Sequence[str] | None) -> int:
     parsers = build_parser()
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "app"
     args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
-    if getattr(args, "model", None) is None and not getattr(args, "shape", None):
+    if getattr(args, "url", None) and args.model:
+        parsers[command].error("--url and --model exclude each other: the server has its own model")
+    if getattr(args, "model", None) is None and not getattr(args, "shape", None) and not getattr(args, "url", None):
         from tui.config import ConfigError, load_config
 
-        try:  # the config file's model is every command's default, as it is the app's
-            args.model = load_config().model
+        try:  # the config file's server or model is every command's default, as it is the app's
+            config = load_config()
         except ConfigError as err:
             parsers[command].exit(2, f"{parsers[command].prog}: error: {err}\n")
+        if command in REMOTE and config.url:
+            args.url = config.url
+            args.served_model = args.served_model or config.served_model
+        else:
+            args.model = config.model
+    if getattr(args, "url", None) and args.api_key is None:
+        args.api_key = _api_key()
     if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
         print(f"{parsers[command].prog}: error: stdout is closed", file=sys.stderr)
         return 1
@@ -243,7 +302,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if command == "generate":
         from tui.oneshot import generate
 
-        return generate(args)
+        return generate(args, client_factory(args, retry=False))
     if command == "tokenize":
         from tui.oneshot import tokenize
 
@@ -267,13 +326,46 @@ def _main(argv: Sequence[str] | None) -> int:
         from tui.server.bench import main as bench_serve
 
         return bench_serve(args)
+    if command == "web":
+        from tui.web import run_web
+
+        return run_web(args, spec_of(args))
     if command == "chat":
         from tui.console import run_console
 
-        return run_console(spec_of(args, max_batch=1), args.cap, args.sys_instruct, overrides_of(args))
+        factory = client_factory(args, retry=False)
+        return run_console(
+            spec_of(args, max_batch=1),
+            args.cap,
+            args.sys_instruct,
+            overrides_of(args),
+            **({"client_factory": factory} if factory else {}),
+        )
     from tui.app import run_app
 
-    return run_app(args.file, spec_of(args), args.cap, args.sys_instruct, overrides_of(args), args.theme)
+    return run_app(
+        args.file,
+        spec_of(args),
+        args.cap,
+        args.sys_instruct,
+        overrides_of(args),
+        args.theme,
+        client_factory=client_factory(args, retry=True),
+    )
+
+
+def _api_key() -> str | None:
+    """The key for --url when the command line gives none: $CODELLAMA_TUI_API_KEY, else the config file's."""
+    import os
+
+    from tui.config import ConfigError, load_config
+
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    try:
+        return load_config().api_key
+    except ConfigError:
+        return None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -43,6 +44,7 @@ from tui.server.responses import (
 from tui.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    EngineInfo,
     InfillRequest,
     ModelCard,
     ModelList,
@@ -97,7 +99,10 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
     @app.get("/v1/models")
     async def models() -> ModelList:
         info = bridge.check_ready()
-        return ModelList(data=[ModelCard(id=info.name, created=started, max_model_len=info.context)])
+        card = ModelCard(
+            id=info.name, created=started, max_model_len=info.context, codellama_tui=EngineInfo(**asdict(info))
+        )
+        return ModelList(data=[card])
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -108,7 +113,9 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return _streaming(
-                bridge, generation, completion_stream(bridge, generation, rid, created, info.name, body.include_usage)
+                bridge,
+                generation,
+                completion_stream(bridge, generation, rid, created, info.name, body.include_usage, body.engine_events),
             )
         if (tally := await _answer(bridge, request, generation)) is None:
             return Response(status_code=GONE)
@@ -123,7 +130,9 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             return _streaming(
-                bridge, generation, chat_stream(bridge, generation, rid, created, info.name, body.include_usage)
+                bridge,
+                generation,
+                chat_stream(bridge, generation, rid, created, info.name, body.include_usage, body.engine_events),
             )
         if (tally := await _answer(bridge, request, generation)) is None:
             return Response(status_code=GONE)
@@ -160,6 +169,8 @@ def create_app(bridge: Bridge, *, api_key: str | None = None, max_body: int = MA
             engine_request = EngineRequest("chat", messages=messages)
         elif body.cap == "chat":
             engine_request = Conversation(body.system).request(text, SamplingParams())
+        elif body.cap == "infilling" and body.prefix is not None and body.suffix is not None:
+            engine_request = EngineRequest("infilling", prefix=body.prefix, suffix=body.suffix, suffix_first=body.spm)
         else:
             engine_request = EngineRequest(body.cap, text=text, suffix_first=body.spm)
         return JSONResponse({"tokens": await _prompt_ids(bridge, engine_request)})
@@ -196,14 +207,14 @@ async def _prompt_ids(bridge: Bridge, request: EngineRequest) -> list[int]:
 
 async def _check(bridge: Bridge, requests: list[EngineRequest], info: ModelInfo) -> None:
     """Refuse a request whose sampling is out of range (each choice has its own seed), or whose prompt cannot be
-    built or leaves no room in the context, before it queues."""
+    built or (unless the request asks to `fit` it) leaves no room in the context, before it queues."""
     for request in requests[1:]:
         try:
             request.sampling.check()
         except ValueError as err:
             raise ApiError(400, str(err), code="invalid_value") from None
     ids = await _prompt_ids(bridge, requests[0])
-    if info.context is not None and len(ids) >= info.context:
+    if info.context is not None and len(ids) >= info.context and not requests[0].fit:
         raise ApiError(
             400,
             f"the prompt is {len(ids)} tokens but the context holds {info.context}: "

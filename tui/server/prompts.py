@@ -1,10 +1,11 @@
 """What each endpoint's fields mean as engine requests: which cap, which text, which sampling.
 
 - `/v1/completions`: `prompt` continued; with `suffix`, CodeLlama infilling (Meta's exact ids, never a text
-  template). A prompt written in CodeLlama's text FIM template, `<PRE> {prefix} <SUF>{suffix} <MID>` (what Continue's
-  autocomplete and Tabby's `prompt_template` send), is infilling too: the template names the special pieces,
-  which text alone would only spell out.
+  template; `spm` for suffix-first). A prompt written in CodeLlama's text FIM template,
+  `<PRE> {prefix} <SUF>{suffix} <MID>` (what Continue's autocomplete and Tabby's `prompt_template` send), is
+  infilling too: the template names the special pieces, which text alone would only spell out.
 - `/v1/chat/completions`: the whole conversation, in the checkpoint's own dialog format (`engine.prompts`).
+- Both take `fit` (`Request.fit`): a prompt that outgrows the context is shortened instead of refused.
 - `/infill` (llama.cpp): `input_extra` (the other files) goes first, then `input_prefix` and `prompt` (the
   cursor's line up to the cursor) as the prefix, `input_suffix` as the suffix.
 """
@@ -38,7 +39,7 @@ def completion_requests(body: CompletionRequest, info: ModelInfo) -> list[Reques
             param="suffix",
             code="infilling_unsupported",
         )
-    return _choices(Request("infilling", prefix=prefix, suffix=suffix), body, info)
+    return _choices(Request("infilling", prefix=prefix, suffix=suffix, suffix_first=body.spm), body, info)
 
 
 def chat_requests(body: ChatCompletionRequest, info: ModelInfo) -> list[Request]:
@@ -125,6 +126,7 @@ def _choices(request: Request, body: Sampling, info: ModelInfo) -> list[Request]
         replace(
             request,
             id=f"{base}-{i}",
+            fit=body.fit,
             sampling=replace(sampling, seed=None if body.seed is None else body.seed + i),
         )
         for i in range(body.n)

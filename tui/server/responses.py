@@ -5,6 +5,11 @@ with its `finish_reason`, a usage chunk with no choices when `stream_options.inc
 `data: [DONE]`. A failure mid-stream, or the server stopping, sends `data: {"error": {...}}` before `[DONE]`.
 llama.cpp's streams (`/infill`, `/completion`) send `{"content", "stop"}` events and end with `stop: true`.
 Leaving a stream early (the client went away) cancels what still runs.
+
+With `engine_events` (this server's own field, `tui.server.schemas`) a choice's first chunk carries an `engine`
+object, `{"prompt_tokens", "context", "turns_dropped", "clipped"}` (`clipped`: lines left out above and below the
+cursor, or null), and its finishing chunk `{"reason"}` (the engine's finish reason): what `engine.http_client` turns
+back into the engine's own events.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from engine.events import Event, Failed, Finished, Started, Stats, TextDelta
+from engine.events import Event, Failed, Finished, Started, Stats, TextClipped, TextDelta, TurnsDropped
 from tui.server.bridge import Bridge, Generation, ShuttingDown
 from tui.server.errors import ApiError, error_body
 from tui.server.schemas import (
@@ -73,6 +78,8 @@ class Choice:
     text: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     finished: Finished | None = None
+    turns_dropped: int = 0
+    clipped: tuple[int, int] | None = None
 
     @property
     def reason(self) -> FinishReason | None:
@@ -90,6 +97,10 @@ class Tally:
         choice = self.choices[index]
         if isinstance(event, Started):
             choice.prompt_tokens = event.prompt_tokens
+        elif isinstance(event, TurnsDropped):
+            choice.turns_dropped = event.count
+        elif isinstance(event, TextClipped):
+            choice.clipped = (event.before, event.after)
         elif isinstance(event, TextDelta):
             choice.text.append(event.text)
         elif isinstance(event, Finished):
@@ -133,6 +144,20 @@ def chat_body(tally: Tally, rid: str, created: int, model: str) -> ChatCompletio
     return ChatCompletion(id=rid, created=created, model=model, choices=choices, usage=tally.usage())
 
 
+def started_fields(choice: Choice, event: Started) -> dict[str, object]:
+    """The `engine` object of a choice's first chunk."""
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "context": event.context,
+        "turns_dropped": choice.turns_dropped,
+        "clipped": list(choice.clipped) if choice.clipped is not None else None,
+    }
+
+
+def _with_engine(chunk: BaseModel, fields: dict[str, object]) -> str:
+    return sse({**chunk.model_dump(), "engine": fields})
+
+
 def _openai_failure(body: dict) -> list[str]:
     return [sse(body), DONE]
 
@@ -171,7 +196,13 @@ async def _stream(
 
 
 def completion_stream(
-    bridge: Bridge, generation: Generation, rid: str, created: int, model: str, include_usage: bool
+    bridge: Bridge,
+    generation: Generation,
+    rid: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    engine_events: bool = False,
 ) -> AsyncIterator[str]:
     text = TextChunks(
         lambda index, hole: Completion(
@@ -184,9 +215,14 @@ def completion_stream(
             return text(index, event.text)
         if isinstance(event, Finished):
             choice = CompletionChoice(index=index, text="", finish_reason=REASONS[event.reason])
+            fields: dict[str, object] = {"reason": event.reason}
+        elif isinstance(event, Started) and engine_events:
+            choice = CompletionChoice(index=index, text="")
+            fields = started_fields(tally.choices[index], event)
         else:
             return None
-        return sse(Completion(id=rid, created=created, model=model, choices=[choice]))
+        completion = Completion(id=rid, created=created, model=model, choices=[choice])
+        return _with_engine(completion, fields) if engine_events else sse(completion)
 
     def ending(tally: Tally) -> list[str]:
         usage = [sse(Completion(id=rid, created=created, model=model, choices=[], usage=tally.usage()))]
@@ -196,7 +232,13 @@ def completion_stream(
 
 
 def chat_stream(
-    bridge: Bridge, generation: Generation, rid: str, created: int, model: str, include_usage: bool
+    bridge: Bridge,
+    generation: Generation,
+    rid: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    engine_events: bool = False,
 ) -> AsyncIterator[str]:
     text = TextChunks(
         lambda index, hole: ChatCompletionChunk(
@@ -209,11 +251,14 @@ def chat_stream(
             return text(index, event.text)
         if isinstance(event, Started):
             choice = ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))
+            fields = started_fields(tally.choices[index], event)
         elif isinstance(event, Finished):
             choice = ChatChunkChoice(index=index, delta=Delta(), finish_reason=REASONS[event.reason])
+            fields = {"reason": event.reason}
         else:
             return None
-        return sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice]))
+        chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+        return _with_engine(chunk, fields) if engine_events else sse(chunk)
 
     def ending(tally: Tally) -> list[str]:
         usage = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=tally.usage())

@@ -2,6 +2,12 @@
 
 Requests ignore fields they do not know (clients send many); the ones they know are checked here, so that a bad
 value gets a 400 that names it. Sampling fields left out take the cap's defaults (`SamplingParams.for_cap`).
+
+Three fields are this server's own, for clients that know it (`engine.http_client`; others never send them):
+`fit` shortens a prompt that outgrows the context as the engine does (`Request.fit`) instead of refusing it, `spm`
+infills suffix-first, and `engine_events` puts an `engine` object on a stream's first chunk of each choice (the
+prompt's length, the context, what fitting left out) and on its finishing chunk (the engine's own finish reason).
+A model card says whose it is in `codellama_tui`: the model's whole `ModelInfo`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class Sampling(BaseModel):
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    fit: bool = False
+    engine_events: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -58,6 +66,7 @@ class Sampling(BaseModel):
 class CompletionRequest(Sampling):
     prompt: str
     suffix: str | None = None
+    spm: bool = False
 
 
 class TextPart(BaseModel):
@@ -110,11 +119,13 @@ class InfillRequest(BaseModel):
 
 class TokenizeRequest(BaseModel):
     """`text` (llama.cpp calls it `content`) as `codellama-tui tokenize --cap CAP` reads it: with one `<FILL>` for
-    infilling, a user message for chat (`system` joins it; or give `messages`)."""
+    infilling (or give `prefix` and `suffix`), a user message for chat (`system` joins it; or give `messages`)."""
 
     model_config = _CHECKED
     text: str | None = None
     content: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
     cap: Literal[CAPS] = "completion"  # type: ignore[valid-type]
     system: str | None = None
     messages: list[Message] | None = None
@@ -189,12 +200,28 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class EngineInfo(BaseModel):
+    """`engine.events.ModelInfo` on the wire: what a client of this server knows about its model."""
+
+    name: str
+    can_infill: bool
+    can_tokenize: bool
+    context: int | None
+    flavour: str | None
+    device: str | None
+    dtype: str | None
+    tp: int | None
+    vocab_size: int | None
+    is_demo: bool
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "codellama-tui"
     max_model_len: int | None = None
+    codellama_tui: EngineInfo | None = None
 
 
 class ModelList(BaseModel):
