@@ -53,5 +53,5 @@ def scale(x: Tensor, factor: float) -> Tensor:
     """`x * factor` for a contiguous x of a multiple of 16 elements, launched early where the GPU can (pdl.py)."""
     out = torch.empty_like(x)
     gdc = pdl.enabled(x)
-    _scale_kernel[(x.numel() // 16,)](x, out, factor, BLOCK=16, USE_GDC=gdc, launch_pdl=gdc)
+    _scale_kernel[(x.numel() // 16,)](x, out, factor, 16, gdc, launch_pdl=gdc)
     return out

@@ -87,8 +87,9 @@ class Recorder:
             if twin is None:
                 twin = twins[kernel.fn] = JITFunction(kernel.fn, **kernel.kwargs)
             twin.run(*args, grid=grid, warmup=True, **kwargs)  # only binds: `recording`'s hook stops the compile
-            off = {name: value for name, value in INTERPRETER_VALUES.items() if name in kwargs}
-            return interpret(kernel, *args, grid=grid, warmup=warmup, **{**kwargs, **off})
+            args = tuple(INTERPRETER_VALUES.get(name, arg) for name, arg in zip(kernel.arg_names, args, strict=False))
+            kwargs = {name: INTERPRETER_VALUES.get(name, value) for name, value in kwargs.items()}
+            return interpret(kernel, *args, grid=grid, warmup=warmup, **kwargs)
 
         InterpretedFunction.run = run
 
@@ -130,7 +131,9 @@ def results_of(module: str) -> dict[str, str]:
 def describe(spec: Spec) -> str:
     """The kernel and its specialisation, as a reader finds it in the launch: name, constexprs, options."""
     names = list(spec.signature)
-    constants = ", ".join(f"{names[path[0]]}={value}" for path, value in spec.constants.items() if len(path) == 1)
+    constants = ", ".join(
+        f"{names[path[0]]}={getattr(value, 'value', value)}" for path, value in spec.constants.items() if len(path) == 1
+    )
     options = ", ".join(f"{k}={v}" for k, v in sorted(spec.options.items()) if k in ("num_warps", "num_stages"))
     return f"{spec.module}.{spec.name}[{constants}; {options}]"
 

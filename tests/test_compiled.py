@@ -49,7 +49,8 @@ def test_two_returns_of_different_shapes_fail_to_compile(compiled_results: dict[
 
 
 def test_a_launch_compiles_as_the_gpu_launches_it(compiled_results: dict[str, str]) -> None:
-    """PDL on, which the interpreter cannot run (it ran the same launch with PDL off, and passed)."""
+    """PDL on, which the interpreter cannot run: it ran the same launch with PDL off (passed by position here), and
+    passed."""
     (spec,) = interpreted.launches_of("tests.test_compiled")["scale"]
     names = list(spec.signature)
     assert {names[path[0]]: value for path, value in spec.constants.items()} == {"BLOCK": 16, "USE_GDC": True}
