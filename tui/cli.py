@@ -36,6 +36,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+FLAGS = {
+    "model": "--model",
+    "device": "--device",
+    "dtype": "--dtype",
+    "tp": "--tp",
+    "max_batch": "--max-batch",
+    "max_seq_len": "--max-seq-len",
+}
+
+
+def with_flags(message: str, fields: Sequence[str]) -> str:
+    """An engine's message (which names no options) with the options of these commands that set what it names."""
+    flags = [FLAGS[f] for f in fields if f in FLAGS]
+    return f"{message} ({', '.join(flags)})" if flags else message
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -193,7 +209,7 @@ def _main(argv: Sequence[str] | None) -> int:
         try:
             return bench(args)
         except EngineError as err:  # a bad --tp, a dead rank, a broken checkpoint: one line, as everywhere
-            print(f"codellama-tui bench: error: {err}", file=sys.stderr)
+            print(f"codellama-tui bench: error: {with_flags(str(err), err.fields)}", file=sys.stderr)
             return 1
     if command == "chat":
         from tui.console import run_console
