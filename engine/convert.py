@@ -27,9 +27,9 @@ from torch import Tensor
 from engine import gptq, quant
 from engine.checkpoint import Placement, load_weights
 from engine.config import ModelConfig, model_dir
-from engine.engine import pick_device, pick_dtype
 from engine.errors import CheckpointError, EngineError
 from engine.kernels import rms_norm
+from engine.loader import pick_device, pick_dtype
 from engine.model import Llama
 from engine.parallel import SINGLE, Shard
 from engine.prequant import WORKSPACE, part_of, scheme_of

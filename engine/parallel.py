@@ -138,7 +138,10 @@ class Shard:
             ("intermediate size", cfg.intermediate),
         ):
             if n % world:
-                raise EngineError(f"--tp {world} does not divide the model's {n} {what}; choose a divisor of {n}")
+                raise EngineError(
+                    f"tensor-parallel size {world} does not divide the model's {n} {what}; choose a divisor of {n}",
+                    fields=("tp",),
+                )
         return cls(
             n_heads=cfg.n_heads // world,
             n_kv_heads=cfg.n_kv_heads // world,

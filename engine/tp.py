@@ -7,11 +7,11 @@ collectives go through the default process group (NCCL on CUDA, gloo on the CPU)
 
 Before every call that touches shared state, rank 0 broadcasts a small plan on a separate gloo group
 (CPU tensors, no timeout while idle) and then makes the call itself; the other ranks make the identical
-call: prefill (tokens, slot, start), a decode step (the rows: token, position, slot, sampling, seed,
-offset), the next pipelined step of the same batch (no rows: each rank feeds its own sampled tokens
-back on its device), the sample after a prefill, a slot's fresh repetition mask, and stop. Logits after
-the vocabulary all-gather are bitwise the same on every rank (the all-reduce gives every rank the same
-sum), so device sampling picks the same tokens everywhere. Workers hold no scheduler state.
+call: prefill (tokens, slot, start), a decode step (its `Row`s), the next pipelined step of the same batch
+(no rows: each rank feeds its own sampled tokens back on its device), the sample after a prefill, a slot's
+fresh repetition mask, and stop. Logits after the vocabulary all-gather are bitwise the same on every rank
+(the all-reduce gives every rank the same sum), so device sampling picks the same tokens everywhere.
+Workers hold no scheduler state.
 
 Faults: a monitor thread on rank 0 watches the children, their heartbeats and the length of every step; a child
 that dies or falls silent (stopped, hung), or a step that outlives the timeout, stops the engine with a one-line
@@ -47,7 +47,8 @@ from engine.errors import EngineError
 from engine.parallel import Parallel, Shard
 from engine.prequant import model_quant
 from engine.requests import EngineSpec
-from engine.runner import Row
+from engine.runner import FLOATS, INTS, Row
+from engine.weights import Quant
 
 if TYPE_CHECKING:
     from engine.checkpoint import Progress
@@ -122,21 +123,17 @@ class Plans:
 
 
 def encode_rows(rows: Sequence[Row]) -> torch.Tensor:
-    """Rows as int64: token position slot top_k seed offset, then temperature top_p penalty as float64 bits."""
-    ints = torch.tensor([[r.token, r.position, r.slot, r.top_k, r.seed, r.offset] for r in rows], dtype=torch.int64)
-    floats = torch.tensor([[r.temperature, r.top_p, r.penalty] for r in rows], dtype=torch.float64)
+    """Rows as int64, each its int fields and then its float fields as float64 bits (Row's order)."""
+    ints = torch.tensor([r.ints() for r in rows], dtype=torch.int64).view(-1, len(INTS))
+    floats = torch.tensor([r.floats() for r in rows], dtype=torch.float64).view(-1, len(FLOATS))
     return torch.cat([ints, floats.view(torch.int64)], dim=1).flatten()
 
 
 def decode_rows(payload: torch.Tensor) -> list[Row]:
-    table = payload.view(-1, 9)
-    ints, floats = table[:, :6].tolist(), table[:, 6:].contiguous().view(torch.float64).tolist()
-    return [
-        Row(token, position, slot, temperature, top_k, top_p, penalty, seed, offset)
-        for (token, position, slot, top_k, seed, offset), (temperature, top_p, penalty) in zip(
-            ints, floats, strict=True
-        )
-    ]
+    table = payload.view(-1, len(INTS) + len(FLOATS))
+    ints = table[:, : len(INTS)].tolist()
+    floats = table[:, len(INTS) :].contiguous().view(torch.float64).tolist()
+    return [Row(*i, *f) for i, f in zip(ints, floats, strict=True)]
 
 
 # ---- rank 0 ----
@@ -208,7 +205,8 @@ class Leader:
     def attach(self, engine: Engine, plans: Plans) -> None:
         """Route the engine's prefill and decode step through the broadcast; `engine.close()` ends the world."""
         self.plans, self.runner, self.par = plans, engine.runner, engine.model.par
-        engine.model, engine.runner, engine.tp = _Model(engine.model, self), _Runner(engine.runner, self), self
+        scheduler = engine.scheduler
+        scheduler.model, scheduler.runner, engine.tp = _Model(engine.model, self), _Runner(engine.runner, self), self
 
     def run(self, plan: tuple[int, Sequence[int], torch.Tensor | None] | None, call: Callable[[], Any]) -> Any:
         """Broadcast the plan (if any), then run the same call here; any failure stops every rank.
@@ -347,14 +345,17 @@ def _end_group(backend: str) -> None:
 
 def _devices(spec: EngineSpec, world: int) -> tuple[str, list[str]]:
     """The backend and one device per rank (`cuda:base+rank`), checked before anything starts."""
-    from engine.engine import pick_device
+    from engine.loader import pick_device
 
     device = pick_device(spec.device)
     if device.type == "cpu":
         return "gloo", ["cpu"] * world
     base, count = device.index or 0, torch.cuda.device_count()
     if base + world > count:
-        raise EngineError(f"--tp {world} needs {world} GPUs from cuda:{base}; this machine has {count}")
+        raise EngineError(
+            f"a tensor-parallel size of {world} needs {world} GPUs from cuda:{base}; this machine has {count}",
+            fields=("tp", "device"),
+        )
     return "nccl", [f"cuda:{base + r}" for r in range(world)]
 
 
@@ -363,7 +364,12 @@ def launch(spec: EngineSpec, progress: Progress | None, cfg: ModelConfig, recipe
     `recipe` builds each rank's engine (default `Engine.load`); `cfg` is the model's, to check the split early."""
     world, recipe = spec.tp, recipe or Recipe()
     shard = Shard.of(cfg, world)  # a size that does not divide the heads fails here, before any process starts
-    quant, _ = model_quant(model_dir(spec.model), spec.quant, spec.quant_head)
+    random = spec.shape and not spec.model
+    quant = (
+        Quant.of(spec.quant, spec.quant_head)
+        if random
+        else model_quant(model_dir(spec.model), spec.quant, spec.quant_head)[0]
+    )
     quant.check(cfg, shard, world)  # as does one that splits an int4 group
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
         return _join_torchrun(spec, progress, recipe)
@@ -434,9 +440,11 @@ def _join_torchrun(spec: EngineSpec, progress: Progress | None, recipe: Recipe) 
     """Under torchrun: rank 0 returns its engine; every other rank serves rank 0 and then ends its process."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != spec.tp:
-        raise EngineError(f"--tp {spec.tp} but torchrun started {world} processes")
+        raise EngineError(
+            f"a tensor-parallel size of {spec.tp}, but torchrun started {world} processes", fields=("tp",)
+        )
     local = int(os.environ.get("LOCAL_RANK", rank))
-    from engine.engine import pick_device
+    from engine.loader import pick_device
 
     cuda = pick_device(spec.device).type == "cuda"
     backend = "nccl" if cuda else "gloo"

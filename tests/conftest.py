@@ -55,6 +55,26 @@ def codellama_base_tokenizer_dir(codellama_tokenizer_tool: ModuleType, tmp_path_
 
 
 @pytest.fixture(scope="session")
+def codellama_70b_tokenizer_dir(codellama_tokenizer_tool: ModuleType, tmp_path_factory) -> Path:
+    """A CodeLlama-70B-Instruct-like tokenizer: the 7B/13B vocabulary with `<step>` at 32015 and no implicit leading
+    space (SentencePiece's add_dummy_prefix off). That is what Meta's 70B dialog code needs to give the ids the model
+    card publishes (tests/test_prompts.py checks them): it spells every space out itself."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    out = tmp_path_factory.mktemp("codellama-70b-tokenizer")
+    codellama_tokenizer_tool.build(out)
+    model = pb.ModelProto()
+    model.ParseFromString((out / "tokenizer.model").read_bytes())
+    model.pieces[32015].piece = "<step>"
+    model.pieces[32015].type = pb.ModelProto.SentencePiece.USER_DEFINED
+    model.normalizer_spec.add_dummy_prefix = False
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).unlink(missing_ok=True)  # the Hugging Face files describe the 7B/13B tokenizer
+    (out / "tokenizer.model").write_bytes(model.SerializeToString())
+    return out
+
+
+@pytest.fixture(scope="session")
 def sp(codellama_tokenizer_dir: Path):
     """Meta's own tokenizer object (SentencePiece) for the reference constructions."""
     import sentencepiece
@@ -106,3 +126,11 @@ def tiny_int4_dir(codellama_tokenizer_dir: Path, tmp_path_factory) -> Path:
         out, codellama_tokenizer_dir, seed=3, hidden_size=256, intermediate_size=256, num_attention_heads=4,
         num_key_value_heads=2, shards=2,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_70b_instruct_dir(codellama_70b_tokenizer_dir: Path, tmp_path_factory) -> Path:
+    """`tiny_model_dir`'s shape with the 70B-Instruct-like tokenizer (`<step>` at 32015)."""
+    from tests.checkpoints import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-70b-instruct"), codellama_70b_tokenizer_dir, seed=3)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engine.prompts import build_prompt
-from engine.requests import EngineSpec, Request
+from engine.requests import ChatMessage, Request
 from engine.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,20 +87,33 @@ def test_generate_jsonl_bad_line_is_reported_and_the_rest_answered(tiny_model_di
     assert "text" in rows[0] and "error" in rows[1] and "line 2" in rows[1]["error"] and "text" in rows[2]
 
 
+def request_of(cap: str, text: str, system: str | None = None) -> Request:
+    """What `tokenize` builds from one input: for chat, a conversation of the system instruction and the text."""
+    if cap != "chat":
+        return Request(cap, text=text)
+    return Request(cap, messages=(*[ChatMessage("system", system)] * (system is not None), ChatMessage("user", text)))
+
+
 @pytest.mark.parametrize("cap", ["completion", "infilling", "chat", "python"])
 def test_tokenize_prints_what_the_engine_feeds(tiny_model_dir: Path, cap: str) -> None:
     text = "def f(x):\n    <FILL>\n    return y\n" if cap == "infilling" else "def f(x):\n    return x\n"
     result = cli("tokenize", "--model", str(tiny_model_dir), "--cap", cap, "--sys-instruct", "Be brief", stdin=text)
     assert result.returncode == 0, result.stderr
     tok = Tokenizer.from_dir(tiny_model_dir)
-    assert json.loads(result.stdout) == build_prompt(tok, Request(cap, text=text, system="Be brief"))
+    assert json.loads(result.stdout) == build_prompt(tok, request_of(cap, text, "Be brief"))
     lines = json.dumps({"text": text, "system": "Other"}) + "\n" + json.dumps({"text": text}) + "\n"
     result = cli("tokenize", "--jsonl", "--model", str(tiny_model_dir), "--cap", cap, stdin=lines)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert rows == [
-        build_prompt(tok, Request(cap, text=text, system="Other")),
-        build_prompt(tok, Request(cap, text=text)),
-    ]
+    assert rows == [build_prompt(tok, request_of(cap, text, "Other")), build_prompt(tok, request_of(cap, text))]
+
+
+def test_tokenize_chat_on_a_70b_instruct_checkpoint_uses_its_step_format(tiny_70b_instruct_dir: Path) -> None:
+    result = cli("tokenize", "--model", str(tiny_70b_instruct_dir), "--cap", "chat", "--sys-instruct", "Be brief",
+                 stdin="Hi")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ids = json.loads(result.stdout)
+    assert ids == build_prompt(Tokenizer.from_dir(tiny_70b_instruct_dir), request_of("chat", "Hi", "Be brief"))
+    assert ids.count(32015) == 2 and ids[-3:] == [13, 13, 29871]  # two turns closed by <step>, then the reply's header
 
 
 def test_infilling_writes_only_the_middle(tiny_model_dir: Path) -> None:
@@ -239,33 +252,6 @@ def test_ctrl_c_cancels_mid_generation(tiny_model_dir: Path) -> None:
         "Traceback" not in err.decode() and err.decode().strip().splitlines()[-1] == "codellama-tui: error: cancelled"
     )
     assert len(first + out) < 480 * 8  # it stopped early, keeping what was printed
-
-
-def test_ctrl_c_after_the_engine_finished_still_stops_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine may run ahead of the printing: text it made before the cancel arrived is not shown, and the
-    stream ends "cancelled" with the text that was shown, even when the request had already finished."""
-    from types import SimpleNamespace
-
-    from engine import client as client_module
-    from engine.events import Finished, Stats, TextDelta
-
-    stats = Stats(3, 3, 0.1, 0.3)
-    script = [TextDelta(1, "a"), KeyboardInterrupt, TextDelta(1, "b"), Finished(1, "length", "ab", stats)]
-
-    class Scripted:
-        def get(self) -> object:
-            item = script.pop(0)
-            if item is KeyboardInterrupt:
-                raise KeyboardInterrupt
-            return item
-
-    client = client_module.EngineClient(EngineSpec())
-    cancelled = []
-    monkeypatch.setattr(client, "submit", lambda request: None)
-    monkeypatch.setattr(client, "cancel", cancelled.append)
-    monkeypatch.setattr(client_module, "queue", SimpleNamespace(Queue=Scripted))
-    events = list(client.stream(Request("completion", text="x")))
-    assert events == [TextDelta(1, "a"), Finished(1, "cancelled", "a", stats)] and len(cancelled) == 1
 
 
 def test_the_config_files_model_is_the_default(tiny_model_dir: Path) -> None:

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from engine.client import EngineClient
 from engine.engine import Engine
 from engine.events import Failed, Finished, Started
-from engine.requests import EngineSpec, Request, SamplingParams, clean_text
+from engine.local_client import LocalClient
+from engine.requests import ChatMessage, EngineSpec, Request, SamplingParams, clean_text
 
 SHORT = SamplingParams(temperature=0, max_new_tokens=4)
 DEMO = EngineSpec(device="cpu", max_batch=2)
@@ -20,8 +20,12 @@ def test_clean_text_replaces_lone_surrogates_and_counts_them() -> None:
     assert clean_text(escaped) == ("a\ufffdb\ufffd(", 2)
     assert clean_text("x\ud800y\udfff") == ("x\ufffdy\ufffd", 2)
     assert clean_text("ok ✓ \ufffd 😀") == ("ok ✓ \ufffd 😀", 0)
-    request, replaced = Request("infilling", prefix="a\udcff", suffix="b", system="\ud800").cleaned()
-    assert (request.prefix, request.suffix, request.system, replaced) == ("a\ufffd", "b", "\ufffd", 2)
+    request, replaced = Request("infilling", prefix="a\udcff", suffix="b").cleaned()
+    assert (request.prefix, request.suffix, replaced) == ("a\ufffd", "b", 1)
+    chat = (ChatMessage("system", "\ud800"), ChatMessage("user", "hi \udcff\udcfe"))
+    request, replaced = Request("chat", messages=chat).cleaned()
+    assert replaced == 3
+    assert request.messages == (ChatMessage("system", "\ufffd"), ChatMessage("user", "hi \ufffd\ufffd"))
 
 
 @pytest.mark.parametrize(
@@ -49,14 +53,14 @@ def test_sampling_check_accepts_the_int64_seed_range() -> None:
 
 @pytest.fixture(scope="module")
 def client():
-    client = EngineClient(DEMO).start()
+    client = LocalClient(DEMO).start()
     client.wait_ready(timeout=120)
     yield client
     client.close()
 
 
 @pytest.mark.timeout(120)  # a hang guard: these once waited forever
-def test_the_engine_reports_replaced_characters_on_started(client: EngineClient) -> None:
+def test_the_engine_reports_replaced_characters_on_started(client: LocalClient) -> None:
     events = list(client.stream(Request("completion", text="def f(\udcff\ud800", sampling=SHORT)))
     started = next(e for e in events if isinstance(e, Started))
     assert started.replaced == 2 and isinstance(events[-1], Finished)
@@ -72,7 +76,7 @@ def test_an_unexpected_fault_of_one_request_fails_it_and_the_worker_goes_on(monk
         return real_add(self, request)
 
     monkeypatch.setattr(Engine, "add", add)
-    client = EngineClient(DEMO).start()
+    client = LocalClient(DEMO).start()
     try:
         client.wait_ready(timeout=120)
         events = list(client.stream(Request("completion", text="boom", sampling=SHORT)))
@@ -84,11 +88,11 @@ def test_an_unexpected_fault_of_one_request_fails_it_and_the_worker_goes_on(monk
 
 @pytest.mark.timeout(120)  # a hang guard: these once waited forever
 def test_a_fault_of_the_worker_loop_fails_every_open_request_and_refuses_new_ones(monkeypatch) -> None:
-    def broken_cancel(self: Engine, request_id: int) -> list:
+    def broken_cancel(self: Engine, request_id: str) -> list:
         raise KeyError("slot table")
 
     monkeypatch.setattr(Engine, "cancel", broken_cancel)
-    client = EngineClient(DEMO).start()
+    client = LocalClient(DEMO).start()
     try:
         client.wait_ready(timeout=120)
         long = Request("completion", text="def f(", sampling=SamplingParams(temperature=0, max_new_tokens=900))
@@ -107,7 +111,7 @@ def test_a_fault_of_the_worker_loop_fails_every_open_request_and_refuses_new_one
 
 @pytest.mark.timeout(120)  # a hang guard: these once waited forever
 def test_a_stream_after_close_ends_instead_of_waiting() -> None:
-    client = EngineClient(DEMO).start()
+    client = LocalClient(DEMO).start()
     client.wait_ready(timeout=120)
     client.close()
     (event,) = client.stream(Request("completion", text="x", sampling=SHORT))

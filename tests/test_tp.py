@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.client import EngineClient
+from engine.bench import greedy_row
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.events import Failed, Finished, TextDelta
+from engine.local_client import LocalClient
 from engine.requests import EngineSpec, Request, SamplingParams
-from engine.runner import Row
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):\n    "
@@ -106,10 +106,7 @@ def test_prefill_and_decode_logits_match_tp1(tiny_gqa_dir: Path) -> None:
         assert (two.first - one.first).abs().max().item() < 1e-4
         tokens = [int(one.first[-1].argmax()), 450]
         for step in range(4):
-            rows = [
-                Row(tokens[0], len(ids) + step, 0, 0.0, 0, 1.0, 1.0, 0, 0),
-                Row(tokens[1], 5 + step, 1, 0.0, 0, 1.0, 1.0, 0, 0),
-            ]
+            rows = [greedy_row(tokens[0], len(ids) + step, 0, top_k=0), greedy_row(tokens[1], 5 + step, 1, top_k=0)]
             got = [engine.runner(rows) for engine in (one, two)]
             assert (two.runner.logits[:2] - one.runner.logits[:2]).abs().max().item() < 1e-4
             assert got[0] == got[1]
@@ -122,8 +119,8 @@ def test_prefill_and_decode_logits_match_tp1(tiny_gqa_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("checkpoint", "tp", "expected"),
     [
-        ("tiny_model_dir", 3, "--tp 3 does not divide the model's 8 attention heads"),
-        ("tiny_gqa_dir", 4, "--tp 4 does not divide the model's 2 key/value heads"),
+        ("tiny_model_dir", 3, "tensor-parallel size 3 does not divide the model's 8 attention heads"),
+        ("tiny_gqa_dir", 4, "tensor-parallel size 4 does not divide the model's 2 key/value heads"),
     ],
 )
 def test_a_size_that_does_not_divide_is_one_line(request, checkpoint: str, tp: int, expected: str) -> None:
@@ -132,8 +129,10 @@ def test_a_size_that_does_not_divide_is_one_line(request, checkpoint: str, tp: i
     result = cli("generate", "--model", str(model), "--device", "cpu", "--tp", str(tp), "--prompt", "x", tag=tag)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"codellama-tui: error: {expected}; choose a divisor of " + (
-        "8" if "8" in expected else "2"
+    divisor = "8" if "8" in expected else "2"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"codellama-tui: error: {expected}; choose a divisor of {divisor} (--tp)"
     )
     assert tagged(tag) == []
 
@@ -170,7 +169,7 @@ def test_a_killed_rank_fails_the_request_fast_and_close_leaves_no_process(
 ) -> None:
     model = str(request.getfixturevalue("tiny_model_dir")) if device == "cpu" else None
     spec = EngineSpec(model=model, device=device, dtype=dtype, tp=2, max_batch=1)
-    client = EngineClient(spec).start()
+    client = LocalClient(spec).start()
     try:
         client.wait_ready(timeout=60)
         (worker,) = children()
@@ -198,7 +197,7 @@ def test_a_killed_rank_fails_the_request_fast_and_close_leaves_no_process(
 @pytest.mark.timeout(90)  # the hang guard: a stopped rank once blocked the step for 300 s
 def test_a_stopped_rank_fails_the_request_and_close_leaves_no_process(tiny_model_dir: Path) -> None:
     spec = EngineSpec(model=str(tiny_model_dir), device="cpu", dtype="float32", tp=2, max_batch=1)
-    client = EngineClient(spec).start()
+    client = LocalClient(spec).start()
     try:
         client.wait_ready(timeout=60)
         (worker,) = children()
@@ -223,7 +222,7 @@ def test_an_idle_world_stays_up(tiny_model_dir: Path) -> None:
     from engine.tp import SILENT_S
 
     spec = EngineSpec(model=str(tiny_model_dir), device="cpu", dtype="float32", tp=2, max_batch=1)
-    client = EngineClient(spec).start()
+    client = LocalClient(spec).start()
     try:
         client.wait_ready(timeout=60)
         time.sleep(SILENT_S + 1)

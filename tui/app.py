@@ -1,6 +1,6 @@
 """The full-screen app: the editor and the chat beside it, driven by keys, fed by the engine thread.
 
-Threads: `EngineClient` calls `_relay_engine_event` on its worker thread. Text deltas go into a
+Threads: the engine client (`engine.client`) calls `_relay_engine_event` on its own thread. Text deltas go into a
 locked buffer that a 30 Hz timer on the UI thread drains (so 200+ tokens/s cost at most 30 widget
 updates a second and a keystroke always echoes within a frame); every other event is posted as a
 message. Before a terminal event (Finished, Failed) is handled the buffer is drained, so no text is
@@ -10,22 +10,24 @@ Typing during a generation: an edit or cursor move in the editor while model tex
 (infill) or is shown as ghost text (completion) cancels that generation first — the text that
 arrived stays as one undo step (infill) or is dropped (ghost) — and only then applies the key.
 Typing in the chat input never disturbs an answer that is streaming into the log.
+
+An answer that fails after some of its text arrived (a server's connection dropped mid-answer) keeps that text,
+marked interrupted: a fill stays in the editor as one undo step, a ghost suggestion stays for Tab, a chat answer
+stays in the log with a notice. Nothing else in the editor is touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from rich.console import RenderableType
 from textual import on
@@ -37,10 +39,12 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
 
+from engine.client import Client, EventSink
 from engine.events import (
     Event,
     Failed,
     Finished,
+    Link,
     LoadFailed,
     Loading,
     ModelInfo,
@@ -52,6 +56,8 @@ from engine.events import (
 )
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
+from tui.cli import ClientFactory, with_flags
+from tui.conversation import Conversation
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
 from tui.recover_screen import RecoverScreen
 from tui.recovery import RecoveryCopy, RecoveryStore
@@ -77,23 +83,10 @@ def suffix_stop(suffix: str) -> tuple[str, ...]:
     return ("\n" + below,) if below is not None else ()
 
 
-class Client(Protocol):
-    """What the app needs of `engine.client.EngineClient` (tests pass a fake with the same methods)."""
+def _local_client(spec: EngineSpec, on_event: EventSink) -> Client:
+    from engine.local_client import LocalClient  # no torch here: the worker thread imports the engine
 
-    def start(self) -> Client: ...
-    def submit(self, request: Request) -> int: ...
-    def cancel(self, request_id: int) -> None: ...
-    def end_session(self, session: str) -> None: ...
-    def close(self, timeout: float = 10.0) -> None: ...
-
-
-ClientFactory = Callable[..., Client]
-
-
-def _engine_client_factory(spec: EngineSpec, on_event: Callable[[Event], None]) -> Client:
-    from engine.client import EngineClient  # no torch here: the worker thread imports the engine
-
-    return EngineClient(spec, on_event=on_event)
+    return LocalClient(spec, on_event=on_event)
 
 
 class EngineEvent(Message):
@@ -152,7 +145,7 @@ class CodeLlamaApp(App[int]):
         *,
         text: str | None = None,
         keys: dict[str, str] | None = None,
-        client_factory: ClientFactory = _engine_client_factory,
+        client_factory: ClientFactory = _local_client,
     ) -> None:
         """`file` is an opened file, or a path to open; `text`, when given, is the buffer's text and taken to be
         what the file at that path holds (tests and embedders), so the file is not read."""
@@ -176,12 +169,11 @@ class CodeLlamaApp(App[int]):
         self.client: Client | None = None
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
-        self._jobs: dict[int, _Job] = {}
-        self._pending: dict[int, list[str]] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._pending: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._flush_timer: Timer | None = None
-        self._sessions = itertools.count(1)
-        self.session = self._new_session_id()
+        self.conversation = Conversation(system)
         self._last_code: str | None = None
         self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
         self.recovery = RecoveryStore()
@@ -234,7 +226,11 @@ class CodeLlamaApp(App[int]):
 
     def _start_engine(self) -> None:
         """Start the engine thread after the first frame has painted (it imports torch)."""
-        self.client = self._client_factory(self.spec, on_event=self._relay_engine_event).start()
+        self.client = self._client_factory(self.spec, self._relay_engine_event)
+        if self.client.server is not None:
+            self.status.server = self.client.server.split("://", 1)[-1]
+            self.status.link = "connecting"
+        self.client.start()
 
     def on_unmount(self) -> None:
         if self._exit_signals is not None:
@@ -283,19 +279,32 @@ class CodeLlamaApp(App[int]):
 
     def on_engine_event(self, message: EngineEvent) -> None:
         event = message.event
+        if not self.is_running or not self.screen_stack:  # an event that came while the app closed: no widgets
+            return
         if isinstance(event, Loading):
             self.status.show_loading(event.fraction, event.stage)
+        elif isinstance(event, Link):
+            self.status.link_down = not event.up
+            if event.up:
+                self.status.link = f"rtt {event.rtt_s * 1e3:.0f} ms" if event.rtt_s is not None else ""
+            else:
+                self.status.link = f"unreachable: {event.message}"
         elif isinstance(event, Ready):
             self.info = event.info
             self.status.info = event.info
-            self.status.set_state("ready", f"loaded in {event.startup_s:.1f}s")
+            remote = self.client is not None and self.client.server is not None
+            self.status.set_state("ready", f"{'connected' if remote else 'loaded'} in {event.startup_s:.1f}s")
+            self.status.link = "" if remote else self.status.link
             if event.info.flavour == "python" and self.cap == "completion":
                 self._set_cap("python")
             self._refresh_keys()
         elif isinstance(event, LoadFailed):
-            self.load_error = event.message
-            self.status.set_state("error", event.message)
-            self.chat_log.add_notice(f"The model could not be loaded: {event.message}", "error")
+            self.load_error = with_flags(event.message, event.fields)
+            self.status.set_state("error", self.load_error)
+            what = (
+                "The server cannot be used" if self.client and self.client.server else "The model could not be loaded"
+            )
+            self.chat_log.add_notice(f"{what}: {self.load_error}", "error")
             self._refresh_keys()
         elif isinstance(event, Started):
             job = self._jobs.get(event.request_id)
@@ -313,6 +322,7 @@ class CodeLlamaApp(App[int]):
                 self.status.note = job.clipped
         elif isinstance(event, TurnsDropped):
             if event.request_id in self._jobs:
+                self.conversation.drop(event.count)
                 turns = "turn was" if event.count == 1 else "turns were"
                 self.chat_log.add_notice(
                     f"The conversation outgrew the context: its {event.count} oldest {turns} dropped.",
@@ -329,13 +339,19 @@ class CodeLlamaApp(App[int]):
         editor = self.editor
         if isinstance(event, Failed):
             self.status.set_state("error", event.message)
+            interrupted = job.deltas > 0  # what arrived stays, marked
             if job.kind == "fill":
-                editor.end_stream(keep=False)
+                editor.end_stream(keep=interrupted)
+                if interrupted:
+                    self.status.note = "interrupted: the fill keeps what arrived (ctrl+z takes it back)"
             elif job.kind == "ghost":
-                editor.dismiss_ghost()
+                if interrupted:
+                    self.status.note = "interrupted: Tab takes what arrived"
+                else:
+                    editor.dismiss_ghost()
             else:
                 self.chat_log.end_answer(job.closing, failed=True)
-                self.chat_log.add_notice(f"Error: {event.message}", "error")
+                self.chat_log.add_notice(f"{'Interrupted' if interrupted else 'Error'}: {event.message}", "error")
             return
         stats = event.stats
         self.status.context_used = stats.prompt_tokens + stats.new_tokens
@@ -350,6 +366,8 @@ class CodeLlamaApp(App[int]):
             self._last_code = self.chat_log.last_code()
             if event.reason == "cancelled":
                 self.chat_log.add_notice("(stopped)")
+            elif job.request.cap == "chat":
+                self.conversation.answered(job.request, event.text)
 
     def _after_jobs_change(self) -> None:
         if self._flush_timer is not None:
@@ -387,7 +405,7 @@ class CodeLlamaApp(App[int]):
             if job.kind in ("ghost", "fill"):
                 self._cancel(request_id)
 
-    def _cancel(self, request_id: int) -> None:
+    def _cancel(self, request_id: str) -> None:
         """Stop a request now: its late text is dropped; the engine frees the slot within a step."""
         job = self._jobs.pop(request_id, None)
         if job is None:
@@ -450,7 +468,8 @@ class CodeLlamaApp(App[int]):
         if not self._engine_ready():
             return
         if not self.info or not self.info.can_infill:
-            self.status.note = "this model cannot infill (no FIM pieces): F2 completes at the cursor"
+            why = "no FIM pieces" if self.info and self.info.device else "the server takes no suffix"
+            self.status.note = f"this model cannot infill ({why}): F2 completes at the cursor"
             return
         self._cancel_editor_jobs()
         self.editor.dismiss_ghost()
@@ -510,9 +529,7 @@ class CodeLlamaApp(App[int]):
         self.chat_log.add_user(text)
         cap = self.cap
         if cap == "chat":
-            request = Request(
-                cap="chat", text=text, system=self.system, session=self.session, sampling=self._sampling("chat")
-            )
+            request = self.conversation.request(text, self._sampling("chat"))
             self.chat_log.begin_answer()
             self._submit(_Job(request, "chat"))
             return
@@ -563,20 +580,15 @@ class CodeLlamaApp(App[int]):
         self.chat_input.border_title = f"chat input · {cap}"
 
     def action_new_chat(self) -> None:
-        """ctrl+n: forget the conversation (the engine frees its cache) and clear the log."""
+        """ctrl+n: forget the conversation and clear the log."""
         for request_id, job in list(self._jobs.items()):
             if job.kind == "chat":
                 self._cancel(request_id)
-        if self.client is not None:
-            self.client.end_session(self.session)
-        self.session = self._new_session_id()
+        self.conversation = Conversation(self.system)
         self.chat_log.clear_log()
         self._last_code = None
         self.status.context_used = 0
         self.chat_log.add_notice("New chat" + (f" — system: {self.system}" if self.system else ""))
-
-    def _new_session_id(self) -> str:
-        return f"tui-{os.getpid()}-{uuid.uuid4().hex[:6]}-{next(self._sessions)}"
 
     def _set_system(self, system: str | None) -> None:
         """A new system instruction applies from the first turn, so it starts a new chat."""
@@ -613,6 +625,8 @@ class CodeLlamaApp(App[int]):
         self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
 
     def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
+        if not self.screen_stack:  # a change that bubbled up while the app closed: its screens are gone
+            return
         if message.text_area is self.editor:
             self._update_title()
             self._write_recovery_later()
@@ -781,6 +795,8 @@ class CodeLlamaApp(App[int]):
         self._recovery_timer = self.set_timer(RECOVERY_DELAY_S, self._write_recovery_now)
 
     def _write_recovery_now(self) -> None:
+        if not self.screen_stack:  # the timer outlived the app's screens while it closed: nothing left to copy
+            return
         if not self.keep_recovery_copy():
             self.status.note = "NO recovery copy: the recovery folder cannot be written"
 
@@ -865,8 +881,10 @@ def run_app(
     system: str | None,
     overrides: dict[str, object],
     theme: str | None,
+    client_factory: ClientFactory | None = None,
 ) -> int:
-    """Run the app (the default `codellama-tui` command); returns the exit code."""
+    """Run the app (the default `codellama-tui` command) on the engine here, or on a server through
+    `client_factory`'s client (`--url`); returns the exit code."""
     import sys
 
     from tui.config import ConfigError, load_config
@@ -892,7 +910,16 @@ def run_app(
         return 2
     if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
         return too_big(problem)
-    app = CodeLlamaApp(opened, spec, cap, system or config.system, merged, theme, keys=config.keys)
+    app = CodeLlamaApp(
+        opened,
+        spec,
+        cap,
+        system or config.system,
+        merged,
+        theme,
+        keys=config.keys,
+        client_factory=client_factory or _local_client,
+    )
     result = app.run()
     code = result if isinstance(result, int) else (app.return_code or 0)
     if app.recovery_file is not None and app.recovery_file.exists():

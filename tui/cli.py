@@ -11,10 +11,12 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.bench_options import add_quant_options
+from engine.client import Client, EventSink
+from engine.config import SHAPES
 from engine.requests import CAPS, EngineSpec
 
 SUBCOMMANDS = {
@@ -23,13 +25,20 @@ SUBCOMMANDS = {
     "chat": "the console chat of the seed: inputs end with a line '!!'",
     "bench": "time the engine: decode tokens/s, time to first token, memory, start-up, roofline",
     "convert": "quantize a checkpoint once into a workspace every command loads directly (int4: GPTQ with --calib)",
+    "serve": "the OpenAI-compatible HTTP server (completions with infilling, chat, llama.cpp's /infill)",
+    "bench-serve": "time the server through streaming HTTP clients: tokens/s, time to first token, inter-token",
+    "web": "the app in the browser (textual-serve): a tab per app process, one engine for all, access by a token",
 }
 
 DEMO_NOTE = (
     "Without --model the built-in demo model runs: a tiny CodeLlama-shaped model trained on Python source, "
     "good for trying the app, not for real work. Point --model at a Hugging Face CodeLlama directory "
-    "(e.g. CodeLlama-7b-Instruct-hf) for real answers."
+    "(e.g. CodeLlama-7b-Instruct-hf) for real answers, or --url at a server (codellama-tui serve on a GPU box, "
+    "or any OpenAI-compatible one)."
 )
+REMOTE = ("app", "generate", "chat", "web")
+API_KEY_ENV = "CODELLAMA_TUI_API_KEY"  # the commands that can talk to a server instead of loading a model
+ClientFactory = Callable[[EngineSpec, EventSink], Client]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +46,25 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+FLAGS = {
+    "model": "--model",
+    "device": "--device",
+    "dtype": "--dtype",
+    "tp": "--tp",
+    "max_batch": "--max-batch",
+    "max_seq_len": "--max-seq-len",
+    "url": "--url",
+    "api_key": "--api-key",
+    "served_model": "--served-model",
+}
+
+
+def with_flags(message: str, fields: Sequence[str]) -> str:
+    """An engine's message (which names no options) with the options of these commands that set what it names."""
+    flags = [FLAGS[f] for f in fields if f in FLAGS]
+    return f"{message} ({', '.join(flags)})" if flags else message
 
 
 def _positive(text: str) -> int:
@@ -57,19 +85,34 @@ def _finite(text: str) -> float:
     return value
 
 
-def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion") -> None:
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """--url and its companions: a server's engine instead of one loaded here."""
+    g = p.add_argument_group("a server instead of --model (the config file's url is the default)")
+    g.add_argument("--url", help="a codellama-tui serve (every cap) or any OpenAI-compatible server, e.g. "
+                   "http://localhost:23333")  # fmt: skip
+    g.add_argument("--api-key", metavar="KEY", help="the server's key (default: $CODELLAMA_TUI_API_KEY)")
+    g.add_argument("--served-model", metavar="NAME", help="which of the server's models (default: its first)")
+
+
+def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "completion", sampling: bool = True) -> None:
+    """The model and engine options (and, unless `cap_default` is None, the cap's; with `sampling`, its knobs)."""
     g = p.add_argument_group("model and engine")
     g.add_argument(
         "--model", metavar="DIR", help="Hugging Face CodeLlama checkpoint directory (default: the demo model)"
     )
-    g.add_argument("--cap", choices=CAPS, default=cap_default, help=f"capability (default: {cap_default})")
-    g.add_argument("--sys-instruct", metavar="TEXT", help="system instruction for the chat cap")
+    if cap_default is not None:
+        g.add_argument("--cap", choices=CAPS, default=cap_default, help=f"capability (default: {cap_default})")
+        g.add_argument("--sys-instruct", metavar="TEXT", help="system instruction for the chat cap")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--tp", type=_positive, default=1, metavar="N", help="tensor-parallel size (GPUs)")
     g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
     g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
     add_quant_options(g)
+    if not sampling:
+        g.add_argument("--shape", choices=list(SHAPES), help="random weights at a CodeLlama shape instead of --model")
+        g.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --shape (default: the demo model's)")
+        return
     s = p.add_argument_group("sampling (defaults per cap)")
     s.add_argument("--temperature", type=_finite, metavar="T", help="0 is greedy")
     s.add_argument("--top-p", type=_finite, metavar="P")
@@ -78,6 +121,21 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion")
     s.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default 512")
     s.add_argument("--seed", type=int, metavar="S")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+
+
+def client_factory(args: argparse.Namespace, *, retry: bool) -> ClientFactory | None:
+    """An HTTP client's factory when the command talks to a server (`--url`), else None: the engine runs here.
+    `retry`: keep trying a server that cannot be reached (the app) instead of failing at once (one-shot commands)."""
+    if not getattr(args, "url", None):
+        return None
+    url, api_key, model = args.url, args.api_key, args.served_model
+
+    def make(spec: EngineSpec, on_event: EventSink) -> Client:
+        from engine.http_client import HttpClient
+
+        return HttpClient(url, api_key=api_key, model=model, on_event=on_event, retry=retry)
+
+    return make
 
 
 def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
@@ -90,6 +148,8 @@ def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
         max_seq_len=args.max_seq_len,
         quant=args.quant,
         quant_head=args.quant_head,
+        shape=getattr(args, "shape", None),
+        tokenizer=getattr(args, "tokenizer", None),
     )
 
 
@@ -125,6 +185,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     )
     app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
     _engine_options(app)
+    _server_options(app)
     parsers = {"app": app}
 
     gen = _Parser(prog="codellama-tui generate", description=SUBCOMMANDS["generate"] + ". " + DEMO_NOTE)
@@ -132,6 +193,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     gen.add_argument("--jsonl", action="store_true", help='stdin lines {"text": ..., "system": ...} -> {"text": ...}')
     gen.add_argument("--spm", action="store_true", help="infilling: suffix-prefix-middle order instead of PSM")
     _engine_options(gen)
+    _server_options(gen)
     parsers["generate"] = gen
 
     tok = _Parser(prog="codellama-tui tokenize", description=SUBCOMMANDS["tokenize"])
@@ -145,6 +207,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     chat = _Parser(prog="codellama-tui chat", description=SUBCOMMANDS["chat"] + ". " + DEMO_NOTE)
     _engine_options(chat, cap_default="chat")
+    _server_options(chat)
     parsers["chat"] = chat
 
     bench = _Parser(prog="codellama-tui bench", description=SUBCOMMANDS["bench"])
@@ -163,6 +226,55 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     conv.add_argument("--device", default="auto", help="where to quantize: cpu, cuda, cuda:N or auto (default)")
     conv.add_argument("--force", action="store_true", help="replace DIR if it exists")
     parsers["convert"] = conv
+
+    serve = _Parser(prog="codellama-tui serve", description=SUBCOMMANDS["serve"] + ". " + DEMO_NOTE)
+    n = serve.add_argument_group("server")
+    n.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    n.add_argument("--port", type=int, default=23333, help="port (default 23333; 0 picks a free one)")
+    n.add_argument(
+        "--instance-num",
+        "--instance_num",
+        dest="max_batch",
+        type=_positive,
+        metavar="N",
+        help="requests that decode together, the engine's batch (default 8; the same as --max-batch)",
+    )
+    n.add_argument(
+        "--max-queue",
+        type=int,
+        default=128,
+        metavar="N",
+        help="requests that may wait for a slot; more are refused with 429 (default 128)",
+    )
+    n.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every route but /health")
+    _engine_options(serve, cap_default=None, sampling=False)
+    parsers["serve"] = serve
+
+    bench_serve = _Parser(
+        prog="codellama-tui bench-serve",
+        description=SUBCOMMANDS["bench-serve"] + ". Without "
+        "--url it serves the engine options' model in this process on a free port and also times "
+        "`bench`'s decode step at the same batches, for comparison.",
+    )
+    from tui.server.bench import add_arguments as bench_serve_arguments
+
+    bench_serve_arguments(bench_serve)
+    _engine_options(bench_serve, cap_default=None, sampling=False)
+    parsers["bench-serve"] = bench_serve
+
+    web = _Parser(
+        prog="codellama-tui web",
+        description=SUBCOMMANDS["web"] + ". Every tab talks to the server given by --url, or to one engine this "
+        "command serves for them (the engine options' model) on a free port of 127.0.0.1. Open the address it "
+        "prints: its ?token=... is the access (kept in a cookie); a request without it gets 401.",
+    )
+    w = web.add_argument_group("web")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    w.add_argument("--theme", help="the tabs' theme: dark, light or high-contrast")
+    _engine_options(web)
+    _server_options(web)
+    parsers["web"] = web
     return parsers
 
 
@@ -182,13 +294,22 @@ def _main(argv: Sequence[str] | None) -> int:
     parsers = build_parser()
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "app"
     args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
-    if getattr(args, "model", None) is None and not getattr(args, "shape", None):
+    if getattr(args, "url", None) and args.model:
+        parsers[command].error("--url and --model exclude each other: the server has its own model")
+    if getattr(args, "model", None) is None and not getattr(args, "shape", None) and not getattr(args, "url", None):
         from tui.config import ConfigError, load_config
 
-        try:  # the config file's model is every command's default, as it is the app's
-            args.model = load_config().model
+        try:  # the config file's server or model is every command's default, as it is the app's
+            config = load_config()
         except ConfigError as err:
             parsers[command].exit(2, f"{parsers[command].prog}: error: {err}\n")
+        if command in REMOTE and config.url:
+            args.url = config.url
+            args.served_model = args.served_model or config.served_model
+        else:
+            args.model = config.model
+    if getattr(args, "url", None) and args.api_key is None:
+        args.api_key = _api_key()
     if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
         print(f"{parsers[command].prog}: error: stdout is closed", file=sys.stderr)
         return 1
@@ -198,7 +319,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if command == "generate":
         from tui.oneshot import generate
 
-        return generate(args)
+        return generate(args, client_factory(args, retry=False))
     if command == "tokenize":
         from tui.oneshot import tokenize
 
@@ -210,17 +331,60 @@ def _main(argv: Sequence[str] | None) -> int:
         try:
             return bench(args)
         except EngineError as err:  # a bad --tp, a dead rank, a broken checkpoint: one line, as everywhere
-            print(f"codellama-tui bench: error: {err}", file=sys.stderr)
+            print(f"codellama-tui bench: error: {with_flags(str(err), err.fields)}", file=sys.stderr)
             return 1
     if command == "convert":
         return _convert(args)
+    if command == "serve":
+        from tui.server.run import serve
+
+        if args.max_queue < 0:
+            parsers[command].exit(2, f"{parsers[command].prog}: error: --max-queue must be >= 0\n")
+        return serve(args, spec_of(args))
+    if command == "bench-serve":
+        from tui.server.bench import main as bench_serve
+
+        return bench_serve(args)
+    if command == "web":
+        from tui.web import run_web
+
+        return run_web(args, spec_of(args))
     if command == "chat":
         from tui.console import run_console
 
-        return run_console(spec_of(args, max_batch=1), args.cap, args.sys_instruct, overrides_of(args))
+        factory = client_factory(args, retry=False)
+        return run_console(
+            spec_of(args, max_batch=1),
+            args.cap,
+            args.sys_instruct,
+            overrides_of(args),
+            **({"client_factory": factory} if factory else {}),
+        )
     from tui.app import run_app
 
-    return run_app(args.file, spec_of(args), args.cap, args.sys_instruct, overrides_of(args), args.theme)
+    return run_app(
+        args.file,
+        spec_of(args),
+        args.cap,
+        args.sys_instruct,
+        overrides_of(args),
+        args.theme,
+        client_factory=client_factory(args, retry=True),
+    )
+
+
+def _api_key() -> str | None:
+    """The key for --url when the command line gives none: $CODELLAMA_TUI_API_KEY, else the config file's."""
+    import os
+
+    from tui.config import ConfigError, load_config
+
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    try:
+        return load_config().api_key
+    except ConfigError:
+        return None
 
 
 def _convert(args: argparse.Namespace) -> int:

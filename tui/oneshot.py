@@ -10,10 +10,12 @@ import json
 import sys
 from collections.abc import Iterator
 
+from engine.client import Client, ForceQuit
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, Started, TextDelta
 from engine.requests import Request, SamplingParams, replacement_warning
-from tui.cli import overrides_of, spec_of
+from tui.cli import ClientFactory, overrides_of, spec_of, with_flags
+from tui.conversation import Conversation
 
 PROG = "codellama-tui"
 
@@ -56,6 +58,13 @@ def _inputs(args: argparse.Namespace) -> Iterator[tuple[int, str | None, str | N
         yield n, text, system, None
 
 
+def _request(args: argparse.Namespace, text: str, system: str | None, sampling: SamplingParams) -> Request:
+    """One input as a request: for chat, a conversation of the system instruction and this one message."""
+    if args.cap == "chat":
+        return Conversation(system).request(text, sampling)
+    return Request(args.cap, text=text, suffix_first=args.spm, sampling=sampling)
+
+
 def _progress(event: Event) -> None:
     if isinstance(event, Loading):
         print(f"loading {event.fraction:4.0%} {event.stage}", file=sys.stderr, flush=True)
@@ -63,18 +72,16 @@ def _progress(event: Event) -> None:
         info = event.info
         demo = " (the built-in demo model; use --model DIR for real weights)" if info.is_demo else ""
         weights = f", {info.quant} weights" if info.quant else ""
-        print(
-            f"ready: {info.name}{demo} on {info.device} ({info.dtype}{weights}, tp {info.tp}), "
-            f"context {info.context} tokens, {event.startup_s:.1f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+        where = f" on {info.device} ({info.dtype}{weights}, tp {info.tp})" if info.device else ""
+        context = f", context {info.context} tokens" if info.context else ""
+        print(f"ready: {info.name}{demo}{where}{context}, {event.startup_s:.1f}s", file=sys.stderr, flush=True)
     elif isinstance(event, LoadFailed):
         pass  # reported once, by wait_ready()
 
 
-def generate(args: argparse.Namespace) -> int:
-    from engine.client import EngineClient
+def generate(args: argparse.Namespace, client_factory: ClientFactory | None = None) -> int:
+    """`generate` on the engine here, or on a server through `client_factory`'s client (`--url`)."""
+    from engine.local_client import LocalClient
 
     try:
         sampling = SamplingParams.for_cap(args.cap, **overrides_of(args))
@@ -83,11 +90,11 @@ def generate(args: argparse.Namespace) -> int:
         return _fail(str(err), 2)
     if (why := _no_input(args)) is not None:
         return _fail(why, 2)
-    client = EngineClient(spec_of(args, max_batch=1), on_event=_progress).start()
+    client = (client_factory or LocalClient)(spec_of(args, max_batch=1), _progress).start()
     try:
         client.wait_ready()
     except EngineError as err:
-        return _fail(str(err))
+        return _fail(with_flags(str(err), err.fields))
     code = 0
     try:
         for n, text, system, error in _inputs(args):
@@ -96,46 +103,36 @@ def generate(args: argparse.Namespace) -> int:
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 code = 1
                 continue
-            request = Request(args.cap, text=text, system=system, suffix_first=args.spm, sampling=sampling)
-            code = max(code, _run(client, request, args.jsonl, n))
+            code = max(code, _run(client, _request(args, text, system, sampling), args.jsonl, n))
             if code == 130:
                 break
+    except (KeyboardInterrupt, ForceQuit):  # between inputs, or a second Ctrl+C during one
+        code = _fail("cancelled", 130)
     finally:
         client.close()
     return code
 
 
-def _run(client, request: Request, jsonl: bool, n: int) -> int:  # client: engine.client.EngineClient
-    """Stream one request (input line `n`) to stdout; Ctrl+C cancels it (exit 130), prints nothing more and keeps
-    what was printed. A Ctrl+C that lands while this prints (not while the stream waits, which handles it itself)
-    is handled here."""
-    events = client.stream(request)
-    interrupted = False
-    while True:
-        try:
-            for event in events:
-                if isinstance(event, Started):
-                    _warn_replaced(event.replaced, n, jsonl)
-                elif isinstance(event, TextDelta) and not jsonl:
-                    if not interrupted:
-                        sys.stdout.write(event.text)
-                        sys.stdout.flush()
-                elif isinstance(event, Failed):
-                    if jsonl:
-                        print(json.dumps({"error": event.message}), flush=True)
-                    return _fail(event.message)
-                elif isinstance(event, Finished):
-                    if jsonl:
-                        print(json.dumps({"text": event.text}), flush=True)
-                    elif event.text and not event.text.endswith("\n") and sys.stdout.isatty():
-                        print()
-                    if interrupted or event.reason == "cancelled":
-                        return _fail("cancelled", 130)
-                    return 0
-            return _fail("cancelled", 130)  # a Ctrl+C inside the stream's own code ended it
-        except KeyboardInterrupt:
-            client.cancel(request.id)
-            interrupted = True
+def _run(client: Client, request: Request, jsonl: bool, n: int) -> int:
+    """Stream one request (input line `n`) to stdout. Ctrl+C cancels it (exit 130): the stream then yields no more
+    text and ends "cancelled", so what was printed is kept and nothing follows it."""
+    for event in client.stream(request):
+        if isinstance(event, Started):
+            _warn_replaced(event.replaced, n, jsonl)
+        elif isinstance(event, TextDelta) and not jsonl:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, Failed):
+            if jsonl:
+                print(json.dumps({"error": event.message}), flush=True)
+            return _fail(event.message)
+        elif isinstance(event, Finished):
+            if jsonl:
+                print(json.dumps({"text": event.text}), flush=True)
+            elif event.text and not event.text.endswith("\n") and sys.stdout.isatty():
+                print()
+            return _fail("cancelled", 130) if event.reason == "cancelled" else 0
+    raise AssertionError("a stream ends with Finished or Failed")
 
 
 def tokenize(args: argparse.Namespace) -> int:
@@ -154,7 +151,7 @@ def tokenize(args: argparse.Namespace) -> int:
         try:
             if error is not None:
                 raise EngineError(error)
-            request, replaced = Request(args.cap, text=text, system=system, suffix_first=args.spm).cleaned()
+            request, replaced = _request(args, text, system, SamplingParams()).cleaned()
             _warn_replaced(replaced, n, args.jsonl)
             print(json.dumps(build_prompt(tok, request)), flush=True)
         except EngineError as err:
