@@ -443,6 +443,15 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         "linear_residual",
         {"fmt": "int8", "dtype": "fp32", "m": 1, "n": 40, "k": 96, "config": (16, 32, 1, 4, 3, True)},
     ),
+    # The int4 planes unpacked the other way (UNPACKS: shift, extract, or, subtract), one row and several.
+    "int4-linear-bf16-m1-shift": (
+        "linear",
+        {"fmt": "int4", "dtype": "bf16", "m": 1, "n": 40, "k": 256, "config": (16, 128, 1, 4, 3, False, "shift")},
+    ),
+    "int4-linear-fp16-m3-shift-splitk": (
+        "linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 3, "n": 24, "k": 384, "config": (16, 128, 2, 4, 3, False, "shift")},
+    ),
     "int4-dequantize-fp16": ("dequantize", {"fmt": "int4", "dtype": "fp16", "n": 37, "k": 384}),  # bf16: CUDA_CASES
     "int8-dequantize-fp16": ("dequantize", {"fmt": "int8", "dtype": "fp16", "n": 37, "k": 200}),
 }  # fmt: skip
@@ -653,6 +662,28 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatc
         else:  # tensor-core and cuBLAS sums round differently; an ulp flipped before silu or a layer's sum carries
             scale = float(expected.abs().max())  # on to entries that cancel out, so compare against the scale
             torch.testing.assert_close(actual.float(), expected.float(), rtol=1.6e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_tuned_configs_come_first_on_the_swept_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's table (triton_gemv.TUNED) decides where it timed the shape on a GPU of its multiprocessor count:
+    one row's entry for one row only, several rows the next larger swept count's (the largest past them); the rule
+    elsewhere."""
+    from engine.kernels import triton_gemv as g
+
+    tuned = {("int4", 1, 4096, 4096): (128, 256, 1, 8, 3, False, "mask"),
+             ("int4", 8, 4096, 4096): (64, 128, 2, 4, 4, False, "shift"),
+             ("int4", 32, 4096, 4096): (128, 128, 1, 8, 3, False, "mask")}  # fmt: skip
+    monkeypatch.setattr(g, "TUNED", tuned)
+    sms = g.TUNED_SMS
+    assert g.choose_config(1, 4096, 4096, sms, "int4") == g.GemvConfig(128, 256, 1, 8, 3)
+    assert g.choose_config(5, 4096, 4096, sms, "int4") == g.GemvConfig(64, 128, 2, 4, 4, unpack="shift")
+    assert g.choose_config(9, 4096, 4096, sms, "int4") == g.choose_config(64, 4096, 4096, sms, "int4")
+    assert g.choose_config(9, 4096, 4096, sms, "int4") == g.GemvConfig(128, 128, 1, 8, 3)
+    assert g.choose_config(1, 4096, 4096, sms + 2, "int4") == g._int4_config(1, 4096, 4096, sms + 2)
+    assert g.choose_config(1, 4096, 4096, sms, "int8") == g._dense_config(1, 4096, 4096, sms)
+    monkeypatch.setattr(g, "TUNED", {k: v for k, v in tuned.items() if k[1] == 1})
+    assert g.choose_config(8, 4096, 4096, sms, "int4") == g._int4_config(8, 4096, 4096, sms)
 
 
 def test_dispatch_uses_reference_on_cpu() -> None:

@@ -36,8 +36,8 @@ nibble position: one shift and one mask per word), each nibble or-ed into the ma
 the exact integers in x's 16-bit dtype) it with x and scales the group's sum once. Prologue, epilogues and split-K
 are the same for every format; the quantized weights' first tiles go to L2 early under PDL.
 
-Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never benchmarks);
-`python -m engine.kernels.bench_kernels --sweep` times alternatives on the real GPU.
+Configs are chosen by a fixed rule or the table of an earlier sweep (TUNED; no autotuning, so CUDA-graph capture never
+benchmarks); `python -m engine.kernels.bench_kernels --sweep` (dense) and `--quant-sweep` time alternatives on the GPU.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 64  # larger batches go to cuBLAS, which is compute-efficient there
 DENSE, INT8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 FORMATS = {"dense": DENSE, "int8": INT8, "int4": INT4}  # the weight formats (engine.weights) this kernel runs
+SHIFTED, MASKED = tl.constexpr(0), tl.constexpr(1)
+UNPACKS = {"shift": SHIFTED, "mask": MASKED}  # how int4 planes are unpacked: _int4_plane, _int4_plane_masked
+# The bits of 2^23, passed as an argument: as a constant it would take an instruction of its own after the mask, as a
+# register the mask and the or are one three-input logic instruction (LOP3 takes one immediate).
+MAGIC = 0x4B000000
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     tensor_cores: bool = False  # one row too through the several-row path (a dot with the row padded to 16)
+    unpack: str = "mask"  # int4 only: UNPACKS
 
 
 @triton.jit
@@ -117,7 +123,8 @@ def _dot(w, x, acc, x_ptr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """`acc + w @ x.T` for a weight tile [BLOCK_N, BLOCK_K] and float32 rows [BLOCK_M, BLOCK_K]: the weight strip
     is the tensor-core tile's long side, so a handful of rows needs no padding to 64. NATIVE_DOT: x holds values
     of its 16-bit dtype, and so does w (the weight itself, or integers a quantized format holds exactly), so the
-    dot runs on 16-bit inputs exactly; otherwise on float32 copies at PRECISION."""
+    dot runs on 16-bit inputs exactly; otherwise on float32 copies at PRECISION. int8 weights come as they are:
+    the plain conversion is exact for -128..127 (the compiled dot mishandled `_values`' bit tricks on int8 tiles)."""
     if NATIVE_DOT:
         return tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x.to(x_ptr.dtype.element_ty)), acc)
     return tl.dot(w.to(tl.float32), tl.trans(x), acc, input_precision=PRECISION)
@@ -144,10 +151,24 @@ def _int4_plane(words, j: tl.constexpr, zero):
 
 
 @triton.jit
+def _int4_plane_masked(words, high, j: tl.constexpr, zero, magic):
+    """`_int4_plane` in two instructions per nibble, not four (shift, extract, or, subtract): the nibble is masked in
+    place (planes 4..7 from `high`, the words shifted once by 16), so it sits at bit 4 (j % 4) of the mantissa of
+    2^23, and one multiply-add by 2^-4(j % 4) with -(2^(23 - 4 (j % 4)) + zero) (per row, shared by planes j and
+    j + 4) leaves `q - zero`; every step is exact. `zero` is the plain float32 zero point."""
+    shift: tl.constexpr = 4 * (j % 4)
+    src = words if j < 4 else high
+    biased = ((src & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
+    offset = -(8388608.0 / (1 << shift)) - zero
+    return biased * (1.0 / (1 << shift)) + offset[:, None]
+
+
+@triton.jit
 def _int4_product(
-    x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg, k_start, k_end, rstd,
+    x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg, k_start, k_end, rstd, magic,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     NATIVE_DOT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):  # fmt: skip
     """The product [BLOCK_M, BLOCK_N] of the rows of x with the int4 weight rows `n` (packed words at `w_rows`,
     scales and zeros at column n of the group-major [groups, N] tables) over inputs k_start .. k_end, whole groups
@@ -162,17 +183,22 @@ def _int4_product(
             live = n_mask & (tl.full([BLOCK_N], 128 * g, tl.int32) < k_end)  # a step may run past its split's end
             words = tl.load(w_rows + (16 * g + c)[None, :], mask=live[:, None], other=0, eviction_policy="evict_first")
             scale = tl.load(s_ptr + g * stride_sg + n, mask=live, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + g * stride_sg + n, mask=live, other=0).to(tl.float32) + 8388608.0
+            zero = tl.load(z_ptr + g * stride_sg + n, mask=live, other=0).to(tl.float32)
+            high = words >> 16
             group = tl.zeros([BLOCK_N, width], tl.float32)
             for j in tl.static_range(8):
                 k = 128 * g + 16 * j + c
                 offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
                 x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL,
                             ROUND_NORMED)  # fmt: skip
-                if BLOCK_M == 1:
-                    group += _int4_plane(words, j, zero) * x[None, :]
+                if UNPACK == MASKED:
+                    plane = _int4_plane_masked(words, high, j, zero, magic)
                 else:
-                    group = _dot(_int4_plane(words, j, zero), x, group, x_ptr, PRECISION, NATIVE_DOT)
+                    plane = _int4_plane(words, j, zero + 8388608.0)
+                if BLOCK_M == 1:
+                    group += plane * x[None, :]
+                else:
+                    group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
             acc += group * scale[:, None]
     if BLOCK_M == 1:  # noqa: SIM108 (one return: Triton types every return alike, even in a branch never compiled)
         product = tl.sum(acc, axis=1)[None, :]
@@ -216,6 +242,7 @@ def _gemv_kernel(
     k_per_split,
     eps,
     n_sq,
+    magic,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -232,6 +259,7 @@ def _gemv_kernel(
     SPLIT_K: tl.constexpr,
     USE_GDC: tl.constexpr,
     FORMAT: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):
     """w_ptr, s_ptr, z_ptr: the weight as its FORMAT holds it (`Weight.tensors()`: DENSE rows, INT8 rows and a scale
     per row, INT4 packed rows and [groups, N] scales and zeros, stride_sg apart); res_ptr: the residual added in the
@@ -294,12 +322,12 @@ def _gemv_kernel(
 
     if FORMAT == INT4:
         acc = _int4_product(x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg,
-                            k_start, k_end, rstd, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT, NORM,
-                            HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+                            k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT, NORM,
+                            HAS_RESIDUAL, ROUND_NORMED, UNPACK)  # fmt: skip
         if SILU_MUL:
             up = _int4_product(x_ptr, res_ptr, norm_ptr, up_rows, s_ptr, z_ptr, n + N, n_mask, m, M, stride_xm,
-                               stride_sg, k_start, k_end, rstd, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT,
-                               NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+                               stride_sg, k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT,
+                               NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK)  # fmt: skip
     elif BLOCK_M == 1:
         x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
                           HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
@@ -335,14 +363,10 @@ def _gemv_kernel(
                         eviction_policy="evict_first")  # fmt: skip
             offsets, mask = _x_offsets(m, k, k_mask, M, stride_xm, BLOCK_M)
             x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            if FORMAT == INT8:
-                w = _values(w, FORMAT)
-            acc = _dot(w, x, acc, x_ptr, PRECISION, NATIVE_DOT)
+            acc = _dot(w, x, acc, x_ptr, PRECISION, NATIVE_DOT)  # int8 converts plainly there (exact, see _dot)
             if SILU_MUL:
                 u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
-                if FORMAT == INT8:
-                    u = _values(u, FORMAT)
                 up = _dot(u, x, up, x_ptr, PRECISION, NATIVE_DOT)
         if FORMAT == INT8:
             acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[:, None]
@@ -405,12 +429,30 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# (format, rows, N, K) -> GemvConfig's fields: the fastest config `bench_kernels --quant-sweep` timed on an H200
+# (TUNED_SMS multiprocessors) at rows 1, 8 and 32, pasted from its output; BENCHMARKS.md has the timings.
+TUNED: dict[tuple[str, int, int, int], tuple] = {}
+TUNED_SMS = 132
+
+
 def choose_config(m: int, n: int, k: int, sm_count: int, fmt: str = "dense") -> GemvConfig:
-    """The config for `fmt`'s weight [n, k] at m rows: `_int4_config` for int4, `_dense_config` for dense and int8
-    (the same loop, its scale applied once per row)."""
+    """The config for `fmt`'s weight [n, k] at m rows: the sweep's (`_tuned`) where it timed the shape on this GPU,
+    else `_int4_config` for int4, `_dense_config` for dense and int8 (the same loop, its scale applied once per row)."""
+    tuned = _tuned(m, n, k, fmt) if sm_count == TUNED_SMS else None
+    if tuned is not None:
+        return tuned
     if fmt == "int4":
         return _int4_config(m, n, k, sm_count)
     return _dense_config(m, n, k, sm_count)
+
+
+def _tuned(m: int, n: int, k: int, fmt: str) -> GemvConfig | None:
+    """TUNED's config for the shape: one row's for one row; several rows take the entry of the smallest swept row
+    count at least m (the largest past them), as the tile's padded rows grow with m."""
+    rows = sorted(r for f, r, nn, kk in TUNED if (f, nn, kk) == (fmt, n, k) and (r == 1) == (m == 1))
+    if not rows:
+        return None
+    return GemvConfig(*TUNED[(fmt, next((r for r in rows if r >= m), rows[-1]), n, k)])
 
 
 def _int4_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
@@ -504,13 +546,14 @@ def _launch(
         x2, data, scales if scales is not None else data, zeros if zeros is not None else data, out,
         residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
         parts, counts, m, n, k, x2.stride(0), data.stride(0), scales.stride(0) if fmt == "int4" else 0, out.stride(0),
-        k_per_split, eps, squares.shape[0] if partials else 0,
+        k_per_split, eps, squares.shape[0] if partials else 0, MAGIC,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
         BLOCK_SQ=4 * config.block_k if block_m == 1 else config.block_k, PRECISION=precision,
         NATIVE_DOT=native_dot, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
         BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
-        SPLIT_K=config.split_k, USE_GDC=gdc, FORMAT=FORMATS[fmt], num_warps=config.num_warps,
+        SPLIT_K=config.split_k, USE_GDC=gdc, FORMAT=FORMATS[fmt], UNPACK=UNPACKS[config.unpack],
+        num_warps=config.num_warps,
         num_stages=config.num_stages, launch_pdl=gdc,
     )  # fmt: skip
     return out
