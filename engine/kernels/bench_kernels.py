@@ -14,9 +14,10 @@ SwiGLU epilogue) against the separate kernels, both replayed in CUDA graphs as d
 `--quant-sweep` (alone: it skips the other sections) times the quantized GEMV's candidate configs (BLOCK_N, BLOCK_K,
 split-K, warps, stages) per format, shape and row count (1, 8, 32) next to its rule's choice, bf16 cuBLAS,
 PyTorch's tinygemm int4 and bitsandbytes nf4 and LLM.int8 where they run, then every decode matmul of each model in
-one CUDA graph per format with the best configs found, and prints the best configs as one Python literal (what
-`triton_gemv.choose_config` is set from). The candidates compile in parallel worker processes first
-(`compile_ahead`), so one run fits one device call.
+one CUDA graph per format with the best configs found, and prints the best configs as one Python literal
+(`triton_gemv.TUNED`, which `choose_config` reads first). Every candidate is checked, then timed in a CUDA graph over
+enough copies of its weight that none comes from L2 (as decode streams them). The candidates compile in parallel
+worker processes first (`compile_ahead`), so one run fits one device call.
 A failure in one section is printed and the others still run.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import traceback
 from collections.abc import Callable
@@ -287,23 +289,29 @@ def sweep_gemv(models: list[str], copy_gbs: float) -> None:
 
 
 QUANT_ROWS = (1, 8, 32)
+L2_BYTES = 60e6  # more than the H200's L2: the sweep's graphs stream this many bytes of distinct weights or more
 
 
 def quant_candidates(fmt: str, m: int) -> list:
-    """The configs the quantized sweep times for `fmt` at m rows (int4 steps are whole groups of 128 inputs)."""
+    """The configs the quantized sweep times for `fmt` at m rows (int4 steps are whole groups of 128 inputs; each int4
+    tile is also timed with the planes unpacked by shifts, UNPACKS' other variant)."""
     from engine.kernels.triton_gemv import GemvConfig
 
     if m == 1:  # int4: the more rows per thread, the less each one spends on x (and its norm) per weight
         tiles = (
-            [(32, 256), (64, 256), (128, 128), (128, 256), (256, 128), (256, 256)]
+            [(32, 256, 2), (64, 256, 2), (64, 256, 4), (128, 128, 4), (128, 256, 4), (128, 256, 8), (256, 128, 8)]
             if fmt == "int4"
-            else [(8, 512), (16, 512), (32, 512), (16, 1024), (32, 256), (64, 256)]
+            else [(8, 512, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 256, 2), (64, 256, 4), (64, 512, 8)]
         )
-        plain = [GemvConfig(bn, bk, sk, nw, 3) for bn, bk in tiles for sk in (1, 2, 4) for nw in (2, 4, 8)]
-        dots = [(64, 128), (64, 256), (128, 128), (128, 256)]  # the row padded to 16, through the tensor cores
-        return plain + [GemvConfig(bn, bk, sk, 4, ns, True) for bn, bk in dots for sk in (1, 2, 4) for ns in (3, 4)]
-    tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (32, 256, 4)]
-    return [GemvConfig(bn, bk, sk, nw, ns) for bn, bk, nw in tiles for sk in (1, 2, 4) for ns in (3, 4)]
+        plain = [GemvConfig(bn, bk, sk, nw, 3) for bn, bk, nw in tiles for sk in (1, 2, 4)]
+        dots = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8)]  # the row padded to 16: tensor cores
+        plain += [GemvConfig(bn, bk, sk, nw, 3, True) for bn, bk, nw in dots for sk in (1, 2, 4)]
+    else:
+        tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (32, 256, 4)]
+        plain = [GemvConfig(bn, bk, sk, nw, ns) for bn, bk, nw in tiles for sk in (1, 2, 4) for ns in (3, 4)]
+    if fmt == "int4":
+        plain += [dataclasses.replace(c, unpack="shift") for c in plain if c.split_k == 2 and c.num_stages == 3]
+    return plain
 
 
 def _quantized(fmt: str, n: int, k: int):
@@ -329,36 +337,40 @@ def _precompile(launches: list[Callable[[], object]]) -> None:
     print(compiling, flush=True)
 
 
-def _baselines(n: int, k: int, m: int) -> dict[str, float]:
-    """Milliseconds of the other libraries' kernels for one [n, k] weight at m rows (skipped where they fail)."""
+def _baselines(n: int, k: int, m: int, copies: int) -> dict[str, float]:
+    """Milliseconds of the other libraries' kernels for one [n, k] weight at m rows, timed as `_graph_ms` times ours
+    (skipped where they fail)."""
     x = torch.randn(m, k, dtype=DTYPE, device="cuda")
-    w = torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
-    times = {"cublas": bench(partial(F.linear, x, w))}
+    dense = [torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05) for _ in range(max(1, copies // 4))]
+    times = {"cublas": _graph_ms([partial(F.linear, x, w) for w in dense])}
     try:
-        packed = torch.ops.aten._convert_weight_to_int4pack(
-            torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"), 8
-        )
+        words = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda") for _ in range(copies)]
+        packed = [torch.ops.aten._convert_weight_to_int4pack(w, 8) for w in words]
         scales_zeros = torch.randn(k // 128, n, 2, dtype=DTYPE, device="cuda")
-        times["tinygemm"] = bench(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, scales_zeros))
+        mm = torch.ops.aten._weight_int4pack_mm
+        times["tinygemm"] = _graph_ms([partial(mm, x, p, 128, scales_zeros) for p in packed])
     except Exception as exc:
         print(f"  tinygemm {n}x{k}: {type(exc).__name__}: {str(exc)[:100]}")
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
 
-        q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
-        times["bnb_nf4"] = bench(lambda: bnb.matmul_4bit(x, q.t(), quant_state=state))
-        int8 = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False)
-        int8.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
-        int8 = int8.cuda()
-        times["bnb_int8"] = bench(lambda: int8(x))
+        nf4 = [bnbf.quantize_4bit(dense[i % len(dense)], blocksize=64, quant_type="nf4") for i in range(copies)]
+        times["bnb_nf4"] = _graph_ms([lambda q=q, st=st: bnb.matmul_4bit(x, q.t(), quant_state=st) for q, st in nf4])
     except Exception as exc:
         print(f"  bitsandbytes {n}x{k}: {type(exc).__name__}: {str(exc)[:100]}")
     return times
 
 
+def _graph_ms(calls: list[Callable[[], object]]) -> float:
+    """Milliseconds per call of `calls` (each on its own weight, together more bytes than L2 holds), replayed in a
+    CUDA graph as decode runs them: no launch overhead of Python, no weight served from L2."""
+    return graph_time(lambda: [call() for call in calls], 2) / len(calls)
+
+
 def sweep_quant(models: list[str], copy_gbs: float) -> dict:
-    """Time every candidate config of the quantized GEMV per format, shape and row count; returns the best ones."""
+    """Time every candidate config of the quantized GEMV per format, shape and row count, each in a CUDA graph over
+    enough copies of the weight to stream from memory; returns the best ones. One line per format, shape and rows."""
     from engine.kernels import triton_gemv
 
     sm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -367,37 +379,50 @@ def sweep_quant(models: list[str], copy_gbs: float) -> dict:
     for fmt in ("int4", "int8"):
         for n, k in shapes:
             w = _quantized(fmt, n, k)
+            copies = max(2, min(32, int(L2_BYTES * 2 // w.nbytes()) + 1))
+            ws = [w, *(_quantized(fmt, n, k) for _ in range(copies - 1))]
             xs = {m: torch.randn(m, k, dtype=DTYPE, device="cuda") for m in QUANT_ROWS}
             plan = [(m, c) for m in QUANT_ROWS for c in [triton_gemv.choose_config(m, n, k, sm, fmt),
                                                           *quant_candidates(fmt, m)]]  # fmt: skip
             _precompile([partial(triton_gemv.linear, xs[m], w, c) for m, c in plan])
             for m in QUANT_ROWS:
-                check(f"{fmt} {n}x{k} m={m}", triton_gemv.linear(xs[m], w, None), F.linear(xs[m], w.dense()))
-                timed = []
+                # Against the float32 product with the weight's exact values: the kernel's error is then its own
+                # (float32 sums, one rounding to bf16), not that of a bf16-rounded dense weight over K inputs.
+                expected = F.linear(xs[m].float(), w.dense(torch.float32))
+                timed, failed = [], []
                 for c in [cfg for mm, cfg in plan if mm == m]:
                     try:
-                        timed.append((bench(partial(triton_gemv.linear, xs[m], w, c)), c))
-                    except Exception as exc:  # e.g. out of registers or shared memory for a large tile
-                        print(f"  {fmt} {n}x{k} m={m} {c}: {type(exc).__name__}")
+                        check(f"{fmt} {n}x{k} m={m} {_cfg(c)}", triton_gemv.linear(xs[m], w, c), expected)
+                        timed.append((_graph_ms([partial(triton_gemv.linear, xs[m], v, c) for v in ws]), c))
+                    except Exception as exc:  # out of registers or shared memory for a large tile, or wrong
+                        failed.append(f"{_cfg(c)} {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+                more = f" (+{len(failed) - 3} more)" if failed[3:] else ""
+                for line in failed[:3]:
+                    print(f"  {fmt} {n}x{k} m={m} failed: {line}{more}")
+                if not timed:
+                    continue
                 rule_ms, rule = timed[0]
-                best_ms, top = min(timed, key=lambda t: t[0])
-                base = _baselines(n, k, m) if fmt == "int4" else {}
+                ranked = sorted(timed, key=lambda t: t[0])
+                best_ms, top = ranked[0]
+                base = _baselines(n, k, m, copies) if fmt == "int4" else {}
                 nbytes = w.nbytes() + 2 * (m * k + m * n)
                 others = "  ".join(f"{name} {t * 1e3:6.1f}" for name, t in base.items())
+                runners = " ".join(f"{_cfg(c).replace(' ', '')} {t * 1e3:.1f}" for t, c in ranked[1:3])
                 print(
                     f"{fmt} {n:>5}x{k:<5} m={m:<2} rule {_cfg(rule)} {rule_ms * 1e3:6.1f} us "
                     f"{nbytes / rule_ms / 1e6 / copy_gbs:5.1%} | best {_cfg(top)} {best_ms * 1e3:6.1f} us "
-                    f"{nbytes / best_ms / 1e6 / copy_gbs:5.1%} | {others}",
+                    f"{nbytes / best_ms / 1e6 / copy_gbs:5.1%} (then {runners}) | {others}",
                     flush=True,
                 )
                 best[(fmt, m, n, k)] = top
-            del w, xs
+            del w, ws, xs
             torch.cuda.empty_cache()
     return best
 
 
 def _cfg(c) -> str:
-    return f"{c.block_n:>3}/{c.block_k:<4}/s{c.split_k}/w{c.num_warps}/p{c.num_stages}{'/tc' if c.tensor_cores else ''}"
+    tail = ("/tc" if c.tensor_cores else "") + ("/shift" if c.unpack == "shift" else "")
+    return f"{c.block_n:>3}/{c.block_k:<4}/s{c.split_k}/w{c.num_warps}/p{c.num_stages}{tail}"
 
 
 def quant_all_matmuls(models: list[str], best: dict, copy_gbs: float) -> None:
@@ -452,9 +477,11 @@ def _matmuls(weights: list, head: torch.Tensor, inputs: dict, best: dict, fmt: s
 
 
 def print_rules(best: dict) -> None:
-    print("\nbest configs (format, rows, N, K) -> (BLOCK_N, BLOCK_K, split-K, warps, stages, tensor cores):")
-    print("{" + ", ".join(f"{key!r}: {(c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, c.tensor_cores)!r}"
-                          for key, c in sorted(best.items())) + "}")  # fmt: skip
+    """The best configs as `triton_gemv.TUNED`'s literal: (format, rows, N, K) -> GemvConfig's fields."""
+    print("\nbest configs, for triton_gemv.TUNED ((format, rows, N, K) -> BLOCK_N, BLOCK_K, split-K, warps, stages, "
+          "tensor cores, unpack):")  # fmt: skip
+    entries = "".join(f"    {key!r}: {dataclasses.astuple(c)!r},\n" for key, c in sorted(best.items()))
+    print("TUNED = {\n" + entries + "}")
 
 
 def main() -> None:
