@@ -452,6 +452,20 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         "linear",
         {"fmt": "int4", "dtype": "fp16", "m": 3, "n": 24, "k": 384, "config": (16, 128, 2, 4, 3, False, "shift")},
     ),
+    # The next group's words loaded while one is unpacked (GemvConfig.prefetch): past a split's end, with the norm.
+    "int4-linear-fp32-m1-prefetch-splitk": (
+        "linear",
+        {"fmt": "int4", "dtype": "fp32", "m": 1, "n": 37, "k": 640, "config": (16, 256, 2, 4, 3, False, "mask", True)},
+    ),
+    "int4-norm_silu-fp16-m1-prefetch": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 24, "k": 256, "residual": True, "silu_mul": True,
+         "config": (32, 128, 1, 4, 3, False, "mask", True)},
+    ),
+    "int4-linear-fp16-m5-prefetch": (
+        "linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 5, "n": 48, "k": 384, "config": (16, 128, 1, 4, 3, False, "mask", True)},
+    ),
     "int4-dequantize-fp16": ("dequantize", {"fmt": "int4", "dtype": "fp16", "n": 37, "k": 384}),  # bf16: CUDA_CASES
     "int8-dequantize-fp16": ("dequantize", {"fmt": "int8", "dtype": "fp16", "n": 37, "k": 200}),
 }  # fmt: skip

@@ -299,18 +299,23 @@ def quant_candidates(fmt: str, m: int) -> list:
 
     if m == 1:  # int4: the more rows per thread, the less each one spends on x (and its norm) per weight
         tiles = (
-            [(32, 256, 2), (64, 256, 2), (64, 256, 4), (128, 128, 4), (128, 256, 4), (128, 256, 8), (256, 128, 8)]
+            [(32, 256, 2), (64, 128, 2), (64, 256, 2), (64, 256, 4), (128, 128, 2), (128, 128, 4), (128, 256, 4),
+             (128, 256, 8), (256, 128, 4), (256, 128, 8)]
             if fmt == "int4"
             else [(8, 512, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 256, 2), (64, 256, 4), (64, 512, 8)]
-        )
+        )  # fmt: skip
         plain = [GemvConfig(bn, bk, sk, nw, 3) for bn, bk, nw in tiles for sk in (1, 2, 4)]
+        if fmt == "int4":  # group by group, the next one in flight
+            fetching = [(64, 128, 2), (128, 128, 2), (128, 128, 4), (256, 128, 8)]
+            plain += [GemvConfig(bn, bk, sk, nw, 3, prefetch=True) for bn, bk, nw in fetching for sk in (1, 2, 4)]
         dots = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8)]  # the row padded to 16: tensor cores
         plain += [GemvConfig(bn, bk, sk, nw, 3, True) for bn, bk, nw in dots for sk in (1, 2, 4)]
     else:
         tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (32, 256, 4)]
         plain = [GemvConfig(bn, bk, sk, nw, ns) for bn, bk, nw in tiles for sk in (1, 2, 4) for ns in (3, 4)]
     if fmt == "int4":
-        plain += [dataclasses.replace(c, unpack="shift") for c in plain if c.split_k == 2 and c.num_stages == 3]
+        plain += [dataclasses.replace(c, unpack="shift") for c in plain
+                  if c.split_k == 2 and c.num_stages == 3 and not c.prefetch]  # fmt: skip
     return plain
 
 
@@ -421,7 +426,7 @@ def sweep_quant(models: list[str], copy_gbs: float) -> dict:
 
 
 def _cfg(c) -> str:
-    tail = ("/tc" if c.tensor_cores else "") + ("/shift" if c.unpack == "shift" else "")
+    tail = ("/tc" if c.tensor_cores else "") + ("/shift" if c.unpack == "shift" else "") + ("/pf" if c.prefetch else "")
     return f"{c.block_n:>3}/{c.block_k:<4}/s{c.split_k}/w{c.num_warps}/p{c.num_stages}{tail}"
 
 

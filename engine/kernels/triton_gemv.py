@@ -79,6 +79,7 @@ class GemvConfig:
     num_stages: int = 3
     tensor_cores: bool = False  # one row too through the several-row path (a dot with the row padded to 16)
     unpack: str = "mask"  # int4 only: UNPACKS
+    prefetch: bool = False  # int4 only: the next group's words in flight while one is unpacked (_int4_product)
 
 
 @triton.jit
@@ -156,7 +157,7 @@ def _int4_plane_masked(words, high, j: tl.constexpr, zero, magic):
     place (planes 4..7 from `high`, the words shifted once by 16), so it sits at bit 4 (j % 4) of the mantissa of
     2^23, and one multiply-add by 2^-4(j % 4) with -(2^(23 - 4 (j % 4)) + zero) (per row, shared by planes j and
     j + 4) leaves `q - zero`; every step is exact. `zero` is the plain float32 zero point."""
-    shift: tl.constexpr = 4 * (j % 4)
+    shift: tl.constexpr = 4 * j if j < 4 else 4 * (j - 3)
     src = words if j < 4 else high
     biased = ((src & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
     offset = -(8388608.0 / (1 << shift)) - zero
@@ -164,42 +165,74 @@ def _int4_plane_masked(words, high, j: tl.constexpr, zero, magic):
 
 
 @triton.jit
+def _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg):
+    """Group g's packed words [BLOCK_N, 16], float32 scales and zeros (all zero past k_end: a step may run past its
+    split's end)."""
+    live = n_mask & (tl.full(n.shape, 128 * g, tl.int32) < k_end)
+    c = tl.arange(0, 16)
+    words = tl.load(w_rows + (16 * g + c)[None, :], mask=live[:, None], other=0, eviction_policy="evict_first")
+    scale = tl.load(s_ptr + g * stride_sg + n, mask=live, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + g * stride_sg + n, mask=live, other=0).to(tl.float32)
+    return words, scale, zero
+
+
+@triton.jit
+def _int4_group(
+    acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, magic,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, UNPACK: tl.constexpr,
+):  # fmt: skip
+    """`acc` plus group g's product, unpacked plane by plane (16 inputs each): a multiply-add for one row, a
+    tensor-core dot for several, of the exact integers `q - zero`, scaled once."""
+    c = tl.arange(0, 16)
+    width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M
+    high = words >> 12
+    group = tl.zeros([BLOCK_N, width], tl.float32)
+    for j in tl.static_range(8):
+        k = 128 * g + 16 * j + c
+        offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
+        x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+        if UNPACK == MASKED:
+            plane = _int4_plane_masked(words, high, j, zero, magic)
+        else:
+            plane = _int4_plane(words, j, zero + 8388608.0)
+        if BLOCK_M == 1:
+            group += plane * x[None, :]
+        else:
+            group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
+    return acc + group * scale[:, None]
+
+
+@triton.jit
 def _int4_product(
     x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg, k_start, k_end, rstd, magic,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     NATIVE_DOT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
-    UNPACK: tl.constexpr,
+    UNPACK: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """The product [BLOCK_M, BLOCK_N] of the rows of x with the int4 weight rows `n` (packed words at `w_rows`,
     scales and zeros at column n of the group-major [groups, N] tables) over inputs k_start .. k_end, whole groups
-    of 128 (engine.quant has the layout). Each group is unpacked plane by plane, 16 inputs each: a multiply-add for
-    one row, a tensor-core dot for several, of the exact integers `q - zero`, scaled once per group."""
-    c = tl.arange(0, 16)
+    of 128 (engine.quant has the layout), `_int4_group` by group. PREFETCH: group by group, the next group's words
+    loaded before this one's are unpacked (the compiler pipelines no load that feeds only registers), else
+    BLOCK_K // 128 groups per step."""
     width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M  # one row: products summed over the plane at the end
     acc = tl.zeros([BLOCK_N, width], tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        for t in tl.static_range(BLOCK_K // 128):
-            g = k0 // 128 + t
-            live = n_mask & (tl.full([BLOCK_N], 128 * g, tl.int32) < k_end)  # a step may run past its split's end
-            words = tl.load(w_rows + (16 * g + c)[None, :], mask=live[:, None], other=0, eviction_policy="evict_first")
-            scale = tl.load(s_ptr + g * stride_sg + n, mask=live, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + g * stride_sg + n, mask=live, other=0).to(tl.float32)
-            high = words >> 16
-            group = tl.zeros([BLOCK_N, width], tl.float32)
-            for j in tl.static_range(8):
-                k = 128 * g + 16 * j + c
-                offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
-                x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL,
-                            ROUND_NORMED)  # fmt: skip
-                if UNPACK == MASKED:
-                    plane = _int4_plane_masked(words, high, j, zero, magic)
-                else:
-                    plane = _int4_plane(words, j, zero + 8388608.0)
-                if BLOCK_M == 1:
-                    group += plane * x[None, :]
-                else:
-                    group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
-            acc += group * scale[:, None]
+    if PREFETCH:
+        words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg)
+        for g in range(k_start // 128, k_end // 128):
+            after = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg)
+            acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
+                              magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED,
+                              UNPACK)  # fmt: skip
+            words, scale, zero = after
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            for t in tl.static_range(BLOCK_K // 128):
+                g = k0 // 128 + t
+                words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg)
+                acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end,
+                                  rstd, magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL,
+                                  ROUND_NORMED, UNPACK)  # fmt: skip
     if BLOCK_M == 1:  # noqa: SIM108 (one return: Triton types every return alike, even in a branch never compiled)
         product = tl.sum(acc, axis=1)[None, :]
     else:
@@ -260,6 +293,7 @@ def _gemv_kernel(
     USE_GDC: tl.constexpr,
     FORMAT: tl.constexpr,
     UNPACK: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """w_ptr, s_ptr, z_ptr: the weight as its FORMAT holds it (`Weight.tensors()`: DENSE rows, INT8 rows and a scale
     per row, INT4 packed rows and [groups, N] scales and zeros, stride_sg apart); res_ptr: the residual added in the
@@ -323,11 +357,11 @@ def _gemv_kernel(
     if FORMAT == INT4:
         acc = _int4_product(x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg,
                             k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT, NORM,
-                            HAS_RESIDUAL, ROUND_NORMED, UNPACK)  # fmt: skip
+                            HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
         if SILU_MUL:
             up = _int4_product(x_ptr, res_ptr, norm_ptr, up_rows, s_ptr, z_ptr, n + N, n_mask, m, M, stride_xm,
                                stride_sg, k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT,
-                               NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK)  # fmt: skip
+                               NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
     elif BLOCK_M == 1:
         x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
                           HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
@@ -553,6 +587,7 @@ def _launch(
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
         BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
         SPLIT_K=config.split_k, USE_GDC=gdc, FORMAT=FORMATS[fmt], UNPACK=UNPACKS[config.unpack],
+        PREFETCH=config.prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages, launch_pdl=gdc,
     )  # fmt: skip
