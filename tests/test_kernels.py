@@ -466,6 +466,15 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         "linear",
         {"fmt": "int4", "dtype": "fp16", "m": 5, "n": 48, "k": 384, "config": (16, 128, 1, 4, 3, False, "mask", True)},
     ),
+    # One row of int8 from its bytes (the plain form), and from words where K is no multiple of 4.
+    "int8-norm_silu-fp16-m1-bytes": (
+        "norm_linear",
+        {"fmt": "int8", "dtype": "fp16", "m": 1, "n": 24, "k": 160, "residual": True, "silu_mul": True,
+         "config": (16, 64, 1, 4, 3, False, "shift")},
+    ),
+    "int8-linear-fp32-m1-k-odd": (
+        "linear", {"fmt": "int8", "dtype": "fp32", "m": 1, "n": 20, "k": 202, "config": None},
+    ),
     "int4-dequantize-fp16": ("dequantize", {"fmt": "int4", "dtype": "fp16", "n": 37, "k": 384}),  # bf16: CUDA_CASES
     "int8-dequantize-fp16": ("dequantize", {"fmt": "int8", "dtype": "fp16", "n": 37, "k": 200}),
 }  # fmt: skip

@@ -293,8 +293,8 @@ L2_BYTES = 60e6  # more than the H200's L2: the sweep's graphs stream this many 
 
 
 def quant_candidates(fmt: str, m: int) -> list:
-    """The configs the quantized sweep times for `fmt` at m rows (int4 steps are whole groups of 128 inputs; each int4
-    tile is also timed with the planes unpacked by shifts, UNPACKS' other variant)."""
+    """The configs the quantized sweep times for `fmt` at m rows (int4 steps are whole groups of 128 inputs; some tiles
+    are also timed with UNPACKS' other variant, int4 planes or one row's int8 bytes unpacked by shifts)."""
     from engine.kernels.triton_gemv import GemvConfig
 
     if m == 1:  # int4: the more rows per thread, the less each one spends on x (and its norm) per weight
@@ -313,9 +313,9 @@ def quant_candidates(fmt: str, m: int) -> list:
     else:
         tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (32, 256, 4)]
         plain = [GemvConfig(bn, bk, sk, nw, ns) for bn, bk, nw in tiles for sk in (1, 2, 4) for ns in (3, 4)]
-    if fmt == "int4":
+    if fmt == "int4" or m == 1:  # int8 unpacks by mask for one row only
         plain += [dataclasses.replace(c, unpack="shift") for c in plain
-                  if c.split_k == 2 and c.num_stages == 3 and not c.prefetch]  # fmt: skip
+                  if c.split_k == 2 and c.num_stages == 3 and not c.prefetch and not c.tensor_cores]  # fmt: skip
     return plain
 
 

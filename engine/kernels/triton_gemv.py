@@ -31,10 +31,13 @@ the norm and the residual add only for one row (`engine.kernels` says why).
 The weight comes in one of three formats (`engine.weights`; FORMAT): dense rows; int8 rows, the product scaled once
 per row at the end; int4, packed 8 to an int32 word K-contiguous per row, groups of 128 inputs with a scale and zero
 point each (engine.quant has the layout). The int4 loop unpacks a group plane by plane (16 consecutive inputs per
-nibble position: one shift and one mask per word), each nibble or-ed into the mantissa of 2^23 so that subtracting
-2^23 + zero gives the exact integer `q - zero` with no conversion instruction, multiplies (one row) or dots (several,
-the exact integers in x's 16-bit dtype) it with x and scales the group's sum once. Prologue, epilogues and split-K
-are the same for every format; the quantized weights' first tiles go to L2 early under PDL.
+nibble position), each nibble masked in place and or-ed into the mantissa of 2^23 in one logic instruction, then one
+multiply-add gives the exact integer `q - zero` with no conversion instruction; it multiplies (one row) or dots
+(several, the exact integers in x's 16-bit dtype) it with x and scales the group's sum once. One row of int8 reads its
+bytes four to a word and unpacks them the same way. These kernels are bound by instructions, not bytes, so the
+unpacking is counted in the compiled code (BENCHMARKS.md); UNPACKS keeps the earlier shift-and-extract form for the
+sweep. Prologue, epilogues and split-K are the same for every format; the quantized weights' first tiles go to L2
+early under PDL.
 
 Configs are chosen by a fixed rule or the table of an earlier sweep (TUNED; no autotuning, so CUDA-graph capture never
 benchmarks); `python -m engine.kernels.bench_kernels --sweep` (dense) and `--quant-sweep` time alternatives on the GPU.
@@ -64,7 +67,9 @@ MAX_ROWS = 64  # larger batches go to cuBLAS, which is compute-efficient there
 DENSE, INT8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 FORMATS = {"dense": DENSE, "int8": INT8, "int4": INT4}  # the weight formats (engine.weights) this kernel runs
 SHIFTED, MASKED = tl.constexpr(0), tl.constexpr(1)
-UNPACKS = {"shift": SHIFTED, "mask": MASKED}  # how int4 planes are unpacked: _int4_plane, _int4_plane_masked
+# How int4 planes are unpacked (_int4_plane, _int4_plane_masked) and int8 bytes for one row (_values from bytes,
+# _int8_byte from words).
+UNPACKS = {"shift": SHIFTED, "mask": MASKED}
 # The bits of 2^23, passed as an argument: as a constant it would take an instruction of its own after the mask, as a
 # register the mask and the or are one three-input logic instruction (LOP3 takes one immediate).
 MAGIC = 0x4B000000
@@ -78,7 +83,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     tensor_cores: bool = False  # one row too through the several-row path (a dot with the row padded to 16)
-    unpack: str = "mask"  # int4 only: UNPACKS
+    unpack: str = "mask"  # how int4 planes and (one row) int8 bytes are unpacked: UNPACKS
     prefetch: bool = False  # int4 only: the next group's words in flight while one is unpacked (_int4_product)
 
 
@@ -140,6 +145,40 @@ def _values(w, FORMAT: tl.constexpr):
         biased = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000
         return biased.to(tl.float32, bitcast=True) - 8388736.0
     return w.to(tl.float32)
+
+
+@triton.jit
+def _int8_byte(words, high, b: tl.constexpr, magic):
+    """q in float32 for byte b of int8 weights packed four to an int32 word (bytes 2 and 3 from `high`, the words
+    shifted once by 16): the byte is masked in place and its sign bit flipped in one logic instruction, which leaves
+    2^23 + (q + 128) 2^(8 (b % 2)) as a float (`magic`: 2^23's bits, see MAGIC); one multiply-add undoes the bias
+    exactly. The plain conversion costs a byte extraction and a quarter-rate instruction per weight."""
+    shift: tl.constexpr = 8 * (b % 2)
+    src = words if b < 2 else high
+    biased = ((src & (0xFF << shift)) ^ (magic + (0x80 << shift))).to(tl.float32, bitcast=True)
+    return biased * (1.0 / (1 << shift)) - (8388608.0 / (1 << shift) + 128.0)
+
+
+@triton.jit
+def _int8_words_product(
+    x_ptr, res_ptr, norm_ptr, w_rows, n_mask, k_start, k_end, rstd, magic,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
+):  # fmt: skip
+    """The unscaled product [1, BLOCK_N] of one row of x with int8 weight rows read as int32 words (`w_rows` in
+    words), inputs k_start .. k_end: byte b of word w is input 4 w + b, so x comes in four strided planes."""
+    c = tl.arange(0, BLOCK_K // 4)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 4], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kw = k0 // 4 + c
+        live = n_mask[:, None] & (kw < k_end // 4)[None, :]
+        words = tl.load(w_rows + kw[None, :], mask=live, other=0, eviction_policy="evict_first")
+        high = words >> 16
+        for b in tl.static_range(4):
+            k = 4 * kw + b
+            x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k < k_end, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+            acc += _int8_byte(words, high, b, magic) * x[None, :]
+    return tl.sum(acc, axis=1)[None, :]
 
 
 @triton.jit
@@ -302,6 +341,7 @@ def _gemv_kernel(
     float32 [SPLIT_K, 1 or 2, M, N] products of each split and a zeroed counter per strip."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    INT8_WORDS: tl.constexpr = FORMAT == INT8 and BLOCK_M == 1 and UNPACK == MASKED  # _int8_words_product
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, BLOCK_M)
@@ -320,6 +360,11 @@ def _gemv_kernel(
             _prefetch_l2(w_ptr, w_rows, n_mask, k_start // 8, k_end // 8, BLOCK_K // 8)
             if SILU_MUL:
                 _prefetch_l2(w_ptr, up_rows, n_mask, k_start // 8, k_end // 8, BLOCK_K // 8)
+    elif INT8_WORDS:
+        if USE_GDC:
+            _prefetch_l2(w_ptr, w_rows, n_mask, k_start // 4, k_end // 4, BLOCK_K // 4)
+            if SILU_MUL:
+                _prefetch_l2(w_ptr, up_rows, n_mask, k_start // 4, k_end // 4, BLOCK_K // 4)
     elif BLOCK_M == 1:
         w_first = tl.load(w_rows + k_first[None, :], mask=n_mask[:, None] & mask_first[None, :], other=0.0,
                           eviction_policy="evict_first")  # fmt: skip
@@ -362,6 +407,14 @@ def _gemv_kernel(
             up = _int4_product(x_ptr, res_ptr, norm_ptr, up_rows, s_ptr, z_ptr, n + N, n_mask, m, M, stride_xm,
                                stride_sg, k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT,
                                NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
+    elif INT8_WORDS:
+        acc = _int8_words_product(x_ptr, res_ptr, norm_ptr, w_rows, n_mask, k_start, k_end, rstd, magic, BLOCK_N,
+                                  BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[None, :]
+        if SILU_MUL:
+            up = _int8_words_product(x_ptr, res_ptr, norm_ptr, up_rows, n_mask, k_start, k_end, rstd, magic,
+                                     BLOCK_N, BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+            up *= tl.load(s_ptr + n + N, mask=n_mask, other=0.0)[None, :]
     elif BLOCK_M == 1:
         x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
                           HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
@@ -553,13 +606,19 @@ def _launch(
     assert fmt != "int4" or config.block_k % 128 == 0, f"int4 takes whole groups of 128: BLOCK_K {config.block_k}"
     if data.stride(1) != 1:
         data = data.contiguous()
+    block_m = 1 if m == 1 and not config.tensor_cores else max(16, triton.next_power_of_2(m))
+    unpack = config.unpack
+    if fmt == "int8" and block_m == 1 and unpack == "mask":  # _int8_words_product: four weights to a word
+        if k % 4 == 0 and data.storage_offset() % 4 == 0:
+            data = data.view(torch.int32)
+        else:
+            unpack = "shift"
     residual, norm_weight, eps, h, squares = norm if norm is not None else (None, x2, 0.0, x2, None)  # x2: unused
     if add is not None:
         residual, squares = add
     normed_dtype = torch.promote_types(x2.dtype, norm_weight.dtype)
     out_dtype = torch.promote_types(normed_dtype, w.dtype)
     n, block_n = data.shape[0], config.block_n
-    block_m = 1 if m == 1 and not config.tensor_cores else max(16, triton.next_power_of_2(m))
     if silu_mul:  # gate and up strips of half the width: the same weight bytes per program as the plain GEMV
         n, block_n = n // 2, max(block_n // 2, 1 if block_m == 1 else 16)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
@@ -586,7 +645,7 @@ def _launch(
         NATIVE_DOT=native_dot, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
         BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
-        SPLIT_K=config.split_k, USE_GDC=gdc, FORMAT=FORMATS[fmt], UNPACK=UNPACKS[config.unpack],
+        SPLIT_K=config.split_k, USE_GDC=gdc, FORMAT=FORMATS[fmt], UNPACK=UNPACKS[unpack],
         PREFETCH=config.prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages, launch_pdl=gdc,
