@@ -466,7 +466,7 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         "linear",
         {"fmt": "int4", "dtype": "fp16", "m": 5, "n": 48, "k": 384, "config": (16, 128, 1, 4, 3, False, "mask", True)},
     ),
-    # One row of int8 from its bytes (the plain form), and from words where K is no multiple of 4.
+    # One row of int8 from its bytes (the plain form, also where K is no multiple of 4), not from int32 words.
     "int8-norm_silu-fp16-m1-bytes": (
         "norm_linear",
         {"fmt": "int8", "dtype": "fp16", "m": 1, "n": 24, "k": 160, "residual": True, "silu_mul": True,
@@ -509,6 +509,37 @@ def test_triton_interpreted_compiles_for_sm90(name: str, compiled_results: dict[
 
 
 # Real CodeLlama shapes, compiled, only where there is a GPU.
+def _sass_ops(spec: Any) -> dict[str, int]:
+    """How often each SASS opcode occurs in a recorded launch compiled for sm_90 (Triton's own ptxas and cuobjdump)."""
+    from triton.tools.disasm import get_sass
+
+    from engine.kernels.compile_ahead import compile_spec
+
+    ops: dict[str, int] = {}
+    for line in get_sass(compile_spec(spec).asm["cubin"]).splitlines():
+        fields = line.split("\t")
+        if len(fields) == 2 and fields[1]:
+            op = fields[1].split()[0]
+            op = fields[1].split()[1] if op.startswith("@") else op
+            ops[op.split(".")[0]] = ops.get(op.split(".")[0], 0) + 1
+    return ops
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_int4_unpack_by_mask_takes_one_logic_instruction_per_nibble() -> None:
+    """The int4 GEMV is bound by instructions: unpacked by mask, a nibble costs one logic instruction and two
+    multiply-adds (q - zero, then times x) in the compiled one-row kernel; by shifts it costs a shift, a bit-field
+    extract and an or, and a subtraction and one multiply-add. Counted over the whole kernel, compiled on the CPU."""
+    launches = interpreted.launches_of("tests.test_kernels")
+    (masked,) = launches["int4-linear-bf16-m1"]
+    (shifted,) = launches["int4-linear-bf16-m1-shift"]
+    ratio = {}
+    for name, spec in (("mask", masked), ("shift", shifted)):
+        ops = _sass_ops(spec)
+        ratio[name] = sum(ops.get(op, 0) for op in ("LOP3", "SHF", "SGXT", "BMSK", "PRMT")) / ops["FFMA"]
+    assert ratio["mask"] < 1.25 < 2 < ratio["shift"], ratio  # the loop's 1 + 1/8 per 2 FFMA, and its x and addresses
+
+
 CUDA_CASES = {
     "silu_mul-7b": ("silu_mul", {"dtype": "bf16", "rows": 32, "dim": 11008}),
     "rms_norm-7b": ("rms_norm", {"dtype": "bf16", "rows": 8, "dim": 4096}),
