@@ -160,7 +160,7 @@ def test_the_demo_evaluation_scores_quantized_weights() -> None:
     base, int8 = res["formats"]["unquantized"], res["formats"]["int8"]
     assert res["lines"] == 6 and base["same_infill"] == 1.0
     assert 0 < abs(int8["perplexity"] / base["perplexity"] - 1) < 0.02
-    assert "int8 perplexity" in ev._quant_summary(res)
+    assert "- int8: perplexity" in ev._quant_summary(res)
     model, _ = ev.load(DEMO_DIR, torch.device("cpu"))
     head, down = model.lm_head.weight.clone(), model.model.layers[0].mlp.down_proj.weight.clone()
     ev.round_trip(model, "int4")
