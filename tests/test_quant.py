@@ -165,3 +165,17 @@ def test_the_demo_evaluation_scores_quantized_weights() -> None:
     head, down = model.lm_head.weight.clone(), model.model.layers[0].mlp.down_proj.weight.clone()
     ev.round_trip(model, "int4")
     assert torch.equal(model.lm_head.weight, head) and not torch.equal(model.model.layers[0].mlp.down_proj.weight, down)
+
+
+def test_every_command_that_runs_the_engine_documents_quant(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--quant` (and `--quant-head`) in the --help of the app and of every subcommand that loads a model here."""
+    from engine.demo.evaluate import main as evaluate
+    from tui.cli import build_parser
+
+    parsers = build_parser()
+    for command in ("app", "generate", "chat", "serve", "bench-serve", "web", "bench"):
+        text = parsers[command].format_help()
+        assert "--quant" in text and "--quant-head" in text and "nf4" in text, command
+    with pytest.raises(SystemExit):
+        evaluate(["--help"])
+    assert "--quant LIST" in capsys.readouterr().out
