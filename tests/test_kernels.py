@@ -476,6 +476,24 @@ def test_triton_interpreted_compiles_for_sm90(name: str, compiled_results: dict[
         pytest.fail(compiled_results[name], pytrace=False)
 
 
+def test_quantized_cases_compile_their_own_kernels_for_sm90(compiled_results: dict[str, str]) -> None:
+    """The int8 and int4 cases' launches are in the compile check as the bf16 ones are: each records its format's
+    GEMV (the FORMAT constexpr, triton_gemv.FORMATS) or dequantize kernel, and they compile."""
+    gemv_format = {"int8": 1, "int4": 2}
+    for name, specs in interpreted.launches_of("tests.test_kernels").items():
+        check, kwargs = INTERPRETED_CASES[name]
+        fmt = kwargs.get("fmt")
+        if fmt is None:
+            continue
+        if check == "dequantize":
+            assert {(s.module, s.name) for s in specs} == {("engine.kernels.triton_dequant", f"_{fmt}_kernel")}, name
+        else:
+            formats = {getattr(v, "value", v) for s in specs for path, v in s.constants.items()
+                       if list(s.signature)[path[0]] == "FORMAT"}  # fmt: skip
+            assert formats == {gemv_format[fmt]}, name
+        assert compiled_results[name] == "ok", name
+
+
 # Real CodeLlama shapes, compiled, only where there is a GPU.
 CUDA_CASES = {
     "silu_mul-7b": ("silu_mul", {"dtype": "bf16", "rows": 32, "dim": 11008}),
