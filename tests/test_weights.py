@@ -92,7 +92,7 @@ def test_each_weight_knows_its_bytes() -> None:
 @pytest.mark.parametrize(
     ("cfg", "world", "expected"),
     [
-        (ModelConfig(**{**CFG.__dict__, "dim": 192}), 1, "needs inputs in whole groups of 128: the attention QKV"),
+        (ModelConfig(**{**CFG.__dict__, "dim": 192}), 1, "need inputs in whole groups of 128: the attention QKV"),
         (CFG, 2, "2 GPUs split the down projection's 384 inputs into 192 per GPU, not whole int4 groups of 128"),
     ],
 )
