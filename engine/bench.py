@@ -343,6 +343,10 @@ def main(args: argparse.Namespace) -> int:
         for name, error in errors.items():
             print(f"  {name:<10} {error:.3e}")
         return 0
+    if args.baseline and (device.type != "cuda" or args.tp > 1):
+        what = "transformers + bitsandbytes load_in_4bit" if "nf4" in (args.quant or []) else "transformers"
+        where = "on CUDA" if device.type != "cuda" else "with --tp 1 (it needs the whole model in one process)"
+        print(f"--baseline: {what} is timed only {where}; not available in this run", file=sys.stderr)
     copy_gbps = copy_bandwidth(device)
     formats: list[str | None] = [*(args.quant or []), *([None] if not (args.quant and args.quant_only) else [])]
     runs: dict[str, dict] = {}

@@ -129,14 +129,17 @@ def scheme_of(path: Path) -> Scheme | None:
 
 
 def model_quant(path: Path, name: str | None, head: bool) -> tuple[Quant, Scheme | None]:
-    """The weight types for the checkpoint at `path` under `--quant NAME` (`--quant-head`), and its scheme when it is
-    already quantized (then `--quant` is one line)."""
+    """The weight types for the checkpoint at `path` quantized at load to `name` (`head`: the LM head too), and its
+    scheme when it is already quantized (then quantizing at load is one line)."""
     scheme = scheme_of(path)
     if scheme is None:
         return Quant.of(name, head), None
     if name or head:
-        option = f"--quant {name}" if name else "--quant-head"
-        raise CheckpointError(f"{path}: already quantized ({scheme.name}); drop {option}")
+        again = f"quantized again to {name}" if name else "its LM head quantized"
+        raise CheckpointError(
+            f"{path}: already quantized ({scheme.name}); it loads as it is, not {again}",
+            fields=("quant",) if name else ("quant_head",),
+        )
     return scheme.quant, scheme
 
 
@@ -242,8 +245,9 @@ class Repacker:
                 perm = cols - src
                 if ((perm < 0) | (perm >= size)).any():
                     raise CheckpointError(
-                        f"{name}: its act order (g_idx) mixes the inputs of GPUs under --tp "
-                        f"{self.model.par.world}; run it with --tp 1"
+                        f"{name}: its act order (g_idx) mixes the inputs of GPUs under tensor parallelism over "
+                        f"{self.model.par.world}; run it on one GPU",
+                        fields=("tp",),
                     )
         q = q[rows] if cols is None else q[rows][:, cols]
         stored = {"qweight": quant.pack_int4(q), "scales": scales[groups][:, rows], "zeros": zeros[groups][:, rows]}

@@ -119,7 +119,7 @@ def quantize_nf4(w: Tensor) -> tuple[Tensor, Tensor]:
     try:
         import bitsandbytes.functional as bnb
     except ImportError:
-        raise EngineError("--quant nf4 needs bitsandbytes (pip install bitsandbytes)") from None
+        raise EngineError("nf4 weights need bitsandbytes (pip install bitsandbytes)", fields=("quant",)) from None
     n, k = w.shape
     packed = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(n, k // NF4_BLOCK, dtype=torch.float32, device=w.device)

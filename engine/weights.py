@@ -312,7 +312,7 @@ class Quant:
     def of(cls, name: str | None, head: bool = False) -> Quant:
         """`--quant NAME` (None: dense) and `--quant-head`."""
         if name is not None and name not in QUANT:
-            raise EngineError(f"unknown --quant '{name}'; choose {' or '.join(QUANT)}")
+            raise EngineError(f"unknown quantization '{name}'; choose {' or '.join(QUANT)}", fields=("quant",))
         return cls(name or "dense", name if head and name else "dense")
 
     def make(self, n: int, k: int, head: bool = False) -> Weight:
@@ -324,8 +324,8 @@ class Quant:
         return self.layers + (f" + {self.head} head" if self.head != "dense" else "")
 
     def check(self, cfg: ModelConfig, shard: Shard, world: int) -> None:
-        """One line where int4 or nf4 cannot hold the model: inputs not in whole groups (blocks), or a `--tp` that
-        splits one."""
+        """One line where int4 or nf4 cannot hold the model: inputs not in whole groups (blocks), or a tensor-parallel
+        size that splits one."""
         for fmt, group, unit in (("int4", quant.GROUP, "groups"), ("nf4", quant.NF4_BLOCK, "blocks")):
             inputs = [  # (projection, its inputs, this rank's), for every weight of the format
                 ("attention QKV", cfg.dim, cfg.dim),
@@ -336,13 +336,15 @@ class Quant:
             for name, full, local in inputs:
                 if full % group:
                     raise EngineError(
-                        f"--quant {fmt} needs inputs in whole {unit} of {group}: the {name} projection has {full}; "
-                        "use --quant int8"
+                        f"{fmt} weights need inputs in whole {unit} of {group}: the {name} projection has {full}; "
+                        "choose int8",
+                        fields=("quant",),
                     )
                 if local % group:
                     raise EngineError(
-                        f"--tp {world} splits the {name} projection's {full} inputs into {local} per GPU, not whole "
-                        f"{fmt} {unit} of {group}; choose a --tp that keeps them whole"
+                        f"{world} GPUs split the {name} projection's {full} inputs into {local} per GPU, not whole "
+                        f"{fmt} {unit} of {group}; choose a tensor-parallel size that keeps them whole",
+                        fields=("tp",),
                     )
 
 

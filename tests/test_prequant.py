@@ -133,7 +133,10 @@ def test_tensor_parallel_gptq_gives_the_tokens_of_tp1(tiny_int4_dir: Path) -> No
 def test_an_act_order_that_mixes_the_ranks_inputs_is_one_line(tiny_int4_dir: Path) -> None:
     path, _ = _hub(tiny_int4_dir, "gptq-act-order")
     line = error_line(cli("generate", "--model", str(path), "--device", "cpu", "--tp", "2", "--prompt", "x"))
-    assert "o_proj: its act order (g_idx) mixes the inputs of GPUs under --tp 2; run it with --tp 1" in line
+    expected = (
+        "o_proj: its act order (g_idx) mixes the inputs of GPUs under tensor parallelism over 2; run it on one GPU"
+    )
+    assert f"{expected} (--tp)" in line
 
 
 def _with_config(src: Path, dst: Path, quantization: dict | None, drop: str = "") -> Path:
@@ -195,7 +198,7 @@ def test_bad_hub_checkpoints_are_one_line(tiny_int4_dir: Path, codellama_tokeniz
     three = _with_config(path, tmp_path / "three", {"quant_method": "gptq", "bits": 3, "group_size": 128})
     assert f"GPTQ with 3 bits; {TAKE}" in error_line(cli("generate", "--model", str(three), "--prompt", "x"))
     line = error_line(cli("generate", "--model", str(path), "--quant", "int8", "--prompt", "x"))
-    assert "already quantized (gptq); drop --quant int8" in line
+    assert "already quantized (gptq); it loads as it is, not quantized again to int8 (--quant)" in line
     no_g_idx = _with_config(path, tmp_path / "no-g-idx", None, drop=".g_idx")
     line = error_line(cli("generate", "--model", str(no_g_idx), "--device", "cpu", "--prompt", "x"))
     assert "model.layers.0.mlp.down_proj: no g_idx, which an act-order (desc_act) GPTQ checkpoint needs" in line
@@ -204,4 +207,5 @@ def test_bad_hub_checkpoints_are_one_line(tiny_int4_dir: Path, codellama_tokeniz
     make_hub_checkpoint(dense, tmp_path / "three-groups", "gptq")
     line = error_line(cli("generate", "--model", str(tmp_path / "three-groups"), "--device", "cpu", "--tp", "2",
                           "--prompt", "x"))  # fmt: skip
-    assert "--tp 2 splits the down projection's 384 inputs into 192 per GPU, not whole int4 groups of 128" in line
+    assert "2 GPUs split the down projection's 384 inputs into 192 per GPU, not whole int4 groups of 128" in line
+    assert line.endswith("choose a tensor-parallel size that keeps them whole (--tp)")

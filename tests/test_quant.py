@@ -130,13 +130,13 @@ def test_quant_on_an_already_quantized_checkpoint_is_one_line(tiny_model_dir: Pa
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (quantized / "config.json").write_text(json.dumps(cfg))
     line = error_line(cli("generate", "--model", str(quantized), "--device", "cpu", "--quant", "int8", "--prompt", "x"))
-    assert "already quantized (gptq); drop --quant int8" in line
+    assert "already quantized (gptq); it loads as it is, not quantized again to int8 (--quant)" in line
 
 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (("--tp", "2", "--quant", "int4"), "--tp 2 splits the down projection's 896 inputs into 448 per GPU"),
+        (("--tp", "2", "--quant", "int4"), "2 GPUs split the down projection's 896 inputs into 448 per GPU"),
         (("--quant", "int3"), "invalid choice: 'int3'"),
     ],
 )
@@ -147,7 +147,7 @@ def test_bad_quant_input_is_one_line(args: tuple[str, ...], expected: str) -> No
 def test_int4_on_a_model_without_whole_groups_is_one_line(tiny_model_dir: Path) -> None:
     line = error_line(cli("generate", "--model", str(tiny_model_dir), "--device", "cpu", "--quant", "int4", "--prompt",
                           "x"))  # fmt: skip
-    assert "the attention QKV projection has 64; use --quant int8" in line
+    assert "the attention QKV projection has 64; choose int8 (--quant)" in line
 
 
 def test_the_demo_evaluation_scores_quantized_weights() -> None:
@@ -160,8 +160,22 @@ def test_the_demo_evaluation_scores_quantized_weights() -> None:
     base, int8 = res["formats"]["unquantized"], res["formats"]["int8"]
     assert res["lines"] == 6 and base["same_infill"] == 1.0
     assert 0 < abs(int8["perplexity"] / base["perplexity"] - 1) < 0.02
-    assert "int8 perplexity" in ev._quant_summary(res)
+    assert "- int8: perplexity" in ev._quant_summary(res)
     model, _ = ev.load(DEMO_DIR, torch.device("cpu"))
     head, down = model.lm_head.weight.clone(), model.model.layers[0].mlp.down_proj.weight.clone()
     ev.round_trip(model, "int4")
     assert torch.equal(model.lm_head.weight, head) and not torch.equal(model.model.layers[0].mlp.down_proj.weight, down)
+
+
+def test_every_command_that_runs_the_engine_documents_quant(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--quant` (and `--quant-head`) in the --help of the app and of every subcommand that loads a model here."""
+    from engine.demo.evaluate import main as evaluate
+    from tui.cli import build_parser
+
+    parsers = build_parser()
+    for command in ("app", "generate", "chat", "serve", "bench-serve", "web", "bench"):
+        text = parsers[command].format_help()
+        assert "--quant" in text and "--quant-head" in text and "nf4" in text, command
+    with pytest.raises(SystemExit):
+        evaluate(["--help"])
+    assert "--quant LIST" in capsys.readouterr().out

@@ -92,8 +92,8 @@ def test_each_weight_knows_its_bytes() -> None:
 @pytest.mark.parametrize(
     ("cfg", "world", "expected"),
     [
-        (ModelConfig(**{**CFG.__dict__, "dim": 192}), 1, "needs inputs in whole groups of 128: the attention QKV"),
-        (CFG, 2, "--tp 2 splits the down projection's 384 inputs into 192 per GPU, not whole int4 groups of 128"),
+        (ModelConfig(**{**CFG.__dict__, "dim": 192}), 1, "need inputs in whole groups of 128: the attention QKV"),
+        (CFG, 2, "2 GPUs split the down projection's 384 inputs into 192 per GPU, not whole int4 groups of 128"),
     ],
 )
 def test_int4_shapes_it_cannot_hold_are_one_line(cfg: ModelConfig, world: int, expected: str) -> None:
@@ -104,7 +104,7 @@ def test_int4_shapes_it_cannot_hold_are_one_line(cfg: ModelConfig, world: int, e
 
 
 def test_unknown_quant_is_one_line() -> None:
-    with pytest.raises(EngineError, match="unknown --quant 'int3'; choose int8 or int4"):
+    with pytest.raises(EngineError, match="unknown quantization 'int3'; choose int8 or int4"):
         Quant.of("int3")
 
 

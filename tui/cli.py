@@ -55,6 +55,8 @@ FLAGS = {
     "tp": "--tp",
     "max_batch": "--max-batch",
     "max_seq_len": "--max-seq-len",
+    "quant": "--quant",
+    "quant_head": "--quant-head",
     "url": "--url",
     "api_key": "--api-key",
     "served_model": "--served-model",
