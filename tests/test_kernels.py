@@ -544,10 +544,11 @@ def _sass_ops(spec: Any) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-def test_int4_unpack_by_mask_takes_one_logic_instruction_per_nibble() -> None:
+def test_interpreted_int4_launch_unpacks_by_mask_in_one_logic_instruction_per_nibble() -> None:
     """The int4 GEMV is bound by instructions: unpacked by mask, a nibble costs one logic instruction and two
     multiply-adds (q - zero, then times x) in the compiled one-row kernel; by shifts it costs a shift, a bit-field
-    extract and an or, and a subtraction and one multiply-add. Counted over the whole kernel, compiled on the CPU."""
+    extract and an or, and a subtraction and one multiply-add. Counted over the whole kernel, compiled on the CPU from
+    the interpreted cases' launches (named so: .ci/gpu-check's -k leaves it to the CPU run)."""
     launches = interpreted.launches_of("tests.test_kernels")
     (masked,) = launches["int4-linear-bf16-m1"]
     (shifted,) = launches["int4-linear-bf16-m1-shift"]
