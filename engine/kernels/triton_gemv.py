@@ -155,7 +155,8 @@ def _int8_byte(words, high, b: tl.constexpr, magic):
     exactly. The plain conversion costs a byte extraction and a quarter-rate instruction per weight."""
     shift: tl.constexpr = 8 * (b % 2)
     src = words if b < 2 else high
-    biased = ((src & (0xFF << shift)) ^ (magic + (0x80 << shift))).to(tl.float32, bitcast=True)
+    flip = magic + (0x80 << shift)  # an add, not an or: the compiler splits an or of the two into a second xor
+    biased = ((src & (0xFF << shift)) ^ flip).to(tl.float32, bitcast=True)
     return biased * (1.0 / (1 << shift)) - (8388608.0 / (1 << shift) + 128.0)
 
 
