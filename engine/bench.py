@@ -13,19 +13,22 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from engine.config import DEMO_DIR, ModelConfig, model_dir, shape_config
 from engine.engine import Engine
+from engine.errors import OutOfMemoryError
 from engine.events import Finished, ModelInfo
 from engine.loader import pick_device, pick_dtype
 from engine.model import Llama
-from engine.parallel import SINGLE, Parallel
+from engine.parallel import SINGLE, Parallel, Shard
 from engine.requests import EngineSpec, Request, SamplingParams
 from engine.runner import Row, compile_ahead
 from engine.tokenizer import Tokenizer
+from engine.weights import Quant
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -56,19 +59,19 @@ def greedy_row(token: int, position: int, slot: int, top_k: int = 40) -> Row:
 
 
 def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Parallel = SINGLE) -> tuple[Engine, float]:
-    """An engine on random weights (normal, std 0.02; norms 1) at a real shape; returns it and the init time."""
+    """An engine on random weights (normal, std 0.02; norms 1) at a real shape, quantized as `spec` says; returns it
+    and the init time."""
     device, dtype = pick_device(spec.device), pick_dtype(spec.dtype, pick_device(spec.device))
+    quant = Quant.of(spec.quant, spec.quant_head)
+    quant.check(cfg, Shard.of(cfg, par.world), par.world)
     start = _now(device)
-    with compile_ahead(cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world) as compiling:
+    with compile_ahead(
+        cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant
+    ) as compiling:
         recorded = _now(device)
-        model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype)
+        model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype, quant)
         built = _now(device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=gen)
+        randomize(model, torch.Generator(device=device).manual_seed(0))
         filled = _now(device)
         model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
         cached = _now(device)
@@ -78,10 +81,60 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
         file=sys.stderr,
     )
     info = ModelInfo(name=f"random {cfg.dim}", flavour="base", can_infill=tok.can_infill, device=str(device),
-                     dtype=str(dtype), tp=par.world, context=spec.max_seq_len, vocab_size=cfg.vocab_size)  # fmt: skip
+                     dtype=str(dtype), tp=par.world, context=spec.max_seq_len, vocab_size=cfg.vocab_size,
+                     quant=spec.quant)  # fmt: skip
     engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs)
     engine.compiled_ahead = compiling
     return engine, load_s
+
+
+@torch.no_grad()
+def randomize(model: Llama, gen: torch.Generator) -> None:
+    """Random weights: normal with std 0.02 (quantized from such dense weights, one at a time), norms 1."""
+    for p in model.parameters():  # the dense projections among them
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.02, generator=gen)
+    for w in model.weights():
+        if w.format != "dense":
+            dense = torch.empty(w.shape, device=gen.device, dtype=model.norm.dtype).normal_(0, 0.02, generator=gen)
+            w.fill(dense)
+
+
+@torch.inference_mode()
+def logits_error(cfg: ModelConfig, formats: list[str], device: torch.device, dtype: torch.dtype, tokens: int = 128):
+    """`||logits - reference|| / ||reference||` of a prefill of `tokens` random ids, with the projections of one
+    random model quantized to each of `formats` (and, for a float32 reference, the unquantized model in bfloat16),
+    against that model unquantized in `dtype`."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    reference = Llama.empty(cfg, tokens, SINGLE, device, dtype)
+    randomize(reference, gen)
+    ids = torch.randint(3, cfg.vocab_size - 1, (tokens,), generator=gen, device=device)
+
+    def prefill(model: Llama) -> torch.Tensor:
+        model.setup_cache(1, tokens, model.norm.dtype)
+        logits = model.prefill(ids, 0, 0, all_logits=True).float()
+        model.cache = None
+        return logits
+
+    expected = prefill(reference)
+    variants = [(fmt, Quant.of(fmt), dtype) for fmt in formats]
+    if dtype == torch.float32:
+        variants.append(("bfloat16", Quant(), torch.bfloat16))
+    errors = {}
+    for name, quant, variant_dtype in variants:
+        model = Llama.empty(cfg, tokens, SINGLE, device, variant_dtype, quant)
+        model.tok_embeddings.copy_(reference.tok_embeddings)
+        model.norm.copy_(reference.norm)
+        for ours, theirs in zip(model.layers, reference.layers, strict=True):
+            ours.attention_norm.copy_(theirs.attention_norm)
+            ours.ffn_norm.copy_(theirs.ffn_norm)
+        for ours, theirs in zip(model.weights(), reference.weights(), strict=True):
+            ours.fill(theirs.dense().to(variant_dtype))
+        errors[name] = float((prefill(model) - expected).norm() / expected.norm())
+        del model
+    return errors
 
 
 def random_rank(spec: EngineSpec, progress: object, par: Parallel, shape: str, tokenizer: str) -> Engine:
@@ -159,7 +212,8 @@ def engine_rate(engine: Engine, tokens: int) -> float:
 
 
 def hf_twin(engine: Engine):
-    """A transformers LlamaForCausalLM holding exactly the engine's weights (unfused), on the same device."""
+    """A transformers LlamaForCausalLM holding exactly the engine's weights (unfused; quantized ones dequantized), on
+    the same device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m, cfg = engine.model, engine.model.cfg
@@ -175,20 +229,41 @@ def hf_twin(engine: Engine):
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     with torch.no_grad():
         hf.model.embed_tokens.weight.copy_(m.tok_embeddings[: cfg.vocab_size])
-        hf.lm_head.weight.copy_(m.output[: cfg.vocab_size])
+        hf.lm_head.weight.copy_(m.output.dense()[: cfg.vocab_size])
         hf.model.norm.weight.copy_(m.norm)
         for ours, theirs in zip(m.layers, hf.model.layers, strict=True):
-            a, f = ours.attention, ours.feed_forward
-            theirs.self_attn.q_proj.weight.copy_(a.wqkv[:q])
-            theirs.self_attn.k_proj.weight.copy_(a.wqkv[q : q + kv])
-            theirs.self_attn.v_proj.weight.copy_(a.wqkv[q + kv :])
-            theirs.self_attn.o_proj.weight.copy_(a.wo)
-            theirs.mlp.gate_proj.weight.copy_(f.w13[: cfg.intermediate])
-            theirs.mlp.up_proj.weight.copy_(f.w13[cfg.intermediate :])
-            theirs.mlp.down_proj.weight.copy_(f.w2)
+            wqkv, w13 = ours.attention.wqkv.dense(), ours.feed_forward.w13.dense()
+            theirs.self_attn.q_proj.weight.copy_(wqkv[:q])
+            theirs.self_attn.k_proj.weight.copy_(wqkv[q : q + kv])
+            theirs.self_attn.v_proj.weight.copy_(wqkv[q + kv :])
+            theirs.self_attn.o_proj.weight.copy_(ours.attention.wo.dense())
+            theirs.mlp.gate_proj.weight.copy_(w13[: cfg.intermediate])
+            theirs.mlp.up_proj.weight.copy_(w13[cfg.intermediate :])
+            theirs.mlp.down_proj.weight.copy_(ours.feed_forward.w2.dense())
             theirs.input_layernorm.weight.copy_(ours.attention_norm)
             theirs.post_attention_layernorm.weight.copy_(ours.ffn_norm)
-        hf.model.rotary_emb.__init__(hf_cfg, device=engine.device)
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg).to(engine.device)  # its tables, not meta's garbage
+    return hf
+
+
+def bnb_4bit(hf):
+    """Turn the twin's projections into bitsandbytes' `Linear4bit` (nf4, blocksize 64, compute in the model's dtype),
+    the modules `from_pretrained(..., load_in_4bit=True)` builds; quantized from its dequantized nf4 weights, which
+    gives back the same bytes (each block's largest value is a code of +-1 times its absmax)."""
+    import bitsandbytes as bnb
+
+    dtype = hf.model.norm.weight.dtype
+    for layer in hf.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                four = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=dtype,
+                                         quant_type="nf4", device="meta")  # fmt: skip
+                four.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                                blocksize=64, compress_statistics=False,  # load_in_4bit's default
+                                                ).to(linear.weight.device)  # fmt: skip
+                setattr(parent, name, four)
     return hf
 
 
@@ -255,6 +330,44 @@ def graph_step_ms(engine: Engine, batch: int, position: int, steps: int) -> floa
 
 
 def main(args: argparse.Namespace) -> int:
+    """One run per `--quant` format, then the unquantized dtype (unless `--quant-only`), each with its own table;
+    with several, a table of their ratios. `--json` keeps the numbers, per format when there are several."""
+    device = pick_device(args.device)
+    if args.logits_error:
+        cfg = shape_config(args.shape or "7b")
+        cfg = replace(cfg, n_layers=min(args.layers or cfg.n_layers, cfg.n_layers))
+        dtype = pick_dtype(args.dtype, device)
+        errors = logits_error(cfg, args.quant or ["int8", "int4"], device, dtype)
+        what = f"random CodeLlama-{args.shape or '7b'}-shaped weights ({cfg.n_layers} layers), 128 tokens, on {device}"
+        print(f"logits' relative error against the unquantized model in {str(dtype).removeprefix('torch.')}, {what}:")
+        for name, error in errors.items():
+            print(f"  {name:<10} {error:.3e}")
+        return 0
+    if args.baseline and (device.type != "cuda" or args.tp > 1):
+        what = "transformers + bitsandbytes load_in_4bit" if "nf4" in (args.quant or []) else "transformers"
+        where = "on CUDA" if device.type != "cuda" else "with --tp 1 (it needs the whole model in one process)"
+        print(f"--baseline: {what} is timed only {where}; not available in this run", file=sys.stderr)
+    copy_gbps = copy_bandwidth(device)
+    formats: list[str | None] = [*(args.quant or []), *([None] if not (args.quant and args.quant_only) else [])]
+    runs: dict[str, dict] = {}
+    for quant in formats:
+        name = quant or str(pick_dtype(args.dtype, device)).removeprefix("torch.")
+        try:
+            runs[name] = measure(args, quant, copy_gbps)
+        except (OutOfMemoryError, torch.OutOfMemoryError) as err:
+            print(f"{name}: does not fit ({str(err).splitlines()[0][:200]})", file=sys.stderr)
+            runs[name] = {"does_not_fit": True}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if len(runs) > 1:
+        print("\n" + ratios(runs, [int(b) for b in args.batch.split(",")]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs if len(runs) > 1 else next(iter(runs.values())), indent=2))
+    return 0
+
+
+def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> dict[str, object]:
+    """Build the engine (weights quantized at load to `quant`, None: as they are), time it, print its table."""
     batches = [int(b) for b in args.batch.split(",")]
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     device = pick_device(args.device)
@@ -262,10 +375,12 @@ def main(args: argparse.Namespace) -> int:
     need = max(max(prompt_lens), 128 + args.steps + 16) + 64
     spec = EngineSpec(
         model=args.model, device=str(device), dtype=str(dtype).removeprefix("torch."), max_batch=max(batches),
-        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp,
+        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp, quant=quant,
+        quant_head=args.quant_head and quant is not None,
     )  # fmt: skip
     out: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    out["copy_GBps"] = copy_bandwidth(device)
+    out["copy_GBps"] = copy_gbps
+    out["quant"] = Quant.of(quant, spec.quant_head).name
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
     start = time.perf_counter()
     if args.shape and not args.model:
@@ -283,12 +398,13 @@ def main(args: argparse.Namespace) -> int:
         engine = Engine.load(spec)
         out["load_s"] = time.perf_counter() - start - engine.runner.capture_s
         out["model"] = str(model_dir(args.model))
+        out["quant"] = engine.info.quant or out["quant"]  # a GPTQ, AWQ or converted checkpoint's own
     if engine.compiled_ahead is not None:
         print(engine.compiled_ahead, file=sys.stderr)
     out["capture_s"] = engine.runner.capture_s
     out["tune_s"] = engine.runner.tune_s
     out["startup_s"] = time.perf_counter() - start
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in engine.model.parameters()}.values())
+    weights = engine.model.nbytes()
     out["weights_GB"] = weights / 1e9
     out["roofline_tps"] = out["copy_GBps"] * 1e9 / weights
     for b in batches:
@@ -310,8 +426,11 @@ def main(args: argparse.Namespace) -> int:
         out["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.baseline and args.tp == 1:  # the twin needs the whole model in this process
             hf = hf_twin(engine)
+            timed = bnb_4bit(hf_twin(engine)) if quant == "nf4" else hf  # nf4: as transformers runs load_in_4bit
             for b in (1, 32) if 32 in batches else (1,):
-                out[f"hf_b{b}_tps"] = hf_rate(hf, b, min(args.steps, 32), device)
+                out[f"hf_b{b}_tps"] = hf_rate(timed, b, min(args.steps, 32), device)
+            out["baseline"] = "transformers + bitsandbytes nf4" if quant == "nf4" else "transformers"
+            del timed
             out.update(conformance(engine, hf))
             del hf
     print(table(out, batches, prompt_lens))
@@ -322,14 +441,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"\n{what}, GPU time per kernel (total {sum(t for _, t in out[key]):.0f} us):")
             for name, t in out[key][:16]:
                 print(f"  {t:9.1f} us  {name}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
     engine.close()  # with --tp, ends the other ranks
-    return 0
+    return out
 
 
 def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
-    lines = [f"codellama-tui bench: {r['model']} on {r['device']}", ""]
+    weights = f", {r['quant']} weights" if r.get("quant", "dense") != "dense" else ""
+    lines = [f"codellama-tui bench: {r['model']} on {r['device']}{weights}", ""]
     lines.append(f"{'figure':<44} {'value':>12}")
     lines.append(f"{'copy bandwidth (read+write)':<44} {r['copy_GBps']:>9.0f} GB/s")
     lines.append(f"{'weights':<44} {r['weights_GB']:>10.2f} GB")
@@ -348,11 +466,12 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
     lines.append(f"{'    of which Triton/cuBLAS choice per shape':<44} {r['tune_s']:>11.2f} s")
     if "peak_GiB" in r:
         lines.append(f"{'peak GPU memory':<44} {r['peak_GiB']:>9.1f} GiB")
-    for key, label in (("hf_b1_tps", "transformers generate(), batch 1"), ("hf_b32_tps", "transformers, batch 32")):
+    baseline = r.get("baseline", "transformers")
+    for key, label in (("hf_b1_tps", f"{baseline} generate(), batch 1"), ("hf_b32_tps", f"{baseline}, batch 32")):
         if key in r:
             lines.append(f"{label:<44} {r[key]:>8.1f} tok/s")
     if "hf_b1_tps" in r:
-        lines.append(f"{'speed-up over transformers, batch 1':<44} {r['decode_b1_tps'] / r['hf_b1_tps']:>10.1f} x")
+        lines.append(f"{f'speed-up over {baseline}, batch 1':<44} {r['decode_b1_tps'] / r['hf_b1_tps']:>10.1f} x")
     if "logits_rel_err" in r:
         lines.append(f"{'logits vs transformers bf16 (relative error)':<44} {r['logits_rel_err']:>12.2e}")
         lines.append(f"{'logits vs transformers fp32':<44} {r['logits_rel_err_vs_fp32']:>12.2e}")
@@ -366,4 +485,25 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
         lines.append(
             f"{'  (transformers bf16 vs its own fp32)':<44} {r['hf_bf16_greedy_agree_vs_fp32']:>7d} / {r['greedy_of']}"
         )
+    return "\n".join(lines)
+
+
+def ratios(runs: dict[str, dict], batches: list[int]) -> str:
+    """Each format's decode rates, weight bytes and start-up, and its speed-up over the unquantized run (the last)."""
+    names = list(runs)
+    base = runs[names[-1]]
+    lines = [f"{'quantized weights, same run':<32}" + "".join(f"{name:>22}" for name in names)]
+    rows = [(f"decode, batch {b} (tok/s)", f"decode_b{b}_tps", True) for b in batches]
+    rows += [("weights (GB)", "weights_GB", False), ("start-up (s)", "startup_s", False)]
+    for label, key, ratio in rows:
+        cells = []
+        for name in names:
+            value = runs[name].get(key)
+            if value is None:
+                cells.append(f"{'does not fit' if runs[name].get('does_not_fit') else '-':>22}")
+                continue
+            times = f" ({value / base[key]:.2f}x)" if ratio and base.get(key) and runs[name] is not base else ""
+            digits = 2 if key == "weights_GB" else 1
+            cells.append(f"{f'{value:.{digits}f}{times}':>22}")
+        lines.append(f"{label:<32}" + "".join(cells))
     return "\n".join(lines)

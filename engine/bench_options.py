@@ -1,10 +1,39 @@
-"""The options of `codellama-tui bench`, apart from the benchmark so that `--help` does not import torch."""
+"""The options of `codellama-tui bench` and the engine's `--quant`, apart from the engine so that `--help` does not
+import torch."""
 
 from __future__ import annotations
 
 import argparse
 
 from engine.config import SHAPES
+from engine.requests import QUANT
+
+
+def add_quant_options(g: argparse._ActionsContainer, several: bool = False) -> None:
+    """`--quant` and `--quant-head`, for every command that runs the engine (bench takes a list)."""
+    if several:
+        g.add_argument(
+            "--quant", type=_quant_list, metavar="LIST",
+            help="quantize the weights at load, one run each: int8, int4, nf4 (e.g. int4,int8); the unquantized dtype "
+            "runs too, for the ratio",
+        )  # fmt: skip
+    else:
+        g.add_argument(
+            "--quant", choices=QUANT,
+            help="quantize the weights at load: int8 (per output channel), int4 (groups of 128) or nf4 (bitsandbytes, "
+            "blocks of 64); default: as stored",
+        )  # fmt: skip
+    g.add_argument(
+        "--quant-head", action="store_true", help="quantize the LM head too (otherwise it stays unquantized)"
+    )
+
+
+def _quant_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name not in QUANT]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(QUANT)}, comma-separated")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,3 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (to see what the graphs buy)")
     p.add_argument("--profile", action="store_true", help="also print the per-kernel GPU time of one decode step")
     p.add_argument("--json", metavar="FILE", help="write every number here too")
+    add_quant_options(p, several=True)
+    p.add_argument("--quant-only", action="store_true", help="with --quant: leave out the unquantized run")
+    p.add_argument(
+        "--logits-error", action="store_true",
+        help="only the logits' relative error of each --quant format (default int8,int4) on random --shape weights",
+    )  # fmt: skip
+    p.add_argument("--layers", type=int, metavar="N", help="with --logits-error: the first N layers of the shape")

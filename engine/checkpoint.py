@@ -2,11 +2,14 @@
 
 Tensors are read one at a time from each shard file (safetensors through `get_slice`, so a tensor-parallel
 rank reads only its own part; `.bin` files memory-mapped as a fallback) and copied into the preallocated,
-fused parameters: no second copy of the model is ever materialised.
+fused parameters, the projections through their weight objects (`engine.weights.Weight.load`, which quantize at
+load; a pre-quantized checkpoint's through `engine.prequant.Repacker`): no second copy of the model is ever
+materialised.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -17,6 +20,8 @@ import torch
 
 from engine.errors import CheckpointError
 from engine.model import Llama
+from engine.prequant import Repacker, scheme_of
+from engine.weights import Weight
 
 Progress = Callable[[float, str], None]
 
@@ -63,15 +68,16 @@ def _check_safetensors(file: Path) -> dict:
     return header
 
 
-class _Placement:
-    """Where one Hugging Face tensor goes: a parameter, the rows/columns of it, and the slice of the source."""
+class Placement:
+    """Where one Hugging Face tensor goes: a parameter or a projection's weight, the rows/columns of it, and the
+    slice of the source. A tied LM head is loaded from the embedding."""
 
     def __init__(self, model: Llama) -> None:
         self.model, cfg, s, r = model, model.cfg, model.shard, model.par.rank
         hd = cfg.head_dim
         q_rows, kv_rows = s.n_heads * hd, s.n_kv_heads * hd
         self.layer_rules: dict[str, tuple[str, int, int, int, int]] = {
-            # name: (param, dim along which this rank's part lies, dest offset, size, source offset)
+            # name: (target, dim along which this rank's part lies, dest offset, size, source offset)
             "self_attn.q_proj.weight": ("attention.wqkv", 0, 0, q_rows, r * q_rows),
             "self_attn.k_proj.weight": ("attention.wqkv", 0, q_rows, kv_rows, r * kv_rows),
             "self_attn.v_proj.weight": ("attention.wqkv", 0, q_rows + kv_rows, kv_rows, r * kv_rows),
@@ -121,14 +127,18 @@ class _Placement:
             return f"{name} has shape {shape}, config.json implies {want}"
         return None
 
-    def find(self, name: str) -> tuple[torch.Tensor, int, int, int, int] | None:
+    def find(self, name: str) -> list[tuple[torch.Tensor | Weight, int, int, int, int]] | None:
+        """Every place the tensor `name` goes (None: nowhere, it is not ours)."""
         if name in self.top_rules:
-            param, *rest = self.top_rules[name]
-            return (getattr(self.model, param), *rest)
+            target, *rest = self.top_rules[name]
+            places = [(getattr(self.model, target), *rest)]
+            if name == "model.embed_tokens.weight" and self.model.cfg.tie_embeddings:
+                places.append((self.model.output, *rest))
+            return places
         m = _LAYER.fullmatch(name)
         if m and m.group(2) in self.layer_rules and int(m.group(1)) < self.model.cfg.n_layers:
-            param, *rest = self.layer_rules[m.group(2)]
-            return (self.model.layers[int(m.group(1))].get_parameter(param), *rest)
+            target, *rest = self.layer_rules[m.group(2)]
+            return [(functools.reduce(getattr, target.split("."), self.model.layers[int(m.group(1))]), *rest)]
         return None
 
 
@@ -163,22 +173,33 @@ def _tensors(file: Path) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
 def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> None:
     """Fill every parameter of `model` (already on its device and dtype) from the checkpoint at `path`."""
     files = weight_files(path)
-    place = _Placement(model)
+    place = Placement(model)
+    scheme = scheme_of(path)
+    repack = Repacker(model, place, scheme) if scheme else None
     expected = place.expected()
     loaded: set[str] = set()
+
     total = sum(f.stat().st_size for f in files)
     done = 0
     for file in files:
         try:
             for name, shape, read in _tensors(file):
+                if repack and repack.wants(name):
+                    repack.add(name, read(-1, 0, 0))
+                    continue
                 if (wrong := place.check(name, shape)) is not None:
                     raise CheckpointError(f"{file.name}: {wrong}")
                 if (found := place.find(name)) is None:  # a harmless extra
                     continue
-                param, dim, dest, size, src = found
-                part = read(dim, src, size)
-                (param if dim < 0 else param.narrow(dim, dest, size)).copy_(part)
+                for target, dim, dest, size, src in found:
+                    part = read(dim, src, size)
+                    if isinstance(target, Weight):
+                        target.load(part, dim, dest, lambda read=read: read(-1, 0, 0))
+                    else:
+                        (target if dim < 0 else target.narrow(dim, dest, size)).copy_(part)
                 loaded.add(name)
+            if repack:
+                loaded |= repack.flush(final=file == files[-1])
         except CheckpointError:
             raise
         except Exception as err:
@@ -193,4 +214,4 @@ def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> 
     if model.shard.vocab * model.par.world > model.cfg.vocab_size:  # padding rows of the last vocabulary shard
         pad_from = max(model.cfg.vocab_size - model.par.rank * model.shard.vocab, 0)
         model.tok_embeddings[pad_from:].zero_()
-        model.output[pad_from:].zero_()
+        model.output.zero_rows(pad_from)

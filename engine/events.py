@@ -33,6 +33,7 @@ class ModelInfo:
     tp: int | None = None
     vocab_size: int | None = None
     is_demo: bool = False
+    quant: str | None = None  # how the weights were quantized at load ("int8", "int4"), None: as in the checkpoint
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ from engine.events import ModelInfo
 from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import Parallel, Shard
+from engine.prequant import model_quant
 from engine.requests import EngineSpec
 from engine.runner import compile_ahead
 from engine.tokenizer import Tokenizer
+from engine.weights import Dense
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRY = "try fewer concurrent sequences, a shorter context, bfloat16 weights or more GPUs (tensor parallelism)"
@@ -46,13 +48,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def column_major(model: Llama) -> None:
-    """Hold each float32 projection weight `[N, K]` as the transpose of a row-major `[K, N]` buffer (same values,
-    same shape): MKL's float32 matrix-vector product, most of a CPU decode step at batch 1, reads it that way
-    faster, and prefill and batches run as fast as before. Not bfloat16, which MKL multiplies several times slower
-    in this layout."""
-    for p in model.parameters():
-        if p.dim() == 2 and p.dtype == torch.float32 and p is not model.tok_embeddings:
-            p.data = p.data.t().contiguous().t()
+    """Every dense projection in the layout MKL reads fastest (`Dense.column_major`); prefill and batches run as
+    fast as before."""
+    for w in model.weights():
+        if isinstance(w, Dense):
+            w.column_major()
 
 
 def flavour(path: Path, is_demo: bool) -> str:
@@ -79,6 +79,7 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
     """Check the checkpoint, build the model on the device and load its weights shard by shard."""
     path = model_dir(spec.model)
     cfg = ModelConfig.from_dir(path)
+    quant, scheme = model_quant(path, spec.quant, spec.quant_head)
     tok = Tokenizer.from_dir(path)
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tok.vocab_size} pieces, the model only {cfg.vocab_size}")
@@ -88,16 +89,19 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
         torch.set_num_threads(max(1, (os.cpu_count() - 1) // par.world))
     if spec.max_batch < 1:
         raise EngineError(f"the batch (concurrent sequences) must be >= 1, got {spec.max_batch}", fields=("max_batch",))
-    context = par.smallest(context_for(spec, cfg, Shard.of(cfg, par.world), device, dtype))
+    shard = Shard.of(cfg, par.world)
+    quant.check(cfg, shard, par.world)
+    weight_bytes = Llama.empty(cfg, 1, par, torch.device("meta"), dtype, quant).nbytes()
+    context = par.smallest(context_for(spec, cfg, shard, device, dtype, weight_bytes))
     try:
-        with compile_ahead(cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world) as ahead:
-            model = Llama.empty(cfg, context, par, device, dtype)
+        with compile_ahead(cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant) as ahead:
+            model = Llama.empty(cfg, context, par, device, dtype, quant)
             load_weights(model, path, progress)
             model.setup_cache(spec.max_batch + 1, context, dtype)
     except torch.OutOfMemoryError:
-        need = cfg.n_params * torch.finfo(dtype).bits // 8 / par.world / 2**30
         raise OutOfMemoryError(
-            f"out of GPU memory loading {path.name} ({need:.1f} GiB of weights per GPU plus the KV cache); {TRY}",
+            f"out of GPU memory loading {path.name} ({weight_bytes / 2**30:.1f} GiB of weights per GPU plus the KV "
+            f"cache); {TRY}" + (", or int4 weights" if quant.layers != "int4" else ""),
             fields=OutOfMemoryError.FIELDS,
         ) from None
     is_demo = path == DEMO_DIR
@@ -107,6 +111,7 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
         can_infill=tok.can_infill,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
+        quant=scheme.name if scheme else spec.quant,
         tp=par.world,
         context=context,
         vocab_size=cfg.vocab_size,
@@ -115,8 +120,11 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
     return Loaded(model, tok, info, context, device, ahead)
 
 
-def context_for(spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.device, dtype: torch.dtype) -> int:
-    """Tokens per sequence: what was asked, else the model's maximum, limited by memory on a GPU."""
+def context_for(
+    spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.device, dtype: torch.dtype, weights: int
+) -> int:
+    """Tokens per sequence: what was asked, else the model's maximum, limited by memory on a GPU next to the
+    `weights` bytes this rank holds."""
     if spec.max_seq_len is not None:
         if spec.max_seq_len < 2:
             raise EngineError(f"the context must be >= 2 tokens, got {spec.max_seq_len}", fields=("max_seq_len",))
@@ -124,7 +132,6 @@ def context_for(spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.
     if device.type != "cuda":
         return min(cfg.max_position, 4096)
     free, _ = torch.cuda.mem_get_info(device)
-    weights = cfg.n_params * torch.finfo(dtype).bits // 8 // max(cfg.n_heads // shard.n_heads, 1)
     per_token = KVCache.bytes_per_token(cfg, shard, dtype) * spec.max_batch
     fit = int((free * 0.9 - weights - 2**30) // per_token)
     return max(min(cfg.max_position, fit // 256 * 256), 256)

@@ -3,6 +3,8 @@ RMSNorm and SwiGLU, written tensor-parallel from the start (a world of one is th
 
 Weights are fused per layer: `wqkv` holds this rank's q, k and v heads, `w13` its gate and up rows;
 `wo` and `w2` are row-parallel and followed by an all-reduce; embedding and LM head are split by vocabulary.
+The projections are `engine.weights.Weight` objects (dense, int8 or int4, as `Quant` says), which the kernels
+dispatch on.
 Prefill runs one sequence at a time with SDPA; decode runs a batch of one new token per sequence and
 reads per-slot positions from device tensors, so it can be captured in a CUDA graph. Decode carries the
 residual stream as (x, residual, squares): unadded, so that each residual add and RMSNorm can run inside the
@@ -21,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine import kernels
 from engine.config import ModelConfig
 from engine.parallel import SINGLE, Parallel, Shard
+from engine.weights import DENSE, Quant, Weight
 
 # Flash first; cuDNN's attention is left out: its per-call host overhead (about 1 ms) made a 128-token prefill
 # take as long as a 2048-token one on the H100.
@@ -60,11 +63,11 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel, quant: Quant) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = shard.n_heads, shard.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Parameter(torch.empty((shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim, cfg.dim))
-        self.wo = nn.Parameter(torch.empty(cfg.dim, shard.n_heads * cfg.head_dim))
+        self.wqkv = quant.make((shard.n_heads + 2 * shard.n_kv_heads) * cfg.head_dim, cfg.dim)
+        self.wo = quant.make(cfg.dim, shard.n_heads * cfg.head_dim)
         self.par = par
         self.scale = cfg.head_dim**-0.5
 
@@ -107,17 +110,17 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel, quant: Quant) -> None:
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(2 * shard.intermediate, cfg.dim))
-        self.w2 = nn.Parameter(torch.empty(cfg.dim, shard.intermediate))
+        self.w13 = quant.make(2 * shard.intermediate, cfg.dim)
+        self.w2 = quant.make(cfg.dim, shard.intermediate)
         self.par = par
 
     def forward(self, x: Tensor) -> Tensor:
         return self.par.all_reduce(kernels.linear(kernels.silu_mul(kernels.linear(x, self.w13)), self.w2))
 
 
-def join(par: Parallel, x: Tensor, w: Tensor, residual: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def join(par: Parallel, x: Tensor, w: Weight, residual: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """A row-parallel projection `x @ w.T` back into the residual stream, as (x, residual, squares) for the next
     norm: the add (and the norm's sums of squares) in the projection's kernel with a world of one, in the
     all-reduce's with several (`Parallel.reduce_into`)."""
@@ -127,10 +130,10 @@ def join(par: Parallel, x: Tensor, w: Tensor, residual: Tensor) -> tuple[Tensor,
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel) -> None:
+    def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel, quant: Quant) -> None:
         super().__init__()
-        self.attention = Attention(cfg, shard, par)
-        self.feed_forward = FeedForward(cfg, shard, par)
+        self.attention = Attention(cfg, shard, par, quant)
+        self.feed_forward = FeedForward(cfg, shard, par, quant)
         self.attention_norm = nn.Parameter(torch.empty(cfg.dim))
         self.ffn_norm = nn.Parameter(torch.empty(cfg.dim))
         self.eps = cfg.norm_eps
@@ -156,27 +159,35 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_seq: int, par: Parallel = SINGLE) -> None:
+    def __init__(self, cfg: ModelConfig, max_seq: int, par: Parallel = SINGLE, quant: Quant = DENSE) -> None:
+        """A tied LM head (`tie_embeddings`) is a weight of its own, loaded from the embedding."""
         super().__init__()
-        self.cfg, self.par = cfg, par
+        self.cfg, self.par, self.quant = cfg, par, quant
         self.shard = Shard.of(cfg, par.world)
         self.tok_embeddings = nn.Parameter(torch.empty(self.shard.vocab, cfg.dim))
-        self.layers = nn.ModuleList(Block(cfg, self.shard, par) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, self.shard, par, quant) for _ in range(cfg.n_layers))
         self.norm = nn.Parameter(torch.empty(cfg.dim))
-        self.output = (
-            self.tok_embeddings if cfg.tie_embeddings else nn.Parameter(torch.empty(self.shard.vocab, cfg.dim))
-        )
+        self.output = quant.make(self.shard.vocab, cfg.dim, head=True)
         self.cache: KVCache | None = None
         self.init_rope(max_seq)
         self.requires_grad_(False)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, max_seq: int, par: Parallel, device: torch.device, dtype: torch.dtype) -> Llama:
-        """The model with uninitialised weights straight on `device` in `dtype`: nothing is allocated twice."""
+    def empty(
+        cls,
+        cfg: ModelConfig,
+        max_seq: int,
+        par: Parallel,
+        device: torch.device,
+        dtype: torch.dtype,
+        quant: Quant = DENSE,
+    ) -> Llama:
+        """The model with uninitialised weights straight on `device` in `dtype` (`meta`: sizes only): nothing is
+        allocated twice."""
         torch.set_default_dtype(dtype)
         try:
             with torch.device("meta"):
-                model = cls(cfg, max_seq, par)
+                model = cls(cfg, max_seq, par, quant)
         finally:
             torch.set_default_dtype(torch.float32)
         model = model.to_empty(device=device)
@@ -189,6 +200,17 @@ class Llama(nn.Module):
         device = self.norm.device
         self.register_buffer("cos", cos.to(device), persistent=False)
         self.register_buffer("sin", sin.to(device), persistent=False)
+
+    def weights(self) -> list[Weight]:
+        """Every projection's weight and the LM head's."""
+        return [m for m in self.modules() if isinstance(m, Weight)]
+
+    def nbytes(self) -> int:
+        """Bytes of every weight this rank holds: the projections as stored, the embedding and the norms."""
+        weights = self.weights()
+        held = {id(p) for w in weights for p in w.parameters()}
+        plain = sum(p.numel() * p.element_size() for p in self.parameters() if id(p) not in held)
+        return plain + sum(w.nbytes() for w in weights)
 
     def setup_cache(self, n_slots: int, max_seq: int, dtype: torch.dtype) -> None:
         self.cache = KVCache(self.cfg, self.shard, n_slots, max_seq, dtype, self.norm.device)

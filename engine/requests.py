@@ -17,6 +17,7 @@ CAPS: tuple[str, ...] = get_args(Cap)
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
 FILL = "<FILL>"
+QUANT = ("int8", "int4", "nf4")  # what `--quant` quantizes to at load (engine.weights)
 SEED_RANGE = range(-(2**63), 2**63)  # seeds travel as int64
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -147,5 +148,7 @@ class EngineSpec:
     max_batch: int = 8
     max_seq_len: int | None = None
     cuda_graphs: bool = True
+    quant: str | None = None  # quantize the projections at load: "int8" or "int4" (engine.weights)
+    quant_head: bool = False  # the LM head too (it stays in the model's dtype otherwise)
     shape: str | None = None
     tokenizer: str | None = None

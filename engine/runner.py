@@ -25,6 +25,7 @@ from engine.config import ModelConfig
 from engine.kernels.compile_ahead import Compiling, can_record, recording
 from engine.model import Llama
 from engine.parallel import SINGLE
+from engine.weights import DENSE, Quant
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,7 @@ class DecodeRunner:
     def capture(self) -> None:
         """Warm up (Triton compiles here) and capture every bucket, largest first, into one pool."""
         start = time.perf_counter()
-        weights = [p for p in self.model.parameters() if p.dim() == 2]
-        self.linear_choice = kernels.tune_linear(weights, rows=tuple(buckets(self.max_batch)))
+        self.linear_choice = kernels.tune_linear(self.model.weights(), rows=tuple(buckets(self.max_batch)))
         self.tune_s = time.perf_counter() - start
         self._fill_padding(0, self.max_batch)
         pool = torch.cuda.graph_pool_handle()
@@ -221,6 +221,7 @@ def compile_ahead(
     dtype: torch.dtype,
     graphs: bool = True,
     world: int = 1,
+    quant: Quant = DENSE,
 ) -> Iterator[Compiling | None]:
     """Compile the decode step's Triton kernels in worker processes while the body loads the weights, and wait for
     them at its end (on an error, stop them instead); yields the `Compiling`, None where there is nothing to do: no
@@ -241,12 +242,12 @@ def compile_ahead(
         yield None
         return
     try:
-        model = Llama.empty(replace(cfg, n_layers=min(2, cfg.n_layers)), max_seq, SINGLE, device, dtype)
+        model = Llama.empty(replace(cfg, n_layers=min(2, cfg.n_layers)), max_seq, SINGLE, device, dtype, quant)
         model.setup_cache(max_batch + 1, max_seq, dtype)
         seen = torch.zeros(max_batch + 1, cfg.vocab_size, dtype=torch.bool, device=device)
         runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False)
         with recording() as specs:
-            for _ in kernels.linear_choices([p for p in model.parameters() if p.dim() == 2], tuple(buckets(max_batch))):
+            for _ in kernels.linear_choices(model.weights(), tuple(buckets(max_batch))):
                 runner.every_step(reset=True)
         del runner, model, seen
         torch.cuda.empty_cache()

@@ -42,11 +42,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, model_dir
 from engine.errors import EngineError
 from engine.parallel import Parallel, Shard
+from engine.prequant import model_quant
 from engine.requests import EngineSpec
 from engine.runner import FLOATS, INTS, Row
+from engine.weights import Quant
 
 if TYPE_CHECKING:
     from engine.checkpoint import Progress
@@ -361,7 +363,14 @@ def launch(spec: EngineSpec, progress: Progress | None, cfg: ModelConfig, recipe
     """Rank 0's engine of a `spec.tp`-way world: the other ranks are started here (or are torchrun's).
     `recipe` builds each rank's engine (default `Engine.load`); `cfg` is the model's, to check the split early."""
     world, recipe = spec.tp, recipe or Recipe()
-    Shard.of(cfg, world)  # a size that does not divide the heads fails here, before any process starts
+    shard = Shard.of(cfg, world)  # a size that does not divide the heads fails here, before any process starts
+    random = spec.shape and not spec.model
+    quant = (
+        Quant.of(spec.quant, spec.quant_head)
+        if random
+        else model_quant(model_dir(spec.model), spec.quant, spec.quant_head)[0]
+    )
+    quant.check(cfg, shard, world)  # as does one that splits an int4 group
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
         return _join_torchrun(spec, progress, recipe)
     backend, devices = _devices(spec, world)

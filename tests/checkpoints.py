@@ -15,6 +15,7 @@ TINY = dict(
     rope_theta=1e6,
     rms_norm_eps=1e-5,
     vocab_size=32016,
+    tie_word_embeddings=False,
 )
 
 
@@ -26,7 +27,7 @@ def make_tiny_checkpoint(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**{**TINY, **overrides}, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(**{**TINY, **overrides}, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():  # larger weights than the default init, so that logits vary and greedy tokens differ
         for p in model.parameters():

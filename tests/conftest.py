@@ -117,6 +117,18 @@ def tiny_base_model_dir(codellama_base_tokenizer_dir: Path, tmp_path_factory) ->
 
 
 @pytest.fixture(scope="session")
+def tiny_int4_dir(codellama_tokenizer_dir: Path, tmp_path_factory) -> Path:
+    """A tiny checkpoint whose every projection takes whole int4 groups of 128 inputs, also split over TP 2."""
+    from tests.checkpoints import make_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-int4")
+    return make_tiny_checkpoint(
+        out, codellama_tokenizer_dir, seed=3, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, shards=2,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def tiny_70b_instruct_dir(codellama_70b_tokenizer_dir: Path, tmp_path_factory) -> Path:
     """`tiny_model_dir`'s shape with the 70B-Instruct-like tokenizer (`<step>` at 32015)."""
     from tests.checkpoints import make_tiny_checkpoint

@@ -304,11 +304,11 @@ def test_cpu_float32_projections_are_column_major(tiny_gqa_dir: Path) -> None:
     engine, ref = load(tiny_gqa_dir), hf_model(tiny_gqa_dir)
     layer, model = engine.model.layers[0], engine.model
     for w in (layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13, layer.feed_forward.w2, model.output):
-        assert w.t().is_contiguous()
+        assert w.weight.t().is_contiguous()
     assert model.tok_embeddings.is_contiguous()  # looked up by row
-    assert torch.equal(layer.feed_forward.w2, ref.model.layers[0].mlp.down_proj.weight)
+    assert torch.equal(layer.feed_forward.w2.weight, ref.model.layers[0].mlp.down_proj.weight)
     bf16 = Engine.load(EngineSpec(model=str(tiny_gqa_dir), device="cpu", dtype="bfloat16", max_batch=2))
-    assert bf16.model.layers[0].attention.wqkv.is_contiguous()  # MKL's bfloat16 product wants rows
+    assert bf16.model.layers[0].attention.wqkv.weight.is_contiguous()  # MKL's bfloat16 product wants rows
 
 
 def test_more_requests_than_slots_wait_their_turn(tiny_model_dir: Path) -> None:

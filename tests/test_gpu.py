@@ -15,20 +15,24 @@ from engine.config import ModelConfig
 from engine.model import Llama
 from engine.parallel import SINGLE
 from engine.runner import DecodeRunner, Row
+from engine.weights import DENSE, Quant
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 CFG = ModelConfig(
-    dim=512, intermediate=1376, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, vocab_size=32016,
+    dim=512, intermediate=1408, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, vocab_size=32016,
     max_position=1024, rope_theta=1e6, norm_eps=1e-5, tie_embeddings=False, bos_id=1, eos_id=2,
 )  # fmt: skip
 
 
-def model(dtype: torch.dtype, slots: int) -> Llama:
+def model(dtype: torch.dtype, slots: int, quant: Quant = DENSE) -> Llama:
     torch.manual_seed(0)
-    m = Llama.empty(CFG, 1024, SINGLE, torch.device("cuda"), dtype)
+    m = Llama.empty(CFG, 1024, SINGLE, torch.device("cuda"), dtype, quant)
     for p in m.parameters():
         p.normal_(0, 0.1) if p.dim() > 1 else p.fill_(1.0)
+    for w in m.weights():
+        if w.format != "dense":
+            w.fill(torch.randn(w.shape, device="cuda", dtype=dtype) * 0.1)
     m.setup_cache(slots + 1, 1024, dtype)
     return m
 
@@ -58,6 +62,33 @@ def test_graph_replay_matches_eager(dtype: torch.dtype, batch: int) -> None:
     assert results[0][0] == results[1][0]
     for eager, graph in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(eager, graph, atol=1e-3 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_quantized_model_matches_the_model_of_its_dequantized_weights(name: str) -> None:
+    """Prefill (each weight dequantized by its kernel, then cuBLAS) gives the dense model's logits bit for bit; the
+    decode graphs (the quantized GEMV, fused, as `tune_linear` chose) give them to bf16 rounding, step after step."""
+    quantized = model(torch.bfloat16, 4, Quant.of(name, head=True))
+    dense = model(torch.bfloat16, 4)
+    with torch.no_grad():
+        for ours, theirs in zip(quantized.weights(), dense.weights(), strict=True):
+            theirs.weight.copy_(ours.dense())
+        dense.tok_embeddings.copy_(quantized.tok_embeddings)
+    prompts = [torch.randint(3, 32000, (20 + 9 * i,), device="cuda") for i in range(3)]
+    for slot, ids in enumerate(prompts):
+        assert torch.equal(
+            quantized.prefill(ids, slot, 0, all_logits=True), dense.prefill(ids, slot, 0, all_logits=True)
+        )
+    runner = DecodeRunner(quantized, torch.zeros(5, CFG.vocab_size, dtype=torch.bool, device="cuda"), 4, 4, True)
+    assert any(name in key for key in runner.linear_choice), runner.linear_choice
+    inputs = [5, 6, 7]
+    for step in range(4):
+        positions = [len(p) + step for p in prompts]
+        outputs = runner([Row(t, positions[i], i, 0.0, 40, 1.0, 1.0, i, step) for i, t in enumerate(inputs)])
+        expected = dense.decode(*(torch.tensor(v, device="cuda") for v in (inputs, positions, [0, 1, 2])))
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(runner.logits[:3], expected, rtol=2e-2, atol=2e-2 * scale)
+        inputs = outputs
 
 
 def test_decode_matches_prefill_on_gpu() -> None:
@@ -97,15 +128,17 @@ def test_pipelined_steps_feed_themselves_on_the_device() -> None:
 
 
 COMPILE_AHEAD = """
-import json, torch
+import json, sys, torch
 from triton import knobs
 from engine.runner import DecodeRunner, compile_ahead
+from engine.weights import Quant
 from tests.test_gpu import CFG, model
 
 misses = []
+quant = Quant.of(sys.argv[1] or None)
 knobs.compilation.listener = lambda *, src, cache_hit, **_: cache_hit or misses.append(src.name)
-with compile_ahead(CFG, 1024, 8, torch.device("cuda"), torch.bfloat16) as compiling:
-    m = model(torch.bfloat16, 8)
+with compile_ahead(CFG, 1024, 8, torch.device("cuda"), torch.bfloat16, quant=quant) as compiling:
+    m = model(torch.bfloat16, 8, quant)
 seen = torch.zeros(9, m.cfg.vocab_size, dtype=torch.bool, device="cuda")
 DecodeRunner(m, seen, 8, 8, use_graphs=True)
 result = {"kernels": compiling.kernels, "compiled": compiling.compiled, "errors": compiling.errors, "misses": misses}
@@ -113,14 +146,16 @@ print(json.dumps(result))
 """
 
 
-def test_compile_ahead_leaves_the_capture_nothing_to_compile(tmp_path) -> None:
+@pytest.mark.parametrize("quant", ["", "int4"])
+def test_compile_ahead_leaves_the_capture_nothing_to_compile(tmp_path, quant: str) -> None:
     """On a cold Triton cache the workers compile every kernel the capture launches; on the warm cache of a second
     start nothing is left for them (fresh processes: this one has the kernels compiled already)."""
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
     root = Path(__file__).resolve().parents[1]
     results = []
     for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", COMPILE_AHEAD], env=env, cwd=root, capture_output=True, text=True)
+        cmd = [sys.executable, "-c", COMPILE_AHEAD, quant]
+        out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     cold, warm = results

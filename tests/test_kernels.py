@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from engine import kernels
 from engine.kernels import reference, sampling
+from engine.weights import Dense, Int4, Int8
 from tests import compiled, interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,28 @@ def rope_tables(max_pos: int, head_dim: int, theta: float = 1e6) -> tuple[torch.
 
 # --- checks shared by the interpreted and the CUDA runs -------------------------------------------
 
+QUANTIZED = {"int8": Int8, "int4": Int4}
+
+
+def _weight(
+    gen: torch.Generator, n: int, k: int, dtype: torch.dtype, device: str, fmt: str
+) -> tuple[Any, torch.Tensor]:
+    """What the kernel takes for a random `[n, k]` weight in `fmt` (the tensor itself, or its quantized Weight), and
+    the float64 values it stands for (a quantized weight's dequantized ones: what its kernel multiplies by)."""
+    w = _randn(gen, n, k, dtype=dtype, device=device)
+    if fmt == "dense":
+        return w, w.double()
+    weight = QUANTIZED[fmt].from_dense(w)
+    return weight, weight.dense(torch.float64)
+
+
+def _poison(device: str) -> None:
+    """Leave NaN in the memory the caching allocator hands out next (both its pools), so that an output the kernel
+    fails to write shows."""
+    if device == "cuda":
+        for numel in (1 << 18, 1 << 26):
+            torch.full((numel,), float("nan"), device=device)
+
 
 def check_rms_norm(name: str, device: str, dtype: str, rows: int, dim: int) -> None:
     from engine.kernels import triton_norm
@@ -76,18 +99,20 @@ def check_rms_norm(name: str, device: str, dtype: str, rows: int, dim: int) -> N
 
 
 def check_linear(
-    name: str, device: str, dtype: str, m: int, n: int, k: int, config: tuple[int, int, int] | None
+    name: str, device: str, dtype: str, m: int, n: int, k: int, config: tuple[int, int, int] | None, fmt: str = "dense"
 ) -> None:
     from engine.kernels import triton_gemv
 
     dt, gen = DTYPES[dtype], _rng(name, device)
-    x, w = _randn(gen, m, k, dtype=dt, device=device), _randn(gen, n, k, dtype=dt, device=device)
+    x = _randn(gen, m, k, dtype=dt, device=device)
+    w, exact = _weight(gen, n, k, dt, device, fmt)
     cfg = triton_gemv.GemvConfig(*config) if config else None
-    expected = reference.linear(x.double(), w.double()).to(dt)
+    expected = reference.linear(x.double(), exact).to(dt)
+    _poison(device)
     actual = triton_gemv.linear(x, w, cfg)
     assert torch.equal(triton_gemv.linear(x, w, cfg), actual)  # deterministic, and K splits leave counters ready
     if dt == torch.float32:  # a float32 sum of k products carries rounding of about eps * sqrt(k) * |terms|
-        atol = 4 * torch.finfo(dt).eps * k**0.5 * float(x.abs().max() * w.abs().max())
+        atol = 4 * torch.finfo(dt).eps * k**0.5 * float(x.abs().max() * exact.abs().max())
         torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=1e-5, atol=max(atol, 1e-5))
     else:
         _close(actual, expected, dt)
@@ -105,6 +130,7 @@ def check_norm_linear(
     config: tuple[int, int, int] | None,
     weights: str | None = None,
     partials: int = 0,
+    fmt: str = "dense",
 ) -> None:
     """The fused kernel against `reference.norm_linear(_silu_mul)`, with the matmul itself done in float64 (as in
     check_linear) and rounded where the reference rounds. n is the output width: w13 has 2n rows with silu_mul.
@@ -115,8 +141,9 @@ def check_norm_linear(
     x = _randn(gen, m, k, dtype=dt, device=device)
     res = _randn(gen, m, k, dtype=dt, device=device) if residual else None
     norm_weight = 1 + 0.1 * _randn(gen, k, dtype=wt, device=device)
-    w = _randn(gen, 2 * n if silu_mul else n, k, dtype=wt, device=device)
+    w, exact = _weight(gen, 2 * n if silu_mul else n, k, wt, device, fmt)
     cfg = triton_gemv.GemvConfig(*config) if config else None
+    _poison(device)
     squares = None
     if partials:
         squares = torch.stack([(c.float() ** 2).sum(-1) for c in x.tensor_split(partials, dim=-1)])
@@ -127,20 +154,20 @@ def check_norm_linear(
         assert torch.equal(quarter, triton_gemv.norm_linear(x, None, norm_weight, 0.0, w, cfg, squares=squares)[0] / 2)
 
     ref_fn = reference.norm_linear_silu_mul if silu_mul else reference.norm_linear
-    ref_out, ref_h = ref_fn(x, res, norm_weight, 1e-5, w)
+    ref_out, ref_h = ref_fn(x, res, norm_weight, 1e-5, exact.to(wt))
     if res is None:
         assert h.data_ptr() == x.data_ptr()
         normed = reference.rms_norm(x, norm_weight, 1e-5)
     else:
         assert torch.equal(h, ref_h) and h.data_ptr() not in (x.data_ptr(), res.data_ptr())
         normed = reference.add_rms_norm(x, res, norm_weight, 1e-5)[0]
-    product = reference.linear(normed.double(), w.double())
+    product = reference.linear(normed.double(), exact)
     expected = product.to(normed.dtype)
     if silu_mul:
         expected = reference.silu_mul(expected)
     assert out.dtype == ref_out.dtype == expected.dtype and out.shape == ref_out.shape == expected.shape
     if expected.dtype == torch.float32:  # as check_linear: float32 rounding of a k-term sum grows with sqrt(k)
-        atol = 4 * torch.finfo(torch.float32).eps * k**0.5 * float(normed.abs().max() * w.abs().max())
+        atol = 4 * torch.finfo(torch.float32).eps * k**0.5 * float(normed.abs().max() * exact.abs().max())
         if silu_mul:  # silu(gate) * up passes errors on scaled by at most 1.1 |up| + |gate|
             atol *= 2.1 * float(product.abs().max())
         torch.testing.assert_close(out.cpu(), expected.cpu(), rtol=1e-5, atol=max(atol, 1e-5))
@@ -151,7 +178,7 @@ def check_norm_linear(
         # (|silu'| <= 1.1) and |silu(gate)|.
         eps = torch.finfo(dt).eps
         gate, up = product.chunk(2, dim=-1)
-        spread = reference.linear(normed.double() ** 2, w.double() ** 2).sqrt()
+        spread = reference.linear(normed.double() ** 2, exact**2).sqrt()
         gate_err, up_err = (eps * (product.abs() + 4 * spread)).chunk(2, dim=-1)
         propagated = 1.1 * gate_err * up.abs() + F.silu(gate).abs() * up_err
         tol = TOLERANCE[dt]
@@ -161,23 +188,28 @@ def check_norm_linear(
         _close(out, expected, dt)
 
 
-def check_linear_residual(name: str, device: str, dtype: str, m: int, n: int, k: int, config: tuple[int, int]) -> None:
+def check_linear_residual(
+    name: str, device: str, dtype: str, m: int, n: int, k: int, config: tuple[int, int] | None, fmt: str = "dense"
+) -> None:
     """The residual epilogue: the sum rounded where the unfused linear and add round, and per-program squares."""
     from engine.kernels import triton_gemv
 
     dt, gen = DTYPES[dtype], _rng(name, device)
-    x, w = _randn(gen, m, k, dtype=dt, device=device), _randn(gen, n, k, dtype=dt, device=device)
+    x = _randn(gen, m, k, dtype=dt, device=device)
+    w, exact = _weight(gen, n, k, dt, device, fmt)
     res = _randn(gen, m, n, dtype=dt, device=device)
-    cfg = triton_gemv.GemvConfig(*config)
+    sm = torch.cuda.get_device_properties(device).multi_processor_count if device == "cuda" else 132
+    cfg = triton_gemv.GemvConfig(*config) if config else triton_gemv.choose_config(m, n, k, sm, fmt)
+    _poison(device)
     h, squares = triton_gemv.linear_residual(x, w, res, cfg)
     again = triton_gemv.linear_residual(x, w, res, cfg)
     assert torch.equal(again[0], h) and torch.equal(again[1], squares)
-    product = reference.linear(x.double(), w.double())
+    product = reference.linear(x.double(), exact)
     expected = product.to(dt) + res
     # The product rounds to dt before the add (one ulp of |product| where the float32 sums differ in order), then
     # the sum rounds: where the two nearly cancel, that ulp of the product is all the sum has.
     eps = torch.finfo(dt).eps
-    float32_sums = 4 * 2**-23 * k**0.5 * float(x.abs().max() * w.abs().max())
+    float32_sums = 4 * 2**-23 * k**0.5 * float(x.abs().max() * exact.abs().max())
     allowed = eps * (product.abs() + expected.double().abs()) + float32_sums
     assert bool(((h.double() - expected.double()).abs() <= allowed).all())
     assert squares.shape == (-(-n // cfg.block_n), m) and squares.dtype == torch.float32
@@ -231,7 +263,18 @@ def check_silu_mul(name: str, device: str, dtype: str, rows: int, dim: int) -> N
     _close(triton_act.silu_mul(gu), reference.silu_mul(gu), dt)
 
 
+def check_dequantize(name: str, device: str, fmt: str, dtype: str, n: int, k: int) -> None:
+    """The fallback path's dequantizing kernel gives engine.quant's reference values, bit for bit."""
+    from engine.kernels import triton_dequant
+
+    weight = QUANTIZED[fmt].from_dense(_randn(_rng(name, device), n, k, dtype=DTYPES[dtype], device=device))
+    _poison(device)
+    out = triton_dequant.dequantize(weight)
+    assert out.dtype == DTYPES[dtype] and torch.equal(out, weight.dense())
+
+
 CHECKS = {
+    "dequantize": check_dequantize,
     "silu_mul": check_silu_mul,
     "rms_norm": check_rms_norm,
     "linear": check_linear,
@@ -335,6 +378,105 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         {"dtype": "fp16", "m": 24, "n": 24, "k": 128, "residual": False, "silu_mul": True, "config": (32, 32, 2),
          "partials": 4},
     ),
+    # Quantized weights (int8 per row, int4 in groups of 128: K a multiple of 128, steps past a split's end).
+    "int8-linear-fp32-m1": ("linear", {"fmt": "int8", "dtype": "fp32", "m": 1, "n": 40, "k": 200, "config": None}),
+    "int8-linear-bf16-m1-splitk": (
+        "linear", {"fmt": "int8", "dtype": "bf16", "m": 1, "n": 40, "k": 300, "config": (16, 64, 3)},
+    ),
+    "int8-linear-fp16-m5": ("linear", {"fmt": "int8", "dtype": "fp16", "m": 5, "n": 48, "k": 96, "config": (16, 32)}),
+    "int8-norm_silu-fp16-m1": (
+        "norm_linear",
+        {"fmt": "int8", "dtype": "fp16", "m": 1, "n": 40, "k": 200, "residual": True, "silu_mul": True,
+         "config": (16, 64)},
+    ),
+    "int8-norm_linear-fp16-m16-partials-splitk": (
+        "norm_linear",
+        {"fmt": "int8", "dtype": "fp16", "m": 16, "n": 48, "k": 160, "residual": False, "silu_mul": False,
+         "config": (16, 32, 2), "partials": 4},
+    ),
+    "int8-norm_silu-fp32-m7-splitk": (
+        "norm_linear",
+        {"fmt": "int8", "dtype": "fp32", "m": 7, "n": 24, "k": 128, "residual": True, "silu_mul": True,
+         "config": (32, 32, 2)},
+    ),
+    "int8-linear_residual-fp16-m3-splitk": (
+        "linear_residual", {"fmt": "int8", "dtype": "fp16", "m": 3, "n": 40, "k": 200, "config": (16, 32, 3)},
+    ),
+    "int4-linear-fp32-m1-partial-step": (
+        "linear", {"fmt": "int4", "dtype": "fp32", "m": 1, "n": 40, "k": 384, "config": (16, 256)},
+    ),
+    "int4-linear-fp32-m1-splitk": (
+        "linear", {"fmt": "int4", "dtype": "fp32", "m": 1, "n": 37, "k": 384, "config": (16, 128, 3)},
+    ),
+    "int4-linear-bf16-m1": ("linear", {"fmt": "int4", "dtype": "bf16", "m": 1, "n": 40, "k": 256, "config": None}),
+    "int4-linear-fp16-m5": ("linear", {"fmt": "int4", "dtype": "fp16", "m": 5, "n": 48, "k": 256, "config": (16, 256)}),
+    "int4-linear-fp32-m16-splitk": (
+        "linear", {"fmt": "int4", "dtype": "fp32", "m": 16, "n": 40, "k": 384, "config": (32, 128, 2)},
+    ),
+    "int4-norm_linear-fp16-m1": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 40, "k": 256, "residual": True, "silu_mul": False,
+         "config": (16, 128)},
+    ),
+    "int4-norm_silu-fp16-m1-partials": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 24, "k": 384, "residual": False, "silu_mul": True,
+         "config": (32, 256), "partials": 6},
+    ),
+    "int4-norm_silu-fp32-m7-splitk": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp32", "m": 7, "n": 24, "k": 256, "residual": True, "silu_mul": True,
+         "config": (32, 128, 2)},
+    ),
+    "int4-linear_residual-fp16-m1-splitk": (
+        "linear_residual", {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 40, "k": 384, "config": (16, 128, 3)},
+    ),
+    "int4-linear_residual-fp32-m3": (
+        "linear_residual", {"fmt": "int4", "dtype": "fp32", "m": 3, "n": 37, "k": 256, "config": (16, 256)},
+    ),
+    "int4-norm_silu-fp16-m1-tensor-cores": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 24, "k": 256, "residual": True, "silu_mul": True,
+         "config": (32, 128, 2, 4, 3, True)},
+    ),
+    "int8-linear_residual-fp32-m1-tensor-cores": (
+        "linear_residual",
+        {"fmt": "int8", "dtype": "fp32", "m": 1, "n": 40, "k": 96, "config": (16, 32, 1, 4, 3, True)},
+    ),
+    # The int4 planes unpacked the other way (UNPACKS: shift, extract, or, subtract), one row and several.
+    "int4-linear-bf16-m1-shift": (
+        "linear",
+        {"fmt": "int4", "dtype": "bf16", "m": 1, "n": 40, "k": 256, "config": (16, 128, 1, 4, 3, False, "shift")},
+    ),
+    "int4-linear-fp16-m3-shift-splitk": (
+        "linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 3, "n": 24, "k": 384, "config": (16, 128, 2, 4, 3, False, "shift")},
+    ),
+    # The next group's words loaded while one is unpacked (GemvConfig.prefetch): past a split's end, with the norm.
+    "int4-linear-fp32-m1-prefetch-splitk": (
+        "linear",
+        {"fmt": "int4", "dtype": "fp32", "m": 1, "n": 37, "k": 640, "config": (16, 256, 2, 4, 3, False, "mask", True)},
+    ),
+    "int4-norm_silu-fp16-m1-prefetch": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 24, "k": 256, "residual": True, "silu_mul": True,
+         "config": (32, 128, 1, 4, 3, False, "mask", True)},
+    ),
+    "int4-linear-fp16-m5-prefetch": (
+        "linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 5, "n": 48, "k": 384, "config": (16, 128, 1, 4, 3, False, "mask", True)},
+    ),
+    # One row of int8 from its bytes (the plain form, also where K is no multiple of 4), not from int32 words.
+    "int8-norm_silu-fp16-m1-bytes": (
+        "norm_linear",
+        {"fmt": "int8", "dtype": "fp16", "m": 1, "n": 24, "k": 160, "residual": True, "silu_mul": True,
+         "config": (16, 64, 1, 4, 3, False, "shift")},
+    ),
+    "int8-linear-fp32-m1-k-odd": (
+        "linear", {"fmt": "int8", "dtype": "fp32", "m": 1, "n": 20, "k": 202, "config": None},
+    ),
+    "int4-dequantize-fp16": ("dequantize", {"fmt": "int4", "dtype": "fp16", "n": 37, "k": 384}),  # bf16: CUDA_CASES
+    "int8-dequantize-fp16": ("dequantize", {"fmt": "int8", "dtype": "fp16", "n": 37, "k": 200}),
 }  # fmt: skip
 
 
@@ -366,7 +508,57 @@ def test_triton_interpreted_compiles_for_sm90(name: str, compiled_results: dict[
         pytest.fail(compiled_results[name], pytrace=False)
 
 
+def test_quantized_cases_compile_their_own_kernels_for_sm90(compiled_results: dict[str, str]) -> None:
+    """The int8 and int4 cases' launches are in the compile check as the bf16 ones are: each records its format's
+    GEMV (the FORMAT constexpr, triton_gemv.FORMATS) or dequantize kernel, and they compile."""
+    gemv_format = {"int8": 1, "int4": 2}
+    for name, specs in interpreted.launches_of("tests.test_kernels").items():
+        check, kwargs = INTERPRETED_CASES[name]
+        fmt = kwargs.get("fmt")
+        if fmt is None:
+            continue
+        if check == "dequantize":
+            assert {(s.module, s.name) for s in specs} == {("engine.kernels.triton_dequant", f"_{fmt}_kernel")}, name
+        else:
+            formats = {getattr(v, "value", v) for s in specs for path, v in s.constants.items()
+                       if list(s.signature)[path[0]] == "FORMAT"}  # fmt: skip
+            assert formats == {gemv_format[fmt]}, name
+        assert compiled_results[name] == "ok", name
+
+
 # Real CodeLlama shapes, compiled, only where there is a GPU.
+def _sass_ops(spec: Any) -> dict[str, int]:
+    """How often each SASS opcode occurs in a recorded launch compiled for sm_90 (Triton's own ptxas and cuobjdump)."""
+    from triton.tools.disasm import get_sass
+
+    from engine.kernels.compile_ahead import compile_spec
+
+    ops: dict[str, int] = {}
+    for line in get_sass(compile_spec(spec).asm["cubin"]).splitlines():
+        fields = line.split("\t")
+        if len(fields) == 2 and fields[1]:
+            op = fields[1].split()[0]
+            op = fields[1].split()[1] if op.startswith("@") else op
+            ops[op.split(".")[0]] = ops.get(op.split(".")[0], 0) + 1
+    return ops
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_interpreted_int4_launch_unpacks_by_mask_in_one_logic_instruction_per_nibble() -> None:
+    """The int4 GEMV is bound by instructions: unpacked by mask, a nibble costs one logic instruction and two
+    multiply-adds (q - zero, then times x) in the compiled one-row kernel; by shifts it costs a shift, a bit-field
+    extract and an or, and a subtraction and one multiply-add. Counted over the whole kernel, compiled on the CPU from
+    the interpreted cases' launches (named so: .ci/gpu-check's -k leaves it to the CPU run)."""
+    launches = interpreted.launches_of("tests.test_kernels")
+    (masked,) = launches["int4-linear-bf16-m1"]
+    (shifted,) = launches["int4-linear-bf16-m1-shift"]
+    ratio = {}
+    for name, spec in (("mask", masked), ("shift", shifted)):
+        ops = _sass_ops(spec)
+        ratio[name] = sum(ops.get(op, 0) for op in ("LOP3", "SHF", "SGXT", "BMSK", "PRMT")) / ops["FFMA"]
+    assert ratio["mask"] < 1.25 < 2 < ratio["shift"], ratio  # the loop's 1 + 1/8 per 2 FFMA, and its x and addresses
+
+
 CUDA_CASES = {
     "silu_mul-7b": ("silu_mul", {"dtype": "bf16", "rows": 32, "dim": 11008}),
     "rms_norm-7b": ("rms_norm", {"dtype": "bf16", "rows": 8, "dim": 4096}),
@@ -431,6 +623,25 @@ CUDA_CASES = {
          "partials": 64},
     ),
 }  # fmt: skip
+# The quantized kernels at CodeLlama-7B's shapes as the decode step calls them, at each row block up to 64 (1, 16 with
+# rows masked, 32, 64).
+QUANT_7B = {
+    "qkv": ("norm_linear", {"n": 12288, "k": 4096, "residual": True, "silu_mul": False}),
+    "o": ("linear_residual", {"n": 4096, "k": 4096}),
+    "gate_up": ("norm_linear", {"n": 11008, "k": 4096, "residual": True, "silu_mul": True}),
+    "down": ("linear_residual", {"n": 4096, "k": 11008}),
+    "head": ("norm_linear", {"n": 32016, "k": 4096, "residual": False, "silu_mul": False}),
+}
+for _fmt in QUANTIZED:
+    for _name, (_check, _shape) in QUANT_7B.items():
+        for _m in (1, 8, 32, 64):
+            CUDA_CASES[f"{_fmt}-{_name}-7b-m{_m}"] = (
+                _check,
+                {"fmt": _fmt, "dtype": "bf16", "m": _m, "config": None, **_shape},
+            )
+    CUDA_CASES[f"{_fmt}-linear-qkv-7b-m1"] = ("linear", {"fmt": _fmt, "dtype": "bf16", "m": 1, "n": 12288, "k": 4096,
+                                                         "config": None})  # fmt: skip
+    CUDA_CASES[f"{_fmt}-dequantize-7b"] = ("dequantize", {"fmt": _fmt, "dtype": "bf16", "n": 22016, "k": 4096})
 cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
 
 
@@ -451,7 +662,7 @@ def test_decode_step_in_cuda_graph() -> None:
     cos, sin = (t.to(device) for t in rope_tables(max_seq, head_dim))
     k_cache = _randn(gen, batch, n_kv, max_seq, head_dim, dtype=dt, device=device)
     v_cache = _randn(gen, batch, n_kv, max_seq, head_dim, dtype=dt, device=device)
-    w_out = _randn(gen, vocab, n_heads * head_dim, dtype=dt, device=device)
+    w_out = Dense.from_dense(_randn(gen, vocab, n_heads * head_dim, dtype=dt, device=device))
     q, k, v = (_randn(gen, batch, h, head_dim, dtype=dt, device=device) for h in (n_heads, n_kv, n_kv))
     positions = torch.zeros(batch, dtype=torch.int64, device=device)
     slots = torch.arange(batch, device=device)
@@ -482,18 +693,22 @@ def test_decode_step_in_cuda_graph() -> None:
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("rows", [1, 24])
-def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+@pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
+def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatch, rows: int, fmt: str) -> None:
     """Where `tune_linear` chose Triton, norm_linear(_silu_mul) and linear_residual run the Triton kernel (fused
     with the norm, the activation and the add for one row, between the separate kernels for several), captured in
-    a graph, and agree with the separate norm, cuBLAS and activation that run where it chose cuBLAS."""
+    a graph, and agree with the separate norm, the weight's own linear (cuBLAS; after dequantizing a quantized
+    weight) and activation that run where it chose that."""
     from engine.kernels import triton_gemv
 
-    device, dt, dim, inter = "cuda", torch.bfloat16, 512, 1376
+    device, dt, dim, inter = "cuda", torch.bfloat16, 512, 1408
     gen = _rng("fused-graph", device)
     x, res, x2 = (_randn(gen, rows, dim, dtype=dt, device=device) for _ in range(3))
     norm_weight = 1 + 0.1 * _randn(gen, dim, dtype=dt, device=device)
-    wqkv, w13 = _randn(gen, 3 * dim, dim, dtype=dt, device=device), _randn(gen, 2 * inter, dim, dtype=dt, device=device)
-    w2 = _randn(gen, dim, inter, dtype=dt, device=device)
+    wqkv, w13, w2 = (
+        ({"dense": Dense} | QUANTIZED)[fmt].from_dense(_randn(gen, n, k, dtype=dt, device=device))
+        for n, k in ((3 * dim, dim), (2 * inter, dim), (dim, inter))
+    )
 
     def step() -> tuple[torch.Tensor, ...]:
         first, same = kernels.norm_linear(x, None, norm_weight, 1e-5, wqkv)
@@ -505,7 +720,7 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatc
         return first, qkv, h, act, h2, qkv2, h3
 
     sm = torch.cuda.get_device_properties(0).multi_processor_count
-    chosen = {(rows, *w.shape, dt): triton_gemv.choose_config(rows, *w.shape, sm) for w in (wqkv, w13, w2)}
+    chosen = {(rows, *w.key): triton_gemv.choose_config(rows, *w.shape, sm, fmt) for w in (wqkv, w13, w2)}
     monkeypatch.setattr(kernels, "_TRITON_CONFIG", chosen)
     step()  # compile before capture
     graph = torch.cuda.CUDAGraph()
@@ -523,23 +738,46 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatc
             torch.testing.assert_close(actual.float(), expected.float(), rtol=1.6e-2, atol=2e-2 * scale)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_tuned_configs_come_first_on_the_swept_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's table (triton_gemv.TUNED) decides where it timed the shape on a GPU of its multiprocessor count:
+    one row's entry for one row only, several rows the next larger swept count's (the largest past them); the rule
+    elsewhere."""
+    from engine.kernels import triton_gemv as g
+
+    tuned = {("int4", 1, 4096, 4096): (128, 256, 1, 8, 3, False, "mask"),
+             ("int4", 8, 4096, 4096): (64, 128, 2, 4, 4, False, "shift"),
+             ("int4", 32, 4096, 4096): (128, 128, 1, 8, 3, False, "mask")}  # fmt: skip
+    monkeypatch.setattr(g, "TUNED", tuned)
+    sms = g.TUNED_SMS
+    assert g.choose_config(1, 4096, 4096, sms, "int4") == g.GemvConfig(128, 256, 1, 8, 3)
+    assert g.choose_config(5, 4096, 4096, sms, "int4") == g.GemvConfig(64, 128, 2, 4, 4, unpack="shift")
+    assert g.choose_config(9, 4096, 4096, sms, "int4") == g.choose_config(64, 4096, 4096, sms, "int4")
+    assert g.choose_config(9, 4096, 4096, sms, "int4") == g.GemvConfig(128, 128, 1, 8, 3)
+    assert g.choose_config(1, 4096, 4096, sms + 2, "int4") == g._int4_config(1, 4096, 4096, sms + 2)
+    assert g.choose_config(1, 4096, 4096, sms, "int8") == g._dense_config(1, 4096, 4096, sms)
+    monkeypatch.setattr(g, "TUNED", {k: v for k, v in tuned.items() if k[1] == 1})
+    assert g.choose_config(8, 4096, 4096, sms, "int4") == g._int4_config(8, 4096, 4096, sms)
+
+
 def test_dispatch_uses_reference_on_cpu() -> None:
     gen = _rng("dispatch", "cpu")
     x, w = _randn(gen, 2, 64, dtype=torch.float32, device="cpu"), _randn(gen, 64, dtype=torch.float32, device="cpu")
     assert torch.equal(kernels.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5))
     assert torch.equal(kernels.add_rms_norm(x, x, w, 1e-5)[0], reference.rms_norm(x + x, w, 1e-5))
-    m = _randn(gen, 3, 64, dtype=torch.float32, device="cpu")
-    assert torch.equal(kernels.linear(x, m), x @ m.T)
+    m = _randn(gen, 4, 64, dtype=torch.float32, device="cpu")
+    dense, half = Dense.from_dense(m), Dense.from_dense(m[:2])
+    assert torch.equal(kernels.linear(x, dense), x @ m.T)
     for res in (None, 2 * x):
-        out, h = kernels.norm_linear(x, res, w, 1e-5, m)
+        out, h = kernels.norm_linear(x, res, w, 1e-5, dense)
         ref_out, ref_h = reference.norm_linear(x, res, w, 1e-5, m)
         assert torch.equal(out, ref_out) and torch.equal(h, ref_h)
-        act, h = kernels.norm_linear_silu_mul(x, res, w, 1e-5, m[:2])
+        act, h = kernels.norm_linear_silu_mul(x, res, w, 1e-5, half)
         ref_act, ref_h = reference.norm_linear_silu_mul(x, res, w, 1e-5, m[:2])
         assert torch.equal(act, ref_act) and torch.equal(h, ref_h)
-    assert kernels.norm_linear(x, None, w, 1e-5, m)[1] is x  # the first layer's residual stream is x itself
-    out, res, squares = kernels.linear_residual(x, m, 2 * x[:, :3])  # the add is left to the next norm
-    assert torch.equal(out, x @ m.T) and torch.equal(res, 2 * x[:, :3]) and squares is None
+    assert kernels.norm_linear(x, None, w, 1e-5, dense)[1] is x  # the first layer's residual stream is x itself
+    out, res, squares = kernels.linear_residual(x, dense, 2 * x[:, :4])  # the add is left to the next norm
+    assert torch.equal(out, x @ m.T) and torch.equal(res, 2 * x[:, :4]) and squares is None
 
 
 def test_import_does_not_import_triton() -> None:

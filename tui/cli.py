@@ -12,7 +12,9 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from engine.bench_options import add_quant_options
 from engine.client import Client, EventSink
 from engine.config import SHAPES
 from engine.requests import CAPS, EngineSpec
@@ -22,6 +24,7 @@ SUBCOMMANDS = {
     "tokenize": "print the prompt's token ids as the engine would feed them",
     "chat": "the console chat of the seed: inputs end with a line '!!'",
     "bench": "time the engine: decode tokens/s, time to first token, memory, start-up, roofline",
+    "convert": "quantize a checkpoint once into a workspace every command loads directly (int4: GPTQ with --calib)",
     "serve": "the OpenAI-compatible HTTP server (completions with infilling, chat, llama.cpp's /infill)",
     "bench-serve": "time the server through streaming HTTP clients: tokens/s, time to first token, inter-token",
     "web": "the app in the browser (textual-serve): a tab per app process, one engine for all, access by a token",
@@ -52,6 +55,8 @@ FLAGS = {
     "tp": "--tp",
     "max_batch": "--max-batch",
     "max_seq_len": "--max-seq-len",
+    "quant": "--quant",
+    "quant_head": "--quant-head",
     "url": "--url",
     "api_key": "--api-key",
     "served_model": "--served-model",
@@ -105,6 +110,7 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "compl
     g.add_argument("--tp", type=_positive, default=1, metavar="N", help="tensor-parallel size (GPUs)")
     g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
     g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
+    add_quant_options(g)
     if not sampling:
         g.add_argument("--shape", choices=list(SHAPES), help="random weights at a CodeLlama shape instead of --model")
         g.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --shape (default: the demo model's)")
@@ -142,6 +148,8 @@ def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
         tp=args.tp,
         max_batch=args.max_batch or max_batch,
         max_seq_len=args.max_seq_len,
+        quant=args.quant,
+        quant_head=args.quant_head,
         shape=getattr(args, "shape", None),
         tokenizer=getattr(args, "tokenizer", None),
     )
@@ -209,6 +217,17 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     add_arguments(bench)
     parsers["bench"] = bench
+
+    conv = _Parser(prog="codellama-tui convert", description=SUBCOMMANDS["convert"] + ".")
+    conv.add_argument("model", metavar="MODEL", help="the unquantized Hugging Face checkpoint directory")
+    conv.add_argument("--out", required=True, type=Path, metavar="DIR", help="the workspace to write (a new folder)")
+    conv.add_argument("--quant", choices=["int8", "int4"], default="int4", help="the weights' format (default int4)")
+    conv.add_argument("--calib", nargs="+", type=Path, metavar="FILE",
+                      help="text (code) like what the model will see: int4 by GPTQ on it (act order, groups of 128) "
+                      "instead of round-to-nearest")  # fmt: skip
+    conv.add_argument("--device", default="auto", help="where to quantize: cpu, cuda, cuda:N or auto (default)")
+    conv.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    parsers["convert"] = conv
 
     serve = _Parser(prog="codellama-tui serve", description=SUBCOMMANDS["serve"] + ". " + DEMO_NOTE)
     n = serve.add_argument_group("server")
@@ -316,6 +335,8 @@ def _main(argv: Sequence[str] | None) -> int:
         except EngineError as err:  # a bad --tp, a dead rank, a broken checkpoint: one line, as everywhere
             print(f"codellama-tui bench: error: {with_flags(str(err), err.fields)}", file=sys.stderr)
             return 1
+    if command == "convert":
+        return _convert(args)
     if command == "serve":
         from tui.server.run import serve
 
@@ -366,6 +387,22 @@ def _api_key() -> str | None:
         return load_config().api_key
     except ConfigError:
         return None
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from engine.convert import convert
+    from engine.errors import EngineError
+
+    try:
+        how = convert(args.model, args.out, args.quant, args.calib, args.device, args.force)
+    except EngineError as err:
+        print(f"codellama-tui convert: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("codellama-tui convert: interrupted; nothing was written to the workspace", file=sys.stderr)
+        return 130
+    print(f"{args.out}: {how['format']} weights ({how['method']}); run it with --model {args.out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ def run_console(
         chat = Chat(client, out, info, cap, system, sampling, stdin if interactive else None)
         if interactive:
             where = [f"{info.device} {info.dtype}"] if info.device else []
+            weights = [f"{info.quant} weights"] if info.quant else []
             context = [f"context {info.context} tokens"] if info.context else []
-            out.note(" · ".join([info.name, f"cap {cap}", *where, *context]))
+            out.note(" · ".join([info.name, f"cap {cap}", *where, *weights, *context]))
             out.note(HINT)
         return chat.run(terminal_inputs(make_prompt_session()) if interactive else read_inputs(stdin))
     except EngineError as err:

@@ -4,6 +4,10 @@ Usage: `python -m engine.demo.evaluate MODEL_DIR [--device cuda] [--infills 600]
 unless `--no-write`). Runs the checkpoint through `transformers` so the numbers do not depend on the
 training code. Reports token-level perplexity (and bits per character, which compares across tokenizers),
 greedy single-line infilling exact match with the PSM prompt, and how often the predicted lines parse.
+`--quant int8,int4,nf4` instead scores the model with its projections quantized as `--quant` quantizes them at
+load (round trip through engine.weights; transformers then holds the values the engine computes with), and
+`--converted DIR` a `codellama-tui convert` workspace of it (GPTQ) as the engine loads it, next to the unquantized
+model: perplexity, line infilling, and how many lines get the unquantized model's own greedy infill.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from engine.demo.examples import BOS, EOS, SMILEY, Ids, enc_infilling
 from engine.prompts import answer_room, build_prompt, fit_request
 from engine.requests import Request
 from engine.tokenizer import Tokenizer
+from engine.weights import FORMATS
 
 # What every infilling case sends: the prefix's last and the suffix's first characters (at line boundaries),
 # and the new tokens it may write (the prompt leaves room for them, as the engine's do).
@@ -235,11 +240,8 @@ def score_infills(
 ) -> dict:
     """Greedy PSM infilling of each masked line from its (prefix, suffix) in `texts`; exact match (stripped) and
     parse rates."""
-    eot = Ids.of(sp).eot
-    stops = {eot, EOS} | newline_ids(sp)
     prompts = [psm_prompt(sp, prefix, suffix) for prefix, suffix in texts]
-    gens = greedy(model, prompts, max_new, stops, device, batch)
-    preds = [decode_infilling(sp, g).split("\n")[0] for g in gens]
+    preds = infill_predictions(model, sp, prompts, device, max_new, batch)
     exact = [p.strip() == c.middle.strip() for p, c in zip(preds, cases, strict=False)]
     parses = [_parses(c.prefix + p + c.suffix) for p, c in zip(preds, cases, strict=False)]
     blank = [_parses(c.prefix + c.suffix) for c in cases]
@@ -256,6 +258,104 @@ def score_infills(
             for c, p, e in list(zip(cases, preds, exact, strict=False))[:20]
         ],
     }
+
+
+def infill_predictions(
+    model: torch.nn.Module, sp: object, prompts: list[list[int]], device: torch.device, max_new: int, batch: int
+) -> list[str]:
+    """The first line of each PSM prompt's greedy infill, stopped at `▁<EOT>` or a newline."""
+    stops = {Ids.of(sp).eot, EOS} | newline_ids(sp)
+    gens = greedy(model, prompts, max_new, stops, device, batch)
+    return [decode_infilling(sp, g).split("\n")[0] for g in gens]
+
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+@torch.no_grad()
+def round_trip(model: torch.nn.Module, fmt: str) -> None:
+    """Replace every layer's projection weights by what `--quant fmt` holds for them, dequantized (the LM head
+    stays, as without `--quant-head`)."""
+    for layer in model.model.layers:
+        for name in PROJECTIONS:
+            weight = layer.get_submodule(name).weight
+            weight.copy_(FORMATS[fmt].from_dense(weight.detach()).dense())
+
+
+def converted_weights(workspace: Path, device: torch.device) -> tuple[str, dict]:
+    """A converted workspace's name ("int4 gptq") and its weights as the engine loads them, dequantized, under
+    transformers' names, in the dtype `load` gives."""
+    from engine.bench import hf_twin
+    from engine.engine import Engine
+    from engine.requests import EngineSpec
+
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    engine = Engine.load(EngineSpec(model=str(workspace), device=str(device), dtype=dtype, max_batch=1))
+    state = {k: v.clone() for k, v in hf_twin(engine).state_dict().items()}
+    engine.close()
+    how = json.loads((workspace / "config.json").read_text())["quantization_config"]
+    return f"{how['format']} {how['method']}", state
+
+
+def quantized_scores(
+    model_dir: Path,
+    device: torch.device,
+    formats: list[str],
+    n_infills: int = 600,
+    seq_len: int = 1024,
+    seed: int = 0,
+    max_new: int = MAX_NEW,
+    max_chars_per_file: int | None = None,
+    converted: tuple[Path, ...] = (),
+) -> dict:
+    """Held-out perplexity and single-line infilling of the unquantized model (bf16 on CUDA, float32 on the CPU) and
+    of each of `formats`, then of each `converted` workspace of it (`codellama-tui convert`: GPTQ, say) as the
+    engine loads it; `same_infill`: the share of lines whose greedy infill equals the unquantized model's.
+    "bfloat16" among `formats` is the yardstick: the unquantized model computing in bfloat16."""
+    model, sp = load(model_dir, device)
+    states = dict(converted_weights(path, device) for path in converted)
+    texts = held_out_texts()
+    cases = line_cases(texts, n_infills, seed)
+    prompts = [psm_prompt(sp, p, s) for p, s in fitted_texts(model_dir, cases, MAX_PREFIX, MAX_SUFFIX, max_new)]
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    res: dict = {"device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                 "lines": len(cases), "window": seq_len, "formats": {}}  # fmt: skip
+    base: list[str] | None = None
+    for fmt in ("unquantized", *formats, *states):
+        model.to(original["lm_head.weight"].dtype).load_state_dict(states.get(fmt, original))
+        if fmt == "bfloat16":
+            model.to(torch.bfloat16)
+        elif fmt in formats:
+            round_trip(model, fmt)
+        ppl = perplexity(model, sp, texts, seq_len, device, max_chars_per_file)
+        preds = infill_predictions(model, sp, prompts, device, max_new, 256 if device.type == "cuda" else 16)
+        base = base or preds
+        n = max(len(cases), 1)
+        res["formats"][fmt] = {
+            "perplexity": ppl["perplexity"],
+            "bits_per_char": ppl["bits_per_char"],
+            "exact_match": sum(p.strip() == c.middle.strip() for p, c in zip(preds, cases, strict=True)) / n,
+            "same_infill": sum(p == b for p, b in zip(preds, base, strict=True)) / n,
+        }
+    return res
+
+
+def _quant_summary(q: dict) -> str:
+    base = q["formats"]["unquantized"]
+    names = {"bfloat16": "unquantized in bfloat16 (the yardstick)"}
+    parts = [
+        f"{names.get(fmt, fmt)}: perplexity {r['perplexity']:.3f} ({r['perplexity'] / base['perplexity'] - 1:+.2%}),"
+        f" line infill exact match {r['exact_match']:.1%}, the unquantized model's own infill on"
+        f" {r['same_infill']:.1%} of the lines"
+        for fmt, r in q["formats"].items()
+        if fmt != "unquantized"
+    ]
+    return (
+        f"\nweights quantized at load (`--quant`) or converted (`--converted`), LM head unquantized, on {q['device']}"
+        f" against the unquantized model in {q['dtype']} (perplexity {base['perplexity']:.3f}, exact match"
+        f" {base['exact_match']:.1%}) on {q['lines']} lines:\n" + "\n".join(f"- {part}" for part in parts)
+    )
 
 
 def through_cli(model_dir: Path, cases: list[InfillCase], device: str) -> dict:
@@ -332,6 +432,8 @@ def run_eval(
 def summary(res: dict) -> str:
     """One short human-readable block for logs and the model card."""
     p, li, bo = res["perplexity"], res["line_infill"], res["body_line_infill"]
+    tail = _cli_summary(res["body_line_infill_cli"]) if "body_line_infill_cli" in res else ""
+    tail += _quant_summary(res["quantized"]) if "quantized" in res else ""
     return (
         f"perplexity {p['perplexity']:.3f} ({p['bits_per_char']:.3f} bits/char over {p['tokens']} tokens"
         f" in windows of {p['window']})\n"
@@ -339,7 +441,7 @@ def summary(res: dict) -> str:
         f"(line deleted: {li['parse_rate_if_line_deleted']:.1%})\n"
         f"function-body line infill exact match {bo['exact_match']:.1%} of {bo['n']}, parses {bo['parse_rate']:.1%} "
         f"(line deleted: {bo['parse_rate_if_line_deleted']:.1%})"
-    ) + (_cli_summary(res["body_line_infill_cli"]) if "body_line_infill_cli" in res else "")
+    ) + tail
 
 
 def _cli_summary(cli: dict) -> str:
@@ -361,7 +463,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--cli", action="store_true", help="only the function-body check through `codellama-tui generate`")
+    ap.add_argument(
+        "--quant", metavar="LIST", help="only the quantized comparison, e.g. int8,int4,nf4 (bfloat16: a yardstick)"
+    )
+    ap.add_argument("--converted", nargs="+", type=Path, default=(), metavar="DIR",
+                    help="with --quant: also `codellama-tui convert` workspaces of the model (int4 GPTQ)")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.quant:
+        formats = [f for f in a.quant.split(",") if f]
+        res = quantized_scores(a.model_dir, torch.device(a.device), formats, a.infills, a.seq_len, a.seed,
+                               converted=tuple(a.converted))  # fmt: skip
+        print(json.dumps(res), flush=True)
+        if not a.no_write:
+            path = a.model_dir / "eval.json"
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**saved, "quantized": res}, indent=2) + "\n")
+        return
     if a.cli:
         cases = body_cases(held_out_texts(), a.body_infills, a.seed + 1)
         res = through_cli(a.model_dir, cases, a.device)

@@ -482,6 +482,15 @@ def model_card(out: Path, info: dict) -> None:
             " still parses with the line deleted).",
             "",
         ]
+        if "quantized" in e:
+            lines += [
+                "Quantized weights (`python -m engine.demo.evaluate DIR --quant int8,int4,bfloat16`): every layer's"
+                " projections replaced by what `--quant` holds for them, dequantized (the values the engine computes"
+                ' with), scored on the same lines next to the unquantized model; "own infill" is the share of lines'
+                " whose greedy infill is exactly the unquantized model's, and bfloat16 (unquantized weights computing"
+                " in bfloat16) shows how much of that any rounding moves.",
+                "",
+            ]
     if s:
         lines += [
             "## Samples (greedy)",

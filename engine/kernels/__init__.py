@@ -13,8 +13,12 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   the new token's q and k, k and v written into the cache, and split-KV attention of the one new query
   per sequence over its keys, GQA aware: one kernel on the GPU.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
-- `linear(x, w)`: `x @ w.T`, a weight-streaming matrix-vector kernel for decode-sized x (up to 64 rows), where
-  start-up timing found it faster than cuBLAS for the shape and row count.
+- `linear(x, w)`: `x @ W.T` for a weight object `w` (`engine.weights.Weight`: dense, int8, int4 or nf4), a
+  weight-streaming matrix-vector kernel for decode-sized x (up to 64 rows) that dequantizes in registers, where
+  start-up timing found it faster than the weight's own `linear` (cuBLAS, after dequantizing for the quantized
+  formats; bitsandbytes for nf4) for the format, shape and row count. A weight whose columns are stored permuted
+  (`w.perm`, act-order GPTQ) gets x gathered into that order first, and no fused norm or residual.
+- `dequantize(w)`: a quantized weight as a dense `[n, k]` (what `Weight.linear` multiplies on the GPU).
 - `norm_linear(x, residual, norm_weight, eps, w)` and `norm_linear_silu_mul(...)`: residual add and RMSNorm,
   then `linear` (then, on the gate/up weight, `silu_mul`); where the matrix-vector kernel runs the shape for
   one row, the norm is its prologue and the activation its epilogue, one launch instead of two or three.
@@ -36,17 +40,21 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference, sampling
 from .sampling import apply_repetition_penalty, mark_seen
 
+if TYPE_CHECKING:
+    from engine.weights import Weight
+
 __all__ = [
     "add_rms_norm",
     "apply_repetition_penalty",
+    "dequantize",
     "greedy_pick",
     "linear",
     "linear_residual",
@@ -137,35 +145,47 @@ def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | N
     return sampling.greedy_pick(logits, seen, slots, penalty)
 
 
-# (rows, N, K, dtype) -> the Triton config that beat cuBLAS there; filled by `tune_linear` on the device.
-_TRITON_CONFIG: dict[tuple[int, int, int, object], object] = {}
+# (rows, format, N, K, dtype) -> the Triton config that beat the weight's own `linear` there; filled by `tune_linear`.
+_TRITON_CONFIG: dict[tuple[int, str, int, int, object], object] = {}
 
 
-def _gemv_config(x: Tensor, w: Tensor) -> object | None:
-    """The Triton config `tune_linear` chose for `x @ w.T`'s shape; None where cuBLAS (or the CPU) runs it."""
+def _gemv_config(x: Tensor, w: Weight) -> object | None:
+    """The Triton config `tune_linear` chose for `x @ W.T`'s format and shape; None where the weight's own `linear`
+    (or the CPU) runs it."""
     if not _use_triton(x):
         return None
-    return _TRITON_CONFIG.get((x.numel() // x.shape[-1], *w.shape, w.dtype))
+    return _TRITON_CONFIG.get((x.numel() // x.shape[-1], *w.key))
 
 
-def _fused_config(x: Tensor, w: Tensor) -> object | None:
+def _fused_config(x: Tensor, w: Weight) -> object | None:
     """`_gemv_config` where the norm and the residual add pay as the kernel's prologue and epilogue: for one row.
     With several rows the prologue's per-tile normalisation stalls the kernel's pipelined K loop (QKV at 32 rows:
     75 µs against 39 for the separate norm and the plain kernel, BENCHMARKS.md), so they stay separate kernels."""
-    return _gemv_config(x, w) if x.numel() == x.shape[-1] else None
+    return _gemv_config(x, w) if x.numel() == x.shape[-1] and w.perm is None else None
 
 
-def linear(x: Tensor, w: Tensor) -> Tensor:
-    """`x @ w.T`: the Triton matrix-vector kernel where `tune_linear` measured it faster, cuBLAS elsewhere."""
+def linear(x: Tensor, w: Weight) -> Tensor:
+    """`x @ W.T`: the Triton matrix-vector kernel where `tune_linear` measured it faster, `w.linear` elsewhere."""
     config = _gemv_config(x, w)
     if config is not None:
         from . import triton_gemv
 
-        return triton_gemv.linear(x, w, config)
-    return F.linear(x, w)
+        return triton_gemv.linear(x if w.perm is None else x.index_select(-1, w.perm), w, config)
+    return w.linear(x)
 
 
-def linear_residual(x: Tensor, w: Tensor, residual: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def dequantize(w: Weight) -> Tensor:
+    """The quantized weight `w` as a dense `[n, k]` in its dtype: one Triton kernel on the GPU (into a fresh buffer,
+    which the caching allocator, or a CUDA graph's pool, reuses), `w.dense()` (engine.quant's reference) elsewhere."""
+    if _use_triton(w.tensors()[0]):
+        from . import triton_dequant
+
+        stored = triton_dequant.dequantize(w)  # columns in the stored order: `w.perm`'s
+        return stored if w.perm is None else torch.empty_like(stored).index_copy_(1, w.perm, stored)
+    return w.dense()
+
+
+def linear_residual(x: Tensor, w: Weight, residual: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The residual stream after adding `x @ w.T` to `residual`, as `(x, residual, squares)` for `norm_linear`:
     `(h, None, squares)` where the Triton kernel fuses the add (its epilogue, which also leaves the next norm its
     partial sums of squares), else `(x @ w.T, residual, None)`, the add left to the next norm."""
@@ -186,7 +206,7 @@ def _norm(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float) -
 
 
 def norm_linear(
-    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Tensor, squares: Tensor | None = None
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w: Weight, squares: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`(linear(rms_norm(h), w), h)` for the residual stream `h = x + residual` (x itself where residual is None):
     one launch where the Triton kernel fuses the norm (its prologue), the two ops elsewhere. `squares`, from
@@ -201,7 +221,7 @@ def norm_linear(
 
 
 def norm_linear_silu_mul(
-    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w13: Tensor, squares: Tensor | None = None
+    x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, w13: Weight, squares: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`norm_linear` with the fused gate/up weight w13 `[2I, K]` (gate rows first), then `silu_mul`: one launch
     where the Triton kernel fuses the norm (its prologue) and the activation (its epilogue: each program computes
@@ -234,50 +254,58 @@ def graph_time(fn: Callable[[], object], calls: int) -> float:
     return start.elapsed_time(end) / (3 * calls)
 
 
-def _candidates(weights: list[Tensor], rows: tuple[int, ...]) -> Iterator[tuple[tuple, Tensor, list[Tensor], object]]:
-    """For each distinct weight shape and row count up to the kernel's: the config key, an input x, up to eight
-    weights of that shape and the Triton config the rule picks for it (alternatives were timed on the H100 and
-    lost or tied on every 7B shape, BENCHMARKS.md; timing them at start-up would cost seconds of compilation)."""
+def _candidates(weights: list[Weight], rows: tuple[int, ...]) -> Iterator[tuple[tuple, Tensor, list[Weight], object]]:
+    """For each distinct weight format and shape the Triton kernel runs, and each row count up to its limit: the
+    config key, an input x, up to eight weights of that key and the Triton config the rule picks for it
+    (alternatives were timed on the GPU and lost or tied, BENCHMARKS.md; timing them at start-up would cost seconds
+    of compilation)."""
     from . import triton_gemv
 
-    by_shape: dict[tuple, list[Tensor]] = {}
+    by_key: dict[tuple, list[Weight]] = {}
     for w in weights:
-        by_shape.setdefault((tuple(w.shape), w.dtype), []).append(w)
-    for (shape, dtype), same in by_shape.items():
-        sm = torch.cuda.get_device_properties(same[0].device).multi_processor_count
+        if w.format in triton_gemv.FORMATS:
+            by_key.setdefault(w.key, []).append(w)
+    for key, same in by_key.items():
+        _, n, k, dtype = key
+        device = same[0].tensors()[0].device
+        sm = torch.cuda.get_device_properties(device).multi_processor_count
         for m in (m for m in rows if m <= triton_gemv.MAX_ROWS):
-            x = torch.randn(m, shape[1], device=same[0].device, dtype=dtype)
-            yield (m, *shape, dtype), x, same[:8], triton_gemv.choose_config(m, *shape, sm)
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            yield (m, *key), x, same[:8], triton_gemv.choose_config(m, n, k, sm, key[0])
 
 
-def tune_linear(weights: list[Tensor], rows: tuple[int, ...] = (1,), calls: int = 4) -> dict[str, dict[str, float]]:
-    """Time cuBLAS and the Triton kernel for each weight shape and row count, in a CUDA graph over several layers'
-    weights as decode runs them (one weight over and over would time the L2 cache, not memory), and remember the
-    faster. Which wins depends on the shape: measuring beats a rule. Run before capture. `norm_linear` and
-    `norm_linear_silu_mul` follow the choice: where the plain kernel wins, fusing also saves launches."""
-    if not weights or not _use_triton(weights[0]):
+def tune_linear(weights: list[Weight], rows: tuple[int, ...] = (1,), calls: int = 4) -> dict[str, dict[str, float]]:
+    """Time each weight's own `linear` (cuBLAS; after dequantizing, for the quantized formats) and the Triton kernel
+    for each format, shape and row count, in a CUDA graph over several layers' weights as decode runs them (one
+    weight over and over would time the L2 cache, not memory), and remember the faster. Which wins depends on the
+    shape: measuring beats a rule. Run before capture. `norm_linear` and `norm_linear_silu_mul` follow the choice:
+    where the plain kernel wins, fusing also saves launches."""
+    if not weights or not _use_triton(weights[0].tensors()[0]):
         return {}
     from . import triton_gemv
 
     report: dict[str, dict[str, float]] = {}
     for key, x, ws, config in _candidates(weights, rows):
         times = {
-            "cublas": graph_time(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], calls) / len(ws),
+            "cublas": graph_time(lambda x=x, ws=ws: [w.linear(x) for w in ws], calls) / len(ws),
             "triton": graph_time(lambda x=x, ws=ws, c=config: [triton_gemv.linear(x, w, c) for w in ws], calls)
             / len(ws),
         }
         if times["triton"] < times["cublas"]:
             _TRITON_CONFIG[key] = config
-        report[f"{key[1]}x{key[2]} m={key[0]}"] = {k: round(v * 1e3, 1) for k, v in times.items()}
+        m, fmt, n, k, _ = key
+        report[f"{n}x{k} m={m}" if fmt == "dense" else f"{fmt} {n}x{k} m={m}"] = {
+            name: round(t * 1e3, 1) for name, t in times.items()
+        }
     return report
 
 
-def linear_choices(weights: list[Tensor], rows: tuple[int, ...] = (1,)) -> Iterator[None]:
-    """Yield twice: with every weight shape at `rows` on the Triton kernel (its plain form run once, as
-    `tune_linear` runs it), then with every shape on cuBLAS; the tuned choice is restored after. A decode step
-    run at each yield launches every kernel variant that `tune_linear` and the captured step could need, which
-    is what compiling ahead records (`engine.runner.compile_ahead`)."""
-    if not weights or not _use_triton(weights[0]):
+def linear_choices(weights: list[Weight], rows: tuple[int, ...] = (1,)) -> Iterator[None]:
+    """Yield twice: with every weight key at `rows` on the Triton kernel (its plain form run once, as
+    `tune_linear` runs it), then with every key on the weights' own `linear`; the tuned choice is restored after. A
+    decode step run at each yield launches every kernel variant that `tune_linear` and the captured step could need,
+    which is what compiling ahead records (`engine.runner.compile_ahead`)."""
+    if not weights or not _use_triton(weights[0].tensors()[0]):
         return
     from . import triton_gemv
 

@@ -1,6 +1,7 @@
-"""Decode-kernel benchmarks on one CUDA GPU, at CodeLlama 7B/13B/34B decode shapes.
+"""Decode-kernel benchmarks on one CUDA GPU, at CodeLlama 7B/13B/34B (and 70B-shaped) decode shapes.
 
     python -m engine.kernels.bench_kernels [--models 7b,13b,34b] [--sweep]
+    python -m engine.kernels.bench_kernels --quant-sweep [--models 7b,34b,70b]
 
 Each kernel is first checked against its reference at the benchmarked shape, then timed with
 `triton.testing.do_bench` (median, L2 flushed before each run) next to its PyTorch/cuBLAS
@@ -10,12 +11,21 @@ of the model (fused QKV, O, fused gate/up, down per layer, plus the LM head) as 
 as ARCHITECTURE.md's cuBLAS measurement does. "fused" times the GEMV with its RMSNorm prologue (and
 SwiGLU epilogue) against the separate kernels, both replayed in CUDA graphs as decode runs them.
 `--sweep` times alternative GEMV configs per shape.
+`--quant-sweep` (alone: it skips the other sections) times the quantized GEMV's candidate configs (BLOCK_N, BLOCK_K,
+split-K, warps, stages) per format, shape and row count (1, 8, 32) next to its rule's choice, bf16 cuBLAS,
+PyTorch's tinygemm int4 and bitsandbytes nf4 and LLM.int8 where they run, then every decode matmul of each model in
+one CUDA graph per format with the best configs found, and prints the best configs as one Python literal
+(`triton_gemv.TUNED`, which `choose_config` reads first). Every candidate is checked, then timed in a CUDA graph over
+enough copies of its weight that none comes from L2 (as decode streams them). The candidates compile in parallel
+worker processes first (`compile_ahead`), so one run fits one device call.
 A failure in one section is printed and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import itertools
 import traceback
 from collections.abc import Callable
@@ -53,6 +63,7 @@ MODELS = {
     "7b": Shape(4096, 11008, 32, 32, 32, 32016),
     "13b": Shape(5120, 13824, 40, 40, 40, 32016),
     "34b": Shape(8192, 22016, 48, 64, 8, 32000),
+    "70b": Shape(8192, 28672, 80, 64, 8, 32016),
 }
 DTYPE = torch.bfloat16
 GRAPH_WEIGHT_BUDGET = 40e9  # bytes of weights the "all matmuls" graph may allocate
@@ -277,16 +288,224 @@ def sweep_gemv(models: list[str], copy_gbs: float) -> None:
             print(f"m={m} {n}x{k}: best {best} {frac:.1%} of copy; rule {default} {default_frac:.1%}", flush=True)
 
 
+QUANT_ROWS = (1, 8, 32)
+L2_BYTES = 60e6  # more than the H200's L2: the sweep's graphs stream this many bytes of distinct weights or more
+
+
+def quant_candidates(fmt: str, m: int) -> list:
+    """The configs the quantized sweep times for `fmt` at m rows (int4 steps are whole groups of 128 inputs; some tiles
+    are also timed with UNPACKS' other variant, int4 planes or one row's int8 bytes unpacked by shifts)."""
+    from engine.kernels.triton_gemv import GemvConfig
+
+    if m == 1:  # int4: the more rows per thread, the less each one spends on x (and its norm) per weight
+        tiles = (
+            [(32, 256, 2), (64, 128, 2), (64, 256, 2), (64, 256, 4), (128, 128, 2), (128, 128, 4), (128, 256, 4),
+             (128, 256, 8), (256, 128, 4), (256, 128, 8)]
+            if fmt == "int4"
+            else [(8, 512, 4), (16, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 256, 2), (64, 256, 4), (64, 512, 8)]
+        )  # fmt: skip
+        plain = [GemvConfig(bn, bk, sk, nw, 3) for bn, bk, nw in tiles for sk in (1, 2, 4)]
+        if fmt == "int4":  # group by group, the next one in flight
+            fetching = [(64, 128, 2), (128, 128, 2), (128, 128, 4), (256, 128, 8)]
+            plain += [GemvConfig(bn, bk, sk, nw, 3, prefetch=True) for bn, bk, nw in fetching for sk in (1, 2, 4)]
+        dots = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8)]  # the row padded to 16: tensor cores
+        plain += [GemvConfig(bn, bk, sk, nw, 3, True) for bn, bk, nw in dots for sk in (1, 2, 4)]
+    else:
+        tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (32, 256, 4)]
+        plain = [GemvConfig(bn, bk, sk, nw, ns) for bn, bk, nw in tiles for sk in (1, 2, 4) for ns in (3, 4)]
+    if fmt == "int4" or m == 1:  # int8 unpacks by mask for one row only
+        plain += [dataclasses.replace(c, unpack="shift") for c in plain
+                  if c.split_k == 2 and c.num_stages == 3 and not c.prefetch and not c.tensor_cores]  # fmt: skip
+    return plain
+
+
+def _quantized(fmt: str, n: int, k: int):
+    from engine.weights import Int4, Int8
+
+    dense = torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
+    return {"int4": Int4, "int8": Int8}[fmt].from_dense(dense)
+
+
+def _precompile(launches: list[Callable[[], object]]) -> None:
+    """Compile every kernel variant the launches need in worker processes (as start-up does), not one by one."""
+    from engine.kernels.compile_ahead import Compiling, can_record, recording
+
+    if not can_record():
+        return
+    compiling = Compiling()
+    with recording() as specs:
+        for launch in launches:
+            with contextlib.suppress(Exception):  # an impossible config: timed (and reported) as failing later
+                launch()
+    compiling.submit(specs)
+    compiling.wait(timeout=900)
+    print(compiling, flush=True)
+
+
+def _baselines(n: int, k: int, m: int, copies: int) -> dict[str, float]:
+    """Milliseconds of the other libraries' kernels for one [n, k] weight at m rows, timed as `_graph_ms` times ours
+    (skipped where they fail)."""
+    x = torch.randn(m, k, dtype=DTYPE, device="cuda")
+    dense = [torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05) for _ in range(max(1, copies // 4))]
+    times = {"cublas": _graph_ms([partial(F.linear, x, w) for w in dense])}
+    try:
+        words = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda") for _ in range(copies)]
+        packed = [torch.ops.aten._convert_weight_to_int4pack(w, 8) for w in words]
+        scales_zeros = torch.randn(k // 128, n, 2, dtype=DTYPE, device="cuda")
+        mm = torch.ops.aten._weight_int4pack_mm
+        times["tinygemm"] = _graph_ms([partial(mm, x, p, 128, scales_zeros) for p in packed])
+    except Exception as exc:
+        print(f"  tinygemm {n}x{k}: {type(exc).__name__}: {str(exc)[:100]}")
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        nf4 = [bnbf.quantize_4bit(dense[i % len(dense)], blocksize=64, quant_type="nf4") for i in range(copies)]
+        times["bnb_nf4"] = _graph_ms([lambda q=q, st=st: bnb.matmul_4bit(x, q.t(), quant_state=st) for q, st in nf4])
+    except Exception as exc:
+        print(f"  bitsandbytes {n}x{k}: {type(exc).__name__}: {str(exc)[:100]}")
+    return times
+
+
+def _graph_ms(calls: list[Callable[[], object]]) -> float:
+    """Milliseconds per call of `calls` (each on its own weight, together more bytes than L2 holds), replayed in a
+    CUDA graph as decode runs them: no launch overhead of Python, no weight served from L2."""
+    return graph_time(lambda: [call() for call in calls], 2) / len(calls)
+
+
+def sweep_quant(models: list[str], copy_gbs: float) -> dict:
+    """Time every candidate config of the quantized GEMV per format, shape and row count, each in a CUDA graph over
+    enough copies of the weight to stream from memory; returns the best ones. One line per format, shape and rows."""
+    from engine.kernels import triton_gemv
+
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = sorted({nk for model in models for nk in MODELS[model].matmuls().values()})
+    best: dict = {}
+    for fmt in ("int4", "int8"):
+        for n, k in shapes:
+            w = _quantized(fmt, n, k)
+            copies = max(2, min(32, int(L2_BYTES * 2 // w.nbytes()) + 1))
+            ws = [w, *(_quantized(fmt, n, k) for _ in range(copies - 1))]
+            xs = {m: torch.randn(m, k, dtype=DTYPE, device="cuda") for m in QUANT_ROWS}
+            plan = [(m, c) for m in QUANT_ROWS for c in [triton_gemv.choose_config(m, n, k, sm, fmt),
+                                                          *quant_candidates(fmt, m)]]  # fmt: skip
+            _precompile([partial(triton_gemv.linear, xs[m], w, c) for m, c in plan])
+            for m in QUANT_ROWS:
+                # Against the float32 product with the weight's exact values: the kernel's error is then its own
+                # (float32 sums, one rounding to bf16), not that of a bf16-rounded dense weight over K inputs.
+                expected = F.linear(xs[m].float(), w.dense(torch.float32))
+                timed, failed = [], []
+                for c in [cfg for mm, cfg in plan if mm == m]:
+                    try:
+                        check(f"{fmt} {n}x{k} m={m} {_cfg(c)}", triton_gemv.linear(xs[m], w, c), expected)
+                        timed.append((_graph_ms([partial(triton_gemv.linear, xs[m], v, c) for v in ws]), c))
+                    except Exception as exc:  # out of registers or shared memory for a large tile, or wrong
+                        failed.append(f"{_cfg(c)} {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+                more = f" (+{len(failed) - 3} more)" if failed[3:] else ""
+                for line in failed[:3]:
+                    print(f"  {fmt} {n}x{k} m={m} failed: {line}{more}")
+                if not timed:
+                    continue
+                rule_ms, rule = timed[0]
+                ranked = sorted(timed, key=lambda t: t[0])
+                best_ms, top = ranked[0]
+                base = _baselines(n, k, m, copies) if fmt == "int4" else {}
+                nbytes = w.nbytes() + 2 * (m * k + m * n)
+                others = "  ".join(f"{name} {t * 1e3:6.1f}" for name, t in base.items())
+                runners = " ".join(f"{_cfg(c).replace(' ', '')} {t * 1e3:.1f}" for t, c in ranked[1:3])
+                print(
+                    f"{fmt} {n:>5}x{k:<5} m={m:<2} rule {_cfg(rule)} {rule_ms * 1e3:6.1f} us "
+                    f"{nbytes / rule_ms / 1e6 / copy_gbs:5.1%} | best {_cfg(top)} {best_ms * 1e3:6.1f} us "
+                    f"{nbytes / best_ms / 1e6 / copy_gbs:5.1%} (then {runners}) | {others}",
+                    flush=True,
+                )
+                best[(fmt, m, n, k)] = top
+            del w, ws, xs
+            torch.cuda.empty_cache()
+    return best
+
+
+def _cfg(c) -> str:
+    tail = ("/tc" if c.tensor_cores else "") + ("/shift" if c.unpack == "shift" else "") + ("/pf" if c.prefetch else "")
+    return f"{c.block_n:>3}/{c.block_k:<4}/s{c.split_k}/w{c.num_warps}/p{c.num_stages}{tail}"
+
+
+def quant_all_matmuls(models: list[str], best: dict, copy_gbs: float) -> None:
+    """Every decode matmul of each model (QKV, O, gate/up, down per layer, the LM head in bf16, as `--quant` runs
+    it) in one CUDA graph, per format with the sweep's best configs, next to bf16 cuBLAS on the same shapes."""
+
+    for model in models:
+        shape = MODELS[model]
+        mats = {key: nk for key, nk in shape.matmuls().items() if key != "lm_head"}
+        head = torch.empty(*shape.matmuls()["lm_head"], dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
+        inputs = {m: {k: torch.randn(m, k, dtype=DTYPE, device="cuda") for _, k in shape.matmuls().values()}
+                  for m in QUANT_ROWS}  # fmt: skip
+        for fmt in ("int4", "int8", "bf16"):
+            per_layer = sum(n * k for n, k in mats.values()) * {"int4": 0.53, "int8": 1.0, "bf16": 2.0}[fmt]
+            layers = min(shape.layers, int(GRAPH_WEIGHT_BUDGET // per_layer))
+            if fmt == "bf16":
+                weights = [torch.empty(n, k, dtype=DTYPE, device="cuda").uniform_(-0.05, 0.05)
+                           for _ in range(layers) for n, k in mats.values()]  # fmt: skip
+            else:
+                weights = [_quantized(fmt, n, k) for _ in range(layers) for n, k in mats.values()]
+            nbytes = sum(w.nbytes() if fmt != "bf16" else w.numel() * 2 for w in weights) + head.numel() * 2
+            for m in QUANT_ROWS:
+                run = partial(_matmuls, weights, head, inputs[m], best, fmt, m)
+                run()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                ms = bench(graph.replay)
+                del graph
+                note = "" if layers == shape.layers else f" ({layers} of {shape.layers} layers)"
+                rate = m * 1e3 * layers / (ms * shape.layers)  # partial graphs scaled to the whole model
+                print(
+                    f"{model} {fmt:<4} all matmuls m={m:<2}{note}: {ms * 1e3:8.1f} us, "
+                    f"{nbytes / ms / 1e6 / copy_gbs:5.1%} of copy, ~{rate:6.0f} tokens/s",
+                    flush=True,
+                )
+            del weights
+            torch.cuda.empty_cache()
+
+
+def _matmuls(weights: list, head: torch.Tensor, inputs: dict, best: dict, fmt: str, m: int) -> None:
+    from engine.kernels import triton_gemv
+
+    for w in weights:
+        x = inputs[w.shape[1]]
+        if fmt == "bf16":
+            F.linear(x, w)
+        else:
+            triton_gemv.linear(x, w, best.get((fmt, m, *w.shape)))
+    F.linear(inputs[head.shape[1]], head)
+
+
+def print_rules(best: dict) -> None:
+    """The best configs as `triton_gemv.TUNED`'s literal: (format, rows, N, K) -> GemvConfig's fields."""
+    print("\nbest configs, for triton_gemv.TUNED ((format, rows, N, K) -> BLOCK_N, BLOCK_K, split-K, warps, stages, "
+          "tensor cores, unpack):")  # fmt: skip
+    entries = "".join(f"    {key!r}: {dataclasses.astuple(c)!r},\n" for key, c in sorted(best.items()))
+    print("TUNED = {\n" + entries + "}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="7b,13b,34b", help="comma-separated subset of 7b,13b,34b")
     parser.add_argument("--sweep", action="store_true", help="also time alternative GEMV configs")
+    parser.add_argument("--quant-sweep", action="store_true", help="only the int8/int4 GEMV sweep and graphs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     models = [m.strip() for m in args.models.split(",")]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {DTYPE}")
     copy_gbs = copy_bandwidth()
+    if args.quant_sweep:
+        best: dict = {}
+        section("quantized GEMV config sweep", lambda: best.update(sweep_quant(models, copy_gbs)))
+        section("all decode matmuls in one CUDA graph, per format", lambda: quant_all_matmuls(models, best, copy_gbs))
+        print_rules(best)
+        return
     section("linear (per matmul)", lambda: bench_linear(models, copy_gbs))
     section("all decode matmuls in one CUDA graph", lambda: bench_all_matmuls(models, copy_gbs))
     section("norm (+ SwiGLU) fused into the GEMV", lambda: bench_fused(models, copy_gbs))

@@ -28,8 +28,19 @@ separate launch of a few microseconds while the projection itself streams megaby
 All round where the unfused ops round (reference.add_rms_norm, reference.silu_mul). The engine fuses
 the norm and the residual add only for one row (`engine.kernels` says why).
 
-Configs are chosen by a fixed rule (no autotuning, so CUDA-graph capture never benchmarks);
-`python -m engine.kernels.bench_kernels --sweep` times alternatives on the real GPU.
+The weight comes in one of three formats (`engine.weights`; FORMAT): dense rows; int8 rows, the product scaled once
+per row at the end; int4, packed 8 to an int32 word K-contiguous per row, groups of 128 inputs with a scale and zero
+point each (engine.quant has the layout). The int4 loop unpacks a group plane by plane (16 consecutive inputs per
+nibble position), each nibble masked in place and or-ed into the mantissa of 2^23 in one logic instruction, then one
+multiply-add gives the exact integer `q - zero` with no conversion instruction; it multiplies (one row) or dots
+(several, the exact integers in x's 16-bit dtype) it with x and scales the group's sum once. One row of int8 reads its
+bytes four to a word and unpacks them the same way. These kernels are bound by instructions, not bytes, so the
+unpacking is counted in the compiled code (BENCHMARKS.md); UNPACKS keeps the earlier shift-and-extract form for the
+sweep. Prologue, epilogues and split-K are the same for every format; the quantized weights' first tiles go to L2
+early under PDL.
+
+Configs are chosen by a fixed rule or the table of an earlier sweep (TUNED; no autotuning, so CUDA-graph capture never
+benchmarks); `python -m engine.kernels.bench_kernels --sweep` (dense) and `--quant-sweep` time alternatives on the GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +59,20 @@ from torch import Tensor
 from . import counters, pdl
 from .triton_attention import dot_precision
 
+if TYPE_CHECKING:
+    from engine.weights import Weight
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 64  # larger batches go to cuBLAS, which is compute-efficient there
+DENSE, INT8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+FORMATS = {"dense": DENSE, "int8": INT8, "int4": INT4}  # the weight formats (engine.weights) this kernel runs
+SHIFTED, MASKED = tl.constexpr(0), tl.constexpr(1)
+# How int4 planes are unpacked (_int4_plane, _int4_plane_masked) and int8 bytes for one row (_values from bytes,
+# _int8_byte from words).
+UNPACKS = {"shift": SHIFTED, "mask": MASKED}
+# The bits of 2^23, passed as an argument: as a constant it would take an instruction of its own after the mask, as a
+# register the mask and the or are one three-input logic instruction (LOP3 takes one immediate).
+MAGIC = 0x4B000000
 
 
 @dataclass(frozen=True)
@@ -58,6 +82,9 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    tensor_cores: bool = False  # one row too through the several-row path (a dot with the row padded to 16)
+    unpack: str = "mask"  # how int4 planes and (one row) int8 bytes are unpacked: UNPACKS
+    prefetch: bool = False  # int4 only: the next group's words in flight while one is unpacked (_int4_product)
 
 
 @triton.jit
@@ -98,13 +125,159 @@ def _x_tile(
 
 
 @triton.jit
-def _dot(w, x, acc, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
+def _dot(w, x, acc, x_ptr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr):
     """`acc + w @ x.T` for a weight tile [BLOCK_N, BLOCK_K] and float32 rows [BLOCK_M, BLOCK_K]: the weight strip
     is the tensor-core tile's long side, so a handful of rows needs no padding to 64. NATIVE_DOT: x holds values
-    of w's 16-bit dtype, so the dot runs on 16-bit inputs exactly; otherwise on float32 copies at PRECISION."""
+    of its 16-bit dtype, and so does w (the weight itself, or integers a quantized format holds exactly), so the
+    dot runs on 16-bit inputs exactly; otherwise on float32 copies at PRECISION. int8 weights come as they are:
+    the plain conversion is exact for -128..127 (the compiled dot mishandled `_values`' bit tricks on int8 tiles)."""
     if NATIVE_DOT:
-        return tl.dot(w, tl.trans(x.to(w.dtype)), acc)
+        return tl.dot(w.to(x_ptr.dtype.element_ty), tl.trans(x.to(x_ptr.dtype.element_ty)), acc)
     return tl.dot(w.to(tl.float32), tl.trans(x), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _values(w, FORMAT: tl.constexpr):
+    """A weight tile as float32. int8 takes no int-to-float conversion (a quarter-rate instruction that alone would
+    cap the kernel below the copy rate): the byte with its sign bit flipped (q + 128) is or-ed into the mantissa of
+    2^23, and 2^23 + 128 subtracted, exactly."""
+    if FORMAT == INT8:
+        biased = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000
+        return biased.to(tl.float32, bitcast=True) - 8388736.0
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _int8_byte(words, high, b: tl.constexpr, magic):
+    """q in float32 for byte b of int8 weights packed four to an int32 word (bytes 2 and 3 from `high`, the words
+    shifted once by 16): the byte is masked in place and its sign bit flipped in one logic instruction, which leaves
+    2^23 + (q + 128) 2^(8 (b % 2)) as a float (`magic`: 2^23's bits, see MAGIC); one multiply-add undoes the bias
+    exactly. The plain conversion costs a byte extraction and a quarter-rate instruction per weight."""
+    shift: tl.constexpr = 8 * (b % 2)
+    src = words if b < 2 else high
+    flip = magic + (0x80 << shift)  # an add, not an or: the compiler splits an or of the two into a second xor
+    biased = ((src & (0xFF << shift)) ^ flip).to(tl.float32, bitcast=True)
+    return biased * (1.0 / (1 << shift)) - (8388608.0 / (1 << shift) + 128.0)
+
+
+@triton.jit
+def _int8_words_product(
+    x_ptr, res_ptr, norm_ptr, w_rows, n_mask, k_start, k_end, rstd, magic,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
+):  # fmt: skip
+    """The unscaled product [1, BLOCK_N] of one row of x with int8 weight rows read as int32 words (`w_rows` in
+    words), inputs k_start .. k_end: byte b of word w is input 4 w + b, so x comes in four strided planes."""
+    c = tl.arange(0, BLOCK_K // 4)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 4], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kw = k0 // 4 + c
+        live = n_mask[:, None] & (kw < k_end // 4)[None, :]
+        words = tl.load(w_rows + kw[None, :], mask=live, other=0, eviction_policy="evict_first")
+        high = words >> 16
+        for b in tl.static_range(4):
+            k = 4 * kw + b
+            x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k < k_end, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+            acc += _int8_byte(words, high, b, magic) * x[None, :]
+    return tl.sum(acc, axis=1)[None, :]
+
+
+@triton.jit
+def _int4_plane(words, j: tl.constexpr, zero):
+    """`q - zero` in float32 for plane j of packed int4 words [BLOCK_N, 16] (inputs 16 j .. 16 j + 15 of their
+    group): the nibble is or-ed into the mantissa of 2^23 and `zero` carries the same 2^23, so the subtraction is
+    exact and no integer-to-float conversion runs."""
+    nibble = (words >> (4 * j)) & 0xF
+    return (nibble | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]
+
+
+@triton.jit
+def _int4_plane_masked(words, high, j: tl.constexpr, zero, magic):
+    """`_int4_plane` in two instructions per nibble, not four (shift, extract, or, subtract): the nibble is masked in
+    place (planes 4..7 from `high`, the words shifted once by 16), so it sits at bit 4 (j % 4) of the mantissa of
+    2^23, and one multiply-add by 2^-4(j % 4) with -(2^(23 - 4 (j % 4)) + zero) (per row, shared by planes j and
+    j + 4) leaves `q - zero`; every step is exact. `zero` is the plain float32 zero point."""
+    shift: tl.constexpr = 4 * j if j < 4 else 4 * (j - 3)
+    src = words if j < 4 else high
+    biased = ((src & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
+    offset = -(8388608.0 / (1 << shift)) - zero
+    return biased * (1.0 / (1 << shift)) + offset[:, None]
+
+
+@triton.jit
+def _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg):
+    """Group g's packed words [BLOCK_N, 16], float32 scales and zeros (all zero past k_end: a step may run past its
+    split's end)."""
+    live = n_mask & (tl.full(n.shape, 128 * g, tl.int32) < k_end)
+    c = tl.arange(0, 16)
+    words = tl.load(w_rows + (16 * g + c)[None, :], mask=live[:, None], other=0, eviction_policy="evict_first")
+    scale = tl.load(s_ptr + g * stride_sg + n, mask=live, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + g * stride_sg + n, mask=live, other=0).to(tl.float32)
+    return words, scale, zero
+
+
+@triton.jit
+def _int4_group(
+    acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, magic,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, UNPACK: tl.constexpr,
+):  # fmt: skip
+    """`acc` plus group g's product, unpacked plane by plane (16 inputs each): a multiply-add for one row, a
+    tensor-core dot for several, of the exact integers `q - zero`, scaled once."""
+    c = tl.arange(0, 16)
+    width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M
+    high = words >> 12
+    group = tl.zeros([BLOCK_N, width], tl.float32)
+    for j in tl.static_range(8):
+        k = 128 * g + 16 * j + c
+        offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
+        x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+        if UNPACK == MASKED:
+            plane = _int4_plane_masked(words, high, j, zero, magic)
+        else:
+            plane = _int4_plane(words, j, zero + 8388608.0)
+        if BLOCK_M == 1:
+            group += plane * x[None, :]
+        else:
+            group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
+    return acc + group * scale[:, None]
+
+
+@triton.jit
+def _int4_product(
+    x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg, k_start, k_end, rstd, magic,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
+    UNPACK: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """The product [BLOCK_M, BLOCK_N] of the rows of x with the int4 weight rows `n` (packed words at `w_rows`,
+    scales and zeros at column n of the group-major [groups, N] tables) over inputs k_start .. k_end, whole groups
+    of 128 (engine.quant has the layout), `_int4_group` by group. PREFETCH: group by group, the next group's words
+    loaded before this one's are unpacked (the compiler pipelines no load that feeds only registers), else
+    BLOCK_K // 128 groups per step."""
+    width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M  # one row: products summed over the plane at the end
+    acc = tl.zeros([BLOCK_N, width], tl.float32)
+    if PREFETCH:
+        words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg)
+        for g in range(k_start // 128, k_end // 128):
+            after = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg)
+            acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
+                              magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED,
+                              UNPACK)  # fmt: skip
+            words, scale, zero = after
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            for t in tl.static_range(BLOCK_K // 128):
+                g = k0 // 128 + t
+                words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg)
+                acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end,
+                                  rstd, magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL,
+                                  ROUND_NORMED, UNPACK)  # fmt: skip
+    if BLOCK_M == 1:  # noqa: SIM108 (one return: Triton types every return alike, even in a branch never compiled)
+        product = tl.sum(acc, axis=1)[None, :]
+    else:
+        product = tl.trans(acc)
+    return product
 
 
 @triton.jit
@@ -112,7 +285,8 @@ def _prefetch_l2(w_ptr, rows, n_mask, k_start, k_end, BLOCK_K: tl.constexpr):
     """Ask L2 for the strip's first two weight tiles, one 128-byte line per request (masked-off lines become
     requests for the weight's first line)."""
     per_line: tl.constexpr = 128 // (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-    k = k_start + tl.arange(0, 2 * BLOCK_K // per_line) * per_line
+    span: tl.constexpr = 2 * BLOCK_K if per_line < 2 * BLOCK_K else per_line  # at least one line (int8, narrow K)
+    k = k_start + tl.arange(0, span // per_line) * per_line
     lines = tl.where(n_mask[:, None] & (k[None, :] < k_end), rows + k[None, :], w_ptr)
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
                               is_pure=False, pack=1)  # fmt: skip
@@ -122,6 +296,8 @@ def _prefetch_l2(w_ptr, rows, n_mask, k_start, k_end, BLOCK_K: tl.constexpr):
 def _gemv_kernel(
     x_ptr,
     w_ptr,
+    s_ptr,
+    z_ptr,
     out_ptr,
     res_ptr,
     norm_ptr,
@@ -134,10 +310,12 @@ def _gemv_kernel(
     K,
     stride_xm,
     stride_wn,
+    stride_sg,
     stride_om,
     k_per_split,
     eps,
     n_sq,
+    magic,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -153,13 +331,18 @@ def _gemv_kernel(
     ADD_RESIDUAL: tl.constexpr,
     SPLIT_K: tl.constexpr,
     USE_GDC: tl.constexpr,
+    FORMAT: tl.constexpr,
+    UNPACK: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    """res_ptr: the residual added in the norm prologue (HAS_RESIDUAL) or the epilogue (ADD_RESIDUAL); sq_ptr: the
-    [n_sq, M] partial sums of squares the prologue reads (PARTIALS) or the [programs, M] ones the epilogue writes;
-    part_ptr, count_ptr: with SPLIT_K, the float32 [SPLIT_K, 1 or 2, M, N] products of each split and a zeroed counter
-    per strip."""
+    """w_ptr, s_ptr, z_ptr: the weight as its FORMAT holds it (`Weight.tensors()`: DENSE rows, INT8 rows and a scale
+    per row, INT4 packed rows and [groups, N] scales and zeros, stride_sg apart); res_ptr: the residual added in the
+    norm prologue (HAS_RESIDUAL) or the epilogue (ADD_RESIDUAL); sq_ptr: the [n_sq, M] partial sums of squares the
+    prologue reads (PARTIALS) or the [programs, M] ones the epilogue writes; part_ptr, count_ptr: with SPLIT_K, the
+    float32 [SPLIT_K, 1 or 2, M, N] products of each split and a zeroed counter per strip."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    INT8_WORDS: tl.constexpr = FORMAT == INT8 and BLOCK_M == 1 and UNPACK == MASKED  # _int8_words_product
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, BLOCK_M)
@@ -171,8 +354,19 @@ def _gemv_kernel(
     k_first = k_start + tl.arange(0, BLOCK_K)  # own names: a reassigned name would become loop-carried below
     mask_first = k_first < k_end
     # The first weight tiles depend on no other kernel: in flight before the wait below. One row holds them in
-    # registers; several rows would need shared memory for them too (a program fewer per SM), so fetch into L2.
-    if BLOCK_M == 1:
+    # registers; several rows would need shared memory for them too (a program fewer per SM), so fetch into L2, as
+    # for int4, whose loop unpacks group by group.
+    if FORMAT == INT4:
+        if USE_GDC:
+            _prefetch_l2(w_ptr, w_rows, n_mask, k_start // 8, k_end // 8, BLOCK_K // 8)
+            if SILU_MUL:
+                _prefetch_l2(w_ptr, up_rows, n_mask, k_start // 8, k_end // 8, BLOCK_K // 8)
+    elif INT8_WORDS:
+        if USE_GDC:
+            _prefetch_l2(w_ptr, w_rows, n_mask, k_start // 4, k_end // 4, BLOCK_K // 4)
+            if SILU_MUL:
+                _prefetch_l2(w_ptr, up_rows, n_mask, k_start // 4, k_end // 4, BLOCK_K // 4)
+    elif BLOCK_M == 1:
         w_first = tl.load(w_rows + k_first[None, :], mask=n_mask[:, None] & mask_first[None, :], other=0.0,
                           eviction_policy="evict_first")  # fmt: skip
         if SILU_MUL:
@@ -206,26 +400,46 @@ def _gemv_kernel(
         if BLOCK_M > 1:
             rstd = rstd[:, None]
 
-    if BLOCK_M == 1:
+    if FORMAT == INT4:
+        acc = _int4_product(x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg,
+                            k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT, NORM,
+                            HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
+        if SILU_MUL:
+            up = _int4_product(x_ptr, res_ptr, norm_ptr, up_rows, s_ptr, z_ptr, n + N, n_mask, m, M, stride_xm,
+                               stride_sg, k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT,
+                               NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
+    elif INT8_WORDS:
+        acc = _int8_words_product(x_ptr, res_ptr, norm_ptr, w_rows, n_mask, k_start, k_end, rstd, magic, BLOCK_N,
+                                  BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[None, :]
+        if SILU_MUL:
+            up = _int8_words_product(x_ptr, res_ptr, norm_ptr, up_rows, n_mask, k_start, k_end, rstd, magic,
+                                     BLOCK_N, BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+            up *= tl.load(s_ptr + n + N, mask=n_mask, other=0.0)[None, :]
+    elif BLOCK_M == 1:
         x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
                           HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
-        acc2d = w_first.to(tl.float32) * x_first[None, :]
+        acc2d = _values(w_first, FORMAT) * x_first[None, :]
         if SILU_MUL:
-            up2d = u_first.to(tl.float32) * x_first[None, :]
+            up2d = _values(u_first, FORMAT) * x_first[None, :]
         for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                         eviction_policy="evict_first")  # fmt: skip
             x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k_mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            acc2d += w.to(tl.float32) * x[None, :]
+            acc2d += _values(w, FORMAT) * x[None, :]
             if SILU_MUL:
                 u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
-                up2d += u.to(tl.float32) * x[None, :]
+                up2d += _values(u, FORMAT) * x[None, :]
         acc = tl.sum(acc2d, axis=1)[None, :]
         if SILU_MUL:
             up = tl.sum(up2d, axis=1)[None, :]
+        if FORMAT == INT8:  # per output row: one multiply at the end
+            acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[None, :]
+            if SILU_MUL:
+                up *= tl.load(s_ptr + n + N, mask=n_mask, other=0.0)[None, :]
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # transposed: see _dot
         if SILU_MUL:
@@ -237,11 +451,15 @@ def _gemv_kernel(
                         eviction_policy="evict_first")  # fmt: skip
             offsets, mask = _x_offsets(m, k, k_mask, M, stride_xm, BLOCK_M)
             x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            acc = _dot(w, x, acc, PRECISION, NATIVE_DOT)
+            acc = _dot(w, x, acc, x_ptr, PRECISION, NATIVE_DOT)  # int8 converts plainly there (exact, see _dot)
             if SILU_MUL:
                 u = tl.load(up_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
                             eviction_policy="evict_first")  # fmt: skip
-                up = _dot(u, x, up, PRECISION, NATIVE_DOT)
+                up = _dot(u, x, up, x_ptr, PRECISION, NATIVE_DOT)
+        if FORMAT == INT8:
+            acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[:, None]
+            if SILU_MUL:
+                up *= tl.load(s_ptr + n + N, mask=n_mask, other=0.0)[:, None]
         acc = tl.trans(acc)
         if SILU_MUL:
             up = tl.trans(up)
@@ -299,7 +517,51 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
+# (format, rows, N, K) -> GemvConfig's fields: the fastest config `bench_kernels --quant-sweep` timed on an H200
+# (TUNED_SMS multiprocessors) at rows 1, 8 and 32, pasted from its output; BENCHMARKS.md has the timings.
+TUNED: dict[tuple[str, int, int, int], tuple] = {}
+TUNED_SMS = 132
+
+
+def choose_config(m: int, n: int, k: int, sm_count: int, fmt: str = "dense") -> GemvConfig:
+    """The config for `fmt`'s weight [n, k] at m rows: the sweep's (`_tuned`) where it timed the shape on this GPU,
+    else `_int4_config` for int4, `_dense_config` for dense and int8 (the same loop, its scale applied once per row)."""
+    tuned = _tuned(m, n, k, fmt) if sm_count == TUNED_SMS else None
+    if tuned is not None:
+        return tuned
+    if fmt == "int4":
+        return _int4_config(m, n, k, sm_count)
+    return _dense_config(m, n, k, sm_count)
+
+
+def _tuned(m: int, n: int, k: int, fmt: str) -> GemvConfig | None:
+    """TUNED's config for the shape: one row's for one row; several rows take the entry of the smallest swept row
+    count at least m (the largest past them), as the tile's padded rows grow with m."""
+    rows = sorted(r for f, r, nn, kk in TUNED if (f, nn, kk) == (fmt, n, k) and (r == 1) == (m == 1))
+    if not rows:
+        return None
+    return GemvConfig(*TUNED[(fmt, next((r for r in rows if r >= m), rows[-1]), n, k)])
+
+
+def _int4_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
+    """A fixed rule until a sweep on the GPU (`bench_kernels --quant-sweep`) sets it: two groups of 128 inputs per
+    step (128 bytes per weight row). One row: strips of 128 rows where that still gives a strip per SM, else 64 (each
+    thread holds several rows, so the x values it computes, norm included, serve several weights), K split until
+    there are two programs per SM or a split would hold fewer than four groups. Several rows: the tensor-core tile's
+    64 rows, K split where the strips leave SMs idle and K is long."""
+    block_k = 256
+    if m == 1:
+        block_n = 128 if triton.cdiv(n, 128) >= sm_count else 64
+        enough, long_k = 2 * sm_count, 2 * block_k
+    else:
+        block_n, enough, long_k = 64, sm_count, 8 * block_k
+    split_k = 1
+    while triton.cdiv(n, block_n) * split_k < enough and k // (split_k * 2) >= long_k:
+        split_k *= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+
+
+def _dense_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     """A fixed rule (timed on the H100 against the alternatives, BENCHMARKS.md). One row: the widest row strip
     that still gives about three programs per SM (wider strips mean fewer, longer programs, less waste at the
     tail; narrower ones more programs in flight), K split only when even the narrowest strips leave SMs short of
@@ -323,13 +585,14 @@ def choose_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=stages)
 
 
-def _rule_config(x2: Tensor, w: Tensor) -> GemvConfig:
-    return choose_config(x2.shape[0], *w.shape, _sm_count(x2.device.index or 0) if x2.is_cuda else 132)
+def _rule_config(x2: Tensor, w: Tensor | Weight) -> GemvConfig:
+    fmt = "dense" if isinstance(w, Tensor) else w.format
+    return choose_config(x2.shape[0], *w.shape, _sm_count(x2.device.index or 0) if x2.is_cuda else 132, fmt)
 
 
 def _launch(
     x2: Tensor,
-    w: Tensor,
+    w: Tensor | Weight,
     config: GemvConfig,
     norm: tuple[Tensor | None, Tensor, float, Tensor, Tensor | None] | None = None,
     silu_mul: bool = False,
@@ -339,16 +602,26 @@ def _launch(
     partial sums of squares of x or None); `add` is (residual [M, N], buffer for the [programs, M] squares)."""
     m, k = x2.shape
     assert m <= MAX_ROWS, f"{m} rows: the GEMV takes at most {MAX_ROWS}"
-    if w.stride(1) != 1:
-        w = w.contiguous()
+    fmt = "dense" if isinstance(w, Tensor) else w.format
+    data, scales, zeros = (w, None, None) if isinstance(w, Tensor) else w.tensors()
+    assert fmt != "int4" or config.block_k % 128 == 0, f"int4 takes whole groups of 128: BLOCK_K {config.block_k}"
+    if data.stride(1) != 1:
+        data = data.contiguous()
+    block_m = 1 if m == 1 and not config.tensor_cores else max(16, triton.next_power_of_2(m))
+    unpack = config.unpack
+    if fmt == "int8" and block_m == 1 and unpack == "mask":  # _int8_words_product: four weights to a word
+        if k % 4 == 0 and data.storage_offset() % 4 == 0:
+            data = data.view(torch.int32)
+        else:
+            unpack = "shift"
     residual, norm_weight, eps, h, squares = norm if norm is not None else (None, x2, 0.0, x2, None)  # x2: unused
     if add is not None:
         residual, squares = add
     normed_dtype = torch.promote_types(x2.dtype, norm_weight.dtype)
     out_dtype = torch.promote_types(normed_dtype, w.dtype)
-    n, block_n = w.shape[0], config.block_n
+    n, block_n = data.shape[0], config.block_n
     if silu_mul:  # gate and up strips of half the width: the same weight bytes per program as the plain GEMV
-        n, block_n = n // 2, max(block_n // 2, 1 if m == 1 else 16)
+        n, block_n = n // 2, max(block_n // 2, 1 if block_m == 1 else 16)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     gdc = pdl.enabled(x2)
     out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
@@ -359,35 +632,40 @@ def _launch(
     else:
         parts = counts = out  # unused
     partials = squares is not None and add is None
-    native_dot = w.dtype in (torch.float16, torch.bfloat16) and x2.dtype == w.dtype and normed_dtype == x2.dtype
+    # Quantized weights enter the dot as small integers (int4: q - zero), exact in x's 16-bit dtype.
+    native_dot = x2.dtype in (torch.float16, torch.bfloat16) and x2.dtype == w.dtype and normed_dtype == x2.dtype
     native_dot &= not INTERPRETED  # the interpreter's bfloat16 dot returns garbage; float32 copies give the same sums
+    precision = dot_precision(data.dtype if fmt == "dense" else x2.dtype)
     _gemv_kernel[(strips, config.split_k)](
-        x2, w, out, residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
-        parts, counts, m, n, k, x2.stride(0), w.stride(0), out.stride(0), k_per_split,
-        eps, squares.shape[0] if partials else 0,
-        BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=config.block_k,
-        BLOCK_SQ=4 * config.block_k if m == 1 else config.block_k, PRECISION=dot_precision(w.dtype),
+        x2, data, scales if scales is not None else data, zeros if zeros is not None else data, out,
+        residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
+        parts, counts, m, n, k, x2.stride(0), data.stride(0), scales.stride(0) if fmt == "int4" else 0, out.stride(0),
+        k_per_split, eps, squares.shape[0] if partials else 0, MAGIC,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
+        BLOCK_SQ=4 * config.block_k if block_m == 1 else config.block_k, PRECISION=precision,
         NATIVE_DOT=native_dot, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
         BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
-        SPLIT_K=config.split_k, USE_GDC=gdc, num_warps=config.num_warps, num_stages=config.num_stages,
-        launch_pdl=gdc,
+        SPLIT_K=config.split_k, USE_GDC=gdc, FORMAT=FORMATS[fmt], UNPACK=UNPACKS[unpack],
+        PREFETCH=config.prefetch,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages, launch_pdl=gdc,
     )  # fmt: skip
     return out
 
 
-def linear(x: Tensor, w: Tensor, config: GemvConfig | None = None) -> Tensor:
+def linear(x: Tensor, w: Tensor | Weight, config: GemvConfig | None = None) -> Tensor:
     """`x @ w.T` for x [..., K] with at most MAX_ROWS rows; more rows go to `F.linear`."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     if x2.shape[0] > MAX_ROWS:
-        return F.linear(x, w)
+        return F.linear(x, w) if isinstance(w, Tensor) else w.linear(x)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     return _launch(x2, w, config or _rule_config(x2, w)).view(*lead, -1)
 
 
-def linear_residual(x: Tensor, w: Tensor, residual: Tensor, config: GemvConfig) -> tuple[Tensor, Tensor]:
+def linear_residual(x: Tensor, w: Tensor | Weight, residual: Tensor, config: GemvConfig) -> tuple[Tensor, Tensor]:
     """`(residual + x @ w.T, squares)` in one launch, for x [M, K] and residual [M, N] of one dtype: `squares`
     [strips, M] holds each strip's float32 sum of the squares of its part of the sum."""
     assert residual.dtype == x.dtype
@@ -401,7 +679,7 @@ def norm_linear(
     residual: Tensor | None,
     norm_weight: Tensor,
     eps: float,
-    w: Tensor,
+    w: Tensor | Weight,
     config: GemvConfig | None = None,
     silu_mul: bool = False,
     squares: Tensor | None = None,
