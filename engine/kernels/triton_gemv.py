@@ -519,7 +519,38 @@ def _sm_count(device_index: int) -> int:
 
 # (format, rows, N, K) -> GemvConfig's fields: the fastest config `bench_kernels --quant-sweep` timed on an H200
 # (TUNED_SMS multiprocessors) at rows 1, 8 and 32, pasted from its output; BENCHMARKS.md has the timings.
-TUNED: dict[tuple[str, int, int, int], tuple] = {}
+TUNED: dict[tuple[str, int, int, int], tuple] = {
+    ("int4", 1, 4096, 4096): (64, 256, 8, 4, 3, False, "mask", False),
+    ("int4", 1, 4096, 11008): (64, 256, 8, 4, 3, False, "mask", False),
+    ("int4", 1, 12288, 4096): (128, 256, 4, 8, 3, False, "mask", False),
+    ("int4", 1, 22016, 4096): (64, 256, 4, 4, 3, False, "mask", False),
+    ("int4", 1, 32016, 4096): (128, 128, 2, 2, 3, False, "mask", False),
+    ("int4", 8, 4096, 4096): (64, 128, 4, 4, 3, False, "mask", False),
+    ("int4", 8, 4096, 11008): (64, 256, 4, 4, 3, False, "mask", False),
+    ("int4", 8, 12288, 4096): (64, 128, 4, 4, 3, False, "mask", False),
+    ("int4", 8, 22016, 4096): (64, 128, 4, 4, 3, False, "mask", False),
+    ("int4", 8, 32016, 4096): (128, 128, 2, 4, 3, False, "mask", False),
+    ("int4", 32, 4096, 4096): (128, 256, 4, 8, 4, False, "mask", False),
+    ("int4", 32, 4096, 11008): (128, 256, 4, 8, 4, False, "mask", False),
+    ("int4", 32, 12288, 4096): (128, 128, 4, 4, 3, False, "mask", False),
+    ("int4", 32, 22016, 4096): (128, 128, 2, 4, 3, False, "mask", False),
+    ("int4", 32, 32016, 4096): (128, 128, 2, 4, 3, False, "shift", False),
+    ("int8", 1, 4096, 4096): (8, 512, 2, 4, 3, False, "shift", False),
+    ("int8", 1, 4096, 11008): (32, 512, 4, 4, 3, False, "mask", False),
+    ("int8", 1, 12288, 4096): (32, 512, 1, 4, 3, False, "mask", False),
+    ("int8", 1, 22016, 4096): (16, 1024, 1, 4, 3, False, "mask", False),
+    ("int8", 1, 32016, 4096): (32, 256, 1, 2, 3, False, "mask", False),
+    ("int8", 8, 4096, 4096): (32, 256, 4, 4, 4, False, "mask", False),
+    ("int8", 8, 4096, 11008): (32, 256, 4, 4, 4, False, "mask", False),
+    ("int8", 8, 12288, 4096): (32, 256, 1, 4, 3, False, "mask", False),
+    ("int8", 8, 22016, 4096): (32, 256, 2, 4, 3, False, "mask", False),
+    ("int8", 8, 32016, 4096): (32, 256, 1, 4, 3, False, "mask", False),
+    ("int8", 32, 4096, 4096): (64, 256, 4, 4, 3, False, "mask", False),
+    ("int8", 32, 4096, 11008): (64, 256, 4, 4, 3, False, "mask", False),
+    ("int8", 32, 12288, 4096): (64, 256, 2, 4, 3, False, "mask", False),
+    ("int8", 32, 22016, 4096): (64, 128, 1, 4, 3, False, "mask", False),
+    ("int8", 32, 32016, 4096): (64, 128, 1, 4, 3, False, "mask", False),
+}
 TUNED_SMS = 132
 
 
