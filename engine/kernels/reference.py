@@ -148,6 +148,45 @@ def _cpu_rotary_attention(
     return out.view(batch, n_heads, head_dim)
 
 
+def verify_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    counts: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    scale: float,
+) -> Tensor:
+    """A verify step's attention: T new tokens per sequence, q [B, T, Hq, D] and k/v [B, T, Hkv, D], token t of row
+    b at position `positions[b] + t`. Each is rotated there, its key and value stored at `[slots[b], :, position]`,
+    and its rotated q attends over the keys up to and including its own (causal within the T); [B, T, Hq, D].
+
+    Only a row's first `counts[b]` (>= 1) tokens are real. The others store the last real token's key and value
+    again at its position (the same values, so the repeated index is harmless) and their outputs are unspecified:
+    a row may end anywhere, even at the cache's end, without writing past it."""
+    batch, queries, n_heads, head_dim = q.shape
+    real = torch.minimum(torch.arange(queries, device=q.device)[None, :], (counts - 1)[:, None])  # [B, T]
+    at = positions[:, None] + real
+    cos_b, sin_b = cos[at][:, :, None], sin[at][:, :, None]  # [B, T, 1, D]
+    index = real[:, :, None, None].expand_as(k)
+    k_cache[slots[:, None], :, at] = rotate(k.gather(1, index), cos_b, sin_b).to(k_cache.dtype)
+    v_cache[slots[:, None], :, at] = v.gather(1, index).to(v_cache.dtype)
+    q = rotate(q, cos_b, sin_b)
+    # On the CPU nothing is captured: reading the furthest position costs nothing and spares attending over the
+    # whole (mostly empty) cache.
+    length = k_cache.shape[2] if q.is_cuda else int(at.max()) + 1
+    keys, values = k_cache[:, :, :length][slots].float(), v_cache[:, :, :length][slots].float()
+    visible = torch.arange(length, device=q.device)[None, None, :] <= at[:, :, None]  # [B, T, S]
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), keys, values, attn_mask=visible[:, None], scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2).to(q.dtype)
+
+
 @functools.cache
 def _scalar(value: float) -> Tensor:
     """`value` as a float32 CPU tensor, made once: an op given a Python float converts it to a tensor on every
