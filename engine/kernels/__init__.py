@@ -25,6 +25,7 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   epilogue, which also leaves the next norm its sums of squares.
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling (after the sort, one
   kernel on the GPU); `greedy_pick(...)`: the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
+- `accept(...)`: speculative decoding's accept rule for a verify step's proposals (`accept.py`, plain ops).
 
 `compile_ahead` compiles the decode step's Triton kernels in worker processes while the weights load
 (`engine.runner.compile_ahead` drives it). `triton_allreduce` holds tensor parallelism's one-shot all-reduce (used
@@ -44,9 +45,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference, sampling
+from .accept import accept
 from .sampling import apply_repetition_penalty, mark_seen
 
 __all__ = [
+    "accept",
     "add_rms_norm",
     "apply_repetition_penalty",
     "greedy_pick",

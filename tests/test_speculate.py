@@ -1,0 +1,169 @@
+"""Prompt-lookup speculation: the accept rule (engine/kernels/accept.py) against the plain decode step's choices.
+
+Greedy: the tokens a verify step takes are exactly the ones one-token steps would pick, the repetition penalty
+included. Sampled: over many seeds, the sequences a speculative loop draws are distributed as the plain sampler's
+(a chi-square test against the exact distribution, which the plain loop itself passes too).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.kernels import sampling
+
+
+def _params(batch: int, temperature: float, top_k: int, top_p: float, penalty: float) -> dict[str, torch.Tensor]:
+    return {
+        "temperature": torch.full((batch,), temperature),
+        "top_k": torch.full((batch,), top_k, dtype=torch.int32),
+        "top_p": torch.full((batch,), top_p),
+        "penalty": torch.full((batch,), penalty),
+        "seeds": torch.arange(batch, dtype=torch.int64) * 7919 + 11,
+    }
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_greedy_accept_takes_what_one_token_steps_pick(penalty: float) -> None:
+    """Rows with every count (nothing proposed up to all T-1), proposals right and wrong at random: a row takes
+    the proposals while each is the argmax (after the penalty of the proposals before it), then that argmax; the
+    seen mask ends as marking each taken token one by one leaves it."""
+    gen = torch.Generator().manual_seed(5)
+    batch, queries, vocab = 64, 5, 6
+    logits = torch.randn(batch, queries, vocab, generator=gen) * 2
+    tokens = torch.randint(0, vocab, (batch, queries), generator=gen)
+    counts = torch.randint(1, queries + 1, (batch,), generator=gen)
+    seen = torch.rand(batch + 1, vocab, generator=gen) < 0.3
+    slots = torch.randperm(batch + 1, generator=gen)[:batch]
+    params = _params(batch, 0.0, 0, 1.0, penalty)
+    want_seen = seen.clone()
+    new, n = kernels.accept(
+        logits, tokens, counts, seen, slots, params["temperature"], params["top_k"], params["top_p"],
+        params["penalty"] if penalty != 1.0 else None, params["seeds"], torch.zeros(batch, dtype=torch.int64),
+        greedy=True,
+    )  # fmt: skip
+    accepted_somewhere = False
+    for b in range(batch):
+        taken = []
+        for t in range(queries):
+            row = slots[b : b + 1]
+            pick = sampling.greedy_pick(logits[b, t][None], want_seen, row, params["penalty"][:1]).item()
+            taken.append(pick)
+            if t + 1 >= counts[b] or pick != tokens[b, t + 1]:
+                break
+        accepted_somewhere |= len(taken) > 1
+        assert new[b, : n[b]].tolist() == taken, b
+    assert accepted_somewhere and torch.equal(seen, want_seen)
+
+
+VOCAB, LENGTH, QUERIES, DRAWS = 5, 4, 3, 20000
+FILTERS = {"plain": (1.0, 0, 1.0, 1.0), "filtered and penalised": (0.8, 4, 0.9, 1.6)}
+
+
+def _chain(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Markov "model" (logits of the next token given the last, [V, V]) and the proposer's guess of the next."""
+    gen = torch.Generator().manual_seed(len(name))
+    return torch.randn(VOCAB, VOCAB, generator=gen) * 1.5, torch.randint(0, VOCAB, (VOCAB,), generator=gen)
+
+
+def _exact(table: torch.Tensor, temperature: float, top_k: int, top_p: float, penalty: float) -> dict[tuple, float]:
+    """The plain sampler's probability of every LENGTH-token continuation of the prompt [0]."""
+    probs: dict[tuple, float] = {}
+    for seq in itertools.product(range(VOCAB), repeat=LENGTH):
+        p, history = 1.0, [0]
+        for token in seq:
+            logits = sampling.apply_repetition_penalty(
+                table[history[-1]][None], torch.tensor([history]), torch.tensor([penalty])
+            )
+            _, scaled, keep = sampling.filtered(
+                logits, torch.tensor([temperature]), torch.tensor([top_k]), torch.tensor([top_p])
+            )
+            p *= torch.where(keep, scaled, float("-inf")).softmax(-1)[0, token].item()
+            history.append(token)
+        probs[seq] = p
+    return probs
+
+
+def _plain_draws(table: torch.Tensor, params: dict[str, torch.Tensor]) -> list[tuple]:
+    """LENGTH tokens per row drawn one step at a time, as the runner's sampled step draws them."""
+    seen = torch.zeros(DRAWS, VOCAB, dtype=torch.bool)
+    seen[:, 0] = True
+    last = torch.zeros(DRAWS, dtype=torch.int64)
+    out = []
+    for offset in range(LENGTH):
+        logits = sampling.apply_repetition_penalty(table[last], seen, params["penalty"])
+        last = sampling.sample(
+            logits, params["temperature"], params["top_k"], params["top_p"], params["seeds"],
+            torch.full((DRAWS,), offset),
+        )  # fmt: skip
+        sampling.mark_seen(seen, torch.arange(DRAWS), last)
+        out.append(last)
+    return [tuple(r) for r in torch.stack(out, 1).tolist()]
+
+
+def _speculative_draws(table: torch.Tensor, guess: torch.Tensor, params: dict[str, torch.Tensor]) -> list[tuple]:
+    """LENGTH tokens per row through verify steps: each row proposes a random number (0..QUERIES-1) of the guessed
+    chain after its last token, and takes what `accept` gives it."""
+    gen = torch.Generator().manual_seed(99)
+    seen = torch.zeros(DRAWS, VOCAB, dtype=torch.bool)
+    seen[:, 0] = True
+    width = LENGTH + QUERIES
+    seq = torch.zeros(DRAWS, 1 + width, dtype=torch.int64)
+    length = torch.ones(DRAWS, dtype=torch.int64)  # tokens in seq, the prompt's one included
+    rows, steps = torch.arange(DRAWS), torch.arange(QUERIES)
+    while bool((length <= LENGTH).any()):
+        tokens = [seq[rows, (length - 1).clamp(max=width)]]  # rows already done run on, unread
+        for _ in range(QUERIES - 1):
+            tokens.append(guess[tokens[-1]])
+        tokens = torch.stack(tokens, 1)
+        counts = torch.randint(1, QUERIES + 1, (DRAWS,), generator=gen)
+        new, n = kernels.accept(
+            table[tokens], tokens, counts, seen, rows, params["temperature"], params["top_k"], params["top_p"],
+            params["penalty"], params["seeds"], length - 1, greedy=False,
+        )  # fmt: skip
+        at = length[:, None] + steps
+        write = (steps[None, :] < n[:, None]) & (at <= width)
+        seq[rows[:, None].expand_as(at)[write], at[write]] = new[write]
+        length += n
+    return [tuple(r) for r in seq[:, 1 : 1 + LENGTH].tolist()]
+
+
+def _chi_square_ok(draws: list[tuple], exact: dict[tuple, float]) -> tuple[float, float]:
+    """Pearson's statistic over the outcomes expected at least 5 times (the rest pooled) and the bound it stays
+    under with probability 1 - 3e-5 (Wilson-Hilferty's approximation of the chi-square quantile)."""
+    counts: dict[tuple, int] = {}
+    for d in draws:
+        counts[d] = counts.get(d, 0) + 1
+    stat, pooled_seen, pooled_p, bins = 0.0, 0, 0.0, 0
+    for seq, p in exact.items():
+        if p * DRAWS >= 5:
+            stat += (counts.get(seq, 0) - p * DRAWS) ** 2 / (p * DRAWS)
+            bins += 1
+        else:
+            pooled_seen += counts.get(seq, 0)
+            pooled_p += p
+    if pooled_p * DRAWS >= 5:
+        stat += (pooled_seen - pooled_p * DRAWS) ** 2 / (pooled_p * DRAWS)
+        bins += 1
+    df = bins - 1
+    bound = df * (1 - 2 / (9 * df) + 4.0 * math.sqrt(2 / (9 * df))) ** 3
+    return stat, bound
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_sampled_speculation_keeps_the_distribution(name: str) -> None:
+    """The test itself is checked by the plain sampler; both pass against the exact distribution. The proposals
+    are often right (accepted runs happen) and often wrong (replacements happen)."""
+    temperature, top_k, top_p, penalty = FILTERS[name]
+    table, guess = _chain(name)
+    params = _params(DRAWS, temperature, top_k, top_p, penalty)
+    exact = _exact(table, temperature, top_k, top_p, penalty)
+    assert abs(sum(exact.values()) - 1) < 1e-5
+    stat, bound = _chi_square_ok(_plain_draws(table, params), exact)
+    assert stat < bound, ("plain", stat, bound)
+    stat, bound = _chi_square_ok(_speculative_draws(table, guess, params), exact)
+    assert stat < bound, ("speculative", stat, bound)
