@@ -5,6 +5,12 @@ so on a GPU it is captured once per batch-size bucket as a CUDA graph, all graph
 pool, and each step is a buffer update, one replay and one small device-to-host copy of the new tokens.
 On the CPU the very same step runs eagerly. Batches are padded up to their bucket with rows that point
 at a scratch KV slot, so padding never touches a real sequence.
+
+Speculation adds a verify step: each row's last token and the tokens proposed after it go through the model at
+once (`Llama.decode` with counts), and the accept rule (`kernels.accept`) picks the row's new tokens on the device.
+It is captured per (batch bucket, tokens per row), the tokens per row in a few buckets (`VERIFY_QUERIES`), and only
+where the rows fit one matrix-vector pass (`MAX_VERIFY_ROWS`); rows with fewer proposals are padded (their extra
+tokens write nothing). A verify step is not pipelined: the next proposals need its tokens.
 """
 
 from __future__ import annotations
@@ -40,13 +46,33 @@ class Row:
     offset: int
 
 
+# Tokens per row of a verify step (the last token and up to 1, 3, 7 or 15 proposals): powers of two, as the
+# attention kernel's tiles are.
+VERIFY_QUERIES = (2, 4, 8, 16)
+MAX_SPECULATE = VERIFY_QUERIES[-1] - 1
+# Rows of a verify step at most (batch times tokens per row): up to here a step still reads each weight about once
+# (the matrix-vector kernel's reach); larger batches decode without speculation.
+MAX_VERIFY_ROWS = 64
+
+
 def buckets(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     return [b for b in sizes if b < max_batch] + [max_batch]
 
 
+def verify_shapes(max_batch: int, speculate: int) -> list[tuple[int, int]]:
+    """The (batch bucket, tokens per row) of every verify step for up to `speculate` proposals per row."""
+    if speculate < 1:
+        return []
+    need = next(q for q in VERIFY_QUERIES if q > min(speculate, MAX_SPECULATE))
+    return [(b, q) for b in buckets(max_batch) for q in VERIFY_QUERIES if q <= need and b * q <= MAX_VERIFY_ROWS]
+
+
 class DecodeRunner:
-    def __init__(self, model: Llama, seen: Tensor, max_batch: int, scratch_slot: int, use_graphs: bool) -> None:
+    def __init__(
+        self, model: Llama, seen: Tensor, max_batch: int, scratch_slot: int, use_graphs: bool, speculate: int = 0
+    ) -> None:
+        """`speculate`: the most tokens a row may propose to a verify step (0: no verify steps)."""
         self.model, self.seen, self.max_batch = model, seen, max_batch
         self.scratch_slot = scratch_slot
         dev = seen.device
@@ -66,6 +92,16 @@ class DecodeRunner:
         self.n = self.batch = 0
         self.greedy = self.penalize = True
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        # Speculation: each verify shape's tokens [batch, queries] and output (new tokens, then their count) are
+        # views of one flat buffer each, made once per shape.
+        self.verify_shapes = verify_shapes(max_batch, speculate)
+        max_queries = max((q for _, q in self.verify_shapes), default=1)
+        self.verify_in = torch.zeros(max_batch * max_queries, dtype=torch.int64, device=dev)
+        self.verify_out = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, device=dev)
+        self.verify_host = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, pin_memory=self.pinned)
+        self.counts = torch.ones(max_batch, dtype=torch.int64, device=dev)
+        self.verify_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.verify_graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.capture_s = self.tune_s = 0.0
         if use_graphs:
             self.capture()
@@ -80,6 +116,28 @@ class DecodeRunner:
         tokens.copy_(nxt)
         positions.add_(1).clamp_(max=self.max_position)
         offsets.add_(1)
+
+    def _verify_step(self, batch: int, queries: int, greedy: bool, penalize: bool = True) -> None:
+        """The verify step: `queries` tokens per row through the model, the accept rule, its tokens and counts out."""
+        _, positions, slots, top_k, seeds, offsets, temperature, top_p, penalty = self._inputs(batch)
+        tokens, out = self._verify_views(batch, queries)
+        counts = self.counts[:batch]
+        logits = self.model.decode(tokens.view(-1), positions, slots, counts)
+        new, n = kernels.accept(
+            logits.view(batch, queries, -1), tokens, counts, self.seen, slots, temperature, top_k, top_p,
+            penalty if penalize else None, seeds, offsets, greedy,
+        )  # fmt: skip
+        out[:, :queries] = new
+        out[:, queries] = n
+
+    def _verify_views(self, batch: int, queries: int) -> tuple[Tensor, Tensor]:
+        """The verify step's tokens [batch, queries] and output [batch, queries + 1]: views made once per shape."""
+        if (batch, queries) not in self.verify_views:
+            self.verify_views[(batch, queries)] = (
+                self.verify_in[: batch * queries].view(batch, queries),
+                self.verify_out[: batch * (queries + 1)].view(batch, queries + 1),
+            )
+        return self.verify_views[(batch, queries)]
 
     def _inputs(self, batch: int) -> tuple[Tensor, ...]:
         """The step's inputs for `batch` rows (token position slot top_k seed offset temperature top_p penalty):
@@ -126,7 +184,7 @@ class DecodeRunner:
         """Warm up (Triton compiles here) and capture every bucket, largest first, into one pool."""
         start = time.perf_counter()
         weights = [p for p in self.model.parameters() if p.dim() == 2]
-        self.linear_choice = kernels.tune_linear(weights, rows=tuple(buckets(self.max_batch)))
+        self.linear_choice = kernels.tune_linear(weights, rows=step_rows(self.max_batch, self.verify_shapes))
         self.tune_s = time.perf_counter() - start
         self._fill_padding(0, self.max_batch)
         pool = torch.cuda.graph_pool_handle()
@@ -142,24 +200,34 @@ class DecodeRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     self._step(batch, greedy)
                 self.graphs[(batch, greedy)] = graph
+        for batch, queries in sorted(self.verify_shapes, key=lambda s: -s[0] * s[1]):
+            for greedy in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._verify_step(batch, queries, greedy)
+                self.verify_graphs[(batch, queries, greedy)] = graph
         torch.cuda.synchronize()
         self.seen[self.scratch_slot].zero_()
         self.capture_s = time.perf_counter() - start
 
     def every_step(self, reset: bool = False) -> None:
-        """Run each step `capture` captures (every bucket, greedy and sampled), largest first. `reset` points every
-        row at the scratch slot before each, for `compile_ahead`, whose skipped kernels leave outputs unwritten:
-        those must not become token ids."""
-        for batch in reversed(buckets(self.max_batch)):
-            for greedy in (True, False):
-                if reset:
-                    self._fill_padding(0, self.max_batch)
-                self._step(batch, greedy)
+        """Run each step `capture` captures (every bucket and verify shape, greedy and sampled), largest first.
+        `reset` points every row at the scratch slot before each, for `compile_ahead`, whose skipped kernels leave
+        outputs unwritten: those must not become token ids."""
+        steps = [lambda b=b, g=g: self._step(b, g) for b in reversed(buckets(self.max_batch)) for g in (True, False)]
+        for batch, queries in sorted(self.verify_shapes, key=lambda s: -s[0] * s[1]):
+            steps += [lambda b=batch, q=queries, g=g: self._verify_step(b, q, g) for g in (True, False)]
+        for step in steps:
+            if reset:
+                self._fill_padding(0, self.max_batch)
+                self.verify_in.zero_()
+            step()
 
     def _fill_padding(self, start: int, end: int) -> None:
         self.ints[:, start:end] = 0
         self.ints[2, start:end] = self.scratch_slot
         self.floats[:, start:end] = 1.0
+        self.counts[start:end] = 1
 
     def launch(self, rows: Sequence[Row] | None = None) -> None:
         """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
@@ -195,6 +263,56 @@ class DecodeRunner:
         self.launch(rows)
         return self.collect()
 
+    def verify_queries(self, batch: int, longest: int) -> int:
+        """Tokens per row of a verify step for `batch` rows whose longest proposal is `longest` tokens: the
+        smallest captured shape that holds it, else the largest one for that batch (proposals are cut to fit);
+        on the CPU exactly `longest + 1`. 0 where no verify step runs that batch."""
+        bucket = self.bucket(batch)
+        fits = [q for b, q in self.verify_shapes if b == bucket]
+        if not fits or longest < 1:
+            return 0
+        if not self.graphs:
+            return min(longest, fits[-1] - 1) + 1
+        return next((q for q in fits if q > longest), fits[-1])
+
+    def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:
+        """One verify step: each row's token then its proposals (cut to what `verify_queries` allows), at the row's
+        position on; waits and returns each row's new tokens (its accepted proposals and one more). The runner's
+        inputs now hold these rows: the next `launch` must pass rows. Every row's position plus its proposals must
+        stay inside the cache."""
+        n = len(rows)
+        queries = self.verify_queries(n, max(len(p) for p in proposals))
+        assert queries > 0, "no verify step for this batch"
+        batch = self.bucket(n) if self.graphs else n
+        greedy, penalize = self._load(rows)
+        table = torch.zeros(batch, queries, dtype=torch.int64)
+        counts = torch.ones(batch, dtype=torch.int64)
+        for i, (row, proposed) in enumerate(zip(rows, proposals, strict=True)):
+            proposed = list(proposed[: queries - 1])
+            table[i, : 1 + len(proposed)] = torch.tensor([row.token, *proposed])
+            counts[i] = 1 + len(proposed)
+        if batch > n:
+            self._fill_padding(n, batch)
+        tokens, out = self._verify_views(batch, queries)
+        if self.pinned:
+            table, counts = table.pin_memory(), counts.pin_memory()
+        tokens.copy_(table, non_blocking=True)
+        self.counts[:batch].copy_(counts, non_blocking=True)
+        if self.graphs:
+            self.verify_graphs[(batch, queries, greedy)].replay()
+        else:
+            self._verify_step(batch, queries, greedy, penalize)
+        host = self.verify_host[: n * (queries + 1)].view(n, queries + 1)
+        host.copy_(out[:n], non_blocking=self.pinned)
+        if self.pinned:
+            torch.cuda.current_stream().synchronize()
+        return [r[: r[-1]] for r in host.tolist()]
+
+
+def step_rows(max_batch: int, shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    """Every row count a captured step hands the projections: the batch buckets and each verify shape's rows."""
+    return tuple(sorted({*buckets(max_batch), *(b * q for b, q in shapes)}))
+
 
 @contextmanager
 def compile_ahead(
@@ -205,9 +323,11 @@ def compile_ahead(
     dtype: torch.dtype,
     graphs: bool = True,
     world: int = 1,
+    speculate: int = 0,
 ) -> Iterator[Compiling | None]:
-    """Compile the decode step's Triton kernels in worker processes while the body loads the weights, and wait for
-    them at its end (on an error, stop them instead); yields the `Compiling`, None where there is nothing to do: no
+    """Compile the decode step's Triton kernels (and the verify steps', for up to `speculate` proposals) in worker
+    processes while the body loads the weights, and wait for them at its end (on an error, stop them instead);
+    yields the `Compiling`, None where there is nothing to do: no
     CUDA graphs, no Triton 3.3 or newer, or a tensor-parallel world (its small model would have to join collectives).
     A two-layer model of the same shapes, so the same kernel specialisations (the second layer's norm takes the
     first layer's sums of squares), runs every step `capture` will run, under each choice `tune_linear` can make,
@@ -228,9 +348,10 @@ def compile_ahead(
         model = Llama.empty(replace(cfg, n_layers=min(2, cfg.n_layers)), max_seq, SINGLE, device, dtype)
         model.setup_cache(max_batch + 1, max_seq, dtype)
         seen = torch.zeros(max_batch + 1, cfg.vocab_size, dtype=torch.bool, device=device)
-        runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False)
+        runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False, speculate=speculate)
+        rows = step_rows(max_batch, runner.verify_shapes)
         with recording() as specs:
-            for _ in kernels.linear_choices([p for p in model.parameters() if p.dim() == 2], tuple(buckets(max_batch))):
+            for _ in kernels.linear_choices([p for p in model.parameters() if p.dim() == 2], rows):
                 runner.every_step(reset=True)
         del runner, model, seen
         torch.cuda.empty_cache()

@@ -1,8 +1,10 @@
-"""Prompt-lookup speculation: the accept rule (engine/kernels/accept.py) against the plain decode step's choices.
+"""Prompt-lookup speculation: the proposer (engine/speculate.py), the accept rule (engine/kernels/accept.py) and the
+runner's verify step, against the plain decode step.
 
 Greedy: the tokens a verify step takes are exactly the ones one-token steps would pick, the repetition penalty
-included. Sampled: over many seeds, the sequences a speculative loop draws are distributed as the plain sampler's
-(a chi-square test against the exact distribution, which the plain loop itself passes too).
+included, through the accept rule alone and through the runner on a model. Sampled: over many seeds, the sequences
+a speculative loop draws are distributed as the plain sampler's (a chi-square test against the exact distribution,
+which the plain loop itself passes too).
 """
 
 from __future__ import annotations
@@ -14,7 +16,52 @@ import pytest
 import torch
 
 from engine import kernels
+from engine.config import ModelConfig
 from engine.kernels import sampling
+from engine.model import Llama
+from engine.parallel import SINGLE
+from engine.runner import DecodeRunner, Row, verify_shapes
+from engine.speculate import MAX_WAIT, Proposer
+
+HAVE_CUDA = torch.cuda.is_available()
+
+
+def test_proposer_copies_what_followed_the_longest_recent_match() -> None:
+    p = Proposer([5, 1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 2, 3])
+    assert p.propose(3) == [7, 8, 4]  # "2 3" last ended before 7 (the 3-gram "4 2 3" never occurred before)
+    p.extend([7])
+    assert p.propose(2) == [8, 4]  # "2 3 7" now
+    assert p.propose(10) == [8, 4, 2, 3, 7]  # up to the sequence's end
+    p.extend([6])
+    assert p.propose(4) == []  # "6" never occurred before: the sequence's own ending is no match
+    assert Proposer([1, 2, 1]).propose(2) == [2, 1]
+    assert Proposer([]).propose(3) == [] and Proposer([4]).propose(3) == []
+
+
+def test_proposer_index_grows_as_a_full_rebuild_would() -> None:
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 6, (300,), generator=gen).tolist()
+    grown = Proposer(ids[:10])
+    for i in range(10, 300, 7):
+        grown.extend(ids[i : i + 7])
+        rebuilt = Proposer(ids[: i + 7])
+        assert grown.index == rebuilt.index and grown.propose(5) == rebuilt.propose(5)
+
+
+def test_proposer_backs_off_after_rejections_and_recovers() -> None:
+    p = Proposer([1, 2, 1, 2, 1])
+    waits = []
+    for _ in range(7):
+        assert p.propose(2) == [2, 1]
+        p.feedback(2, 0)
+        waits.append(0)
+        while not p.propose(2):
+            waits[-1] += 1
+    assert waits == [1, 3, 7, 15, 31, MAX_WAIT, MAX_WAIT]
+    p.feedback(2, 1)
+    assert p.propose(2) == [2, 1] and (p.steps, p.proposed, p.accepted) == (8, 16, 1)
+    p.feedback(0, 0)  # a step it did not propose to changes nothing
+    assert p.propose(2) == [2, 1] and p.steps == 8
 
 
 def _params(batch: int, temperature: float, top_k: int, top_p: float, penalty: float) -> dict[str, torch.Tensor]:
@@ -167,3 +214,80 @@ def test_sampled_speculation_keeps_the_distribution(name: str) -> None:
     assert stat < bound, ("plain", stat, bound)
     stat, bound = _chi_square_ok(_speculative_draws(table, guess, params), exact)
     assert stat < bound, ("speculative", stat, bound)
+
+
+def tiny_model(device: str, slots: int) -> Llama:
+    """Random weights at small shapes (grouped-query attention), large enough that greedy text loops now and then."""
+    cfg = ModelConfig(
+        dim=128, intermediate=320, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=512,
+        max_position=256, rope_theta=1e6, norm_eps=1e-5, tie_embeddings=False, bos_id=1, eos_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = Llama.empty(cfg, 256, SINGLE, torch.device(device), torch.float32)
+    for p in m.parameters():
+        p.normal_(0, 0.15) if p.dim() > 1 else p.fill_(1.0)
+    m.setup_cache(slots + 1, 256, torch.float32)
+    return m
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA")])]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_steps_decode_what_plain_steps_decode(device: str) -> None:
+    """Three rows (one with a repetition penalty) decode 40 greedy tokens one step at a time; then, from the same
+    prompts, through verify steps whose proposals are the known answer spoilt at random places and of random
+    lengths, some rows proposing nothing: the same tokens, with runs accepted and proposals rejected on the way.
+    On CUDA the verify steps replay their captured graphs."""
+    m = tiny_model(device, 4)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (9, 30, 17)]
+    for slot, ids in enumerate(prompts):
+        m.prefill(torch.tensor(ids, device=device), slot, 0)
+    saved = m.cache.k.clone(), m.cache.v.clone()
+    seen = torch.zeros(5, 512, dtype=torch.bool, device=device)
+    for slot, ids in enumerate(prompts):
+        seen[slot, ids] = True
+    penalties, length = [1.0, 1.3, 1.0], 40
+
+    def row(i: int, out: list[int]) -> Row:
+        return Row(out[-1], len(prompts[i]) + len(out) - 1, i, 0.0, 0, 1.0, penalties[i], i, len(out))
+
+    runner = DecodeRunner(m, seen.clone(), 4, 4, use_graphs=device == "cuda", speculate=7)
+    assert runner.verify_graphs or device == "cpu"
+    plain = [[t] for t in (5, 6, 7)]
+    while len(plain[0]) < length:
+        for out, token in zip(plain, runner([row(i, out) for i, out in enumerate(plain)]), strict=True):
+            out.append(token)
+
+    m.cache.k.copy_(saved[0])
+    m.cache.v.copy_(saved[1])
+    runner.seen.copy_(seen)
+    spec = [[t] for t in (5, 6, 7)]
+    accepted = rejected = 0
+    while min(len(out) for out in spec) < length:
+        proposals = []
+        for i, out in enumerate(spec):
+            truth = plain[i][len(out) : len(out) + int(torch.randint(0, 8, (1,), generator=gen))]
+            spoilt = [t if torch.rand(1, generator=gen) > 0.15 else (t + 1) % 512 for t in truth]
+            proposals.append(spoilt if len(out) < length else [])
+        if not any(proposals):
+            proposals[0] = [0]
+        news = runner.verify([row(i, out) for i, out in enumerate(spec)], proposals)
+        for out, proposed, new in zip(spec, proposals, news, strict=True):
+            kept = len(new) - 1
+            accepted += kept
+            rejected += kept < len(proposed)
+            out.extend(new)
+    assert [out[:length] for out in spec] == [out[:length] for out in plain]
+    assert accepted > 20 and rejected > 5, (accepted, rejected)
+
+
+def test_verify_shapes_stay_few() -> None:
+    """Verify steps for 1, 3, 7 or 15 proposals, only where batch times tokens per row fits one pass (64 rows)."""
+    assert verify_shapes(8, 0) == []
+    assert verify_shapes(8, 3) == [(1, 2), (1, 4), (2, 2), (2, 4), (4, 2), (4, 4), (8, 2), (8, 4)]
+    shapes = verify_shapes(32, 15)
+    assert (1, 16) in shapes and (4, 16) in shapes and (8, 16) not in shapes and (32, 2) in shapes
+    assert len(shapes) == 19 and all(b * q <= 64 for b, q in shapes)
