@@ -92,6 +92,16 @@ def test_sampling_with_repetition_penalty_agrees_across_ranks(tiny_model_dir: Pa
     assert generated(tiny_model_dir, 2, *sampling) == generated(tiny_model_dir, 1, *sampling)
 
 
+def test_a_verify_plan_carries_its_rows_and_proposals() -> None:
+    from engine import tp
+
+    rows = [Row(5, 10, 0, 0.8, 40, 0.9, 1.2, 2**40 + 3, 7), Row(6, 3, 2, 0.0, 0, 1.0, 1.0, 0, 0)]
+    proposals = [[1, 2, 3], []]
+    assert tp.decode_proposals(tp.encode_proposals(rows, proposals), 2) == (rows, proposals)
+    rows3 = [*rows, Row(1, 1, 1, 1.0, 1, 1.0, 1.0, 1, 1)]
+    assert tp.decode_proposals(tp.encode_proposals(rows3, [[], [4, 4], [7]]), 3) == (rows3, [[], [4, 4], [7]])
+
+
 def test_prefill_and_decode_logits_match_tp1(tiny_gqa_dir: Path) -> None:
     spec = EngineSpec(model=str(tiny_gqa_dir), device="cpu", dtype="float32", max_batch=2, max_seq_len=512)
     one = Engine.load(spec)
