@@ -53,6 +53,10 @@ MAX_SPECULATE = VERIFY_QUERIES[-1] - 1
 # Rows of a verify step at most (batch times tokens per row): up to here a step still reads each weight about once
 # (the matrix-vector kernel's reach); larger batches decode without speculation.
 MAX_VERIFY_ROWS = 64
+# What one more token per row adds to a step, in plain steps of its batch, until steps have been timed: little on a
+# GPU, which streams the weights once for every row; much on a CPU, whose small matrix products scale with the rows.
+PRIOR_SLOPE = {"cuda": 0.02, "cpu": 0.5}
+EMA = 0.2  # the weight of each new timing
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -87,7 +91,7 @@ class DecodeRunner:
         self.max_position = model.cache.k.shape[3] - 1
         # Two pinned landing buffers: step t's tokens are read while step t+1 copies its own.
         self.host = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
-        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None]] = deque()
+        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None, float]] = deque()
         self.flip = 0
         self.n = self.batch = 0
         self.greedy = self.penalize = True
@@ -101,6 +105,11 @@ class DecodeRunner:
         self.verify_host = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, pin_memory=self.pinned)
         self.counts = torch.ones(max_batch, dtype=torch.int64, device=dev)
         self.verify_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        # Timings, per batch bucket: seconds of a plain step, and what a verify step adds per token per row.
+        self.plain_s: dict[int, float] = {}
+        self.slopes: dict[int, float] = {}
+        self.prior_slope = PRIOR_SLOPE.get(dev.type, PRIOR_SLOPE["cpu"])
+        self.last_collect = 0.0
         self.verify_graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.capture_s = self.tune_s = 0.0
         if use_graphs:
@@ -249,14 +258,26 @@ class DecodeRunner:
         if self.pinned:
             event = torch.cuda.Event()
             event.record()
-        self.inflight.append((buf, self.n, event))
+        self.inflight.append((buf, self.n, event, time.perf_counter()))
 
     def collect(self) -> list[int]:
         """The tokens of the oldest launched step (waits for it: the step's only host sync)."""
-        buf, n, event = self.inflight.popleft()
+        buf, n, event, launched = self.inflight.popleft()
         if event is not None:
             event.synchronize()
+        now = time.perf_counter()
+        self._timed(self.plain_s, self.bucket(n), now - max(launched, self.last_collect))
+        self.last_collect = now
         return buf[:n].tolist()
+
+    @staticmethod
+    def _timed(table: dict[int, float], key: int, value: float) -> None:
+        table[key] = value if key not in table else (1 - EMA) * table[key] + EMA * value
+
+    def slope(self, batch: int) -> float:
+        """What one more proposed token per row adds to a verify step of `batch` rows, in plain steps (measured as
+        steps run; `PRIOR_SLOPE` before)."""
+        return self.slopes.get(self.bucket(batch), self.prior_slope)
 
     def __call__(self, rows: Sequence[Row]) -> list[int]:
         """Decode one token for each row and wait for it."""
@@ -280,6 +301,7 @@ class DecodeRunner:
         position on; waits and returns each row's new tokens (its accepted proposals and one more). The runner's
         inputs now hold these rows: the next `launch` must pass rows. Every row's position plus its proposals must
         stay inside the cache."""
+        start = time.perf_counter()
         n = len(rows)
         queries = self.verify_queries(n, max(len(p) for p in proposals))
         assert queries > 0, "no verify step for this batch"
@@ -306,7 +328,12 @@ class DecodeRunner:
         host.copy_(out[:n], non_blocking=self.pinned)
         if self.pinned:
             torch.cuda.current_stream().synchronize()
-        return [r[: r[-1]] for r in host.tolist()]
+        new = [r[: r[-1]] for r in host.tolist()]
+        self.last_collect = now = time.perf_counter()
+        plain = self.plain_s.get(self.bucket(n))
+        if plain:
+            self._timed(self.slopes, self.bucket(n), max(0.0, ((now - start) / plain - 1) / (queries - 1)))
+        return new
 
 
 def step_rows(max_batch: int, shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:

@@ -6,9 +6,13 @@ Each sequence keeps an index from every n-gram of its tokens (n = 1 .. `MAX_NGRA
 ended; a new token adds the n-grams it completes (a few dictionary writes, never a rescan), and a proposal is what
 followed the most recent earlier occurrence of the longest n-gram that ends the sequence.
 
-Adaptive per sequence: a verify step whose proposals are all rejected costs more than a plain step and gives the
-same one token, so after `misses` such steps in a row the sequence skips proposing for 2**misses - 1 steps (at
-most `MAX_WAIT`); any accepted proposal resets that. On text with nothing to copy, verify steps become rare.
+Adaptive per sequence: it estimates the chance that a proposed token is accepted (`alpha`, from its recent verify
+steps: accepted tokens against rejections, older steps counting less) and proposes as many tokens as pay for
+themselves: the count k that maximises the tokens a verify step is expected to give, (1 - alpha**(k+1)) / (1 -
+alpha), per unit of its cost, 1 + slope * k plain steps (`slope`, from the runner: what one more token per row adds
+to a step; nearly nothing on a GPU, a large share of a step on a CPU). Where no count beats a plain step, it
+proposes one token now and then (after 1, 3, 7, ... up to `MAX_WAIT` steps) to notice when copying starts; on text
+with nothing to copy, verify steps become rare.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterable
 
 MAX_NGRAM = 3
 MAX_WAIT = 32
+DECAY = 0.8  # how much a verify step's evidence counts one verify step later
 
 
 class Proposer:
@@ -26,9 +31,15 @@ class Proposer:
         self.tokens: list[int] = []
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> the position of the token after its last occurrence
         self.max_ngram = max_ngram
-        self.misses = self.wait = 0
+        self.hits, self.misses = 1.0, 1.0  # decayed accepted tokens and rejections, from a prior of one each
+        self.wait = self.backoff = 0  # steps until the next probe, and the wait after it
         self.steps = self.proposed = self.accepted = 0  # verify steps, proposals and accepted ones so far
         self.extend(ids)
+
+    @property
+    def alpha(self) -> float:
+        """The estimated chance that a proposed token is accepted (given the ones before it were)."""
+        return self.hits / (self.hits + self.misses)
 
     def extend(self, ids: Iterable[int]) -> None:
         """Append tokens: each one is the follower of the n-grams that end just before it."""
@@ -39,19 +50,45 @@ class Proposer:
                 index[tuple(tokens[end - n : end])] = end
             tokens.append(token)
 
-    def propose(self, k: int) -> list[int]:
-        """Up to `k` tokens to verify after the sequence's last one; none while backing off or without a match."""
-        if k < 1:
-            return []
-        if self.wait:
-            self.wait -= 1
-            return []
+    def match(self, k: int) -> list[int]:
+        """Up to `k` tokens that followed the most recent earlier occurrence of the longest n-gram ending the
+        sequence; none without one."""
         tokens, end = self.tokens, len(self.tokens)
         for n in range(min(self.max_ngram, end), 0, -1):
             at = self.index.get(tuple(tokens[end - n :]))
             if at is not None:
                 return tokens[at : at + k]
         return []
+
+    def worth(self, limit: int, slope: float) -> int:
+        """The number of proposals (0 .. limit) that maximises expected tokens per unit of step cost."""
+        alpha, best, best_rate, expected, power = self.alpha, 0, 1.0, 1.0, 1.0
+        for k in range(1, limit + 1):
+            power *= alpha
+            expected += power
+            rate = expected / (1.0 + slope * k)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return best
+
+    def propose(self, limit: int, slope: float = 0.0) -> list[int]:
+        """Up to `limit` tokens to verify after the sequence's last one, as many as pay for themselves when one
+        more token per row costs `slope` plain steps; a single token as a probe where none would pay (after a
+        wait that grows with each probe); none without a match."""
+        if limit < 1:
+            return []
+        if self.wait:
+            self.wait -= 1
+            return []
+        proposal = self.match(limit)
+        if not proposal:
+            return []
+        k = self.worth(len(proposal), slope)
+        if k:
+            self.backoff = 0
+            return proposal[:k]
+        self.wait = self.backoff = min(2 * self.backoff + 1, MAX_WAIT)
+        return proposal[:1]
 
     def feedback(self, proposed: int, accepted: int) -> None:
         """What a verify step made of this sequence's `proposed` tokens: the first `accepted` of them were kept."""
@@ -60,8 +97,7 @@ class Proposer:
         self.steps += 1
         self.proposed += proposed
         self.accepted += accepted
-        if accepted:
-            self.misses = 0
-        else:
-            self.misses += 1
-            self.wait = min(2**self.misses - 1, MAX_WAIT)
+        self.hits = self.hits * DECAY + accepted
+        self.misses = self.misses * DECAY + (accepted < proposed)
+        if accepted:  # copying may have started: no waiting for the next probe
+            self.wait = 0

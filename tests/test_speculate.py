@@ -45,23 +45,35 @@ def test_proposer_index_grows_as_a_full_rebuild_would() -> None:
     for i in range(10, 300, 7):
         grown.extend(ids[i : i + 7])
         rebuilt = Proposer(ids[: i + 7])
-        assert grown.index == rebuilt.index and grown.propose(5) == rebuilt.propose(5)
+        assert grown.index == rebuilt.index and grown.match(5) == rebuilt.match(5)
 
 
-def test_proposer_backs_off_after_rejections_and_recovers() -> None:
-    p = Proposer([1, 2, 1, 2, 1])
+def test_proposer_proposes_what_pays_for_itself() -> None:
+    """Free extra tokens (slope 0): everything the match gives. Costly ones: fewer, the fewer the less is accepted;
+    and after rejections, one token at growing intervals; acceptance brings the proposals back."""
+    p = Proposer([1, 2, 3, 4, 5, 6, 7, 8, 9, 1])
+    assert p.alpha == 0.5 and p.propose(8, slope=0.0) == [2, 3, 4, 5, 6, 7, 8, 9]
+    for _ in range(6):
+        p.feedback(8, 8)
+    assert p.alpha > 0.95 and p.worth(8, 0.5) == 8
+    for _ in range(6):
+        p.feedback(8, 2)
+    assert 0.75 < p.alpha < 0.85
+    assert [p.worth(8, slope) for slope in (0.02, 0.3, 0.7, 1.0)] == [8, 3, 1, 0]
     waits = []
-    for _ in range(7):
-        assert p.propose(2) == [2, 1]
+    for _ in range(12):
         p.feedback(2, 0)
+    for _ in range(8):
         waits.append(0)
-        while not p.propose(2):
+        while not (probe := p.propose(8, slope=0.5)):
             waits[-1] += 1
-    assert waits == [1, 3, 7, 15, 31, MAX_WAIT, MAX_WAIT]
-    p.feedback(2, 1)
-    assert p.propose(2) == [2, 1] and (p.steps, p.proposed, p.accepted) == (8, 16, 1)
+        assert probe == [2]
+    assert p.alpha < 0.2 and waits == [0, 1, 3, 7, 15, 31, MAX_WAIT, MAX_WAIT]
+    for _ in range(4):
+        p.feedback(1, 1)
+    assert p.worth(8, 0.5) >= 1 and p.propose(8, slope=0.5) == [2] and (p.steps, p.accepted) == (28, 64)
     p.feedback(0, 0)  # a step it did not propose to changes nothing
-    assert p.propose(2) == [2, 1] and p.steps == 8
+    assert p.steps == 28
 
 
 def _params(batch: int, temperature: float, top_k: int, top_p: float, penalty: float) -> dict[str, torch.Tensor]:

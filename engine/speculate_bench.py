@@ -1,0 +1,257 @@
+"""`python -m engine.speculate_bench`: what prompt-lookup speculation buys at batch 1, and what it costs.
+
+Workloads, built from the demo model's held-out standard-library modules (engine/demo/corpus.py), fixed by their
+source: "rename", each module with one of its functions re-emitted under a new name (a completion whose answer
+is the function's body again); "fill", the same as an infilling request with the text after the function as
+the suffix (F3 filling in repetitive code); "fresh", sampled continuations of each module's opening lines,
+where there is nothing to copy (what speculation must not slow down). Each request runs without speculation and
+with it; greedy outputs must be identical. Printed: tokens per verify step, the accepted share of the proposals,
+and wall-clock time. `--verify-cost` (a GPU, random weights at `--shape`) instead times the captured verify step
+against the plain decode step for every tokens-per-row bucket at batch 1 and 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.demo.corpus import HELD_OUT
+from engine.engine import Engine
+from engine.prompts import build_prompt, stop_ids
+from engine.requests import EngineSpec, Request, SamplingParams
+from engine.runner import MAX_SPECULATE, DecodeRunner, Row
+from engine.speculate import Proposer
+from engine.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=256)
+FRESH = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, max_new_tokens=128, seed=0)
+
+
+@dataclass
+class Item:
+    """One request of a workload: its prompt ids and how to sample."""
+
+    workload: str
+    name: str
+    ids: list[int]
+    stops: set[int]
+    sampling: SamplingParams
+
+
+@dataclass
+class Run:
+    """One request's outcome: its tokens, steps (prefill's first token included), proposals and time."""
+
+    tokens: list[int] = field(default_factory=list)
+    steps: int = 0
+    verify_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+
+
+def _functions(tree: ast.Module) -> list[ast.FunctionDef]:
+    """Top-level functions and methods of 6 to 30 lines, in source order."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and 6 <= node.end_lineno - node.lineno + 1 <= 30 and node.body:
+            found.append(node)
+    return sorted(found, key=lambda f: f.lineno)
+
+
+def _fit_lines(tok: Tokenizer, lines: list[str], budget: int, from_top: bool) -> str:
+    """As many of `lines` as fit `budget` tokens, dropping from the top (or from the bottom)."""
+    text = "".join(lines)
+    while lines and len(tok.encode(text)) > budget:
+        lines = lines[1:] if from_top else lines[:-1]
+        text = "".join(lines)
+    return text
+
+
+def edit_workload(tok: Tokenizer, context: int, per_module: int = 2) -> list[Item]:
+    """The "rename" and "fill" requests: per held-out module, its first `per_module` suitable functions, each
+    followed by its header under a new name (the renamed copy's body is the answer)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    items = []
+    for module in HELD_OUT:
+        source = (stdlib / module).read_text()
+        lines = source.splitlines(keepends=True)
+        for fn in _functions(ast.parse(source))[:per_module]:
+            first = fn.lineno - 1 + len(fn.decorator_list)
+            header = "".join(lines[first : fn.body[0].lineno - 1]).replace(f"def {fn.name}(", f"def {fn.name}_v2(", 1)
+            body = "".join(lines[fn.body[0].lineno - 1 : fn.end_lineno])
+            room = len(tok.encode(body)) + 16
+            budget = context - room - 8
+            before = _fit_lines(tok, lines[: fn.end_lineno], budget - len(tok.encode(header)) - 2, from_top=True)
+            sampling = SamplingParams(**{**GREEDY.__dict__, "max_new_tokens": room})
+            name = f"{module[:-3]}.{fn.name}"
+            prompt = before + "\n" + header
+            completion = Request("completion", text=prompt, sampling=sampling)
+            items.append(Item("rename", name, build_prompt(tok, completion), stop_ids(tok, "completion"), sampling))
+            if tok.can_infill:
+                suffix = _fit_lines(tok, lines[fn.end_lineno :][:40], 200, from_top=False)
+                prefix = _fit_lines(tok, lines[: fn.end_lineno], budget - 200 - len(tok.encode(header)) - 8, True)
+                fill = Request("infilling", prefix=prefix + "\n" + header, suffix="\n" + suffix, sampling=sampling)
+                items.append(Item("fill", name, build_prompt(tok, fill), stop_ids(tok, "infilling"), sampling))
+    return items
+
+
+def fresh_workload(tok: Tokenizer) -> list[Item]:
+    """The "fresh" requests: each module's first 12 lines, continued by sampling."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    items = []
+    for module in HELD_OUT:
+        text = "".join((stdlib / module).read_text().splitlines(keepends=True)[:12])
+        ids = build_prompt(tok, Request("completion", text=text, sampling=FRESH))
+        items.append(Item("fresh", module[:-3], ids, stop_ids(tok, "completion"), FRESH))
+    return items
+
+
+@torch.inference_mode()
+def generate(engine: Engine, runner: DecodeRunner, item: Item, speculate: int) -> Run:
+    """One request at batch 1 in slot 0, as the scheduler runs it: prefill, the first token, then plain steps, or
+    with `speculate` verify steps wherever the proposer has something to propose."""
+    run, p, ids = Run(), item.sampling, item.ids
+    context = engine.context
+
+    def row(token: int) -> Row:
+        position = len(ids) + len(run.tokens) - 1
+        return Row(token, position, 0, p.temperature, p.top_k, p.top_p, p.repetition_penalty, 0, len(run.tokens))
+
+    start = time.perf_counter()
+    runner.mark_seen(0, ids)
+    logits = engine.model.prefill(torch.tensor(ids, device=engine.device), 0, 0)
+    run.tokens = runner.sample(logits[None], [row(0)])
+    run.steps = 1
+    proposer = Proposer(ids + run.tokens) if speculate else None
+    while run.tokens[-1] not in item.stops and len(run.tokens) < p.max_new_tokens:
+        if len(ids) + len(run.tokens) >= context:
+            break
+        room = min(speculate, p.max_new_tokens - len(run.tokens) - 1, context - len(ids) - len(run.tokens))
+        proposal = proposer.propose(room, runner.slope(1)) if proposer is not None else []
+        if proposal:
+            new = runner.verify([row(run.tokens[-1])], [proposal])[0]
+            proposer.feedback(len(proposal), len(new) - 1)
+            run.verify_steps += 1
+            run.proposed += len(proposal)
+            run.accepted += len(new) - 1
+        else:
+            new = runner([row(run.tokens[-1])])
+        stop = next((i for i, t in enumerate(new) if t in item.stops), None)
+        new = new[: stop + 1] if stop is not None else new
+        new = new[: p.max_new_tokens - len(run.tokens)]
+        run.tokens += new
+        run.steps += 1
+        if proposer is not None:
+            proposer.extend(new)
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def compare(engine: Engine, runner: DecodeRunner, items: list[Item], speculate: int) -> dict[str, dict]:
+    """Every item without and with speculation (one warm-up request first); totals per workload."""
+    generate(engine, runner, items[0], speculate)
+    totals: dict[str, dict] = {}
+    for item in items:
+        plain, spec = generate(engine, runner, item, 0), generate(engine, runner, item, speculate)
+        t = totals.setdefault(item.workload, {"requests": 0, "tokens": 0, "plain_s": 0.0, "speculative_s": 0.0,
+                                              "steps": 0, "verify_steps": 0, "proposed": 0, "accepted": 0,
+                                              "identical": 0})  # fmt: skip
+        t["requests"] += 1
+        t["tokens"] += len(spec.tokens)
+        t["plain_s"] += plain.seconds
+        t["speculative_s"] += spec.seconds
+        for key in ("steps", "verify_steps", "proposed", "accepted"):
+            t[key] += getattr(spec, key)
+        t["identical"] += plain.tokens == spec.tokens
+    return totals
+
+
+def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[str, float]:
+    """Milliseconds per replay of each captured verify step and of the plain step of its batch, on the GPU alone,
+    from position 128."""
+    out = {}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def replay(graph: torch.cuda.CUDAGraph) -> float:
+        graph.replay()
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+
+    for batch in (1, 8):
+        rows = [Row(3 + i, 128, i, 0.0, 0, 1.0, 1.0, i, 0) for i in range(batch)]
+        runner(rows)
+        out[f"b{batch}_plain_ms"] = replay(runner.graphs[(runner.bucket(batch), True)])
+        for b, queries in runner.verify_shapes:
+            if b == runner.bucket(batch):
+                runner.verify(rows, [[5] * (queries - 1)] * batch)
+                out[f"b{batch}_k{queries - 1}_ms"] = replay(runner.verify_graphs[(b, queries, True)])
+    return out
+
+
+def _rates(t: dict) -> str:
+    speedup = t["plain_s"] / t["speculative_s"]
+    per_step = t["tokens"] / t["steps"]
+    accepted = t["accepted"] / t["proposed"] if t["proposed"] else 0.0
+    return (
+        f"{t['requests']:>3} requests {t['tokens']:>5} tokens  {per_step:4.2f} tokens/step  "
+        f"{t['verify_steps']:>4} verify steps, {accepted:4.0%} of {t['proposed']} proposed accepted  "
+        f"plain {t['plain_s']:6.2f} s  speculative {t['speculative_s']:6.2f} s  {speedup:4.2f}x  "
+        f"greedy identical {t['identical']}/{t['requests']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.speculate_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--speculate", type=int, default=MAX_SPECULATE, help="most tokens proposed per step")
+    parser.add_argument("--per-module", type=int, default=2, help="functions per held-out module (default 2)")
+    parser.add_argument("--verify-cost", action="store_true", help="time the verify steps instead (GPU)")
+    parser.add_argument("--shape", default="7b", help="--verify-cost: random weights at this shape (default 7b)")
+    parser.add_argument("--json", metavar="FILE", help="write every number here too")
+    args = parser.parse_args(argv)
+    if args.verify_cost:
+        from engine.bench import random_engine
+        from engine.config import DEMO_DIR, shape_config
+
+        spec = EngineSpec(device=args.device, dtype=args.dtype, max_batch=8, max_seq_len=512)
+        engine, _ = random_engine(shape_config(args.shape), spec, Tokenizer.from_dir(DEMO_DIR))
+    else:
+        engine = Engine.load(EngineSpec(model=args.model, device=args.device, dtype=args.dtype, max_batch=8))
+    runner = DecodeRunner(
+        engine.model, engine.runner.seen, engine.runner.max_batch, engine.runner.scratch_slot,
+        bool(engine.runner.graphs), speculate=args.speculate,
+    )  # fmt: skip
+    name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    print(f"speculate_bench: {engine.info.name} on {name} ({engine.info.dtype}), up to {args.speculate} proposed")
+    if args.verify_cost:
+        result = verify_cost(engine, runner)
+        for key, ms in result.items():
+            print(f"  {key:<16} {ms:7.3f} ms")
+    else:
+        items = edit_workload(engine.tok, engine.context, args.per_module) + fresh_workload(engine.tok)
+        result = compare(engine, runner, items, args.speculate)
+        for workload, totals in result.items():
+            print(f"  {workload:<7} {_rates(totals)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
