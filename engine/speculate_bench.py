@@ -48,7 +48,7 @@ class Item:
 
 @dataclass
 class Run:
-    """One request's outcome: its tokens, steps (prefill's first token included), proposals and time."""
+    """One request's outcome: its tokens, decode steps, proposals, and time (all of it, and after the first token)."""
 
     tokens: list[int] = field(default_factory=list)
     steps: int = 0
@@ -56,6 +56,7 @@ class Run:
     proposed: int = 0
     accepted: int = 0
     seconds: float = 0.0
+    decode_s: float = 0.0
 
 
 def _functions(tree: ast.Module) -> list[ast.FunctionDef]:
@@ -130,7 +131,7 @@ def generate(engine: Engine, runner: DecodeRunner, item: Item, speculate: int) -
     runner.mark_seen(0, ids)
     logits = engine.model.prefill(torch.tensor(ids, device=engine.device), 0, 0)
     run.tokens = runner.sample(logits[None], [row(0)])
-    run.steps = 1
+    first = time.perf_counter()
     proposer = Proposer(ids + run.tokens) if speculate else None
     while run.tokens[-1] not in item.stops and len(run.tokens) < p.max_new_tokens:
         if len(ids) + len(run.tokens) >= context:
@@ -153,26 +154,35 @@ def generate(engine: Engine, runner: DecodeRunner, item: Item, speculate: int) -
         if proposer is not None:
             proposer.extend(new)
     run.seconds = time.perf_counter() - start
+    run.decode_s = time.perf_counter() - first
     return run
 
 
 def compare(engine: Engine, runner: DecodeRunner, items: list[Item], speculate: int) -> dict[str, dict]:
-    """Every item without and with speculation (one warm-up request first); totals per workload."""
+    """Every item without and with speculation, one after the other (one warm-up request first); totals per
+    workload. Greedy outputs are compared (sampled ones draw other tokens from the same distribution)."""
     generate(engine, runner, items[0], speculate)
     totals: dict[str, dict] = {}
     for item in items:
         plain, spec = generate(engine, runner, item, 0), generate(engine, runner, item, speculate)
-        t = totals.setdefault(item.workload, {"requests": 0, "tokens": 0, "plain_s": 0.0, "speculative_s": 0.0,
-                                              "steps": 0, "verify_steps": 0, "proposed": 0, "accepted": 0,
-                                              "identical": 0})  # fmt: skip
+        t = totals.setdefault(item.workload, dict.fromkeys(TOTALS, 0))
         t["requests"] += 1
-        t["tokens"] += len(spec.tokens)
+        t["plain_tokens"] += len(plain.tokens) - 1
+        t["tokens"] += len(spec.tokens) - 1
         t["plain_s"] += plain.seconds
         t["speculative_s"] += spec.seconds
+        t["plain_decode_s"] += plain.decode_s
+        t["speculative_decode_s"] += spec.decode_s
         for key in ("steps", "verify_steps", "proposed", "accepted"):
             t[key] += getattr(spec, key)
-        t["identical"] += plain.tokens == spec.tokens
+        if item.sampling.temperature == 0:
+            t["greedy"] += 1
+            t["identical"] += plain.tokens == spec.tokens
     return totals
+
+
+TOTALS = ("requests", "plain_tokens", "tokens", "plain_s", "speculative_s", "plain_decode_s", "speculative_decode_s",
+          "steps", "verify_steps", "proposed", "accepted", "greedy", "identical")  # fmt: skip
 
 
 def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[str, float]:
@@ -202,14 +212,17 @@ def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[s
 
 
 def _rates(t: dict) -> str:
-    speedup = t["plain_s"] / t["speculative_s"]
-    per_step = t["tokens"] / t["steps"]
+    """One workload's line: decode tokens per step and per second without and with speculation, the speed-up of
+    the decode and of the whole requests (prefill included)."""
+    plain_rate, rate = t["plain_tokens"] / t["plain_decode_s"], t["tokens"] / t["speculative_decode_s"]
     accepted = t["accepted"] / t["proposed"] if t["proposed"] else 0.0
+    identical = f"  greedy identical {t['identical']}/{t['greedy']}" if t["greedy"] else ""
     return (
-        f"{t['requests']:>3} requests {t['tokens']:>5} tokens  {per_step:4.2f} tokens/step  "
-        f"{t['verify_steps']:>4} verify steps, {accepted:4.0%} of {t['proposed']} proposed accepted  "
-        f"plain {t['plain_s']:6.2f} s  speculative {t['speculative_s']:6.2f} s  {speedup:4.2f}x  "
-        f"greedy identical {t['identical']}/{t['requests']}"
+        f"{t['requests']:>3} requests {t['tokens']:>5} tokens  {t['tokens'] / t['steps']:4.2f} tokens/step "
+        f"({t['verify_steps']} verify steps, {accepted:.0%} of {t['proposed']} proposed accepted)  "
+        f"decode {plain_rate:6.1f} -> {rate:6.1f} tok/s = {rate / plain_rate:4.2f}x  "
+        f"requests {t['plain_s']:6.2f} -> {t['speculative_s']:6.2f} s = {t['plain_s'] / t['speculative_s']:4.2f}x"
+        + identical
     )
 
 
