@@ -125,7 +125,10 @@ def generate(engine: Engine, runner: DecodeRunner, item: Item, speculate: int) -
 
     def row(token: int) -> Row:
         position = len(ids) + len(run.tokens) - 1
-        return Row(token, position, 0, p.temperature, p.top_k, p.top_p, p.repetition_penalty, 0, len(run.tokens))
+        return Row(
+            token=token, position=position, slot=0, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+            penalty=p.repetition_penalty, seed=0, offset=len(run.tokens),
+        )  # fmt: skip
 
     start = time.perf_counter()
     runner.mark_seen(0, ids)
@@ -185,6 +188,13 @@ TOTALS = ("requests", "plain_tokens", "tokens", "plain_s", "speculative_s", "pla
           "steps", "verify_steps", "proposed", "accepted", "greedy", "identical")  # fmt: skip
 
 
+def greedy_row(token: int, position: int, slot: int) -> Row:
+    return Row(
+        token=token, position=position, slot=slot, temperature=0.0, top_k=0, top_p=1.0, penalty=1.0, seed=slot,
+        offset=0,
+    )  # fmt: skip
+
+
 def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[str, float]:
     """Milliseconds per replay of each captured verify step and of the plain step of its batch, on the GPU alone,
     from position 128."""
@@ -201,7 +211,7 @@ def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[s
         return start.elapsed_time(end) / steps
 
     for batch in (1, 8):
-        rows = [Row(3 + i, 128, i, 0.0, 0, 1.0, 1.0, i, 0) for i in range(batch)]
+        rows = [greedy_row(3 + i, 128, i) for i in range(batch)]
         runner(rows)
         out[f"b{batch}_plain_ms"] = replay(runner.graphs[(runner.bucket(batch), True)])
         for b, queries in runner.verify_shapes:

@@ -264,7 +264,10 @@ def test_verify_steps_decode_what_plain_steps_decode(device: str) -> None:
     penalties, length = [1.0, 1.3, 1.0], 40
 
     def row(i: int, out: list[int]) -> Row:
-        return Row(out[-1], len(prompts[i]) + len(out) - 1, i, 0.0, 0, 1.0, penalties[i], i, len(out))
+        return Row(
+            token=out[-1], position=len(prompts[i]) + len(out) - 1, slot=i, temperature=0.0, top_k=0, top_p=1.0,
+            penalty=penalties[i], seed=i, offset=len(out),
+        )  # fmt: skip
 
     runner = DecodeRunner(m, seen.clone(), 4, 4, use_graphs=device == "cuda", speculate=7)
     assert runner.verify_graphs or device == "cpu"

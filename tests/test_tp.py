@@ -95,10 +95,12 @@ def test_sampling_with_repetition_penalty_agrees_across_ranks(tiny_model_dir: Pa
 def test_a_verify_plan_carries_its_rows_and_proposals() -> None:
     from engine import tp
 
-    rows = [Row(5, 10, 0, 0.8, 40, 0.9, 1.2, 2**40 + 3, 7), Row(6, 3, 2, 0.0, 0, 1.0, 1.0, 0, 0)]
+    sampled = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "penalty": 1.2, "seed": 2**40 + 3, "offset": 7}
+    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "penalty": 1.0, "seed": 0, "offset": 0}
+    rows = [Row(token=5, position=10, slot=0, **sampled), Row(token=6, position=3, slot=2, **greedy)]
     proposals = [[1, 2, 3], []]
     assert tp.decode_proposals(tp.encode_proposals(rows, proposals), 2) == (rows, proposals)
-    rows3 = [*rows, Row(1, 1, 1, 1.0, 1, 1.0, 1.0, 1, 1)]
+    rows3 = [*rows, Row(token=1, position=1, slot=1, **greedy)]
     assert tp.decode_proposals(tp.encode_proposals(rows3, [[], [4, 4], [7]]), 3) == (rows3, [[], [4, 4], [7]])
 
 
