@@ -11,8 +11,8 @@ steps: accepted tokens against rejections, older steps counting less) and propos
 themselves: the count k that maximises the tokens a verify step is expected to give, (1 - alpha**(k+1)) / (1 -
 alpha), per unit of its cost, 1 + slope * k plain steps (`slope`, from the runner: what one more token per row adds
 to a step; nearly nothing on a GPU, a large share of a step on a CPU). Where no count beats a plain step, it
-proposes one token now and then (after 1, 3, 7, ... up to `MAX_WAIT` steps) to notice when copying starts; on text
-with nothing to copy, verify steps become rare.
+proposes one token now and then (after 1, 3, 7, ... up to `MAX_WAIT` new tokens) to notice when copying starts; on
+text with nothing to copy, verify steps become rare, and the steps between them can be pipelined (`ready`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,14 @@ class Proposer:
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> the position of the token after its last occurrence
         self.max_ngram = max_ngram
         self.hits, self.misses = 1.0, 1.0  # decayed accepted tokens and rejections, from a prior of one each
-        self.wait = self.backoff = 0  # steps until the next probe, and the wait after it
+        self.resume_at = self.backoff = 0  # the length at which proposing resumes, and the wait after a probe
         self.steps = self.proposed = self.accepted = 0  # verify steps, proposals and accepted ones so far
         self.extend(ids)
+
+    @property
+    def ready(self) -> bool:
+        """Whether `propose` may propose now (it is not waiting for the next probe)."""
+        return len(self.tokens) >= self.resume_at
 
     @property
     def alpha(self) -> float:
@@ -74,11 +79,8 @@ class Proposer:
     def propose(self, limit: int, slope: float = 0.0) -> list[int]:
         """Up to `limit` tokens to verify after the sequence's last one, as many as pay for themselves when one
         more token per row costs `slope` plain steps; a single token as a probe where none would pay (after a
-        wait that grows with each probe); none without a match."""
-        if limit < 1:
-            return []
-        if self.wait:
-            self.wait -= 1
+        wait in new tokens that grows with each probe); none without a match."""
+        if limit < 1 or not self.ready:
             return []
         proposal = self.match(limit)
         if not proposal:
@@ -87,7 +89,8 @@ class Proposer:
         if k:
             self.backoff = 0
             return proposal[:k]
-        self.wait = self.backoff = min(2 * self.backoff + 1, MAX_WAIT)
+        self.backoff = min(2 * self.backoff + 1, MAX_WAIT)
+        self.resume_at = len(self.tokens) + 1 + self.backoff  # counted after the probe's own token
         return proposal[:1]
 
     def feedback(self, proposed: int, accepted: int) -> None:
@@ -100,4 +103,4 @@ class Proposer:
         self.hits = self.hits * DECAY + accepted
         self.misses = self.misses * DECAY + (accepted < proposed)
         if accepted:  # copying may have started: no waiting for the next probe
-            self.wait = 0
+            self.resume_at = 0

@@ -46,7 +46,7 @@ def accept(
     proposed = torch.cat((tokens[:, 1:], tokens[:, :1]), dim=1)  # column t: the proposal for t's token (last: none)
     is_proposal = steps[None, :] < (counts - 1)[:, None]
     flat = logits.reshape(batch * queries, vocab)
-    per_position = lambda x: x.repeat_interleave(queries)  # noqa: E731 (a row's parameter at each of its positions)
+    per_position = lambda x: x[:, None].expand(batch, queries).reshape(-1)  # noqa: E731 (a row's value, per position)
     if penalty is not None:
         # Position t has seen the proposals for the positions before it.
         before = (steps[None, :, None] > steps[None, None, :]) & is_proposal[:, None, :]  # [B, t, proposal's position]
