@@ -32,6 +32,7 @@ from engine.speculate import Proposer
 from engine.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=256)
+SUFFIX_TOKENS = 200  # of the text after the function, for the infilling requests
 FRESH = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, max_new_tokens=128, seed=0)
 
 
@@ -78,30 +79,36 @@ def _fit_lines(tok: Tokenizer, lines: list[str], budget: int, from_top: bool) ->
 
 
 def edit_workload(tok: Tokenizer, context: int, per_module: int = 2) -> list[Item]:
-    """The "rename" and "fill" requests: per held-out module, its first `per_module` suitable functions, each
-    followed by its header under a new name (the renamed copy's body is the answer)."""
+    """The "rename" and "fill" requests: per held-out module, its first `per_module` functions that fit the context
+    twice over (with room for a suffix), each followed by its header under a new name (the renamed copy's body is
+    the answer)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     items = []
     for module in HELD_OUT:
         source = (stdlib / module).read_text()
         lines = source.splitlines(keepends=True)
-        for fn in _functions(ast.parse(source))[:per_module]:
-            first = fn.lineno - 1 + len(fn.decorator_list)
+        taken = 0
+        for fn in _functions(ast.parse(source)):
+            first = min([fn.lineno, *(d.lineno for d in fn.decorator_list)]) - 1  # the decorators join the header
             header = "".join(lines[first : fn.body[0].lineno - 1]).replace(f"def {fn.name}(", f"def {fn.name}_v2(", 1)
             body = "".join(lines[fn.body[0].lineno - 1 : fn.end_lineno])
+            if 2 * len(tok.encode("".join(lines[first : fn.end_lineno]))) + SUFFIX_TOKENS + 64 > context:
+                continue
             room = len(tok.encode(body)) + 16
-            budget = context - room - 8
-            before = _fit_lines(tok, lines[: fn.end_lineno], budget - len(tok.encode(header)) - 2, from_top=True)
+            budget = context - room - len(tok.encode(header)) - 16
             sampling = SamplingParams(**{**GREEDY.__dict__, "max_new_tokens": room})
             name = f"{module[:-3]}.{fn.name}"
-            prompt = before + "\n" + header
-            completion = Request("completion", text=prompt, sampling=sampling)
+            before = _fit_lines(tok, lines[: fn.end_lineno], budget, from_top=True)
+            completion = Request("completion", text=before + "\n" + header, sampling=sampling)
             items.append(Item("rename", name, build_prompt(tok, completion), stop_ids(tok, "completion"), sampling))
             if tok.can_infill:
-                suffix = _fit_lines(tok, lines[fn.end_lineno :][:40], 200, from_top=False)
-                prefix = _fit_lines(tok, lines[: fn.end_lineno], budget - 200 - len(tok.encode(header)) - 8, True)
+                suffix = _fit_lines(tok, lines[fn.end_lineno :][:40], SUFFIX_TOKENS, from_top=False)
+                prefix = _fit_lines(tok, lines[: fn.end_lineno], budget - SUFFIX_TOKENS, from_top=True)
                 fill = Request("infilling", prefix=prefix + "\n" + header, suffix="\n" + suffix, sampling=sampling)
                 items.append(Item("fill", name, build_prompt(tok, fill), stop_ids(tok, "infilling"), sampling))
+            taken += 1
+            if taken == per_module:
+                break
     return items
 
 

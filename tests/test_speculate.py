@@ -309,3 +309,21 @@ def test_verify_shapes_stay_few() -> None:
     shapes = verify_shapes(32, 15)
     assert (1, 16) in shapes and (4, 16) in shapes and (8, 16) not in shapes and (32, 2) in shapes
     assert len(shapes) == 19 and all(b * q <= 64 for b, q in shapes)
+
+
+def test_bench_workloads_fit_the_demo_context() -> None:
+    """The edit workload re-emits a renamed function of every held-out module, as a completion and as an infilling
+    request, each fitting the demo model's context with room for the answer; the fresh one samples."""
+    from engine.config import DEMO_DIR
+    from engine.speculate_bench import edit_workload, fresh_workload
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(DEMO_DIR)
+    items = edit_workload(tok, 1024, per_module=1)
+    assert [i.workload for i in items] == ["rename", "fill"] * 8
+    for item in items:
+        assert len(item.ids) + item.sampling.max_new_tokens <= 1024 and item.sampling.temperature == 0
+        name = item.name.split(".")[1]
+        assert f"def {name}_v2(" in tok.decode(item.ids) and f"def {name}(" in tok.decode(item.ids)
+    fresh = fresh_workload(tok)
+    assert len(fresh) == 8 and all(i.sampling.temperature > 0 for i in fresh)
