@@ -1,13 +1,13 @@
 """`python -m engine.speculate_bench`: what prompt-lookup speculation buys at batch 1, and what it costs.
 
 Workloads, built from the demo model's held-out standard-library modules (engine/demo/corpus.py), fixed by their
-source: "rename", each module with one of its functions re-emitted under a new name (a completion whose answer
-is the function's body again); "fill", the same as an infilling request with the text after the function as
-the suffix (F3 filling in repetitive code); "fresh", sampled continuations of each module's opening lines,
-where there is nothing to copy (what speculation must not slow down). Each request runs without speculation and
-with it; greedy outputs must be identical. Printed: tokens per verify step, the accepted share of the proposals,
-and wall-clock time. `--verify-cost` (a GPU, random weights at `--shape`) instead times the captured verify step
-against the plain decode step for every tokens-per-row bucket at batch 1 and 8.
+source: "rename", functions of each module (with the lines before them) followed by their headers under a new
+name, as a completion whose answer is the function's body again; "fill", the same as an infilling request with the
+text after the function as the suffix (F3 filling in repetitive code); "fresh", sampled continuations of each
+module's opening lines, where there is nothing to copy (what speculation must not slow down). Each request runs
+without speculation and with it; greedy outputs must be identical. Printed: tokens per step, the accepted share of
+the proposals, and wall-clock speed-ups. `--verify-cost` (a GPU, random weights at `--shape`) instead times the
+captured verify step against the plain decode step for every tokens-per-row bucket at batch 1 and 8.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from engine.speculate import Proposer
 from engine.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=256)
-SUFFIX_TOKENS = 200  # of the text after the function, for the infilling requests
+# The prompt: the function and the lines just before it (a longer stretch of the file made the demo model end the
+# copy at once), then the renamed header; for infilling, the text after the function follows as the suffix.
+LINES_BEFORE = 10
+SUFFIX_TOKENS = 200
 FRESH = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, max_new_tokens=128, seed=0)
 
 
@@ -95,15 +98,15 @@ def edit_workload(tok: Tokenizer, context: int, per_module: int = 2) -> list[Ite
             if 2 * len(tok.encode("".join(lines[first : fn.end_lineno]))) + SUFFIX_TOKENS + 64 > context:
                 continue
             room = len(tok.encode(body)) + 16
-            budget = context - room - len(tok.encode(header)) - 16
+            budget = context - room - len(tok.encode(header)) - SUFFIX_TOKENS - 16
             sampling = SamplingParams(**{**GREEDY.__dict__, "max_new_tokens": room})
             name = f"{module[:-3]}.{fn.name}"
-            before = _fit_lines(tok, lines[: fn.end_lineno], budget, from_top=True)
+            before = _fit_lines(tok, lines[max(0, first - LINES_BEFORE) : fn.end_lineno], budget, from_top=True)
             completion = Request("completion", text=before + "\n" + header, sampling=sampling)
             items.append(Item("rename", name, build_prompt(tok, completion), stop_ids(tok, "completion"), sampling))
             if tok.can_infill:
                 suffix = _fit_lines(tok, lines[fn.end_lineno :][:40], SUFFIX_TOKENS, from_top=False)
-                prefix = _fit_lines(tok, lines[: fn.end_lineno], budget - SUFFIX_TOKENS, from_top=True)
+                prefix = before
                 fill = Request("infilling", prefix=prefix + "\n" + header, suffix="\n" + suffix, sampling=sampling)
                 items.append(Item("fill", name, build_prompt(tok, fill), stop_ids(tok, "infilling"), sampling))
             taken += 1
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         result = compare(engine, runner, items, args.speculate)
         for workload, totals in result.items():
             print(f"  {workload:<7} {_rates(totals)}")
+        result["slope"] = runner.slope(1)
+        print(f"  one more token per row cost {result['slope']:.2f} plain steps (measured at batch 1)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     engine.close()
