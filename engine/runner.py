@@ -241,6 +241,7 @@ class DecodeRunner:
     def launch(self, rows: Sequence[Row] | None = None) -> None:
         """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
         step, fed from the device with that step's own outputs (no host-to-device copy, no sync)."""
+        start = time.perf_counter()  # on the CPU the step runs right here
         if rows is not None:
             self.n = len(rows)
             self.batch = self.bucket(self.n) if self.graphs else self.n
@@ -258,7 +259,7 @@ class DecodeRunner:
         if self.pinned:
             event = torch.cuda.Event()
             event.record()
-        self.inflight.append((buf, self.n, event, time.perf_counter()))
+        self.inflight.append((buf, self.n, event, start))
 
     def collect(self) -> list[int]:
         """The tokens of the oldest launched step (waits for it: the step's only host sync)."""

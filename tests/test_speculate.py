@@ -300,6 +300,7 @@ def test_verify_steps_decode_what_plain_steps_decode(device: str) -> None:
             out.extend(new)
     assert [out[:length] for out in spec] == [out[:length] for out in plain]
     assert accepted > 20 and rejected > 5, (accepted, rejected)
+    assert 0.0 <= runner.slope(3) < 5.0 and runner.slope(3) != runner.prior_slope  # measured, and sane
 
 
 def test_verify_shapes_stay_few() -> None:
