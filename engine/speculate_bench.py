@@ -4,7 +4,8 @@ Workloads, built from the demo model's held-out standard-library modules (engine
 source: "rename", functions of each module (with the lines before them) followed by their headers under a new
 name, as a completion whose answer is the function's body again; "fill", the same as an infilling request with the
 text after the function as the suffix (F3 filling in repetitive code); "fresh", sampled continuations of each
-module's opening lines, where there is nothing to copy (what speculation must not slow down). Each request runs
+module's opening lines, with less to copy; "noise", sampled continuations of random tokens, where there is nothing
+to copy (what speculation must not slow down). Each request runs
 without speculation and with it; greedy outputs must be identical. Printed: tokens per step, the accepted share of
 the proposals, and wall-clock speed-ups. `--verify-cost` (a GPU, random weights at `--shape`) instead times the
 captured verify step against the plain decode step for every tokens-per-row bucket at batch 1 and 8.
@@ -123,6 +124,18 @@ def fresh_workload(tok: Tokenizer) -> list[Item]:
         text = "".join((stdlib / module).read_text().splitlines(keepends=True)[:12])
         ids = build_prompt(tok, Request("completion", text=text, sampling=FRESH))
         items.append(Item("fresh", module[:-3], ids, stop_ids(tok, "completion"), FRESH))
+    return items
+
+
+def noise_workload(tok: Tokenizer, vocab_size: int, n: int = 8) -> list[Item]:
+    """The "noise" requests, speculation's worst case: prompts of random tokens, continued by sampling from the
+    whole distribution, so that proposals are rarely right."""
+    gen = torch.Generator().manual_seed(0)
+    sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=128, seed=0)
+    items = []
+    for i in range(n):
+        ids = [tok.bos_id, *torch.randint(3, min(vocab_size, tok.vocab_size), (256,), generator=gen).tolist()]
+        items.append(Item("noise", str(i), ids, stop_ids(tok, "completion"), sampling))
     return items
 
 
@@ -277,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key:<16} {ms:7.3f} ms")
     else:
         items = edit_workload(engine.tok, engine.context, args.per_module) + fresh_workload(engine.tok)
+        items += noise_workload(engine.tok, engine.model.cfg.vocab_size)
         result = compare(engine, runner, items, args.speculate)
         for workload, totals in result.items():
             print(f"  {workload:<7} {_rates(totals)}")
