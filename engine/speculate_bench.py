@@ -6,8 +6,9 @@ name, as a completion whose answer is the function's body again; "fill", the sam
 text after the function as the suffix (F3 filling in repetitive code); "fresh", sampled continuations of each
 module's opening lines, with less to copy; "noise", sampled continuations of random tokens, where there is nothing
 to copy (what speculation must not slow down). Each request runs without speculation and with it; greedy outputs
-must be identical. Printed: tokens per step, the accepted share of the proposals, and wall-clock speed-ups. `--verify-cost` (a GPU, random weights at `--shape`) instead times the
-captured verify step against the plain decode step for every tokens-per-row bucket at batch 1 and 8.
+must be identical. Printed: tokens per step, the accepted share of the proposals, and wall-clock speed-ups.
+`--verify-cost` (a GPU, random weights at `--shape`) instead times the captured verify step against the plain
+decode step for every tokens-per-row bucket at batch 1 and 8.
 """
 
 from __future__ import annotations

@@ -231,6 +231,16 @@ def test_sampled_speculation_keeps_the_distribution(name: str) -> None:
     assert stat < bound, ("speculative", stat, bound)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread, as the engine takes on a 2-core machine: two threads contend with the test runner's
+    other work and each small product waits for the slower one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(device: str, slots: int) -> Llama:
     """Random weights at small shapes (grouped-query attention), large enough that greedy text loops now and then."""
     cfg = ModelConfig(
@@ -328,3 +338,63 @@ def test_bench_workloads_fit_the_demo_context() -> None:
         assert f"def {name}_v2(" in tok.decode(item.ids) and f"def {name}(" in tok.decode(item.ids)
     fresh = fresh_workload(tok)
     assert len(fresh) == 8 and all(i.sampling.temperature > 0 for i in fresh)
+
+
+@torch.inference_mode()
+def test_sampled_verify_steps_draw_as_plain_steps() -> None:
+    """Through the runner on a model (top-k 3, temperature 0.9, repetition penalty 1.3): the first two tokens after
+    a prompt, drawn by a plain step or as a verify step's first token (its proposal the second likeliest token,
+    so both accepted and rejected), match their exact joint distribution, computed from the model's logits."""
+    m = tiny_model("cpu", 4)
+    prompt = torch.randint(3, 512, (12,), generator=torch.Generator().manual_seed(8)).tolist()
+    temperature, top_k, penalty = 0.9, 3, 1.3
+
+    def probs(ids: list[int]) -> torch.Tensor:
+        """The sampler's distribution after `ids` (its seen set: all of them)."""
+        logits = m.prefill(torch.tensor(ids), 3, 0)[None]
+        logits = sampling.apply_repetition_penalty(logits, torch.tensor([ids]), torch.tensor([penalty]))
+        _, scaled, keep = sampling.filtered(logits, torch.tensor([temperature]), torch.tensor([top_k]), torch.ones(1))
+        return torch.where(keep, scaled, float("-inf")).softmax(-1)[0]
+
+    first = probs(prompt)
+    exact, guess = {}, {}
+    for t1 in first.nonzero().flatten().tolist():
+        second = probs(prompt + [t1])
+        guess[t1] = int(second.argsort(descending=True)[1])
+        for t2 in second.nonzero().flatten().tolist():
+            exact[(t1, t2)] = first[t1].item() * second[t2].item()
+    runner = DecodeRunner(m, torch.zeros(5, 512, dtype=torch.bool), 3, 3, use_graphs=False, speculate=3)
+    for slot in range(3):
+        m.prefill(torch.tensor(prompt), slot, 0)
+
+    def row(slot: int, token: int, offset: int, seed: int) -> Row:
+        return Row(
+            token=token, position=len(prompt) - 1 + offset, slot=slot, temperature=temperature, top_k=top_k,
+            top_p=1.0, penalty=penalty, seed=seed, offset=offset,
+        )  # fmt: skip
+
+    draws = {"plain": [], "speculative": []}
+    logits = m.prefill(torch.tensor(prompt[-1:]), 0, len(prompt) - 1)[None].expand(3, -1)
+    taken = 0
+    for seed in range(0, 1200, 3):
+        for slot in range(3):
+            runner.mark_seen(slot, prompt)
+        seeds = [seed + slot for slot in range(3)]
+        t1 = runner.sample(logits, [row(slot, 0, 0, s) for slot, s in enumerate(seeds)])
+        plain = runner([row(slot, t, 1, s) for slot, (t, s) in enumerate(zip(t1, seeds, strict=True))])
+        for slot in range(3):
+            runner.mark_seen(slot, [*prompt, t1[slot]])
+        rows = [row(slot, t, 1, s) for slot, (t, s) in enumerate(zip(t1, seeds, strict=True))]
+        news = runner.verify(rows, [[guess[t]] for t in t1])
+        taken += sum(len(new) > 1 for new in news)
+        draws["plain"] += list(zip(t1, plain, strict=True))
+        draws["speculative"] += [(t, new[0]) for t, new in zip(t1, news, strict=True)]
+    for name, drawn in draws.items():
+        counts = {key: drawn.count(key) for key in exact}
+        assert sum(counts.values()) == len(drawn), name
+        expected = {k: p * len(drawn) for k, p in exact.items() if p * len(drawn) >= 5}
+        stat = sum((counts[k] - e) ** 2 / e for k, e in expected.items())
+        df = len(expected) - 1
+        bound = df * (1 - 2 / (9 * df) + 4.0 * math.sqrt(2 / (9 * df))) ** 3
+        assert stat < bound, (name, stat, bound)
+    assert 0.1 * len(draws["plain"]) < taken < 0.9 * len(draws["plain"])
