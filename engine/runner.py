@@ -242,6 +242,7 @@ class DecodeRunner:
         """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
         step, fed from the device with that step's own outputs (no host-to-device copy, no sync)."""
         start = time.perf_counter()  # on the CPU the step runs right here
+        assert rows is not None or self.batch, "a verify step ran since the last launch: launch with rows"
         if rows is not None:
             self.n = len(rows)
             self.batch = self.bucket(self.n) if self.graphs else self.n
@@ -330,6 +331,7 @@ class DecodeRunner:
         if self.pinned:
             torch.cuda.current_stream().synchronize()
         new = [r[: r[-1]] for r in host.tolist()]
+        self.n = self.batch = 0  # the inputs no longer continue the last launched batch
         self.last_collect = now = time.perf_counter()
         plain = self.plain_s.get(self.bucket(n))
         if plain:
