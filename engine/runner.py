@@ -96,14 +96,16 @@ class DecodeRunner:
         self.n = self.batch = 0
         self.greedy = self.penalize = True
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        # Speculation: each verify shape's tokens [batch, queries] and output (new tokens, then their count) are
-        # views of one flat buffer each, made once per shape.
+        # Speculation: a verify step's inputs are one buffer, each row's token count (its last token and proposals)
+        # then the tokens [batch, queries], so that an update is one host-to-device copy; its output (each row's new
+        # tokens, then their count) another. The views are made once per shape.
         self.verify_shapes = verify_shapes(max_batch, speculate)
         max_queries = max((q for _, q in self.verify_shapes), default=1)
-        self.verify_in = torch.zeros(max_batch * max_queries, dtype=torch.int64, device=dev)
+        self.verify_in = torch.ones(max_batch * (1 + max_queries), dtype=torch.int64, device=dev)
+        self.verify_stage = torch.ones(self.verify_in.numel(), dtype=torch.int64, pin_memory=self.pinned)
+        self.counts = self.verify_in[:max_batch]
         self.verify_out = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, device=dev)
         self.verify_host = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, pin_memory=self.pinned)
-        self.counts = torch.ones(max_batch, dtype=torch.int64, device=dev)
         self.verify_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         # Timings, per batch bucket: seconds of a plain step, and what a verify step adds per token per row.
         self.plain_s: dict[int, float] = {}
@@ -142,8 +144,9 @@ class DecodeRunner:
     def _verify_views(self, batch: int, queries: int) -> tuple[Tensor, Tensor]:
         """The verify step's tokens [batch, queries] and output [batch, queries + 1]: views made once per shape."""
         if (batch, queries) not in self.verify_views:
+            tokens = self.verify_in[self.max_batch : self.max_batch + batch * queries]
             self.verify_views[(batch, queries)] = (
-                self.verify_in[: batch * queries].view(batch, queries),
+                tokens.view(batch, queries),
                 self.verify_out[: batch * (queries + 1)].view(batch, queries + 1),
             )
         return self.verify_views[(batch, queries)]
@@ -229,7 +232,7 @@ class DecodeRunner:
         for step in steps:
             if reset:
                 self._fill_padding(0, self.max_batch)
-                self.verify_in.zero_()
+                self.verify_in[self.max_batch :].zero_()
             step()
 
     def _fill_padding(self, start: int, end: int) -> None:
@@ -309,19 +312,17 @@ class DecodeRunner:
         assert queries > 0, "no verify step for this batch"
         batch = self.bucket(n) if self.graphs else n
         greedy, penalize = self._load(rows)
-        table = torch.zeros(batch, queries, dtype=torch.int64)
-        counts = torch.ones(batch, dtype=torch.int64)
-        for i, (row, proposed) in enumerate(zip(rows, proposals, strict=True)):
-            proposed = list(proposed[: queries - 1])
-            table[i, : 1 + len(proposed)] = torch.tensor([row.token, *proposed])
-            counts[i] = 1 + len(proposed)
         if batch > n:
             self._fill_padding(n, batch)
-        tokens, out = self._verify_views(batch, queries)
-        if self.pinned:
-            table, counts = table.pin_memory(), counts.pin_memory()
-        tokens.copy_(table, non_blocking=True)
-        self.counts[:batch].copy_(counts, non_blocking=True)
+        counts, table = [1] * self.max_batch, [0] * (batch * queries)
+        for i, (row, proposed) in enumerate(zip(rows, proposals, strict=True)):
+            taken = [row.token, *proposed[: queries - 1]]
+            counts[i] = len(taken)
+            table[i * queries : i * queries + len(taken)] = taken
+        staged = self.verify_stage[: self.max_batch + batch * queries]
+        staged.copy_(torch.tensor(counts + table))  # the last step's copies are done: it waited for its tokens
+        self.verify_in[: staged.numel()].copy_(staged, non_blocking=self.pinned)
+        _, out = self._verify_views(batch, queries)
         if self.graphs:
             self.verify_graphs[(batch, queries, greedy)].replay()
         else:
