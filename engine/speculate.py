@@ -47,13 +47,17 @@ class Proposer:
         return self.hits / (self.hits + self.misses)
 
     def extend(self, ids: Iterable[int]) -> None:
-        """Append tokens: each one is the follower of the n-grams that end just before it."""
-        tokens, index, longest = self.tokens, self.index, self.max_ngram
-        for token in ids:
-            end = len(tokens)
-            for n in range(1, min(longest, end) + 1):
-                index[tuple(tokens[end - n : end])] = end
-            tokens.append(token)
+        """Append tokens: each one is the follower of the n-grams that end just before it. In bulk (a prompt of
+        16k tokens in a few ms): the n-grams are zipped from shifted slices and the index updated in order, so the
+        most recent occurrence wins."""
+        tokens, start = self.tokens, len(self.tokens)
+        tokens.extend(ids)
+        end = len(tokens)
+        for n in range(1, self.max_ngram + 1):
+            first = max(start, n)  # the first new follower with n tokens before it
+            if first < end:
+                grams = zip(*(tokens[first - n + i : end - n + i] for i in range(n)), strict=True)
+                self.index.update(zip(grams, range(first, end), strict=True))
 
     def match(self, k: int) -> list[int]:
         """Up to `k` tokens that followed the most recent earlier occurrence of the longest n-gram ending the
