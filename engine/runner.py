@@ -10,7 +10,8 @@ Speculation adds a verify step: each row's last token and the tokens proposed af
 once (`Llama.decode` with counts), and the accept rule (`kernels.accept`) picks the row's new tokens on the device.
 It is captured per (batch bucket, tokens per row), the tokens per row in a few buckets (`VERIFY_QUERIES`), and only
 where the rows fit one matrix-vector pass (`MAX_VERIFY_ROWS`); rows with fewer proposals are padded (their extra
-tokens write nothing). A verify step is not pipelined: the next proposals need its tokens.
+tokens write nothing). A verify step is launched and collected as a plain one is, but no step continues from its
+outputs on the device: the next proposals need its tokens on the host.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class DecodeRunner:
         self.verify_out = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, device=dev)
         self.verify_host = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, pin_memory=self.pinned)
         self.verify_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.verifying: tuple[Tensor, int, torch.cuda.Event | None, float] | None = None  # launched, not collected
         # Timings, per batch bucket: seconds of a plain step, and what a verify step adds per token per row.
         self.plain_s: dict[int, float] = {}
         self.slopes: dict[int, float] = {}
@@ -301,11 +303,11 @@ class DecodeRunner:
             return min(longest, fits[-1] - 1) + 1
         return next((q for q in fits if q > longest), fits[-1])
 
-    def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:
-        """One verify step: each row's token then its proposals (cut to what `verify_queries` allows), at the row's
-        position on; waits and returns each row's new tokens (its accepted proposals and one more). The runner's
-        inputs now hold these rows: the next `launch` must pass rows. Every row's position plus its proposals must
-        stay inside the cache."""
+    def launch_verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> None:
+        """Start one verify step: each row's token then its proposals (cut to what `verify_queries` allows), at the
+        row's position on. The runner's inputs then hold these rows: the next `launch` must pass rows. Every row's
+        position plus its proposals must stay inside the cache; the step before must have been collected."""
+        assert self.verifying is None, "the last verify step was not collected"
         start = time.perf_counter()
         n = len(rows)
         queries = self.verify_queries(n, max(len(p) for p in proposals))
@@ -320,7 +322,7 @@ class DecodeRunner:
             counts[i] = len(taken)
             table[i * queries : i * queries + len(taken)] = taken
         staged = self.verify_stage[: self.max_batch + batch * queries]
-        staged.copy_(torch.tensor(counts + table))  # the last step's copies are done: it waited for its tokens
+        staged.copy_(torch.tensor(counts + table))  # the last step's copies are done: it was collected
         self.verify_in[: staged.numel()].copy_(staged, non_blocking=self.pinned)
         _, out = self._verify_views(batch, queries)
         if self.graphs:
@@ -329,15 +331,30 @@ class DecodeRunner:
             self._verify_step(batch, queries, greedy, penalize)
         host = self.verify_host[: n * (queries + 1)].view(n, queries + 1)
         host.copy_(out[:n], non_blocking=self.pinned)
+        event = None
         if self.pinned:
-            torch.cuda.current_stream().synchronize()
-        new = [r[: r[-1]] for r in host.tolist()]
+            event = torch.cuda.Event()
+            event.record()
         self.n = self.batch = 0  # the inputs no longer continue the last launched batch
+        self.verifying = (host, queries, event, start)
+
+    def collect_verify(self) -> list[list[int]]:
+        """The launched verify step's new tokens for each row (its accepted proposals and one more); waits for it."""
+        host, queries, event, start = self.verifying
+        self.verifying = None
+        if event is not None:
+            event.synchronize()
+        new = [r[: r[-1]] for r in host.tolist()]
         self.last_collect = now = time.perf_counter()
-        plain = self.plain_s.get(self.bucket(n))
-        if plain:
-            self._timed(self.slopes, self.bucket(n), max(0.0, ((now - start) / plain - 1) / (queries - 1)))
+        bucket = self.bucket(len(new))
+        if bucket in self.plain_s:
+            self._timed(self.slopes, bucket, max(0.0, ((now - start) / self.plain_s[bucket] - 1) / (queries - 1)))
         return new
+
+    def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:
+        """One verify step (`launch_verify`), waited for (`collect_verify`)."""
+        self.launch_verify(rows, proposals)
+        return self.collect_verify()
 
 
 def step_rows(max_batch: int, shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:

@@ -192,9 +192,16 @@ class _Runner(_Proxy):
     def collect(self) -> list[int]:
         return self._leader.run(None, self._inner.collect)
 
-    def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:
+    def launch_verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> None:
         plan = (VERIFY, (len(rows),), encode_proposals(rows, proposals))
-        return self._leader.run(plan, lambda: self._inner.verify(rows, proposals))
+        self._leader.run(plan, lambda: self._inner.launch_verify(rows, proposals))
+
+    def collect_verify(self) -> list[list[int]]:
+        return self._leader.run(None, self._inner.collect_verify)
+
+    def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:
+        self.launch_verify(rows, proposals)
+        return self.collect_verify()
 
     def __call__(self, rows: Sequence[Row]) -> list[int]:
         self.launch(rows)
