@@ -106,5 +106,3 @@ class Proposer:
         self.accepted += accepted
         self.hits = self.hits * DECAY + accepted
         self.misses = self.misses * DECAY + (accepted < proposed)
-        if accepted:  # copying may have started: no waiting for the next probe
-            self.resume_at = 0

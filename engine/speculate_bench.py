@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--speculate", type=int, default=MAX_SPECULATE, help="most tokens proposed per step")
     parser.add_argument("--per-module", type=int, default=2, help="functions per held-out module (default 2)")
+    parser.add_argument("--workloads", default="rename,fill,fresh,noise", help="which (default: all four)")
     parser.add_argument("--verify-cost", action="store_true", help="time the verify steps instead (GPU)")
     parser.add_argument("--shape", default="7b", help="--verify-cost: random weights at this shape (default 7b)")
     parser.add_argument("--json", metavar="FILE", help="write every number here too")
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         items = edit_workload(engine.tok, engine.context, args.per_module) + fresh_workload(engine.tok)
         items += noise_workload(engine.tok, engine.model.cfg.vocab_size)
+        items = [item for item in items if item.workload in args.workloads.split(",")]
         result = compare(engine, runner, items, args.speculate)
         for workload, totals in result.items():
             print(f"  {workload:<7} {_rates(totals)}")

@@ -74,7 +74,10 @@ def test_proposer_proposes_what_pays_for_itself() -> None:
     assert p.alpha < 0.2 and waits == [0, 1, 3, 7, 15, 31, MAX_WAIT, MAX_WAIT]
     for _ in range(4):
         p.feedback(1, 1)
+    assert not p.ready  # an accepted probe does not cut the wait short: the next probe decides
+    p.extend([5] * MAX_WAIT)
     assert p.ready and p.worth(8, 0.5) >= 1 and len(p.propose(8, slope=0.5)) >= 1 and (p.steps, p.accepted) == (28, 64)
+    assert p.backoff == 0  # proposing pays again
     p.feedback(0, 0)  # a step it did not propose to changes nothing
     assert p.steps == 28
 
