@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from engine.config import DEMO_DIR, ModelConfig, model_dir, shape_config
-from engine.engine import Engine, pick_device, pick_dtype
+from engine.engine import Engine
 from engine.events import Finished, ModelInfo
+from engine.loader import pick_device, pick_dtype
 from engine.model import Llama
 from engine.parallel import SINGLE, Parallel
 from engine.requests import EngineSpec, Request, SamplingParams
@@ -48,6 +49,12 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def greedy_row(token: int, position: int, slot: int, top_k: int = 40) -> Row:
+    """A decode step's row that picks greedily, seeded by its slot."""
+    return Row(token=token, position=position, slot=slot, top_k=top_k, seed=slot, offset=0, temperature=0.0,
+               top_p=1.0, penalty=1.0)  # fmt: skip
+
+
 def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Parallel = SINGLE) -> tuple[Engine, float]:
     """An engine on random weights (normal, std 0.02; norms 1) at a real shape; returns it and the init time."""
     device, dtype = pick_device(spec.device), pick_dtype(spec.dtype, pick_device(spec.device))
@@ -70,8 +77,8 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
         f"random weights: build {built - recorded:.1f}s, fill {filled - built:.1f}s, cache {cached - filled:.1f}s",
         file=sys.stderr,
     )
-    info = ModelInfo(f"random {cfg.dim}", "base", tok.can_infill, str(device), str(dtype), par.world,
-                     spec.max_seq_len, cfg.vocab_size)  # fmt: skip
+    info = ModelInfo(name=f"random {cfg.dim}", flavour="base", can_infill=tok.can_infill, device=str(device),
+                     dtype=str(dtype), tp=par.world, context=spec.max_seq_len, vocab_size=cfg.vocab_size)  # fmt: skip
     engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs)
     engine.compiled_ahead = compiling
     return engine, load_s
@@ -87,7 +94,7 @@ def random_rank(spec: EngineSpec, progress: object, par: Parallel, shape: str, t
 def decode_rate(engine: Engine, batch: int, steps: int, position: int) -> float:
     """Tokens/s of the decode step as the engine runs it: pipelined, each step launched from the previous
     step's device outputs before the host reads that step's tokens."""
-    rows = [Row(3 + i, position, i, 0.0, 40, 1.0, 1.0, i, 0) for i in range(batch)]
+    rows = [greedy_row(3 + i, position, i) for i in range(batch)]
     engine.runner(rows)
     start = _now(engine.device)
     engine.runner.launch(rows)
@@ -102,7 +109,7 @@ def decode_rate(engine: Engine, batch: int, steps: int, position: int) -> float:
 def time_to_first_token(engine: Engine, length: int, repeats: int = 5) -> float:
     """Seconds from a prompt of `length` tokens to its first sampled token on the host (prefill + sample)."""
     ids = torch.randint(3, engine.model.cfg.vocab_size - 1, (length,), device=engine.device)
-    row = [Row(0, length, 0, 0.0, 40, 1.0, 1.0, 0, 0)]
+    row = [greedy_row(0, length, 0)]
     times = []
     for _ in range(repeats + 1):
         start = _now(engine.device)
@@ -116,7 +123,7 @@ def profile_step(engine: Engine, batch: int = 1, steps: int = 5, prefill: int = 
     `prefill` tokens, largest first, in µs."""
     from torch.profiler import ProfilerActivity, profile
 
-    rows = [Row(3 + i, 128, i, 0.0, 40, 1.0, 1.0, i, 0) for i in range(batch)]
+    rows = [greedy_row(3 + i, 128, i) for i in range(batch)]
     ids = torch.randint(3, 1000, (prefill,), device=engine.device)
 
     def run() -> None:
@@ -200,9 +207,9 @@ def conformance(engine: Engine, hf, n: int = 32) -> dict[str, float]:
     error of transformers itself is printed as the yardstick. Frees the KV cache: run it last."""
     ids = torch.randint(3, 1000, (256,), device=engine.device)
     ours = engine.model.prefill(ids, 0, 0, all_logits=True)
-    got = [int(engine.runner.sample(ours[-1:], [Row(0, 0, 0, 0, 0, 1, 1, 0, 0)])[0])]
+    got = [int(engine.runner.sample(ours[-1:], [greedy_row(0, 0, 0, top_k=0)])[0])]
     for i in range(n - 1):
-        got += engine.runner([Row(got[-1], len(ids) + i, 0, 0.0, 0, 1.0, 1.0, 0, 0)])
+        got += engine.runner([greedy_row(got[-1], len(ids) + i, 0, top_k=0)])
     engine.close()
 
     def greedy(model) -> list[int]:
@@ -236,7 +243,7 @@ def conformance(engine: Engine, hf, n: int = 32) -> dict[str, float]:
 def graph_step_ms(engine: Engine, batch: int, position: int, steps: int) -> float:
     """Milliseconds of one decode step on the GPU alone: graph replays back to back, no host work between, from
     `position` on as `decode_rate` runs them (each replay advances the positions, so the keys read grow alike)."""
-    engine.runner([Row(3 + i, position, i, 0.0, 40, 1.0, 1.0, i, 0) for i in range(batch)])
+    engine.runner([greedy_row(3 + i, position, i) for i in range(batch)])
     graph = engine.runner.graphs[(engine.runner.bucket(batch), True)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -21,6 +21,7 @@ from engine.model import Llama
 Progress = Callable[[float, str], None]
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HARMLESS = ("rotary_emb.inv_freq",)  # buffers older transformers saved: recomputed, never loaded
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -87,6 +88,16 @@ class _Placement:
             "lm_head.weight": ("output", 0, 0, vocab_rows, r * s.vocab),
             "model.norm.weight": ("norm", -1, 0, cfg.dim, 0),
         }
+        q, kv, ff, d = cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.intermediate, cfg.dim
+        self.shapes = {  # the whole tensor, as config.json implies it (each rank reads a slice of it)
+            "self_attn.q_proj.weight": (q, d),
+            **dict.fromkeys(("self_attn.k_proj.weight", "self_attn.v_proj.weight"), (kv, d)),
+            "self_attn.o_proj.weight": (d, q),
+            **dict.fromkeys(("mlp.gate_proj.weight", "mlp.up_proj.weight"), (ff, d)),
+            "mlp.down_proj.weight": (d, ff),
+            **dict.fromkeys(("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight"), (d,)),
+            **dict.fromkeys(("model.embed_tokens.weight", "lm_head.weight"), (cfg.vocab_size, d)),
+        }
 
     def expected(self) -> set[str]:
         names = set(self.top_rules)
@@ -95,6 +106,20 @@ class _Placement:
         for i in range(self.model.cfg.n_layers):
             names |= {f"model.layers.{i}.{k}" for k in self.layer_rules}
         return names
+
+    def check(self, name: str, shape: tuple[int, ...]) -> str | None:
+        """Why tensor `name` of `shape` does not belong in the model config.json describes; None when it does."""
+        m = _LAYER.fullmatch(name)
+        if self.find(name) is None:
+            if name.endswith(_HARMLESS):
+                return None
+            if m and int(m.group(1)) >= self.model.cfg.n_layers:
+                return f"{name}: config.json declares only {self.model.cfg.n_layers} layers (num_hidden_layers)"
+            return f"unexpected tensor {name}: not a weight of the Llama model config.json describes"
+        want = self.shapes[m.group(2) if m else name]
+        if shape != want:
+            return f"{name} has shape {shape}, config.json implies {want}"
+        return None
 
     def find(self, name: str) -> tuple[torch.Tensor, int, int, int, int] | None:
         if name in self.top_rules:
@@ -107,17 +132,14 @@ class _Placement:
         return None
 
 
-def _tensors(file: Path, wanted: Callable[[str], tuple | None]) -> Iterator[tuple[str, Callable]]:
-    """Yield (name, read(dim, start, size)) for the tensors of one file; read returns only the slice."""
+def _tensors(file: Path) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
+    """Yield (name, whole shape, read(dim, start, size)) for the tensors of one file; read returns only the slice."""
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
         _check_safetensors(file)
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if wanted(name) is None:
-                    yield name, None
-                    continue
                 sl = f.get_slice(name)
 
                 def read(dim: int, start: int, size: int, sl=sl) -> torch.Tensor:
@@ -127,14 +149,15 @@ def _tensors(file: Path, wanted: Callable[[str], tuple | None]) -> Iterator[tupl
                         return sl[:, start : start + size]
                     return sl[:]
 
-                yield name, read
+                yield name, tuple(sl.get_shape()), read
     else:
         try:
             state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except Exception as err:
             raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {err})") from None
         for name, tensor in state.items():
-            yield name, lambda dim, start, size, t=tensor: t.narrow(dim, start, size) if dim >= 0 else t
+            read = lambda dim, start, size, t=tensor: t.narrow(dim, start, size) if dim >= 0 else t
+            yield name, tuple(tensor.shape), read
 
 
 def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> None:
@@ -147,17 +170,14 @@ def load_weights(model: Llama, path: Path, progress: Progress | None = None) -> 
     done = 0
     for file in files:
         try:
-            for name, read in _tensors(file, place.find):
-                if read is None:
+            for name, shape, read in _tensors(file):
+                if (wrong := place.check(name, shape)) is not None:
+                    raise CheckpointError(f"{file.name}: {wrong}")
+                if (found := place.find(name)) is None:  # a harmless extra
                     continue
-                param, dim, dest, size, src = place.find(name)
+                param, dim, dest, size, src = found
                 part = read(dim, src, size)
-                target = param if dim < 0 else param.narrow(dim, dest, size)
-                if part.shape != target.shape:
-                    raise CheckpointError(
-                        f"{file.name}: {name} has shape {tuple(part.shape)}, config.json implies {tuple(target.shape)}"
-                    )
-                target.copy_(part)
+                (param if dim < 0 else param.narrow(dim, dest, size)).copy_(part)
                 loaded.add(name)
         except CheckpointError:
             raise

@@ -133,7 +133,9 @@ def model_dir(model: str | None) -> Path:
     """The checkpoint directory a user named; `None` is the built-in demo model."""
     if model is None:
         if not (DEMO_DIR / "config.json").is_file():
-            raise CheckpointError("the built-in demo model is missing from this installation; pass --model DIR")
+            raise CheckpointError(
+                "the built-in demo model is missing from this installation; give a model directory", fields=("model",)
+            )
         return DEMO_DIR
     path = Path(model).expanduser()
     if not path.exists():

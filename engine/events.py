@@ -1,4 +1,9 @@
-"""What the engine reports back. Events are posted from the worker thread; they are plain data."""
+"""What the engine reports back, through the client contract (`engine.client`): plain data, without torch.
+
+Every event about one request carries its opaque `request_id`. For each submitted request a client delivers, in
+order: any `TurnsDropped` or `TextClipped`, then `Started`, then `TextDelta`s, and last exactly one terminal event,
+`Finished` or `Failed`; a request refused before it starts gets `Failed` alone.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,23 @@ FinishReason = Literal["eos", "eot", "stop", "length", "context", "cancelled"]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the status line and `--help` show about the loaded model."""
+    """What a client knows about the model behind it, for the status line and for front ends to adapt to.
+
+    The capability flags say what may be asked: `can_infill` (the infilling cap), `can_tokenize`
+    (`Client.tokenize`). Fields a foreign (OpenAI-compatible) server cannot supply are optional: None means
+    unknown, and a front end then shows nothing for them (with no `context` it gives no warnings of its own and
+    leaves the limit to the server's errors).
+    """
 
     name: str
-    flavour: str  # "base", "python", "instruct" or "demo"
     can_infill: bool
-    device: str
-    dtype: str
-    tp: int
-    context: int  # tokens one sequence may hold (prompt + generation)
-    vocab_size: int
+    can_tokenize: bool = True
+    context: int | None = None  # tokens one sequence may hold (prompt + generation)
+    flavour: str | None = None  # "base", "python", "instruct" or "demo"
+    device: str | None = None
+    dtype: str | None = None
+    tp: int | None = None
+    vocab_size: int | None = None
     is_demo: bool = False
 
 
@@ -41,25 +53,31 @@ class Ready:
 
 @dataclass(frozen=True)
 class LoadFailed:
-    """The engine could not be built; the worker then refuses requests with this message."""
+    """The engine could not be built (or the server reached); the client then fails every request with this
+    message. `fields` names the `EngineSpec` settings that would fix it (`EngineError.fields`)."""
 
     message: str
+    fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Started:
-    """A request was admitted: its prompt is `prompt_tokens` long (after any dropped turns)."""
+    """A request was accepted: its prompt is `prompt_tokens` long (after any dropped turns or clipped lines), of a
+    context of `context` tokens (None when a foreign server does not say); `replaced` characters of its text could
+    not be encoded and were replaced with U+FFFD (`requests.clean_text`)."""
 
-    request_id: int
+    request_id: str
     prompt_tokens: int
-    context: int
+    context: int | None
+    replaced: int = 0
 
 
 @dataclass(frozen=True)
 class TurnsDropped:
-    """A chat outgrew the context: the `count` oldest exchanges were dropped from the session."""
+    """A `fit` chat outgrew the context: its `count` oldest exchanges (user message and answer) were left out of
+    the prompt; the front end forgets them too, so that its next turn starts where this prompt did."""
 
-    request_id: int
+    request_id: str
     count: int
 
 
@@ -68,7 +86,7 @@ class TextClipped:
     """A `fit` request's text outgrew the context: `before` lines above the cursor and `after` below were
     left out of the prompt."""
 
-    request_id: int
+    request_id: str
     before: int
     after: int
 
@@ -77,16 +95,24 @@ class TextClipped:
 class TextDelta:
     """New text of a request, in order; never splits a UTF-8 character."""
 
-    request_id: int
+    request_id: str
     text: str
 
 
 @dataclass(frozen=True)
 class Stats:
+    """What a request cost. `cached_tokens` of its `prompt_tokens` came from the prefix cache (the keys and values
+    an earlier request left in its slot); only the rest were prefilled."""
+
     prompt_tokens: int
     new_tokens: int
     ttft_s: float
     total_s: float
+    cached_tokens: int = 0
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def tokens_per_s(self) -> float:
@@ -98,7 +124,7 @@ class Stats:
 class Finished:
     """A request ended; `text` is its whole output (what the TextDeltas added up to)."""
 
-    request_id: int
+    request_id: str
     reason: FinishReason
     text: str
     stats: Stats
@@ -106,9 +132,10 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    """A request failed with a one-line message; the engine keeps serving."""
+    """A request failed with a one-line message meant for whoever sent it (it names no command-line options:
+    an HTTP caller gets it too); the engine keeps serving."""
 
-    request_id: int
+    request_id: str
     message: str
 
 

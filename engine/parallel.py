@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,12 @@ import torch.distributed as dist
 
 from engine.config import ModelConfig
 from engine.errors import EngineError
+
+# Recent torch deprecates all_gather_into_tensor, whose replacement older releases lack; every rank imports this
+# module, so this one filter keeps exactly that FutureWarning off every rank's stderr
+warnings.filterwarnings(
+    "ignore", message=re.escape("`torch.distributed.all_gather_into_tensor` is deprecated"), category=FutureWarning
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,10 @@ class Shard:
             ("intermediate size", cfg.intermediate),
         ):
             if n % world:
-                raise EngineError(f"--tp {world} does not divide the model's {n} {what}; choose a divisor of {n}")
+                raise EngineError(
+                    f"tensor-parallel size {world} does not divide the model's {n} {what}; choose a divisor of {n}",
+                    fields=("tp",),
+                )
         return cls(
             n_heads=cfg.n_heads // world,
             n_kv_heads=cfg.n_kv_heads // world,

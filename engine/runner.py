@@ -20,7 +20,9 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from operator import attrgetter
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -34,17 +36,32 @@ from engine.parallel import SINGLE
 
 @dataclass(frozen=True)
 class Row:
-    """What one sequence contributes to a decode step."""
+    """What one sequence contributes to a decode step: the one definition of the step's inputs. Its int fields, in
+    this order, are the rows of the runner's int64 input buffer and its float fields those of the float32 one;
+    `StepInputs` names the same fields as tensors, and tensor parallelism sends rows in the same order."""
 
     token: int
     position: int
     slot: int
-    temperature: float
     top_k: int
-    top_p: float
-    penalty: float
     seed: int
     offset: int
+    temperature: float
+    top_p: float
+    penalty: float
+
+    def ints(self) -> tuple[int, ...]:
+        return _ints_of(self)
+
+    def floats(self) -> tuple[float, ...]:
+        return _floats_of(self)
+
+
+INTS = tuple(f.name for f in fields(Row) if f.type == "int")
+FLOATS = tuple(f.name for f in fields(Row) if f.type == "float")
+assert (*INTS, *FLOATS) == tuple(f.name for f in fields(Row)), "Row lists its int fields first"
+_ints_of, _floats_of = attrgetter(*INTS), attrgetter(*FLOATS)  # host time per row matters: no dataclasses.astuple
+StepInputs = NamedTuple("StepInputs", [(f.name, Tensor) for f in fields(Row)])  # a batch's columns, by name
 
 
 # Tokens per row of a verify step (the last token and up to 1, 3, 7 or 15 proposals): powers of two, as the
@@ -81,10 +98,10 @@ class DecodeRunner:
         self.model, self.seen, self.max_batch = model, seen, max_batch
         self.scratch_slot = scratch_slot
         dev = seen.device
-        # Integer and float inputs live in one buffer each, so an update is two host-to-device copies.
-        self.ints = torch.zeros(6, max_batch, dtype=torch.int64, device=dev)  # token position slot top_k seed offset
-        self.floats = torch.ones(3, max_batch, dtype=torch.float32, device=dev)  # temperature top_p penalty
-        self.rows: dict[int, tuple[Tensor, ...]] = {}  # batch size -> its columns of ints and floats, row by row
+        # Integer and float inputs live in one buffer each (Row's fields), so an update is two host-to-device copies.
+        self.ints = torch.zeros(len(INTS), max_batch, dtype=torch.int64, device=dev)
+        self.floats = torch.ones(len(FLOATS), max_batch, dtype=torch.float32, device=dev)
+        self.rows: dict[int, StepInputs] = {}  # batch size -> views of its columns
         self.out = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.linear_choice: dict = {}
         self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=dev)
@@ -120,25 +137,25 @@ class DecodeRunner:
             self.capture()
 
     def _step(self, batch: int, greedy: bool, penalize: bool = True) -> None:
-        tokens, positions, slots, _, _, offsets, _, _, _ = self._inputs(batch)
-        logits = self.model.decode(tokens, positions, slots)
+        x = self._inputs(batch)
+        logits = self.model.decode(x.token, x.position, x.slot)
         self.logits[:batch] = logits
         nxt = self._pick(logits, batch, greedy, penalize)
         self.out[:batch] = nxt
         # Advance the inputs on the device, so the next step of the same batch needs nothing from the host.
-        tokens.copy_(nxt)
-        positions.add_(1).clamp_(max=self.max_position)
-        offsets.add_(1)
+        x.token.copy_(nxt)
+        x.position.add_(1).clamp_(max=self.max_position)
+        x.offset.add_(1)
 
     def _verify_step(self, batch: int, queries: int, greedy: bool, penalize: bool = True) -> None:
         """The verify step: `queries` tokens per row through the model, the accept rule, its tokens and counts out."""
-        _, positions, slots, top_k, seeds, offsets, temperature, top_p, penalty = self._inputs(batch)
+        x = self._inputs(batch)
         tokens, out = self._verify_views(batch, queries)
         counts = self.counts[:batch]
-        logits = self.model.decode(tokens.view(-1), positions, slots, counts)
+        logits = self.model.decode(tokens.view(-1), x.position, x.slot, counts)
         new, n = kernels.accept(
-            logits.view(batch, queries, -1), tokens, counts, self.seen, slots, temperature, top_k, top_p,
-            penalty if penalize else None, seeds, offsets, greedy,
+            logits.view(batch, queries, -1), tokens, counts, self.seen, x.slot, x.temperature, x.top_k, x.top_p,
+            x.penalty if penalize else None, x.seed, x.offset, greedy,
         )  # fmt: skip
         out[:, :queries] = new
         out[:, queries] = n
@@ -153,28 +170,27 @@ class DecodeRunner:
             )
         return self.verify_views[(batch, queries)]
 
-    def _inputs(self, batch: int) -> tuple[Tensor, ...]:
-        """The step's inputs for `batch` rows (token position slot top_k seed offset temperature top_p penalty):
-        views of the static buffers, made once per batch size, since every view costs µs of host time."""
+    def _inputs(self, batch: int) -> StepInputs:
+        """The step's inputs for `batch` rows: views of the static buffers, made once per batch size, since every
+        view costs µs of host time."""
         if batch not in self.rows:
-            self.rows[batch] = (*self.ints[:, :batch].unbind(), *self.floats[:, :batch].unbind())
+            self.rows[batch] = StepInputs(*self.ints[:, :batch].unbind(), *self.floats[:, :batch].unbind())
         return self.rows[batch]
 
     def _pick(self, logits: Tensor, batch: int, greedy: bool, penalize: bool) -> Tensor:
         """Repetition penalty, then greedy or sampled choice; marks the choice as seen in its slot."""
-        _, _, slots, top_k, seeds, offsets, temperature, top_p, penalty = self._inputs(batch)
+        x = self._inputs(batch)
         if greedy:
-            return kernels.greedy_pick(logits, self.seen, slots, penalty if penalize else None)
-        if penalize:
-            logits = kernels.apply_repetition_penalty(logits, self.seen[slots], penalty)
-        nxt = kernels.sample(logits, temperature, top_k.int(), top_p, seeds, offsets)
-        kernels.mark_seen(self.seen, slots, nxt)
+            return kernels.greedy_pick(logits, self.seen, x.slot, x.penalty if penalize else None)
+        logits = kernels.apply_repetition_penalty(logits, self.seen[x.slot], x.penalty) if penalize else logits
+        nxt = kernels.sample(logits, x.temperature, x.top_k.int(), x.top_p, x.seed, x.offset)
+        kernels.mark_seen(self.seen, x.slot, nxt)
         return nxt
 
     def _load(self, rows: Sequence[Row]) -> tuple[bool, bool]:
         """Copy the rows into the static buffers; returns (all greedy, any repetition penalty)."""
-        ints = torch.tensor([[r.token, r.position, r.slot, r.top_k, r.seed, r.offset] for r in rows]).T.contiguous()
-        floats = torch.tensor([[r.temperature, r.top_p, r.penalty] for r in rows], dtype=torch.float32).T.contiguous()
+        ints = torch.tensor([r.ints() for r in rows]).T.contiguous()
+        floats = torch.tensor([r.floats() for r in rows], dtype=torch.float32).T.contiguous()
         if self.pinned:
             ints, floats = ints.pin_memory(), floats.pin_memory()
         self.ints[:, : len(rows)].copy_(ints, non_blocking=True)
@@ -239,7 +255,7 @@ class DecodeRunner:
 
     def _fill_padding(self, start: int, end: int) -> None:
         self.ints[:, start:end] = 0
-        self.ints[2, start:end] = self.scratch_slot
+        self.ints[INTS.index("slot"), start:end] = self.scratch_slot
         self.floats[:, start:end] = 1.0
         self.counts[start:end] = 1
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from engine.bench import greedy_row, random_engine
 from engine.demo.corpus import HELD_OUT
 from engine.engine import Engine
 from engine.prompts import build_prompt, stop_ids
@@ -211,13 +212,6 @@ TOTALS = ("requests", "plain_tokens", "tokens", "plain_s", "speculative_s", "pla
           "steps", "verify_steps", "proposed", "accepted", "greedy", "identical")  # fmt: skip
 
 
-def greedy_row(token: int, position: int, slot: int) -> Row:
-    return Row(
-        token=token, position=position, slot=slot, temperature=0.0, top_k=0, top_p=1.0, penalty=1.0, seed=slot,
-        offset=0,
-    )  # fmt: skip
-
-
 def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[str, float]:
     """Milliseconds per replay of each captured verify step and of the plain step of its batch, on the GPU alone,
     from position 128."""
@@ -234,7 +228,7 @@ def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[s
         return start.elapsed_time(end) / steps
 
     for batch in (1, 8):
-        rows = [greedy_row(3 + i, 128, i) for i in range(batch)]
+        rows = [greedy_row(3 + i, 128, i, top_k=0) for i in range(batch)]
         runner(rows)
         out[f"b{batch}_plain_ms"] = replay(runner.graphs[(runner.bucket(batch), True)])
         for b, queries in runner.verify_shapes:
@@ -272,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write every number here too")
     args = parser.parse_args(argv)
     if args.verify_cost:
-        from engine.bench import random_engine
         from engine.config import DEMO_DIR, shape_config
 
         spec = EngineSpec(device=args.device, dtype=args.dtype, max_batch=8, max_seq_len=512)

@@ -7,18 +7,18 @@ collectives go through the default process group (NCCL on CUDA, gloo on the CPU)
 
 Before every call that touches shared state, rank 0 broadcasts a small plan on a separate gloo group
 (CPU tensors, no timeout while idle) and then makes the call itself; the other ranks make the identical
-call: prefill (tokens, slot, start), a decode step (the rows: token, position, slot, sampling, seed,
-offset), the next pipelined step of the same batch (no rows: each rank feeds its own sampled tokens
-back on its device), a speculative verify step (the rows and their proposals), the sample after a prefill, a
-slot's fresh repetition mask, and stop. Logits after
-the vocabulary all-gather are bitwise the same on every rank (the all-reduce gives every rank the same
-sum), so device sampling picks the same tokens everywhere. Workers hold no scheduler state.
+call: prefill (tokens, slot, start), a decode step (its `Row`s), the next pipelined step of the same batch
+(no rows: each rank feeds its own sampled tokens back on its device), a speculative verify step (its rows and their
+proposals), the sample after a prefill, a slot's fresh repetition mask, and stop. Logits after the vocabulary
+all-gather are bitwise the same on every rank (the all-reduce gives every rank the same sum), so device sampling
+picks the same tokens everywhere. Workers hold no scheduler state.
 
-Faults: a monitor thread on rank 0 watches the children and the length of every step; a child that
-dies, or a step that outlives the timeout, stops the engine with a one-line error (the other children
-are killed, an NCCL group is aborted so that rank 0's kernels return; our one-shot all-reduce gives up on a
-peer by itself after a few seconds and raises a flag that rank 0 checks after every call). Children exit when rank 0's
-process goes away (their stdin pipe closes) and on the stop plan that `Engine.close()` sends.
+Faults: a monitor thread on rank 0 watches the children, their heartbeats and the length of every step; a child
+that dies or falls silent (stopped, hung), or a step that outlives the timeout, stops the engine with a one-line
+error (the other children are killed, an NCCL group is aborted so that rank 0's kernels return; our one-shot
+all-reduce gives up on a peer by itself after a few seconds and raises a flag that rank 0 checks after every call).
+Children exit when rank 0's process goes away (their stdin pipe closes) and on the stop plan that `Engine.close()`
+sends.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from engine.config import ModelConfig
 from engine.errors import EngineError
 from engine.parallel import Parallel, Shard
 from engine.requests import EngineSpec
-from engine.runner import Row
+from engine.runner import FLOATS, INTS, Row
 
 if TYPE_CHECKING:
     from engine.checkpoint import Progress
@@ -58,6 +58,7 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 # Longest wait for another rank: start-up, one collective, one step. Deaths are seen much sooner.
 TIMEOUT_S = float(os.environ.get("CODELLAMA_TP_TIMEOUT", "300"))
 IDLE = timedelta(days=365)  # workers wait for the next plan as long as the app stays open
+BEAT_S, SILENT_S = 0.5, 5.0  # a serving worker writes a byte to its stdout this often; silent this long, it hangs
 
 PREFILL, SAMPLE, SEEN, DECODE, AGAIN, STOP, VERIFY = 1, 2, 3, 4, 5, 6, 7
 _HEADER, _INLINE = 8, 504  # a plan is one 512-value int64 broadcast unless its payload is longer
@@ -121,21 +122,17 @@ class Plans:
 
 
 def encode_rows(rows: Sequence[Row]) -> torch.Tensor:
-    """Rows as int64: token position slot top_k seed offset, then temperature top_p penalty as float64 bits."""
-    ints = torch.tensor([[r.token, r.position, r.slot, r.top_k, r.seed, r.offset] for r in rows], dtype=torch.int64)
-    floats = torch.tensor([[r.temperature, r.top_p, r.penalty] for r in rows], dtype=torch.float64)
+    """Rows as int64, each its int fields and then its float fields as float64 bits (Row's order)."""
+    ints = torch.tensor([r.ints() for r in rows], dtype=torch.int64).view(-1, len(INTS))
+    floats = torch.tensor([r.floats() for r in rows], dtype=torch.float64).view(-1, len(FLOATS))
     return torch.cat([ints, floats.view(torch.int64)], dim=1).flatten()
 
 
 def decode_rows(payload: torch.Tensor) -> list[Row]:
-    table = payload.view(-1, 9)
-    ints, floats = table[:, :6].tolist(), table[:, 6:].contiguous().view(torch.float64).tolist()
-    return [
-        Row(token, position, slot, temperature, top_k, top_p, penalty, seed, offset)
-        for (token, position, slot, top_k, seed, offset), (temperature, top_p, penalty) in zip(
-            ints, floats, strict=True
-        )
-    ]
+    table = payload.view(-1, len(INTS) + len(FLOATS))
+    ints = table[:, : len(INTS)].tolist()
+    floats = table[:, len(INTS) :].contiguous().view(torch.float64).tolist()
+    return [Row(*i, *f) for i, f in zip(ints, floats, strict=True)]
 
 
 def encode_proposals(rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -146,9 +143,10 @@ def encode_proposals(rows: Sequence[Row], proposals: Sequence[Sequence[int]]) ->
 
 
 def decode_proposals(payload: torch.Tensor, n: int) -> tuple[list[Row], list[list[int]]]:
-    lengths, flat = payload[9 * n : 10 * n].tolist(), payload[10 * n :].tolist()
+    width = (len(INTS) + len(FLOATS)) * n
+    lengths, flat = payload[width : width + n].tolist(), payload[width + n :].tolist()
     ends = itertools.accumulate(lengths)
-    return decode_rows(payload[: 9 * n]), [flat[end - length : end] for end, length in zip(ends, lengths, strict=True)]
+    return decode_rows(payload[:width]), [flat[end - length : end] for end, length in zip(ends, lengths, strict=True)]
 
 
 # ---- rank 0 ----
@@ -221,15 +219,18 @@ class Leader:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._stderr = {r: collections.deque(maxlen=8) for r in children}
+        self._beats: dict[int, float] = {}  # rank -> when its last heartbeat arrived (from when it serves)
         for r, proc in children.items():
             threading.Thread(target=self._drain, args=(r, proc), name=f"tp-rank{r}-stderr", daemon=True).start()
+            threading.Thread(target=self._listen, args=(r, proc), name=f"tp-rank{r}-beats", daemon=True).start()
         self._monitor = threading.Thread(target=self._watch, name="tp-monitor", daemon=True)
         self._monitor.start()
 
     def attach(self, engine: Engine, plans: Plans) -> None:
         """Route the engine's prefill and decode step through the broadcast; `engine.close()` ends the world."""
         self.plans, self.runner, self.par = plans, engine.runner, engine.model.par
-        engine.model, engine.runner, engine.tp = _Model(engine.model, self), _Runner(engine.runner, self), self
+        scheduler = engine.scheduler
+        scheduler.model, scheduler.runner, engine.tp = _Model(engine.model, self), _Runner(engine.runner, self), self
 
     def run(self, plan: tuple[int, Sequence[int], torch.Tensor | None] | None, call: Callable[[], Any]) -> Any:
         """Broadcast the plan (if any), then run the same call here; any failure stops every rank.
@@ -290,19 +291,40 @@ class Leader:
             if line.strip():
                 self._stderr[rank].append(line.decode(errors="replace").strip())
 
+    def _listen(self, rank: int, proc: subprocess.Popen) -> None:
+        while proc.stdout.read1(64):
+            self._beats[rank] = time.monotonic()
+
     def _check_children(self) -> None:
         for rank, proc in self.children.items():
             code = proc.poll()
             if code is not None and not self._closing.is_set():
                 how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                 time.sleep(0.1)  # let the stderr reader catch the child's last words
-                last = f": {self._stderr[rank][-1]}" if self._stderr[rank] else ""
+                # a rank that failed says why in its last line (worker_main); a killed one's last line is unrelated
+                last = f": {self._stderr[rank][-1]}" if code > 0 and self._stderr[rank] else ""
                 self.fault(f"tensor-parallel rank {rank} (pid {proc.pid}) {how}{last}; the engine has stopped")
                 return
 
+    def _check_beats(self, now: float) -> None:
+        for rank, beat in list(self._beats.items()):
+            proc = self.children[rank]
+            if now - beat > SILENT_S and proc.poll() is None:
+                self.fault(
+                    f"tensor-parallel rank {rank} (pid {proc.pid}) has not responded for {SILENT_S:.0f} s "
+                    "(stopped or hung); the engine has stopped"
+                )
+                return
+
     def _watch(self) -> None:
+        last = time.monotonic()
         while not self._closing.wait(0.2) and not self.broken:
+            now = time.monotonic()
+            if now - last > 1.0:  # this process was stopped or starved: the ranks' beats wait unread in their pipes
+                self._beats = dict.fromkeys(self._beats, now)
+            last = now
             self._check_children()
+            self._check_beats(now)
             since = self.step_since
             if since is not None and time.monotonic() - since > TIMEOUT_S:
                 self.fault(f"a tensor-parallel step took over {TIMEOUT_S:.0f} s (a rank hangs); the engine has stopped")
@@ -347,14 +369,17 @@ def _end_group(backend: str) -> None:
 
 def _devices(spec: EngineSpec, world: int) -> tuple[str, list[str]]:
     """The backend and one device per rank (`cuda:base+rank`), checked before anything starts."""
-    from engine.engine import pick_device
+    from engine.loader import pick_device
 
     device = pick_device(spec.device)
     if device.type == "cpu":
         return "gloo", ["cpu"] * world
     base, count = device.index or 0, torch.cuda.device_count()
     if base + world > count:
-        raise EngineError(f"--tp {world} needs {world} GPUs from cuda:{base}; this machine has {count}")
+        raise EngineError(
+            f"a tensor-parallel size of {world} needs {world} GPUs from cuda:{base}; this machine has {count}",
+            fields=("tp", "device"),
+        )
     return "nccl", [f"cuda:{base + r}" for r in range(world)]
 
 
@@ -406,7 +431,7 @@ def _spawn(job: Job) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine.tp_worker"],
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,  # heartbeats
         stderr=subprocess.PIPE,
         env=env,
         start_new_session=True,
@@ -432,9 +457,11 @@ def _join_torchrun(spec: EngineSpec, progress: Progress | None, recipe: Recipe) 
     """Under torchrun: rank 0 returns its engine; every other rank serves rank 0 and then ends its process."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != spec.tp:
-        raise EngineError(f"--tp {spec.tp} but torchrun started {world} processes")
+        raise EngineError(
+            f"a tensor-parallel size of {spec.tp}, but torchrun started {world} processes", fields=("tp",)
+        )
     local = int(os.environ.get("LOCAL_RANK", rank))
-    from engine.engine import pick_device
+    from engine.loader import pick_device
 
     cuda = pick_device(spec.device).type == "cuda"
     backend = "nccl" if cuda else "gloo"
@@ -495,12 +522,24 @@ def worker_main() -> None:
         )
         plans = Plans(dist.new_group(backend="gloo", timeout=IDLE))
         engine = job.recipe.build(job.spec, None, Parallel(job.rank, job.world))
+        threading.Thread(target=_beat, name="heartbeat", daemon=True).start()
         serve(engine, plans)
     except BaseException as err:  # one line for rank 0's error message, then out
         text = str(err).splitlines()[0] if str(err) else ""
         print(f"{type(err).__name__}: {text}"[:300], file=sys.stderr, flush=True)
         os._exit(1)
     os._exit(0)  # no teardown handshakes: the process's end frees its memory and closes its sockets
+
+
+def _beat() -> None:
+    """Show rank 0 that this process runs: a stopped (SIGSTOP) or frozen one falls silent. From when it serves,
+    since a load may hold the interpreter for long stretches."""
+    while True:
+        try:
+            os.write(1, b".")
+        except OSError:  # rank 0 is gone: _exit_with_parent ends the process
+            return
+        time.sleep(BEAT_S)
 
 
 def _exit_with_parent() -> None:

@@ -19,8 +19,10 @@ LLAMA2_VOCAB = SHARED / "data" / "llama2-vocab" / "ggml-vocab-llama-spm.gguf"
 
 @pytest.fixture(autouse=True)
 def _private_config_dir(tmp_path_factory, monkeypatch) -> None:
-    """No test reads the developer's own config file (it may name a model, keys or a theme)."""
+    """No test reads the developer's own config file (it may name a model, keys or a theme), nor writes recovery
+    copies among the developer's own."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +51,26 @@ def codellama_base_tokenizer_dir(codellama_tokenizer_tool: ModuleType, tmp_path_
     """A 34B / -Python tokenizer directory (32000 pieces, no FIM pieces), from `--base-only`."""
     out = tmp_path_factory.mktemp("codellama-base-tokenizer")
     codellama_tokenizer_tool.build(out, base_only=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def codellama_70b_tokenizer_dir(codellama_tokenizer_tool: ModuleType, tmp_path_factory) -> Path:
+    """A CodeLlama-70B-Instruct-like tokenizer: the 7B/13B vocabulary with `<step>` at 32015 and no implicit leading
+    space (SentencePiece's add_dummy_prefix off). That is what Meta's 70B dialog code needs to give the ids the model
+    card publishes (tests/test_prompts.py checks them): it spells every space out itself."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    out = tmp_path_factory.mktemp("codellama-70b-tokenizer")
+    codellama_tokenizer_tool.build(out)
+    model = pb.ModelProto()
+    model.ParseFromString((out / "tokenizer.model").read_bytes())
+    model.pieces[32015].piece = "<step>"
+    model.pieces[32015].type = pb.ModelProto.SentencePiece.USER_DEFINED
+    model.normalizer_spec.add_dummy_prefix = False
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / name).unlink(missing_ok=True)  # the Hugging Face files describe the 7B/13B tokenizer
+    (out / "tokenizer.model").write_bytes(model.SerializeToString())
     return out
 
 
@@ -92,3 +114,11 @@ def tiny_base_model_dir(codellama_base_tokenizer_dir: Path, tmp_path_factory) ->
 
     out = tmp_path_factory.mktemp("tiny-base")
     return make_tiny_checkpoint(out, codellama_base_tokenizer_dir, seed=2, vocab_size=32000)
+
+
+@pytest.fixture(scope="session")
+def tiny_70b_instruct_dir(codellama_70b_tokenizer_dir: Path, tmp_path_factory) -> Path:
+    """`tiny_model_dir`'s shape with the 70B-Instruct-like tokenizer (`<step>` at 32015)."""
+    from tests.checkpoints import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-70b-instruct"), codellama_70b_tokenizer_dir, seed=3)

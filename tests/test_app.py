@@ -10,13 +10,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from textual import events
+from textual.notifications import Notify
 from textual.pilot import Pilot
 
-from engine.requests import EngineSpec
+from engine.requests import ChatMessage, EngineSpec
 from tests.fakes import INFO, FakeClient
 from tui.app import CodeLlamaApp
 from tui.screens import PromptScreen, QuitScreen
@@ -160,6 +162,23 @@ async def test_infill_at_cursor_without_markers() -> None:
         assert app.editor.text == "def f():\n    return 42\n"
 
 
+async def test_a_foreign_server_that_tells_little_still_shows_a_clean_status_line() -> None:
+    """ModelInfo's optional fields (an OpenAI-compatible server knows neither device nor context) stay out of the
+    line rather than showing as None; chat still works."""
+    from engine.events import ModelInfo
+
+    app = make_app(info=ModelInfo(name="gpt-like", can_infill=False, can_tokenize=False))
+    app.cap = "chat"
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        line = app.status.render_text()
+        assert "gpt-like" in line and "None" not in line and "ctx" not in line
+        app.chat_input.load_text("hi")
+        await pilot.press("f5")
+        await wait_for(pilot, idle(app))
+        assert "def add" in app.chat_log.last_answer and "None" not in app.status.render_text()
+
+
 async def test_infill_on_a_model_without_fim_offers_completion() -> None:
     app = make_app(info=INFO.__class__(**{**INFO.__dict__, "can_infill": False, "flavour": "python"}))
     async with app.run_test() as pilot:
@@ -220,7 +239,7 @@ async def test_chat_send_with_bang_line() -> None:
         await type_like_a_person(pilot, "h", "i", "enter", "!", "!", "enter")
         await wait_for(pilot, idle(app))
         request = app.client.submitted[-1]
-        assert (request.cap, request.text, request.session) == ("chat", "hi", app.session)
+        assert (request.cap, request.messages, request.fit) == ("chat", (ChatMessage("user", "hi"),), True)
         assert app.chat_input.text == ""
         assert "def add" in app.chat_log.last_answer
         # F7 inserts the answer's last code block at the editor's cursor, as one undo step
@@ -230,24 +249,29 @@ async def test_chat_send_with_bang_line() -> None:
         assert app.editor.text == SOURCE
 
 
-async def test_chat_send_with_f5_and_session_is_kept() -> None:
+async def test_chat_sends_the_whole_conversation_and_a_new_chat_forgets_it() -> None:
     app = make_app()
     app.cap = "chat"
-    app.system = "Answer in Python"
+    app.system = app.conversation.system = "Answer in Python"
     async with app.run_test() as pilot:
         await ready(pilot)
         app.chat_input.focus()
         for text in ("first", "second\nline"):
             app.chat_input.load_text(text)
             await pilot.press("f5")
-            await wait_for(pilot, lambda n=text: app.client.submitted and app.client.submitted[-1].text == n)
+            await wait_for(
+                pilot, lambda n=text: app.client.submitted and app.client.submitted[-1].messages[-1].content == n
+            )
             await wait_for(pilot, idle(app))
-        first, second = app.client.submitted
-        assert first.session == second.session and first.system == "Answer in Python"
-        assert second.text == "second\nline"
         await pilot.press("ctrl+n")
-        assert app.client.ended_sessions == [first.session]
-        assert app.session != first.session
+        app.chat_input.load_text("third")
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: len(app.client.submitted) == 3 and not app._jobs)
+        first, second, third = app.client.submitted
+        system, answer = ChatMessage("system", "Answer in Python"), ChatMessage("assistant", app.client.answers["chat"])
+        assert first.messages == (system, ChatMessage("user", "first"))
+        assert second.messages == (system, ChatMessage("user", "first"), answer, ChatMessage("user", "second\nline"))
+        assert third.messages == (system, ChatMessage("user", "third"))
 
 
 async def test_paste_without_bracketed_paste_is_not_sent() -> None:
@@ -269,7 +293,7 @@ async def test_paste_without_bracketed_paste_is_not_sent() -> None:
         assert app.chat_input.text == pasted
         await pilot.press("f5")
         await wait_for(pilot, idle(app))
-        assert app.client.submitted[-1].text == pasted.strip("\n")
+        assert app.client.submitted[-1].messages[-1].content == pasted.strip("\n")
 
 
 async def test_bracketed_paste_is_not_sent() -> None:
@@ -283,15 +307,32 @@ async def test_bracketed_paste_is_not_sent() -> None:
         assert "!!" in app.chat_input.text
 
 
-async def test_turns_dropped_are_reported() -> None:
-    app = make_app(drop_turns=2)
+async def test_turns_dropped_are_reported_and_forgotten() -> None:
+    """A context of 64 tokens (a token per character here) keeps 48 for the prompt: three exchanges of 2 + 20 and a
+    message of 10 leave out the two oldest, which the app then forgets too."""
+    app = make_app(info=replace(INFO, context=64), chars_per_token=1, answers={"chat": "a" * 20})
     app.cap = "chat"
     async with app.run_test() as pilot:
         await ready(pilot)
-        app.chat_input.load_text("hi")
+        for n, text in enumerate(["hi", "hi", "hi", "0123456789"], 1):
+            app.chat_input.load_text(text)
+            await pilot.press("f5")
+            await wait_for(pilot, lambda n=n: len(app.client.submitted) == n and not app._jobs)
+        assert any("2 oldest turns were dropped" in str(n.render()) for n in app.query(Notice))
+        assert app.conversation.exchanges == [("hi", "a" * 20), ("0123456789", "a" * 20)]
+
+
+async def test_replaced_characters_are_one_warning() -> None:
+    app = make_app()
+    app.cap = "chat"
+    notes: list[Notify] = []
+    async with app.run_test(message_hook=lambda m: notes.append(m) if isinstance(m, Notify) else None) as pilot:
+        await ready(pilot)
+        app.chat_input.load_text("what is \udcff here?")  # a byte that was not UTF-8, kept by surrogateescape
         await pilot.press("f5")
         await wait_for(pilot, idle(app))
-        assert any("2 oldest turns were dropped" in str(n.render()) for n in app.query(Notice))
+        warnings = [n.notification.message for n in notes if n.notification.severity == "warning"]
+        assert warnings == ["1 invalid character (bad UTF-8 or a lone surrogate) replaced with U+FFFD"]
 
 
 async def test_save_is_atomic_and_keeps_the_mode(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ SOURCE = "def add(a, b):\n    <FILL>\n"
 async def test_real_engine_loads_completes_and_infills(tiny_model_dir: Path) -> None:
     spec = EngineSpec(model=str(tiny_model_dir), device="cpu", dtype="float32", max_batch=2)
     overrides = {"max_new_tokens": 8, "temperature": 0.0}
-    app = CodeLlamaApp(None, spec, "completion", overrides=overrides, text=SOURCE)  # the real EngineClient
+    app = CodeLlamaApp(None, spec, "completion", overrides=overrides, text=SOURCE)  # the real LocalClient
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_for(pilot, lambda: app.info is not None or app.load_error is not None, timeout=120)
         assert app.load_error is None

@@ -371,7 +371,7 @@ def test_a_binary_file_is_refused_by_name(tmp_path: Path) -> None:
     path.write_bytes(b"\x7fELF\x00\x01\xff\xfe")
     result = command(str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"codellama-tui: {path}: a binary file, not text"
+    assert result.stderr.strip() == f"codellama-tui: error: {path}: a binary file, not text"
     latin = tmp_path / "latin1.py"
     latin.write_bytes(b"x = 1\ns = '\xe9t\xe9'\n")
     result = command(str(latin))
@@ -385,5 +385,5 @@ def test_a_fifo_or_a_device_is_refused_at_open_without_blocking(tmp_path: Path) 
         result = command(path, timeout=20)
         assert (
             result.returncode == 2
-            and result.stderr.strip() == f"codellama-tui: {path}: {kind}, not a file that can be edited"
+            and result.stderr.strip() == f"codellama-tui: error: {path}: {kind}, not a file that can be edited"
         )

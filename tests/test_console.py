@@ -5,13 +5,35 @@ from __future__ import annotations
 import io
 import os
 import signal
+import time
+from dataclasses import replace
 
 import pytest
 
-from engine.requests import EngineSpec, Request
-from tests.fakes_console import INFO, FakeClient
+from engine.requests import ChatMessage, EngineSpec, Request
+from tests.fakes import INFO, FakeClient
 from tui.console import Answer, Output, highlight, highlight_markdown_code, rows_used, run_console
 from tui.console_input import Action, Prompt, read_inputs
+
+SMALL = replace(INFO, name="fake-7b", context=64)  # with a token per character: a chat fills it in a few turns
+
+
+def console_answer(request: Request) -> str:
+    """A recognisable answer per cap: a Python continuation, a docstring middle, a chat reply."""
+    return {
+        "completion": "    return a + b\n",
+        "python": "    return a + b\n",
+        "infilling": 'Say hello."""\n    print("hello")',
+        "chat": "Here:\n```python\ndef f():\n    return 1\n```\nDone.",
+    }[request.cap]
+
+
+def make_fake(**options: object) -> FakeClient:
+    return FakeClient(**{"info": SMALL, "answers": console_answer, "chunk": 4, "chars_per_token": 1, **options})
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage("user", text)
 
 
 class Tty(io.StringIO):
@@ -20,11 +42,16 @@ class Tty(io.StringIO):
 
 
 def run(
-    text: str, cap: str = "completion", fake: FakeClient | None = None, system: str | None = None, **overrides: object
+    text: str,
+    cap: str = "completion",
+    fake: FakeClient | None = None,
+    system: str | None = None,
+    stdout: io.StringIO | None = None,
+    **overrides: object,
 ) -> tuple[int, str, str, FakeClient]:
     """Run the piped console on `text`; return the exit code, stdout, stderr and the fake."""
-    fake = fake or FakeClient()
-    stdout, stderr = io.StringIO(), io.StringIO()
+    fake = fake or make_fake()
+    stdout, stderr = stdout or io.StringIO(), io.StringIO()
     code = run_console(
         EngineSpec(),
         cap,
@@ -70,16 +97,22 @@ def test_completion_prints_only_the_continuation_without_colour() -> None:
     assert out == "    return a + b\n"
     assert "tokens/s" in err and "first token" in err
     assert "\x1b" not in out + err
-    (request,) = fake.requests
-    assert request.cap == "completion" and request.text == "def add(a, b):" and request.session is None
+    (request,) = fake.submitted
+    assert request.cap == "completion" and request.text == "def add(a, b):" and request.messages == ()
     assert request.sampling.temperature == 0.2
     assert fake.started and fake.closed
 
 
+def test_replaced_characters_are_one_warning_and_the_answer_still_comes() -> None:
+    code, out, err, _ = run("def add(a,\udcff b):\n!!\n")
+    assert code == 0 and out == "    return a + b\n"
+    assert "warning: 1 invalid character (bad UTF-8 or a lone surrogate) replaced with U+FFFD" in err.splitlines()
+
+
 def test_overrides_reach_the_request_and_bad_ones_exit_2() -> None:
     _, _, _, fake = run("x\n!!\n", cap="python", temperature=0.0, max_new_tokens=7, top_k=None)
-    assert fake.requests[0].sampling.temperature == 0.0
-    assert fake.requests[0].sampling.max_new_tokens == 7 and fake.requests[0].sampling.top_k == 40
+    assert fake.submitted[0].sampling.temperature == 0.0
+    assert fake.submitted[0].sampling.max_new_tokens == 7 and fake.submitted[0].sampling.top_k == 40
     code, out, err, fake = run("x\n!!\n", top_p=2.0)
     assert code == 2 and "error: top-p" in err and not fake.started
 
@@ -89,87 +122,90 @@ def test_infilling_prints_the_middle_and_a_wrong_marker_count_is_not_fatal() -> 
     code, out, err, fake = run(text, cap="infilling")
     assert code == 0
     assert out == 'Say hello."""\n    print("hello")\n' * 2
-    assert "exactly one <FILL> marker in the input, found 0" in err
+    assert "infilling needs exactly one <FILL> marker, found 0" in err
     assert "found 2" in err
-    assert [r.text.count("<FILL>") for r in fake.requests] == [1, 0, 2, 1]
-    assert all(r.cap == "infilling" and r.sampling.temperature == 0 for r in fake.requests)
+    assert [r.text.count("<FILL>") for r in fake.submitted] == [1, 0, 2, 1]
+    assert all(r.cap == "infilling" and r.sampling.temperature == 0 for r in fake.submitted)
 
 
 def test_infilling_on_a_model_that_cannot_infill_exits_1() -> None:
-    from dataclasses import replace
-
-    code, out, err, fake = run("<FILL>\n!!\n", cap="infilling", fake=FakeClient(info=replace(INFO, can_infill=False)))
-    assert code == 1 and "cannot infill" in err and not fake.requests and fake.closed
+    code, out, err, client = run("<FILL>\n!!\n", cap="infilling", fake=make_fake(info=replace(SMALL, can_infill=False)))
+    assert code == 1 and "cannot infill" in err and not client.submitted and client.closed
 
 
-def test_chat_keeps_one_session_until_end() -> None:
+def test_chat_sends_the_whole_conversation_until_end() -> None:
     text = "hi\n!!\nmore\n!!\nend\n!!\nagain\n!!\nreset\n!!\n"
     code, out, err, fake = run(text, cap="chat", system="Provide answers in Python")
     assert code == 0
-    first, second, third = fake.requests
-    assert first.session == second.session != third.session
-    assert all(r.system == "Provide answers in Python" and r.cap == "chat" for r in fake.requests)
-    assert fake.ended == [first.session, third.session]
+    first, second, third = fake.submitted
+    system = ChatMessage("system", "Provide answers in Python")
+    answer = ChatMessage("assistant", console_answer(first))
+    assert first.messages == (system, user("hi"))
+    assert second.messages == (system, user("hi"), answer, user("more"))
+    assert third.messages == (system, user("again"))  # `end` forgot the conversation, not the system instruction
+    assert all(r.cap == "chat" and r.fit for r in fake.submitted)
     assert err.count("(new session)") == 2
     assert out.count("Done.\n") == 3
 
 
 def test_exit_stops_reading() -> None:
     code, out, err, fake = run("a\n!!\nexit\n!!\nb\n!!\n")
-    assert code == 0 and [r.text for r in fake.requests] == ["a"] and fake.closed
+    assert code == 0 and [r.text for r in fake.submitted] == ["a"] and fake.closed
 
 
 def test_load_failure_is_one_line_and_exit_1() -> None:
-    code, out, err, fake = run("a\n!!\n", fake=FakeClient(load_error="model dir /x: no config.json"))
+    code, out, err, fake = run("a\n!!\n", fake=make_fake(load_error="model dir /x: no config.json"))
     assert code == 1 and err == "error: model dir /x: no config.json\n" and out == "" and fake.closed
 
 
 def test_failed_request_goes_to_stderr_and_the_session_goes_on() -> None:
-    def answer(request: Request) -> str:
-        return "ok"
+    def fail(request: Request) -> str | None:
+        return (
+            "the message contains [INST], which the chat format reserves"
+            if request.messages[-1] == user("bad")
+            else None
+        )
 
-    fake = FakeClient(answer=answer)
-    real_stream = fake.stream
-
-    def stream(request: Request):
-        if request.text == "bad":
-            from engine.events import Failed
-
-            yield Failed(request.id, "the prompt contains [INST], which is reserved")
-            return
-        yield from real_stream(request)
-
-    fake.stream = stream  # type: ignore[method-assign]
-    code, out, err, _ = run("bad\n!!\ngood\n!!\n", cap="chat", fake=fake)
-    assert code == 0 and out == "ok\n" and "the prompt contains [INST], which is reserved\n" in err
+    client = make_fake(answers=lambda request: "ok", fail=fail)
+    code, out, err, _ = run("bad\n!!\ngood\n!!\n", cap="chat", fake=client)
+    assert code == 0 and out == "ok\n" and "the message contains [INST], which the chat format reserves\n" in err
+    assert client.submitted[1].messages == (user("good"),)  # the failed exchange is not kept
 
 
 def test_long_chat_warns_near_the_end_then_reports_dropped_turns() -> None:
-    # the fake's context is 64 tokens (characters); each exchange is 10 + 20 characters
-    fake = FakeClient(answer=lambda r: "a" * 20)
+    # the fake's context is 64 tokens (characters), 16 of them kept for the answer; each exchange is 10 + 20
+    client = make_fake(answers=lambda r: "a" * 20)
     turns = "".join(f"question{i:02d}\n!!\n" for i in range(4))
-    code, out, err, _ = run(turns, cap="chat", fake=fake)
+    code, out, err, _ = run(turns, cap="chat", fake=client)
     assert code == 0
     assert err.count("warning: the conversation holds") == 1
     assert "the next turns drop the oldest ones" in err
     assert "dropped its 1 oldest exchange\n" in err
     assert err.index("the conversation holds") < err.index("dropped its")
     assert out == ("a" * 20 + "\n") * 4
+    assert client.submitted[3].messages[0] == user("question01")  # the console forgot what the engine dropped
 
 
 def test_ctrl_c_cancels_the_answer_and_keeps_the_session() -> None:
-    def press_ctrl_c(client: FakeClient, request: Request, index: int) -> None:
-        if request.text == "long" and index == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+    stdout = io.StringIO()
 
-    fake = FakeClient(answer=lambda r: "x" * 40, on_delta=press_ctrl_c)
+    def press_ctrl_c(client: FakeClient, request: Request, index: int) -> None:
+        if request.messages[-1] == user("long") and index == 1:
+            deadline = time.monotonic() + 5
+            while not stdout.getvalue().endswith("xxxx") and time.monotonic() < deadline:
+                time.sleep(0.001)  # the first piece is shown: the press comes after it
+            os.kill(os.getpid(), signal.SIGINT)
+            assert client.cancel_seen.wait(5)  # the stream saw it and cancelled before another piece went out
+
+    client = make_fake(info=INFO, answers=lambda r: "x" * 40, on_delta=press_ctrl_c)
     before = signal.getsignal(signal.SIGINT)
-    code, out, err, _ = run("long\n!!\nnext\n!!\n", cap="chat", fake=fake)
+    code, out, err, _ = run("first\n!!\nlong\n!!\nnext\n!!\n", cap="chat", fake=client, stdout=stdout)
     assert code == 0
-    assert fake.cancelled == [fake.requests[0].id]
-    assert out == "xxxx\n" + "x" * 40 + "\n"
+    first, long, after = client.submitted
+    assert client.cancelled == [long.id]
+    assert out == "x" * 40 + "\n" + "xxxx\n" + "x" * 40 + "\n"
     assert "stopped]" in err
-    assert fake.requests[0].session == fake.requests[1].session and not fake.ended
+    assert after.messages == (user("first"), ChatMessage("assistant", "x" * 40), user("next"))
     assert signal.getsignal(signal.SIGINT) is before
 
 
@@ -177,11 +213,11 @@ def test_second_ctrl_c_quits_with_130() -> None:
     def press_twice(client: FakeClient, request: Request, index: int) -> None:
         if index in (1, 2):
             os.kill(os.getpid(), signal.SIGINT)
+            assert index == 2 or client.cancel_seen.wait(5)  # two presses, not one pending signal
 
-    fake = FakeClient(answer=lambda r: "x" * 40, on_delta=press_twice)
-    fake.cancel = lambda request_id: None  # type: ignore[method-assign] # an engine that does not stop
-    code, out, err, _ = run("long\n!!\nnext\n!!\n", fake=fake)
-    assert code == 130 and len(fake.requests) == 1 and fake.closed
+    client = make_fake(answers=lambda r: "x" * 40, on_delta=press_twice, ignore_cancel=True)  # the engine does not stop
+    code, out, err, _ = run("long\n!!\nnext\n!!\n", fake=client)
+    assert code == 130 and len(client.submitted) == 1 and client.closed
 
 
 # -- terminal rendering

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.engine import Engine
-from engine.events import Failed, Finished, Started, TextClipped, TextDelta
-from engine.prompts import chat_ids
-from engine.requests import EngineSpec, Request, SamplingParams
+from engine.events import Failed, Finished, Started, TextClipped, TextDelta, TurnsDropped
+from engine.prompts import Dialog, chat_ids, step_dialog_ids
+from engine.requests import ChatMessage, EngineSpec, Request, SamplingParams
+from tui.conversation import Conversation
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,8 +29,8 @@ def hf_model(path: Path):
     return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def run(engine: Engine, *requests: Request) -> dict[int, list]:
-    events: dict[int, list] = {r.id: [] for r in requests}
+def run(engine: Engine, *requests: Request) -> dict[str, list]:
+    events: dict[str, list] = {r.id: [] for r in requests}
     for r in requests:
         for e in engine.add(r):
             events[r.id].append(e)
@@ -99,7 +101,10 @@ def test_batched_requests_match_single_runs(tiny_gqa_dir: Path) -> None:
     assert together[b.id][-1].text == next(iter(alone_b.values()))[-1].text
 
 
-def test_second_chat_turn_reuses_the_cache_and_matches_transformers(checkpoint: Path, monkeypatch) -> None:
+def test_a_second_chat_turn_prefills_only_its_new_part_and_matches_transformers(checkpoint: Path, monkeypatch) -> None:
+    """The second turn arrives as the whole conversation; the first turn's keys and values are still in its slot,
+    so only what follows them is prefilled (counted), and the answer is transformers' on the whole prompt, as it is
+    without the cache."""
     engine, ref = load(checkpoint), hf_model(checkpoint)
     prefilled: list[int] = []
     original = engine.model.prefill
@@ -110,38 +115,52 @@ def test_second_chat_turn_reuses_the_cache_and_matches_transformers(checkpoint: 
 
     monkeypatch.setattr(engine.model, "prefill", counting_prefill)
     sampling = SamplingParams(temperature=0, max_new_tokens=24)
-    first = Request(
-        "chat",
-        text="Write a function that adds two numbers.",
-        system="Answer in Python",
-        session="s",
-        sampling=sampling,
-    )
+    chat = Conversation("Answer in Python")
+    first = chat.request("Write a function that adds two numbers.", sampling)
     answer = run(engine, first)[first.id][-1]
-    assert isinstance(answer, Finished)
-    second = Request("chat", text="Now make it multiply.", session="s", sampling=sampling)
+    assert isinstance(answer, Finished) and answer.stats.cached_tokens == 0
+    chat.answered(first, answer.text)
+    second = chat.request("Now make it multiply.", sampling)
+    prefilled.clear()
     events = run(engine, second)[second.id]
-    ids = engine.prompt_ids(Request("chat", text=second.text, system=None))
-    full = chat_ids(engine.tok, [(first.text, answer.text)], second.text, "Answer in Python")
-    started = next(e for e in events if isinstance(e, Started))
-    assert started.prompt_tokens == len(full)
-    assert prefilled[-1] < len(full) - len(ids) // 2, "the second turn re-read the first one"
-    expected = hf_greedy(ref, full, 24, stop=2)
-    assert events[-1].text == engine.tok.decode(expected).strip()
-    with torch.no_grad():
-        logits_ref = ref(torch.tensor([full])).logits[0, -1]
-    slot = engine.sessions["s"].slot
-    logits = engine.model.prefill(torch.tensor(full[-1:]), slot=slot, start=len(full) - 1)
-    assert (logits - logits_ref).abs().max().item() < 1e-4
+    full, before = chat_ids(engine.tok, second.messages), chat_ids(engine.tok, first.messages)
+    assert second.messages[2] == ChatMessage("assistant", answer.text)
+    started, finished = next(e for e in events if isinstance(e, Started)), events[-1]
+    assert started.prompt_tokens == finished.stats.prompt_tokens == len(full)
+    assert finished.stats.cached_tokens >= len(before)  # the whole first prompt, and what of the answer re-encodes
+    assert sum(prefilled) == finished.stats.prefilled_tokens == len(full) - finished.stats.cached_tokens
+    assert finished.text == engine.tok.decode(hf_greedy(ref, full, 24, stop=2)).strip()
+    engine.scheduler.cache.forget()
+    again = run(engine, replace(second, id="without the cache"))["without the cache"][-1]
+    assert again.stats.cached_tokens == 0 and again.text == finished.text
 
 
-def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypatch) -> None:
-    """Byte-fallback pieces must never reach the stream as broken characters."""
-    engine = load(tiny_model_dir)
-    text = " naïve café → 日本語 😀🎉 done"
-    script = engine.tok.encode(text)
-    assert any(len(engine.tok.token_bytes(i)) == 1 and engine.tok.token_bytes(i)[0] >= 0x80 for i in script)
-    tokens = iter(script + [engine.tok.eos_id] * 4)  # the pipeline may compute a step past the end
+def test_the_prefix_cache_takes_free_slots_first_then_evicts_the_least_recently_used(tiny_model_dir: Path) -> None:
+    """Two slots, three conversations: the second takes the empty slot although the first one's shares its opening
+    tags; the third evicts the older of the two (keeping the tags it shares), so the second conversation's next turn
+    still finds its cache and the first's does not."""
+    engine = load(tiny_model_dir, max_batch=2)
+    sampling = SamplingParams(temperature=0, max_new_tokens=8)
+    chats = [Conversation(system) for system in ("Answer in Python.", "Be brief.", "You write Rust.")]
+    opened = []
+    for chat in chats:
+        request = chat.request("Write a function that adds two numbers.", sampling)
+        finished = run(engine, request)[request.id][-1]
+        opened.append(finished.stats.cached_tokens)
+        chat.answered(request, finished.text)
+    assert opened[0] == opened[1] == 0 and 0 < opened[2] < 10  # bos, `[INST] <<SYS>>` and the newline
+    turn = {}
+    for i in (1, 0):
+        request = chats[i].request("Now make it multiply.", sampling)
+        turn[i] = run(engine, request)[request.id][-1].stats.cached_tokens
+        assert engine.scheduler.cache.in_use() == 0
+    asked = chats[1].request("Write a function that adds two numbers.", sampling)
+    assert turn[1] >= len(chat_ids(engine.tok, asked.messages[:2])) and turn[0] < 10
+
+
+def script_tokens(engine: Engine, script: list[int], monkeypatch) -> None:
+    """Make the engine's runner "sample" `script`, one token per row and step, instead of running the model."""
+    tokens = iter(script)
 
     class ScriptedRunner:
         seen = engine.runner.seen
@@ -160,7 +179,27 @@ def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypat
         def mark_seen(self, slot, ids):
             pass
 
-    monkeypatch.setattr(engine, "runner", ScriptedRunner())
+    monkeypatch.setattr(engine.scheduler, "runner", ScriptedRunner())
+
+
+def test_a_70b_instruct_checkpoint_chats_in_its_own_format_and_stops_at_step(tiny_70b_instruct_dir, monkeypatch):
+    engine = load(tiny_70b_instruct_dir)
+    request = Conversation("Be brief").request("Hi", SamplingParams(max_new_tokens=50))
+    assert engine.prompt_ids(request) == step_dialog_ids(engine.tok, Dialog.of(request.messages))
+    script_tokens(
+        engine, engine.tok.encode("Hello!") + [engine.tok.step_id] + engine.tok.encode(" Source") * 4, monkeypatch
+    )
+    finished = run(engine, request)[request.id][-1]
+    assert (finished.reason, finished.text, finished.stats.new_tokens) == ("eos", "Hello!", 3)
+
+
+def test_multibyte_stream_equals_one_shot_decode(tiny_model_dir: Path, monkeypatch) -> None:
+    """Byte-fallback pieces must never reach the stream as broken characters."""
+    engine = load(tiny_model_dir)
+    text = " naïve café → 日本語 😀🎉 done"
+    script = engine.tok.encode(text)
+    assert any(len(engine.tok.token_bytes(i)) == 1 and engine.tok.token_bytes(i)[0] >= 0x80 for i in script)
+    script_tokens(engine, script + [engine.tok.eos_id] * 4, monkeypatch)  # the pipeline may run a step past the end
     request = Request("completion", text="x", sampling=SamplingParams(max_new_tokens=200))
     events = run(engine, request)[request.id]
     deltas = [e.text for e in events if isinstance(e, TextDelta)]
@@ -175,10 +214,10 @@ def test_cancel_stops_within_one_step_and_frees_the_slot(tiny_model_dir: Path) -
     engine.add(request)
     engine.step()
     engine.step()
-    generated = len(engine.running[0].generated)
+    generated = len(engine.scheduler.running[0].generated)
     (finished,) = engine.cancel(request.id)
     assert finished.reason == "cancelled" and finished.stats.new_tokens == generated < 500
-    assert engine.free_slots == [0]
+    assert engine.scheduler.cache.in_use() == 0
     assert engine.step() == []  # drains the step that was already launched, emitting nothing for it
     assert not engine.busy
 
@@ -222,16 +261,28 @@ def test_context_end_and_overlong_prompt(tiny_model_dir: Path) -> None:
     assert finished.reason == "context" and finished.stats.prompt_tokens + finished.stats.new_tokens == 24
 
 
-def test_chat_drops_oldest_turns_when_the_context_is_full(tiny_model_dir: Path) -> None:
+def test_a_fit_chat_drops_its_oldest_turns_when_the_context_is_full(tiny_model_dir: Path) -> None:
+    """The prompt keeps room for the answer: the oldest exchanges go, the system instruction stays, and the
+    conversation (which forgets what went) never grows past the context."""
     engine = load(tiny_model_dir, max_seq_len=160)
     sampling = SamplingParams(temperature=0, max_new_tokens=16)
-    dropped = []
+    chat, dropped = Conversation("Be brief"), []
     for i in range(8):
-        request = Request("chat", text=f"Question number {i}: what does this do?", session="c", sampling=sampling)
+        request = chat.request(f"Question number {i}: what does this do?", sampling)
         events = run(engine, request)[request.id]
         assert isinstance(events[-1], Finished)
-        dropped += [e.count for e in events if type(e).__name__ == "TurnsDropped"]
-    assert dropped and len(engine.sessions["c"].exchanges) < 8
+        for event in events:
+            if isinstance(event, TurnsDropped):
+                chat.drop(event.count)
+                dropped.append(event.count)
+            if isinstance(event, Started):
+                assert event.prompt_tokens <= 160 - 16
+        chat.answered(request, events[-1].text)
+    assert dropped and len(chat.exchanges) < 8
+    chat.exchanges = [(f"Question {i}?", "An answer of a few words.") for i in range(12)]
+    whole = replace(chat.request("And this one?", sampling), fit=False)  # as an HTTP client sends it
+    (failed,) = run(engine, whole)[whole.id]
+    assert isinstance(failed, Failed) and "too many" in failed.message
 
 
 def test_bin_fallback_and_sharded_safetensors_load_the_same_weights(tiny_gqa_dir: Path, tmp_path: Path) -> None:
@@ -267,14 +318,15 @@ def test_more_requests_than_slots_wait_their_turn(tiny_model_dir: Path) -> None:
     b = Request("completion", text="class Stack:\n", sampling=SamplingParams(temperature=0, max_new_tokens=8))
     events: dict[int, list] = {a.id: engine.add(a), b.id: engine.add(b)}
     engine.step()
-    assert [s.request.id for s in engine.running] == [a.id] and [s.request.id for s in engine.waiting] == [b.id]
+    scheduler = engine.scheduler
+    assert [s.request.id for s in scheduler.running] == [a.id] and [s.request.id for s in scheduler.waiting] == [b.id]
     while engine.busy:
         for e in engine.step():
             events[e.request_id].append(e)
     for request in (a, b):
         alone = run(engine, Request("completion", text=request.text, sampling=request.sampling))
         assert events[request.id][-1].text == next(iter(alone.values()))[-1].text
-    assert engine.free_slots == [0]
+    assert scheduler.cache.in_use() == 0
 
 
 def test_out_of_memory_at_load_names_what_to_try(tiny_model_dir: Path, monkeypatch) -> None:
@@ -287,4 +339,6 @@ def test_out_of_memory_at_load_names_what_to_try(tiny_model_dir: Path, monkeypat
     monkeypatch.setattr(Llama, "setup_cache", no_memory)
     with pytest.raises(OutOfMemoryError) as err:
         load(tiny_model_dir)
-    assert "--max-batch" in str(err.value) and "--tp" in str(err.value) and "\n" not in str(err.value)
+    message = str(err.value)
+    assert "fewer concurrent sequences" in message and "tensor parallelism" in message and "\n" not in message
+    assert "--" not in message and set(err.value.fields) == {"max_batch", "max_seq_len", "dtype", "tp"}

@@ -50,7 +50,7 @@ def test_graph_replay_matches_eager(dtype: torch.dtype, batch: int) -> None:
         tokens = [5 + i for i in range(batch)]
         out, logits = [], []
         for step in range(6):
-            rows = [Row(t, len(prompts[i]) + step, i, 0.0, 40, 1.0, 1.0, i, step) for i, t in enumerate(tokens)]
+            rows = [Row(t, len(prompts[i]) + step, i, 40, i, step, 0.0, 1.0, 1.0) for i, t in enumerate(tokens)]
             tokens = runner(rows)
             out.append(tokens)
             logits.append(runner.logits[:batch].clone())
@@ -79,7 +79,7 @@ def test_pipelined_steps_feed_themselves_on_the_device() -> None:
     saved = (m.cache.k.clone(), m.cache.v.clone())
     seen = torch.zeros(5, CFG.vocab_size, dtype=torch.bool, device="cuda")
     runner = DecodeRunner(m, seen, 4, 4, use_graphs=True)
-    rows = [Row(7 + i, len(prompts[i]), i, 0.8, 40, 0.9, 1.1, 100 + i, 0) for i in range(3)]
+    rows = [Row(7 + i, len(prompts[i]), i, 40, 100 + i, 0, 0.8, 0.9, 1.1) for i in range(3)]
     runner.launch(rows)
     for _ in range(5):
         runner.launch()
@@ -90,7 +90,7 @@ def test_pipelined_steps_feed_themselves_on_the_device() -> None:
     tokens, explicit = [r.token for r in rows], []
     for step in range(6):
         tokens = runner(
-            [Row(t, len(prompts[i]) + step, i, 0.8, 40, 0.9, 1.1, 100 + i, step) for i, t in enumerate(tokens)]
+            [Row(t, len(prompts[i]) + step, i, 40, 100 + i, step, 0.8, 0.9, 1.1) for i, t in enumerate(tokens)]
         )
         explicit.append(tokens)
     assert piped == explicit

@@ -1,6 +1,6 @@
 """The full-screen app: the editor and the chat beside it, driven by keys, fed by the engine thread.
 
-Threads: `EngineClient` calls `_relay_engine_event` on its worker thread. Text deltas go into a
+Threads: the engine client (`engine.client`) calls `_relay_engine_event` on its own thread. Text deltas go into a
 locked buffer that a 30 Hz timer on the UI thread drains (so 200+ tokens/s cost at most 30 widget
 updates a second and a keystroke always echoes within a frame); every other event is posted as a
 message. Before a terminal event (Finished, Failed) is handled the buffer is drained, so no text is
@@ -14,23 +14,28 @@ Typing in the chat input never disturbs an answer that is streaming into the log
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import contextlib
 import os
+import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import ClassVar, Protocol
+from pathlib import Path
+from typing import ClassVar
 
+from rich.console import RenderableType
+from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
+from textual.driver import Driver
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer
 
+from engine.client import Client, EventSink
 from engine.events import (
     Event,
     Failed,
@@ -44,16 +49,23 @@ from engine.events import (
     TextDelta,
     TurnsDropped,
 )
-from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
+from tui.cli import with_flags
+from tui.conversation import Conversation
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
+from tui.recover_screen import RecoverScreen
+from tui.recovery import RecoveryCopy, RecoveryStore
 from tui.screens import ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
+from tui.terminal import ExitSignals, tolerate_invalid_input
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
-from widgets.editor import CodeEditor, EditorPane, fill_markers
+from widgets.editor import CodeEditor, EditorPane, fill_markers, size_problem, utf8_size
+from widgets.footer import Footer
 from widgets.status_bar import StatusBar
 
 FLUSH_HZ = 30
+RECOVERY_DELAY_S = 1.5  # the recovery copy is written this long after the last edit
 
 
 def suffix_stop(suffix: str) -> tuple[str, ...]:
@@ -66,23 +78,13 @@ def suffix_stop(suffix: str) -> tuple[str, ...]:
     return ("\n" + below,) if below is not None else ()
 
 
-class Client(Protocol):
-    """What the app needs of `engine.client.EngineClient` (tests pass a fake with the same methods)."""
-
-    def start(self) -> Client: ...
-    def submit(self, request: Request) -> int: ...
-    def cancel(self, request_id: int) -> None: ...
-    def end_session(self, session: str) -> None: ...
-    def close(self, timeout: float = 10.0) -> None: ...
+ClientFactory = Callable[[EngineSpec, EventSink], Client]
 
 
-ClientFactory = Callable[..., Client]
+def _local_client(spec: EngineSpec, on_event: EventSink) -> Client:
+    from engine.local_client import LocalClient  # no torch here: the worker thread imports the engine
 
-
-def _engine_client_factory(spec: EngineSpec, on_event: Callable[[Event], None]) -> Client:
-    from engine.client import EngineClient  # no torch here: the worker thread imports the engine
-
-    return EngineClient(spec, on_event=on_event)
+    return LocalClient(spec, on_event=on_event)
 
 
 class EngineEvent(Message):
@@ -141,7 +143,7 @@ class CodeLlamaApp(App[int]):
         *,
         text: str | None = None,
         keys: dict[str, str] | None = None,
-        client_factory: ClientFactory = _engine_client_factory,
+        client_factory: ClientFactory = _local_client,
     ) -> None:
         """`file` is an opened file, or a path to open; `text`, when given, is the buffer's text and taken to be
         what the file at that path holds (tests and embedders), so the file is not read."""
@@ -165,14 +167,17 @@ class CodeLlamaApp(App[int]):
         self.client: Client | None = None
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
-        self._jobs: dict[int, _Job] = {}
-        self._pending: dict[int, list[str]] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._pending: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._flush_timer: Timer | None = None
-        self._sessions = itertools.count(1)
-        self.session = self._new_session_id()
+        self.conversation = Conversation(system)
         self._last_code: str | None = None
-        self._input_empty = True
+        self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
+        self.recovery = RecoveryStore()
+        self.recovery_file: Path | None = None  # this buffer's recovery copy, once written
+        self._recovery_timer: Timer | None = None
+        self._exit_signals: ExitSignals | None = None
 
     # ----- layout
 
@@ -185,35 +190,45 @@ class CodeLlamaApp(App[int]):
         yield StatusBar(id="status")
         yield Footer(compact=True)
 
+    # The widgets live on the first screen: an engine event or a timer that reaches them while a dialog is on top
+    # must not look for them on the dialog.
+
     @property
     def editor(self) -> CodeEditor:
-        return self.query_one("#editor", CodeEditor)
+        return self.screen_stack[0].query_one("#editor", CodeEditor)
 
     @property
     def chat_log(self) -> ChatLog:
-        return self.query_one("#chat-log", ChatLog)
+        return self.screen_stack[0].query_one("#chat-log", ChatLog)
 
     @property
     def chat_input(self) -> ChatInput:
-        return self.query_one("#chat-input", ChatInput)
+        return self.screen_stack[0].query_one("#chat-input", ChatInput)
 
     @property
     def status(self) -> StatusBar:
-        return self.query_one("#status", StatusBar)
+        return self.screen_stack[0].query_one("#status", StatusBar)
 
     def on_mount(self) -> None:
         self._set_cap(self.cap)
         self.editor.focus()
         self._update_title()
-        self.status.note = self.file.note
+        plain = "a big file: no syntax highlighting (it would slow every keystroke)"
+        self.status.note = self.file.note or (plain if self.editor.plain_for_size else "")
         self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_stream, pause=True)
         self.call_after_refresh(self._start_engine)
+        self.call_after_refresh(self._offer_recovery, self.recovery.copies_of(self.file.path))
+        if not self.is_headless:
+            self._exit_signals = ExitSignals(asyncio.get_running_loop(), self.keep_recovery_copy, self._exit_on_signal)
+            self._exit_signals.install()
 
     def _start_engine(self) -> None:
         """Start the engine thread after the first frame has painted (it imports torch)."""
-        self.client = self._client_factory(self.spec, on_event=self._relay_engine_event).start()
+        self.client = self._client_factory(self.spec, self._relay_engine_event).start()
 
     def on_unmount(self) -> None:
+        if self._exit_signals is not None:
+            self._exit_signals.restore()
         if self.client is not None:
             for request_id in list(self._jobs):
                 self.client.cancel(request_id)
@@ -266,17 +281,19 @@ class CodeLlamaApp(App[int]):
             self.status.set_state("ready", f"loaded in {event.startup_s:.1f}s")
             if event.info.flavour == "python" and self.cap == "completion":
                 self._set_cap("python")
-            self.refresh_bindings()
+            self._refresh_keys()
         elif isinstance(event, LoadFailed):
-            self.load_error = event.message
-            self.status.set_state("error", event.message)
-            self.chat_log.add_notice(f"The model could not be loaded: {event.message}", "error")
-            self.refresh_bindings()
+            self.load_error = with_flags(event.message, event.fields)
+            self.status.set_state("error", self.load_error)
+            self.chat_log.add_notice(f"The model could not be loaded: {self.load_error}", "error")
+            self._refresh_keys()
         elif isinstance(event, Started):
             job = self._jobs.get(event.request_id)
             if job is not None:
                 job.started = time.perf_counter()
                 self.status.context_used = event.prompt_tokens
+                if event.replaced:
+                    self.notify(replacement_warning(event.replaced), severity="warning")
         elif isinstance(event, TextClipped):
             job = self._jobs.get(event.request_id)
             if job is not None:
@@ -286,6 +303,7 @@ class CodeLlamaApp(App[int]):
                 self.status.note = job.clipped
         elif isinstance(event, TurnsDropped):
             if event.request_id in self._jobs:
+                self.conversation.drop(event.count)
                 turns = "turn was" if event.count == 1 else "turns were"
                 self.chat_log.add_notice(
                     f"The conversation outgrew the context: its {event.count} oldest {turns} dropped.",
@@ -323,6 +341,8 @@ class CodeLlamaApp(App[int]):
             self._last_code = self.chat_log.last_code()
             if event.reason == "cancelled":
                 self.chat_log.add_notice("(stopped)")
+            elif job.request.cap == "chat":
+                self.conversation.answered(job.request, event.text)
 
     def _after_jobs_change(self) -> None:
         if self._flush_timer is not None:
@@ -330,7 +350,7 @@ class CodeLlamaApp(App[int]):
                 self._flush_timer.resume()
             else:
                 self._flush_timer.pause()
-        self.refresh_bindings()
+        self._refresh_keys()
 
     # ----- submitting
 
@@ -360,7 +380,7 @@ class CodeLlamaApp(App[int]):
             if job.kind in ("ghost", "fill"):
                 self._cancel(request_id)
 
-    def _cancel(self, request_id: int) -> None:
+    def _cancel(self, request_id: str) -> None:
         """Stop a request now: its late text is dropped; the engine frees the slot within a step."""
         job = self._jobs.pop(request_id, None)
         if job is None:
@@ -483,9 +503,7 @@ class CodeLlamaApp(App[int]):
         self.chat_log.add_user(text)
         cap = self.cap
         if cap == "chat":
-            request = Request(
-                cap="chat", text=text, system=self.system, session=self.session, sampling=self._sampling("chat")
-            )
+            request = self.conversation.request(text, self._sampling("chat"))
             self.chat_log.begin_answer()
             self._submit(_Job(request, "chat"))
             return
@@ -536,20 +554,15 @@ class CodeLlamaApp(App[int]):
         self.chat_input.border_title = f"chat input · {cap}"
 
     def action_new_chat(self) -> None:
-        """ctrl+n: forget the conversation (the engine frees its cache) and clear the log."""
+        """ctrl+n: forget the conversation and clear the log."""
         for request_id, job in list(self._jobs.items()):
             if job.kind == "chat":
                 self._cancel(request_id)
-        if self.client is not None:
-            self.client.end_session(self.session)
-        self.session = self._new_session_id()
+        self.conversation = Conversation(self.system)
         self.chat_log.clear_log()
         self._last_code = None
         self.status.context_used = 0
         self.chat_log.add_notice("New chat" + (f" — system: {self.system}" if self.system else ""))
-
-    def _new_session_id(self) -> str:
-        return f"tui-{os.getpid()}-{uuid.uuid4().hex[:6]}-{next(self._sessions)}"
 
     def _set_system(self, system: str | None) -> None:
         """A new system instruction applies from the first turn, so it starts a new chat."""
@@ -572,20 +585,41 @@ class CodeLlamaApp(App[int]):
                 self._cancel(request_id)
         else:
             self.editor.dismiss_ghost()
-        self.refresh_bindings()
+        self._refresh_keys()
+
+    def on_code_editor_paste_refused(self, message: CodeEditor.PasteRefused) -> None:
+        self.status.note = f"paste refused: the text would be too big to edit here ({message.reason})"
 
     def on_code_editor_interrupted(self, message: CodeEditor.Interrupted) -> None:
         self._cancel_editor_jobs()
 
-    def on_text_area_selection_changed(self, message: CodeEditor.SelectionChanged) -> None:
-        if message.text_area is self.editor:
-            self.refresh_bindings()
+    @on(CodeEditor.GhostChanged)
+    @on(CodeEditor.SelectionChanged)
+    def _keys_may_change(self) -> None:
+        self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
 
     def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
+        if not self.screen_stack:  # a change that bubbled up while the app closed: its screens are gone
+            return
         if message.text_area is self.editor:
             self._update_title()
-        elif (empty := not message.text_area.text.strip()) != self._input_empty:
-            self._input_empty = empty  # the footer's Send key comes and goes with the input
+            self._write_recovery_later()
+        else:
+            self._refresh_keys()  # the footer's Send key comes and goes with the input
+
+    def _refresh_keys(self) -> None:
+        """Rebuild the footer only when the keys it offers change.
+
+        Each rebuild makes new key widgets (Textual's Footer keeps the old ones alive), so refreshing on every
+        streamed delta or cursor move would grow memory without bound.
+        """
+        keys = tuple(
+            (key, active.binding.action, active.enabled)
+            for key, active in self.screen.active_bindings.items()
+            if active.binding.show
+        )
+        if keys != self._keys_shown:
+            self._keys_shown = keys
             self.refresh_bindings()
 
     # ----- files
@@ -647,6 +681,7 @@ class CodeLlamaApp(App[int]):
             self._not_saved(reason)
             self._ask_path(path or self.file.path or "", f"Not saved: {reason}", then)
         else:
+            self.drop_recovery_copy()
             self.status.note = f"saved {self.file.path}"
             self._update_title()
             if then is not None:
@@ -710,6 +745,7 @@ class CodeLlamaApp(App[int]):
     async def action_quit(self) -> None:
         """ctrl+q: quit, asking first when the buffer has unsaved changes."""
         if not self.modified:
+            self.drop_recovery_copy()
             self.exit(0)
             return
         if isinstance(self.screen, QuitScreen):
@@ -717,11 +753,90 @@ class CodeLlamaApp(App[int]):
 
         def decided(choice: str | None) -> None:
             if choice == "discard":
+                self.drop_recovery_copy()
                 self.exit(0)
             elif choice == "save":
                 self.save(then=lambda: self.exit(0))
 
         self.push_screen(QuitScreen(os.path.basename(self.file.path) if self.file.path else "The new buffer"), decided)
+
+    # ----- recovery copies (tui/recovery.py) and the ways the app can end without a quit
+
+    def _write_recovery_later(self) -> None:
+        """After an edit: the copy is written a moment after the last one, so typing never waits for the disk."""
+        if self._recovery_timer is not None:
+            self._recovery_timer.stop()
+        self._recovery_timer = self.set_timer(RECOVERY_DELAY_S, self._write_recovery_now)
+
+    def _write_recovery_now(self) -> None:
+        if not self.screen_stack:  # the timer outlived the app's screens while it closed: nothing left to copy
+            return
+        if not self.keep_recovery_copy():
+            self.status.note = "NO recovery copy: the recovery folder cannot be written"
+
+    def keep_recovery_copy(self) -> bool:
+        """Write the buffer's recovery copy if it has unsaved changes (and drop it if it has none); False when it
+        could not be written. Safe to call from a signal handler or while the app is failing."""
+        try:
+            if not self.modified:
+                self.drop_recovery_copy()
+            else:
+                self.recovery_file = self.recovery.write(self.file.path, self.editor.text, self.recovery_file)
+        except Exception:  # a crash path must not fail in its turn; the caller says what it means
+            return False
+        return True
+
+    def drop_recovery_copy(self) -> None:
+        """The buffer was saved or its changes discarded: its recovery copy goes."""
+        if self._recovery_timer is not None:
+            self._recovery_timer.stop()
+        if self.recovery_file is not None:
+            self.recovery.remove(self.recovery_file)
+            self.recovery_file = None
+
+    def _offer_recovery(self, copies: list[RecoveryCopy]) -> None:
+        """Offer each copy of this file (newest first) until one is recovered; copies of what the file already
+        holds are removed without asking."""
+        while copies and copies[0].text == self.file.text:
+            self.recovery.remove(copies.pop(0).file)
+        if not copies:
+            return
+        copy, rest = copies[0], copies[1:]
+
+        def done(choice: str | None) -> None:
+            if choice == "recover":
+                editor = self.editor
+                editor.history.checkpoint()
+                # one undo step back to the file
+                editor.replace(copy.text, (0, 0), editor.document.end, maintain_selection_offset=False)
+                editor.history.checkpoint()
+                self.recovery_file = copy.file  # this session's copy from now on
+                self.status.note = "recovered the unsaved changes: ctrl+s saves them"
+                return
+            if choice == "discard":
+                self.recovery.remove(copy.file)
+            self._offer_recovery(rest)
+
+        name = os.path.basename(self.file.path) if self.file.path else "the new buffer"
+        self.push_screen(RecoverScreen(copy, self.file.text, name), done)
+
+    def _exit_on_signal(self, code: int) -> None:
+        self.exit(code, return_code=code)
+
+    def get_driver_class(self) -> type[Driver]:
+        tolerate_invalid_input()  # before the driver's input thread makes its decoder
+        return super().get_driver_class()
+
+    def _handle_exception(self, error: Exception) -> None:
+        """Every unhandled exception in a handler, timer or worker ends here: keep the edits, then fail."""
+        self.keep_recovery_copy()
+        super()._handle_exception(error)
+
+    def panic(self, *renderables: RenderableType) -> None:
+        """Textual panics when its input thread dies: keep the edits, and exit non-zero (Textual would exit 0)."""
+        self.keep_recovery_copy()
+        super().panic(*renderables)
+        self._return_code = self._return_code or 1
 
     # ----- command palette
 
@@ -746,14 +861,38 @@ def run_app(
 
     from tui.config import ConfigError, load_config
 
+    def too_big(problem: str) -> int:
+        print(
+            f"codellama-tui: error: {file}: too big to edit here ({problem}); open it in another editor",
+            file=sys.stderr,
+        )
+        return 2
+
+    with contextlib.suppress(OSError):  # before reading it; a missing file is a new one, other errors come next
+        if file and stat.S_ISREG((info := os.stat(file)).st_mode) and (problem := size_problem(info.st_size, 0)):
+            return too_big(problem)
     try:
         config = load_config()
         theme = theme_name(theme or config.theme or "dark")
+        merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+        SamplingParams.for_cap(cap, **merged).check()  # a bad value is refused now, not at the first request
         opened = OpenFile.open(file) if file else OpenFile(None)
     except (ConfigError, FileError, ValueError, OSError) as err:
-        print(f"codellama-tui: {err}", file=sys.stderr)
+        print(f"codellama-tui: error: {err}", file=sys.stderr)
         return 2
-    merged = {**config.sampling, **{k: v for k, v in overrides.items() if v is not None}}
+    if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
+        return too_big(problem)
     app = CodeLlamaApp(opened, spec, cap, system or config.system, merged, theme, keys=config.keys)
     result = app.run()
-    return result if isinstance(result, int) else (app.return_code or 0)
+    code = result if isinstance(result, int) else (app.return_code or 0)
+    if app.recovery_file is not None and app.recovery_file.exists():
+        with contextlib.suppress(OSError):  # stderr may be a terminal that is gone
+            print(f"codellama-tui: the unsaved changes are kept in {app.recovery_file}", file=sys.stderr)
+    if any(thread.is_alive() for thread in threading.enumerate() if thread is not threading.main_thread()):
+        # the engine is still loading: finalizing the interpreter under its C++ threads aborts (SIGABRT), and
+        # everything that must last (the file, the recovery copy) is on disk by now
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    return code

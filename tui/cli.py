@@ -6,6 +6,10 @@ Nothing here imports torch: the app must paint before the engine loads, and `--h
 from __future__ import annotations
 
 import argparse
+import io
+import math
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -32,10 +36,37 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+FLAGS = {
+    "model": "--model",
+    "device": "--device",
+    "dtype": "--dtype",
+    "tp": "--tp",
+    "max_batch": "--max-batch",
+    "max_seq_len": "--max-seq-len",
+}
+
+
+def with_flags(message: str, fields: Sequence[str]) -> str:
+    """An engine's message (which names no options) with the options of these commands that set what it names."""
+    flags = [FLAGS[f] for f in fields if f in FLAGS]
+    return f"{message} ({', '.join(flags)})" if flags else message
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    """A float option: NaN and infinities are refused here, before anything loads."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -52,10 +83,10 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion")
     g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
     g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
     s = p.add_argument_group("sampling (defaults per cap)")
-    s.add_argument("--temperature", type=float, metavar="T", help="0 is greedy")
-    s.add_argument("--top-p", type=float, metavar="P")
+    s.add_argument("--temperature", type=_finite, metavar="T", help="0 is greedy")
+    s.add_argument("--top-p", type=_finite, metavar="P")
     s.add_argument("--top-k", type=int, metavar="K", help="0 disables it (default 40)")
-    s.add_argument("--repetition-penalty", type=float, metavar="R")
+    s.add_argument("--repetition-penalty", type=_finite, metavar="R")
     s.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default 512")
     s.add_argument("--seed", type=int, metavar="S")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
@@ -98,7 +129,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         "file",
         nargs="?",
         metavar="FILE",
-        help="UTF-8 text file to open in the editor (created on the first save); ctrl+s saves, F12 saves as",
+        help="UTF-8 text file to open in the editor (created on the first save); "
+        "ctrl+s saves, F12 saves as; unsaved changes are kept in $XDG_STATE_HOME/codellama-tui/recovery/ "
+        "(~/.local/state/...) and offered when the file is opened again",
     )
     app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
     _engine_options(app)
@@ -133,6 +166,17 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; a reader of stdout that goes away (`| head`) ends it quietly with 141, as SIGPIPE ends
+    `cat` or `yes`, and without the interpreter's "Exception ignored ... BrokenPipeError" at exit."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush of stdout then has somewhere to go
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parsers = build_parser()
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "app"
@@ -144,6 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model = load_config().model
         except ConfigError as err:
             parsers[command].exit(2, f"{parsers[command].prog}: error: {err}\n")
+    if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
+        print(f"{parsers[command].prog}: error: stdout is closed", file=sys.stderr)
+        return 1
+    if sys.stdin is not None and isinstance(sys.stdin, io.TextIOWrapper):
+        # Invalid UTF-8 on stdin is kept as lone surrogates, which the engine replaces and reports (clean_text)
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
     if command == "generate":
         from tui.oneshot import generate
 
@@ -159,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return bench(args)
         except EngineError as err:  # a bad --tp, a dead rank, a broken checkpoint: one line, as everywhere
-            print(f"codellama-tui bench: error: {err}", file=sys.stderr)
+            print(f"codellama-tui bench: error: {with_flags(str(err), err.fields)}", file=sys.stderr)
             return 1
     if command == "chat":
         from tui.console import run_console

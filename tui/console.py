@@ -3,20 +3,18 @@
 Inputs follow `tui.console_input` (a line `!!` ends one). Answers stream to stdout as they come; on a
 terminal they are then redrawn syntax-highlighted, while notes, warnings, errors and the stats line go to
 stderr, so that a script piping stdin gets exactly the answers on stdout and no colour codes anywhere.
-The engine is reached only through its client, so the console never imports torch itself.
+The engine is reached only through the client contract (`engine.client`), so the console never imports torch
+itself; the conversation's history is kept here (`tui.conversation`) and sent whole every turn.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import signal
 import sys
-import threading
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING
 
 from pygments.lexers import get_lexer_by_name
 from pygments.lexers.python import PythonLexer
@@ -28,12 +26,15 @@ from rich.style import Style
 from rich.syntax import Syntax
 from rich.text import Text
 
-from engine.client import EngineClient
+from engine.client import Client, EventSink, ForceQuit
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, Loading, ModelInfo, Started, Stats, TextDelta, TurnsDropped
+from engine.local_client import LocalClient
 from engine.prompts import answer_room
-from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams
+from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
+from tui.cli import with_flags
 from tui.console_input import Action, Input, classify, is_sentinel, read_inputs
+from tui.conversation import Conversation
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -45,18 +46,7 @@ _FENCE = re.compile(r"^(```[ \t]*([\w+#.-]*)[^\n]*\n)(.*?)(^```[ \t]*$|\Z)", re.
 _FILLED = Style(bgcolor="grey23")
 
 
-class ConsoleClient(Protocol):
-    """What the console needs of `EngineClient`; tests pass a fake with the same methods."""
-
-    def start(self) -> ConsoleClient: ...
-    def wait_ready(self, timeout: float | None = None) -> ModelInfo: ...
-    def stream(self, request: Request) -> Iterator[Event]: ...
-    def cancel(self, request_id: int) -> None: ...
-    def end_session(self, session: str) -> None: ...
-    def close(self, timeout: float = 10.0) -> None: ...
-
-
-ClientFactory = Callable[[EngineSpec, Callable[[Event], None]], ConsoleClient]
+ClientFactory = Callable[[EngineSpec, EventSink], Client]
 
 
 def run_console(
@@ -65,7 +55,7 @@ def run_console(
     system: str | None,
     overrides: dict[str, object],
     *,
-    client_factory: ClientFactory = EngineClient,
+    client_factory: ClientFactory = LocalClient,
     stdin: IO[str] | None = None,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
@@ -76,8 +66,11 @@ def run_console(
     line by line with the same protocol and nothing is coloured.
     """
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    interactive = stdin.isatty() and stdout.isatty()
+    interactive = stdin is not None and stdin.isatty() and stdout.isatty()
     out = Output(stdout, stderr, interactive)
+    if stdin is None:  # `<&-`
+        out.error("error: stdin is closed: there is nothing to read the inputs from")
+        return 2
     try:
         if cap not in CAPS:
             raise ValueError(f"unknown cap '{cap}'; choose one of {', '.join(CAPS)}")
@@ -96,11 +89,13 @@ def run_console(
             return 1
         chat = Chat(client, out, info, cap, system, sampling, stdin if interactive else None)
         if interactive:
-            out.note(f"{info.name} · cap {cap} · {info.device} {info.dtype} · context {info.context} tokens")
+            where = [f"{info.device} {info.dtype}"] if info.device else []
+            context = [f"context {info.context} tokens"] if info.context else []
+            out.note(" · ".join([info.name, f"cap {cap}", *where, *context]))
             out.note(HINT)
         return chat.run(terminal_inputs(make_prompt_session()) if interactive else read_inputs(stdin))
     except EngineError as err:
-        out.error(f"error: {err}")
+        out.error(f"error: {with_flags(str(err), err.fields)}")
         return 1
     except (KeyboardInterrupt, ForceQuit):
         out.break_line()
@@ -118,7 +113,7 @@ class Chat:
 
     def __init__(
         self,
-        client: ConsoleClient,
+        client: Client,
         out: Output,
         info: ModelInfo,
         cap: str,
@@ -128,7 +123,7 @@ class Chat:
     ) -> None:
         self.client, self.out, self.info, self.terminal = client, out, info, terminal
         self.cap, self.system, self.sampling = cap, system, sampling
-        self.session = self._new_session_id()
+        self.conversation = Conversation(system)
         self.used = 0  # tokens the chat session holds after its last exchange
         self.warned_full = False
 
@@ -144,33 +139,32 @@ class Chat:
         return 0
 
     def new_session(self) -> None:
-        """`end`/`reset`: forget the conversation (the engine frees its cache) and start another."""
-        if self.cap == "chat":
-            self.client.end_session(self.session)
-        self.session = self._new_session_id()
+        """`end`/`reset`: forget the conversation and start another."""
+        self.conversation = Conversation(self.system)
         self.used = 0
         self.warned_full = False
         self.out.note("(new session)")
 
     def ask(self, text: str) -> None:
-        """Send one input and show its answer as it streams; ctrl+c cancels it and keeps the session."""
+        """Send one input and show its answer as it streams; ctrl+c cancels it (the client's stream sees to that)
+        and keeps the session."""
         chat = self.cap == "chat"
-        request = Request(
-            cap=self.cap,  # type: ignore[arg-type]
-            text=text,
-            system=self.system if chat else None,
-            session=self.session if chat else None,
-            sampling=self.sampling,
-        )
+        if chat:
+            request = self.conversation.request(text, self.sampling)
+        else:
+            request = Request(cap=self.cap, text=text, sampling=self.sampling)  # type: ignore[arg-type]
         answer = Answer(self.out, self.cap, text)
         context = self.info.context
-        with _cancel_on_interrupt(self.client, request.id), _no_echo(self.terminal):
+        with _no_echo(self.terminal):
             for event in self.client.stream(request):
                 if isinstance(event, TextDelta):
                     answer.add(event.text)
                 elif isinstance(event, Started):
                     context = event.context
+                    if event.replaced:
+                        self.out.warn(f"warning: {replacement_warning(event.replaced)}")
                 elif isinstance(event, TurnsDropped):
+                    self.conversation.drop(event.count)
                     answer.interrupt()
                     s = "s" if event.count != 1 else ""
                     self.out.warn(
@@ -183,11 +177,15 @@ class Chat:
                     answer.finish()
                     self.out.stats(stats_line(event.reason, event.stats, context))
                     if chat and event.reason != "cancelled":  # a cancelled exchange is not kept
+                        self.conversation.answered(request, event.text)
                         self._check_room(event.stats, context)
 
-    def _check_room(self, stats: Stats, context: int) -> None:
+    def _check_room(self, stats: Stats, context: int | None) -> None:
         """Warn once per session when another exchange like the last one would not fit, as the seed did
-        before refusing; the engine then drops the oldest exchanges, keeping room for a full answer."""
+        before refusing; the engine then drops the oldest exchanges, keeping room for a full answer. A server
+        that does not say its context gets no warning."""
+        if context is None:
+            return
         message = max(0, stats.prompt_tokens - self.used)
         self.used = stats.prompt_tokens + stats.new_tokens
         reserve = answer_room(self.sampling.max_new_tokens, context)
@@ -199,11 +197,8 @@ class Chat:
             "oldest ones (enter end to start a new session)"
         )
 
-    def _new_session_id(self) -> str:
-        return f"console-{uuid.uuid4().hex[:12]}"
 
-
-def stats_line(reason: str, stats: Stats, context: int) -> str:
+def stats_line(reason: str, stats: Stats, context: int | None) -> str:
     """The line after each answer: how much, how fast, and why it stopped when that is not the natural end."""
     why = {
         "length": " · reached max new tokens",
@@ -211,38 +206,6 @@ def stats_line(reason: str, stats: Stats, context: int) -> str:
         "cancelled": " · stopped",
     }.get(reason, "")
     return f"[{stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tokens/s · first token {stats.ttft_s:.2f} s{why}]"
-
-
-class ForceQuit(BaseException):
-    """A second ctrl+c during one answer: quit even if the engine does not stop. Not a KeyboardInterrupt,
-    which `EngineClient.stream` turns into a cancel and swallows."""
-
-
-@contextmanager
-def _cancel_on_interrupt(client: ConsoleClient, request_id: int) -> Iterator[None]:
-    """Make ctrl+c cancel the request (its stream then ends with reason "cancelled"); a second one quits.
-
-    The default KeyboardInterrupt could land while an answer is being printed, outside the client's wait
-    for events, and end the whole console; so the first ctrl+c only sends the cancel. Signal handlers exist
-    only on the main thread.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = False
-
-    def handler(signum: int, frame: object) -> None:
-        nonlocal pressed
-        if pressed:
-            raise ForceQuit
-        pressed = True
-        client.cancel(request_id)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

@@ -99,7 +99,7 @@ def _kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """False only for a process that surely is gone (another user's, or an impossible pid, counts as alive)."""
     try:
         os.kill(pid, 0)
@@ -116,7 +116,7 @@ def _clean_leftovers(target: Path) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in os.scandir(target.parent):
             match = _LEFTOVER.match(entry.name)
-            if not match or match["name"] != target.name or _pid_alive(int(match["pid"])):
+            if not match or match["name"] != target.name or pid_alive(int(match["pid"])):
                 continue
             if match["kind"] == "bak":
                 backups.append(Path(entry.path))

@@ -10,10 +10,12 @@ import json
 import sys
 from collections.abc import Iterator
 
+from engine.client import Client, ForceQuit
 from engine.errors import EngineError
-from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, TextDelta
-from engine.requests import Request, SamplingParams
-from tui.cli import overrides_of, spec_of
+from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, Started, TextDelta
+from engine.requests import Request, SamplingParams, replacement_warning
+from tui.cli import overrides_of, spec_of, with_flags
+from tui.conversation import Conversation
 
 PROG = "codellama-tui"
 
@@ -21,6 +23,19 @@ PROG = "codellama-tui"
 def _fail(message: str, code: int = 1) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _warn_replaced(count: int, n: int, jsonl: bool) -> None:
+    if count:
+        where = f"line {n}: " if jsonl else ""
+        print(f"{PROG}: warning: {where}{replacement_warning(count)}", file=sys.stderr, flush=True)
+
+
+def _no_input(args: argparse.Namespace) -> str | None:
+    """Why there is nothing to read (stdin closed, `<&-`), checked before anything loads; None when input can come."""
+    if sys.stdin is None and (args.jsonl or args.prompt is None):
+        return "stdin is closed: pipe the input in" + ("" if args.jsonl else " or give --prompt")
+    return None
 
 
 def _inputs(args: argparse.Namespace) -> Iterator[tuple[int, str | None, str | None, str | None]]:
@@ -43,6 +58,13 @@ def _inputs(args: argparse.Namespace) -> Iterator[tuple[int, str | None, str | N
         yield n, text, system, None
 
 
+def _request(args: argparse.Namespace, text: str, system: str | None, sampling: SamplingParams) -> Request:
+    """One input as a request: for chat, a conversation of the system instruction and this one message."""
+    if args.cap == "chat":
+        return Conversation(system).request(text, sampling)
+    return Request(args.cap, text=text, suffix_first=args.spm, sampling=sampling)
+
+
 def _progress(event: Event) -> None:
     if isinstance(event, Loading):
         print(f"loading {event.fraction:4.0%} {event.stage}", file=sys.stderr, flush=True)
@@ -60,63 +82,58 @@ def _progress(event: Event) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from engine.client import EngineClient
+    from engine.local_client import LocalClient
 
     try:
         sampling = SamplingParams.for_cap(args.cap, **overrides_of(args))
         sampling.check()
     except ValueError as err:
         return _fail(str(err), 2)
-    client = EngineClient(spec_of(args, max_batch=1), on_event=_progress).start()
+    if (why := _no_input(args)) is not None:
+        return _fail(why, 2)
+    client = LocalClient(spec_of(args, max_batch=1), on_event=_progress).start()
     try:
         client.wait_ready()
     except EngineError as err:
-        return _fail(str(err))
+        return _fail(with_flags(str(err), err.fields))
     code = 0
     try:
-        for _n, text, system, error in _inputs(args):
+        for n, text, system, error in _inputs(args):
             if error is not None:
                 print(json.dumps({"error": error}), flush=True)
                 print(f"{PROG}: error: {error}", file=sys.stderr)
                 code = 1
                 continue
-            request = Request(args.cap, text=text, system=system, suffix_first=args.spm, sampling=sampling)
-            code = max(code, _run(client, request, args.jsonl))
+            code = max(code, _run(client, _request(args, text, system, sampling), args.jsonl, n))
             if code == 130:
                 break
+    except (KeyboardInterrupt, ForceQuit):  # between inputs, or a second Ctrl+C during one
+        code = _fail("cancelled", 130)
     finally:
         client.close()
     return code
 
 
-def _run(client, request: Request, jsonl: bool) -> int:  # client: engine.client.EngineClient
-    """Stream one request to stdout; Ctrl+C cancels it (exit 130), prints nothing more and keeps what was printed.
-    A Ctrl+C that lands while this prints (not while the stream waits, which handles it itself) is handled here."""
-    events = client.stream(request)
-    interrupted = False
-    while True:
-        try:
-            for event in events:
-                if isinstance(event, TextDelta) and not jsonl:
-                    if not interrupted:
-                        sys.stdout.write(event.text)
-                        sys.stdout.flush()
-                elif isinstance(event, Failed):
-                    if jsonl:
-                        print(json.dumps({"error": event.message}), flush=True)
-                    return _fail(event.message)
-                elif isinstance(event, Finished):
-                    if jsonl:
-                        print(json.dumps({"text": event.text}), flush=True)
-                    elif event.text and not event.text.endswith("\n") and sys.stdout.isatty():
-                        print()
-                    if interrupted or event.reason == "cancelled":
-                        return _fail("cancelled", 130)
-                    return 0
-            return _fail("cancelled", 130)  # a Ctrl+C inside the stream's own code ended it
-        except KeyboardInterrupt:
-            client.cancel(request.id)
-            interrupted = True
+def _run(client: Client, request: Request, jsonl: bool, n: int) -> int:
+    """Stream one request (input line `n`) to stdout. Ctrl+C cancels it (exit 130): the stream then yields no more
+    text and ends "cancelled", so what was printed is kept and nothing follows it."""
+    for event in client.stream(request):
+        if isinstance(event, Started):
+            _warn_replaced(event.replaced, n, jsonl)
+        elif isinstance(event, TextDelta) and not jsonl:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, Failed):
+            if jsonl:
+                print(json.dumps({"error": event.message}), flush=True)
+            return _fail(event.message)
+        elif isinstance(event, Finished):
+            if jsonl:
+                print(json.dumps({"text": event.text}), flush=True)
+            elif event.text and not event.text.endswith("\n") and sys.stdout.isatty():
+                print()
+            return _fail("cancelled", 130) if event.reason == "cancelled" else 0
+    raise AssertionError("a stream ends with Finished or Failed")
 
 
 def tokenize(args: argparse.Namespace) -> int:
@@ -124,16 +141,19 @@ def tokenize(args: argparse.Namespace) -> int:
     from engine.prompts import build_prompt
     from engine.tokenizer import Tokenizer
 
+    if (why := _no_input(args)) is not None:
+        return _fail(why, 2)
     try:
         tok = Tokenizer.from_dir(model_dir(args.model))
     except EngineError as err:
         return _fail(str(err))
     code = 0
-    for _n, text, system, error in _inputs(args):
+    for n, text, system, error in _inputs(args):
         try:
             if error is not None:
                 raise EngineError(error)
-            request = Request(args.cap, text=text, system=system, suffix_first=args.spm)
+            request, replaced = _request(args, text, system, SamplingParams()).cleaned()
+            _warn_replaced(replaced, n, args.jsonl)
             print(json.dumps(build_prompt(tok, request)), flush=True)
         except EngineError as err:
             if args.jsonl:

@@ -87,12 +87,13 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(yes)
 
 
-def diff_lines(before: str, after: str) -> tuple[str, list[str]]:
-    """A one-line count of what changed from `before` to `after`, and the unified diff (clipped to DIFF_LINES)."""
-    diff = list(difflib.unified_diff(before.split("\n"), after.split("\n"), "here", "on disk", n=1, lineterm=""))[2:]
+def diff_lines(before: str, after: str, where: str = "on disk") -> tuple[str, list[str]]:
+    """A one-line count of what changed from `before` to `after` (`where` names the after), and the unified diff
+    (clipped to DIFF_LINES)."""
+    diff = list(difflib.unified_diff(before.split("\n"), after.split("\n"), "before", where, n=1, lineterm=""))[2:]
     added = sum(1 for line in diff if line.startswith("+"))
     removed = sum(1 for line in diff if line.startswith("-"))
-    summary = f"{added} line{'s' * (added != 1)} added, {removed} removed on disk"
+    summary = f"{added} line{'s' * (added != 1)} added, {removed} removed {where}"
     if len(diff) > DIFF_LINES:
         diff = [*diff[:DIFF_LINES], f"… {len(diff) - DIFF_LINES} more diff lines"]
     return summary, diff

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from rich.style import Style
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
@@ -36,6 +37,12 @@ from engine.requests import FILL
 
 FILL_HIGHLIGHT = "fill.marker"
 _FILL_RE = re.compile(re.escape(FILL))
+
+# What the editor takes: Textual's TextArea re-highlights the whole file and sums every line's height on each
+# keystroke, so past these a keystroke takes seconds (BENCHMARKS.md, "The editor and big files").
+MAX_BYTES = 2 * 2**20
+MAX_LINES = 30_000
+HIGHLIGHT_MAX_BYTES = 128 * 2**10  # a bigger file is edited as plain text
 
 # File suffix -> tree-sitter language shipped with textual[syntax]; anything else is plain text.
 _LANGUAGES = {
@@ -81,6 +88,19 @@ def language_for(path: str | None) -> str | None:
     if path is None:
         return "python"
     return _LANGUAGES.get(Path(path).suffix.lower())
+
+
+def size_problem(size: int, lines: int) -> str | None:
+    """Why a text of `size` bytes and `lines` lines is too big for the editor, or None when it is not."""
+    if size > MAX_BYTES:
+        return f"{size / 2**20:.1f} MiB, more than the {MAX_BYTES // 2**20} MiB the editor takes"
+    if lines > MAX_LINES:
+        return f"{lines:,} lines, more than the {MAX_LINES:,} the editor takes"
+    return None
+
+
+def utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def fill_markers(text: str) -> list[tuple[int, int]]:
@@ -129,12 +149,21 @@ class CodeEditor(TextArea):
         """The user edited or moved while a ghost or a stream was live: its request should stop."""
 
     class GhostChanged(Message):
-        """The ghost text changed (the pane redraws the lines below the cursor)."""
+        """The ghost text changed (the pane redraws the lines below the cursor, the app its keys)."""
+
+    class PasteRefused(Message):
+        """A paste would have made the text too big for the editor; `reason` says by how much."""
+
+        def __init__(self, reason: str) -> None:
+            super().__init__()
+            self.reason = reason
 
     def __init__(self, text: str = "", *, path: str | None = None, id: str | None = None) -> None:
+        language = language_for(path)
+        self.plain_for_size = language is not None and utf8_size(text) > HIGHLIGHT_MAX_BYTES
         super().__init__(
             text,
-            language=language_for(path),
+            language=None if self.plain_for_size else language,
             soft_wrap=False,
             tab_behavior="indent",
             show_line_numbers=True,
@@ -227,7 +256,6 @@ class CodeEditor(TextArea):
         self.update_suggestion()
         self.refresh()
         self.post_message(self.GhostChanged())
-        self.app.refresh_bindings()
 
     def action_cursor_right(self, select: bool = False) -> None:
         if self._ghost and not select:
@@ -292,6 +320,13 @@ class CodeEditor(TextArea):
             yield
         finally:
             self._writing = False
+
+    def on_paste(self, event: events.Paste) -> None:
+        """Refuse a paste that would make the text too big to edit (the editor would freeze on it)."""
+        size = utf8_size(self.text) + utf8_size(event.text)
+        if problem := size_problem(size, self.document.line_count + event.text.count("\n")):
+            event.prevent_default()
+            self.post_message(self.PasteRefused(problem))
 
     # ----- the user's edits come first
 

@@ -60,7 +60,7 @@ class StatusBar(Horizontal):
             return "no model yet"
         if info.is_demo:
             return "DEMO model (tiny; --model DIR for CodeLlama)"
-        return f"{info.name} ({info.flavour})"
+        return f"{info.name} ({info.flavour})" if info.flavour else info.name
 
     def render_text(self) -> str:
         """The line as plain text, most changeable first (tests read it; the bar shows it)."""
@@ -69,8 +69,9 @@ class StatusBar(Horizontal):
         if self.note:
             parts.append(self.note)
         parts += [self._model_text(), self.cap]
-        if info is not None:
-            parts.append(f"{info.device} tp{info.tp}")
+        if info is not None and info.device is not None:  # a foreign server tells neither device nor context
+            parts.append(f"{info.device} tp{info.tp or 1}")
+        if info is not None and info.context is not None:
             parts.append(f"ctx {self.context_used}/{info.context}")
         return " │ ".join(parts)
 

@@ -1,0 +1,170 @@
+"""The scheduler loop: admit -> prefill -> batched decode step -> sample -> emit.
+
+Each `step()` admits waiting sequences into KV slots (the prefix cache picks the slot, and how much of the prompt
+it already holds), prefills one chunk of one prompt, then decodes one token for every running sequence as one
+batch, and returns the events that produced. With tensor parallelism this runs on rank 0 only: its model and
+runner calls are relayed to the other ranks (engine.tp), which keep no scheduler state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from engine.errors import EngineError
+from engine.events import Event, Failed, Finished, FinishReason, TextDelta
+from engine.prefix_cache import PrefixCache
+from engine.sequence import SequenceState
+from engine.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 2048
+
+
+class Scheduler:
+    """The sequences in their three queues (waiting for a slot, prefilling, running) and the loop that moves
+    them. `model` and `runner` are the engine's (or, on rank 0 of a tensor-parallel world, stand-ins that relay
+    each call to every rank)."""
+
+    def __init__(
+        self, model: Any, runner: Any, tok: Tokenizer, n_slots: int, context: int, device: torch.device
+    ) -> None:
+        self.model, self.runner, self.tok = model, runner, tok
+        self.context, self.device = context, device
+        self.cache = PrefixCache(n_slots)
+        self.waiting: deque[SequenceState] = deque()
+        self.prefilling: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []
+        self.inflight: list[SequenceState] | None = None  # the sequences of the launched, not yet collected step
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running or self.inflight is not None)
+
+    def add(self, seq: SequenceState) -> None:
+        self.waiting.append(seq)
+
+    def cancel(self, request_id: str) -> list[Event]:
+        """End a request now; its slot is free for the next step."""
+        for queue in (self.waiting, self.prefilling, self.running):
+            for seq in queue:
+                if seq.request.id == request_id:
+                    return self._finish(seq, "cancelled")
+        return []
+
+    def step(self) -> list[Event]:
+        """Admit, prefill one chunk, decode one token per running sequence."""
+        events: list[Event] = []
+        try:
+            self._admit()
+            if self.prefilling:
+                self._prefill_chunk(self.prefilling[0], events)
+            if self.running or self.inflight is not None:
+                self._decode(events)
+        except Exception as err:  # a failed step must not take the worker down
+            events.extend(self._fail_all(err))
+        return events
+
+    def _admit(self) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            taken = self.cache.take(seq.ids)
+            if taken is None:
+                return
+            seq.slot, cached = taken
+            self.runner.mark_seen(seq.slot, seq.ids)  # may fail (a dead tensor-parallel rank): still queued, it fails
+            seq.cached = seq.done = cached
+            self.waiting.popleft()
+            self.prefilling.append(seq)
+
+    def _prefill_chunk(self, seq: SequenceState, events: list[Event]) -> None:
+        end = min(seq.done + PREFILL_CHUNK, len(seq.ids))
+        tokens = torch.tensor(seq.ids[seq.done : end], device=self.device)
+        logits = self.model.prefill(tokens, seq.slot, seq.done)
+        seq.done = end
+        if end == len(seq.ids):
+            self.prefilling.popleft()
+            self.running.append(seq)
+            (token,) = self.runner.sample(logits[None], [seq.row(0)])
+            seq.t_first = time.perf_counter()
+            self._accept(seq, token, events)
+
+    def _decode(self, events: list[Event]) -> None:
+        """One decode step, pipelined: while the batch stays the same, the next step is launched from the
+        device's own outputs before this step's tokens are read, so the host's work (detokenizing, stops,
+        events) overlaps the GPU's. A token computed for a sequence that has meanwhile ended is dropped."""
+        batch = list(self.running)
+        done = self.inflight
+        if done is None:
+            self.runner.launch([s.row(s.generated[-1]) for s in batch])
+            self.inflight = batch
+            return
+        same = done == batch
+        if same:
+            self.runner.launch()
+        self.inflight = batch if same else None
+        for seq, token in zip(done, self.runner.collect(), strict=True):
+            if seq in self.running:
+                self._accept(seq, token, events)
+        if self.inflight is None and self.running:
+            self.runner.launch([s.row(s.generated[-1]) for s in self.running])
+            self.inflight = list(self.running)
+
+    def _accept(self, seq: SequenceState, token: int, events: list[Event]) -> None:
+        """Take one sampled token: stream its text, and finish the sequence if a stop condition holds."""
+        seq.generated.append(token)
+        if token in seq.stops:
+            events.extend(self._finish(seq, "eot" if token == self.tok.eot_id else "eos"))
+            return
+        text, hit = seq.stop_strings.feed(seq.decoder.push(token))
+        self._emit(seq, text, events)
+        if hit:
+            events.extend(self._finish(seq, "stop"))
+        elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
+            events.extend(self._finish(seq, "length"))
+        elif len(seq.ids) + len(seq.generated) >= self.context:
+            events.extend(self._finish(seq, "context"))
+
+    def _emit(self, seq: SequenceState, text: str, events: list[Event]) -> None:
+        if seq.strip_leading:
+            text = text.lstrip()
+            seq.strip_leading = not text
+        if text:
+            seq.text.append(text)
+            events.append(TextDelta(seq.request.id, text))
+
+    def _finish(self, seq: SequenceState, reason: FinishReason) -> list[Event]:
+        """End a sequence: flush its text, and leave its keys and values in its slot for the prefix cache."""
+        events: list[Event] = []
+        if reason not in ("stop", "cancelled"):
+            self._emit(seq, seq.stop_strings.feed(seq.decoder.flush())[0] + seq.stop_strings.flush(), events)
+        for queue in (self.waiting, self.prefilling):
+            if seq in queue:
+                queue.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot >= 0:
+            self.cache.release(seq.slot, seq.in_slot(), len(seq.ids))
+        events.append(Finished(seq.request.id, reason, "".join(seq.text), seq.stats()))
+        return events
+
+    def _fail_all(self, err: Exception) -> list[Event]:
+        """After a failed step nothing in the cache can be trusted: end every request and forget the cache."""
+        if isinstance(err, torch.OutOfMemoryError):
+            message = (
+                "out of GPU memory during generation; try a shorter prompt, fewer concurrent sequences or more GPUs"
+            )
+        elif isinstance(err, EngineError):
+            message = str(err)
+        else:
+            message = f"generation failed: {type(err).__name__}: {err}"
+        events: list[Event] = []
+        for seq in [*self.waiting, *self.prefilling, *self.running]:
+            self._finish(seq, "cancelled")
+            events.append(Failed(seq.request.id, message))
+        self.cache.forget()
+        self.inflight = None
+        self.runner.inflight.clear()
+        return events
