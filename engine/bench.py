@@ -59,7 +59,10 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     """An engine on random weights (normal, std 0.02; norms 1) at a real shape; returns it and the init time."""
     device, dtype = pick_device(spec.device), pick_dtype(spec.dtype, pick_device(spec.device))
     start = _now(device)
-    with compile_ahead(cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world) as compiling:
+    ahead = compile_ahead(
+        cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, spec.speculate
+    )
+    with ahead as compiling:
         recorded = _now(device)
         model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype)
         built = _now(device)
@@ -79,7 +82,7 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     )
     info = ModelInfo(name=f"random {cfg.dim}", flavour="base", can_infill=tok.can_infill, device=str(device),
                      dtype=str(dtype), tp=par.world, context=spec.max_seq_len, vocab_size=cfg.vocab_size)  # fmt: skip
-    engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs)
+    engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs, spec.speculate)
     engine.compiled_ahead = compiling
     return engine, load_s
 

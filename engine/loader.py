@@ -20,7 +20,7 @@ from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import Parallel, Shard
 from engine.requests import EngineSpec
-from engine.runner import compile_ahead
+from engine.runner import MAX_SPECULATE, compile_ahead
 from engine.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,9 +88,16 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
         torch.set_num_threads(max(1, (os.cpu_count() - 1) // par.world))
     if spec.max_batch < 1:
         raise EngineError(f"the batch (concurrent sequences) must be >= 1, got {spec.max_batch}", fields=("max_batch",))
+    if not 0 <= spec.speculate <= MAX_SPECULATE:
+        raise EngineError(
+            f"speculation proposes 0 (off) to {MAX_SPECULATE} tokens per step, not {spec.speculate}",
+            fields=("speculate",),
+        )
     context = par.smallest(context_for(spec, cfg, Shard.of(cfg, par.world), device, dtype))
     try:
-        with compile_ahead(cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world) as ahead:
+        with compile_ahead(
+            cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, spec.speculate
+        ) as ahead:
             model = Llama.empty(cfg, context, par, device, dtype)
             load_weights(model, path, progress)
             model.setup_cache(spec.max_batch + 1, context, dtype)

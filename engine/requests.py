@@ -109,6 +109,9 @@ class Request:
     - `fit`: a prompt longer than the context is shortened instead of failing: completion and infilling lose
       whole lines far from the cursor (`TextClipped` says how many; an editor sends whole files this way), chat
       loses its oldest exchanges (`TurnsDropped` says how many; the front end then forgets them too).
+    - `speculate`: where the engine allows it (`EngineSpec.speculate`), propose the tokens that followed the
+      answer's latest words where they occurred before (prompt-lookup speculation) and verify them in one step:
+      faster where the answer repeats the prompt (an edited file, code pasted into a chat), the same tokens.
     - `id` is opaque: a new uuid unless the caller gives one.
     """
 
@@ -119,6 +122,7 @@ class Request:
     messages: tuple[ChatMessage, ...] = ()
     suffix_first: bool = False
     fit: bool = False
+    speculate: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=new_request_id)
 
@@ -145,3 +149,4 @@ class EngineSpec:
     max_batch: int = 8
     max_seq_len: int | None = None
     cuda_graphs: bool = True
+    speculate: int = 0  # prompt-lookup speculation: the most tokens a request proposes per step (0: off)

@@ -109,7 +109,7 @@ class DecodeRunner:
         self.max_position = model.cache.k.shape[3] - 1
         # Two pinned landing buffers: step t's tokens are read while step t+1 copies its own.
         self.host = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
-        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None, float]] = deque()
+        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None, float, float | None]] = deque()
         self.flip = 0
         self.n = self.batch = 0
         self.greedy = self.penalize = True
@@ -262,7 +262,7 @@ class DecodeRunner:
     def launch(self, rows: Sequence[Row] | None = None) -> None:
         """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
         step, fed from the device with that step's own outputs (no host-to-device copy, no sync)."""
-        start = time.perf_counter()  # on the CPU the step runs right here
+        start = time.perf_counter()
         assert rows is not None or self.batch, "a verify step ran since the last launch: launch with rows"
         if rows is not None:
             self.n = len(rows)
@@ -281,15 +281,17 @@ class DecodeRunner:
         if self.pinned:
             event = torch.cuda.Event()
             event.record()
-        self.inflight.append((buf, self.n, event, start))
+        ran = None if self.pinned else time.perf_counter() - start  # on the CPU the step ran just now, in full
+        self.inflight.append((buf, self.n, event, start, ran))
 
     def collect(self) -> list[int]:
         """The tokens of the oldest launched step (waits for it: the step's only host sync)."""
-        buf, n, event, launched = self.inflight.popleft()
+        buf, n, event, launched, ran = self.inflight.popleft()
         if event is not None:
             event.synchronize()
         now = time.perf_counter()
-        self._timed(self.plain_s, self.bucket(n), now - max(launched, self.last_collect))
+        # On the GPU a step takes from its launch, or the collection of the step before it, to its own collection.
+        self._timed(self.plain_s, self.bucket(n), ran if ran is not None else now - max(launched, self.last_collect))
         self.last_collect = now
         return buf[:n].tolist()
 

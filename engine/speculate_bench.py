@@ -5,8 +5,9 @@ source: "rename", functions of each module (with the lines before them) followed
 name, as a completion whose answer is the function's body again; "fill", the same as an infilling request with the
 text after the function as the suffix (F3 filling in repetitive code); "fresh", sampled continuations of each
 module's opening lines, with less to copy; "noise", sampled continuations of random tokens, where there is nothing
-to copy (what speculation must not slow down). Each request runs without speculation and with it; greedy outputs
-must be identical. Printed: tokens per step, the accepted share of the proposals, and wall-clock speed-ups.
+to copy (what speculation must not slow down). Each request runs through the engine without speculation and with
+it (`Request.speculate`); greedy outputs must be identical. Printed: tokens per decode step, the accepted share of
+the proposals, and the decode speed-up (the tokens after the first, whose prefill speculation does not change).
 `--verify-cost` (a GPU, random weights at `--shape`) instead times the captured verify step against the plain
 decode step for every tokens-per-row bucket at batch 1 and 8.
 """
@@ -18,19 +19,19 @@ import ast
 import json
 import sys
 import sysconfig
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from engine.bench import greedy_row, random_engine
+from engine.config import DEMO_DIR, shape_config
 from engine.demo.corpus import HELD_OUT
 from engine.engine import Engine
-from engine.prompts import build_prompt, stop_ids
+from engine.errors import EngineError
+from engine.events import Failed, Finished
 from engine.requests import EngineSpec, Request, SamplingParams
-from engine.runner import MAX_SPECULATE, DecodeRunner, Row
-from engine.speculate import Proposer
+from engine.runner import MAX_SPECULATE
 from engine.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=256)
@@ -43,26 +44,11 @@ FRESH = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, max_new_tokens=128
 
 @dataclass
 class Item:
-    """One request of a workload: its prompt ids and how to sample."""
+    """One request of a workload."""
 
     workload: str
     name: str
-    ids: list[int]
-    stops: set[int]
-    sampling: SamplingParams
-
-
-@dataclass
-class Run:
-    """One request's outcome: its tokens, decode steps, proposals, and time (all of it, and after the first token)."""
-
-    tokens: list[int] = field(default_factory=list)
-    steps: int = 0
-    verify_steps: int = 0
-    proposed: int = 0
-    accepted: int = 0
-    seconds: float = 0.0
-    decode_s: float = 0.0
+    request: Request
 
 
 def _functions(tree: ast.Module) -> list[ast.FunctionDef]:
@@ -104,118 +90,82 @@ def edit_workload(tok: Tokenizer, context: int, per_module: int = 2) -> list[Ite
             sampling = SamplingParams(**{**GREEDY.__dict__, "max_new_tokens": room})
             name = f"{module[:-3]}.{fn.name}"
             before = _fit_lines(tok, lines[max(0, first - LINES_BEFORE) : fn.end_lineno], budget, from_top=True)
-            completion = Request("completion", text=before + "\n" + header, sampling=sampling)
-            items.append(Item("rename", name, build_prompt(tok, completion), stop_ids(tok, "completion"), sampling))
+            items.append(Item("rename", name, Request("completion", text=before + "\n" + header, sampling=sampling)))
             if tok.can_infill:
                 suffix = _fit_lines(tok, lines[fn.end_lineno :][:40], SUFFIX_TOKENS, from_top=False)
                 prefix = before
                 fill = Request("infilling", prefix=prefix + "\n" + header, suffix="\n" + suffix, sampling=sampling)
-                items.append(Item("fill", name, build_prompt(tok, fill), stop_ids(tok, "infilling"), sampling))
+                items.append(Item("fill", name, fill))
             taken += 1
             if taken == per_module:
                 break
     return items
 
 
-def fresh_workload(tok: Tokenizer) -> list[Item]:
+def fresh_workload() -> list[Item]:
     """The "fresh" requests: each module's first 12 lines, continued by sampling."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     items = []
     for module in HELD_OUT:
         text = "".join((stdlib / module).read_text().splitlines(keepends=True)[:12])
-        ids = build_prompt(tok, Request("completion", text=text, sampling=FRESH))
-        items.append(Item("fresh", module[:-3], ids, stop_ids(tok, "completion"), FRESH))
+        items.append(Item("fresh", module[:-3], Request("completion", text=text, sampling=FRESH)))
     return items
 
 
-def noise_workload(tok: Tokenizer, vocab_size: int, n: int = 8) -> list[Item]:
+def noise_workload(tok: Tokenizer, n: int = 8) -> list[Item]:
     """The "noise" requests, speculation's worst case: prompts of random tokens, continued by sampling from the
     whole distribution, so that proposals are rarely right."""
     gen = torch.Generator().manual_seed(0)
     sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=128, seed=0)
     items = []
     for i in range(n):
-        ids = [tok.bos_id, *torch.randint(3, min(vocab_size, tok.vocab_size), (256,), generator=gen).tolist()]
-        items.append(Item("noise", str(i), ids, stop_ids(tok, "completion"), sampling))
+        text = tok.decode(torch.randint(3, tok.vocab_size, (256,), generator=gen).tolist())
+        items.append(Item("noise", str(i), Request("completion", text=text, sampling=sampling)))
     return items
 
 
-@torch.inference_mode()
-def generate(engine: Engine, runner: DecodeRunner, item: Item, speculate: int) -> Run:
-    """One request at batch 1 in slot 0, as the scheduler runs it: prefill, the first token, then plain steps, or
-    with `speculate` verify steps wherever the proposer has something to propose."""
-    run, p, ids = Run(), item.sampling, item.ids
-    context = engine.context
-
-    def row(token: int) -> Row:
-        position = len(ids) + len(run.tokens) - 1
-        return Row(
-            token=token, position=position, slot=0, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-            penalty=p.repetition_penalty, seed=0, offset=len(run.tokens),
-        )  # fmt: skip
-
-    start = time.perf_counter()
-    runner.mark_seen(0, ids)
-    logits = engine.model.prefill(torch.tensor(ids, device=engine.device), 0, 0)
-    run.tokens = runner.sample(logits[None], [row(0)])
-    first = time.perf_counter()
-    proposer = Proposer(ids + run.tokens) if speculate else None
-    while run.tokens[-1] not in item.stops and len(run.tokens) < p.max_new_tokens:
-        if len(ids) + len(run.tokens) >= context:
-            break
-        room = min(speculate, p.max_new_tokens - len(run.tokens) - 1, context - len(ids) - len(run.tokens))
-        proposal = proposer.propose(room, runner.slope(1)) if proposer is not None else []
-        if proposal:
-            new = runner.verify([row(run.tokens[-1])], [proposal])[0]
-            proposer.feedback(len(proposal), len(new) - 1)
-            run.verify_steps += 1
-            run.proposed += len(proposal)
-            run.accepted += len(new) - 1
-        else:
-            new = runner([row(run.tokens[-1])])
-        stop = next((i for i, t in enumerate(new) if t in item.stops), None)
-        new = new[: stop + 1] if stop is not None else new
-        new = new[: p.max_new_tokens - len(run.tokens)]
-        run.tokens += new
-        run.steps += 1
-        if proposer is not None:
-            proposer.extend(new)
-    run.seconds = time.perf_counter() - start
-    run.decode_s = time.perf_counter() - first
-    return run
+def generate(engine: Engine, item: Item, speculate: bool) -> Finished:
+    """One request through the engine (scheduler, detokenizer, stop checks), alone, with or without speculation."""
+    events = engine.add(replace(item.request, speculate=speculate, id=f"{item.workload}-{item.name}-{speculate}"))
+    while engine.busy:
+        events += engine.step()
+    failed = [e for e in events if isinstance(e, Failed)]
+    if failed:
+        raise EngineError(f"{item.workload} {item.name}: {failed[0].message}")
+    return next(e for e in events if isinstance(e, Finished))
 
 
-def compare(engine: Engine, runner: DecodeRunner, items: list[Item], speculate: int) -> dict[str, dict]:
+def compare(engine: Engine, items: list[Item]) -> dict[str, dict]:
     """Every item without and with speculation, one after the other (one warm-up request first); totals per
-    workload. Greedy outputs are compared (sampled ones draw other tokens from the same distribution)."""
-    generate(engine, runner, items[0], speculate)
+    workload, of the tokens after the first (the prefill's, and the prefix cache makes the second run's prompt
+    free). Greedy outputs are compared (sampled ones draw other tokens from the same distribution)."""
+    generate(engine, items[0], True)
     totals: dict[str, dict] = {}
     for item in items:
-        plain, spec = generate(engine, runner, item, 0), generate(engine, runner, item, speculate)
+        plain, spec = generate(engine, item, False), generate(engine, item, True)
         t = totals.setdefault(item.workload, dict.fromkeys(TOTALS, 0))
         t["requests"] += 1
-        t["plain_tokens"] += len(plain.tokens) - 1
-        t["tokens"] += len(spec.tokens) - 1
-        t["plain_s"] += plain.seconds
-        t["speculative_s"] += spec.seconds
-        t["plain_decode_s"] += plain.decode_s
-        t["speculative_decode_s"] += spec.decode_s
-        for key in ("steps", "verify_steps", "proposed", "accepted"):
-            t[key] += getattr(spec, key)
-        if item.sampling.temperature == 0:
+        for key, run in (("plain", plain), ("speculative", spec)):
+            t[f"{key}_tokens"] += run.stats.new_tokens - 1
+            t[f"{key}_s"] += run.stats.total_s - run.stats.ttft_s
+        t["steps"] += spec.stats.steps
+        t["proposed"] += spec.stats.proposed
+        t["accepted"] += spec.stats.accepted
+        if item.request.sampling.temperature == 0:
             t["greedy"] += 1
-            t["identical"] += plain.tokens == spec.tokens
+            t["identical"] += plain.text == spec.text
     return totals
 
 
-TOTALS = ("requests", "plain_tokens", "tokens", "plain_s", "speculative_s", "plain_decode_s", "speculative_decode_s",
-          "steps", "verify_steps", "proposed", "accepted", "greedy", "identical")  # fmt: skip
+TOTALS = ("requests", "plain_tokens", "speculative_tokens", "plain_s", "speculative_s", "steps", "proposed",
+          "accepted", "greedy", "identical")  # fmt: skip
 
 
-def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[str, float]:
+@torch.inference_mode()  # as the engine runs its steps
+def verify_cost(engine: Engine, steps: int = 50) -> dict[str, float]:
     """Milliseconds per replay of each captured verify step and of the plain step of its batch, on the GPU alone,
     from position 128."""
-    out = {}
+    runner, out = engine.runner, {}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def replay(graph: torch.cuda.CUDAGraph) -> float:
@@ -239,17 +189,14 @@ def verify_cost(engine: Engine, runner: DecodeRunner, steps: int = 50) -> dict[s
 
 
 def _rates(t: dict) -> str:
-    """One workload's line: decode tokens per step and per second without and with speculation, the speed-up of
-    the decode and of the whole requests (prefill included)."""
-    plain_rate, rate = t["plain_tokens"] / t["plain_decode_s"], t["tokens"] / t["speculative_decode_s"]
+    """One workload's line: tokens per step and decode tokens/s without and with speculation."""
+    plain_rate, rate = t["plain_tokens"] / t["plain_s"], t["speculative_tokens"] / t["speculative_s"]
     accepted = t["accepted"] / t["proposed"] if t["proposed"] else 0.0
     identical = f"  greedy identical {t['identical']}/{t['greedy']}" if t["greedy"] else ""
     return (
-        f"{t['requests']:>3} requests {t['tokens']:>5} tokens  {t['tokens'] / t['steps']:4.2f} tokens/step "
-        f"({t['verify_steps']} verify steps, {accepted:.0%} of {t['proposed']} proposed accepted)  "
-        f"decode {plain_rate:6.1f} -> {rate:6.1f} tok/s = {rate / plain_rate:4.2f}x  "
-        f"requests {t['plain_s']:6.2f} -> {t['speculative_s']:6.2f} s = {t['plain_s'] / t['speculative_s']:4.2f}x"
-        + identical
+        f"{t['requests']:>3} requests {t['speculative_tokens']:>5} tokens  "
+        f"{t['speculative_tokens'] / t['steps']:4.2f} tokens/step ({accepted:.0%} of {t['proposed']} proposed "
+        f"accepted)  decode {plain_rate:6.1f} -> {rate:6.1f} tok/s = {rate / plain_rate:4.2f}x" + identical
     )
 
 
@@ -265,31 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="7b", help="--verify-cost: random weights at this shape (default 7b)")
     parser.add_argument("--json", metavar="FILE", help="write every number here too")
     args = parser.parse_args(argv)
+    spec = EngineSpec(model=args.model, device=args.device, dtype=args.dtype, max_batch=8, speculate=args.speculate)
     if args.verify_cost:
-        from engine.config import DEMO_DIR, shape_config
-
-        spec = EngineSpec(device=args.device, dtype=args.dtype, max_batch=8, max_seq_len=512)
+        spec = replace(spec, max_seq_len=512)
         engine, _ = random_engine(shape_config(args.shape), spec, Tokenizer.from_dir(DEMO_DIR))
     else:
-        engine = Engine.load(EngineSpec(model=args.model, device=args.device, dtype=args.dtype, max_batch=8))
-    runner = DecodeRunner(
-        engine.model, engine.runner.seen, engine.runner.max_batch, engine.runner.scratch_slot,
-        bool(engine.runner.graphs), speculate=args.speculate,
-    )  # fmt: skip
+        engine = Engine.load(spec)
     name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     print(f"speculate_bench: {engine.info.name} on {name} ({engine.info.dtype}), up to {args.speculate} proposed")
     if args.verify_cost:
-        result = verify_cost(engine, runner)
+        result = verify_cost(engine)
         for key, ms in result.items():
             print(f"  {key:<16} {ms:7.3f} ms")
     else:
-        items = edit_workload(engine.tok, engine.context, args.per_module) + fresh_workload(engine.tok)
-        items += noise_workload(engine.tok, engine.model.cfg.vocab_size)
+        items = edit_workload(engine.tok, engine.context, args.per_module) + fresh_workload()
+        items += noise_workload(engine.tok)
         items = [item for item in items if item.workload in args.workloads.split(",")]
-        result = compare(engine, runner, items, args.speculate)
+        result = compare(engine, items)
         for workload, totals in result.items():
             print(f"  {workload:<7} {_rates(totals)}")
-        result["slope"] = runner.slope(1)
+        result["slope"] = engine.runner.slope(1)
         print(f"  one more token per row cost {result['slope']:.2f} plain steps (measured at batch 1)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

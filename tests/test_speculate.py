@@ -327,77 +327,107 @@ def test_verify_shapes_stay_few() -> None:
 
 def test_bench_workloads_fit_the_demo_context() -> None:
     """The edit workload re-emits a renamed function of every held-out module, as a completion and as an infilling
-    request, each fitting the demo model's context with room for the answer; the fresh one samples."""
+    request, each fitting the demo model's context with room for the answer; the fresh and noise ones sample."""
     from engine.config import DEMO_DIR
-    from engine.speculate_bench import edit_workload, fresh_workload
+    from engine.prompts import build_prompt
+    from engine.speculate_bench import edit_workload, fresh_workload, noise_workload
     from engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(DEMO_DIR)
     items = edit_workload(tok, 1024, per_module=1)
     assert [i.workload for i in items] == ["rename", "fill"] * 8
     for item in items:
-        assert len(item.ids) + item.sampling.max_new_tokens <= 1024 and item.sampling.temperature == 0
+        ids, sampling = build_prompt(tok, item.request), item.request.sampling
+        assert len(ids) + sampling.max_new_tokens <= 1024 and sampling.temperature == 0
         name = item.name.split(".")[1]
-        assert f"def {name}_v2(" in tok.decode(item.ids) and f"def {name}(" in tok.decode(item.ids)
-    fresh = fresh_workload(tok)
-    assert len(fresh) == 8 and all(i.sampling.temperature > 0 for i in fresh)
+        assert f"def {name}_v2(" in tok.decode(ids) and f"def {name}(" in tok.decode(ids)
+    sampled = fresh_workload() + noise_workload(tok)
+    assert len(sampled) == 16 and all(i.request.sampling.temperature > 0 for i in sampled)
 
 
-@torch.inference_mode()
-def test_sampled_verify_steps_draw_as_plain_steps() -> None:
-    """Through the runner on a model (top-k 3, temperature 0.9, repetition penalty 1.3): the first two tokens after
-    a prompt, drawn by a plain step or as a verify step's first token (its proposal the second likeliest token,
-    so both accepted and rejected), match their exact joint distribution, computed from the model's logits."""
-    m = tiny_model("cpu", 4)
-    prompt = torch.randint(3, 512, (12,), generator=torch.Generator().manual_seed(8)).tolist()
-    temperature, top_k, penalty = 0.9, 3, 1.3
+# --- through the engine ---------------------------------------------------------------------------------------------
 
-    def probs(ids: list[int]) -> torch.Tensor:
-        """The sampler's distribution after `ids` (its seen set: all of them)."""
-        logits = m.prefill(torch.tensor(ids), 3, 0)[None]
-        logits = sampling.apply_repetition_penalty(logits, torch.tensor([ids]), torch.tensor([penalty]))
-        _, scaled, keep = sampling.filtered(logits, torch.tensor([temperature]), torch.tensor([top_k]), torch.ones(1))
-        return torch.where(keep, scaled, float("-inf")).softmax(-1)[0]
 
-    first = probs(prompt)
-    exact, guess = {}, {}
-    for t1 in first.nonzero().flatten().tolist():
-        second = probs(prompt + [t1])
-        guess[t1] = int(second.argsort(descending=True)[1])
-        for t2 in second.nonzero().flatten().tolist():
-            exact[(t1, t2)] = first[t1].item() * second[t2].item()
-    runner = DecodeRunner(m, torch.zeros(5, 512, dtype=torch.bool), 3, 3, use_graphs=False, speculate=3)
-    for slot in range(3):
-        m.prefill(torch.tensor(prompt), slot, 0)
+@pytest.fixture(scope="module")
+def demo_engine():
+    """The demo model (it copies what it has just seen, so proposals get accepted) with speculation allowed."""
+    from engine.engine import Engine
+    from engine.requests import EngineSpec
 
-    def row(slot: int, token: int, offset: int, seed: int) -> Row:
-        return Row(
-            token=token, position=len(prompt) - 1 + offset, slot=slot, temperature=temperature, top_k=top_k,
-            top_p=1.0, penalty=penalty, seed=seed, offset=offset,
-        )  # fmt: skip
+    threads = torch.get_num_threads()
+    engine = Engine.load(EngineSpec(device="cpu", dtype="float32", max_batch=4, speculate=15))
+    yield engine
+    engine.close()
+    torch.set_num_threads(threads)
 
-    draws = {"plain": [], "speculative": []}
-    logits = m.prefill(torch.tensor(prompt[-1:]), 0, len(prompt) - 1)[None].expand(3, -1)
-    taken = 0
-    for seed in range(0, 1200, 3):
-        for slot in range(3):
-            runner.mark_seen(slot, prompt)
-        seeds = [seed + slot for slot in range(3)]
-        t1 = runner.sample(logits, [row(slot, 0, 0, s) for slot, s in enumerate(seeds)])
-        plain = runner([row(slot, t, 1, s) for slot, (t, s) in enumerate(zip(t1, seeds, strict=True))])
-        for slot in range(3):
-            runner.mark_seen(slot, [*prompt, t1[slot]])
-        rows = [row(slot, t, 1, s) for slot, (t, s) in enumerate(zip(t1, seeds, strict=True))]
-        news = runner.verify(rows, [[guess[t]] for t in t1])
-        taken += sum(len(new) > 1 for new in news)
-        draws["plain"] += list(zip(t1, plain, strict=True))
-        draws["speculative"] += [(t, new[0]) for t, new in zip(t1, news, strict=True)]
-    for name, drawn in draws.items():
-        counts = {key: drawn.count(key) for key in exact}
-        assert sum(counts.values()) == len(drawn), name
-        expected = {k: p * len(drawn) for k, p in exact.items() if p * len(drawn) >= 5}
-        stat = sum((counts[k] - e) ** 2 / e for k, e in expected.items())
-        df = len(expected) - 1
-        bound = df * (1 - 2 / (9 * df) + 4.0 * math.sqrt(2 / (9 * df))) ** 3
-        assert stat < bound, (name, stat, bound)
-    assert 0.1 * len(draws["plain"]) < taken < 0.9 * len(draws["plain"])
+
+def _run(engine, *requests) -> dict:
+    """Run the requests together; each one's Finished event by id (a Failed one fails the test)."""
+    from engine.events import Failed, Finished
+
+    events = [e for r in requests for e in engine.add(r)]
+    while engine.busy:
+        events += engine.step()
+    assert not [e for e in events if isinstance(e, Failed)], events
+    return {e.request_id: e for e in events if isinstance(e, Finished)}
+
+
+def _renames(n: int) -> list:
+    from engine.config import DEMO_DIR
+    from engine.speculate_bench import edit_workload
+    from engine.tokenizer import Tokenizer
+
+    items = [i for i in edit_workload(Tokenizer.from_dir(DEMO_DIR), 1024, per_module=1) if i.workload == "rename"]
+    return [i.request for i in items[1 : 1 + n]]
+
+
+def test_greedy_output_is_identical_with_speculation(demo_engine) -> None:
+    """Four greedy requests (one with a repetition penalty) decode together with speculation, through continuous
+    batching, each as it decodes alone without: the same text and finish reason, in fewer steps."""
+    from dataclasses import replace
+
+    requests = _renames(4)
+    requests[1] = replace(requests[1], sampling=replace(requests[1].sampling, repetition_penalty=1.2))
+    alone = {r.id: _run(demo_engine, r)[r.id] for r in requests}
+    together = _run(demo_engine, *(replace(r, speculate=True) for r in requests))
+    for r in requests:
+        assert (together[r.id].text, together[r.id].reason) == (alone[r.id].text, alone[r.id].reason)
+        assert alone[r.id].stats.proposed == 0 and alone[r.id].stats.steps == alone[r.id].stats.new_tokens - 1
+    stats = [f.stats for f in together.values()]
+    tokens, steps = sum(s.new_tokens - 1 for s in stats), sum(s.steps for s in stats)
+    assert sum(s.accepted for s in stats) > 50 and tokens > 1.5 * steps
+
+
+def test_rows_without_proposals_decode_as_plain_steps_do(demo_engine) -> None:
+    """Verify steps carry requests that do not speculate (one greedy, one sampled with a seed): they get the very
+    tokens they get alone (the sampled one too: its draw is the plain step's draw)."""
+    from dataclasses import replace
+
+    from engine.requests import Request, SamplingParams
+
+    speculating = [replace(r, speculate=True) for r in _renames(2)]
+    sampled = Request("completion", text="def parse(text):\n", sampling=SamplingParams(seed=5, max_new_tokens=60))
+    greedy = Request("completion", text="class Stack:\n", sampling=SamplingParams(temperature=0, max_new_tokens=60))
+    alone = {r.id: _run(demo_engine, r)[r.id].text for r in (sampled, greedy)}
+    together = _run(demo_engine, sampled, *speculating, greedy)
+    assert together[sampled.id].text == alone[sampled.id] and together[greedy.id].text == alone[greedy.id]
+    assert sum(together[r.id].stats.accepted for r in speculating) > 10
+
+
+def test_stops_apply_to_every_accepted_token(demo_engine) -> None:
+    """A token budget and a stop string that fall inside accepted runs end the request where plain decoding ends
+    it; so does the end of the context."""
+    from dataclasses import replace
+
+    base = _renames(1)[0]
+    plain = _run(demo_engine, base)[base.id].text
+    stop = plain[len(plain) // 2 : len(plain) // 2 + 6]
+    for params in (replace(base.sampling, max_new_tokens=7), replace(base.sampling, stop=(stop,))):
+        request = replace(base, sampling=params)
+        want = _run(demo_engine, request)[request.id]
+        got = _run(demo_engine, replace(request, speculate=True, id=request.id + "-s"))[request.id + "-s"]
+        assert (got.text, got.reason) == (want.text, want.reason) and got.stats.accepted > 0
+    long = replace(base, text=base.text * 3, sampling=replace(base.sampling, max_new_tokens=1000), fit=True)
+    want = _run(demo_engine, long)[long.id]
+    got = _run(demo_engine, replace(long, speculate=True, id="long-s"))["long-s"]
+    assert want.reason in ("context", "eos") and (got.text, got.reason) == (want.text, want.reason)
