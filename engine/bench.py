@@ -150,7 +150,7 @@ def profile_step(engine: Engine, batch: int = 1, steps: int = 5, prefill: int = 
 
 def engine_rate(engine: Engine, tokens: int) -> float:
     """Tokens/s at batch 1 through the whole engine: scheduler, detokenizer and events included."""
-    request = Request("completion", text="def quicksort(items):\n",
+    request = Request("completion", text="def quicksort(items):\n", speculate=True,
                       sampling=SamplingParams(temperature=0, max_new_tokens=tokens, stop=()))  # fmt: skip
     engine.add(request)
     finished = None
@@ -265,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
     need = max(max(prompt_lens), 128 + args.steps + 16) + 64
     spec = EngineSpec(
         model=args.model, device=str(device), dtype=str(dtype).removeprefix("torch."), max_batch=max(batches),
-        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp,
+        max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp, speculate=args.speculate,
     )  # fmt: skip
     out: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     out["copy_GBps"] = copy_bandwidth(device)

@@ -19,8 +19,8 @@ from engine.events import ModelInfo
 from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import Parallel, Shard
-from engine.requests import EngineSpec
-from engine.runner import MAX_SPECULATE, compile_ahead
+from engine.requests import MAX_SPECULATE, EngineSpec
+from engine.runner import compile_ahead
 from engine.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

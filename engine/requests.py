@@ -138,6 +138,9 @@ class Request:
         return replace(self, **{name: text for name, (text, _) in cleaned.items()}, messages=fixed), replaced
 
 
+MAX_SPECULATE = 15  # the most tokens a request may propose per step (the runner's largest verify step holds 16)
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """How to build an engine: which model, where, how big. `model=None` means the demo model."""

@@ -32,6 +32,7 @@ from engine.config import ModelConfig
 from engine.kernels.compile_ahead import Compiling, can_record, recording
 from engine.model import Llama
 from engine.parallel import SINGLE
+from engine.requests import MAX_SPECULATE
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,7 @@ StepInputs = NamedTuple("StepInputs", [(f.name, Tensor) for f in fields(Row)])  
 
 # Tokens per row of a verify step (the last token and up to 1, 3, 7 or 15 proposals): powers of two, as the
 # attention kernel's tiles are.
-VERIFY_QUERIES = (2, 4, 8, 16)
-MAX_SPECULATE = VERIFY_QUERIES[-1] - 1
+VERIFY_QUERIES = (2, 4, 8, MAX_SPECULATE + 1)
 # Rows of a verify step at most (batch times tokens per row): up to here a step still reads each weight about once
 # (the matrix-vector kernel's reach); larger batches decode without speculation.
 MAX_VERIFY_ROWS = 64

@@ -30,8 +30,7 @@ from engine.demo.corpus import HELD_OUT
 from engine.engine import Engine
 from engine.errors import EngineError
 from engine.events import Failed, Finished
-from engine.requests import EngineSpec, Request, SamplingParams
-from engine.runner import MAX_SPECULATE
+from engine.requests import MAX_SPECULATE, EngineSpec, Request, SamplingParams
 from engine.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=256)

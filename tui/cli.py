@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from engine.requests import CAPS, EngineSpec
+from engine.requests import CAPS, MAX_SPECULATE, EngineSpec
 
 SUBCOMMANDS = {
     "generate": "generate once from stdin or --prompt; only the generated text goes to stdout",
@@ -43,7 +43,11 @@ FLAGS = {
     "tp": "--tp",
     "max_batch": "--max-batch",
     "max_seq_len": "--max-seq-len",
+    "speculate": "--speculate",
 }
+# The most tokens a request proposes per step unless --speculate or the config file says: the editor's requests are
+# grounded in its file (on by default); one-shot and console text may not be (off).
+SPECULATE = {"app": 15, "generate": 0, "chat": 0}
 
 
 def with_flags(message: str, fields: Sequence[str]) -> str:
@@ -56,6 +60,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _speculate(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SPECULATE:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) to {MAX_SPECULATE}, got {value}")
     return value
 
 
@@ -82,6 +93,14 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion")
     g.add_argument("--tp", type=_positive, default=1, metavar="N", help="tensor-parallel size (GPUs)")
     g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
     g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
+    g.add_argument(
+        "--speculate",
+        type=_speculate,
+        metavar="N",
+        help=f"prompt-lookup speculation: verify up to N tokens per step, proposed from the text itself (0 off, at "
+        f"most {MAX_SPECULATE}; the same output, faster where it repeats its prompt; default: the config file's, "
+        f"else {SPECULATE['app']} in the app and 0 for generate and chat)",
+    )
     s = p.add_argument_group("sampling (defaults per cap)")
     s.add_argument("--temperature", type=_finite, metavar="T", help="0 is greedy")
     s.add_argument("--top-p", type=_finite, metavar="P")
@@ -92,7 +111,8 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
 
 
-def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
+def spec_of(args: argparse.Namespace, max_batch: int = 8, speculate: int = 0) -> EngineSpec:
+    """The engine options; `max_batch` and `speculate` are the command's defaults."""
     return EngineSpec(
         model=args.model,
         device=args.device,
@@ -100,6 +120,7 @@ def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
         tp=args.tp,
         max_batch=args.max_batch or max_batch,
         max_seq_len=args.max_seq_len,
+        speculate=args.speculate if args.speculate is not None else speculate,
     )
 
 
@@ -181,13 +202,17 @@ def _main(argv: Sequence[str] | None) -> int:
     parsers = build_parser()
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "app"
     args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
-    if getattr(args, "model", None) is None and not getattr(args, "shape", None):
+    if getattr(args, "model", None) is None and not getattr(args, "shape", None) or command in SPECULATE:
         from tui.config import ConfigError, load_config
 
-        try:  # the config file's model is every command's default, as it is the app's
-            args.model = load_config().model
+        try:  # the config file's model and speculation are every command's defaults, as they are the app's
+            config = load_config()
         except ConfigError as err:
             parsers[command].exit(2, f"{parsers[command].prog}: error: {err}\n")
+        if getattr(args, "model", None) is None and not getattr(args, "shape", None):
+            args.model = config.model
+        if command in SPECULATE and args.speculate is None:
+            args.speculate = config.speculate
     if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
         print(f"{parsers[command].prog}: error: stdout is closed", file=sys.stderr)
         return 1
@@ -214,10 +239,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if command == "chat":
         from tui.console import run_console
 
-        return run_console(spec_of(args, max_batch=1), args.cap, args.sys_instruct, overrides_of(args))
+        spec = spec_of(args, max_batch=1, speculate=SPECULATE["chat"])
+        return run_console(spec, args.cap, args.sys_instruct, overrides_of(args))
     from tui.app import run_app
 
-    return run_app(args.file, spec_of(args), args.cap, args.sys_instruct, overrides_of(args), args.theme)
+    spec = spec_of(args, speculate=SPECULATE["app"])
+    return run_app(args.file, spec, args.cap, args.sys_instruct, overrides_of(args), args.theme)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     theme = "light"                   # dark, light, high-contrast
     model = "/models/CodeLlama-7b-Instruct-hf"
     system = "Provide answers in Python"
+    speculate = 8                     # tokens proposed per step, 0 off (every command's --speculate default)
 
     [keys]                            # binding id = key(s), comma-separated
     complete = "f2,ctrl+space"
@@ -23,7 +24,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from engine.requests import SamplingParams
+from engine.requests import MAX_SPECULATE, SamplingParams
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +48,7 @@ class Config:
     theme: str | None = None
     model: str | None = None
     system: str | None = None
+    speculate: int | None = None
     keys: dict[str, str] = field(default_factory=dict)
     sampling: dict[str, object] = field(default_factory=dict)
 
@@ -76,6 +78,10 @@ def load_config(path: Path | None = None) -> Config:
             if not isinstance(value, str):
                 raise fail(f"{key} must be a string")
             setattr(config, key, value)
+        elif key == "speculate":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SPECULATE:
+                raise fail(f"speculate must be a whole number from 0 (off) to {MAX_SPECULATE}")
+            config.speculate = value
         elif key == "keys":
             if not isinstance(value, dict):
                 raise fail("[keys] must be a table")
