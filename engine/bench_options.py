@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from engine.config import SHAPES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: --shape, else the demo model)")
-    p.add_argument("--shape", choices=["7b", "13b", "34b", "70b"], help="random weights at a CodeLlama shape")
+    p.add_argument("--shape", choices=list(SHAPES), help="random weights at a CodeLlama shape")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --shape runs (default: the demo model's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

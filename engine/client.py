@@ -19,6 +19,8 @@ The rules every client keeps (events are `engine.events`, requests `engine.reque
   the caller's thread.)
 - No request is left waiting: when a transport stops or fails (the engine's worker ends, the connection is lost),
   every open request gets `Failed` with the reason.
+- A client whose engine is behind a server (`server` is its URL) also delivers `Link` events, about the connection
+  rather than any request: whether the server answers, and the round-trip time to it.
 - `cancel(id)` may be called at any time, any number of times, for any id: unknown and finished ids are
   ignored. A running request then ends with `Finished(reason="cancelled")` within one decode step and frees its
   slot (or with `Failed`, if it failed first).
@@ -51,10 +53,12 @@ class ForceQuit(BaseException):
 
 class Client(ABC):
     """What a front end may ask of an engine. `info` is set once the model is ready (`load_error` if it never
-    will be); its flags (`can_infill`, `can_tokenize`) say which requests make sense."""
+    will be); its flags (`can_infill`, `can_tokenize`) say which requests make sense. `server` is the URL of the
+    server the engine runs behind, None for an engine in this process."""
 
     info: ModelInfo | None = None
     load_error: str | None = None
+    server: str | None = None
 
     @abstractmethod
     def start(self) -> Client:

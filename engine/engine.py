@@ -7,11 +7,13 @@ request takes (so how much of its prompt is already there) `engine.prefix_cache`
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from engine import loader
 from engine.checkpoint import Progress
-from engine.config import ModelConfig, model_dir
+from engine.config import DEMO_DIR, ModelConfig, model_dir, shape_config
 from engine.errors import EngineError, OutOfMemoryError
 from engine.events import Event, Failed, ModelInfo, Started
 from engine.kernels.compile_ahead import Compiling
@@ -23,6 +25,8 @@ from engine.runner import DecodeRunner
 from engine.scheduler import Scheduler
 from engine.sequence import admit
 from engine.tokenizer import Tokenizer
+
+RANDOM_CONTEXT = 4096  # tokens per sequence of a random-weight engine that names none
 
 
 class Engine:
@@ -57,7 +61,17 @@ class Engine:
         if spec.tp > 1 and par.world == 1:
             from engine import tp
 
-            return tp.launch(spec, progress, ModelConfig.from_dir(model_dir(spec.model)))
+            random = spec.shape and not spec.model
+            return tp.launch(
+                spec, progress, shape_config(spec.shape) if random else ModelConfig.from_dir(model_dir(spec.model))
+            )
+        if spec.shape and not spec.model:
+            from engine.bench import random_rank
+
+            spec = replace(spec, max_seq_len=spec.max_seq_len or RANDOM_CONTEXT)
+            engine = random_rank(spec, progress, par, spec.shape, spec.tokenizer or str(DEMO_DIR))
+            engine.info = replace(engine.info, name=f"CodeLlama-{spec.shape} shape, random weights")
+            return engine
         parts = loader.load(spec, progress, par)
         try:
             engine = cls(

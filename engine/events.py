@@ -61,6 +61,17 @@ class LoadFailed:
 
 
 @dataclass(frozen=True)
+class Link:
+    """The connection to a server (only HTTP clients send these, after `Ready`): `up` with the latest round-trip
+    time of a ping, or down with a one-line reason (the client keeps trying and says so again when it is back)."""
+
+    server: str
+    up: bool
+    rtt_s: float | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class Started:
     """A request was accepted: its prompt is `prompt_tokens` long (after any dropped turns or clipped lines), of a
     context of `context` tokens (None when a foreign server does not say); `replaced` characters of its text could
@@ -149,4 +160,4 @@ class Failed:
     message: str
 
 
-Event = Loading | Ready | LoadFailed | Started | TurnsDropped | TextClipped | TextDelta | Finished | Failed
+Event = Loading | Ready | LoadFailed | Link | Started | TurnsDropped | TextClipped | TextDelta | Finished | Failed

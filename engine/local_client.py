@@ -14,8 +14,10 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.client import BaseClient, EventSink
 from engine.errors import EngineError
@@ -36,6 +38,12 @@ class _Submit:
 @dataclass(frozen=True)
 class _Cancel:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[Engine], Any]
+    future: Future
 
 
 class _Close:
@@ -61,6 +69,14 @@ class LocalClient(BaseClient):
 
     def _send_cancel(self, request_id: str) -> None:
         self._commands.put(_Cancel(request_id))
+
+    def call(self, fn: Callable[[Engine], Any], timeout: float | None = None) -> Any:
+        """Run `fn(engine)` on the worker thread between steps and return its result (or raise its error): for
+        measuring the engine itself in a process that serves it (`bench-serve`). Call it while no request runs: it
+        may use any slot, so the prefix cache forgets what the idle slots held."""
+        future: Future = Future()
+        self._commands.put(_Call(fn, future))
+        return future.result(timeout)
 
     def _tokenize(self, request: Request) -> list[int]:
         """On the caller's thread: the tokenizer is read-only once loaded."""
@@ -147,6 +163,16 @@ class LocalClient(BaseClient):
         elif isinstance(command, _Cancel) and engine is not None:
             for event in engine.cancel(command.request_id):
                 self.deliver(event)
+        elif isinstance(command, _Call):
+            if engine is None:
+                command.future.set_exception(EngineError(self.load_error or "no model is loaded"))
+                return
+            try:
+                command.future.set_result(command.fn(engine))
+            except Exception as err:  # the caller's to report
+                command.future.set_exception(err)
+            finally:
+                engine.scheduler.cache.forget()
 
 
 def _reason(err: Exception) -> str:

@@ -143,7 +143,9 @@ MAX_SPECULATE = 15  # the most tokens a request may propose per step (the runner
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How to build an engine: which model, where, how big. `model=None` means the demo model."""
+    """How to build an engine: which model, where, how big. `model=None` means the demo model, or with `shape`
+    (a CodeLlama size such as "7b") random weights at that shape, for timing (`tokenizer` is a directory whose
+    tokenizer they use, default the demo model's): as fast as real weights, their text meaningless."""
 
     model: str | None = None
     device: str = "auto"
@@ -153,3 +155,5 @@ class EngineSpec:
     max_seq_len: int | None = None
     cuda_graphs: bool = True
     speculate: int = 0  # prompt-lookup speculation: the most tokens a request proposes per step (0: off)
+    shape: str | None = None
+    tokenizer: str | None = None

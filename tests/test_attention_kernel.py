@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from engine.kernels import reference
-from tests import interpreted
+from tests import compiled, interpreted
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CUDA = torch.cuda.is_available()
@@ -115,6 +115,18 @@ def interpreted_results() -> dict[str, str]:
 def test_interpreted(name: str, interpreted_results: dict[str, str]) -> None:
     if interpreted_results[name] != "ok":
         pytest.fail(interpreted_results[name], pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def compiled_results() -> dict[str, str]:
+    return compiled.results_of("tests.test_attention_kernel")
+
+
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES))
+def test_interpreted_compiles_for_sm90(name: str, compiled_results: dict[str, str]) -> None:
+    """Every launch of the interpreted case, as the H200 gets it, compiles (tests/compiled.py)."""
+    if compiled_results[name] != "ok":
+        pytest.fail(compiled_results[name], pytrace=False)
 
 
 def test_choose_splits() -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from engine import kernels
 from engine.kernels import reference, sampling
-from tests import interpreted
+from tests import compiled, interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -352,6 +352,18 @@ def interpreted_results() -> dict[str, str]:
 def test_triton_interpreted(name: str, interpreted_results: dict[str, str]) -> None:
     if interpreted_results[name] != "ok":
         pytest.fail(interpreted_results[name], pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def compiled_results() -> dict[str, str]:
+    return compiled.results_of("tests.test_kernels")
+
+
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES))
+def test_triton_interpreted_compiles_for_sm90(name: str, compiled_results: dict[str, str]) -> None:
+    """Every launch of the interpreted case, as the H200 gets it, compiles (tests/compiled.py)."""
+    if compiled_results[name] != "ok":
+        pytest.fail(compiled_results[name], pytrace=False)
 
 
 # Real CodeLlama shapes, compiled, only where there is a GPU.

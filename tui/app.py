@@ -10,6 +10,10 @@ Typing during a generation: an edit or cursor move in the editor while model tex
 (infill) or is shown as ghost text (completion) cancels that generation first — the text that
 arrived stays as one undo step (infill) or is dropped (ghost) — and only then applies the key.
 Typing in the chat input never disturbs an answer that is streaming into the log.
+
+An answer that fails after some of its text arrived (a server's connection dropped mid-answer) keeps that text,
+marked interrupted: a fill stays in the editor as one undo step, a ghost suggestion stays for Tab, a chat answer
+stays in the log with a notice. Nothing else in the editor is touched.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from engine.events import (
     Event,
     Failed,
     Finished,
+    Link,
     LoadFailed,
     Loading,
     ModelInfo,
@@ -51,7 +56,7 @@ from engine.events import (
 )
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
-from tui.cli import with_flags
+from tui.cli import ClientFactory, with_flags
 from tui.conversation import Conversation
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
 from tui.recover_screen import RecoverScreen
@@ -76,9 +81,6 @@ def suffix_stop(suffix: str) -> tuple[str, ...]:
     """
     below = next((line for line in suffix.split("\n")[1:] if line.strip()), None)
     return ("\n" + below,) if below is not None else ()
-
-
-ClientFactory = Callable[[EngineSpec, EventSink], Client]
 
 
 def _local_client(spec: EngineSpec, on_event: EventSink) -> Client:
@@ -224,7 +226,11 @@ class CodeLlamaApp(App[int]):
 
     def _start_engine(self) -> None:
         """Start the engine thread after the first frame has painted (it imports torch)."""
-        self.client = self._client_factory(self.spec, self._relay_engine_event).start()
+        self.client = self._client_factory(self.spec, self._relay_engine_event)
+        if self.client.server is not None:
+            self.status.server = self.client.server.split("://", 1)[-1]
+            self.status.link = "connecting"
+        self.client.start()
 
     def on_unmount(self) -> None:
         if self._exit_signals is not None:
@@ -273,19 +279,32 @@ class CodeLlamaApp(App[int]):
 
     def on_engine_event(self, message: EngineEvent) -> None:
         event = message.event
+        if not self.is_running or not self.screen_stack:  # an event that came while the app closed: no widgets
+            return
         if isinstance(event, Loading):
             self.status.show_loading(event.fraction, event.stage)
+        elif isinstance(event, Link):
+            self.status.link_down = not event.up
+            if event.up:
+                self.status.link = f"rtt {event.rtt_s * 1e3:.0f} ms" if event.rtt_s is not None else ""
+            else:
+                self.status.link = f"unreachable: {event.message}"
         elif isinstance(event, Ready):
             self.info = event.info
             self.status.info = event.info
-            self.status.set_state("ready", f"loaded in {event.startup_s:.1f}s")
+            remote = self.client is not None and self.client.server is not None
+            self.status.set_state("ready", f"{'connected' if remote else 'loaded'} in {event.startup_s:.1f}s")
+            self.status.link = "" if remote else self.status.link
             if event.info.flavour == "python" and self.cap == "completion":
                 self._set_cap("python")
             self._refresh_keys()
         elif isinstance(event, LoadFailed):
             self.load_error = with_flags(event.message, event.fields)
             self.status.set_state("error", self.load_error)
-            self.chat_log.add_notice(f"The model could not be loaded: {self.load_error}", "error")
+            what = (
+                "The server cannot be used" if self.client and self.client.server else "The model could not be loaded"
+            )
+            self.chat_log.add_notice(f"{what}: {self.load_error}", "error")
             self._refresh_keys()
         elif isinstance(event, Started):
             job = self._jobs.get(event.request_id)
@@ -320,13 +339,19 @@ class CodeLlamaApp(App[int]):
         editor = self.editor
         if isinstance(event, Failed):
             self.status.set_state("error", event.message)
+            interrupted = job.deltas > 0  # what arrived stays, marked
             if job.kind == "fill":
-                editor.end_stream(keep=False)
+                editor.end_stream(keep=interrupted)
+                if interrupted:
+                    self.status.note = "interrupted: the fill keeps what arrived (ctrl+z takes it back)"
             elif job.kind == "ghost":
-                editor.dismiss_ghost()
+                if interrupted:
+                    self.status.note = "interrupted: Tab takes what arrived"
+                else:
+                    editor.dismiss_ghost()
             else:
                 self.chat_log.end_answer(job.closing, failed=True)
-                self.chat_log.add_notice(f"Error: {event.message}", "error")
+                self.chat_log.add_notice(f"{'Interrupted' if interrupted else 'Error'}: {event.message}", "error")
             return
         stats = event.stats
         self.status.context_used = stats.prompt_tokens + stats.new_tokens
@@ -447,7 +472,8 @@ class CodeLlamaApp(App[int]):
         if not self._engine_ready():
             return
         if not self.info or not self.info.can_infill:
-            self.status.note = "this model cannot infill (no FIM pieces): F2 completes at the cursor"
+            why = "no FIM pieces" if self.info and self.info.device else "the server takes no suffix"
+            self.status.note = f"this model cannot infill ({why}): F2 completes at the cursor"
             return
         self._cancel_editor_jobs()
         self.editor.dismiss_ghost()
@@ -859,8 +885,10 @@ def run_app(
     system: str | None,
     overrides: dict[str, object],
     theme: str | None,
+    client_factory: ClientFactory | None = None,
 ) -> int:
-    """Run the app (the default `codellama-tui` command); returns the exit code."""
+    """Run the app (the default `codellama-tui` command) on the engine here, or on a server through
+    `client_factory`'s client (`--url`); returns the exit code."""
     import sys
 
     from tui.config import ConfigError, load_config
@@ -886,7 +914,16 @@ def run_app(
         return 2
     if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
         return too_big(problem)
-    app = CodeLlamaApp(opened, spec, cap, system or config.system, merged, theme, keys=config.keys)
+    app = CodeLlamaApp(
+        opened,
+        spec,
+        cap,
+        system or config.system,
+        merged,
+        theme,
+        keys=config.keys,
+        client_factory=client_factory or _local_client,
+    )
     result = app.run()
     code = result if isinstance(result, int) else (app.return_code or 0)
     if app.recovery_file is not None and app.recovery_file.exists():

@@ -11,8 +11,10 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from engine.client import Client, EventSink
+from engine.config import SHAPES
 from engine.requests import CAPS, MAX_SPECULATE, EngineSpec
 
 SUBCOMMANDS = {
@@ -20,13 +22,20 @@ SUBCOMMANDS = {
     "tokenize": "print the prompt's token ids as the engine would feed them",
     "chat": "the console chat of the seed: inputs end with a line '!!'",
     "bench": "time the engine: decode tokens/s, time to first token, memory, start-up, roofline",
+    "serve": "the OpenAI-compatible HTTP server (completions with infilling, chat, llama.cpp's /infill)",
+    "bench-serve": "time the server through streaming HTTP clients: tokens/s, time to first token, inter-token",
+    "web": "the app in the browser (textual-serve): a tab per app process, one engine for all, access by a token",
 }
 
 DEMO_NOTE = (
     "Without --model the built-in demo model runs: a tiny CodeLlama-shaped model trained on Python source, "
     "good for trying the app, not for real work. Point --model at a Hugging Face CodeLlama directory "
-    "(e.g. CodeLlama-7b-Instruct-hf) for real answers."
+    "(e.g. CodeLlama-7b-Instruct-hf) for real answers, or --url at a server (codellama-tui serve on a GPU box, "
+    "or any OpenAI-compatible one)."
 )
+REMOTE = ("app", "generate", "chat", "web")
+API_KEY_ENV = "CODELLAMA_TUI_API_KEY"  # the commands that can talk to a server instead of loading a model
+ClientFactory = Callable[[EngineSpec, EventSink], Client]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,11 +52,15 @@ FLAGS = {
     "tp": "--tp",
     "max_batch": "--max-batch",
     "max_seq_len": "--max-seq-len",
+    "url": "--url",
+    "api_key": "--api-key",
+    "served_model": "--served-model",
     "speculate": "--speculate",
 }
 # The most tokens a request proposes per step unless --speculate or the config file says: the editor's requests are
-# grounded in its file (on by default); one-shot and console text may not be (off).
-SPECULATE = {"app": 15, "generate": 0, "chat": 0}
+# grounded in its file (on by default, and in the server that the app and web tabs may talk to); one-shot and
+# console text may not be (off). bench-serve takes --speculate only.
+SPECULATE = {"app": 15, "serve": 15, "web": 15, "generate": 0, "chat": 0}
 
 
 def with_flags(message: str, fields: Sequence[str]) -> str:
@@ -81,13 +94,24 @@ def _finite(text: str) -> float:
     return value
 
 
-def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion") -> None:
+def _server_options(p: argparse.ArgumentParser) -> None:
+    """--url and its companions: a server's engine instead of one loaded here."""
+    g = p.add_argument_group("a server instead of --model (the config file's url is the default)")
+    g.add_argument("--url", help="a codellama-tui serve (every cap) or any OpenAI-compatible server, e.g. "
+                   "http://localhost:23333")  # fmt: skip
+    g.add_argument("--api-key", metavar="KEY", help="the server's key (default: $CODELLAMA_TUI_API_KEY)")
+    g.add_argument("--served-model", metavar="NAME", help="which of the server's models (default: its first)")
+
+
+def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "completion", sampling: bool = True) -> None:
+    """The model and engine options (and, unless `cap_default` is None, the cap's; with `sampling`, its knobs)."""
     g = p.add_argument_group("model and engine")
     g.add_argument(
         "--model", metavar="DIR", help="Hugging Face CodeLlama checkpoint directory (default: the demo model)"
     )
-    g.add_argument("--cap", choices=CAPS, default=cap_default, help=f"capability (default: {cap_default})")
-    g.add_argument("--sys-instruct", metavar="TEXT", help="system instruction for the chat cap")
+    if cap_default is not None:
+        g.add_argument("--cap", choices=CAPS, default=cap_default, help=f"capability (default: {cap_default})")
+        g.add_argument("--sys-instruct", metavar="TEXT", help="system instruction for the chat cap")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--tp", type=_positive, default=1, metavar="N", help="tensor-parallel size (GPUs)")
@@ -99,8 +123,12 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion")
         metavar="N",
         help=f"prompt-lookup speculation: verify up to N tokens per step, proposed from the text itself (0 off, at "
         f"most {MAX_SPECULATE}; the same output, faster where it repeats its prompt; default: the config file's, "
-        f"else {SPECULATE['app']} in the app and 0 for generate and chat)",
+        f"else {SPECULATE['app']} in the app, serve and web, 0 for generate, chat and bench-serve)",
     )
+    if not sampling:
+        g.add_argument("--shape", choices=list(SHAPES), help="random weights at a CodeLlama shape instead of --model")
+        g.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --shape (default: the demo model's)")
+        return
     s = p.add_argument_group("sampling (defaults per cap)")
     s.add_argument("--temperature", type=_finite, metavar="T", help="0 is greedy")
     s.add_argument("--top-p", type=_finite, metavar="P")
@@ -109,6 +137,21 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str = "completion")
     s.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default 512")
     s.add_argument("--seed", type=int, metavar="S")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+
+
+def client_factory(args: argparse.Namespace, *, retry: bool) -> ClientFactory | None:
+    """An HTTP client's factory when the command talks to a server (`--url`), else None: the engine runs here.
+    `retry`: keep trying a server that cannot be reached (the app) instead of failing at once (one-shot commands)."""
+    if not getattr(args, "url", None):
+        return None
+    url, api_key, model = args.url, args.api_key, args.served_model
+
+    def make(spec: EngineSpec, on_event: EventSink) -> Client:
+        from engine.http_client import HttpClient
+
+        return HttpClient(url, api_key=api_key, model=model, on_event=on_event, retry=retry)
+
+    return make
 
 
 def spec_of(args: argparse.Namespace, max_batch: int = 8, speculate: int = 0) -> EngineSpec:
@@ -121,6 +164,8 @@ def spec_of(args: argparse.Namespace, max_batch: int = 8, speculate: int = 0) ->
         max_batch=args.max_batch or max_batch,
         max_seq_len=args.max_seq_len,
         speculate=args.speculate if args.speculate is not None else speculate,
+        shape=getattr(args, "shape", None),
+        tokenizer=getattr(args, "tokenizer", None),
     )
 
 
@@ -156,6 +201,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     )
     app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
     _engine_options(app)
+    _server_options(app)
     parsers = {"app": app}
 
     gen = _Parser(prog="codellama-tui generate", description=SUBCOMMANDS["generate"] + ". " + DEMO_NOTE)
@@ -163,6 +209,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     gen.add_argument("--jsonl", action="store_true", help='stdin lines {"text": ..., "system": ...} -> {"text": ...}')
     gen.add_argument("--spm", action="store_true", help="infilling: suffix-prefix-middle order instead of PSM")
     _engine_options(gen)
+    _server_options(gen)
     parsers["generate"] = gen
 
     tok = _Parser(prog="codellama-tui tokenize", description=SUBCOMMANDS["tokenize"])
@@ -176,6 +223,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     chat = _Parser(prog="codellama-tui chat", description=SUBCOMMANDS["chat"] + ". " + DEMO_NOTE)
     _engine_options(chat, cap_default="chat")
+    _server_options(chat)
     parsers["chat"] = chat
 
     bench = _Parser(prog="codellama-tui bench", description=SUBCOMMANDS["bench"])
@@ -183,6 +231,55 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
 
     add_arguments(bench)
     parsers["bench"] = bench
+
+    serve = _Parser(prog="codellama-tui serve", description=SUBCOMMANDS["serve"] + ". " + DEMO_NOTE)
+    n = serve.add_argument_group("server")
+    n.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    n.add_argument("--port", type=int, default=23333, help="port (default 23333; 0 picks a free one)")
+    n.add_argument(
+        "--instance-num",
+        "--instance_num",
+        dest="max_batch",
+        type=_positive,
+        metavar="N",
+        help="requests that decode together, the engine's batch (default 8; the same as --max-batch)",
+    )
+    n.add_argument(
+        "--max-queue",
+        type=int,
+        default=128,
+        metavar="N",
+        help="requests that may wait for a slot; more are refused with 429 (default 128)",
+    )
+    n.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on every route but /health")
+    _engine_options(serve, cap_default=None, sampling=False)
+    parsers["serve"] = serve
+
+    bench_serve = _Parser(
+        prog="codellama-tui bench-serve",
+        description=SUBCOMMANDS["bench-serve"] + ". Without "
+        "--url it serves the engine options' model in this process on a free port and also times "
+        "`bench`'s decode step at the same batches, for comparison.",
+    )
+    from tui.server.bench import add_arguments as bench_serve_arguments
+
+    bench_serve_arguments(bench_serve)
+    _engine_options(bench_serve, cap_default=None, sampling=False)
+    parsers["bench-serve"] = bench_serve
+
+    web = _Parser(
+        prog="codellama-tui web",
+        description=SUBCOMMANDS["web"] + ". Every tab talks to the server given by --url, or to one engine this "
+        "command serves for them (the engine options' model) on a free port of 127.0.0.1. Open the address it "
+        "prints: its ?token=... is the access (kept in a cookie); a request without it gets 401.",
+    )
+    w = web.add_argument_group("web")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    w.add_argument("--theme", help="the tabs' theme: dark, light or high-contrast")
+    _engine_options(web)
+    _server_options(web)
+    parsers["web"] = web
     return parsers
 
 
@@ -202,17 +299,29 @@ def _main(argv: Sequence[str] | None) -> int:
     parsers = build_parser()
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "app"
     args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
-    if getattr(args, "model", None) is None and not getattr(args, "shape", None) or command in SPECULATE:
+    if getattr(args, "url", None) and args.model:
+        parsers[command].error("--url and --model exclude each other: the server has its own model")
+    if getattr(args, "url", None) and getattr(args, "speculate", None) is not None:
+        parsers[command].error("--url and --speculate exclude each other: the server speculates as its own says")
+    pick_model = (
+        getattr(args, "model", None) is None and not getattr(args, "shape", None) and not getattr(args, "url", None)
+    )
+    if pick_model or command in SPECULATE:
         from tui.config import ConfigError, load_config
 
-        try:  # the config file's model and speculation are every command's defaults, as they are the app's
+        try:  # the config file's server or model, and its speculation, are every command's defaults, as the app's
             config = load_config()
         except ConfigError as err:
             parsers[command].exit(2, f"{parsers[command].prog}: error: {err}\n")
-        if getattr(args, "model", None) is None and not getattr(args, "shape", None):
+        if pick_model and command in REMOTE and config.url:
+            args.url = config.url
+            args.served_model = args.served_model or config.served_model
+        elif pick_model:
             args.model = config.model
         if command in SPECULATE and args.speculate is None:
             args.speculate = config.speculate
+    if getattr(args, "url", None) and args.api_key is None:
+        args.api_key = _api_key()
     if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
         print(f"{parsers[command].prog}: error: stdout is closed", file=sys.stderr)
         return 1
@@ -222,7 +331,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if command == "generate":
         from tui.oneshot import generate
 
-        return generate(args)
+        return generate(args, client_factory(args, retry=False))
     if command == "tokenize":
         from tui.oneshot import tokenize
 
@@ -236,15 +345,56 @@ def _main(argv: Sequence[str] | None) -> int:
         except EngineError as err:  # a bad --tp, a dead rank, a broken checkpoint: one line, as everywhere
             print(f"codellama-tui bench: error: {with_flags(str(err), err.fields)}", file=sys.stderr)
             return 1
+    if command == "serve":
+        from tui.server.run import serve
+
+        if args.max_queue < 0:
+            parsers[command].exit(2, f"{parsers[command].prog}: error: --max-queue must be >= 0\n")
+        return serve(args, spec_of(args, speculate=SPECULATE["serve"]))
+    if command == "bench-serve":
+        from tui.server.bench import main as bench_serve
+
+        return bench_serve(args)
+    if command == "web":
+        from tui.web import run_web
+
+        return run_web(args, spec_of(args, speculate=SPECULATE["web"]))
     if command == "chat":
         from tui.console import run_console
 
-        spec = spec_of(args, max_batch=1, speculate=SPECULATE["chat"])
-        return run_console(spec, args.cap, args.sys_instruct, overrides_of(args))
+        factory = client_factory(args, retry=False)
+        return run_console(
+            spec_of(args, max_batch=1, speculate=SPECULATE["chat"]),
+            args.cap,
+            args.sys_instruct,
+            overrides_of(args),
+            **({"client_factory": factory} if factory else {}),
+        )
     from tui.app import run_app
 
-    spec = spec_of(args, speculate=SPECULATE["app"])
-    return run_app(args.file, spec, args.cap, args.sys_instruct, overrides_of(args), args.theme)
+    return run_app(
+        args.file,
+        spec_of(args, speculate=SPECULATE["app"]),
+        args.cap,
+        args.sys_instruct,
+        overrides_of(args),
+        args.theme,
+        client_factory=client_factory(args, retry=True),
+    )
+
+
+def _api_key() -> str | None:
+    """The key for --url when the command line gives none: $CODELLAMA_TUI_API_KEY, else the config file's."""
+    import os
+
+    from tui.config import ConfigError, load_config
+
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    try:
+        return load_config().api_key
+    except ConfigError:
+        return None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
     model = "/models/CodeLlama-7b-Instruct-hf"
     system = "Provide answers in Python"
     speculate = 8                     # tokens proposed per step, 0 off (every command's --speculate default)
+    url = "http://localhost:23333"    # a server instead of the model (the app, chat, generate and web)
+    api_key = "..."                   # its key ($CODELLAMA_TUI_API_KEY and --api-key win)
+    served_model = "CodeLlama-7b-Instruct-hf"  # which of its models (default: its first)
 
     [keys]                            # binding id = key(s), comma-separated
     complete = "f2,ctrl+space"
@@ -49,6 +52,9 @@ class Config:
     model: str | None = None
     system: str | None = None
     speculate: int | None = None
+    url: str | None = None
+    api_key: str | None = None
+    served_model: str | None = None
     keys: dict[str, str] = field(default_factory=dict)
     sampling: dict[str, object] = field(default_factory=dict)
 
@@ -74,7 +80,7 @@ def load_config(path: Path | None = None) -> Config:
 
     config = Config()
     for key, value in data.items():
-        if key in ("theme", "model", "system"):
+        if key in ("theme", "model", "system", "url", "api_key", "served_model"):
             if not isinstance(value, str):
                 raise fail(f"{key} must be a string")
             setattr(config, key, value)

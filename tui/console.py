@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING
 
@@ -26,13 +26,13 @@ from rich.style import Style
 from rich.syntax import Syntax
 from rich.text import Text
 
-from engine.client import Client, EventSink, ForceQuit
+from engine.client import Client, ForceQuit
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, Loading, ModelInfo, Started, Stats, TextDelta, TurnsDropped
 from engine.local_client import LocalClient
 from engine.prompts import answer_room
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
-from tui.cli import with_flags
+from tui.cli import ClientFactory, with_flags
 from tui.console_input import Action, Input, classify, is_sentinel, read_inputs
 from tui.conversation import Conversation
 
@@ -44,9 +44,6 @@ HINT = "end an input with a line !! · end starts a new session · exit or ctrl+
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _FENCE = re.compile(r"^(```[ \t]*([\w+#.-]*)[^\n]*\n)(.*?)(^```[ \t]*$|\Z)", re.M | re.S)
 _FILLED = Style(bgcolor="grey23")
-
-
-ClientFactory = Callable[[EngineSpec, EventSink], Client]
 
 
 def run_console(
@@ -85,7 +82,8 @@ def run_console(
         info = client.wait_ready()
         out.loaded()
         if cap == "infilling" and not info.can_infill:
-            out.error(f"error: {info.name} cannot infill (no <PRE>/<SUF>/<MID> tokens); use a 7B or 13B model")
+            why = "no <PRE>/<SUF>/<MID> tokens; use a 7B or 13B model" if info.device else "the server takes no suffix"
+            out.error(f"error: {info.name} cannot infill ({why})")  # no device: a foreign server's model
             return 1
         chat = Chat(client, out, info, cap, system, sampling, stdin if interactive else None)
         if interactive:

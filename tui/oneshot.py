@@ -14,7 +14,7 @@ from engine.client import Client, ForceQuit
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, Started, TextDelta
 from engine.requests import Request, SamplingParams, replacement_warning
-from tui.cli import SPECULATE, overrides_of, spec_of, with_flags
+from tui.cli import SPECULATE, ClientFactory, overrides_of, spec_of, with_flags
 from tui.conversation import Conversation
 
 PROG = "codellama-tui"
@@ -72,17 +72,15 @@ def _progress(event: Event) -> None:
     elif isinstance(event, Ready):
         info = event.info
         demo = " (the built-in demo model; use --model DIR for real weights)" if info.is_demo else ""
-        print(
-            f"ready: {info.name}{demo} on {info.device} ({info.dtype}, tp {info.tp}), "
-            f"context {info.context} tokens, {event.startup_s:.1f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+        where = f" on {info.device} ({info.dtype}, tp {info.tp})" if info.device else ""
+        context = f", context {info.context} tokens" if info.context else ""
+        print(f"ready: {info.name}{demo}{where}{context}, {event.startup_s:.1f}s", file=sys.stderr, flush=True)
     elif isinstance(event, LoadFailed):
         pass  # reported once, by wait_ready()
 
 
-def generate(args: argparse.Namespace) -> int:
+def generate(args: argparse.Namespace, client_factory: ClientFactory | None = None) -> int:
+    """`generate` on the engine here, or on a server through `client_factory`'s client (`--url`)."""
     from engine.local_client import LocalClient
 
     try:
@@ -92,7 +90,8 @@ def generate(args: argparse.Namespace) -> int:
         return _fail(str(err), 2)
     if (why := _no_input(args)) is not None:
         return _fail(why, 2)
-    client = LocalClient(spec_of(args, max_batch=1, speculate=SPECULATE["generate"]), on_event=_progress).start()
+    spec = spec_of(args, max_batch=1, speculate=SPECULATE["generate"])
+    client = (client_factory or LocalClient)(spec, _progress).start()
     try:
         client.wait_ready()
     except EngineError as err:

@@ -1,4 +1,5 @@
-"""The status line: model and flavour, cap, device and TP size, engine state, context use, a note."""
+"""The status line: model and flavour, cap, device and TP size, engine state, context use, a note; with the engine
+behind a server, the server and the round-trip time to it."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class StatusBar(Horizontal):
         & > ProgressBar { width: 22; height: 1; display: none; }
         &.-loading > ProgressBar { display: block; }
         &.-error { background: $error-muted; }
+        &.-link-down { background: $warning-muted; }
     }
     """
 
@@ -33,6 +35,9 @@ class StatusBar(Horizontal):
     note: reactive[str] = reactive("")
     context_used: reactive[int] = reactive(0)
     info: reactive[ModelInfo | None] = reactive(None)
+    server: reactive[str] = reactive("")  # host:port of the engine's server, "" for an engine in this process
+    link: reactive[str] = reactive("")  # "rtt 3 ms", or why the server cannot be reached
+    link_down: reactive[bool] = reactive(False)
 
     def compose(self) -> ComposeResult:
         yield Static(id="status-text", markup=False)
@@ -73,6 +78,8 @@ class StatusBar(Horizontal):
             parts.append(f"{info.device} tp{info.tp or 1}")
         if info is not None and info.context is not None:
             parts.append(f"ctx {self.context_used}/{info.context}")
+        if self.server:
+            parts.append(f"{self.server} {self.link}" if self.link else self.server)
         return " │ ".join(parts)
 
     def _refresh_text(self) -> None:
@@ -82,4 +89,7 @@ class StatusBar(Horizontal):
     def on_mount(self) -> None:
         self._refresh_text()
 
-    watch_detail = watch_cap = watch_note = watch_context_used = watch_info = _refresh_text
+    def watch_link_down(self, down: bool) -> None:
+        self.set_class(down, "-link-down")
+
+    watch_detail = watch_cap = watch_note = watch_context_used = watch_info = watch_server = watch_link = _refresh_text

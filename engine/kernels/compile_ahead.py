@@ -83,14 +83,20 @@ def recording() -> Iterator[list[Spec]]:
         found.extend(specs.values())
 
 
-def build(spec: Spec) -> None:
-    """Compile one record into Triton's cache, with its launcher (a worker process runs this; no GPU needed)."""
+def compile_spec(spec: Spec) -> Any:
+    """Compile one record into Triton's cache (no GPU needed); the compiled kernel, not loaded on any device."""
     import triton
     from triton.compiler import ASTSource
-    from triton.runtime import driver
 
     fn = getattr(importlib.import_module(spec.module), spec.name)
-    kernel = triton.compile(ASTSource(fn, spec.signature, spec.constants, spec.attrs), spec.target, spec.options)
+    return triton.compile(ASTSource(fn, spec.signature, spec.constants, spec.attrs), spec.target, spec.options)
+
+
+def build(spec: Spec) -> None:
+    """Compile one record into Triton's cache, with its launcher (a worker process runs this; no GPU needed)."""
+    from triton.runtime import driver
+
+    kernel = compile_spec(spec)
     driver.active.launcher_cls(kernel.src, kernel.metadata)
 
 
