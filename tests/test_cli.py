@@ -448,3 +448,5 @@ def test_speculate_gives_the_same_greedy_text_and_shows_tokens_per_step() -> Non
     console = cli("chat", *greedy, "--cap", "completion", "--speculate", "8", stdin=prompt + "!!\n", timeout=60)
     assert console.returncode == 0 and "tokens/step" in console.stderr, console.stderr
     assert "--speculate: must be 0 (off) to 15, got 16" in error_line(cli("generate", "--speculate", "16"))
+    remote = error_line(cli("generate", "--url", "http://127.0.0.1:9", "--speculate", "4", "--prompt", "x"))
+    assert "--url and --speculate exclude each other" in remote

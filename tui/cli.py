@@ -301,8 +301,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
     if getattr(args, "url", None) and args.model:
         parsers[command].error("--url and --model exclude each other: the server has its own model")
-    if getattr(args, "url", None) and getattr(args, "speculate", None) is not None:
-        parsers[command].error("--url and --speculate exclude each other: the server speculates as its own says")
+    speculate_given = getattr(args, "speculate", None) is not None
     pick_model = (
         getattr(args, "model", None) is None and not getattr(args, "shape", None) and not getattr(args, "url", None)
     )
@@ -320,6 +319,8 @@ def _main(argv: Sequence[str] | None) -> int:
             args.model = config.model
         if command in SPECULATE and args.speculate is None:
             args.speculate = config.speculate
+    if getattr(args, "url", None) and speculate_given:
+        parsers[command].error("--url and --speculate exclude each other: the server's own --speculate decides")
     if getattr(args, "url", None) and args.api_key is None:
         args.api_key = _api_key()
     if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
