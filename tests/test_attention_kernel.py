@@ -264,6 +264,13 @@ def test_verify_interpreted(name: str, interpreted_results: dict[str, str]) -> N
         pytest.fail(interpreted_results[name], pytrace=False)
 
 
+@pytest.mark.parametrize("name", list(VERIFY_INTERPRETED_CASES))
+def test_verify_interpreted_compiles_for_sm90(name: str, compiled_results: dict[str, str]) -> None:
+    """Every launch of the interpreted verify case, as the H200 gets it, compiles (tests/compiled.py)."""
+    if compiled_results[name] != "ok":
+        pytest.fail(compiled_results[name], pytrace=False)
+
+
 @pytest.mark.gpu
 @cuda_only
 @pytest.mark.parametrize("name", list(VERIFY_INTERPRETED_CASES) + list(VERIFY_CUDA_CASES))
