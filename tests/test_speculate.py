@@ -170,9 +170,12 @@ def _plain_draws(table: torch.Tensor, params: dict[str, torch.Tensor]) -> list[t
     return [tuple(r) for r in torch.stack(out, 1).tolist()]
 
 
-def _speculative_draws(table: torch.Tensor, guess: torch.Tensor, params: dict[str, torch.Tensor]) -> list[tuple]:
+def _speculative_draws(
+    table: torch.Tensor, guess: torch.Tensor, params: dict[str, torch.Tensor]
+) -> tuple[list[tuple], int, int]:
     """LENGTH tokens per row through verify steps: each row proposes a random number (0..QUERIES-1) of the guessed
-    chain after its last token, and takes what `accept` gives it."""
+    chain after its last token, and takes what `accept` gives it. Also the proposals accepted, and the rows' steps
+    that rejected one."""
     gen = torch.Generator().manual_seed(99)
     seen = torch.zeros(DRAWS, VOCAB, dtype=torch.bool)
     seen[:, 0] = True
@@ -180,6 +183,7 @@ def _speculative_draws(table: torch.Tensor, guess: torch.Tensor, params: dict[st
     seq = torch.zeros(DRAWS, 1 + width, dtype=torch.int64)
     length = torch.ones(DRAWS, dtype=torch.int64)  # tokens in seq, the prompt's one included
     rows, steps = torch.arange(DRAWS), torch.arange(QUERIES)
+    accepted = rejected = 0
     while bool((length <= LENGTH).any()):
         tokens = [seq[rows, (length - 1).clamp(max=width)]]  # rows already done run on, unread
         for _ in range(QUERIES - 1):
@@ -193,8 +197,11 @@ def _speculative_draws(table: torch.Tensor, guess: torch.Tensor, params: dict[st
         at = length[:, None] + steps
         write = (steps[None, :] < n[:, None]) & (at <= width)
         seq[rows[:, None].expand_as(at)[write], at[write]] = new[write]
+        live = length <= LENGTH
+        accepted += int((n - 1)[live].sum())
+        rejected += int((n < counts)[live].sum())
         length += n
-    return [tuple(r) for r in seq[:, 1 : 1 + LENGTH].tolist()]
+    return [tuple(r) for r in seq[:, 1 : 1 + LENGTH].tolist()], accepted, rejected
 
 
 def _chi_square_ok(draws: list[tuple], exact: dict[tuple, float]) -> tuple[float, float]:
@@ -222,16 +229,19 @@ def _chi_square_ok(draws: list[tuple], exact: dict[tuple, float]) -> tuple[float
 @pytest.mark.parametrize("name", list(FILTERS))
 def test_sampled_speculation_keeps_the_distribution(name: str) -> None:
     """The test itself is checked by the plain sampler; both pass against the exact distribution. The proposals
-    are often right (accepted runs happen) and often wrong (replacements happen)."""
+    are often right (accepted runs happen) and often wrong (replacements happen). Each row draws the very tokens
+    the plain sampler draws with its seed: the accept rule uses the plain step's noise."""
     temperature, top_k, top_p, penalty = FILTERS[name]
     table, guess = _chain(name)
     params = _params(DRAWS, temperature, top_k, top_p, penalty)
     exact = _exact(table, temperature, top_k, top_p, penalty)
     assert abs(sum(exact.values()) - 1) < 1e-5
-    stat, bound = _chi_square_ok(_plain_draws(table, params), exact)
+    plain, (speculative, accepted, rejected) = _plain_draws(table, params), _speculative_draws(table, guess, params)
+    stat, bound = _chi_square_ok(plain, exact)
     assert stat < bound, ("plain", stat, bound)
-    stat, bound = _chi_square_ok(_speculative_draws(table, guess, params), exact)
+    stat, bound = _chi_square_ok(speculative, exact)
     assert stat < bound, ("speculative", stat, bound)
+    assert speculative == plain and accepted > DRAWS // 4 and rejected > DRAWS // 4, (accepted, rejected)
 
 
 @pytest.fixture(autouse=True)
@@ -396,6 +406,21 @@ def test_greedy_output_is_identical_with_speculation(demo_engine) -> None:
     stats = [f.stats for f in together.values()]
     tokens, steps = sum(s.new_tokens - 1 for s in stats), sum(s.steps for s in stats)
     assert sum(s.accepted for s in stats) > 50 and tokens > 1.5 * steps
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_speculation(demo_engine) -> None:
+    """Sampled requests with seeds (one filtered and penalised) give the very text they give without speculation,
+    decoding together, with proposals accepted on the way."""
+    from dataclasses import replace
+
+    sampled = [
+        replace(r, sampling=replace(r.sampling, temperature=t, top_k=k, top_p=p, repetition_penalty=q, seed=i))
+        for i, (r, (t, k, p, q)) in enumerate(zip(_renames(2), [(0.6, 0, 1.0, 1.0), (0.5, 20, 0.9, 1.05)], strict=True))
+    ]
+    alone = {r.id: _run(demo_engine, r)[r.id].text for r in sampled}
+    together = _run(demo_engine, *(replace(r, speculate=True) for r in sampled))
+    assert {r.id: together[r.id].text for r in sampled} == alone
+    assert all(together[r.id].stats.accepted > 0 for r in sampled)
 
 
 def test_rows_without_proposals_decode_as_plain_steps_do(demo_engine) -> None:

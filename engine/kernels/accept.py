@@ -4,11 +4,14 @@ verify step).
 A verify step feeds each sequence its last token and the tokens proposed after it; position t's logits predict the
 token after position t's input. Position t is processed as the plain decode step would process it there: the
 repetition penalty sees the proposals before t (all accepted, or t's choice is never used), then temperature,
-top-k and top-p. Greedy rows accept a proposal where it is the argmax. Sampled rows accept a proposed token x with
-probability p(x) and otherwise draw from p with x left out, renormalised: the speculative-sampling rule for a
-draft distribution that is one-hot (prompt lookup proposes without probabilities), so every token is distributed
-exactly as the plain step would draw it. After the accepted run the row takes one more token: the replacement at
-the first rejection, or the token after the last proposal.
+top-k and top-p. Each position's token is the one the plain step would pick there: the argmax for greedy rows,
+and for sampled rows the Gumbel-max draw with the plain step's own noise (the row's seed, the token's offset). A
+proposal is accepted where it is that token. For a sampled row a proposed x is so kept with probability p(x), and
+where it is not, the draw is distributed as p with x left out, renormalised: the speculative-sampling rule for a
+draft distribution that is one-hot (prompt lookup proposes without probabilities), coupled to the plain step's
+noise, so that a seeded request draws the very tokens it draws without speculation, whatever was proposed. After
+the accepted run the row takes one more token: the draw at the first rejection, or the one after the last
+proposal.
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sampling import apply_repetition_penalty, filtered, gumbel, uniform_noise
-
-ACCEPT_KEY = 0x2545F491  # xored into the seed: the acceptance draws' stream, apart from the tokens' noise
+from .sampling import apply_repetition_penalty, filtered, gumbel
 
 
 def accept(
@@ -56,23 +57,14 @@ def accept(
         flat = apply_repetition_penalty(flat, seen_at.view(-1, vocab), per_position(penalty))
     if greedy:
         choice = flat.argmax(dim=-1).view(batch, queries)
-        taken = choice == proposed
-    else:
+    else:  # `sample`'s draw at each position, with the noise of the plain step that would make that token
         best, scaled, keep = filtered(flat, per_position(temperature), per_position(top_k), per_position(top_p))
-        kept = torch.where(keep, scaled, float("-inf"))
-        p_proposed = kept.softmax(dim=-1).gather(1, proposed.view(-1, 1)).view(batch, queries)
-        seeds_at, offsets_at = per_position(seeds), (offsets[:, None] + steps).view(-1)
-        u = uniform_noise(seeds_at ^ ACCEPT_KEY, offsets_at, 1).view(batch, queries)
-        sampled = temperature.float()[:, None] > 0
-        best = best.view(batch, queries)
-        taken = torch.where(sampled, u < p_proposed, best == proposed)
-        # Drawn from p with the rejected proposal left out (where there is one).
-        left_out = torch.zeros_like(keep).scatter_(1, proposed.view(-1, 1), is_proposal.view(-1, 1))
-        kept = kept.masked_fill(left_out, float("-inf")).add_(gumbel(seeds_at, offsets_at, vocab))
-        choice = torch.where(sampled, kept.argmax(dim=-1).view(batch, queries), best)
+        noise = gumbel(per_position(seeds), (offsets[:, None] + steps).view(-1), vocab)
+        drawn = torch.where(keep, scaled, float("-inf")).add_(noise).argmax(dim=-1)
+        choice = torch.where(per_position(temperature).float() > 0, drawn, best).view(batch, queries)
+    taken = choice == proposed
     accepted = (taken & is_proposal).int().cumprod(dim=1).sum(dim=1)
-    new = torch.where(steps[None, :] < accepted[:, None], proposed, choice)
-    n = accepted + 1
+    new, n = choice, accepted + 1  # the accepted proposals are the choices there
     marked = torch.where(steps[None, :] < n[:, None], new, new.gather(1, accepted[:, None].long()))
     seen.index_put_((slots[:, None].expand(batch, queries), marked), torch.ones_like(marked, dtype=torch.bool))
     return new, n
