@@ -11,8 +11,9 @@ steps: accepted tokens against rejections, older steps counting less) and propos
 themselves: the count k that maximises the tokens a verify step is expected to give, (1 - alpha**(k+1)) / (1 -
 alpha), per unit of its cost, 1 + slope * k plain steps (`slope`, from the runner: what one more token per row adds
 to a step; nearly nothing on a GPU, a large share of a step on a CPU). Where no count beats a plain step, it
-proposes one token now and then (after 1, 3, 7, ... up to `MAX_WAIT` new tokens) to notice when copying starts; on
-text with nothing to copy, verify steps become rare, and the steps between them can be pipelined (`ready`).
+proposes one token now and then (after 1, 3, 7, ... up to `MAX_WAIT` new tokens, and only on a match of
+`PROBE_NGRAM` tokens or more) to notice when copying starts; on text with nothing to copy, verify steps become
+rare, and the steps between them can be pipelined (`ready`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 
 MAX_NGRAM = 3
 MAX_WAIT = 32
+PROBE_NGRAM = 2  # a probe needs a match this long: one token seen before is too weak a sign that copying starts
 DECAY = 0.8  # how much a verify step's evidence counts one verify step later
 
 
@@ -62,12 +64,16 @@ class Proposer:
     def match(self, k: int) -> list[int]:
         """Up to `k` tokens that followed the most recent earlier occurrence of the longest n-gram ending the
         sequence; none without one."""
+        return self._longest(k)[1]
+
+    def _longest(self, k: int) -> tuple[int, list[int]]:
+        """`match` and the length of the n-gram it found (0: none)."""
         tokens, end = self.tokens, len(self.tokens)
         for n in range(min(self.max_ngram, end), 0, -1):
             at = self.index.get(tuple(tokens[end - n :]))
             if at is not None:
-                return tokens[at : at + k]
-        return []
+                return n, tokens[at : at + k]
+        return 0, []
 
     def worth(self, limit: int, slope: float) -> int:
         """The number of proposals (0 .. limit) that maximises expected tokens per unit of step cost."""
@@ -86,13 +92,15 @@ class Proposer:
         wait in new tokens that grows with each probe); none without a match."""
         if limit < 1 or not self.ready:
             return []
-        proposal = self.match(limit)
+        n, proposal = self._longest(limit)
         if not proposal:
             return []
         k = self.worth(len(proposal), slope)
         if k:
             self.backoff = 0
             return proposal[:k]
+        if n < PROBE_NGRAM:
+            return []
         self.backoff = min(2 * self.backoff + 1, MAX_WAIT)
         self.resume_at = len(self.tokens) + 1 + self.backoff  # counted after the probe's own token
         return proposal[:1]

@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify_cost:
         result = verify_cost(engine)
         for key, ms in result.items():
-            print(f"  {key:<16} {ms:7.3f} ms")
+            plain = result[key.split("_")[0] + "_plain_ms"]
+            print(f"  {key:<16} {ms:7.3f} ms = {ms / plain:5.2f}x the plain step")
     else:
         items = edit_workload(engine.tok, engine.context, args.per_module) + fresh_workload()
         items += noise_workload(engine.tok)

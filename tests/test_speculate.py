@@ -50,7 +50,8 @@ def test_proposer_index_grows_as_a_full_rebuild_would() -> None:
 
 def test_proposer_proposes_what_pays_for_itself() -> None:
     """Free extra tokens (slope 0): everything the match gives. Costly ones: fewer, the fewer the less is accepted;
-    and after rejections, one token at growing intervals; acceptance brings the proposals back."""
+    and after rejections, one token at growing intervals where a match of two tokens or more suggests copying;
+    acceptance brings the proposals back."""
     p = Proposer([1, 2, 3, 4, 5, 6, 7, 8, 9, 1])
     assert p.alpha == 0.5 and p.propose(8, slope=0.0) == [2, 3, 4, 5, 6, 7, 8, 9]
     for _ in range(6):
@@ -63,6 +64,8 @@ def test_proposer_proposes_what_pays_for_itself() -> None:
     waits = []
     for _ in range(12):
         p.feedback(2, 0)
+    assert p.ready and p.propose(8, slope=0.5) == []  # no probe on a match of one token ("1" occurred before)
+    p.extend([5, 5, 5])  # "5 5" has occurred before: a probe's match
     for _ in range(8):  # the waits count new tokens, each step (a probe's included) adding one
         waits.append(0)
         while not (probe := p.propose(8, slope=0.5)):
