@@ -3,7 +3,7 @@
     theme = "light"                   # dark, light, high-contrast
     model = "/models/CodeLlama-7b-Instruct-hf"
     system = "Provide answers in Python"
-    speculate = 8                     # tokens proposed per step, 0 off (every command's --speculate default)
+    speculate = 8                     # tokens proposed per step, 0 off (--speculate of all but the benches)
     url = "http://localhost:23333"    # a server instead of the model (the app, chat, generate and web)
     api_key = "..."                   # its key ($CODELLAMA_TUI_API_KEY and --api-key win)
     served_model = "CodeLlama-7b-Instruct-hf"  # which of its models (default: its first)
