@@ -65,9 +65,10 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     quant = Quant.of(spec.quant, spec.quant_head)
     quant.check(cfg, Shard.of(cfg, par.world), par.world)
     start = _now(device)
-    with compile_ahead(
-        cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant
-    ) as compiling:
+    ahead = compile_ahead(
+        cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant, spec.speculate
+    )
+    with ahead as compiling:
         recorded = _now(device)
         model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype, quant)
         built = _now(device)
@@ -83,7 +84,7 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     info = ModelInfo(name=f"random {cfg.dim}", flavour="base", can_infill=tok.can_infill, device=str(device),
                      dtype=str(dtype), tp=par.world, context=spec.max_seq_len, vocab_size=cfg.vocab_size,
                      quant=spec.quant)  # fmt: skip
-    engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs)
+    engine = Engine(model, tok, info, spec.max_batch, spec.max_seq_len, device, spec.cuda_graphs, spec.speculate)
     engine.compiled_ahead = compiling
     return engine, load_s
 
@@ -200,7 +201,7 @@ def profile_step(engine: Engine, batch: int = 1, steps: int = 5, prefill: int = 
 
 def engine_rate(engine: Engine, tokens: int) -> float:
     """Tokens/s at batch 1 through the whole engine: scheduler, detokenizer and events included."""
-    request = Request("completion", text="def quicksort(items):\n",
+    request = Request("completion", text="def quicksort(items):\n", speculate=True,
                       sampling=SamplingParams(temperature=0, max_new_tokens=tokens, stop=()))  # fmt: skip
     engine.add(request)
     finished = None
@@ -376,7 +377,7 @@ def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> di
     spec = EngineSpec(
         model=args.model, device=str(device), dtype=str(dtype).removeprefix("torch."), max_batch=max(batches),
         max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp, quant=quant,
-        quant_head=args.quant_head and quant is not None,
+        quant_head=args.quant_head and quant is not None, speculate=args.speculate,
     )  # fmt: skip
     out: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     out["copy_GBps"] = copy_gbps

@@ -49,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence (default: what the run needs)")
     p.add_argument("--baseline", action="store_true", help="also time transformers generate() on the same weights")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (to see what the graphs buy)")
+    p.add_argument(
+        "--speculate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with verify steps for up to N proposed tokens (start-up and memory include their graphs; the "
+        "end-to-end figure speculates); python -m engine.speculate_bench measures what speculation buys",
+    )
     p.add_argument("--profile", action="store_true", help="also print the per-kernel GPU time of one decode step")
     p.add_argument("--json", metavar="FILE", help="write every number here too")
     add_quant_options(p, several=True)

@@ -39,8 +39,10 @@ class Engine:
         context: int,
         device: torch.device,
         cuda_graphs: bool = True,
+        speculate: int = 0,
     ) -> None:
-        """`model` has a KV cache of `n_slots + 1` slots: the last one is the decode step's scratch slot."""
+        """`model` has a KV cache of `n_slots + 1` slots: the last one is the decode step's scratch slot.
+        `speculate`: the most tokens a request may propose per step (`EngineSpec.speculate`)."""
         self.tok, self.info, self.context, self.device = tok, info, context, device
         # One-shot all-reduces for decode batches of up to 64 rows (its buffers grow with rows x calls x ranks)
         rows = min(n_slots + 1, 64)
@@ -48,8 +50,8 @@ class Engine:
         if device.type == "cpu":
             loader.column_major(model)
         seen = torch.zeros(n_slots + 1, model.cfg.vocab_size, dtype=torch.bool, device=device)
-        runner = DecodeRunner(model, seen, n_slots, n_slots, cuda_graphs and device.type == "cuda")
-        self.scheduler = Scheduler(model, runner, tok, n_slots, context, device)
+        runner = DecodeRunner(model, seen, n_slots, n_slots, cuda_graphs and device.type == "cuda", speculate)
+        self.scheduler = Scheduler(model, runner, tok, n_slots, context, device, speculate)
         self.tp = None  # engine.tp.Leader on rank 0 of a tensor-parallel world
         self.compiled_ahead: Compiling | None = None  # what start-up compiled ahead (`bench` reports it)
 
@@ -73,13 +75,15 @@ class Engine:
         parts = loader.load(spec, progress, par)
         try:
             engine = cls(
-                parts.model, parts.tok, parts.info, spec.max_batch, parts.context, parts.device, spec.cuda_graphs
-            )
+                parts.model, parts.tok, parts.info, spec.max_batch, parts.context, parts.device, spec.cuda_graphs,
+                spec.speculate,
+            )  # fmt: skip
         except torch.OutOfMemoryError:
+            less = ", or less speculation (its verify steps' graphs)" if spec.speculate else ""
             raise OutOfMemoryError(
                 f"out of GPU memory capturing the decode graphs for {spec.max_batch} sequences of {parts.context} "
-                f"tokens; {loader.TRY}",
-                fields=OutOfMemoryError.FIELDS,
+                f"tokens; {loader.TRY}{less}",
+                fields=OutOfMemoryError.FIELDS + (("speculate",) if spec.speculate else ()),
             ) from None
         engine.compiled_ahead = parts.compiled_ahead
         return engine

@@ -114,13 +114,23 @@ class TextDelta:
 @dataclass(frozen=True)
 class Stats:
     """What a request cost. `cached_tokens` of its `prompt_tokens` came from the prefix cache (the keys and values
-    an earlier request left in its slot); only the rest were prefilled."""
+    an earlier request left in its slot); only the rest were prefilled. Its tokens after the first took `steps`
+    decode steps; with speculation, `accepted` of the `proposed` tokens were right (each verify step gives its
+    accepted proposals and one more token)."""
 
     prompt_tokens: int
     new_tokens: int
     ttft_s: float
     total_s: float
     cached_tokens: int = 0
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """New tokens per decode step (the first token, from the prefill, not counted): 1 without speculation."""
+        return (self.new_tokens - 1) / self.steps if self.steps else 0.0
 
     @property
     def prefilled_tokens(self) -> int:

@@ -3,8 +3,9 @@ request bodies, server-sent events back into the engine's events, error bodies a
 `ModelInfo`. Plain functions and one small reader, without I/O, so that each rule of the wire is tested alone.
 
 Our own server (`codellama-tui serve`, known by the `codellama_tui` object on its model card) gets every cap with
-its extensions (`tui.server.schemas`): `top_k`, `repetition_penalty`, `fit`, `spm` and `engine_events`, whose
-`engine` objects give back the engine's own events (`Started`, `TurnsDropped`, `TextClipped`, the finish reason). A
+its extensions (`tui.server.schemas`): `top_k`, `repetition_penalty`, `fit`, `spm`, `speculate` and
+`engine_events`, whose `engine` objects give back the engine's own events (`Started`, `TurnsDropped`,
+`TextClipped`, the finish reason, speculation's figures in `Stats`). A
 foreign server gets OpenAI's fields only (a hosted API refuses others), and its answers' events are rebuilt from
 what OpenAI's form says.
 """
@@ -87,6 +88,7 @@ def request_body(request: Request, served: Served) -> tuple[str, dict[str, objec
         body["stop"] = list(p.stop)
     if served.ours:
         body.update(top_k=p.top_k, repetition_penalty=p.repetition_penalty, fit=request.fit, engine_events=True)
+        body["speculate"] = request.speculate
     if request.cap == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         return CHAT, body
@@ -149,6 +151,7 @@ class AnswerReader:
         self.new_tokens: int | None = None
         self.cached = 0
         self.reason: FinishReason | None = None
+        self.speculated: dict[str, int] = {}  # steps, proposed and accepted, where our server's request speculated
         self.exact = False  # the engine's own reason (our server's), not one rebuilt from OpenAI's
         self.started = False
         self.failed: Failed | None = None
@@ -196,6 +199,7 @@ class AnswerReader:
             events.append(TextDelta(self.request.id, text))
         if choice.get("finish_reason"):
             self.exact = "reason" in engine
+            self.speculated = {k: v for k in ("steps", "proposed", "accepted") if isinstance(v := engine.get(k), int)}
             self.reason = engine["reason"] if self.exact else self._reason(choice)
         return events
 
@@ -239,7 +243,7 @@ class AnswerReader:
         now = self.clock()
         new = self.new_tokens if self.new_tokens is not None else len(self.text)
         ttft = (self.t_first or now) - self.t0
-        return Stats(self.prompt_tokens, new, ttft, now - self.t0, self.cached)
+        return Stats(self.prompt_tokens, new, ttft, now - self.t0, self.cached, **self.speculated)
 
     def end(self, lost: str) -> Event:
         """The terminal event once the stream is over; `lost` is the message for one that stopped short."""

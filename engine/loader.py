@@ -20,7 +20,7 @@ from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import Parallel, Shard
 from engine.prequant import model_quant
-from engine.requests import EngineSpec
+from engine.requests import MAX_SPECULATE, EngineSpec
 from engine.runner import compile_ahead
 from engine.tokenizer import Tokenizer
 from engine.weights import Dense
@@ -89,12 +89,19 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
         torch.set_num_threads(max(1, (os.cpu_count() - 1) // par.world))
     if spec.max_batch < 1:
         raise EngineError(f"the batch (concurrent sequences) must be >= 1, got {spec.max_batch}", fields=("max_batch",))
+    if not 0 <= spec.speculate <= MAX_SPECULATE:
+        raise EngineError(
+            f"speculation proposes 0 (off) to {MAX_SPECULATE} tokens per step, not {spec.speculate}",
+            fields=("speculate",),
+        )
     shard = Shard.of(cfg, par.world)
     quant.check(cfg, shard, par.world)
     weight_bytes = Llama.empty(cfg, 1, par, torch.device("meta"), dtype, quant).nbytes()
     context = par.smallest(context_for(spec, cfg, shard, device, dtype, weight_bytes))
     try:
-        with compile_ahead(cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant) as ahead:
+        with compile_ahead(
+            cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant, spec.speculate
+        ) as ahead:
             model = Llama.empty(cfg, context, par, device, dtype, quant)
             load_weights(model, path, progress)
             model.setup_cache(spec.max_batch + 1, context, dtype)

@@ -6,7 +6,8 @@ Weights are fused per layer: `wqkv` holds this rank's q, k and v heads, `w13` it
 The projections are `engine.weights.Weight` objects (dense, int8 or int4, as `Quant` says), which the kernels
 dispatch on.
 Prefill runs one sequence at a time with SDPA; decode runs a batch of one new token per sequence and
-reads per-slot positions from device tensors, so it can be captured in a CUDA graph. Decode carries the
+reads per-slot positions from device tensors, so it can be captured in a CUDA graph; speculation's verify step is
+the same pass over several new tokens per sequence (causal among them). Decode carries the
 residual stream as (x, residual, squares): unadded, so that each residual add and RMSNorm can run inside the
 projection after it (`kernels.norm_linear`), as SwiGLU's activation does (three launches fewer per layer); or,
 with a world of one, added by the projection before it (`kernels.linear_residual`), which also sums the squares
@@ -99,14 +100,29 @@ class Attention(nn.Module):
         return self.par.all_reduce(kernels.linear(out.transpose(0, 1).reshape(T, -1), self.wo))
 
     def decode(
-        self, qkv: Tensor, layer: int, cache: KVCache, slots: Tensor, positions: Tensor, cos: Tensor, sin: Tensor
+        self,
+        qkv: Tensor,
+        layer: int,
+        cache: KVCache,
+        slots: Tensor,
+        positions: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        counts: Tensor | None = None,
     ) -> Tensor:
         """`qkv [B, ...]`: the projection of one new token per sequence (made with the norm, by the caller),
         written at `positions` of `slots` (device tensors); the attention's output `[B, heads * head_dim]`, before
-        the output projection (`join`)."""
+        the output projection (`join`). With `counts` (a verify step), `qkv [B * T, ...]` holds T tokens per
+        sequence from `positions` on, the first `counts[b]` of them real."""
         q, k, v = self._heads(qkv)
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # once: every op counts on the CPU
-        return kernels.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, self.scale).flatten(1)
+        if counts is None:
+            out = kernels.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, self.scale)
+            return out.flatten(1)
+        batch = slots.shape[0]
+        q, k, v = (t.unflatten(0, (batch, -1)) for t in (q, k, v))
+        out = kernels.verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, self.scale)
+        return out.flatten(2).flatten(0, 1)
 
 
 class FeedForward(nn.Module):
@@ -147,12 +163,13 @@ class Block(nn.Module):
         positions: Tensor,
         cos: Tensor,
         sin: Tensor,
+        counts: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """One layer of a decode step on the residual stream (x, residual, squares) (x alone before the first)."""
         attention, ffn = self.attention, self.feed_forward  # once: a submodule lookup costs µs of host time
         x, residual, squares = stream
         qkv, residual = kernels.norm_linear(x, residual, self.attention_norm, self.eps, attention.wqkv, squares)
-        out = attention.decode(qkv, layer, cache, slots, positions, cos, sin)
+        out = attention.decode(qkv, layer, cache, slots, positions, cos, sin, counts)
         x, residual, squares = join(attention.par, out, attention.wo, residual)
         act, residual = kernels.norm_linear_silu_mul(x, residual, self.ffn_norm, self.eps, ffn.w13, squares)
         return join(ffn.par, act, ffn.w2, residual)
@@ -247,12 +264,14 @@ class Llama(nn.Module):
                 h = h + block.feed_forward(kernels.rms_norm(h, block.ffn_norm, block.eps))
         return self.logits(h) if all_logits else self.logits(h[-1:])[0]
 
-    def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
-        """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`."""
+    def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor, counts: Tensor | None = None) -> Tensor:
+        """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`. With `counts`
+        (a speculative verify step), `tokens [B * T]` are T tokens per sequence at `positions[b] + t`, of which the
+        first `counts[b]` are real; logits `[B * T, vocab]`, each predicting the token after its own."""
         self.par.start_pass()
         stream = self.embed(tokens), None, None
         cache, cos, sin = self.cache, self.cos, self.sin  # once, not per layer: module attributes cost µs each
         for i, block in enumerate(self.layers):
-            stream = block.decode(stream, i, cache, slots, positions, cos, sin)
+            stream = block.decode(stream, i, cache, slots, positions, cos, sin, counts)
         x, residual, squares = stream
         return self.full_vocab(kernels.norm_linear(x, residual, self.norm, self.cfg.norm_eps, self.output, squares)[0])

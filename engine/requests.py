@@ -110,6 +110,9 @@ class Request:
     - `fit`: a prompt longer than the context is shortened instead of failing: completion and infilling lose
       whole lines far from the cursor (`TextClipped` says how many; an editor sends whole files this way), chat
       loses its oldest exchanges (`TurnsDropped` says how many; the front end then forgets them too).
+    - `speculate`: where the engine allows it (`EngineSpec.speculate`), propose the tokens that followed the
+      answer's latest words where they occurred before (prompt-lookup speculation) and verify them in one step:
+      faster where the answer repeats the prompt (an edited file, code pasted into a chat), the same tokens.
     - `id` is opaque: a new uuid unless the caller gives one.
     """
 
@@ -120,6 +123,7 @@ class Request:
     messages: tuple[ChatMessage, ...] = ()
     suffix_first: bool = False
     fit: bool = False
+    speculate: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=new_request_id)
 
@@ -133,6 +137,9 @@ class Request:
             return self, 0
         fixed = tuple(replace(m, content=text) for m, (text, _) in messages)
         return replace(self, **{name: text for name, (text, _) in cleaned.items()}, messages=fixed), replaced
+
+
+MAX_SPECULATE = 15  # the most tokens a request may propose per step (the runner's largest verify step holds 16)
 
 
 @dataclass(frozen=True)
@@ -150,5 +157,6 @@ class EngineSpec:
     cuda_graphs: bool = True
     quant: str | None = None  # quantize the projections at load: "int8" or "int4" (engine.weights)
     quant_head: bool = False  # the LM head too (it stays in the model's dtype otherwise)
+    speculate: int = 0  # prompt-lookup speculation: the most tokens a request proposes per step (0: off)
     shape: str | None = None
     tokenizer: str | None = None

@@ -5,6 +5,13 @@ so on a GPU it is captured once per batch-size bucket as a CUDA graph, all graph
 pool, and each step is a buffer update, one replay and one small device-to-host copy of the new tokens.
 On the CPU the very same step runs eagerly. Batches are padded up to their bucket with rows that point
 at a scratch KV slot, so padding never touches a real sequence.
+
+Speculation adds a verify step: each row's last token and the tokens proposed after it go through the model at
+once (`Llama.decode` with counts), and the accept rule (`kernels.accept`) picks the row's new tokens on the device.
+It is captured per (batch bucket, tokens per row), the tokens per row in a few buckets (`VERIFY_QUERIES`), and only
+where the rows fit one matrix-vector pass (`MAX_VERIFY_ROWS`); rows with fewer proposals are padded (their extra
+tokens write nothing). A verify step is launched and collected as a plain one is, but no step continues from its
+outputs on the device: the next proposals need its tokens on the host.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from engine.config import ModelConfig
 from engine.kernels.compile_ahead import Compiling, can_record, recording
 from engine.model import Llama
 from engine.parallel import SINGLE
+from engine.requests import MAX_SPECULATE
 from engine.weights import DENSE, Quant
 
 
@@ -58,13 +66,36 @@ _ints_of, _floats_of = attrgetter(*INTS), attrgetter(*FLOATS)  # host time per r
 StepInputs = NamedTuple("StepInputs", [(f.name, Tensor) for f in fields(Row)])  # a batch's columns, by name
 
 
+# Tokens per row of a verify step (the last token and up to 1, 3, 7 or 15 proposals): powers of two, as the
+# attention kernel's tiles are.
+VERIFY_QUERIES = (2, 4, 8, MAX_SPECULATE + 1)
+# Rows of a verify step at most (batch times tokens per row): up to here a step still reads each weight about once
+# (the matrix-vector kernel's reach); larger batches decode without speculation.
+MAX_VERIFY_ROWS = 64
+# What one more token per row adds to a step, in plain steps of its batch, until steps have been timed: little on a
+# GPU, which streams the weights once for every row; much on a CPU, whose small matrix products scale with the rows.
+PRIOR_SLOPE = {"cuda": 0.02, "cpu": 0.5}
+EMA = 0.2  # the weight of each new timing
+
+
 def buckets(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     return [b for b in sizes if b < max_batch] + [max_batch]
 
 
+def verify_shapes(max_batch: int, speculate: int) -> list[tuple[int, int]]:
+    """The (batch bucket, tokens per row) of every verify step for up to `speculate` proposals per row."""
+    if speculate < 1:
+        return []
+    need = next(q for q in VERIFY_QUERIES if q > min(speculate, MAX_SPECULATE))
+    return [(b, q) for b in buckets(max_batch) for q in VERIFY_QUERIES if q <= need and b * q <= MAX_VERIFY_ROWS]
+
+
 class DecodeRunner:
-    def __init__(self, model: Llama, seen: Tensor, max_batch: int, scratch_slot: int, use_graphs: bool) -> None:
+    def __init__(
+        self, model: Llama, seen: Tensor, max_batch: int, scratch_slot: int, use_graphs: bool, speculate: int = 0
+    ) -> None:
+        """`speculate`: the most tokens a row may propose to a verify step (0: no verify steps)."""
         self.model, self.seen, self.max_batch = model, seen, max_batch
         self.scratch_slot = scratch_slot
         dev = seen.device
@@ -79,11 +110,29 @@ class DecodeRunner:
         self.max_position = model.cache.k.shape[3] - 1
         # Two pinned landing buffers: step t's tokens are read while step t+1 copies its own.
         self.host = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
-        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None]] = deque()
+        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None, float, float | None]] = deque()
         self.flip = 0
         self.n = self.batch = 0
         self.greedy = self.penalize = True
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        # Speculation: a verify step's inputs are one buffer, each row's token count (its last token and proposals)
+        # then the tokens [batch, queries], so that an update is one host-to-device copy; its output (each row's new
+        # tokens, then their count) another. The views are made once per shape.
+        self.verify_shapes = verify_shapes(max_batch, speculate)
+        max_queries = max((q for _, q in self.verify_shapes), default=1)
+        self.verify_in = torch.ones(max_batch * (1 + max_queries), dtype=torch.int64, device=dev)
+        self.verify_stage = torch.ones(self.verify_in.numel(), dtype=torch.int64, pin_memory=self.pinned)
+        self.counts = self.verify_in[:max_batch]
+        self.verify_out = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, device=dev)
+        self.verify_host = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, pin_memory=self.pinned)
+        self.verify_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.verifying: tuple[Tensor, int, torch.cuda.Event | None, float] | None = None  # launched, not collected
+        # Timings, per batch bucket: seconds of a plain step, and what a verify step adds per token per row.
+        self.plain_s: dict[int, float] = {}
+        self.slopes: dict[int, float] = {}
+        self.prior_slope = PRIOR_SLOPE.get(dev.type, PRIOR_SLOPE["cpu"])
+        self.last_collect = 0.0
+        self.verify_graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.capture_s = self.tune_s = 0.0
         if use_graphs:
             self.capture()
@@ -98,6 +147,29 @@ class DecodeRunner:
         x.token.copy_(nxt)
         x.position.add_(1).clamp_(max=self.max_position)
         x.offset.add_(1)
+
+    def _verify_step(self, batch: int, queries: int, greedy: bool, penalize: bool = True) -> None:
+        """The verify step: `queries` tokens per row through the model, the accept rule, its tokens and counts out."""
+        x = self._inputs(batch)
+        tokens, out = self._verify_views(batch, queries)
+        counts = self.counts[:batch]
+        logits = self.model.decode(tokens.view(-1), x.position, x.slot, counts)
+        new, n = kernels.accept(
+            logits.view(batch, queries, -1), tokens, counts, self.seen, x.slot, x.temperature, x.top_k, x.top_p,
+            x.penalty if penalize else None, x.seed, x.offset, greedy,
+        )  # fmt: skip
+        out[:, :queries] = new
+        out[:, queries] = n
+
+    def _verify_views(self, batch: int, queries: int) -> tuple[Tensor, Tensor]:
+        """The verify step's tokens [batch, queries] and output [batch, queries + 1]: views made once per shape."""
+        if (batch, queries) not in self.verify_views:
+            tokens = self.verify_in[self.max_batch : self.max_batch + batch * queries]
+            self.verify_views[(batch, queries)] = (
+                tokens.view(batch, queries),
+                self.verify_out[: batch * (queries + 1)].view(batch, queries + 1),
+            )
+        return self.verify_views[(batch, queries)]
 
     def _inputs(self, batch: int) -> StepInputs:
         """The step's inputs for `batch` rows: views of the static buffers, made once per batch size, since every
@@ -142,7 +214,9 @@ class DecodeRunner:
     def capture(self) -> None:
         """Warm up (Triton compiles here) and capture every bucket, largest first, into one pool."""
         start = time.perf_counter()
-        self.linear_choice = kernels.tune_linear(self.model.weights(), rows=tuple(buckets(self.max_batch)))
+        self.linear_choice = kernels.tune_linear(
+            self.model.weights(), rows=step_rows(self.max_batch, self.verify_shapes)
+        )
         self.tune_s = time.perf_counter() - start
         self._fill_padding(0, self.max_batch)
         pool = torch.cuda.graph_pool_handle()
@@ -158,28 +232,40 @@ class DecodeRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     self._step(batch, greedy)
                 self.graphs[(batch, greedy)] = graph
+        for batch, queries in sorted(self.verify_shapes, key=lambda s: -s[0] * s[1]):
+            for greedy in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._verify_step(batch, queries, greedy)
+                self.verify_graphs[(batch, queries, greedy)] = graph
         torch.cuda.synchronize()
         self.seen[self.scratch_slot].zero_()
         self.capture_s = time.perf_counter() - start
 
     def every_step(self, reset: bool = False) -> None:
-        """Run each step `capture` captures (every bucket, greedy and sampled), largest first. `reset` points every
-        row at the scratch slot before each, for `compile_ahead`, whose skipped kernels leave outputs unwritten:
-        those must not become token ids."""
-        for batch in reversed(buckets(self.max_batch)):
-            for greedy in (True, False):
-                if reset:
-                    self._fill_padding(0, self.max_batch)
-                self._step(batch, greedy)
+        """Run each step `capture` captures (every bucket and verify shape, greedy and sampled), largest first.
+        `reset` points every row at the scratch slot before each, for `compile_ahead`, whose skipped kernels leave
+        outputs unwritten: those must not become token ids."""
+        steps = [lambda b=b, g=g: self._step(b, g) for b in reversed(buckets(self.max_batch)) for g in (True, False)]
+        for batch, queries in sorted(self.verify_shapes, key=lambda s: -s[0] * s[1]):
+            steps += [lambda b=batch, q=queries, g=g: self._verify_step(b, q, g) for g in (True, False)]
+        for step in steps:
+            if reset:
+                self._fill_padding(0, self.max_batch)
+                self.verify_in[self.max_batch :].zero_()
+            step()
 
     def _fill_padding(self, start: int, end: int) -> None:
         self.ints[:, start:end] = 0
         self.ints[INTS.index("slot"), start:end] = self.scratch_slot
         self.floats[:, start:end] = 1.0
+        self.counts[start:end] = 1
 
     def launch(self, rows: Sequence[Row] | None = None) -> None:
         """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
         step, fed from the device with that step's own outputs (no host-to-device copy, no sync)."""
+        start = time.perf_counter()
+        assert rows is not None or self.batch, "a verify step ran since the last launch: launch with rows"
         if rows is not None:
             self.n = len(rows)
             self.batch = self.bucket(self.n) if self.graphs else self.n
@@ -197,19 +283,103 @@ class DecodeRunner:
         if self.pinned:
             event = torch.cuda.Event()
             event.record()
-        self.inflight.append((buf, self.n, event))
+        ran = None if self.pinned else time.perf_counter() - start  # on the CPU the step ran just now, in full
+        self.inflight.append((buf, self.n, event, start, ran))
 
     def collect(self) -> list[int]:
         """The tokens of the oldest launched step (waits for it: the step's only host sync)."""
-        buf, n, event = self.inflight.popleft()
+        buf, n, event, launched, ran = self.inflight.popleft()
         if event is not None:
             event.synchronize()
+        now = time.perf_counter()
+        # On the GPU a step takes from its launch, or the collection of the step before it, to its own collection.
+        self._timed(self.plain_s, self.bucket(n), ran if ran is not None else now - max(launched, self.last_collect))
+        self.last_collect = now
         return buf[:n].tolist()
+
+    @staticmethod
+    def _timed(table: dict[int, float], key: int, value: float) -> None:
+        table[key] = value if key not in table else (1 - EMA) * table[key] + EMA * value
+
+    def slope(self, batch: int) -> float:
+        """What one more proposed token per row adds to a verify step of `batch` rows, in plain steps (measured as
+        steps run; `PRIOR_SLOPE` before)."""
+        return self.slopes.get(self.bucket(batch), self.prior_slope)
 
     def __call__(self, rows: Sequence[Row]) -> list[int]:
         """Decode one token for each row and wait for it."""
         self.launch(rows)
         return self.collect()
+
+    def verify_queries(self, batch: int, longest: int) -> int:
+        """Tokens per row of a verify step for `batch` rows whose longest proposal is `longest` tokens: the
+        smallest captured shape that holds it, else the largest one for that batch (proposals are cut to fit);
+        on the CPU exactly `longest + 1`. 0 where no verify step runs that batch."""
+        bucket = self.bucket(batch)
+        fits = [q for b, q in self.verify_shapes if b == bucket]
+        if not fits or longest < 1:
+            return 0
+        if not self.graphs:
+            return min(longest, fits[-1] - 1) + 1
+        return next((q for q in fits if q > longest), fits[-1])
+
+    def launch_verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> None:
+        """Start one verify step: each row's token then its proposals (cut to what `verify_queries` allows), at the
+        row's position on. The runner's inputs then hold these rows: the next `launch` must pass rows. Every row's
+        position plus its proposals must stay inside the cache; the step before must have been collected."""
+        assert self.verifying is None, "the last verify step was not collected"
+        start = time.perf_counter()
+        n = len(rows)
+        queries = self.verify_queries(n, max(len(p) for p in proposals))
+        assert queries > 0, "no verify step for this batch"
+        batch = self.bucket(n) if self.graphs else n
+        greedy, penalize = self._load(rows)
+        if batch > n:
+            self._fill_padding(n, batch)
+        counts, table = [1] * self.max_batch, [0] * (batch * queries)
+        for i, (row, proposed) in enumerate(zip(rows, proposals, strict=True)):
+            taken = [row.token, *proposed[: queries - 1]]
+            counts[i] = len(taken)
+            table[i * queries : i * queries + len(taken)] = taken
+        staged = self.verify_stage[: self.max_batch + batch * queries]
+        staged.copy_(torch.tensor(counts + table))  # the last step's copies are done: it was collected
+        self.verify_in[: staged.numel()].copy_(staged, non_blocking=self.pinned)
+        _, out = self._verify_views(batch, queries)
+        if self.graphs:
+            self.verify_graphs[(batch, queries, greedy)].replay()
+        else:
+            self._verify_step(batch, queries, greedy, penalize)
+        host = self.verify_host[: n * (queries + 1)].view(n, queries + 1)
+        host.copy_(out[:n], non_blocking=self.pinned)
+        event = None
+        if self.pinned:
+            event = torch.cuda.Event()
+            event.record()
+        self.n = self.batch = 0  # the inputs no longer continue the last launched batch
+        self.verifying = (host, queries, event, start)
+
+    def collect_verify(self) -> list[list[int]]:
+        """The launched verify step's new tokens for each row (its accepted proposals and one more); waits for it."""
+        host, queries, event, start = self.verifying
+        self.verifying = None
+        if event is not None:
+            event.synchronize()
+        new = [r[: r[-1]] for r in host.tolist()]
+        self.last_collect = now = time.perf_counter()
+        bucket = self.bucket(len(new))
+        if bucket in self.plain_s:
+            self._timed(self.slopes, bucket, max(0.0, ((now - start) / self.plain_s[bucket] - 1) / (queries - 1)))
+        return new
+
+    def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:
+        """One verify step (`launch_verify`), waited for (`collect_verify`)."""
+        self.launch_verify(rows, proposals)
+        return self.collect_verify()
+
+
+def step_rows(max_batch: int, shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    """Every row count a captured step hands the projections: the batch buckets and each verify shape's rows."""
+    return tuple(sorted({*buckets(max_batch), *(b * q for b, q in shapes)}))
 
 
 @contextmanager
@@ -222,9 +392,11 @@ def compile_ahead(
     graphs: bool = True,
     world: int = 1,
     quant: Quant = DENSE,
+    speculate: int = 0,
 ) -> Iterator[Compiling | None]:
-    """Compile the decode step's Triton kernels in worker processes while the body loads the weights, and wait for
-    them at its end (on an error, stop them instead); yields the `Compiling`, None where there is nothing to do: no
+    """Compile the decode step's Triton kernels (and the verify steps', for up to `speculate` proposals) in worker
+    processes while the body loads the weights, and wait for them at its end (on an error, stop them instead);
+    yields the `Compiling`, None where there is nothing to do: no
     CUDA graphs, no Triton 3.3 or newer, or a tensor-parallel world (its small model would have to join collectives).
     A two-layer model of the same shapes, so the same kernel specialisations (the second layer's norm takes the
     first layer's sums of squares), runs every step `capture` will run, under each choice `tune_linear` can make,
@@ -245,9 +417,10 @@ def compile_ahead(
         model = Llama.empty(replace(cfg, n_layers=min(2, cfg.n_layers)), max_seq, SINGLE, device, dtype, quant)
         model.setup_cache(max_batch + 1, max_seq, dtype)
         seen = torch.zeros(max_batch + 1, cfg.vocab_size, dtype=torch.bool, device=device)
-        runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False)
+        runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False, speculate=speculate)
+        rows = step_rows(max_batch, runner.verify_shapes)
         with recording() as specs:
-            for _ in kernels.linear_choices(model.weights(), tuple(buckets(max_batch))):
+            for _ in kernels.linear_choices(model.weights(), rows):
                 runner.every_step(reset=True)
         del runner, model, seen
         torch.cuda.empty_cache()

@@ -4,6 +4,11 @@ Each `step()` admits waiting sequences into KV slots (the prefix cache picks the
 it already holds), prefills one chunk of one prompt, then decodes one token for every running sequence as one
 batch, and returns the events that produced. With tensor parallelism this runs on rank 0 only: its model and
 runner calls are relayed to the other ranks (engine.tp), which keep no scheduler state.
+
+With speculation (`Request.speculate`, up to `speculate` tokens), a step where some sequence may propose is a
+verify step instead: each sequence proposes what pays for itself (engine.speculate), rows without a proposal verify
+nothing (their one token is the plain step's), and each sequence takes its accepted tokens and one more, each
+through the same stop checks as a plain step's token.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, FinishReason, TextDelta
 from engine.prefix_cache import PrefixCache
 from engine.sequence import SequenceState
+from engine.speculate import Proposer
 from engine.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 2048
@@ -29,10 +35,17 @@ class Scheduler:
     each call to every rank)."""
 
     def __init__(
-        self, model: Any, runner: Any, tok: Tokenizer, n_slots: int, context: int, device: torch.device
+        self,
+        model: Any,
+        runner: Any,
+        tok: Tokenizer,
+        n_slots: int,
+        context: int,
+        device: torch.device,
+        speculate: int = 0,
     ) -> None:
         self.model, self.runner, self.tok = model, runner, tok
-        self.context, self.device = context, device
+        self.context, self.device, self.speculate = context, device, speculate
         self.cache = PrefixCache(n_slots)
         self.waiting: deque[SequenceState] = deque()
         self.prefilling: deque[SequenceState] = deque()
@@ -44,6 +57,8 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.running or self.inflight is not None)
 
     def add(self, seq: SequenceState) -> None:
+        if seq.request.speculate and self.speculate:
+            seq.proposer = Proposer(seq.ids)
         self.waiting.append(seq)
 
     def cancel(self, request_id: str) -> list[Event]:
@@ -94,7 +109,11 @@ class Scheduler:
     def _decode(self, events: list[Event]) -> None:
         """One decode step, pipelined: while the batch stays the same, the next step is launched from the
         device's own outputs before this step's tokens are read, so the host's work (detokenizing, stops,
-        events) overlaps the GPU's. A token computed for a sequence that has meanwhile ended is dropped."""
+        events) overlaps the GPU's. A token computed for a sequence that has meanwhile ended is dropped. A step
+        where some sequence may propose is a verify step (`_verify`)."""
+        if self._verifying():
+            self._verify(events)
+            return
         batch = list(self.running)
         done = self.inflight
         if done is None:
@@ -105,16 +124,71 @@ class Scheduler:
         if same:
             self.runner.launch()
         self.inflight = batch if same else None
-        for seq, token in zip(done, self.runner.collect(), strict=True):
-            if seq in self.running:
-                self._accept(seq, token, events)
+        self._take(done, events)
         if self.inflight is None and self.running:
             self.runner.launch([s.row(s.generated[-1]) for s in self.running])
             self.inflight = list(self.running)
 
+    def _take(self, done: list[SequenceState], events: list[Event]) -> None:
+        """Collect the launched plain step: one token for each of its sequences still running."""
+        for seq, token in zip(done, self.runner.collect(), strict=True):
+            if seq in self.running:
+                seq.steps += 1
+                self._accept(seq, token, events)
+
+    def _verifying(self) -> bool:
+        """Whether this step verifies proposals: some running sequence may propose now (it is not waiting between
+        probes) and the batch has a verify step. Between probes the plain steps stay pipelined."""
+        if not any(s.proposer is not None and s.proposer.ready for s in self.running):
+            return False
+        return self.runner.verify_queries(len(self.running), 1) > 0
+
+    def _verify(self, events: list[Event]) -> None:
+        """A speculative step. The proposals need the tokens before them, so a plain step in flight is collected
+        first and nothing is pipelined; where nobody proposes after all, the step is a plain one."""
+        if self.inflight is not None:
+            done, self.inflight = self.inflight, None
+            self._take(done, events)
+        batch = list(self.running)
+        if not batch:
+            return
+        proposals = self._proposals(batch)
+        rows = [s.row(s.generated[-1]) for s in batch]
+        if not any(proposals):
+            self.runner.launch(rows)
+            self.inflight = batch
+            return
+        self.runner.launch_verify(rows, proposals)
+        for seq, proposed, new in zip(batch, proposals, self.runner.collect_verify(), strict=True):
+            seq.steps += 1
+            if proposed:
+                seq.proposer.feedback(len(proposed), len(new) - 1)
+            for token in new:
+                if seq not in self.running:  # a stop among the accepted tokens: the rest are dropped
+                    break
+                self._accept(seq, token, events)
+
+    def _proposals(self, batch: list[SequenceState]) -> list[list[int]]:
+        """Each sequence's proposal: what pays for itself at this batch's cost of one more token per row, within
+        its token budget and the context (the last one proposed must fit), cut to the batch's verify step."""
+        slope = self.runner.slope(len(batch))
+        proposals = []
+        for seq in batch:
+            made = len(seq.generated)
+            budget = seq.request.sampling.max_new_tokens - made - 1
+            room = min(self.speculate, budget, self.context - len(seq.ids) - made)
+            proposals.append(seq.proposer.propose(room, slope) if seq.proposer is not None else [])
+        longest = max(map(len, proposals))
+        if longest:
+            cut = self.runner.verify_queries(len(batch), longest) - 1
+            proposals = [p[:cut] for p in proposals]
+        return proposals
+
     def _accept(self, seq: SequenceState, token: int, events: list[Event]) -> None:
         """Take one sampled token: stream its text, and finish the sequence if a stop condition holds."""
         seq.generated.append(token)
+        if seq.proposer is not None:
+            seq.proposer.extend((token,))
         if token in seq.stops:
             events.extend(self._finish(seq, "eot" if token == self.tok.eot_id else "eos"))
             return
@@ -167,4 +241,5 @@ class Scheduler:
         self.cache.forget()
         self.inflight = None
         self.runner.inflight.clear()
+        self.runner.verifying = None
         return events

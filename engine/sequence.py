@@ -16,6 +16,7 @@ from engine.events import Event, Stats, TextClipped, TurnsDropped
 from engine.prompts import answer_room, build_prompt, fit_chat, fit_request, stop_ids
 from engine.requests import Request
 from engine.runner import Row
+from engine.speculate import Proposer
 from engine.tokenizer import Tokenizer
 
 
@@ -37,6 +38,8 @@ class SequenceState:
     text: list[str] = field(default_factory=list)
     t_first: float = 0.0
     strip_leading: bool = False
+    steps: int = 0  # decode steps that gave it tokens (plain or verify)
+    proposer: Proposer | None = None  # with speculation: its prompt and tokens, indexed for lookups
 
     def row(self, token: int) -> Row:
         """This sequence's row of a decode step that feeds `token`."""
@@ -63,7 +66,11 @@ class SequenceState:
     def stats(self) -> Stats:
         now = time.perf_counter()
         ttft = (self.t_first or now) - self.t0
-        return Stats(len(self.ids), len(self.generated), ttft, now - self.t0, self.cached)
+        p = self.proposer
+        return Stats(
+            len(self.ids), len(self.generated), ttft, now - self.t0, self.cached, self.steps,
+            p.proposed if p is not None else 0, p.accepted if p is not None else 0,
+        )  # fmt: skip
 
 
 def admit(tok: Tokenizer, request: Request, context: int, events: list[Event]) -> SequenceState:

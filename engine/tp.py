@@ -8,10 +8,10 @@ collectives go through the default process group (NCCL on CUDA, gloo on the CPU)
 Before every call that touches shared state, rank 0 broadcasts a small plan on a separate gloo group
 (CPU tensors, no timeout while idle) and then makes the call itself; the other ranks make the identical
 call: prefill (tokens, slot, start), a decode step (its `Row`s), the next pipelined step of the same batch
-(no rows: each rank feeds its own sampled tokens back on its device), the sample after a prefill, a slot's
-fresh repetition mask, and stop. Logits after the vocabulary all-gather are bitwise the same on every rank
-(the all-reduce gives every rank the same sum), so device sampling picks the same tokens everywhere.
-Workers hold no scheduler state.
+(no rows: each rank feeds its own sampled tokens back on its device), a speculative verify step (its rows and their
+proposals), the sample after a prefill, a slot's fresh repetition mask, and stop. Logits after the vocabulary
+all-gather are bitwise the same on every rank (the all-reduce gives every rank the same sum), so device sampling
+picks the same tokens everywhere. Workers hold no scheduler state.
 
 Faults: a monitor thread on rank 0 watches the children, their heartbeats and the length of every step; a child
 that dies or falls silent (stopped, hung), or a step that outlives the timeout, stops the engine with a one-line
@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
+import itertools
 import os
 import pickle
 import signal
@@ -61,7 +62,7 @@ TIMEOUT_S = float(os.environ.get("CODELLAMA_TP_TIMEOUT", "300"))
 IDLE = timedelta(days=365)  # workers wait for the next plan as long as the app stays open
 BEAT_S, SILENT_S = 0.5, 5.0  # a serving worker writes a byte to its stdout this often; silent this long, it hangs
 
-PREFILL, SAMPLE, SEEN, DECODE, AGAIN, STOP = 1, 2, 3, 4, 5, 6
+PREFILL, SAMPLE, SEEN, DECODE, AGAIN, STOP, VERIFY = 1, 2, 3, 4, 5, 6, 7
 _HEADER, _INLINE = 8, 504  # a plan is one 512-value int64 broadcast unless its payload is longer
 
 
@@ -136,6 +137,20 @@ def decode_rows(payload: torch.Tensor) -> list[Row]:
     return [Row(*i, *f) for i, f in zip(ints, floats, strict=True)]
 
 
+def encode_proposals(rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> torch.Tensor:
+    """A verify step as int64: the rows (`encode_rows`), each row's proposal count, then the proposals."""
+    lengths = torch.tensor([len(p) for p in proposals], dtype=torch.int64)
+    flat = torch.tensor([t for p in proposals for t in p], dtype=torch.int64)
+    return torch.cat([encode_rows(rows), lengths, flat])
+
+
+def decode_proposals(payload: torch.Tensor, n: int) -> tuple[list[Row], list[list[int]]]:
+    width = (len(INTS) + len(FLOATS)) * n
+    lengths, flat = payload[width : width + n].tolist(), payload[width + n :].tolist()
+    ends = itertools.accumulate(lengths)
+    return decode_rows(payload[:width]), [flat[end - length : end] for end, length in zip(ends, lengths, strict=True)]
+
+
 # ---- rank 0 ----
 
 
@@ -176,6 +191,17 @@ class _Runner(_Proxy):
 
     def collect(self) -> list[int]:
         return self._leader.run(None, self._inner.collect)
+
+    def launch_verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> None:
+        plan = (VERIFY, (len(rows),), encode_proposals(rows, proposals))
+        self._leader.run(plan, lambda: self._inner.launch_verify(rows, proposals))
+
+    def collect_verify(self) -> list[list[int]]:
+        return self._leader.run(None, self._inner.collect_verify)
+
+    def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:
+        self.launch_verify(rows, proposals)
+        return self.collect_verify()
 
     def __call__(self, rows: Sequence[Row]) -> list[int]:
         self.launch(rows)
@@ -480,6 +506,8 @@ def serve(engine: Engine, plans: Plans) -> None:
             runner.sample(last if last.dim() == 2 else last[None], decode_rows(payload))
         elif kind == SEEN:
             runner.mark_seen(args[0], payload.tolist())
+        elif kind == VERIFY:  # every rank accepts the same tokens: the logits and the draws agree bitwise
+            runner.verify(*decode_proposals(payload, args[0]))
         elif kind in (DECODE, AGAIN):
             runner.launch(decode_rows(payload) if kind == DECODE else None)
             while len(runner.inflight) > 1:  # nobody reads a worker's tokens: keep one step in flight

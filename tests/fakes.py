@@ -55,6 +55,7 @@ class FakeClient(BaseClient):
     `ignore_cancel`: an engine that does not stop (cancels are recorded, nothing more).
     `on_delta(client, request, index)`: runs on the fake's thread before delta `index` is sent.
     `fail`: a message (or `fail(request)` giving one, or None) to fail requests with.
+    `speculation`: requests that speculate report two tokens per decode step (one proposal accepted each).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class FakeClient(BaseClient):
         hold: bool = False,
         ignore_cancel: bool = False,
         on_delta: Callable[[FakeClient, Request, int], None] | None = None,
+        speculation: bool = False,
     ) -> None:
         super().__init__(on_event)
         self.spec = spec
@@ -79,7 +81,7 @@ class FakeClient(BaseClient):
         self.answers = answers if callable(answers) else {**ANSWERS, **(answers or {})}
         self.chunk, self.delay, self.chars_per_token = chunk, delay, chars_per_token
         self.fake_load_error, self.fail, self.hold, self.on_delta = load_error, fail, hold, on_delta
-        self.ignore_cancel = ignore_cancel
+        self.ignore_cancel, self.speculation = ignore_cancel, speculation
         self.submitted: list[Request] = []
         self.cancelled: list[str] = []
         self.started = self.closed = False
@@ -176,6 +178,9 @@ class FakeClient(BaseClient):
         reason = "cancelled" if cancelled.is_set() else ("eot" if request.cap == "infilling" else "eos")
         new_tokens = max(1, self.tokens(sent))  # fixed timings, so that screens are deterministic
         stats = Stats(prompt_tokens=prompt, new_tokens=new_tokens, ttft_s=0.05, total_s=0.05 + 0.02 * new_tokens)
+        if self.speculation and request.speculate:
+            steps = max(1, (new_tokens - 1) // 2)
+            stats = replace(stats, steps=steps, proposed=2 * steps, accepted=new_tokens - 1 - steps)
         self.deliver(Finished(request.id, reason, sent, stats))
 
     def _fit(self, request: Request) -> Request:

@@ -119,6 +119,24 @@ async def test_complete_then_dismiss_with_escape() -> None:
         assert app.editor.text == "    " + SOURCE
 
 
+async def test_the_editors_and_the_chats_requests_speculate_and_the_status_line_shows_tokens_per_step() -> None:
+    """F2, F3 and the chat pane's answers (which F7 inserts) are grounded in the file: they ask for speculation;
+    a finished request that speculated shows its tokens per decode step."""
+    app = make_app(speculation=True, answers={"completion": "return a + b  # and a long enough answer"})
+    async with app.run_test(size=(120, 30)) as pilot:
+        await ready(pilot)
+        await pilot.press("f2")
+        await wait_for(pilot, idle(app))
+        assert app.client.submitted[-1].speculate and "tok/step" in app.status.render_text()
+        await pilot.press("escape", "f3")
+        await wait_for(pilot, lambda: len(app.client.submitted) == 2 and not app._jobs)
+        app.chat_input.load_text("rename add to plus")
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: len(app.client.submitted) == 3 and not app._jobs)
+        assert [r.cap for r in app.client.submitted] == ["completion", "infilling", "completion"]
+        assert all(r.speculate for r in app.client.submitted)
+
+
 async def test_infill_one_marker_streams_into_place_as_one_undo_step() -> None:
     app = make_app(answers={"infilling": "return a + b"})
     async with app.run_test() as pilot:

@@ -9,6 +9,9 @@ length, or of the new key from the cache instead of from the kernel's registers,
 values must land in the cache and nothing else may change there. As in tests/test_kernels.py, the interpreted
 cases run in one child process (`python -m tests.test_attention_kernel` with TRITON_INTERPRET=1); with CUDA they
 also run compiled, with real 7B/34B head counts and inside a CUDA graph.
+
+The verify step's attention (several new tokens per sequence, `verify_attention`) is checked the same way, and its
+reference against decoding the same tokens one at a time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_CUDA = torch.cuda.is_available()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}}
+# Triton's interpreter truncates float32 to bfloat16 where the GPU rounds to nearest: twice the rounding error.
+INTERPRETED_TOLERANCE = {**TOLERANCE, torch.bfloat16: {"rtol": 3.2e-2, "atol": 2e-2}}
 
 
 def make_inputs(
@@ -180,5 +185,167 @@ def test_cuda_graph_replays_at_any_length(n_heads: int, n_kv_heads: int, batch: 
         torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[torch.bfloat16])
 
 
+def make_verify_inputs(
+    name: str, device: str, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
+    positions: list[int], counts: list[int], queries: int,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """`make_inputs` for `queries` new tokens per row: q, k, v [B, T, heads, D] (views of one fused output), the
+    rotary tables, caches, slots, first positions and real-token counts."""
+    gen = torch.Generator(device).manual_seed(zlib.crc32(name.encode()))
+    batch = len(positions)
+    qkv = torch.randn(batch, queries, n_heads + 2 * n_kv_heads, head_dim, generator=gen, device=device).to(dtype)
+    q, k, v = qkv.split([n_heads, n_kv_heads, n_kv_heads], dim=2)
+    _, _, _, cos, sin, k_cache, v_cache, slots, _ = make_inputs(
+        name, device, dtype, n_heads, n_kv_heads, head_dim, max_seq, [1] * batch
+    )
+    as_tensor = lambda xs: torch.tensor(xs, device=device)  # noqa: E731
+    return q, k, v, cos, sin, k_cache, v_cache, slots, as_tensor(positions), as_tensor(counts)
+
+
+def check_verify(
+    name: str, device: str, dtype: str, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
+    positions: list[int], counts: list[int], queries: int, num_splits: int | None,
+) -> None:  # fmt: skip
+    """The kernel against `reference.verify_attention` on a cache poisoned at and past each row's first new
+    position: the real tokens' outputs match, their keys and values land, and nothing else in the cache changes."""
+    from engine.kernels import triton_attention
+
+    dt = DTYPES[dtype]
+    q, k, v, cos, sin, k_cache, v_cache, slots, first, count = make_verify_inputs(
+        name, device, dt, n_heads, n_kv_heads, head_dim, max_seq, positions, counts, queries
+    )
+    scale = head_dim**-0.5
+    expected = reference.verify_attention(q, k, v, cos, sin, first, slots, count, k_cache, v_cache, scale)
+    k_bad, v_bad = poisoned(k_cache, slots, first), poisoned(v_cache, slots, first)
+    k_want, v_want = k_bad.clone(), v_bad.clone()
+    for slot, p, n in zip(slots.tolist(), positions, counts, strict=True):
+        for want, cache in ((k_want, k_cache), (v_want, v_cache)):  # the reference wrote the real tokens' rows
+            want[slot, :, p : p + n] = cache[slot, :, p : p + n]
+    out = triton_attention.verify_attention(
+        q, k, v, cos, sin, first, slots, count, k_bad, v_bad, scale, num_splits=num_splits
+    )
+    assert out.dtype == dt and out.shape == expected.shape
+    real = torch.arange(queries, device=device)[None, :] < count[:, None]
+    tolerance = (TOLERANCE if device == "cuda" else INTERPRETED_TOLERANCE)[dt]
+    torch.testing.assert_close(out[real].cpu().float(), expected[real].cpu().float(), **tolerance)
+    torch.testing.assert_close(k_bad.cpu().float(), k_want.cpu().float(), equal_nan=True, **tolerance)
+    assert torch.equal(v_bad.isnan(), v_want.isnan()) and torch.equal(v_bad.nan_to_num(), v_want.nan_to_num())
+
+
+def _verify_cases(
+    prefix: str, dtype: str, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int, positions: list[int],
+    counts: list[int], queries: int, splits: tuple[int | None, ...],
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    shape = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "max_seq": max_seq}
+    rows = {"positions": positions, "counts": counts, "queries": queries}
+    return {f"verify-{prefix}-splits{s or 'auto'}": {"dtype": dtype, **shape, **rows, "num_splits": s} for s in splits}
+
+
+# First positions include 0 (nothing cached), multiples of the key block (64) and a row that ends at the cache's end;
+# counts include 1 (a row with nothing proposed) and the full T.
+VERIFY_INTERPRETED_CASES = {
+    **_verify_cases("mha-fp32", "fp32", 2, 2, 32, 96, [0, 64, 30, 92], [4, 4, 1, 4], 4, (1, 3)),
+    **_verify_cases("mha-bf16", "bf16", 3, 3, 16, 130, [129, 5, 64], [1, 2, 2], 2, (1, None)),
+    **_verify_cases("gqa2-fp32", "fp32", 4, 2, 16, 70, [10, 0, 62], [5, 8, 8], 8, (1, 2)),
+    **_verify_cases("gqa8-bf16", "bf16", 16, 2, 16, 130, [65, 1, 120], [3, 1, 3], 3, (1, 4)),
+}
+VERIFY_CUDA_CASES = {
+    **_verify_cases("7b-bf16", "bf16", 32, 32, 128, 4096, [0, 128, 4080, 2047], [16, 9, 16, 1], 16, (None, 1)),
+    **_verify_cases("7b-batch8", "bf16", 32, 32, 128, 512, [9 + 50 * i for i in range(8)], [4] * 8, 4, (None,)),
+    **_verify_cases("34b-bf16", "bf16", 64, 8, 128, 3000, [2990, 64, 0], [8, 8, 3], 8, (None, 1)),
+    **_verify_cases("34b-t16", "bf16", 64, 8, 128, 600, [500, 1], [16, 16], 16, (None,)),
+    **_verify_cases("7b-fp32", "fp32", 8, 8, 128, 600, [512, 1, 63], [2, 2, 1], 2, (None, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(VERIFY_INTERPRETED_CASES))
+def test_verify_interpreted(name: str, interpreted_results: dict[str, str]) -> None:
+    if interpreted_results[name] != "ok":
+        pytest.fail(interpreted_results[name], pytrace=False)
+
+
+@pytest.mark.parametrize("name", list(VERIFY_INTERPRETED_CASES))
+def test_verify_interpreted_compiles_for_sm90(name: str, compiled_results: dict[str, str]) -> None:
+    """Every launch of the interpreted verify case, as the H200 gets it, compiles (tests/compiled.py)."""
+    if compiled_results[name] != "ok":
+        pytest.fail(compiled_results[name], pytrace=False)
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("name", list(VERIFY_INTERPRETED_CASES) + list(VERIFY_CUDA_CASES))
+def test_verify_cuda(name: str) -> None:
+    check_verify(name, "cuda", **(VERIFY_INTERPRETED_CASES.get(name) or VERIFY_CUDA_CASES[name]))
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv_heads", "batch", "queries"), [(32, 32, 1, 16), (32, 32, 8, 4), (64, 8, 2, 8)]
+)
+def test_verify_cuda_graph_replays_at_any_position(n_heads: int, n_kv_heads: int, batch: int, queries: int) -> None:
+    """One captured verify step serves every first position and count: both live on the device."""
+    from engine.kernels import triton_attention
+
+    max_seq = 1024
+    q, k, v, cos, sin, k_cache, v_cache, slots, first, count = make_verify_inputs(
+        f"verify-graph-{n_heads}-{batch}", "cuda", torch.bfloat16, n_heads, n_kv_heads, 128, max_seq, [0] * batch,
+        [queries] * batch, queries,
+    )  # fmt: skip
+    scale = 128**-0.5
+    args = (q, k, v, cos, sin, first, slots, count)
+    triton_attention.verify_attention(*args, k_cache, v_cache, scale)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_attention.verify_attention(*args, k_cache, v_cache, scale)
+    for starts, counts in (([0] * batch, [queries] * batch), ([max_seq - queries] * batch, [1] * batch)):
+        first.copy_(torch.tensor(starts))
+        count.copy_(torch.tensor([(c + 3 * i) % queries + 1 for i, c in enumerate(counts)]))
+        graph.replay()
+        expected = reference.verify_attention(*args, k_cache.clone(), v_cache.clone(), scale)
+        real = torch.arange(queries, device="cuda")[None, :] < count[:, None]
+        torch.testing.assert_close(out[real].float(), expected[real].float(), **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_verify_reference_is_decoding_one_token_at_a_time(dtype: str) -> None:
+    """The reference verify step equals `rotary_attention` run token after token (each real token's output and the
+    cache); the tokens past a row's count write nothing new: the cache after it matches the one-at-a-time cache."""
+    dt = DTYPES[dtype]
+    positions, counts, queries = [7, 0, 40], [5, 3, 1], 5
+    q, k, v, cos, sin, k_cache, v_cache, slots, first, count = make_verify_inputs(
+        f"verify-ref-{dtype}", "cpu", dt, 8, 2, 32, 64, positions, counts, queries
+    )
+    ours = k_cache.clone(), v_cache.clone()
+    out = reference.verify_attention(q, k, v, cos, sin, first, slots, count, *ours, 32**-0.5)
+    for b, n in enumerate(counts):
+        for t in range(n):
+            rows = slice(b, b + 1)
+            want = reference.rotary_attention(
+                q[rows, t], k[rows, t], v[rows, t], cos, sin, first[rows] + t, slots[rows], k_cache, v_cache, 32**-0.5
+            )
+            torch.testing.assert_close(out[b, t].float(), want[0].float(), **TOLERANCE[dt])
+    torch.testing.assert_close(ours[0], k_cache, **TOLERANCE[dt])
+    assert torch.equal(ours[1], v_cache)
+    if dt == torch.float32:  # one float32 CPU sequence takes a shortcut: the same outputs and cache
+        alone = k_cache.clone(), v_cache.clone()
+        batched = alone[0].clone(), alone[1].clone()
+        out = reference.verify_attention(q, k, v, cos, sin, first, slots, count, *batched, 32**-0.5)
+        for b, n in enumerate(counts):
+            rows = slice(b, b + 1)
+            args = q[rows], k[rows], v[rows], cos, sin, first[rows], slots[rows], count[rows]
+            one = reference.verify_attention(*args, *alone, 32**-0.5)
+            torch.testing.assert_close(one[0, :n], out[b, :n], **TOLERANCE[dt])
+        torch.testing.assert_close(alone[0], batched[0], **TOLERANCE[dt])
+        assert torch.equal(alone[1], batched[1])
+
+
 if __name__ == "__main__":
-    interpreted.child_main(INTERPRETED_CASES, lambda name: check_attention(name, "cpu", **INTERPRETED_CASES[name]))
+
+    def run(name: str) -> None:
+        if name in VERIFY_INTERPRETED_CASES:
+            check_verify(name, "cpu", **VERIFY_INTERPRETED_CASES[name])
+        else:
+            check_attention(name, "cpu", **INTERPRETED_CASES[name])
+
+    interpreted.child_main([*INTERPRETED_CASES, *VERIFY_INTERPRETED_CASES], run)

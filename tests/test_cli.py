@@ -434,3 +434,19 @@ def test_unexpected_tensors_are_refused_and_rotary_buffers_ignored(tmp_path: Pat
     extra = demo_copy(tmp_path, tensors={"model.layers.0.mlp.extra_proj.weight": torch.ones(4, 4)})
     line = error_line(cli("generate", "--model", str(extra), "--device", "cpu", "--prompt", "x"))
     assert "unexpected tensor model.layers.0.mlp.extra_proj.weight" in line
+
+
+def test_speculate_gives_the_same_greedy_text_and_shows_tokens_per_step() -> None:
+    """`--speculate N` on generate and chat: the same greedy text as without; the console's stats line shows tokens
+    per decode step; an N past the largest verify step is refused before anything loads."""
+    prompt = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n"
+    greedy = ("--device", "cpu", "--temperature", "0", "--max-new-tokens", "24")
+    plain = cli("generate", *greedy, "--speculate", "0", "--prompt", prompt, timeout=60)
+    fast = cli("generate", *greedy, "--speculate", "8", "--prompt", prompt, timeout=60)
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
+    assert fast.stdout and fast.stdout == plain.stdout
+    console = cli("chat", *greedy, "--cap", "completion", "--speculate", "8", stdin=prompt + "!!\n", timeout=60)
+    assert console.returncode == 0 and "tokens/step" in console.stderr, console.stderr
+    assert "--speculate: must be 0 (off) to 15, got 16" in error_line(cli("generate", "--speculate", "16"))
+    remote = error_line(cli("generate", "--url", "http://127.0.0.1:9", "--speculate", "4", "--prompt", "x"))
+    assert "--url and --speculate exclude each other" in remote

@@ -137,25 +137,27 @@ from tests.test_gpu import CFG, model
 misses = []
 quant = Quant.of(sys.argv[1] or None)
 knobs.compilation.listener = lambda *, src, cache_hit, **_: cache_hit or misses.append(src.name)
-with compile_ahead(CFG, 1024, 8, torch.device("cuda"), torch.bfloat16, quant=quant) as compiling:
+speculate = int(sys.argv[2])
+with compile_ahead(CFG, 1024, 8, torch.device("cuda"), torch.bfloat16, quant=quant, speculate=speculate) as compiling:
     m = model(torch.bfloat16, 8, quant)
 seen = torch.zeros(9, m.cfg.vocab_size, dtype=torch.bool, device="cuda")
-DecodeRunner(m, seen, 8, 8, use_graphs=True)
+DecodeRunner(m, seen, 8, 8, use_graphs=True, speculate=speculate)
 result = {"kernels": compiling.kernels, "compiled": compiling.compiled, "errors": compiling.errors, "misses": misses}
 print(json.dumps(result))
 """
 
 
-@pytest.mark.parametrize("quant", ["", "int4"])
-def test_compile_ahead_leaves_the_capture_nothing_to_compile(tmp_path, quant: str) -> None:
-    """On a cold Triton cache the workers compile every kernel the capture launches; on the warm cache of a second
-    start nothing is left for them (fresh processes: this one has the kernels compiled already)."""
+@pytest.mark.parametrize(("quant", "speculate"), [("", 0), ("int4", 0), ("", 7)])
+def test_compile_ahead_leaves_the_capture_nothing_to_compile(tmp_path, quant: str, speculate: int) -> None:
+    """On a cold Triton cache the workers compile every kernel the capture launches (the verify steps' too, with
+    speculation); on the warm cache of a second start nothing is left for them (fresh processes: this one has the
+    kernels compiled already)."""
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path)}
     root = Path(__file__).resolve().parents[1]
     results = []
     for _ in range(2):
-        cmd = [sys.executable, "-c", COMPILE_AHEAD, quant]
-        out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+        command = [sys.executable, "-c", COMPILE_AHEAD, quant, str(speculate)]
+        out = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     cold, warm = results

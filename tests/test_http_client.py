@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -35,6 +36,7 @@ def test_our_server_gets_every_field_and_a_foreign_one_only_openais() -> None:
     assert path == "/v1/completions"
     assert body["prompt"] == "a" and body["suffix"] == "b" and body["spm"] is True
     assert (body["top_k"], body["repetition_penalty"], body["fit"], body["engine_events"]) == (7, 1.2, True, True)
+    assert body["speculate"] is False and request_body(replace(request, speculate=True), OURS)[1]["speculate"]
     assert (body["seed"], body["stop"], body["stream"], body["stream_options"]) == (
         5,
         ["\n\n"],
@@ -43,7 +45,7 @@ def test_our_server_gets_every_field_and_a_foreign_one_only_openais() -> None:
     )
     path, body = request_body(Request("completion", text="x", fit=True, sampling=sampling), FOREIGN)
     assert path == "/v1/completions" and body["prompt"] == "x"
-    assert not {"top_k", "repetition_penalty", "fit", "engine_events", "spm", "suffix"} & set(body)
+    assert not {"top_k", "repetition_penalty", "fit", "engine_events", "spm", "suffix", "speculate"} & set(body)
     messages = (ChatMessage("system", "s"), ChatMessage("user", "u"))
     path, body = request_body(Request("chat", messages=messages), FOREIGN)
     assert path == "/v1/chat/completions"
@@ -138,6 +140,10 @@ def test_our_servers_engine_objects_give_back_its_own_events() -> None:
     events, end = _read(request, OURS, _lines(first, '{"choices": [{"index": 0, "text": "y"}]}', last, "[DONE]"))
     assert events == [TextClipped(request.id, 12, 0), Started(request.id, 700, 1024), TextDelta(request.id, "y")]
     assert end.reason == "context" and end.stats.prompt_tokens == 700
+    speculated = {"reason": "eos", "steps": 4, "proposed": 9, "accepted": 6}
+    finish = json.dumps({"choices": [{"index": 0, "text": "z", "finish_reason": "stop"}], "engine": speculated})
+    _, end = _read(request, OURS, _lines(first, finish, "[DONE]"))
+    assert (end.stats.steps, end.stats.proposed, end.stats.accepted) == (4, 9, 6)
     chat = Request("chat", messages=(ChatMessage("user", "u"),), fit=True)
     started = {"prompt_tokens": 3, "context": 1024, "turns_dropped": 2, "clipped": None}
     dropped = json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "engine": started})
@@ -172,7 +178,8 @@ def test_an_event_split_over_data_lines_is_one_event() -> None:
 
 @pytest.fixture(scope="module")
 def server():
-    with serving(lambda sink: LocalClient(EngineSpec(device="cpu", max_batch=2), on_event=sink), slots=2) as running:
+    spec = EngineSpec(device="cpu", max_batch=2, speculate=8)  # `serve --speculate 8`
+    with serving(lambda sink: LocalClient(spec, on_event=sink), slots=2) as running:
         yield running
 
 
@@ -220,6 +227,17 @@ def test_every_cap_gives_what_the_engine_here_gives(remote: HttpClient, here: Lo
             local.stats.new_tokens,
         )
         assert remote.tokenize(request) == here.tokenize(request)
+
+
+def test_a_request_that_speculates_on_the_server_gives_the_same_text_and_its_figures(remote, here) -> None:
+    """`speculate` crosses the wire: greedy text as the engine here gives it without speculation, with the server's
+    steps, proposals and acceptances in the stats (for the status line's tokens per step)."""
+    text = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n"
+    request = Request("completion", text=text, sampling=GREEDY, id="copy")
+    plain, fast = _end(remote, request), _end(remote, replace(request, speculate=True))
+    assert isinstance(fast, Finished) and fast.text == _end(here, request).text == plain.text
+    assert plain.stats.proposed == 0 and fast.stats.proposed > 0 and fast.stats.steps > 0
+    assert 0 < fast.stats.accepted <= fast.stats.proposed and fast.stats.tokens_per_step > 1
 
 
 def test_a_file_longer_than_the_context_is_fitted_by_the_server(remote: HttpClient, here: LocalClient) -> None:

@@ -340,3 +340,20 @@ def test_the_server_imports_no_torch_and_its_commands_explain_themselves() -> No
             [sys.executable, "-m", "tui.cli", command, "--help"], capture_output=True, text=True, cwd=root
         )
         assert out.returncode == 0 and all(word in out.stdout for word in words), out.stdout
+
+
+def test_speculate_is_the_clients_choice_and_an_editors_infill_speculates(fake_server) -> None:
+    """OpenAI's routes speculate when the body says so (our client sends the request's own choice); llama.cpp's
+    /infill and /completion, an editor's fill, speculate unless told not to."""
+    url, fake = fake_server.url, fake_server.fakes.client
+    for body, expected in (({}, False), ({"speculate": True}, True), ({"speculate": False}, False)):
+        httpx.post(f"{url}/v1/completions", json={"prompt": "def f(", "max_tokens": 4, **body})
+        assert fake.submitted[-1].speculate is expected
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body}
+        httpx.post(f"{url}/v1/chat/completions", json=chat)
+        assert fake.submitted[-1].speculate is expected
+    for body, expected in (({}, True), ({"speculate": False}, False)):
+        httpx.post(f"{url}/infill", json={"input_prefix": "a", "input_suffix": "b", "n_predict": 4, **body})
+        assert fake.submitted[-1].speculate is expected
+    bad = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "speculate": "lots"})
+    assert "speculate" in _error(bad, 400, "invalid_request_error")["message"]

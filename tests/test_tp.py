@@ -20,6 +20,7 @@ from engine.errors import EngineError
 from engine.events import Failed, Finished, TextDelta
 from engine.local_client import LocalClient
 from engine.requests import EngineSpec, Request, SamplingParams
+from engine.runner import Row
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "def fibonacci(n):\n    "
@@ -91,6 +92,55 @@ def test_sampling_with_repetition_penalty_agrees_across_ranks(tiny_model_dir: Pa
     sampling = ("--temperature", "0.8", "--top-k", "20", "--seed", "7", "--repetition-penalty", "1.3")
     sampling += ("--max-new-tokens", "24")
     assert generated(tiny_model_dir, 2, *sampling) == generated(tiny_model_dir, 1, *sampling)
+
+
+def test_a_verify_plan_carries_its_rows_and_proposals() -> None:
+    from engine import tp
+
+    sampled = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "penalty": 1.2, "seed": 2**40 + 3, "offset": 7}
+    greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "penalty": 1.0, "seed": 0, "offset": 0}
+    rows = [Row(token=5, position=10, slot=0, **sampled), Row(token=6, position=3, slot=2, **greedy)]
+    proposals = [[1, 2, 3], []]
+    assert tp.decode_proposals(tp.encode_proposals(rows, proposals), 2) == (rows, proposals)
+    rows3 = [*rows, Row(token=1, position=1, slot=1, **greedy)]
+    assert tp.decode_proposals(tp.encode_proposals(rows3, [[], [4, 4], [7]]), 3) == (rows3, [[], [4, 4], [7]])
+
+
+def _finished(engine: Engine, *requests: Request) -> dict[str, Finished]:
+    """Run the requests together; each one's Finished event by id."""
+    events = [e for r in requests for e in engine.add(r)]
+    while engine.busy:
+        events += engine.step()
+    assert not [e for e in events if isinstance(e, Failed)], events
+    return {e.request_id: e for e in events if isinstance(e, Finished)}
+
+
+def test_speculation_at_tp2_gives_the_tokens_of_tp1() -> None:
+    """Verify steps relayed to every rank, rows proposing different k (the demo model copies, so runs are
+    accepted): two greedy requests and a seeded sampled one, together, give the text TP 1 gives without
+    speculation."""
+    from dataclasses import replace
+
+    from engine.config import DEMO_DIR
+    from engine.speculate_bench import edit_workload
+    from engine.tokenizer import Tokenizer
+
+    renames = [i.request for i in edit_workload(Tokenizer.from_dir(DEMO_DIR), 1024, per_module=1)][2:6:2]
+    greedy = [replace(r, sampling=replace(r.sampling, max_new_tokens=48)) for r in renames]
+    sampled = replace(greedy[0], id="sampled", sampling=replace(greedy[0].sampling, temperature=0.7, seed=3))
+    spec = EngineSpec(device="cpu", dtype="float32", max_batch=3, speculate=8)
+    one = Engine.load(spec)
+    try:
+        want = {r.id: _finished(one, r)[r.id].text for r in (*greedy, sampled)}
+    finally:
+        one.close()
+    two = Engine.load(replace(spec, tp=2))
+    try:
+        got = _finished(two, *(replace(r, speculate=True) for r in greedy), replace(sampled, speculate=True))
+    finally:
+        two.close()
+    assert {r.id: got[r.id].text for r in (*greedy, sampled)} == want
+    assert all(got[r.id].stats.accepted > 0 for r in (*greedy, sampled))
 
 
 def test_prefill_and_decode_logits_match_tp1(tiny_gqa_dir: Path) -> None:

@@ -353,6 +353,8 @@ class CodeLlamaApp(App[int]):
         stats = event.stats
         self.status.context_used = stats.prompt_tokens + stats.new_tokens
         detail = f"{event.reason}, {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s"
+        if stats.proposed:  # speculation: tokens per decode step, the accepted proposals and one more each
+            detail += f", {stats.tokens_per_step:.1f} tok/step"
         self.status.set_state("ready", detail)
         if job.kind is JobKind.FILL:
             end = editor.end_stream(keep=True)
@@ -456,7 +458,9 @@ class CodeLlamaApp(App[int]):
         prefix = editor.get_text_range((0, 0), (row, column))
         cap = self._completion_cap()
         editor.begin_ghost()
-        self._submit(Job(Request(cap=cap, text=prefix, fit=True, sampling=self._sampling(cap)), JobKind.GHOST))
+        # The editor's requests (and the chat's, whose code F7 inserts) are grounded in the file: they speculate.
+        request = Request(cap=cap, text=prefix, fit=True, sampling=self._sampling(cap), speculate=True)
+        self._submit(Job(request, JobKind.GHOST))
         editor.focus()
 
     def action_infill(self) -> None:
@@ -492,7 +496,7 @@ class CodeLlamaApp(App[int]):
         suffix = editor.get_text_range(end, editor.document.end).replace(FILL, "")
         sampling = self._sampling("infilling")
         sampling = replace(sampling, stop=sampling.stop + suffix_stop(suffix))
-        request = Request(cap="infilling", prefix=prefix, suffix=suffix, fit=True, sampling=sampling)
+        request = Request(cap="infilling", prefix=prefix, suffix=suffix, fit=True, sampling=sampling, speculate=True)
         editor.begin_stream(start, end)
         self._submit(Job(request, JobKind.FILL, next_marker=next_marker))
 
@@ -526,7 +530,7 @@ class CodeLlamaApp(App[int]):
         self.chat_log.add_user(text)
         cap = self.cap
         if cap == "chat":
-            request = self.conversation.request(text, self._sampling("chat"))
+            request = self.conversation.request(text, self._sampling("chat"), speculate=True)
             self.chat_log.begin_answer()
             self._submit(Job(request, JobKind.CHAT))
             return
@@ -534,9 +538,9 @@ class CodeLlamaApp(App[int]):
             if text.count(FILL) != 1:
                 self.chat_log.add_notice("Infilling needs exactly one <FILL> marker in the input.", "error")
                 return
-            request = Request(cap="infilling", text=text, sampling=self._sampling("infilling"))
+            request = Request(cap="infilling", text=text, sampling=self._sampling("infilling"), speculate=True)
         else:
-            request = Request(cap=cap, text=text, sampling=self._sampling(cap))
+            request = Request(cap=cap, text=text, sampling=self._sampling(cap), speculate=True)
         self.chat_log.begin_answer("```python\n")
         self._submit(Job(request, JobKind.CHAT, closing="\n```"))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from engine.bench_options import add_quant_options
 from engine.client import Client, EventSink
 from engine.config import SHAPES
-from engine.requests import CAPS, EngineSpec
+from engine.requests import CAPS, MAX_SPECULATE, EngineSpec
 
 SUBCOMMANDS = {
     "generate": "generate once from stdin or --prompt; only the generated text goes to stdout",
@@ -60,7 +60,12 @@ FLAGS = {
     "url": "--url",
     "api_key": "--api-key",
     "served_model": "--served-model",
+    "speculate": "--speculate",
 }
+# The most tokens a request proposes per step unless --speculate or the config file says: the editor's requests are
+# grounded in its file (on by default, and in the server that the app and web tabs may talk to); one-shot and
+# console text may not be (off). bench-serve takes --speculate only.
+SPECULATE = {"app": 15, "serve": 15, "web": 15, "generate": 0, "chat": 0}
 
 
 def with_flags(message: str, fields: Sequence[str]) -> str:
@@ -73,6 +78,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _speculate(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SPECULATE:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) to {MAX_SPECULATE}, got {value}")
     return value
 
 
@@ -111,6 +123,14 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "compl
     g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
     g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
     add_quant_options(g)
+    g.add_argument(
+        "--speculate",
+        type=_speculate,
+        metavar="N",
+        help=f"prompt-lookup speculation: verify up to N tokens per step, proposed from the text itself (0 off, at "
+        f"most {MAX_SPECULATE}; the same output, faster where it repeats its prompt; default: the config file's, "
+        f"else {SPECULATE['app']} in the app, serve and web, 0 for generate, chat and bench-serve)",
+    )
     if not sampling:
         g.add_argument("--shape", choices=list(SHAPES), help="random weights at a CodeLlama shape instead of --model")
         g.add_argument("--tokenizer", metavar="DIR", help="tokenizer for --shape (default: the demo model's)")
@@ -140,7 +160,8 @@ def client_factory(args: argparse.Namespace, *, retry: bool) -> ClientFactory | 
     return make
 
 
-def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
+def spec_of(args: argparse.Namespace, max_batch: int = 8, speculate: int = 0) -> EngineSpec:
+    """The engine options; `max_batch` and `speculate` are the command's defaults."""
     return EngineSpec(
         model=args.model,
         device=args.device,
@@ -150,6 +171,7 @@ def spec_of(args: argparse.Namespace, max_batch: int = 8) -> EngineSpec:
         max_seq_len=args.max_seq_len,
         quant=args.quant,
         quant_head=args.quant_head,
+        speculate=args.speculate if args.speculate is not None else speculate,
         shape=getattr(args, "shape", None),
         tokenizer=getattr(args, "tokenizer", None),
     )
@@ -298,18 +320,26 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
     if getattr(args, "url", None) and args.model:
         parsers[command].error("--url and --model exclude each other: the server has its own model")
-    if getattr(args, "model", None) is None and not getattr(args, "shape", None) and not getattr(args, "url", None):
+    speculate_given = getattr(args, "speculate", None) is not None
+    pick_model = (
+        getattr(args, "model", None) is None and not getattr(args, "shape", None) and not getattr(args, "url", None)
+    )
+    if pick_model or command in SPECULATE:
         from tui.config import ConfigError, load_config
 
-        try:  # the config file's server or model is every command's default, as it is the app's
+        try:  # the config file's server or model, and its speculation, are every command's defaults, as the app's
             config = load_config()
         except ConfigError as err:
             parsers[command].exit(2, f"{parsers[command].prog}: error: {err}\n")
-        if command in REMOTE and config.url:
+        if pick_model and command in REMOTE and config.url:
             args.url = config.url
             args.served_model = args.served_model or config.served_model
-        else:
+        elif pick_model:
             args.model = config.model
+        if command in SPECULATE and args.speculate is None:
+            args.speculate = config.speculate
+    if getattr(args, "url", None) and speculate_given:
+        parsers[command].error("--url and --speculate exclude each other: the server's own --speculate decides")
     if getattr(args, "url", None) and args.api_key is None:
         args.api_key = _api_key()
     if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
@@ -342,7 +372,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
         if args.max_queue < 0:
             parsers[command].exit(2, f"{parsers[command].prog}: error: --max-queue must be >= 0\n")
-        return serve(args, spec_of(args))
+        return serve(args, spec_of(args, speculate=SPECULATE["serve"]))
     if command == "bench-serve":
         from tui.server.bench import main as bench_serve
 
@@ -350,13 +380,13 @@ def _main(argv: Sequence[str] | None) -> int:
     if command == "web":
         from tui.web import run_web
 
-        return run_web(args, spec_of(args))
+        return run_web(args, spec_of(args, speculate=SPECULATE["web"]))
     if command == "chat":
         from tui.console import run_console
 
         factory = client_factory(args, retry=False)
         return run_console(
-            spec_of(args, max_batch=1),
+            spec_of(args, max_batch=1, speculate=SPECULATE["chat"]),
             args.cap,
             args.sys_instruct,
             overrides_of(args),
@@ -366,7 +396,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     return run_app(
         args.file,
-        spec_of(args),
+        spec_of(args, speculate=SPECULATE["app"]),
         args.cap,
         args.sys_instruct,
         overrides_of(args),

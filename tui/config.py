@@ -3,6 +3,7 @@
     theme = "light"                   # dark, light, high-contrast
     model = "/models/CodeLlama-7b-Instruct-hf"
     system = "Provide answers in Python"
+    speculate = 8                     # tokens proposed per step, 0 off (--speculate of all but the benches)
     url = "http://localhost:23333"    # a server instead of the model (the app, chat, generate and web)
     api_key = "..."                   # its key ($CODELLAMA_TUI_API_KEY and --api-key win)
     served_model = "CodeLlama-7b-Instruct-hf"  # which of its models (default: its first)
@@ -26,7 +27,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from engine.requests import SamplingParams
+from engine.requests import MAX_SPECULATE, SamplingParams
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,6 +51,7 @@ class Config:
     theme: str | None = None
     model: str | None = None
     system: str | None = None
+    speculate: int | None = None
     url: str | None = None
     api_key: str | None = None
     served_model: str | None = None
@@ -82,6 +84,10 @@ def load_config(path: Path | None = None) -> Config:
             if not isinstance(value, str):
                 raise fail(f"{key} must be a string")
             setattr(config, key, value)
+        elif key == "speculate":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SPECULATE:
+                raise fail(f"speculate must be a whole number from 0 (off) to {MAX_SPECULATE}")
+            config.speculate = value
         elif key == "keys":
             if not isinstance(value, dict):
                 raise fail("[keys] must be a table")

@@ -149,9 +149,9 @@ class Chat:
         and keeps the session."""
         chat = self.cap == "chat"
         if chat:
-            request = self.conversation.request(text, self.sampling)
+            request = self.conversation.request(text, self.sampling, speculate=True)  # --speculate decides
         else:
-            request = Request(cap=self.cap, text=text, sampling=self.sampling)  # type: ignore[arg-type]
+            request = Request(cap=self.cap, text=text, sampling=self.sampling, speculate=True)  # type: ignore[arg-type]
         answer = Answer(self.out, self.cap, text)
         context = self.info.context
         with _no_echo(self.terminal):
@@ -204,7 +204,11 @@ def stats_line(reason: str, stats: Stats, context: int | None) -> str:
         "context": f" · reached the context end ({context} tokens)",
         "cancelled": " · stopped",
     }.get(reason, "")
-    return f"[{stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tokens/s · first token {stats.ttft_s:.2f} s{why}]"
+    per_step = f" · {stats.tokens_per_step:.1f} tokens/step" if stats.proposed else ""
+    return (
+        f"[{stats.new_tokens} tokens · {stats.tokens_per_s:.1f} tokens/s{per_step} · first token {stats.ttft_s:.2f} s"
+        f"{why}]"
+    )
 
 
 @contextmanager

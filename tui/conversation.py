@@ -17,13 +17,13 @@ class Conversation:
         self.system = system
         self.exchanges: list[tuple[str, str]] = []
 
-    def request(self, user: str, sampling: SamplingParams) -> Request:
-        """The next turn: everything so far, then the user's new message."""
+    def request(self, user: str, sampling: SamplingParams, speculate: bool = False) -> Request:
+        """The next turn: everything so far, then the user's new message (`speculate`: `Request.speculate`)."""
         messages = [ChatMessage("system", self.system)] if self.system is not None else []
         for asked, answer in self.exchanges:
             messages += [ChatMessage("user", asked), ChatMessage("assistant", answer)]
         messages.append(ChatMessage("user", user))
-        return Request("chat", messages=tuple(messages), fit=True, sampling=sampling)
+        return Request("chat", messages=tuple(messages), fit=True, sampling=sampling, speculate=speculate)
 
     def answered(self, request: Request, answer: str) -> None:
         """Keep a finished turn (a cancelled or failed one is not kept: the next turn asks again)."""

@@ -14,7 +14,7 @@ from engine.client import Client, ForceQuit
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, LoadFailed, Loading, Ready, Started, TextDelta
 from engine.requests import Request, SamplingParams, replacement_warning
-from tui.cli import ClientFactory, overrides_of, spec_of, with_flags
+from tui.cli import SPECULATE, ClientFactory, overrides_of, spec_of, with_flags
 from tui.conversation import Conversation
 
 PROG = "codellama-tui"
@@ -59,10 +59,11 @@ def _inputs(args: argparse.Namespace) -> Iterator[tuple[int, str | None, str | N
 
 
 def _request(args: argparse.Namespace, text: str, system: str | None, sampling: SamplingParams) -> Request:
-    """One input as a request: for chat, a conversation of the system instruction and this one message."""
+    """One input as a request: for chat, a conversation of the system instruction and this one message. It may
+    speculate: `--speculate` (0 by default here) decides."""
     if args.cap == "chat":
-        return Conversation(system).request(text, sampling)
-    return Request(args.cap, text=text, suffix_first=args.spm, sampling=sampling)
+        return Conversation(system).request(text, sampling, speculate=True)
+    return Request(args.cap, text=text, suffix_first=args.spm, sampling=sampling, speculate=True)
 
 
 def _progress(event: Event) -> None:
@@ -90,7 +91,8 @@ def generate(args: argparse.Namespace, client_factory: ClientFactory | None = No
         return _fail(str(err), 2)
     if (why := _no_input(args)) is not None:
         return _fail(why, 2)
-    client = (client_factory or LocalClient)(spec_of(args, max_batch=1), _progress).start()
+    spec = spec_of(args, max_batch=1, speculate=SPECULATE["generate"])
+    client = (client_factory or LocalClient)(spec, _progress).start()
     try:
         client.wait_ready()
     except EngineError as err:

@@ -12,6 +12,8 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 - `rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)`: rotary embedding of
   the new token's q and k, k and v written into the cache, and split-KV attention of the one new query
   per sequence over its keys, GQA aware: one kernel on the GPU.
+- `verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)`: the same for the
+  several new tokens per sequence of a speculative verify step, causal among them.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
 - `linear(x, w)`: `x @ W.T` for a weight object `w` (`engine.weights.Weight`: dense, int8, int4 or nf4), a
   weight-streaming matrix-vector kernel for decode-sized x (up to 64 rows) that dequantizes in registers, where
@@ -27,6 +29,7 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   epilogue, which also leaves the next norm its sums of squares.
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling (after the sort, one
   kernel on the GPU); `greedy_pick(...)`: the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
+- `accept(...)`: speculative decoding's accept rule for a verify step's proposals (`accept.py`, plain ops).
 
 `compile_ahead` compiles the decode step's Triton kernels in worker processes while the weights load
 (`engine.runner.compile_ahead` drives it). `triton_allreduce` holds tensor parallelism's one-shot all-reduce (used
@@ -46,12 +49,14 @@ import torch
 from torch import Tensor
 
 from . import reference, sampling
+from .accept import accept
 from .sampling import apply_repetition_penalty, mark_seen
 
 if TYPE_CHECKING:
     from engine.weights import Weight
 
 __all__ = [
+    "accept",
     "add_rms_norm",
     "apply_repetition_penalty",
     "dequantize",
@@ -65,6 +70,7 @@ __all__ = [
     "rotary_attention",
     "sample",
     "silu_mul",
+    "verify_attention",
 ]
 
 
@@ -124,6 +130,28 @@ def rotary_attention(
 
         return triton_attention.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
     return reference.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
+
+
+def verify_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    counts: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    scale: float,
+) -> Tensor:
+    """`rotary_attention` for T new tokens per sequence, q [B, T, Hq, D] and k/v [B, T, Hkv, D], token t at
+    `positions + t`, causal among them; only the first `counts[b]` of row b are real (`reference.verify_attention`)."""
+    if _use_triton(q):
+        from . import triton_attention
+
+        return triton_attention.verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)
+    return reference.verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:

@@ -148,6 +148,81 @@ def _cpu_rotary_attention(
     return out.view(batch, n_heads, head_dim)
 
 
+def verify_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    counts: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    scale: float,
+) -> Tensor:
+    """A verify step's attention: T new tokens per sequence, q [B, T, Hq, D] and k/v [B, T, Hkv, D], token t of row
+    b at position `positions[b] + t`. Each is rotated there, its key and value stored at `[slots[b], :, position]`,
+    and its rotated q attends over the keys up to and including its own (causal within the T); [B, T, Hq, D].
+
+    Only a row's first `counts[b]` (>= 1) tokens are real. The others store the last real token's key and value
+    again at its position (the same values, so the repeated index is harmless) and their outputs are unspecified:
+    a row may end anywhere, even at the cache's end, without writing past it."""
+    batch, queries, n_heads, head_dim = q.shape
+    if batch == 1 and _cpu_fp32(q, k, v, cos, sin, k_cache, v_cache):
+        return _cpu_verify_one(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)
+    real = torch.minimum(torch.arange(queries, device=q.device)[None, :], (counts - 1)[:, None])  # [B, T]
+    at = positions[:, None] + real
+    cos_b, sin_b = cos[at][:, :, None], sin[at][:, :, None]  # [B, T, 1, D]
+    index = real[:, :, None, None].expand_as(k)
+    k_cache[slots[:, None], :, at] = rotate(k.gather(1, index), cos_b, sin_b).to(k_cache.dtype)
+    v_cache[slots[:, None], :, at] = v.gather(1, index).to(v_cache.dtype)
+    q = rotate(q, cos_b, sin_b)
+    # On the CPU nothing is captured: reading the furthest position costs nothing and spares attending over the
+    # whole (mostly empty) cache.
+    length = k_cache.shape[2] if q.is_cuda else int(at.max()) + 1
+    keys, values = k_cache[:, :, :length][slots].float(), v_cache[:, :, :length][slots].float()
+    visible = torch.arange(length, device=q.device)[None, None, :] <= at[:, :, None]  # [B, T, S]
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), keys, values, attn_mask=visible[:, None], scale=scale, enable_gqa=True
+    )
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _cpu_verify_one(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    counts: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    scale: float,
+) -> Tensor:
+    """`verify_attention` of one float32 CPU sequence, as `_cpu_rotary_attention` runs one: its first position,
+    slot and count read once, its real tokens written by plain indexing, attention over a view of its cache (no
+    gather); the outputs past the count are zeros."""
+    queries, head_dim = q.shape[1], q.shape[3]
+    (pos,), (slot,), (n,) = positions.tolist(), slots.tolist(), counts.tolist()
+    half, signs = head_dim // 2, _rotate_half_signs(head_dim)
+    cos_b, sin_b = cos[pos : pos + n, None], (sin[pos : pos + n] * signs)[:, None]  # [n, 1, D]
+    k_new, v_new, q_new = k[0, :n], v[0, :n], q[0, :n]
+    k_cache[slot, :, pos : pos + n] = torch.addcmul(k_new * cos_b, k_new.roll(half, -1), sin_b).transpose(0, 1)
+    v_cache[slot, :, pos : pos + n] = v_new.transpose(0, 1)
+    q_new = torch.addcmul(q_new * cos_b, q_new.roll(half, -1), sin_b)
+    end = pos + n
+    keys, values = k_cache[slot : slot + 1, :, :end], v_cache[slot : slot + 1, :, :end]
+    visible = torch.arange(end)[None, :] <= torch.arange(pos, end)[:, None]
+    out = F.scaled_dot_product_attention(
+        q_new.transpose(0, 1)[None], keys, values, attn_mask=visible, scale=scale, enable_gqa=True
+    )
+    out = out[0].transpose(0, 1)  # [n, Hq, D]
+    return F.pad(out, (0, 0, 0, 0, 0, queries - n))[None] if n < queries else out[None]
+
+
 @functools.cache
 def _scalar(value: float) -> Tensor:
     """`value` as a float32 CPU tensor, made once: an op given a Python float converts it to a tensor on every

@@ -50,17 +50,11 @@ def scale_and_sort(logits: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor,
     return logits.argmax(dim=-1), scaled, *scaled.sort(dim=-1, descending=True)
 
 
-def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:
-    """One token per row of logits [B, V]; int64 [B].
-
-    Rows with temperature 0 take the argmax. Others divide by the temperature, keep the top_k
-    most likely tokens (0: all), then the smallest prefix of those whose probability reaches
-    top_p (the most likely token always stays), and draw with the Gumbel-max trick using
-    noise from (seeds[b], offsets[b]); bump the offset each step for a fresh draw.
-    """
-    batch, vocab = logits.shape
+def filtered(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`sample`'s filters: (the greedy choice [B], the scaled logits [B, V] and the mask [B, V] of the tokens that
+    top-k and top-p keep, in token order)."""
+    vocab = logits.shape[1]
     greedy, scaled, sorted_logits, order = scale_and_sort(logits, temperature)
-    temperature = temperature.float()
     rank = torch.arange(vocab, device=logits.device)
     k = top_k.long()
     in_top_k = rank[None, :] < torch.where(k > 0, k, vocab)[:, None]
@@ -71,11 +65,25 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, se
     keep_sorted = (mass_before < top_p) | (top_p >= 1.0)
     keep_sorted[:, 0] = True
     keep_sorted &= in_top_k
-    keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    return greedy, scaled, torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
 
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, offsets, vocab)))
-    drawn = torch.where(keep, scaled, float("-inf")).add_(gumbel).argmax(dim=-1)
-    return torch.where(temperature > 0, drawn, greedy)
+
+def gumbel(seeds: Tensor, offsets: Tensor, vocab_size: int) -> Tensor:
+    """Gumbel noise [B, V] from `uniform_noise`: the scaled logits plus it, maximised, are a draw."""
+    return -torch.log(-torch.log(uniform_noise(seeds, offsets, vocab_size)))
+
+
+def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:
+    """One token per row of logits [B, V]; int64 [B].
+
+    Rows with temperature 0 take the argmax. Others divide by the temperature, keep the top_k
+    most likely tokens (0: all), then the smallest prefix of those whose probability reaches
+    top_p (the most likely token always stays), and draw with the Gumbel-max trick using
+    noise from (seeds[b], offsets[b]); bump the offset each step for a fresh draw.
+    """
+    greedy, scaled, keep = filtered(logits, temperature, top_k, top_p)
+    drawn = torch.where(keep, scaled, float("-inf")).add_(gumbel(seeds, offsets, logits.shape[1])).argmax(dim=-1)
+    return torch.where(temperature.float() > 0, drawn, greedy)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:

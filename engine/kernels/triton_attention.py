@@ -256,6 +256,131 @@ def _split_kernel(
             tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
+@triton.jit(do_not_specialize=["queries", "n_splits"])
+def _verify_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    positions_ptr,
+    slots_ptr,
+    counts_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    acc_ptr,
+    max_ptr,
+    sum_ptr,
+    count_ptr,
+    qk_scale,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_table,
+    stride_cs,
+    stride_ch,
+    stride_cp,
+    queries,
+    n_splits,
+    n_heads: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr,
+):
+    """One (sequence, kv head, split) per program: its `queries` new tokens times the GROUP query heads of the kv
+    head are the rows of one tl.dot tile (row r: token r // GROUP, head r % GROUP). The splits share the keys cached
+    before the row's first new position; split 0 also takes the new keys and values, from registers, causally, and
+    writes them to the cache (no program reads what another writes). count_ptr: as in `_split_kernel`."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    b = pid // (n_heads // GROUP)
+    kv_head = pid % (n_heads // GROUP)
+    split = tl.program_id(1)
+
+    pos = tl.load(positions_ptr + b).to(tl.int32)
+    last = tl.load(counts_ptr + b).to(tl.int32) - 1  # the row's last real token
+    chunk = tl.cdiv(tl.cdiv(pos, n_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, pos)
+
+    r = tl.arange(0, BLOCK_R)
+    d = tl.arange(0, HEAD_DIM)
+    t = r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    rows = t < queries
+    at = pos + tl.minimum(t, last)  # tokens past the last real one take its position (their output is unused)
+    partner = (d + HEAD_DIM // 2) % HEAD_DIM
+    signs = tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
+    cos = tl.load(cos_ptr + at[:, None] * stride_table + d[None, :]).to(tl.float32)
+    sin = tl.load(sin_ptr + at[:, None] * stride_table + d[None, :]).to(tl.float32) * signs[None, :]
+    q_rows = q_ptr + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_rows + d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    q_partner = tl.load(q_rows + partner[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+    q = (q * cos + q_partner * sin).to(q_ptr.dtype.element_ty).to(tl.float32)
+    kv_base = tl.load(slots_ptr + b) * stride_cs + kv_head * stride_ch
+    k_cache, v_cache = k_cache_ptr + kv_base, v_cache_ptr + kv_base
+    acc, m, total = _attend_dot(
+        q, k_cache, v_cache, start, end, stride_cp, qk_scale, BLOCK_R, HEAD_DIM, BLOCK_N, PRECISION
+    )
+    if split == 0:  # the new keys: token j is seen by the rows of tokens t >= j
+        j = tl.arange(0, BLOCK_T)
+        real = j <= last
+        j_at = pos + tl.minimum(j, last)
+        k_cos = tl.load(cos_ptr + j_at[:, None] * stride_table + d[None, :]).to(tl.float32)
+        k_sin = tl.load(sin_ptr + j_at[:, None] * stride_table + d[None, :]).to(tl.float32) * signs[None, :]
+        k_rows = k_ptr + b * stride_kb + j[:, None] * stride_kt + kv_head * stride_kh
+        k_new = tl.load(k_rows + d[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        k_partner = tl.load(k_rows + partner[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+        k_new = (k_new * k_cos + k_partner * k_sin).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        v_rows = v_ptr + b * stride_vb + j[:, None] * stride_vt + kv_head * stride_vh
+        v_new = tl.load(v_rows + d[None, :], mask=real[:, None], other=0.0).to(v_cache_ptr.dtype.element_ty)
+        visible = (j[None, :] <= t[:, None]) & real[None, :]
+        s = tl.dot(q, tl.trans(k_new.to(tl.float32)), input_precision=PRECISION) * qk_scale
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every row sees token 0
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v_new.to(tl.float32), input_precision=PRECISION)
+        m = m_new
+        cache_at = (pos + j)[:, None] * stride_cp + d[None, :]
+        tl.store(k_cache + cache_at, k_new, mask=real[:, None])
+        tl.store(v_cache + cache_at, v_new, mask=real[:, None])
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+    out = (b * queries + t) * n_heads + head  # the row of out [B * T * Hq, D]
+    if ONE_SPLIT:
+        result = acc / total[:, None]
+        tl.store(
+            out_ptr + out[:, None] * HEAD_DIM + d[None, :], result.to(out_ptr.dtype.element_ty), mask=rows[:, None]
+        )
+    else:
+        part = out * n_splits + split
+        tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=rows[:, None])
+        tl.store(max_ptr + part, m, mask=rows)
+        tl.store(sum_ptr + part, total, mask=rows)
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+            for i in range(queries * GROUP):
+                row = (b * queries + i // GROUP) * n_heads + kv_head * GROUP + i % GROUP
+                _merge_row(acc_ptr, max_ptr, sum_ptr, out_ptr, row, n_splits, BLOCK_S, HEAD_DIM)
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """Dots run on float32 copies of the tiles: TF32 holds 16-bit floats exactly (and rounds
     the float32 probabilities less than a bf16 cast would); float32 inputs need full IEEE."""
@@ -323,5 +448,56 @@ def rotary_attention(
         num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, HEADS=heads, BLOCK_H=block_h,
         HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=MAX_SPLITS, PRECISION=dot_precision(q.dtype), USE_GDC=gdc,
         num_warps=4, num_stages=2, launch_pdl=gdc,
+    )  # fmt: skip
+    return out
+
+
+def verify_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    slots: Tensor,
+    counts: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> Tensor:
+    """See `reference.verify_attention`: q [B, T, Hq, D], k/v [B, T, Hkv, D] (strided views of the fused QKV
+    output); `num_splits` overrides the heuristic (for tests)."""
+    batch, queries, n_heads, head_dim = q.shape
+    n_kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv_heads
+    assert group * n_kv_heads == n_heads and k.shape[2] == v.shape[2] == n_kv_heads, "q heads: a multiple of kv heads"
+    assert head_dim >= 16 and triton.next_power_of_2(head_dim) == head_dim, "head_dim: a power of 2 >= 16"
+    assert q.stride(3) == k.stride(3) == v.stride(3) == 1 and cos.stride() == sin.stride() and cos.stride(1) == 1
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    block_r = max(16, triton.next_power_of_2(queries * group))
+    programs = batch * n_kv_heads
+    if num_splits is None:
+        sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
+        num_splits = choose_splits(programs, max_seq, BLOCK_N_DOT, sm_count)
+
+    out = torch.empty((batch, queries, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    gdc = pdl.enabled(q)
+    partial = maxes = sums = counters_ = out  # unused with one split
+    if num_splits > 1:
+        rows = batch * queries * n_heads * num_splits
+        partial = torch.empty((rows, head_dim), dtype=torch.float32, device=q.device)
+        maxes = torch.empty((rows,), dtype=torch.float32, device=q.device)
+        sums = torch.empty_like(maxes)
+        counters_ = counters.zeroed(q.device, programs)
+    _verify_kernel[(programs, num_splits)](
+        q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, out, partial, maxes, sums, counters_,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        queries, num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, BLOCK_R=block_r,
+        BLOCK_T=max(16, triton.next_power_of_2(queries)), HEAD_DIM=head_dim, BLOCK_N=BLOCK_N_DOT, BLOCK_S=MAX_SPLITS,
+        PRECISION=dot_precision(q.dtype), USE_GDC=gdc, num_warps=4 if block_r <= 32 else 8, num_stages=2,
+        launch_pdl=gdc,
     )  # fmt: skip
     return out

@@ -2,7 +2,9 @@
 
 At each concurrency level, that many streaming HTTP clients (httpx) send random prompts of `--prompt-len` tokens
 to `/v1/completions` one after another, greedy, up to `--max-tokens` new tokens each, until `--requests` are done.
-Reported: output tokens/s, requests/s, time to first token and inter-token latency (mean, p50, p99).
+Reported: output tokens/s, requests/s, time to first token and inter-token latency (mean, p50, p99). With
+`--speculate N` (served here) every request asks to speculate: the random prompts have little to copy, so this
+shows what speculation costs a busy server.
 
 Without `--url` the server runs in this process on a free port with the engine options (`--shape 7b` for random
 weights), the clients in a child process (so that they do not compete with the server for this one's GIL), and
@@ -114,13 +116,15 @@ async def random_prompt(client: httpx.AsyncClient, rng: random.Random, tokens: i
     return " ".join(words)
 
 
-async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Outcome:
+async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, extra: dict | None = None) -> Outcome:
+    """One streamed greedy completion; `extra`: this server's own fields (`speculate`), for ours only."""
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     start = time.perf_counter()
     times: list[float] = []
@@ -152,14 +156,16 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
     return Outcome(True, times[0] - start, gaps, tokens, end - start)
 
 
-async def run_level(client: httpx.AsyncClient, prompts: list[str], concurrency: int, max_tokens: int) -> Level:
+async def run_level(
+    client: httpx.AsyncClient, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None
+) -> Level:
     """`concurrency` clients, each sending the next prompt as soon as its previous answer has ended."""
     pending = list(reversed(prompts))
     outcomes: list[Outcome] = []
 
     async def worker() -> None:
         while pending:
-            outcomes.append(await one_request(client, pending.pop(), max_tokens))
+            outcomes.append(await one_request(client, pending.pop(), max_tokens, extra))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -181,15 +187,16 @@ async def run_level(client: httpx.AsyncClient, prompts: list[str], concurrency: 
 
 
 async def run_levels(
-    url: str, api_key: str | None, levels: list[int], per_level: list[int], prompt_len: int, max_tokens: int, seed: int
-) -> list[Level]:
+    url: str, api_key: str | None, levels: list[int], per_level: list[int], prompt_len: int, max_tokens: int, seed: int,
+    extra: dict | None = None,
+) -> list[Level]:  # fmt: skip
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=None, limits=limits) as client:
         rng = random.Random(seed)
         prompts = [[await random_prompt(client, rng, prompt_len) for _ in range(n)] for n in per_level]
         await one_request(client, prompts[0][0], 8)  # warm-up: the first request pays for lazy set-up
-        return [await run_level(client, p, c, max_tokens) for p, c in zip(prompts, levels, strict=True)]
+        return [await run_level(client, p, c, max_tokens, extra) for p, c in zip(prompts, levels, strict=True)]
 
 
 def _load_in_child(*args: object) -> list[dict]:
@@ -262,7 +269,8 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
             return 1
         print(f"{PROG}: serving {info.name} on {info.device} at {running.url}", file=sys.stderr, flush=True)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = pool.submit(_load_in_child, running.url, *load).result()
+            speculate = {"speculate": True} if spec.speculate else {}  # --speculate N: every request asks to
+            results = pool.submit(_load_in_child, running.url, *load, speculate).result()
         position = args.prompt_len + args.max_tokens // 2
         comparison = clients[0].call(lambda engine: _bench_decode(engine, levels, position))
     finally:

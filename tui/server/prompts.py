@@ -5,9 +5,11 @@
   `<PRE> {prefix} <SUF>{suffix} <MID>` (what Continue's autocomplete and Tabby's `prompt_template` send), is
   infilling too: the template names the special pieces, which text alone would only spell out.
 - `/v1/chat/completions`: the whole conversation, in the checkpoint's own dialog format (`engine.prompts`).
-- Both take `fit` (`Request.fit`): a prompt that outgrows the context is shortened instead of refused.
+- Both take `fit` (`Request.fit`): a prompt that outgrows the context is shortened instead of refused, and
+  `speculate` (`Request.speculate`).
 - `/infill` (llama.cpp): `input_extra` (the other files) goes first, then `input_prefix` and `prompt` (the
-  cursor's line up to the cursor) as the prefix, `input_suffix` as the suffix.
+  cursor's line up to the cursor) as the prefix, `input_suffix` as the suffix; it speculates unless told not to
+  (an editor's fill is grounded in its file).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def infill_request(body: InfillRequest, info: ModelInfo, *, infilling: bool = Tr
         seed=None if body.seed is None or body.seed < 0 else body.seed,
         stop=tuple(s for s in body.stop if s),
     )
-    return replace(request, sampling=sampling)
+    return replace(request, sampling=sampling, speculate=body.speculate)
 
 
 def split_fim_template(prompt: str) -> tuple[str, str] | None:
@@ -127,6 +129,7 @@ def _choices(request: Request, body: Sampling, info: ModelInfo) -> list[Request]
             request,
             id=f"{base}-{i}",
             fit=body.fit,
+            speculate=body.speculate,
             sampling=replace(sampling, seed=None if body.seed is None else body.seed + i),
         )
         for i in range(body.n)

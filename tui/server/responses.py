@@ -8,8 +8,9 @@ Leaving a stream early (the client went away) cancels what still runs.
 
 With `engine_events` (this server's own field, `tui.server.schemas`) a choice's first chunk carries an `engine`
 object, `{"prompt_tokens", "context", "turns_dropped", "clipped"}` (`clipped`: lines left out above and below the
-cursor, or null), and its finishing chunk `{"reason"}` (the engine's finish reason): what `engine.http_client` turns
-back into the engine's own events.
+cursor, or null), and its finishing chunk `{"reason"}` (the engine's finish reason; where the request speculated,
+also `steps`, `proposed` and `accepted` of its `Stats`): what `engine.http_client` turns back into the engine's
+own events.
 """
 
 from __future__ import annotations
@@ -154,6 +155,13 @@ def started_fields(choice: Choice, event: Started) -> dict[str, object]:
     }
 
 
+def finished_fields(event: Finished) -> dict[str, object]:
+    """The `engine` object of a choice's finishing chunk."""
+    stats = event.stats
+    speculated = {"steps": stats.steps, "proposed": stats.proposed, "accepted": stats.accepted}
+    return {"reason": event.reason, **(speculated if stats.proposed else {})}
+
+
 def _with_engine(chunk: BaseModel, fields: dict[str, object]) -> str:
     return sse({**chunk.model_dump(), "engine": fields})
 
@@ -215,7 +223,7 @@ def completion_stream(
             return text(index, event.text)
         if isinstance(event, Finished):
             choice = CompletionChoice(index=index, text="", finish_reason=REASONS[event.reason])
-            fields: dict[str, object] = {"reason": event.reason}
+            fields = finished_fields(event)
         elif isinstance(event, Started) and engine_events:
             choice = CompletionChoice(index=index, text="")
             fields = started_fields(tally.choices[index], event)
@@ -254,7 +262,7 @@ def chat_stream(
             fields = started_fields(tally.choices[index], event)
         elif isinstance(event, Finished):
             choice = ChatChunkChoice(index=index, delta=Delta(), finish_reason=REASONS[event.reason])
-            fields = {"reason": event.reason}
+            fields = finished_fields(event)
         else:
             return None
         chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])

@@ -3,10 +3,12 @@
 Requests ignore fields they do not know (clients send many); the ones they know are checked here, so that a bad
 value gets a 400 that names it. Sampling fields left out take the cap's defaults (`SamplingParams.for_cap`).
 
-Three fields are this server's own, for clients that know it (`engine.http_client`; others never send them):
+Four fields are this server's own, for clients that know it (`engine.http_client`; others never send them):
 `fit` shortens a prompt that outgrows the context as the engine does (`Request.fit`) instead of refusing it, `spm`
-infills suffix-first, and `engine_events` puts an `engine` object on a stream's first chunk of each choice (the
-prompt's length, the context, what fitting left out) and on its finishing chunk (the engine's own finish reason).
+infills suffix-first, `speculate` lets the request speculate as far as `serve --speculate` allows
+(`Request.speculate`; llama.cpp's `/infill`, an editor's fill, speculates unless it says `false`), and
+`engine_events` puts an `engine` object on a stream's first chunk of each choice (the prompt's length, the context,
+what fitting left out) and on its finishing chunk (the engine's own finish reason, and speculation's figures).
 A model card says whose it is in `codellama_tui`: the model's whole `ModelInfo`.
 """
 
@@ -44,6 +46,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     fit: bool = False
+    speculate: bool = False
     engine_events: bool = False
 
     @field_validator("stop")
@@ -115,6 +118,7 @@ class InfillRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     stream: bool = False
     response_fields: list[str] | None = None
+    speculate: bool = True
 
 
 class TokenizeRequest(BaseModel):
