@@ -12,6 +12,8 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 - `rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)`: rotary embedding of
   the new token's q and k, k and v written into the cache, and split-KV attention of the one new query
   per sequence over its keys, GQA aware: one kernel on the GPU.
+- `prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)`: prefill's rotary embedding of q and k and its
+  KV-cache write, one kernel on the GPU instead of a dozen elementwise passes.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
 - `linear(x, w)`: `x @ w.T`, a weight-streaming matrix-vector kernel for decode-sized x (up to 64 rows), where
   start-up timing found it faster than cuBLAS for the shape and row count.
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference, sampling
+from . import reference, sampling, switches
 from .sampling import apply_repetition_penalty, mark_seen
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "mark_seen",
     "norm_linear",
     "norm_linear_silu_mul",
+    "prefill_rotary",
     "rms_norm",
     "rotary_attention",
     "sample",
@@ -116,6 +119,19 @@ def rotary_attention(
 
         return triton_attention.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
     return reference.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
+
+
+def prefill_rotary(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int
+) -> Tensor:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] at positions `start ..` (cos/sin [T, D]), store k and v at those
+    positions of one slot's caches [Hkv, max_seq, D], return the rotated q [T, Hq, D]: one kernel on the GPU
+    (switch: `prefill_rotary`)."""
+    if _use_triton(q) and switches.on("prefill_rotary"):
+        from . import triton_rotary
+
+        return triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)
+    return reference.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:
