@@ -4,6 +4,8 @@ one). Unknown names are an error, so a typo never measures the wrong tree.
 
 - `prefill_rotary`: prefill's rotary embedding and KV-cache write in one Triton kernel (`triton_rotary`).
 - `prefill_add_norm`: prefill's residual add inside the next RMSNorm's kernel (`add_rms_norm`).
+- `gemv_lanes`: the one-row matrix-vector kernel sums each 16-byte load's products in the thread that loaded them
+  (`triton_gemv._lanes`): a far smaller accumulator, so more programs per SM and more weight bytes in flight.
 - `short_attention`: decode attention gives each split at least `triton_attention.MIN_SPLIT_KEYS` keys, so a short
   context runs in one split that writes its output itself (no partials, no count, no merge).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 
-NAMES = ("prefill_rotary", "prefill_add_norm", "short_attention")
+NAMES = ("prefill_rotary", "prefill_add_norm", "gemv_lanes", "short_attention")
 ENV = "CODELLAMA_TUI_OFF"
 
 
