@@ -132,7 +132,7 @@ def test_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every change is on by default; $CODELLAMA_TUI_OFF names the ones off (`all`: every one); a typo is an error."""
     monkeypatch.delenv(switches.ENV, raising=False)
     assert all(switches.on(n) for n in switches.NAMES)
-    monkeypatch.setenv(switches.ENV, "prefill_rotary, short_attention")
+    monkeypatch.setenv(switches.ENV, "prefill_rotary, attention_splits")
     assert [switches.on(n) for n in switches.NAMES] == [False, True, True, False]
     monkeypatch.setenv(switches.ENV, "all")
     assert not any(switches.on(n) for n in switches.NAMES)

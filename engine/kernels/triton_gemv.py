@@ -5,7 +5,8 @@ the kernel is built to keep the memory system busy: each program owns a strip of
 rows and walks K in BLOCK_K-wide steps (16-byte loads along K), there are several programs per SM
 to hide latency, and the weight is marked evict-first so it does not push x out of the cache.
 A single row (M == 1) is a pure multiply-add; each thread sums the products of each of its 16-byte
-weight loads at once, into a [BLOCK_N, BLOCK_K // LANES] accumulator reduced at the end (`_lanes`). Several rows use a tensor-core dot with the weight strip as the tile's long side
+weight loads at once, into a [BLOCK_N, BLOCK_K // LANES] accumulator reduced at the end (`_lanes`).
+Several rows use a tensor-core dot with the weight strip as the tile's long side
 (`w @ x.T`, 64 or 128 weight rows against the rows padded to 16, 32 or 64), on the 16-bit inputs
 themselves, through Triton's pipelined K loop. When N alone gives too few programs, K is split: the
 last split of a strip to finish (an atomic count) adds the splits' float32 products in split order,
