@@ -2,13 +2,13 @@
 `git archive` of main at the session's start, unpacked under .gpu/base) and this one, each figure on one line as
 base, new and new/base. Run by `.ci/gpu-check roofline` (or `roofline-quick`).
 
-    python3 .ci/roofline.py [--base DIR] [--off NAMES] [quick | CASE ...]
+    python3 .ci/roofline.py [--base DIR] [--off NAMES ...] [quick | CASE ...]
 
 Cases: 7b (batch 1 and 32, time to first token at 2048 tokens, cold start-up), 7b-warm (start-up again on the same
 caches), 7b-16k (batch 1 and 8 with 16384 keys cached), 13b and 34b (batch 1); `quick` is 7b alone, the default
 every case. Each case of each tree runs in its own process, in that tree's directory with that tree's code, through
 the functions of its `engine.bench` (the same in both trees), with its own Triton cache and cache directory, fresh
-for the tree's first case (so `7b` starts cold and `7b-warm` warm). `--off NAMES` adds a third column: this tree with
+for the tree's first case (so `7b` starts cold and `7b-warm` warm). Each `--off NAMES` adds a column: this tree with
 $CODELLAMA_TUI_OFF=NAMES (engine/kernels/switches.py), to see what those changes buy.
 """
 
@@ -124,7 +124,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("cases", nargs="*", help=f"quick, or any of {', '.join(CASES)} (default: all)")
     p.add_argument("--base", default=".gpu/base", help="the starting tree (default .gpu/base)")
-    p.add_argument("--off", default="", help="also time this tree with $CODELLAMA_TUI_OFF set to this")
+    p.add_argument("--off", action="append", default=[], metavar="NAMES",
+                   help="also time this tree with $CODELLAMA_TUI_OFF=NAMES (repeatable: a column each)")  # fmt: skip
     p.add_argument("--tokenizer", help="tokenizer directory (default: each tree's demo model's)")
     p.add_argument("--timeout", type=float, default=150, help="seconds per case and tree")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -138,8 +139,7 @@ def main() -> int:
     if unknown or not (base / "engine" / "bench.py").is_file():
         p.error(f"unknown case {unknown[0]}" if unknown else f"no starting tree at {base} (engine/bench.py)")
     trees = [("base", base, {}), ("new", ROOT, {})]
-    if args.off:
-        trees.append((f"new, {args.off} off", ROOT, {"CODELLAMA_TUI_OFF": args.off}))
+    trees += [(f"{names} off", ROOT, {"CODELLAMA_TUI_OFF": names}) for names in args.off if names]
     scratch = Path(tempfile.mkdtemp(prefix="roofline-"))
     envs = []
     for i, (_, _, extra) in enumerate(trees):  # fresh caches per tree: its first case starts cold
