@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine import kernels
 from engine.config import ModelConfig
+from engine.kernels import switches
 from engine.parallel import SINGLE, Parallel, Shard
 from engine.weights import DENSE, Quant, Weight
 
@@ -56,13 +57,6 @@ def rope_tables(cfg: ModelConfig, max_seq: int) -> tuple[Tensor, Tensor]:
     return emb.cos(), emb.sin()
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding of `x [..., T, D]` with `cos/sin [T, D]` (the reference the decode kernel matches)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, shard: Shard, par: Parallel, quant: Quant) -> None:
         super().__init__()
@@ -81,11 +75,9 @@ class Attention(nn.Module):
         """`x [T, dim]`: tokens at positions `start .. start+T-1` of one sequence in `slot`."""
         T = x.shape[0]
         q, k, v = self._heads(kernels.linear(x, self.wqkv))
-        q = rotate(q.transpose(0, 1), cos, sin)  # [H, T, D]
-        k = rotate(k.transpose(0, 1), cos, sin)
+        q = kernels.prefill_rotary(q, k, v, cos, sin, cache.k[layer, slot], cache.v[layer, slot], start)
+        q = q.transpose(0, 1)  # [H, T, D]
         end = start + T
-        cache.k[layer, slot, :, start:end] = k
-        cache.v[layer, slot, :, start:end] = v.transpose(0, 1)
         keys, values = cache.k[layer, slot, None, :, :end], cache.v[layer, slot, None, :, :end]
         if self.n_kv != self.n_heads:  # the fused flash kernels take equal head counts
             keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
@@ -143,6 +135,17 @@ def join(par: Parallel, x: Tensor, w: Weight, residual: Tensor) -> tuple[Tensor,
     if par.world == 1:
         return kernels.linear_residual(x, w, residual)
     return par.reduce_into(kernels.linear(x, w), residual)
+
+
+def add_norm(h: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """`(rms_norm(h + delta), h + delta)` for prefill's residual stream (h itself where delta is None): one kernel
+    on the GPU (switch: `prefill_add_norm`; off, the add is a kernel of its own as before)."""
+    if delta is None:
+        return kernels.rms_norm(h, weight, eps), h
+    if not switches.on("prefill_add_norm"):
+        h = h + delta
+        return kernels.rms_norm(h, weight, eps), h
+    return kernels.add_rms_norm(delta, h, weight, eps)
 
 
 class Block(nn.Module):
@@ -256,12 +259,14 @@ class Llama(nn.Module):
         self.par.start_pass()
         h = self.embed(tokens)
         cos, sin = (t[start : start + T].to(h.dtype) for t in (self.cos, self.sin))  # cast once, not per layer
+        delta = None  # each half-layer's output, added to h by the next norm
         with sdpa_kernel(PREFILL_BACKENDS):
             for i, block in enumerate(self.layers):
-                h = h + block.attention.prefill(
-                    kernels.rms_norm(h, block.attention_norm, block.eps), i, self.cache, slot, start, cos, sin
-                )
-                h = h + block.feed_forward(kernels.rms_norm(h, block.ffn_norm, block.eps))
+                normed, h = add_norm(h, delta, block.attention_norm, block.eps)
+                delta = block.attention.prefill(normed, i, self.cache, slot, start, cos, sin)
+                normed, h = add_norm(h, delta, block.ffn_norm, block.eps)
+                delta = block.feed_forward(normed)
+        h = h + delta
         return self.logits(h) if all_logits else self.logits(h[-1:])[0]
 
     def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor, counts: Tensor | None = None) -> Tensor:

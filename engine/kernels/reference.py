@@ -63,6 +63,26 @@ def rotary_kv_write(
     return rotate(q, cos_b, sin_b)
 
 
+def rotate_in_dtype(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`rotate` as prefill computes it, in x's dtype: cos and sin cast to it, each product and the sum rounded (HF's
+    order of operations)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def prefill_rotary(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int
+) -> Tensor:
+    """Rotate the q [T, Hq, D] and k [T, Hkv, D] of T tokens at positions `start ..` (cos/sin [T, D]: those
+    positions' rows), write k and v [T, Hkv, D] into one slot's caches [Hkv, max_seq, D] at those positions, and
+    return the rotated q [T, Hq, D] (here a view of [Hq, T, D], the layout attention reads)."""
+    end = start + q.shape[0]
+    k_cache[:, start:end] = rotate_in_dtype(k.transpose(0, 1), cos, sin)
+    v_cache[:, start:end] = v.transpose(0, 1)
+    return rotate_in_dtype(q.transpose(0, 1), cos, sin).transpose(0, 1)
+
+
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lengths: Tensor, scale: float
 ) -> Tensor:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import counters, pdl
+from . import counters, pdl, switches
 
 # Smaller groups get one program per query head: the group's programs run side by side and read
 # their shared K/V again from L2, which stops paying off at about four heads.
@@ -40,6 +40,9 @@ BLOCK_N_DOT = 64  # keys per inner step of the tl.dot loop
 # tile live in registers: at head_dim 128 about 128 per thread, four programs per SM.
 BLOCK_N_LANES = 32
 MAX_SPLITS = 64  # a power of 2: the merge reads this many (masked) whatever the split count
+# Programs of 4 warps per SM that the split kernel's registers allow (its sm_90 compile, head_dim 128: 160 registers
+# per thread with the multiply-and-sum loop, 128 with tl.dot), for `fill_splits`.
+PER_SM_LANES, PER_SM_DOT = 3, 4
 
 
 @triton.jit
@@ -123,9 +126,17 @@ def _merge_row(acc_ptr, max_ptr, sum_ptr, out_ptr, row, n_splits, BLOCK_S: tl.co
     All loads are issued at once: skipping the empty splits would first need the length (one
     more memory round trip, which costs more than the few KB it would save).
     """
+    _merge_used(acc_ptr, max_ptr, sum_ptr, out_ptr, row, n_splits, n_splits, BLOCK_S, HEAD_DIM)
+
+
+@triton.jit
+def _merge_used(
+    acc_ptr, max_ptr, sum_ptr, out_ptr, row, n_splits, n_used, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr
+):  # fmt: skip
+    """`_merge_row` over the first `n_used` of the row's `n_splits` partials (the splits that had keys)."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
-    in_range = s < n_splits
+    in_range = s < n_used
     m = tl.load(max_ptr + row * n_splits + s, mask=in_range, other=float("-inf"), cache_modifier=".cg")
     sums = tl.load(sum_ptr + row * n_splits + s, mask=in_range, other=0.0, cache_modifier=".cg")
     m_max = tl.max(m, axis=0)  # finite: the split holding the new key has keys
@@ -175,6 +186,7 @@ def _split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
     """One (sequence, HEADS query heads, split) per program over keys 0..position; BLOCK_H == 1 selects
@@ -192,68 +204,78 @@ def _split_kernel(
     chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, length)
-
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, HEAD_DIM)
-    rows = h < HEADS
-    # Rotate-half rotary embedding, rounded once to the input dtype as reference.rotary_kv_write rounds.
-    partner = (d + HEAD_DIM // 2) % HEAD_DIM
-    cos = tl.load(cos_ptr + pos * stride_table + d).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * stride_table + d).to(tl.float32) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
-    q_rows = q_ptr + b * stride_qb + (head0 + h)[:, None] * stride_qh
-    q = tl.load(q_rows + d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-    q_partner = tl.load(q_rows + partner[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-    q = (q * cos[None, :] + q_partner * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
-    kv_head = head0 // GROUP
-    k_row = k_ptr + b * stride_kb + kv_head * stride_kh
-    k_new = (
-        (tl.load(k_row + d).to(tl.float32) * cos + tl.load(k_row + partner).to(tl.float32) * sin)
-        .to(k_ptr.dtype.element_ty)
-        .to(k_cache_ptr.dtype.element_ty)
-    )
-    v_new = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + d).to(v_cache_ptr.dtype.element_ty)
-    slot = tl.load(slots_ptr + b)
-    kv_base = slot * stride_cs + kv_head * stride_ch
-    k_cache, v_cache = k_cache_ptr + kv_base, v_cache_ptr + kv_base
-    # qk_scale includes log2(e) so that exp2 gives the softmax's exponentials. The cache holds keys 0..pos-1; the new
-    # key and value join from registers below.
-    cached_end = tl.minimum(end, pos)
-    if BLOCK_H == 1:
-        acc, m, total = _attend_lanes(q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, HEAD_DIM, BLOCK_N)
-    else:
-        acc, m, total = _attend_dot(
-            q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, BLOCK_H, HEAD_DIM, BLOCK_N, PRECISION
+    # With SKIP_EMPTY only the splits with keys take part (those past the length exit at once, and the merge and
+    # the count take the ones left), and a row whose keys all fit one split has it write the output itself.
+    active = tl.cdiv(length, chunk) if SKIP_EMPTY else n_splits
+    if split < active:
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, HEAD_DIM)
+        rows = h < HEADS
+        # Rotate-half rotary embedding, rounded once to the input dtype as reference.rotary_kv_write rounds.
+        partner = (d + HEAD_DIM // 2) % HEAD_DIM
+        cos = tl.load(cos_ptr + pos * stride_table + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_table + d).to(tl.float32) * tl.where(d < HEAD_DIM // 2, -1.0, 1.0)
+        q_rows = q_ptr + b * stride_qb + (head0 + h)[:, None] * stride_qh
+        q = tl.load(q_rows + d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+        q_partner = tl.load(q_rows + partner[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+        q = (q * cos[None, :] + q_partner * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
+        kv_head = head0 // GROUP
+        k_row = k_ptr + b * stride_kb + kv_head * stride_kh
+        k_new = (
+            (tl.load(k_row + d).to(tl.float32) * cos + tl.load(k_row + partner).to(tl.float32) * sin)
+            .to(k_ptr.dtype.element_ty)
+            .to(k_cache_ptr.dtype.element_ty)
         )
-    if (start <= pos) & (pos < end):  # this split's keys end with the new one: one more online-softmax step
-        score = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
-        m_new = tl.maximum(m, score)
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(score - m_new)
-        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
-        total = total * alpha + p
-        m = m_new
-        if head0 % GROUP == 0:  # one program per kv head writes them to the cache, for the steps after
-            tl.store(k_cache + pos * stride_cp + d, k_new)
-            tl.store(v_cache + pos * stride_cp + d, v_new)
-    if USE_GDC:
-        tl.extra.cuda.gdc_launch_dependents()
-    out = b * n_heads + head0 + h
-    if ONE_SPLIT:
-        result = acc / total[:, None]  # >= 1: the max key contributes 1
-        tl.store(
-            out_ptr + out[:, None] * HEAD_DIM + d[None, :], result.to(out_ptr.dtype.element_ty), mask=rows[:, None]
-        )
-    else:
-        part = out * n_splits + split
-        tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=rows[:, None])
-        tl.store(max_ptr + part, m, mask=rows)
-        tl.store(sum_ptr + part, total, mask=rows)
-        # Every thread's stores before the (one-thread) release; the acquire makes the others' visible to the last.
-        tl.debug_barrier()
-        if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-            for i in tl.static_range(HEADS):
-                _merge_row(acc_ptr, max_ptr, sum_ptr, out_ptr, b * n_heads + head0 + i, n_splits, BLOCK_S, HEAD_DIM)
-            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next call
+        v_new = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + d).to(v_cache_ptr.dtype.element_ty)
+        slot = tl.load(slots_ptr + b)
+        kv_base = slot * stride_cs + kv_head * stride_ch
+        k_cache, v_cache = k_cache_ptr + kv_base, v_cache_ptr + kv_base
+        # qk_scale includes log2(e) so that exp2 gives the softmax's exponentials. The cache holds keys 0..pos-1;
+        # the new key and value join from registers below.
+        cached_end = tl.minimum(end, pos)
+        if BLOCK_H == 1:
+            acc, m, total = _attend_lanes(
+                q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, HEAD_DIM, BLOCK_N
+            )
+        else:
+            acc, m, total = _attend_dot(
+                q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, BLOCK_H, HEAD_DIM, BLOCK_N, PRECISION
+            )
+        if (start <= pos) & (pos < end):  # this split's keys end with the new one: one more online-softmax step
+            score = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+            m_new = tl.maximum(m, score)
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(score - m_new)
+            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+            total = total * alpha + p
+            m = m_new
+            if head0 % GROUP == 0:  # one program per kv head writes them to the cache, for the steps after
+                tl.store(k_cache + pos * stride_cp + d, k_new)
+                tl.store(v_cache + pos * stride_cp + d, v_new)
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
+        out = b * n_heads + head0 + h
+        if ONE_SPLIT:
+            result = acc / total[:, None]  # >= 1: the max key contributes 1
+            tl.store(out_ptr + out[:, None] * HEAD_DIM + d[None, :], result.to(out_ptr.dtype.element_ty),
+                     mask=rows[:, None])  # fmt: skip
+        elif active == 1:  # SKIP_EMPTY and every key in this split
+            result = acc / total[:, None]
+            tl.store(out_ptr + out[:, None] * HEAD_DIM + d[None, :], result.to(out_ptr.dtype.element_ty),
+                     mask=rows[:, None])  # fmt: skip
+        else:
+            part = out * n_splits + split
+            tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=rows[:, None])
+            tl.store(max_ptr + part, m, mask=rows)
+            tl.store(sum_ptr + part, total, mask=rows)
+            # Every thread's stores before the (one-thread) release; the acquire makes the others' visible to the
+            # last.
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu") == active - 1:
+                for i in tl.static_range(HEADS):
+                    _merge_used(acc_ptr, max_ptr, sum_ptr, out_ptr, b * n_heads + head0 + i, n_splits, active, BLOCK_S,
+                                HEAD_DIM)  # fmt: skip
+                tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit(do_not_specialize=["queries", "n_splits"])
@@ -402,6 +424,24 @@ def choose_splits(programs: int, max_seq: int, block_n: int, sm_count: int) -> i
     return max(1, min(4 * sm_count // programs, triton.cdiv(max_seq, block_n), MAX_SPLITS))
 
 
+def fill_splits(programs: int, max_seq: int, block_n: int, slots: int) -> int:
+    """Splits (`attention_splits`) whose programs fill whole waves of `slots` (programs that fit the GPU at once):
+    the fewest within 5% of the best fill, at most two waves, each split >= 1 key block; one where the batch
+    alone fills a wave. Rows whose keys fit fewer splits leave the rest at once (SKIP_EMPTY), so a long context
+    gets the whole GPU and a short one costs no more. `choose_splits` instead rounds a wave of four programs per SM
+    down, which the lanes loop's registers do not fit (three): 7B at batch 1 took 1.3 waves."""
+    if programs >= slots:
+        return 1
+    fills = {}
+    for splits in range(1, min(triton.cdiv(max_seq, block_n), MAX_SPLITS) + 1):
+        n = programs * splits
+        if n > 2 * slots:
+            break
+        fills[splits] = n / (triton.cdiv(n, slots) * slots)
+    best = max(fills.values())
+    return min(splits for splits, fill in fills.items() if fill >= best - 0.05)
+
+
 def rotary_attention(
     q: Tensor,
     k: Tensor,
@@ -428,9 +468,13 @@ def rotary_attention(
     block_h = max(16, triton.next_power_of_2(heads)) if heads > 1 else 1
     block_n = BLOCK_N_DOT if heads > 1 else BLOCK_N_LANES
     programs = batch * n_heads // heads
+    skip_empty = switches.on("attention_splits")
     if num_splits is None:
         sm_count = _sm_count(q.device.index or 0) if q.is_cuda else 132
-        num_splits = choose_splits(programs, max_seq, block_n, sm_count)
+        if skip_empty:
+            num_splits = fill_splits(programs, max_seq, block_n, (PER_SM_DOT if heads > 1 else PER_SM_LANES) * sm_count)
+        else:
+            num_splits = choose_splits(programs, max_seq, block_n, sm_count)
 
     out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
     gdc = pdl.enabled(q)
@@ -446,8 +490,8 @@ def rotary_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, HEADS=heads, BLOCK_H=block_h,
-        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=MAX_SPLITS, PRECISION=dot_precision(q.dtype), USE_GDC=gdc,
-        num_warps=4, num_stages=2, launch_pdl=gdc,
+        HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=MAX_SPLITS, PRECISION=dot_precision(q.dtype),
+        SKIP_EMPTY=skip_empty, USE_GDC=gdc, num_warps=4, num_stages=2, launch_pdl=gdc,
     )  # fmt: skip
     return out
 

@@ -1,0 +1,153 @@
+"""Prefill's fused rotary embedding and KV-cache write (engine/kernels/triton_rotary.py) against
+`reference.prefill_rotary`, and the kernel switches (engine/kernels/switches.py).
+
+The kernel rounds where the unfused ops round, so its output and the cache must equal the reference's to the bit
+(fp16 in the interpreter, which truncates float32 -> bfloat16 where compiled Triton rounds to nearest; bf16 on the
+GPU), float32 within an ulp (the compiler may fuse a product into the sum). Token counts that do not fill the last
+block, a start past 0 (a prompt continuing a cached prefix), GQA and strided views of the fused QKV output are
+covered; everything in the cache outside the new positions must stay as it was.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import zlib
+from typing import Any
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.kernels import reference, switches
+from tests import compiled, interpreted
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+HAVE_CUDA = torch.cuda.is_available()
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_inputs(name: str, device: str, dtype: torch.dtype, n_heads: int, n_kv: int, head_dim: int, tokens: int,
+                start: int, max_seq: int) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """q, k, v as views of one fused QKV output, the positions' cos/sin rows cast as prefill casts them, caches."""
+    gen = torch.Generator(device).manual_seed(zlib.crc32(name.encode()))
+    qkv = torch.randn(tokens, n_heads + 2 * n_kv, head_dim, generator=gen, device=device).to(dtype)
+    q, k, v = qkv.split([n_heads, n_kv, n_kv], dim=1)
+    inv_freq = 1e4 ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(start, start + tokens, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1).to(device)
+    k_cache, v_cache = (torch.randn(n_kv, max_seq, head_dim, generator=gen, device=device).to(dtype) for _ in "kv")
+    return q, k, v, emb.cos().to(dtype), emb.sin().to(dtype), k_cache, v_cache
+
+
+def check_prefill_rotary(name: str, device: str, dtype: str, n_heads: int, n_kv: int, head_dim: int, tokens: int,
+                         start: int, max_seq: int) -> None:  # fmt: skip
+    from engine.kernels import triton_rotary
+
+    dt = DTYPES[dtype]
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs(name, device, dt, n_heads, n_kv, head_dim, tokens, start,
+                                                      max_seq)  # fmt: skip
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    expected = reference.prefill_rotary(q, k, v, cos, sin, k_want, v_want, start)
+    out = triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)
+    assert out.shape == expected.shape == (tokens, n_heads, head_dim) and out.dtype == dt
+    if dt == torch.float32:
+        close = {"rtol": 1e-6, "atol": 1e-6}
+        torch.testing.assert_close(out.cpu(), expected.cpu(), **close)
+        torch.testing.assert_close(k_cache.cpu(), k_want.cpu(), **close)
+    else:
+        assert torch.equal(out.cpu(), expected.cpu())
+        assert torch.equal(k_cache.cpu(), k_want.cpu())
+    assert torch.equal(v_cache.cpu(), v_want.cpu())
+
+
+def _case(dtype: str, n_heads: int, n_kv: int, head_dim: int, tokens: int, start: int, max_seq: int) -> dict:
+    return {"dtype": dtype, "n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim, "tokens": tokens,
+            "start": start, "max_seq": max_seq}  # fmt: skip
+
+
+# Small shapes: the interpreter runs every program in Python.
+INTERPRETED_CASES: dict[str, dict[str, Any]] = {
+    "mha-fp16-partial-block": _case("fp16", 3, 3, 16, 45, 0, 64),
+    "mha-fp32": _case("fp32", 2, 2, 32, 32, 0, 40),
+    "gqa4-fp16-from-start": _case("fp16", 8, 2, 16, 7, 20, 30),
+    "gqa2-fp32-one-token": _case("fp32", 4, 2, 16, 1, 9, 10),
+}
+
+CUDA_CASES: dict[str, dict[str, Any]] = {
+    "7b-bf16-2048": _case("bf16", 32, 32, 128, 2048, 0, 2112),
+    "7b-bf16-chunk": _case("bf16", 32, 32, 128, 300, 1000, 1400),
+    "34b-bf16": _case("bf16", 64, 8, 128, 513, 0, 600),
+    "7b-fp32": _case("fp32", 32, 32, 128, 100, 5, 128),
+}
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, str]:
+    return interpreted.results_of("tests.test_prefill_kernels")
+
+
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES))
+def test_interpreted(name: str, interpreted_results: dict[str, str]) -> None:
+    if interpreted_results[name] != "ok":
+        pytest.fail(interpreted_results[name], pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def compiled_results() -> dict[str, str]:
+    return compiled.results_of("tests.test_prefill_kernels")
+
+
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES))
+def test_interpreted_compiles_for_sm90(name: str, compiled_results: dict[str, str]) -> None:
+    """Every launch of the interpreted case, as the H200 gets it, compiles (tests/compiled.py)."""
+    if compiled_results[name] != "ok":
+        pytest.fail(compiled_results[name], pytrace=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("name", list(INTERPRETED_CASES) + list(CUDA_CASES))
+def test_cuda(name: str) -> None:
+    check_prefill_rotary(name, "cuda", **(INTERPRETED_CASES.get(name) or CUDA_CASES[name]))
+
+
+def test_reference_matches_the_unfused_prefill() -> None:
+    """The reference is what prefill did before the kernel: rotate [H, T, D] in the input dtype, slice into the
+    cache (bf16, where the roundings matter)."""
+    q, k, v, cos, sin, k_cache, v_cache = make_inputs("unfused", "cpu", torch.bfloat16, 4, 2, 16, 9, 3, 16)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    out = reference.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, 3)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:  # HF's rotate_half form, each op in bf16
+        rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
+        return x * cos + rotated * sin
+
+    k_want[:, 3:12] = rotate(k.transpose(0, 1))
+    v_want[:, 3:12] = v.transpose(0, 1)
+    assert torch.equal(out.transpose(0, 1), rotate(q.transpose(0, 1)))
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+
+def test_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every change is on by default; $CODELLAMA_TUI_OFF names the ones off (`all`: every one); a typo is an error."""
+    monkeypatch.delenv(switches.ENV, raising=False)
+    assert all(switches.on(n) for n in switches.NAMES)
+    monkeypatch.setenv(switches.ENV, "prefill_rotary, attention_splits")
+    assert [switches.on(n) for n in switches.NAMES] == [False, True, True, False]
+    monkeypatch.setenv(switches.ENV, "all")
+    assert not any(switches.on(n) for n in switches.NAMES)
+    monkeypatch.setenv(switches.ENV, "prefill_rotry")
+    with pytest.raises(ValueError, match="unknown prefill_rotry"):
+        switches.on("prefill_rotary")
+
+
+def test_dispatch_uses_the_reference_on_cpu() -> None:
+    args = make_inputs("dispatch", "cpu", torch.float32, 4, 4, 16, 5, 0, 8)
+    mine = [a.clone() for a in args]
+    out = kernels.prefill_rotary(*args, 0)
+    assert torch.equal(out, reference.prefill_rotary(*mine, 0))
+    assert torch.equal(args[5], mine[5]) and torch.equal(args[6], mine[6])
+
+
+if __name__ == "__main__":
+    interpreted.child_main(INTERPRETED_CASES, lambda name: check_prefill_rotary(name, "cpu", **INTERPRETED_CASES[name]))
