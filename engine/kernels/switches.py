@@ -4,8 +4,6 @@ one). Unknown names are an error, so a typo never measures the wrong tree.
 
 - `prefill_rotary`: prefill's rotary embedding and KV-cache write in one Triton kernel (`triton_rotary`).
 - `prefill_add_norm`: prefill's residual add inside the next RMSNorm's kernel (`add_rms_norm`).
-- `gemv_lanes`: the one-row matrix-vector kernel sums each 16-byte load's products in the thread that loaded them
-  (`triton_gemv._lanes`): a far smaller accumulator, so more programs per SM and more weight bytes in flight.
 - `attention_splits`: decode attention's split count fills whole waves of the programs its registers allow
   (`triton_attention.fill_splits`), the splits past a row's keys exit at once, and a row whose keys fit one split
   has it write the output (no partials, count or merge).
@@ -16,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 
-NAMES = ("prefill_rotary", "prefill_add_norm", "gemv_lanes", "attention_splits")
+NAMES = ("prefill_rotary", "prefill_add_norm", "attention_splits")
 ENV = "CODELLAMA_TUI_OFF"
 
 

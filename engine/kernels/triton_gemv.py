@@ -4,9 +4,8 @@ With one to a few dozen tokens per step a linear layer is a pass over its weight
 the kernel is built to keep the memory system busy: each program owns a strip of BLOCK_N weight
 rows and walks K in BLOCK_K-wide steps (16-byte loads along K), there are several programs per SM
 to hide latency, and the weight is marked evict-first so it does not push x out of the cache.
-A single row (M == 1) is a pure multiply-add; each thread sums the products of each of its 16-byte
-weight loads at once, into a [BLOCK_N, BLOCK_K // LANES] accumulator reduced at the end (`_lanes`).
-Several rows use a tensor-core dot with the weight strip as the tile's long side
+A single row (M == 1) is a pure multiply-add into a [BLOCK_N, BLOCK_K] accumulator reduced once
+at the end. Several rows use a tensor-core dot with the weight strip as the tile's long side
 (`w @ x.T`, 64 or 128 weight rows against the rows padded to 16, 32 or 64), on the 16-bit inputs
 themselves, through Triton's pipelined K loop. When N alone gives too few programs, K is split: the
 last split of a strip to finish (an atomic count) adds the splits' float32 products in split order,
@@ -57,7 +56,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import counters, pdl, switches
+from . import counters, pdl
 from .triton_attention import dot_precision
 
 if TYPE_CHECKING:
@@ -123,16 +122,6 @@ def _x_tile(
     else:
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
     return x
-
-
-@triton.jit
-def _lanes(k0, BLOCK_K: tl.constexpr, LANES: tl.constexpr):
-    """The K offsets k0 .. k0 + BLOCK_K - 1 as [BLOCK_K // LANES, LANES], LANES of them one 16-byte load of the
-    weight. One row's product sums each load's LANES products in the thread that loaded them, so its accumulator is
-    [BLOCK_N, BLOCK_K // LANES], not [BLOCK_N, BLOCK_K]: a LANES-th of the registers, which leaves room for more
-    programs per SM and so more weight bytes in flight (the 2D accumulator took 153-248 registers per thread at
-    7B's shapes: 2-3 programs per SM)."""
-    return k0 + tl.arange(0, BLOCK_K // LANES)[:, None] * LANES + tl.arange(0, LANES)[None, :]
 
 
 @triton.jit
@@ -341,7 +330,6 @@ def _gemv_kernel(
     BLOCK_P: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    LANES: tl.constexpr,
     USE_GDC: tl.constexpr,
     FORMAT: tl.constexpr,
     UNPACK: tl.constexpr,
@@ -378,14 +366,6 @@ def _gemv_kernel(
             _prefetch_l2(w_ptr, w_rows, n_mask, k_start // 4, k_end // 4, BLOCK_K // 4)
             if SILU_MUL:
                 _prefetch_l2(w_ptr, up_rows, n_mask, k_start // 4, k_end // 4, BLOCK_K // 4)
-    elif BLOCK_M == 1 and LANES > 1:  # tiles [BLOCK_N, BLOCK_K // LANES, LANES]: see _lanes
-        k_first3 = _lanes(k_start, BLOCK_K, LANES)
-        mask_first3 = k_first3 < k_end
-        w_first = tl.load(w_rows[:, :, None] + k_first3[None, :, :], other=0.0, eviction_policy="evict_first",
-                          mask=n_mask[:, None, None] & mask_first3[None, :, :])  # fmt: skip
-        if SILU_MUL:
-            u_first = tl.load(up_rows[:, :, None] + k_first3[None, :, :], other=0.0, eviction_policy="evict_first",
-                              mask=n_mask[:, None, None] & mask_first3[None, :, :])  # fmt: skip
     elif BLOCK_M == 1:
         w_first = tl.load(w_rows + k_first[None, :], mask=n_mask[:, None] & mask_first[None, :], other=0.0,
                           eviction_policy="evict_first")  # fmt: skip
@@ -436,26 +416,6 @@ def _gemv_kernel(
             up = _int8_words_product(x_ptr, res_ptr, norm_ptr, up_rows, n_mask, k_start, k_end, rstd, magic,
                                      BLOCK_N, BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
             up *= tl.load(s_ptr + n + N, mask=n_mask, other=0.0)[None, :]
-    elif BLOCK_M == 1 and LANES > 1:
-        x_first3 = _x_tile(x_ptr, res_ptr, norm_ptr, k_first3, mask_first3, k_first3, mask_first3, rstd, NORM,
-                           HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
-        acc3 = tl.sum(w_first.to(tl.float32) * x_first3[None, :, :], axis=2)
-        if SILU_MUL:
-            up3 = tl.sum(u_first.to(tl.float32) * x_first3[None, :, :], axis=2)
-        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
-            k3 = _lanes(k0, BLOCK_K, LANES)
-            k3_mask = k3 < k_end
-            w3 = tl.load(w_rows[:, :, None] + k3[None, :, :], mask=n_mask[:, None, None] & k3_mask[None, :, :],
-                         other=0.0, eviction_policy="evict_first")  # fmt: skip
-            x3 = _x_tile(x_ptr, res_ptr, norm_ptr, k3, k3_mask, k3, k3_mask, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            acc3 += tl.sum(w3.to(tl.float32) * x3[None, :, :], axis=2)
-            if SILU_MUL:
-                u3 = tl.load(up_rows[:, :, None] + k3[None, :, :], mask=n_mask[:, None, None] & k3_mask[None, :, :],
-                             other=0.0, eviction_policy="evict_first")  # fmt: skip
-                up3 += tl.sum(u3.to(tl.float32) * x3[None, :, :], axis=2)
-        acc = tl.sum(acc3, axis=1)[None, :]
-        if SILU_MUL:
-            up = tl.sum(up3, axis=1)[None, :]
     elif BLOCK_M == 1:
         x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
                           HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
@@ -656,14 +616,6 @@ def _dense_config(m: int, n: int, k: int, sm_count: int) -> GemvConfig:
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=stages)
 
 
-def _lanes_of(block_m: int, fmt: str, data: Tensor, config: GemvConfig) -> int:
-    """LANES of `_lanes` for a launch: one 16-byte load of a dense weight for one row (switch: `gemv_lanes`; 1, the
-    accumulator of the whole tile, for several rows, for the quantized formats and with the switch off)."""
-    lanes = 16 // data.element_size()
-    dense_row = block_m == 1 and fmt == "dense" and config.block_k % lanes == 0
-    return lanes if dense_row and switches.on("gemv_lanes") else 1
-
-
 def _rule_config(x2: Tensor, w: Tensor | Weight) -> GemvConfig:
     fmt = "dense" if isinstance(w, Tensor) else w.format
     return choose_config(x2.shape[0], *w.shape, _sm_count(x2.device.index or 0) if x2.is_cuda else 132, fmt)
@@ -725,8 +677,8 @@ def _launch(
         NATIVE_DOT=native_dot, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
         BLOCK_P=triton.next_power_of_2(squares.shape[0]) if partials else 1, ADD_RESIDUAL=add is not None,
-        SPLIT_K=config.split_k, LANES=_lanes_of(block_m, fmt, data, config), USE_GDC=gdc, FORMAT=FORMATS[fmt],
-        UNPACK=UNPACKS[unpack], PREFETCH=config.prefetch,
+        SPLIT_K=config.split_k, USE_GDC=gdc, FORMAT=FORMATS[fmt], UNPACK=UNPACKS[unpack],
+        PREFETCH=config.prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages, launch_pdl=gdc,
     )  # fmt: skip
