@@ -28,7 +28,16 @@ import httpx
 from engine.client import BaseClient, EventSink
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, Link, LoadFailed, Loading, ModelInfo, Ready, Stats
-from engine.http_wire import COMPLETIONS, AnswerReader, Served, error_message, error_text, request_body, served
+from engine.http_wire import (
+    COMPLETIONS,
+    AnswerReader,
+    Served,
+    error_message,
+    error_text,
+    request_body,
+    served,
+    sse_lines,
+)
 from engine.requests import Request
 
 CONNECT_TIMEOUT_S = 5.0  # to open a connection: a server that is up answers at once
@@ -315,7 +324,7 @@ class HttpClient(BaseClient):
                 if response.status_code != 200:
                     return Failed(rid, error_text(response.status_code, await response.aread()))
                 answered = True
-                async with contextlib.aclosing(response.aiter_lines()) as lines:
+                async with contextlib.aclosing(sse_lines(response.aiter_text())) as lines:
                     async for line in lines:
                         for event in reader.feed(line):
                             self.deliver(event)

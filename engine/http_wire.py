@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields
 
 from engine.errors import CapabilityError, EngineError
@@ -267,3 +267,15 @@ class AnswerReader:
         if self.failed is not None:
             return self.failed
         return Finished(self.request.id, "cancelled", "".join(self.text), self.stats())
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of an event stream's text, split at line feeds alone: a JSON string may hold U+2028, U+2029 or U+0085
+    raw, which `str.splitlines` (and so httpx's `aiter_lines`) would take for line ends, cutting an event in two."""
+    rest = ""
+    async for chunk in chunks:
+        *lines, rest = (rest + chunk).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if rest:
+        yield rest.removesuffix("\r")

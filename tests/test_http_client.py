@@ -333,3 +333,22 @@ def test_characters_json_cannot_carry_are_replaced_and_counted_as_the_engine_doe
     started = [e for e in there if isinstance(e, Started)]
     assert started and started[0].replaced == 2 == next(e for e in local if isinstance(e, Started)).replaced
     assert there[-1].text == local[-1].text
+
+
+def test_event_lines_split_at_line_feeds_alone() -> None:
+    """A JSON string may hold U+2028, U+2029 or U+0085 raw (a foreign server's answer): httpx's `aiter_lines` would
+    end the line there and cut the event in two (bench-serve died on random weights' text so, on the H200)."""
+    import asyncio
+
+    from engine.http_wire import sse_lines
+
+    async def chunks():
+        for piece in ('data: {"t": "a\u2028b\x85', 'c\u2029"}\r\n', "\n", "data: [DO", "NE]"):
+            yield piece
+
+    async def lines() -> list[str]:
+        return [line async for line in sse_lines(chunks())]
+
+    got = asyncio.run(lines())
+    assert got == ['data: {"t": "a\u2028b\x85c\u2029"}', "", "data: [DONE]"]
+    assert json.loads(got[0].removeprefix("data: "))["t"] == "a\u2028b\x85c\u2029"

@@ -357,3 +357,25 @@ def test_speculate_is_the_clients_choice_and_an_editors_infill_speculates(fake_s
         assert fake.submitted[-1].speculate is expected
     bad = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "speculate": "lots"})
     assert "speculate" in _error(bad, 400, "invalid_request_error")["message"]
+
+
+def test_events_escape_what_line_readers_take_for_line_ends() -> None:
+    """U+2028, U+2029 and U+0085 in an answer go out escaped, so every client's line reader (httpx's `aiter_lines`
+    splits at them) reads each event whole, and the text comes back the same."""
+    import json
+
+    from tui.server.responses import TextChunks, sse
+
+    text = "a\u2028b\u2029c\x85d"
+    for event in (sse({"text": text}), TextChunks(lambda i, t: _chunk(t))(0, text)):
+        assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1, event
+        assert json.loads(event.removeprefix("data: "))["text"] == text
+
+
+def _chunk(text: str):
+    from pydantic import BaseModel
+
+    class Chunk(BaseModel):
+        text: str
+
+    return Chunk(text=text)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 
+from engine.http_wire import sse_lines
+
 PROG = "codellama-tui bench-serve"
 # fmt: off
 WORDS = (  # what random prompts are made of: common English and code words, most of them one token
@@ -134,7 +136,7 @@ async def one_request(client: httpx.AsyncClient, prompt: str, max_tokens: int, e
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 return Outcome(False, error=f"HTTP {response.status_code}: {text[:200]}")
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response.aiter_text()):
                 if not line.startswith("data: "):
                     continue
                 data = line[len("data: ") :]

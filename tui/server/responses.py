@@ -49,9 +49,14 @@ LLAMA_STOP_TYPES = {"eos": "eos", "eot": "eos", "stop": "word", "length": "limit
 DONE = "data: [DONE]\n\n"
 
 
+# Characters JSON may hold raw in a string that line readers built on `str.splitlines` (httpx's `aiter_lines`) take
+# for line ends: escaped, so a client of any make reads each event whole.
+_LINE_ENDS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(payload: BaseModel | dict) -> str:
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
+    return f"data: {data.translate(_LINE_ENDS)}\n\n"
 
 
 _HOLE = "\x00"  # no id or model name holds a NUL
@@ -71,7 +76,7 @@ class TextChunks:
             head, hole, tail = sse(self.render(index, _HOLE)).partition(json.dumps(_HOLE))
             assert hole, "the chunk's text hole is rendered as json.dumps renders it"
             parts = self._parts[index] = (head, tail)
-        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+        return parts[0] + json.dumps(text, ensure_ascii=False).translate(_LINE_ENDS) + parts[1]
 
 
 @dataclass
