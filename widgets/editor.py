@@ -224,9 +224,14 @@ class CodeEditor(TextArea):
         text = self._ghost
         self.dismiss_ghost()
         if text:
-            self.history.checkpoint()
-            self.insert(text, maintain_selection_offset=False)
-            self.history.checkpoint()
+            self.insert_as_one_step(text)
+
+    def insert_as_one_step(self, text: str) -> None:
+        """Insert `text` at the cursor as one undo step, and bring the cursor (at its end) into view."""
+        self.history.checkpoint()
+        self.insert(text, maintain_selection_offset=False)
+        self.history.checkpoint()
+        self.scroll_cursor_visible()
 
     def dismiss_ghost(self) -> None:
         """Forget the suggestion."""
@@ -254,8 +259,19 @@ class CodeEditor(TextArea):
 
     def _show_ghost(self) -> None:
         self.update_suggestion()
+        self._scroll_ghost_into_view()
         self.refresh()
         self.post_message(self.GhostChanged())
+
+    def _scroll_ghost_into_view(self) -> None:
+        """Scroll down so the ghost's lines below the cursor show, as far as the cursor's line stays in view."""
+        if not self._ghost or self._ghost_anchor is None:
+            return
+        row = self.cursor_location[0]
+        height = self.scrollable_content_region.height
+        top = min(row, row + len(self.ghost_tail()) + 1 - height)
+        if height and top > self.scroll_y:
+            self.scroll_to(y=top, animate=False, immediate=True)
 
     def action_cursor_right(self, select: bool = False) -> None:
         if self._ghost and not select:
