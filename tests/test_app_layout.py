@@ -199,3 +199,22 @@ async def test_esc_closes_every_dialog(dialog) -> None:  # noqa: ANN001 - a scre
         await pilot.press("escape")
         await pilot.pause(0.1)
         assert isinstance(app.screen, MainScreen)
+
+
+async def test_a_suggestion_at_the_end_of_a_long_file_scrolls_into_view() -> None:
+    answer = "".join(f"v{i} = {i}\n" for i in range(6))
+    app = make_app(LONG, answers={"completion": answer})
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        editor = app.editor
+        editor.move_cursor((60, 0))  # the last line, at the viewport's bottom
+        await pilot.pause(0.1)
+        height = editor.scrollable_content_region.height
+        assert editor.scroll_y == 60 - height + 1
+        await pilot.press("f2")
+        await wait_for(pilot, idle(app))
+        await pilot.pause(0.1)
+        assert 60 + len(editor.ghost_tail()) < editor.scroll_y + height  # every ghost line is in view
+        assert app.query_one("#ghost-lines").has_class("-visible")
+        await pilot.press("escape")
+        assert editor.virtual_size.height == 61  # the room goes with the ghost

@@ -28,7 +28,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.document._edit import Edit
 from textual.document._history import EditHistory
-from textual.geometry import Offset
+from textual.geometry import Offset, Size
 from textual.message import Message
 from textual.widgets import Static, TextArea
 from textual.widgets.text_area import EditResult, Location, TextAreaTheme
@@ -135,6 +135,8 @@ class CodeEditor(TextArea):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("tab", "accept_ghost", "Accept", id="accept", priority=True),
     ]
+
+    _ghost = ""  # TextArea's constructor sizes the widget before ours sets it
 
     DEFAULT_CSS = """
     CodeEditor {
@@ -259,9 +261,16 @@ class CodeEditor(TextArea):
 
     def _show_ghost(self) -> None:
         self.update_suggestion()
+        self._refresh_size()
         self._scroll_ghost_into_view()
         self.refresh()
         self.post_message(self.GhostChanged())
+
+    def _refresh_size(self) -> None:
+        """Room below the document for the ghost's lines, so that a suggestion at the end can be scrolled to."""
+        super()._refresh_size()
+        if tail := len(self.ghost_tail()):
+            self.virtual_size = self.virtual_size + Size(0, tail)
 
     def _scroll_ghost_into_view(self) -> None:
         """Scroll down so the ghost's lines below the cursor show, as far as the cursor's line stays in view."""
