@@ -9,7 +9,7 @@ import pytest
 
 from tests.fakes import FakeClient
 from tests.test_app import wait_for
-from tests.test_cli import cli
+from tests.test_cli import cli, error_line
 from themes import theme_name
 from tui.app import CodeLlamaApp
 from tui.config import Config, ConfigError, config_path, load_config, save_theme
@@ -132,3 +132,8 @@ async def test_ctrl_at_from_tmux_completes() -> None:
         await pilot.press("ctrl+@")  # the NUL byte tmux sends for ctrl+space
         await wait_for(pilot, lambda: app.client.submitted and not app._jobs)
         assert app.client.submitted[-1].cap == "completion" and app.editor.ghost
+
+
+def test_an_unknown_theme_is_one_line_naming_the_choices() -> None:
+    line = error_line(cli("--theme", "no-such-theme"))
+    assert "unknown theme 'no-such-theme'" in line and "high-contrast" in line and "nord" in line
