@@ -38,13 +38,16 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.driver import Driver
 from textual.screen import Screen
+from textual.theme import Theme
 from textual.timer import Timer
+from textual.widgets import HelpPanel
 
 from engine.client import Client, EventSink
 from engine.events import Event, Failed, Finished, ModelInfo, TextDelta
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
-from themes import APP_TCSS, register_themes, theme_name
+from themes import APP_TCSS, register_themes, short_name, theme_name
 from tui.cli import ClientFactory, with_flags
+from tui.config import ConfigError, config_path, load_config, save_theme
 from tui.conversation import Conversation
 from tui.engine_messages import (
     EngineLink,
@@ -60,6 +63,7 @@ from tui.engine_messages import (
     engine_message,
 )
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
+from tui.help_screen import HelpScreen, key_rows
 from tui.jobs import Job, JobKind
 from tui.main_screen import MainScreen
 from tui.recover_screen import RecoverScreen
@@ -127,12 +131,15 @@ class CodeLlamaApp(App[int]):
         text: str | None = None,
         keys: dict[str, str] | None = None,
         client_factory: ClientFactory = _local_client,
+        config_file: Path | None = None,
     ) -> None:
         """`file` is an opened file, or a path to open; `text`, when given, is the buffer's text and taken to be
-        what the file at that path holds (tests and embedders), so the file is not read."""
+        what the file at that path holds (tests and embedders), so the file is not read. A theme picked in the
+        command palette is written to `config_file` (the user's config file when run as the command)."""
         super().__init__()
         register_themes(self)
         self.theme = theme_name(theme or "dark")
+        self._keymap_given = dict(keys or {})
         if keys:
             self.set_keymap(keys)
         if isinstance(file, OpenFile):
@@ -161,6 +168,7 @@ class CodeLlamaApp(App[int]):
         self.recovery_file: Path | None = None  # this buffer's recovery copy, once written
         self._recovery_timer: Timer | None = None
         self._exit_signals: ExitSignals | None = None
+        self._config_file = config_file
 
     # ----- layout
 
@@ -194,11 +202,21 @@ class CodeLlamaApp(App[int]):
         plain = "a big file: no syntax highlighting (it would slow every keystroke)"
         self.status.note = self.file.note or (plain if self.editor.plain_for_size else "")
         self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_stream, pause=True)
+        if self._config_file is not None:
+            self.theme_changed_signal.subscribe(self, self._remember_theme)
         self.call_after_refresh(self._start_engine)
         self.call_after_refresh(self._offer_recovery, self.recovery.copies_of(self.file.path))
         if not self.is_headless:
             self._exit_signals = ExitSignals(asyncio.get_running_loop(), self.keep_recovery_copy, self._exit_on_signal)
             self._exit_signals.install()
+
+    def _remember_theme(self, theme: Theme) -> None:
+        """The theme picked (in the command palette) is the next session's too."""
+        assert self._config_file is not None
+        try:
+            save_theme(short_name(theme.name), self._config_file)
+        except ConfigError as err:
+            self.status.note = f"theme not remembered: {err}"
 
     def _start_engine(self) -> None:
         """Start the engine thread after the first frame has painted (it imports torch)."""
@@ -434,7 +452,7 @@ class CodeLlamaApp(App[int]):
         if not isinstance(self.screen, MainScreen):
             return False
         if action == "stop":
-            return bool(self._jobs) or self.editor.ghost_active
+            return bool(self._jobs) or self.editor.ghost_active or self._keys_panel_open()
         if action in ("complete", "infill"):
             return True if self.info is not None else None
         if action == "send":
@@ -560,9 +578,7 @@ class CodeLlamaApp(App[int]):
             return
         editor = self.editor
         self._cancel_editor_jobs()
-        editor.history.checkpoint()
-        editor.insert(self._last_code, maintain_selection_offset=False)
-        editor.history.checkpoint()
+        editor.insert_as_one_step(self._last_code)
         editor.focus()
 
     def action_switch_cap(self) -> None:
@@ -602,13 +618,41 @@ class CodeLlamaApp(App[int]):
         self.push_screen(PromptScreen("System instruction (empty for none):", self.system or ""), done)
 
     def action_stop(self) -> None:
-        """Esc: stop what is generating; with nothing running, dismiss the ghost suggestion."""
+        """Esc: stop what is generating; with nothing running, close the keys panel or dismiss the ghost."""
         if self._jobs:
             for request_id in list(self._jobs):
                 self._cancel(request_id)
+        elif self._keys_panel_open():
+            self.action_hide_help_panel()
         else:
             self.editor.dismiss_ghost()
         self._refresh_keys()
+
+    def _keys_panel_open(self) -> bool:
+        return bool(self.screen.query(HelpPanel))
+
+    def action_help(self) -> None:
+        """F1: every key (from the bindings, with the user's keymap) and every command."""
+        bindings = [
+            *Binding.make_bindings(MainScreen.BINDINGS),
+            *Binding.make_bindings(CodeEditor.BINDINGS),
+            *Binding.make_bindings(ChatLog.BINDINGS),
+            *Binding.make_bindings(self.BINDINGS),
+            Binding(self.COMMAND_PALETTE_BINDING, "command_palette", "Command palette"),
+        ]
+        keys = key_rows(bindings, self._keymap_given, self.get_key_display)
+        commands = [(command.title, command.help) for command in self.get_system_commands(self.screen)]
+        self.push_screen(HelpScreen(keys, commands))
+
+    def action_focus_log(self) -> None:
+        """ctrl+l: focus the chat log (it scrolls, copies and fills the screen from there)."""
+        self.chat_log.focus()
+
+    @on(ChatLog.Copy)
+    def _copy(self, message: ChatLog.Copy) -> None:
+        self.copy_to_clipboard(message.text)
+        lines = message.text.count("\n") + 1
+        self.status.note = f"copied {message.what} ({lines} line{'s' * (lines != 1)}) to the clipboard"
 
     @on(CodeEditor.PasteRefused)
     def _paste_refused(self, message: CodeEditor.PasteRefused) -> None:
@@ -890,8 +934,6 @@ def run_app(
     `client_factory`'s client (`--url`); returns the exit code."""
     import sys
 
-    from tui.config import ConfigError, load_config
-
     def too_big(problem: str) -> int:
         print(
             f"codellama-tui: error: {file}: too big to edit here ({problem}); open it in another editor",
@@ -922,6 +964,7 @@ def run_app(
         theme,
         keys=config.keys,
         client_factory=client_factory or _local_client,
+        config_file=config_path(),
     )
     result = app.run()
     code = result if isinstance(result, int) else (app.return_code or 0)

@@ -160,6 +160,15 @@ def overrides_of(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("codellama-tui")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> dict[str, argparse.ArgumentParser]:
     """One parser for the app and one per subcommand (FILE and subcommand names share the first word)."""
     listing = "\n".join(f"  {name:<10} {text}" for name, text in SUBCOMMANDS.items())
@@ -177,7 +186,12 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         "ctrl+s saves, F12 saves as; unsaved changes are kept in $XDG_STATE_HOME/codellama-tui/recovery/ "
         "(~/.local/state/...) and offered when the file is opened again",
     )
-    app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
+    app.add_argument(
+        "--theme",
+        help="dark, light, high-contrast or one of Textual's themes, e.g. nord (default: the config file's, "
+        "where the theme picked in the command palette is kept; else dark)",
+    )
+    app.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _engine_options(app)
     _server_options(app)
     parsers = {"app": app}

@@ -1,6 +1,6 @@
 """The user's config file: `$XDG_CONFIG_HOME/codellama-tui/config.toml` (default `~/.config/...`).
 
-    theme = "light"                   # dark, light, high-contrast
+    theme = "light"                   # dark, light, high-contrast, or a Textual theme (the palette's pick)
     model = "/models/CodeLlama-7b-Instruct-hf"
     system = "Provide answers in Python"
     url = "http://localhost:23333"    # a server instead of the model (the app, chat, generate and web)
@@ -8,7 +8,7 @@
     served_model = "CodeLlama-7b-Instruct-hf"  # which of its models (default: its first)
 
     [keys]                            # binding id = key(s), comma-separated
-    complete = "f2,ctrl+space"
+    complete = "f2,ctrl+space"        # ctrl+space binds ctrl+@ too (what tmux sends for it)
     send = "f5"
 
     [sampling]                        # defaults for every cap; command-line options win
@@ -21,12 +21,15 @@ message naming the file, so that a typo never silently changes what a key does.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from engine.requests import SamplingParams
+from tui.files import save_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,9 +39,19 @@ else:  # pragma: no cover - Python 3.10
 # The ids of the app's rebindable bindings (see tui.app): what a [keys] table may name.
 BINDING_IDS = (
     "complete", "infill", "switch_pane", "send", "ask", "insert_code", "switch_cap",
-    "stop", "save", "save_as", "quit", "new_chat", "accept",
+    "stop", "save", "save_as", "quit", "new_chat", "accept", "help", "focus_log", "copy_answer", "copy_code",
+    "maximize",
 )  # fmt: skip
 _SAMPLING_FIELDS = {f.name: f.type for f in fields(SamplingParams)}
+
+
+def with_terminal_aliases(keys: str) -> str:
+    """`keys` plus what terminals send for them: ctrl+space arrives as ctrl+@ (a NUL byte) in tmux and in most
+    terminals, which cannot tell the two apart."""
+    names = keys.split(",")
+    if "ctrl+space" in names and "ctrl+@" not in names:
+        names.append("ctrl+@")
+    return ",".join(names)
 
 
 class ConfigError(Exception):
@@ -90,7 +103,7 @@ def load_config(path: Path | None = None) -> Config:
                     raise fail(f"unknown key binding {binding_id!r}; known: {', '.join(BINDING_IDS)}")
                 if not isinstance(keys, str) or not keys.strip():
                     raise fail(f'keys.{binding_id} must be a key name such as "f2" or "ctrl+space"')
-                config.keys[binding_id] = keys.replace(" ", "")
+                config.keys[binding_id] = with_terminal_aliases(keys.replace(" ", ""))
         elif key == "sampling":
             if not isinstance(value, dict):
                 raise fail("[sampling] must be a table")
@@ -105,3 +118,40 @@ def load_config(path: Path | None = None) -> Config:
         else:
             raise fail(f"unknown setting {key!r}")
     return config
+
+
+_TABLE_RE = re.compile(r"^\s*\[")
+_THEME_RE = re.compile(r"^\s*theme\s*=")
+
+
+def save_theme(theme: str, path: Path | None = None) -> None:
+    """Write `theme = "..."` into the config file, keeping every other line as it is; ConfigError (and the file
+    untouched) when the file cannot be read as the app's config or written."""
+    path = path or config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: {err}") from None
+    load_config(path)  # a file the app cannot read is never rewritten
+    lines = text.splitlines(keepends=True)
+    setting = f"theme = {json.dumps(theme)}\n"
+    top = next((i for i, line in enumerate(lines) if _TABLE_RE.match(line)), len(lines))
+    at = next((i for i in range(top) if _THEME_RE.match(lines[i])), None)
+    if at is not None:
+        lines[at] = setting
+    else:
+        if top and not lines[top - 1].endswith("\n"):
+            lines[top - 1] += "\n"
+        lines.insert(top, setting)
+    new = "".join(lines)
+    after, kept = tomllib.loads(new), tomllib.loads(text)
+    kept.pop("theme", None)
+    if after.pop("theme", None) != theme or after != kept:  # every other setting stays what it was
+        raise ConfigError(f"{path}: the theme line cannot be rewritten safely; set theme = {json.dumps(theme)} by hand")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(str(path), new)
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror or err}") from None

@@ -20,11 +20,20 @@ from widgets.editor import EditorPane
 from widgets.footer import Footer
 from widgets.status_bar import StatusBar
 
+# The footer's keys, most important first: at 80 columns the last ones make way for the first.
+FOOTER_FIRST = (
+    "stop", "help", "send", "switch_cap", "new_chat", "complete", "infill", "insert_code", "ask", "accept",
+    "copy_answer", "copy_code", "maximize", "save", "quit", "switch_pane",
+)  # fmt: skip
+
 
 class MainScreen(Screen[None]):
     """The workspace around one buffer."""
 
+    ALLOW_IN_MAXIMIZED_VIEW = "StatusBar, Footer"  # a maximised chat log keeps the status line and the keys
+
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f1", "app.help", "Help", id="help", tooltip="Every key and command"),
         Binding("ctrl+s", "app.save", "Save", id="save", tooltip="Save the file", priority=True),
         # F12, not ctrl+shift+s: terminals (and tmux) send ctrl+shift+s as ctrl+s.
         Binding("f12", "app.save_as", "Save as", id="save_as", show=False, priority=True),
@@ -38,6 +47,7 @@ class MainScreen(Screen[None]):
         Binding("f7", "app.insert_code", "Insert", id="insert_code", tooltip="Insert the answer's code", priority=True),
         Binding("f8", "app.switch_cap", "Cap", id="switch_cap", tooltip="Cycle the chat input's cap"),
         Binding("ctrl+n", "app.new_chat", "New chat", id="new_chat", tooltip="Forget the conversation"),
+        Binding("ctrl+l", "app.focus_log", "Log", id="focus_log", show=False, tooltip="Focus the chat log"),
         Binding(
             "escape", "app.stop", "Stop", id="stop", tooltip="Stop generating, or dismiss the suggestion", priority=True
         ),
@@ -58,7 +68,7 @@ class MainScreen(Screen[None]):
                 yield ChatLog(id="chat-log")
                 yield ChatInput(id="chat-input")
         yield StatusBar(id="status")
-        yield Footer(compact=True)
+        yield Footer(FOOTER_FIRST)
 
     def on_mount(self) -> None:
         self.post_message(self.Composed())

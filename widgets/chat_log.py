@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
+from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.widgets import Markdown, Static
 
 _FENCE_RE = re.compile(r"^```[^\n`]*\n(.*?)(?:^```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE)
@@ -58,15 +61,35 @@ class Notice(Static):
     """
 
 
-class ChatLog(VerticalScroll, can_focus=False):
-    """The conversation, newest at the bottom, following the end while answers stream."""
+class ChatLog(VerticalScroll):
+    """The conversation, newest at the bottom, following the end while answers stream.
+
+    Focused (shift+tab from the chat input), it scrolls with the arrows, PageUp/PageDown and Home/End, fills the
+    screen, and copies the last answer or its last code block (posting `ChatLog.Copy`; the app copies).
+    """
+
+    ALLOW_MAXIMIZE = True
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("c", "copy_answer", "Copy", id="copy_answer", tooltip="Copy the last answer to the clipboard"),
+        Binding("y", "copy_code", "Copy code", id="copy_code", tooltip="Copy the last code block to the clipboard"),
+        Binding("m", "maximize", "Maximise", id="maximize", tooltip="Fill the screen with the log (again: back)"),
+    ]
 
     DEFAULT_CSS = """
     ChatLog {
         height: 1fr;
         scrollbar-size-vertical: 1;
+        &:focus { background: $boost; }
     }
     """
+
+    class Copy(Message):
+        """Copy `text` (`what` names it for the status line) to the clipboard."""
+
+        def __init__(self, text: str, what: str) -> None:
+            super().__init__()
+            self.text = text
+            self.what = what
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -121,3 +144,25 @@ class ChatLog(VerticalScroll, can_focus=False):
         self._answer = None
         self._last_answer_text = ""
         self.remove_children()
+
+    def action_copy_answer(self) -> None:
+        if self._last_answer_text.strip():
+            self.post_message(self.Copy(self._last_answer_text.strip("\n"), "the last answer"))
+
+    def action_copy_code(self) -> None:
+        if (code := self.last_code()) is not None:
+            self.post_message(self.Copy(code, "the last code block"))
+
+    def action_maximize(self) -> None:
+        """Fill the screen with the log, or give the screen back."""
+        if self.screen.maximized is self:
+            self.screen.minimize()
+        else:
+            self.screen.maximize(self, container=False)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "copy_answer":
+            return bool(self._last_answer_text.strip()) or None
+        if action == "copy_code":
+            return self.last_code() is not None or None
+        return True

@@ -28,7 +28,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.document._edit import Edit
 from textual.document._history import EditHistory
-from textual.geometry import Offset
+from textual.geometry import Offset, Size
 from textual.message import Message
 from textual.widgets import Static, TextArea
 from textual.widgets.text_area import EditResult, Location, TextAreaTheme
@@ -136,6 +136,8 @@ class CodeEditor(TextArea):
         Binding("tab", "accept_ghost", "Accept", id="accept", priority=True),
     ]
 
+    _ghost = ""  # TextArea's constructor sizes the widget before ours sets it
+
     DEFAULT_CSS = """
     CodeEditor {
         height: 1fr;
@@ -224,9 +226,14 @@ class CodeEditor(TextArea):
         text = self._ghost
         self.dismiss_ghost()
         if text:
-            self.history.checkpoint()
-            self.insert(text, maintain_selection_offset=False)
-            self.history.checkpoint()
+            self.insert_as_one_step(text)
+
+    def insert_as_one_step(self, text: str) -> None:
+        """Insert `text` at the cursor as one undo step, and bring the cursor (at its end) into view."""
+        self.history.checkpoint()
+        self.insert(text, maintain_selection_offset=False)
+        self.history.checkpoint()
+        self.scroll_cursor_visible()
 
     def dismiss_ghost(self) -> None:
         """Forget the suggestion."""
@@ -254,8 +261,26 @@ class CodeEditor(TextArea):
 
     def _show_ghost(self) -> None:
         self.update_suggestion()
+        self._refresh_size()
+        self._scroll_ghost_into_view()
         self.refresh()
         self.post_message(self.GhostChanged())
+
+    def _refresh_size(self) -> None:
+        """Room below the document for the ghost's lines, so that a suggestion at the end can be scrolled to."""
+        super()._refresh_size()
+        if tail := len(self.ghost_tail()):
+            self.virtual_size = self.virtual_size + Size(0, tail)
+
+    def _scroll_ghost_into_view(self) -> None:
+        """Scroll down so the ghost's lines below the cursor show, as far as the cursor's line stays in view."""
+        if not self._ghost or self._ghost_anchor is None:
+            return
+        row = self.cursor_location[0]
+        height = self.scrollable_content_region.height
+        top = min(row, row + len(self.ghost_tail()) + 1 - height)
+        if height and top > self.scroll_y:
+            self.scroll_to(y=top, animate=False, immediate=True)
 
     def action_cursor_right(self, select: bool = False) -> None:
         if self._ghost and not select:
