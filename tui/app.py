@@ -38,6 +38,8 @@ from textual.driver import Driver
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
+from textual.widgets import TabbedContent
+from textual.widget import Widget
 
 from engine.client import Client, EventSink
 from engine.events import (
@@ -57,15 +59,17 @@ from engine.events import (
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
 from tui.cli import ClientFactory, with_flags
+from tui.buffers import Buffer
 from tui.conversation import Conversation
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
 from tui.recover_screen import RecoverScreen
 from tui.recovery import RecoveryCopy, RecoveryStore
-from tui.screens import ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
-from tui.terminal import ExitSignals, tolerate_invalid_input
+from tui.screens import CloseScreen, ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
+from tui.terminal import ExitSignals, title_sequence, tolerate_invalid_input
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
-from widgets.editor import CodeEditor, EditorPane, fill_markers, size_problem, utf8_size
+from widgets.editor import CodeEditor, fill_markers, size_problem, utf8_size
+from widgets.file_tabs import FileTabs
 from widgets.footer import Footer
 from widgets.status_bar import StatusBar
 
@@ -132,6 +136,16 @@ class CodeLlamaApp(App[int]):
         Binding("f8", "switch_cap", "Cap", id="switch_cap"),
         Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
         Binding("escape", "stop", "Stop", id="stop", priority=True),
+        Binding("ctrl+o", "open_file", "Open", id="open_file", show=False),
+        Binding("ctrl+t", "toggle_tree", "Files", id="toggle_tree", show=False),
+        # priority: TextArea deletes a word on ctrl+w (ctrl+backspace and alt+backspace still do)
+        Binding("ctrl+w", "close_file", "Close", id="close_file", show=False, priority=True),
+        Binding("ctrl+pagedown", "next_file", "Next file", id="next_file", show=False),
+        Binding("ctrl+pageup", "next_file(-1)", "Previous file", id="previous_file", show=False),
+        Binding("ctrl+g", "goto_line", "Go to line", id="goto_line", show=False),
+        Binding("ctrl+f", "find", "Find", id="find", show=False),
+        # most terminals send ctrl+h as Backspace; those that tell them apart (the kitty protocol) send ctrl+h
+        Binding("ctrl+h,ctrl+backslash", "replace", "Replace", id="replace", show=False),
     ]
 
     def __init__(
@@ -155,12 +169,15 @@ class CodeLlamaApp(App[int]):
         if keys:
             self.set_keymap(keys)
         if isinstance(file, OpenFile):
-            self.file = file
+            first = file
         elif text is not None:
             on_disk = text.encode() if file is not None and os.path.exists(file) else None
-            self.file = OpenFile(file, text, on_disk=on_disk)
+            first = OpenFile(file, text, on_disk=on_disk)
         else:
-            self.file = OpenFile.open(file) if file is not None else OpenFile(None)
+            first = OpenFile.open(file) if file is not None else OpenFile(None)
+        self.buffers: dict[str, Buffer] = {"file-1": Buffer(first, "file-1")}  # by tab, in tab order
+        self._active = "file-1"
+        self._opened = 1  # tabs opened so far: the next tab's id
         self.spec = spec or EngineSpec()
         self.cap = cap
         self.system = system
@@ -177,15 +194,16 @@ class CodeLlamaApp(App[int]):
         self._last_code: str | None = None
         self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
         self.recovery = RecoveryStore()
-        self.recovery_file: Path | None = None  # this buffer's recovery copy, once written
         self._recovery_timer: Timer | None = None
         self._exit_signals: ExitSignals | None = None
+        self._saved_note = ""
 
     # ----- layout
 
     def compose(self) -> ComposeResult:
         with Vertical(id="main"):
-            yield EditorPane(self.file.text, path=self.file.path, id="editor-pane")
+            with FileTabs(id="editor-pane"):
+                yield FileTabs.pane("file-1", self.buffer.name, self.file.text, self.file.path)
             with Vertical(id="chat-pane"):
                 yield ChatLog(id="chat-log")
                 yield ChatInput(id="chat-input")
@@ -196,8 +214,34 @@ class CodeLlamaApp(App[int]):
     # must not look for them on the dialog.
 
     @property
+    def tabs(self) -> FileTabs:
+        return self.screen_stack[0].query_one("#editor-pane", FileTabs)
+
+    @property
     def editor(self) -> CodeEditor:
-        return self.screen_stack[0].query_one("#editor", CodeEditor)
+        """The editor of the file in front (the one every key and request goes to)."""
+        return self.tabs.editor(self._active)
+
+    @property
+    def buffer(self) -> Buffer:
+        return self.buffers[self._active]
+
+    @property
+    def file(self) -> OpenFile:
+        return self.buffer.file
+
+    @file.setter
+    def file(self, file: OpenFile) -> None:
+        self.buffer.file = file
+
+    @property
+    def recovery_file(self) -> Path | None:
+        """The recovery copy of the file in front, once written."""
+        return self.buffer.recovery_file
+
+    @recovery_file.setter
+    def recovery_file(self, file: Path | None) -> None:
+        self.buffer.recovery_file = file
 
     @property
     def chat_log(self) -> ChatLog:
@@ -627,8 +671,12 @@ class CodeLlamaApp(App[int]):
     def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
         if not self.screen_stack:  # a change that bubbled up while the app closed: its screens are gone
             return
-        if message.text_area is self.editor:
-            self._update_title()
+        buffer = self._buffer_of(message.text_area)
+        if buffer is not None:
+            buffer.dirty = True
+            self._update_title(buffer)
+            if self.status.note == self._saved_note:  # "saved X" no longer says what the buffer holds
+                self.status.note = ""
             self._write_recovery_later()
         else:
             self._refresh_keys()  # the footer's Send key comes and goes with the input
@@ -652,11 +700,31 @@ class CodeLlamaApp(App[int]):
 
     @property
     def modified(self) -> bool:
-        return self.editor.text != self.file.text
+        """True when the file in front has unsaved changes."""
+        return self.is_modified(self.buffer)
 
-    def _update_title(self) -> None:
-        name = os.path.basename(self.file.path) if self.file.path else "new buffer"
-        self.sub_title = f"{name}{' *' if self.modified else ''}"
+    def is_modified(self, buffer: Buffer) -> bool:
+        return self.tabs.editor(buffer.pane_id).text != buffer.file.text
+
+    def _buffer_of(self, widget: Widget) -> Buffer | None:
+        """The buffer whose tab holds `widget` (None for the chat's widgets)."""
+        return next((self.buffers[node.id] for node in widget.ancestors if node.id in self.buffers), None)
+
+    def _update_title(self, buffer: Buffer | None = None) -> None:
+        """The file's name and unsaved-changes marker on its tab; for the file in front also in the editor's border
+        title and the sub-title (which goes to the terminal's title)."""
+        buffer = buffer or self.buffer
+        label = buffer.label(self.is_modified(buffer))
+        tabs = self.tabs
+        tabs.set_label(buffer.pane_id, label)
+        if buffer is self.buffer:
+            tabs.border_title = label
+            self.sub_title = label
+
+    def watch_sub_title(self, sub_title: str) -> None:
+        """Textual shows the sub-title only in its Header: the terminal's window (and tmux's pane) title shows it."""
+        if self._driver is not None and not self.is_headless:
+            self._driver.write(title_sequence(f"{sub_title} — {self.title}"))
 
     def action_save(self) -> None:
         """ctrl+s: save; a new buffer asks for a file name first."""
@@ -708,7 +776,7 @@ class CodeLlamaApp(App[int]):
             self._ask_path(path or self.file.path or "", f"Not saved: {reason}", then)
         else:
             self.drop_recovery_copy()
-            self.status.note = f"saved {self.file.path}"
+            self.status.note = self._saved_note = f"saved {self.file.path}"
             self._update_title()
             if then is not None:
                 then()
@@ -769,27 +837,124 @@ class CodeLlamaApp(App[int]):
         self._update_title()
 
     async def action_quit(self) -> None:
-        """ctrl+q: quit, asking first when the buffer has unsaved changes."""
-        if not self.modified:
-            self.drop_recovery_copy()
+        """ctrl+q: quit, asking first about each file with unsaved changes."""
+        if not isinstance(self.screen, QuitScreen):
+            self._quit_asking(frozenset())
+
+    def _quit_asking(self, answered: frozenset[str]) -> None:
+        """Show each unsaved file not yet `answered` in turn and ask (save, discard, or keep editing); then quit."""
+        unsaved = [b for b in self.buffers.values() if b.pane_id not in answered and self.is_modified(b)]
+        if not unsaved:
+            for buffer in self.buffers.values():
+                self.drop_recovery_copy(buffer)
             self.exit(0)
             return
-        if isinstance(self.screen, QuitScreen):
+        buffer = unsaved[0]
+        self._activate(buffer.pane_id)
+
+        def decided(choice: str | None) -> None:
+            if choice == "discard":
+                self.drop_recovery_copy(buffer)
+                self._quit_asking(answered | {buffer.pane_id})
+            elif choice == "save":
+                self.save(then=lambda: self._quit_asking(answered | {buffer.pane_id}))
+
+        name = buffer.name if buffer.file.path else "The new buffer"
+        self.push_screen(QuitScreen(name, more=len(unsaved) - 1), decided)
+
+    # ----- open files and their tabs
+
+    async def open_path(self, path: str) -> None:
+        """Open `path` in a new tab (or bring its tab to the front); why it cannot be opened goes to the status
+        line in one line. An empty new buffer the app started with gives its place to the file."""
+        for buffer in self.buffers.values():
+            if buffer.is_file(path):
+                self._activate(buffer.pane_id)
+                return
+        try:
+            with contextlib.suppress(OSError):  # OpenFile.open says what is wrong with a file it cannot read
+                if stat.S_ISREG((info := os.stat(path)).st_mode) and (problem := size_problem(info.st_size, 0)):
+                    raise FileError(f"{path}: too big to edit here ({problem})")
+            opened = OpenFile.open(path)
+        except FileError as err:
+            self.status.note = f"not opened: {err}"
+            return
+        if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
+            self.status.note = f"not opened: {path}: too big to edit here ({problem})"
+            return
+        blank = [b for b in self.buffers.values() if b.file.path is None and not self.is_modified(b) and not b.file.text]
+        await self._add_buffer(opened)
+        if len(self.buffers) == 2 and blank:
+            await self._close(blank[0])
+        plain = "a big file: no syntax highlighting (it would slow every keystroke)"
+        self.status.note = opened.note or (plain if self.editor.plain_for_size else f"opened {path}")
+        self._offer_recovery(self.recovery.copies_of(opened.path))
+
+    async def _add_buffer(self, file: OpenFile) -> Buffer:
+        self._opened += 1
+        buffer = Buffer(file, f"file-{self._opened}")
+        self.buffers[buffer.pane_id] = buffer
+        await self.tabs.add(FileTabs.pane(buffer.pane_id, buffer.name, file.text, file.path))
+        self._activate(buffer.pane_id)
+        return buffer
+
+    def _activate(self, pane_id: str) -> None:
+        """Bring a tab to the front. What streams into the editor that leaves the front stops first (a fill keeps
+        what arrived, as on any key); each editor keeps its text, cursor and undo history."""
+        if pane_id != self._active:
+            self._cancel_editor_jobs()
+            self.editor.dismiss_ghost()
+            self._active = pane_id
+            self.tabs.active = pane_id
+        self._update_title()
+        self.editor.focus()
+        self._refresh_keys()
+
+    @on(TabbedContent.TabActivated, "#editor-pane")
+    def _tab_chosen(self, event: TabbedContent.TabActivated) -> None:
+        """A tab clicked with the mouse (keys go through `_activate`)."""
+        if event.pane.id in self.buffers:
+            self._activate(event.pane.id)
+
+    def action_next_file(self, step: int = 1) -> None:
+        """ctrl+pagedown / ctrl+pageup: the next (previous) tab, round the end."""
+        ids = list(self.buffers)
+        self._activate(ids[(ids.index(self._active) + step) % len(ids)])
+
+    def action_close_file(self) -> None:
+        """ctrl+w: close the file in front, asking first when it has unsaved changes."""
+        buffer = self.buffer
+        if not self.is_modified(buffer):
+            self.call_later(self._close, buffer)
             return
 
         def decided(choice: str | None) -> None:
             if choice == "discard":
-                self.drop_recovery_copy()
-                self.exit(0)
+                self.call_later(self._close, buffer)
             elif choice == "save":
-                self.save(then=lambda: self.exit(0))
+                self.save(then=lambda: self.call_later(self._close, buffer))
 
-        self.push_screen(QuitScreen(os.path.basename(self.file.path) if self.file.path else "The new buffer"), decided)
+        self.push_screen(CloseScreen(buffer.name if buffer.file.path else "The new buffer"), decided)
+
+    async def _close(self, buffer: Buffer) -> None:
+        """Close a tab; its recovery copy goes (saved or discarded). The last tab gives way to a new buffer."""
+        if buffer.pane_id not in self.buffers:
+            return
+        self.drop_recovery_copy(buffer)
+        ids = list(self.buffers)
+        if len(ids) == 1:
+            await self._add_buffer(OpenFile(None))
+        elif buffer is self.buffer:
+            index = ids.index(buffer.pane_id)
+            self._activate(ids[index - 1] if index else ids[1])
+        del self.buffers[buffer.pane_id]
+        await self.tabs.close(buffer.pane_id)
+        self._refresh_keys()
 
     # ----- recovery copies (tui/recovery.py) and the ways the app can end without a quit
 
     def _write_recovery_later(self) -> None:
-        """After an edit: the copy is written a moment after the last one, so typing never waits for the disk."""
+        """After an edit: the copies are written a moment after the last one, so typing never waits for the disk."""
         if self._recovery_timer is not None:
             self._recovery_timer.stop()
         self._recovery_timer = self.set_timer(RECOVERY_DELAY_S, self._write_recovery_now)
@@ -797,28 +962,35 @@ class CodeLlamaApp(App[int]):
     def _write_recovery_now(self) -> None:
         if not self.screen_stack:  # the timer outlived the app's screens while it closed: nothing left to copy
             return
-        if not self.keep_recovery_copy():
+        if not self.keep_recovery_copy(edited_only=True):
             self.status.note = "NO recovery copy: the recovery folder cannot be written"
 
-    def keep_recovery_copy(self) -> bool:
-        """Write the buffer's recovery copy if it has unsaved changes (and drop it if it has none); False when it
-        could not be written. Safe to call from a signal handler or while the app is failing."""
-        try:
-            if not self.modified:
-                self.drop_recovery_copy()
-            else:
-                self.recovery_file = self.recovery.write(self.file.path, self.editor.text, self.recovery_file)
-        except Exception:  # a crash path must not fail in its turn; the caller says what it means
-            return False
-        return True
+    def keep_recovery_copy(self, *, edited_only: bool = False) -> bool:
+        """Write the recovery copy of every buffer with unsaved changes (`edited_only`: of those edited since their
+        last copy) and drop those of buffers with none; False when one could not be written. Safe to call from a
+        signal handler or while the app is failing."""
+        kept = True
+        for buffer in list(self.buffers.values()):
+            if edited_only and not buffer.dirty:
+                continue
+            try:
+                if not self.is_modified(buffer):
+                    self.drop_recovery_copy(buffer)
+                else:
+                    text = self.tabs.editor(buffer.pane_id).text
+                    buffer.recovery_file = self.recovery.write(buffer.file.path, text, buffer.recovery_file)
+                    buffer.dirty = False
+            except Exception:  # a crash path must not fail in its turn; the caller says what it means
+                kept = False
+        return kept
 
-    def drop_recovery_copy(self) -> None:
-        """The buffer was saved or its changes discarded: its recovery copy goes."""
-        if self._recovery_timer is not None:
-            self._recovery_timer.stop()
-        if self.recovery_file is not None:
-            self.recovery.remove(self.recovery_file)
-            self.recovery_file = None
+    def drop_recovery_copy(self, buffer: Buffer | None = None) -> None:
+        """The buffer (the one in front by default) was saved or its changes discarded: its recovery copy goes."""
+        buffer = buffer or self.buffer
+        buffer.dirty = False
+        if buffer.recovery_file is not None:
+            self.recovery.remove(buffer.recovery_file)
+            buffer.recovery_file = None
 
     def _offer_recovery(self, copies: list[RecoveryCopy]) -> None:
         """Offer each copy of this file (newest first) until one is recovered; copies of what the file already
@@ -922,9 +1094,10 @@ def run_app(
     )
     result = app.run()
     code = result if isinstance(result, int) else (app.return_code or 0)
-    if app.recovery_file is not None and app.recovery_file.exists():
-        with contextlib.suppress(OSError):  # stderr may be a terminal that is gone
-            print(f"codellama-tui: the unsaved changes are kept in {app.recovery_file}", file=sys.stderr)
+    for buffer in app.buffers.values():
+        if buffer.recovery_file is not None and buffer.recovery_file.exists():
+            with contextlib.suppress(OSError):  # stderr may be a terminal that is gone
+                print(f"codellama-tui: the unsaved changes are kept in {buffer.recovery_file}", file=sys.stderr)
     if any(thread.is_alive() for thread in threading.enumerate() if thread is not threading.main_thread()):
         # the engine is still loading: finalizing the interpreter under its C++ threads aborts (SIGABRT), and
         # everything that must last (the file, the recovery copy) is on disk by now

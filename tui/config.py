@@ -36,7 +36,8 @@ else:  # pragma: no cover - Python 3.10
 # The ids of the app's rebindable bindings (see tui.app): what a [keys] table may name.
 BINDING_IDS = (
     "complete", "infill", "switch_pane", "send", "ask", "insert_code", "switch_cap",
-    "stop", "save", "save_as", "quit", "new_chat", "accept",
+    "stop", "save", "save_as", "quit", "new_chat", "accept", "open_file", "toggle_tree", "close_file", "next_file",
+    "previous_file", "goto_line", "find", "replace",
 )  # fmt: skip
 _SAMPLING_FIELDS = {f.name: f.type for f in fields(SamplingParams)}
 
