@@ -38,8 +38,9 @@ from textual.driver import Driver
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import TabbedContent
 from textual.widget import Widget
+from textual.widgets import TabbedContent
+from textual.widgets.text_area import Selection
 
 from engine.client import Client, EventSink
 from engine.events import (
@@ -58,10 +59,11 @@ from engine.events import (
 )
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
-from tui.cli import ClientFactory, with_flags
 from tui.buffers import Buffer
+from tui.cli import ClientFactory, with_flags
 from tui.conversation import Conversation
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
+from tui.path_picker import PathPicker
 from tui.recover_screen import RecoverScreen
 from tui.recovery import RecoveryCopy, RecoveryStore
 from tui.screens import CloseScreen, ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
@@ -70,6 +72,8 @@ from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
 from widgets.editor import CodeEditor, fill_markers, size_problem, utf8_size
 from widgets.file_tabs import FileTabs
+from widgets.file_tree import FileTree
+from widgets.find_bar import FindBar, find, parse_location, pattern_for, replace_all
 from widgets.footer import Footer
 from widgets.status_bar import StatusBar
 
@@ -202,8 +206,10 @@ class CodeLlamaApp(App[int]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="main"):
-            with FileTabs(id="editor-pane"):
-                yield FileTabs.pane("file-1", self.buffer.name, self.file.text, self.file.path)
+            with Vertical(id="editor-pane"):
+                with FileTabs(id="file-tabs"):
+                    yield FileTabs.pane("file-1", self.buffer.name, self.file.text, self.file.path)
+                yield FindBar(id="find-bar")
             with Vertical(id="chat-pane"):
                 yield ChatLog(id="chat-log")
                 yield ChatInput(id="chat-input")
@@ -215,7 +221,11 @@ class CodeLlamaApp(App[int]):
 
     @property
     def tabs(self) -> FileTabs:
-        return self.screen_stack[0].query_one("#editor-pane", FileTabs)
+        return self.screen_stack[0].query_one("#file-tabs", FileTabs)
+
+    @property
+    def find_bar(self) -> FindBar:
+        return self.screen_stack[0].query_one("#find-bar", FindBar)
 
     @property
     def editor(self) -> CodeEditor:
@@ -718,7 +728,7 @@ class CodeLlamaApp(App[int]):
         tabs = self.tabs
         tabs.set_label(buffer.pane_id, label)
         if buffer is self.buffer:
-            tabs.border_title = label
+            self.screen_stack[0].query_one("#editor-pane").border_title = label
             self.sub_title = label
 
     def watch_sub_title(self, sub_title: str) -> None:
@@ -882,13 +892,43 @@ class CodeLlamaApp(App[int]):
         if problem := size_problem(utf8_size(opened.text), opened.text.count("\n") + 1):
             self.status.note = f"not opened: {path}: too big to edit here ({problem})"
             return
-        blank = [b for b in self.buffers.values() if b.file.path is None and not self.is_modified(b) and not b.file.text]
+        blank = [b for b in self.buffers.values() if b.file.path is None and not b.file.text]
+        blank = [b for b in blank if not self.is_modified(b)]
         await self._add_buffer(opened)
         if len(self.buffers) == 2 and blank:
             await self._close(blank[0])
         plain = "a big file: no syntax highlighting (it would slow every keystroke)"
         self.status.note = opened.note or (plain if self.editor.plain_for_size else f"opened {path}")
         self._offer_recovery(self.recovery.copies_of(opened.path))
+
+    def action_open_file(self) -> None:
+        """ctrl+o: pick a file below the working directory by part of its path."""
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self.call_later(self.open_path, path)
+
+        self.push_screen(PathPicker(os.getcwd()), chosen)
+
+    async def action_toggle_tree(self) -> None:
+        """ctrl+t: show the file tree of the working directory (focused), or hide it and go back to the editor."""
+        trees = self.screen_stack[0].query(FileTree)
+        if not trees:
+            tree = FileTree(os.getcwd(), id="file-tree")
+            await self.screen_stack[0].query_one("#main").mount(tree, before=0)
+            tree.focus()
+            return
+        tree = trees.first()
+        if tree.display and tree.has_focus:
+            tree.display = False
+            self.editor.focus()
+        else:
+            tree.display = True
+            tree.focus()
+
+    @on(FileTree.FileSelected, "#file-tree")
+    async def _tree_chose(self, event: FileTree.FileSelected) -> None:
+        await self.open_path(str(event.path))
 
     async def _add_buffer(self, file: OpenFile) -> Buffer:
         self._opened += 1
@@ -910,7 +950,7 @@ class CodeLlamaApp(App[int]):
         self.editor.focus()
         self._refresh_keys()
 
-    @on(TabbedContent.TabActivated, "#editor-pane")
+    @on(TabbedContent.TabActivated, "#file-tabs")
     def _tab_chosen(self, event: TabbedContent.TabActivated) -> None:
         """A tab clicked with the mouse (keys go through `_activate`)."""
         if event.pane.id in self.buffers:
@@ -950,6 +990,69 @@ class CodeLlamaApp(App[int]):
         del self.buffers[buffer.pane_id]
         await self.tabs.close(buffer.pane_id)
         self._refresh_keys()
+
+    # ----- moving about the file in front: go to line, find and replace (widgets/find_bar.py)
+
+    def action_goto_line(self) -> None:
+        """ctrl+g: ask for line[:column] (1-based) and put the cursor there."""
+        editor = self.editor
+
+        def chosen(answer: str | None) -> None:
+            editor.focus()
+            if not answer or not answer.strip():
+                return
+            try:
+                location, note = parse_location(answer, editor.document.line_count)
+            except ValueError as err:
+                self.status.note = str(err)
+                return
+            editor.move_cursor(location, center=True)
+            self.status.note = note
+
+        self.push_screen(PromptScreen("Go to line[:column]:"), chosen)
+
+    def action_find(self, replace: bool = False) -> None:
+        """ctrl+f: the find bar under the editor, holding the selected text when it is one line."""
+        selected = self.editor.selected_text
+        self.find_bar.open(selected if "\n" not in selected else "", replace=replace)
+
+    def action_replace(self) -> None:
+        """ctrl+h (ctrl+\\): the find bar with its replace field."""
+        self.action_find(replace=True)
+
+    @on(FindBar.Find)
+    def _find(self, message: FindBar.Find) -> None:
+        self._select_match(message.query, message.forward)
+
+    def _select_match(self, query: str, forward: bool) -> None:
+        editor = self.editor
+        found = find(editor, query, forward)
+        if found is None:
+            self.find_bar.say(f"no {query!r} in {self.buffer.name}" if query else "")
+            return
+        start, end, wrapped = found
+        editor.selection = Selection(start, end)
+        editor.scroll_cursor_visible(center=True)
+        self.find_bar.say(("wrapped round the start" if not forward else "wrapped round the end") if wrapped else "")
+
+    @on(FindBar.Replace)
+    def _replace(self, message: FindBar.Replace) -> None:
+        editor = self.editor
+        if message.every:
+            count = replace_all(editor, message.query, message.replacement)
+            self.find_bar.say(f"replaced {count} (one ctrl+z undoes it)" if count else f"no {message.query!r}")
+            return
+        selected = editor.selected_text
+        if message.query and selected and pattern_for(message.query).fullmatch(selected):
+            start, end = sorted(editor.selection)
+            editor.history.checkpoint()
+            editor.replace(message.replacement, start, end, maintain_selection_offset=False)
+            editor.history.checkpoint()
+        self._select_match(message.query, True)
+
+    @on(FindBar.Closed)
+    def _find_closed(self) -> None:
+        self.editor.focus()
 
     # ----- recovery copies (tui/recovery.py) and the ways the app can end without a quit
 
@@ -1044,6 +1147,12 @@ class CodeLlamaApp(App[int]):
         yield SystemCommand("New chat", "Forget the conversation", self.action_new_chat)
         yield SystemCommand("Save as", "Save the file under another name (F12)", self.action_save_as)
         yield SystemCommand("Switch cap", "Cycle completion / infilling / chat / python", self.action_switch_cap)
+        yield SystemCommand("Open file", "Pick a file below the working directory (ctrl+o)", self.action_open_file)
+        yield SystemCommand("File tree", "Show or hide the working directory's tree (ctrl+t)", self.action_toggle_tree)
+        yield SystemCommand("Close file", "Close the file in front (ctrl+w)", self.action_close_file)
+        yield SystemCommand("Go to line", "Move the cursor to line[:column] (ctrl+g)", self.action_goto_line)
+        yield SystemCommand("Find", "Find in the file, round the end (ctrl+f)", self.action_find)
+        yield SystemCommand("Replace", "Replace one match or all of them (ctrl+h)", self.action_replace)
 
 
 def run_app(
