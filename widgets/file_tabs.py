@@ -17,6 +17,10 @@ class FileTabs(TabbedContent):
         & > ContentSwitcher { height: 1fr; }
         & TabPane { height: 1fr; padding: 0; }
         &.-single > ContentTabs { display: none; }
+        /* one row: the tab in front is bold and underlined instead of having a bar of its own below */
+        & > ContentTabs { height: 1; }
+        & > ContentTabs Underline { display: none; }
+        & > ContentTabs Tab.-active { text-style: bold underline; background: $boost; }
     }
     """
 
