@@ -8,12 +8,16 @@ import os
 from pathlib import Path
 
 import pytest
+from textual.binding import Binding
 from textual.pilot import Pilot
 from textual.widgets import Input, Label, OptionList
 
+from engine.requests import EngineSpec
+from tests.fakes import FakeClient
 from tests.test_app import make_app, ready, wait_for
 from tui.app import CodeLlamaApp
 from tui.buffers import MODIFIED
+from tui.config import BINDING_IDS
 from tui.path_picker import PathPicker, best_matches, workspace_files
 from tui.recovery import RecoveryStore
 from tui.screens import CloseScreen, PromptScreen, QuitScreen
@@ -320,3 +324,16 @@ async def test_replace_one_then_all_and_all_is_one_undo_step() -> None:
         await pilot.press("escape")
         await pilot.press("ctrl+z")  # one step back: before replace all
         assert app.editor.text == text.replace("x = 1", "value = 1", 1)
+
+
+async def test_every_binding_can_be_rebound_from_the_config(project: Path) -> None:
+    ids = {binding.id for binding in CodeLlamaApp.BINDINGS if isinstance(binding, Binding)}
+    assert ids <= set(BINDING_IDS)
+    keys = {"goto_line": "f9", "open_file": "f10"}
+    app = CodeLlamaApp(None, EngineSpec(), "completion", text="a\nb\n", keys=keys, client_factory=FakeClient)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await pilot.press("f9")
+        assert isinstance(app.screen, PromptScreen)
+        await pilot.press("escape", "f10")
+        assert isinstance(app.screen, PathPicker)
