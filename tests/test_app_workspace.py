@@ -5,6 +5,8 @@ the fake engine)."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,14 @@ from textual.widgets import Input, Label, OptionList
 from engine.requests import EngineSpec
 from tests.fakes import FakeClient
 from tests.test_app import make_app, ready, wait_for
+from tests.test_app_terminal import MARKER, Terminal
 from tui.app import CodeLlamaApp
 from tui.buffers import MODIFIED
 from tui.config import BINDING_IDS
 from tui.path_picker import PathPicker, best_matches, workspace_files
 from tui.recovery import RecoveryStore
 from tui.screens import CloseScreen, PromptScreen, QuitScreen
-from tui.terminal import title_sequence
+from tui.terminal import TITLE_POP, TITLE_PUSH, title_sequence
 from widgets.file_tree import FileTree
 from widgets.find_bar import FindBar, parse_location
 
@@ -337,3 +340,24 @@ async def test_every_binding_can_be_rebound_from_the_config(project: Path) -> No
         assert isinstance(app.screen, PromptScreen)
         await pilot.press("escape", "f10")
         assert isinstance(app.screen, PathPicker)
+
+
+@pytest.mark.slow
+def test_the_real_command_sets_the_terminal_title(tmp_path: Path) -> None:
+    file = tmp_path / "notes.txt"
+    file.write_text(f"{MARKER}\n")
+    terminal = Terminal(file, tmp_path / "state")
+    try:
+        terminal.wait_for(MARKER)
+        assert title_sequence("notes.txt — codellama-tui").encode() in terminal.output
+        terminal.type(b"x")
+        deadline = time.monotonic() + 30
+        while title_sequence(f"notes.txt {MODIFIED} — codellama-tui").encode() not in terminal.output:
+            assert time.monotonic() < deadline, "the title never showed the unsaved marker"
+            time.sleep(0.05)
+        terminal.proc.send_signal(signal.SIGTERM)
+        assert terminal.end() == 128 + signal.SIGTERM
+        output = bytes(terminal.output)  # the title before the app's comes back
+        assert output.find(TITLE_PUSH.encode()) < output.find(b"\x1b]2;") < output.rfind(TITLE_POP.encode())
+    finally:
+        terminal.close()

@@ -67,7 +67,7 @@ from tui.path_picker import PathPicker
 from tui.recover_screen import RecoverScreen
 from tui.recovery import RecoveryCopy, RecoveryStore
 from tui.screens import CloseScreen, ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
-from tui.terminal import ExitSignals, title_sequence, tolerate_invalid_input
+from tui.terminal import TITLE_POP, TITLE_PUSH, ExitSignals, title_sequence, tolerate_invalid_input
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
 from widgets.editor import CodeEditor, fill_markers, size_problem, utf8_size
@@ -266,6 +266,8 @@ class CodeLlamaApp(App[int]):
         return self.screen_stack[0].query_one("#status", StatusBar)
 
     def on_mount(self) -> None:
+        if not self.is_headless:
+            self._write_terminal(TITLE_PUSH)  # before the first title of ours
         self._set_cap(self.cap)
         self.editor.focus()
         self._update_title()
@@ -289,6 +291,8 @@ class CodeLlamaApp(App[int]):
     def on_unmount(self) -> None:
         if self._exit_signals is not None:
             self._exit_signals.restore()
+        if not self.is_headless:
+            self._write_terminal(TITLE_POP)
         if self.client is not None:
             for request_id in list(self._jobs):
                 self.client.cancel(request_id)
@@ -733,8 +737,13 @@ class CodeLlamaApp(App[int]):
 
     def watch_sub_title(self, sub_title: str) -> None:
         """Textual shows the sub-title only in its Header: the terminal's window (and tmux's pane) title shows it."""
-        if self._driver is not None and not self.is_headless:
-            self._driver.write(title_sequence(f"{sub_title} — {self.title}"))
+        if not self.is_headless:
+            self._write_terminal(title_sequence(f"{sub_title} — {self.title}"))
+
+    def _write_terminal(self, sequence: str) -> None:
+        with contextlib.suppress(OSError):  # a terminal that is gone (SIGHUP) takes no title
+            if self._driver is not None:
+                self._driver.write(sequence)
 
     def action_save(self) -> None:
         """ctrl+s: save; a new buffer asks for a file name first."""

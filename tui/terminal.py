@@ -80,6 +80,8 @@ class ExitSignals:
             self._loop.call_soon_threadsafe(self._stop, code)
 
 
+TITLE_PUSH = "\x1b[22;2t"  # xterm's window-title stack (XTWINOPS): the app's title goes, the shell's comes back
+TITLE_POP = "\x1b[23;2t"
 _CONTROLS = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0)])
 
 
