@@ -21,6 +21,7 @@ from tests.test_app_terminal import MARKER, Terminal
 from tui.app import CodeLlamaApp
 from tui.buffers import MODIFIED
 from tui.config import BINDING_IDS
+from tui.main_screen import MainScreen
 from tui.path_picker import PathPicker, best_matches, workspace_files
 from tui.recovery import RecoveryStore
 from tui.screens import CloseScreen, PromptScreen, QuitScreen
@@ -330,7 +331,9 @@ async def test_replace_one_then_all_and_all_is_one_undo_step() -> None:
 
 
 async def test_every_binding_can_be_rebound_from_the_config(project: Path) -> None:
-    ids = {binding.id for binding in CodeLlamaApp.BINDINGS if isinstance(binding, Binding)}
+    bindings = [*CodeLlamaApp.BINDINGS, *MainScreen.BINDINGS]
+    ids = {binding.id for binding in bindings if isinstance(binding, Binding)}
+    assert {"open_file", "toggle_tree", "close_file", "next_file", "previous_file", "goto_line", "find"} < ids
     assert ids <= set(BINDING_IDS)
     keys = {"goto_line": "f9", "open_file": "f10"}
     app = CodeLlamaApp(None, EngineSpec(), "completion", text="a\nb\n", keys=keys, client_factory=FakeClient)
@@ -347,17 +350,22 @@ def test_the_real_command_sets_the_terminal_title(tmp_path: Path) -> None:
     file = tmp_path / "notes.txt"
     file.write_text(f"{MARKER}\n")
     terminal = Terminal(file, tmp_path / "state")
+
+    def wait_for_title(title: str) -> None:
+        deadline = time.monotonic() + 30
+        while title_sequence(title).encode() not in terminal.output:
+            assert time.monotonic() < deadline, f"the title never became {title!r}"
+            time.sleep(0.05)
+
     try:
         terminal.wait_for(MARKER)
-        assert title_sequence("notes.txt — codellama-tui").encode() in terminal.output
+        wait_for_title("notes.txt — codellama-tui")
         terminal.type(b"x")
-        deadline = time.monotonic() + 30
-        while title_sequence(f"notes.txt {MODIFIED} — codellama-tui").encode() not in terminal.output:
-            assert time.monotonic() < deadline, "the title never showed the unsaved marker"
-            time.sleep(0.05)
+        wait_for_title(f"notes.txt {MODIFIED} — codellama-tui")
         terminal.proc.send_signal(signal.SIGTERM)
         assert terminal.end() == 128 + signal.SIGTERM
         output = bytes(terminal.output)  # the title before the app's comes back
         assert output.find(TITLE_PUSH.encode()) < output.find(b"\x1b]2;") < output.rfind(TITLE_POP.encode())
+        assert output.find(TITLE_PUSH.encode()) >= 0
     finally:
         terminal.close()
