@@ -253,6 +253,22 @@ async def test_the_name_and_a_marker_are_in_the_tab_border_and_terminal_titles(p
         assert app.status.note == "" and app.sub_title == f"b.py {MODIFIED}"
 
 
+async def test_two_files_of_the_same_name_show_their_folders(project: Path) -> None:
+    (project / "a").mkdir()
+    (project / "a" / "b.py").write_text("x\n")
+    app = make_app(text="")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await open_two(pilot, project)
+        assert str(app.tabs.get_tab("file-3").label) == "b.py"
+        await app.open_path("a/b.py")
+        assert [str(app.tabs.get_tab(pane).label) for pane in app.buffers] == ["a.py", "b.py · pkg", "b.py · a"]
+        assert app.status.note == "opened a/b.py"
+        await pilot.press("ctrl+w")
+        await wait_for(pilot, lambda: len(app.buffers) == 2)
+        assert str(app.tabs.get_tab("file-3").label) == "b.py"
+
+
 # ----- go to line, find, replace
 
 

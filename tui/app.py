@@ -718,7 +718,8 @@ class CodeLlamaApp(App[int]):
         """The file's name and unsaved-changes marker on its tab; for the file in front also in the editor's border
         title and the sub-title (which goes to the terminal's title)."""
         buffer = buffer or self.buffer
-        label = buffer.label(self.is_modified(buffer))
+        namesakes = any(other.name == buffer.name for other in self.buffers.values() if other is not buffer)
+        label = buffer.label(self.is_modified(buffer), folder=namesakes)
         tabs = self.tabs
         tabs.set_label(buffer.pane_id, label)
         if buffer is self.buffer:
@@ -901,7 +902,8 @@ class CodeLlamaApp(App[int]):
         if len(self.buffers) == 2 and blank:
             await self._close(blank[0])
         plain = "a big file: no syntax highlighting (it would slow every keystroke)"
-        self.status.note = opened.note or (plain if self.editor.plain_for_size else f"opened {path}")
+        shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+        self.status.note = opened.note or (plain if self.editor.plain_for_size else f"opened {shown}")
         self._offer_recovery(self.recovery.copies_of(opened.path))
 
     def action_open_file(self) -> None:
@@ -939,7 +941,13 @@ class CodeLlamaApp(App[int]):
         self.buffers[buffer.pane_id] = buffer
         await self.tabs.add(FileTabs.pane(buffer.pane_id, buffer.name, file.text, file.path))
         self._activate(buffer.pane_id)
+        self._update_titles()
         return buffer
+
+    def _update_titles(self) -> None:
+        """Every tab's title (a file opened or closed may give two tabs the same name, or no longer)."""
+        for buffer in self.buffers.values():
+            self._update_title(buffer)
 
     def _activate(self, pane_id: str) -> None:
         """Bring a tab to the front. What streams into the editor that leaves the front stops first (a fill keeps
@@ -992,6 +1000,7 @@ class CodeLlamaApp(App[int]):
             self._activate(ids[index - 1] if index else ids[1])
         del self.buffers[buffer.pane_id]
         await self.tabs.close(buffer.pane_id)
+        self._update_titles()
         self._refresh_keys()
 
     # ----- moving about the file in front: go to line, find and replace (widgets/find_bar.py)

@@ -24,9 +24,13 @@ class Buffer:
     def name(self) -> str:
         return os.path.basename(self.file.path) if self.file.path else "new buffer"
 
-    def label(self, modified: bool) -> str:
-        """The name with the unsaved-changes marker (tab and border title)."""
-        return f"{self.name} {MODIFIED}" if modified else self.name
+    def label(self, modified: bool, folder: bool = False) -> str:
+        """The name (with its folder's, `folder`, when another open file has the same name) and the unsaved-changes
+        marker: the tab's and the border's title."""
+        name = self.name
+        if folder and self.file.path:
+            name = f"{name} · {os.path.basename(os.path.dirname(os.path.realpath(self.file.path)))}"
+        return f"{name} {MODIFIED}" if modified else name
 
     def is_file(self, path: str) -> bool:
         """True when this buffer edits `path` (the same file by inode, or by its resolved name)."""
