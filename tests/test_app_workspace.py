@@ -253,6 +253,32 @@ async def test_the_name_and_a_marker_are_in_the_tab_border_and_terminal_titles(p
         assert app.status.note == "" and app.sub_title == f"b.py {MODIFIED}"
 
 
+async def test_save_as_never_makes_two_tabs_of_one_file(project: Path) -> None:
+    app = make_app(text="")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await open_two(pilot, project)
+        await pilot.press("x", "f12")
+        assert isinstance(app.screen, PromptScreen)
+        app.screen.query_one(Input).value = str(project / "a.py")
+        await pilot.press("enter")
+        assert isinstance(app.screen, PromptScreen)  # asked again, with the reason
+        assert "open in another tab" in str(app.screen.query_one("#problem", Label).render())
+        assert (project / "a.py").read_text() == A and app.file.path.endswith("b.py") and app.modified
+
+
+async def test_the_picker_says_when_it_stopped_listing(project: Path) -> None:
+    for n in range(10):
+        (project / f"m{n}.py").write_text("")
+    app = make_app(text="")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        app.push_screen(PathPicker(project, limit=5))
+        await wait_for(pilot, lambda: isinstance(app.screen, PathPicker) and len(app.screen._paths) == 5)
+        note = app.screen.query_one("#picker-note", Label)
+        await wait_for(pilot, lambda: str(note.render()).startswith("the first 5 files only"))
+
+
 async def test_two_files_of_the_same_name_show_their_folders(project: Path) -> None:
     (project / "a").mkdir()
     (project / "a" / "b.py").write_text("x\n")

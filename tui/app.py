@@ -775,6 +775,11 @@ class CodeLlamaApp(App[int]):
         if path is None and self.file.path is None:
             self._ask_path(then=then)
             return False
+        if path is not None and any(
+            b is not self.buffer and b.is_file(os.path.expanduser(path)) for b in self.buffers.values()
+        ):
+            self._ask_path(path, "Not saved: that file is open in another tab (close it first)", then)
+            return False
         text = self.editor.text
         try:
             self.file.save(text, path, overwrite=overwrite, make_folder=make_folder)
