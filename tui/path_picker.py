@@ -124,7 +124,7 @@ class PathPicker(ModalScreen["str | None"]):
     def compose(self) -> ComposeResult:
         with Vertical(id="picker"):
             yield Label(f"Open a file below {self.root.name or self.root}{os.sep}", id="question", markup=False)
-            yield Input(placeholder="type part of the path", id="picker-query")
+            yield Input(placeholder="part of the path; ↑/↓ choose, Enter opens, Esc cancels", id="picker-query")
             yield OptionList(id="picker-matches")
             yield Label("listing files…", id="picker-note")
 
