@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from textual.widgets import Input, Label, OptionList
 from engine.requests import EngineSpec
 from tests.fakes import FakeClient
 from tests.test_app import make_app, ready, wait_for
-from tests.test_app_terminal import MARKER, Terminal
+from tests.test_app_terminal import MARKER, ROOT, Terminal
 from tui.app import CodeLlamaApp
 from tui.buffers import MODIFIED
 from tui.config import BINDING_IDS
@@ -267,16 +266,20 @@ async def test_save_as_never_makes_two_tabs_of_one_file(project: Path) -> None:
         assert (project / "a.py").read_text() == A and app.file.path.endswith("b.py") and app.modified
 
 
-async def test_the_picker_says_when_it_stopped_listing(project: Path) -> None:
-    for n in range(10):
+async def test_the_picker_says_when_it_stopped_listing_and_a_long_list_fits_80x24(project: Path) -> None:
+    for n in range(60):
         (project / f"m{n}.py").write_text("")
     app = make_app(text="")
-    async with app.run_test(size=(100, 30)) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
-        app.push_screen(PathPicker(project, limit=5))
-        await wait_for(pilot, lambda: isinstance(app.screen, PathPicker) and len(app.screen._paths) == 5)
+        app.push_screen(PathPicker(project, limit=50))
+        await wait_for(pilot, lambda: isinstance(app.screen, PathPicker) and len(app.screen._paths) == 50)
         note = app.screen.query_one("#picker-note", Label)
-        await wait_for(pilot, lambda: str(note.render()).startswith("the first 5 files only"))
+        await wait_for(pilot, lambda: str(note.render()).startswith("the first 50 files only"))
+        await pilot.pause()
+        dialog = app.screen.query_one("#picker").region
+        assert dialog.bottom <= 24 and note.region.bottom <= dialog.bottom
+        assert app.screen.query_one(OptionList).region.height >= 8
 
 
 async def test_two_files_of_the_same_name_show_their_folders(project: Path) -> None:
@@ -392,18 +395,11 @@ def test_the_real_command_sets_the_terminal_title(tmp_path: Path) -> None:
     file = tmp_path / "notes.txt"
     file.write_text(f"{MARKER}\n")
     terminal = Terminal(file, tmp_path / "state")
-
-    def wait_for_title(title: str) -> None:
-        deadline = time.monotonic() + 30
-        while title_sequence(title).encode() not in terminal.output:
-            assert time.monotonic() < deadline, f"the title never became {title!r}"
-            time.sleep(0.05)
-
     try:
+        terminal.wait_for(title_sequence("notes.txt — codellama-tui"))
         terminal.wait_for(MARKER)
-        wait_for_title("notes.txt — codellama-tui")
         terminal.type(b"x")
-        wait_for_title(f"notes.txt {MODIFIED} — codellama-tui")
+        terminal.wait_for(title_sequence(f"notes.txt {MODIFIED} — codellama-tui"))
         terminal.proc.send_signal(signal.SIGTERM)
         assert terminal.end() == 128 + signal.SIGTERM
         output = bytes(terminal.output)  # the title before the app's comes back
@@ -411,3 +407,33 @@ def test_the_real_command_sets_the_terminal_title(tmp_path: Path) -> None:
         assert output.find(TITLE_PUSH.encode()) >= 0
     finally:
         terminal.close()
+
+
+@pytest.mark.slow
+def test_a_signal_keeps_every_unsaved_tab(tmp_path: Path) -> None:
+    """The real command: a second file opened with ctrl+o (the repository's README, never saved), both edited, then
+    SIGTERM: each has its recovery copy and neither file changed."""
+    file = tmp_path / "notes.txt"
+    file.write_text(f"{MARKER}\n")
+    readme = ROOT / "README.md"
+    before = readme.read_bytes()
+    terminal = Terminal(file, tmp_path / "state")
+    try:
+        terminal.wait_for(MARKER)
+        terminal.type(b"a_")
+        terminal.wait_for("a_" + MARKER)
+        terminal.type(b"\x0f")  # ctrl+o
+        listed = len(list(workspace_files(ROOT)))
+        terminal.wait_for(f"{listed:,} files")
+        terminal.type(b"README.md\r")  # the best match, and the first before any query too
+        terminal.wait_for(title_sequence("README.md — codellama-tui"))
+        terminal.type(b"b_")
+        terminal.wait_for(title_sequence(f"README.md {MODIFIED} — codellama-tui"))
+        terminal.proc.send_signal(signal.SIGTERM)
+        assert terminal.end() == 128 + signal.SIGTERM
+    finally:
+        terminal.close()
+    store = RecoveryStore(tmp_path / "state" / "codellama-tui" / "recovery")
+    assert [copy.text for copy in store.copies_of(str(file))] == [f"a_{MARKER}\n"]
+    assert [copy.text for copy in store.copies_of(str(readme))] == ["b_" + before.decode()]
+    assert readme.read_bytes() == before and file.read_text() == f"{MARKER}\n"

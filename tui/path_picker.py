@@ -125,8 +125,8 @@ class PathPicker(ModalScreen["str | None"]):
         with Vertical(id="picker"):
             yield Label(f"Open a file below {self.root.name or self.root}{os.sep}", id="question", markup=False)
             yield Input(placeholder="part of the path; ↑/↓ choose, Enter opens, Esc cancels", id="picker-query")
+            yield Label("listing files…", id="picker-note")  # above the list: a long list never hides it
             yield OptionList(id="picker-matches")
-            yield Label("listing files…", id="picker-note")
 
     def on_mount(self) -> None:
         self.query_one("#picker-matches", OptionList).can_focus = False  # keys stay in the query

@@ -37,7 +37,10 @@ class FileTabs(TabbedContent):
         return self.get_pane(pane_id).query_one(CodeEditor)
 
     def set_label(self, pane_id: str, label: str) -> None:
-        self.get_tab(pane_id).label = label
+        """Retitle a tab (asked on every keystroke: an unchanged title costs no relayout)."""
+        tab = self.get_tab(pane_id)
+        if str(tab.label) != label:
+            tab.label = label
 
     async def add(self, pane: TabPane) -> None:
         """Open a tab (after the others) and show it."""
