@@ -165,6 +165,24 @@ async def test_each_tab_keeps_its_text_cursor_undo_and_modified_state(project: P
         assert app.editor.text == A
 
 
+async def test_switching_tabs_stops_a_fill_and_keeps_what_arrived_in_its_own_file(project: Path) -> None:
+    (project / "a.py").write_text("def f():\n    <FILL>\n")
+    app = make_app(text="", answers={"infilling": "abcdefghijkl"}, hold=True)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await open_two(pilot, project)
+        await pilot.press("ctrl+pageup", "f3")  # a.py: fill its marker
+        await wait_for(pilot, lambda: "abc" in app.editor.text)
+        request_id = app.client.submitted[-1].id
+        await pilot.press("ctrl+pagedown")  # to b.py: the fill stops
+        assert request_id in app.client.cancelled and not app._jobs
+        app.client.release.set()
+        await pilot.pause(0.2)
+        assert app.editor.text == B  # nothing of it reached the file in front
+        await pilot.press("ctrl+pageup")
+        assert app.editor.text == "def f():\n    abc\n" and app.modified  # what arrived stays, in a.py
+
+
 async def test_closing_a_tab_with_unsaved_changes_asks(project: Path) -> None:
     app = make_app(text="")
     async with app.run_test(size=(100, 30)) as pilot:
