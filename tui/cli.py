@@ -184,7 +184,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         metavar="FILE",
         help="UTF-8 text file to open in the editor (created on the first save); "
         "ctrl+s saves, F12 saves as; unsaved changes are kept in $XDG_STATE_HOME/codellama-tui/recovery/ "
-        "(~/.local/state/...) and offered when the file is opened again",
+        "(~/.local/state/...) and offered when the file is opened again; in the app ctrl+o opens more files "
+        "(each in a tab), ctrl+t shows the file tree, ctrl+g goes to a line, ctrl+f finds, ctrl+h (ctrl+\\) replaces",
     )
     app.add_argument(
         "--theme",

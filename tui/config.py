@@ -40,7 +40,7 @@ else:  # pragma: no cover - Python 3.10
 BINDING_IDS = (
     "complete", "infill", "switch_pane", "send", "ask", "insert_code", "switch_cap",
     "stop", "save", "save_as", "quit", "new_chat", "accept", "help", "focus_log", "copy_answer", "copy_code",
-    "maximize",
+    "maximize", "open_file", "toggle_tree", "close_file", "next_file", "previous_file", "goto_line", "find", "replace",
 )  # fmt: skip
 _SAMPLING_FIELDS = {f.name: f.type for f in fields(SamplingParams)}
 
