@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FinishReason = Literal["eos", "eot", "stop", "length", "context", "cancelled"]
+FinishReason = Literal["eos", "eot", "stop", "block", "length", "context", "cancelled"]  # block: `stop_at_dedent`
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,8 @@ class Request:
     - chat: `messages` is the whole conversation: an optional system message first, then user and assistant
       messages alternating, ending with the user's; the prompt is built from it in the checkpoint's own dialog
       format (`engine.prompts.chat_ids`). A front end keeps the history and sends all of it every turn.
+    - `stop_at_dedent`: a code suggestion ends where the block it started ends (`engine.detok.BlockEnd`); the value
+      is the indentation of the line the cursor is on, in characters (spaces and tabs), as the caller measures it.
     - `fit`: a prompt longer than the context is shortened instead of failing: completion and infilling lose
       whole lines far from the cursor (`TextClipped` says how many; an editor sends whole files this way), chat
       loses its oldest exchanges (`TurnsDropped` says how many; the front end then forgets them too).
@@ -119,8 +121,15 @@ class Request:
     messages: tuple[ChatMessage, ...] = ()
     suffix_first: bool = False
     fit: bool = False
+    stop_at_dedent: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=new_request_id)
+
+    def check(self) -> None:
+        """Raise ValueError with a one-line message for values out of range."""
+        self.sampling.check()
+        if self.stop_at_dedent is not None and not 0 <= self.stop_at_dedent < 2**31:
+            raise ValueError(f"stop at dedent must be an indentation >= 0, got {self.stop_at_dedent}")
 
     def cleaned(self) -> tuple[Request, int]:
         """This request with its texts made encodable (`clean_text`), and how many characters that replaced."""

@@ -10,7 +10,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 
-from engine.detok import IncrementalDecoder, StopStrings
+from engine.detok import BlockEnd, IncrementalDecoder, StopStrings
 from engine.errors import PromptError
 from engine.events import Event, Stats, TextClipped, TurnsDropped
 from engine.prompts import answer_room, build_prompt, fit_chat, fit_request, stop_ids
@@ -28,6 +28,7 @@ class SequenceState:
     stops: set[int]
     decoder: IncrementalDecoder
     stop_strings: StopStrings
+    block_end: BlockEnd
     seed: int
     t0: float
     slot: int = -1
@@ -69,7 +70,7 @@ class SequenceState:
 def admit(tok: Tokenizer, request: Request, context: int, events: list[Event]) -> SequenceState:
     """The sequence for a request, appending to `events` what fitting it left out; raises PromptError (and
     ValueError for bad sampling values) for a request that cannot run."""
-    request.sampling.check()
+    request.check()
     ids = build_prompt(tok, request)
     budget = context - answer_room(request.sampling.max_new_tokens, context)
     if request.fit and len(ids) > budget:
@@ -92,6 +93,7 @@ def admit(tok: Tokenizer, request: Request, context: int, events: list[Event]) -
         stops=stop_ids(tok, request.cap),
         decoder=IncrementalDecoder(tok),
         stop_strings=StopStrings(request.sampling.stop),
+        block_end=BlockEnd(request.stop_at_dedent),
         seed=request.sampling.seed if request.sampling.seed is not None else random.getrandbits(62),
         t0=time.perf_counter(),
         strip_leading=request.cap == "chat",
