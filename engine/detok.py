@@ -1,14 +1,15 @@
 """Streaming detokenization: UTF-8-safe incremental decoding, user stop strings and the end of a block.
 
 Byte-fallback pieces (`<0xE2>`, ...) split characters across tokens, so text is released only once
-a character is complete; stop strings may span tokens, so a tail that could start one is held back; a new line's
-fate waits for its indentation, so a line break is held back until the line that follows it shows its first
-character.
+a character is complete; stop strings may span tokens, so a tail that could start one is held back; whether a
+suggestion's block goes on is told by its next line's indentation and first word, so a line break is held back
+until they show.
 """
 
 from __future__ import annotations
 
 import codecs
+import re
 
 from engine.tokenizer import Tokenizer
 
@@ -82,76 +83,127 @@ class StopStrings:
         return longest
 
 
+# A line that closes a block (kept, as the last line of the block it closes): a closing bracket, or a keyword that
+# ends a block or goes on with its statement (`else:`, `except:`, Ruby's and Lua's `end`).
+_CLOSING = re.compile(r"[}\])]|(?:end|else|elif|except|finally|catch|rescue|ensure)\b")
+
+
+def line_indent(line: str) -> str:
+    """The leading spaces and tabs of a line."""
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
 class BlockEnd:
-    """End a code suggestion where the block it started ends, as editor copilots do (`Request.stop_at_dedent`).
+    """End a code suggestion where the block it started ends, as editor copilots do (`Request.stop_at_block_end`).
 
-    `indent` is the indentation (leading spaces and tabs, counted as characters) of the line the suggestion starts
-    on; the suggestion's first line continues that line. Each later line is judged once its first character shows:
+    `cursor_line` is the cursor's line up to the cursor: its indentation (spaces and tabs, each one character) is
+    the cursor's level, and the suggestion's first line goes on with that line (on a line of only indentation, the
+    first line's own indentation adds to the level). Each later line is judged by its indentation once its first
+    word shows:
 
-    - a line indented less than `indent`: the block that holds the cursor has ended;
-    - a blank line while the text is at the cursor's level (its last line was indented `indent` or less): the
-      statements at the cursor's level are done;
-    - a line back at the cursor's level right after a blank line (Python's next `def` after a body);
-    - a second line at the cursor's level after one that closed a deeper block (a `}`, an `else:` whose body did
-      not follow, the statement after an `if` body).
+    - deeper than the level: inside a block, kept;
+    - shallower: the block that holds the cursor has ended, cut;
+    - at the level, back from the block the cursor's line opened (`def f():`, `if (x) {`): a line that closes it
+      (`}`, `)`, `end`, `else:`, `except:`) is kept, and the suggestion ends after it unless the next line goes
+      deeper again (`} else {`); any other line (the next `def`, the statement after an `if` body) is cut;
+    - at the level otherwise: kept (statements one after another, and the blocks they open);
+    - a blank line after a line at the level (once the suggestion wrote something), or after a closing line: cut.
 
-    The text is cut before that line, and before the line break and blank lines in front of it; a line at the
-    cursor's level that closes a deeper block (`}`, `end`, `else:`) is kept. `indent=None` passes text through.
+    A cut also drops the line break and the blank lines in front of it. Until a line is judged, its line break,
+    indentation and first word are held back; `flush` releases them when the stream ends first.
     """
 
-    def __init__(self, indent: int | None) -> None:
-        self._indent = indent
-        self._held = ""  # the line break(s) and indentation of a line not yet judged
-        self._width = 0  # the indentation so far of the line being judged
-        self._judging = False  # past a line break, before the new line's first character
-        self._last = indent or 0  # the indentation of the last non-blank line
-        self._after_blank = False
-        self._closed = False  # the last non-blank line came back to `indent` from deeper
+    def __init__(self, cursor_line: str) -> None:
+        self._level = len(line_indent(cursor_line))
+        self._first = True  # still on the cursor's line
+        self._first_blank = not cursor_line.strip(" \t")  # ... and it holds only indentation so far
+        self._held = ""  # the line break(s), indentation and first word of a line not yet judged ("" when none)
+        self._width = 0  # the indentation of the line being judged
+        self._word = ""  # its first word so far
+        self._deeper = False  # a line deeper than the level came since the last one at the level
+        self._opened: bool | None = None  # whether the cursor's line opened a block (its next line is deeper)
+        self._closed = False  # the last line at the level closed the block the cursor's line opened
+        self._wrote = False  # the suggestion wrote a non-blank character
         self._hit = False
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit now, whether the block ended); after the end, nothing more."""
         if self._hit:
             return "", True
-        if self._indent is None:
-            return text, False
         out: list[str] = []
         for char in text:
-            if not self._judging:
-                if char == "\n":
-                    self._judging, self._held, self._width = True, "\n", 0
-                else:
-                    out.append(char)
-            elif char in " \t\r":
-                self._held += char
-                self._width += char != "\r"
-            elif char == "\n":
-                if self._last <= self._indent:
-                    return self._end(out)
-                self._held += char
-                self._width, self._after_blank = 0, True
-            else:
-                if self._ends_here():
-                    return self._end(out)
-                out.append(self._held + char)
-                self._held, self._judging, self._after_blank = "", False, False
+            if not self._held:
+                self._on_line(char, out)
+            elif not self._take(char, out):
+                self._hit, self._held = True, ""
+                return "".join(out), True
         return "".join(out), False
 
     def flush(self) -> str:
-        """Release the held-back line break and indentation when the stream ends before the line is judged."""
+        """The held-back text of a line not yet judged, when the stream ends first (nothing after the end)."""
         held, self._held = ("" if self._hit else self._held), ""
         return held
 
-    def _ends_here(self) -> bool:
-        """Judge the line whose first character just came (its indentation is `_width`), and update the state."""
-        assert self._indent is not None
-        width, indent = self._width, self._indent
-        if width < indent or (width == indent and (self._after_blank or self._closed)):
-            return True
-        self._closed = width == indent and self._last > indent
-        self._last = width
-        return False
+    def _on_line(self, char: str, out: list[str]) -> None:
+        """A character of a line already judged (or of the cursor's line): emitted, unless it breaks the line."""
+        if char == "\n":
+            self._first, self._held, self._width, self._word = False, "\n", 0, ""
+            return
+        if self._first and self._first_blank:
+            if char in " \t":
+                self._level += 1
+            else:
+                self._first_blank = False
+        self._wrote = self._wrote or not char.isspace()
+        out.append(char)
 
-    def _end(self, out: list[str]) -> tuple[str, bool]:
-        self._hit, self._held = True, ""
-        return "".join(out), True
+    def _take(self, char: str, out: list[str]) -> bool:
+        """A character of the line being judged; False when the block ends before that line."""
+        if self._word:
+            if char.isalnum() or char == "_":
+                self._word += char
+                self._held += char
+                return True
+            if not self._keeps():
+                return False
+            out.append(self._held)
+            self._held = ""
+            self._on_line(char, out)
+            return True
+        if char in " \t\r":
+            self._held += char
+            self._width += char != "\r"
+            return True
+        if char == "\n":
+            if self._closed or (not self._deeper and self._wrote):
+                return False
+            self._held, self._width = self._held + char, 0
+            return True
+        self._held += char
+        if char.isalnum() or char == "_":
+            self._word = char  # judged once the word is whole
+            return True
+        self._word = char
+        if not self._keeps():
+            return False
+        out.append(self._held)
+        self._held, self._wrote = "", True
+        return True
+
+    def _keeps(self) -> bool:
+        """Judge the line whose indentation is `_width` and whose first word is `_word`, updating the state."""
+        width, level, closing = self._width, self._level, _CLOSING.match(self._word) is not None
+        self._word, self._wrote = "", True
+        if self._opened is None:
+            self._opened = width > level
+        if width > level:
+            self._deeper, self._closed = True, False
+            return True
+        if width < level or self._closed:
+            return False
+        if self._deeper and self._opened:  # back from the block the cursor's line opened
+            if not closing:
+                return False
+            self._closed = True
+        self._deeper = False
+        return True

@@ -119,7 +119,9 @@ class Scheduler:
             events.extend(self._finish(seq, "eot" if token == self.tok.eot_id else "eos"))
             return
         text, hit = seq.stop_strings.feed(seq.decoder.push(token))
-        text, block = seq.block_end.feed(text)
+        block = False
+        if seq.block_end is not None:
+            text, block = seq.block_end.feed(text)
         self._emit(seq, text, events)
         if block:
             events.extend(self._finish(seq, "block"))
@@ -143,7 +145,9 @@ class Scheduler:
         events: list[Event] = []
         if reason not in ("stop", "block", "cancelled"):
             tail = seq.stop_strings.feed(seq.decoder.flush())[0] + seq.stop_strings.flush()
-            self._emit(seq, seq.block_end.feed(tail)[0] + seq.block_end.flush(), events)
+            if seq.block_end is not None:
+                tail = seq.block_end.feed(tail)[0] + seq.block_end.flush()
+            self._emit(seq, tail, events)
         for queue in (self.waiting, self.prefilling):
             if seq in queue:
                 queue.remove(seq)
