@@ -3,7 +3,8 @@ request bodies, server-sent events back into the engine's events, error bodies a
 `ModelInfo`. Plain functions and one small reader, without I/O, so that each rule of the wire is tested alone.
 
 Our own server (`codellama-tui serve`, known by the `codellama_tui` object on its model card) gets every cap with
-its extensions (`tui.server.schemas`): `top_k`, `repetition_penalty`, `fit`, `spm` and `engine_events`, whose
+its extensions (`tui.server.schemas`): `top_k`, `repetition_penalty`, `fit`, `spm`, `stop_at_block_end` and
+`engine_events`, whose
 `engine` objects give back the engine's own events (`Started`, `TurnsDropped`, `TextClipped`, the finish reason). A
 foreign server gets OpenAI's fields only (a hosted API refuses others), and its answers' events are rebuilt from
 what OpenAI's form says.
@@ -87,6 +88,8 @@ def request_body(request: Request, served: Served) -> tuple[str, dict[str, objec
         body["stop"] = list(p.stop)
     if served.ours:
         body.update(top_k=p.top_k, repetition_penalty=p.repetition_penalty, fit=request.fit, engine_events=True)
+    if served.ours and request.stop_at_block_end:
+        body["stop_at_block_end"] = True
     if request.cap == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         return CHAT, body

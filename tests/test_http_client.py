@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -62,6 +63,13 @@ def test_infilling_text_is_split_at_its_marker_and_a_foreign_server_without_suff
     assert body["suffix"] == "b"
     with pytest.raises(CapabilityError, match="suffix-first"):
         request_body(Request("infilling", text="a<FILL>b", suffix_first=True), takes)
+
+
+def test_the_block_end_goes_to_our_server_only() -> None:
+    request = Request("completion", text="def f():", stop_at_block_end=True)
+    assert request_body(request, OURS)[1]["stop_at_block_end"] is True
+    assert "stop_at_block_end" not in request_body(request, FOREIGN)[1]
+    assert "stop_at_block_end" not in request_body(Request("completion", text="x"), OURS)[1]
 
 
 def test_model_cards_say_whose_server_it_is() -> None:
@@ -220,6 +228,18 @@ def test_every_cap_gives_what_the_engine_here_gives(remote: HttpClient, here: Lo
             local.stats.new_tokens,
         )
         assert remote.tokenize(request) == here.tokenize(request)
+
+
+def test_a_suggestion_ends_at_its_block_on_the_server_as_here(remote: HttpClient, here: LocalClient) -> None:
+    sampling = SamplingParams(temperature=0, max_new_tokens=64)
+    for request in (
+        Request("completion", text="def f(xs):\n    total = 0\n    for x in xs:", stop_at_block_end=True),
+        Request("infilling", prefix="def f(xs):\n    ", suffix="\n\nprint(f([1]))\n", stop_at_block_end=True),
+    ):
+        request = replace(request, sampling=sampling, id="block")
+        there, local = _end(remote, request), _end(here, request)
+        assert (there.reason, there.text) == (local.reason, local.text) == ("block", local.text)
+        assert there.stats.new_tokens == local.stats.new_tokens < 64
 
 
 def test_a_file_longer_than_the_context_is_fitted_by_the_server(remote: HttpClient, here: LocalClient) -> None:
