@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from engine.events import Failed, Finished, TextDelta
-from engine.requests import Request, SamplingParams
+from engine.requests import EngineSpec, Request, SamplingParams
+from tests.test_app import wait_for
 from tests.test_engine import load, run, script_tokens
+from tui.app import CodeLlamaApp
 from tui.conversation import Conversation
 
 pytest.importorskip("transformers")
@@ -92,3 +94,19 @@ def test_a_completion_may_write_inst(tiny_model_dir: Path, monkeypatch) -> None:
     scripted(engine, " [INST] is a tag", monkeypatch)
     request = Request("completion", text="# the", sampling=SAMPLING)
     assert "[INST]" in run(engine, request)[request.id][-1].text
+
+
+async def test_the_demo_chat_in_the_app_no_longer_echoes_the_prompt_format() -> None:
+    """The issue's symptom: greedy, the demo model answers "hello there" with `... hello there [/INST] ...`."""
+    spec = EngineSpec(device="cpu", max_batch=1)
+    overrides = {"max_new_tokens": 120, "temperature": 0.0}
+    app = CodeLlamaApp(None, spec, "chat", overrides=overrides, text="")  # the real LocalClient
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.info is not None or app.load_error is not None, timeout=120)
+        assert app.load_error is None and app.info.is_demo
+        app.chat_input.load_text("hello there")
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.status.state == "ready" and not app._jobs, timeout=120)
+        assert app.status.render_text().startswith("ready: stop"), app.status.render_text()
+        answer = app.chat_log.last_answer
+        assert "hello there" in answer and "INST" not in answer
