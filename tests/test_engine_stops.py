@@ -110,3 +110,19 @@ async def test_the_demo_chat_in_the_app_no_longer_echoes_the_prompt_format() -> 
         assert app.status.render_text().startswith("ready: stop"), app.status.render_text()
         answer = app.chat_log.last_answer
         assert "hello there" in answer and "INST" not in answer
+
+
+async def test_the_demo_fills_three_markers_each_ending_with_its_block() -> None:
+    """The issue's symptom: greedy, the demo model's fill of the second of these markers ran on for 100 lines (to
+    512 tokens); each fill now ends with its function's body, and the status line adds the three up."""
+    text = "def mean(values):\n    <FILL>\n\n\ndef median(values):\n    <FILL>\n\n\ndef mode(values):\n    <FILL>\n"
+    spec = EngineSpec(device="cpu", max_batch=1)
+    app = CodeLlamaApp(None, spec, "completion", overrides={"temperature": 0.0}, text=text)  # the real LocalClient
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.info is not None or app.load_error is not None, timeout=120)
+        assert app.load_error is None and app.info.is_demo
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: "all markers filled" in app.status.note, timeout=300)
+        assert "<FILL>" not in app.editor.text
+        assert app.editor.text.count("\n") < text.count("\n") + 3 * 4  # a few lines each, not a hundred
+        assert app.status.render_text().startswith("ready: 3 fills, "), app.status.render_text()
