@@ -1,5 +1,5 @@
-"""A snapshot of a ghost suggestion after a partial accept (ctrl+right twice) at 80x24: the accepted words are in
-the text, the rest of the first line shows inline after the cursor and the further lines below it.
+"""Snapshots of a ghost suggestion after a partial accept (ctrl+right twice) at 80x24 and 120x40: the accepted words
+are in the text, the rest of the first line shows inline after the cursor and the further lines below it.
 
 Update it with `pytest tests/test_app_snapshots_ghost.py --snapshot-update` and look at the report.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 from textual.pilot import Pilot
 
 from tests.fakes import FakeClient
@@ -37,7 +38,8 @@ async def _accept_two_words(pilot: Pilot) -> None:
     await pilot.pause()
 
 
-def test_ghost_after_a_partial_accept(snap_compare) -> None:
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+def test_ghost_after_a_partial_accept(snap_compare, size: tuple[int, int]) -> None:
     fake = functools.partial(FakeClient, answers={"completion": ANSWER})
     app = CodeLlamaApp("stats.py", text=SOURCE, client_factory=fake)
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_accept_two_words)
+    assert snap_compare(app, terminal_size=size, run_before=_accept_two_words)
