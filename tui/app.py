@@ -73,6 +73,7 @@ from tui.path_picker import PathPicker
 from tui.recover_screen import RecoverScreen
 from tui.recovery import RecoveryCopy, RecoveryStore
 from tui.screens import CloseScreen, ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
+from tui.suggestions import FillTally, SuggestSettings, suggestion_request
 from tui.terminal import TITLE_POP, TITLE_PUSH, ExitSignals, title_sequence, tolerate_invalid_input
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
@@ -137,6 +138,7 @@ class CodeLlamaApp(App[int]):
         *,
         text: str | None = None,
         keys: dict[str, str] | None = None,
+        suggest: SuggestSettings | None = None,
         client_factory: ClientFactory = _local_client,
         config_file: Path | None = None,
     ) -> None:
@@ -180,6 +182,9 @@ class CodeLlamaApp(App[int]):
         self._config_file = config_file
         self._saved_note = ""
         self._title_pushed = False
+        self.suggest = suggest or SuggestSettings()
+        self._suggest_timer: Timer | None = None
+        self._suggest_at: tuple[int, int] | None = None  # the cursor when the keys paused
 
     # ----- layout
 
@@ -414,11 +419,14 @@ class CodeLlamaApp(App[int]):
         stats = event.stats
         self.status.context_used = stats.prompt_tokens + stats.new_tokens
         detail = f"{event.reason}, {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s"
+        if job.tally is not None:
+            job.tally.add(stats)
+            detail = job.tally.summary()
         self.status.set_state("ready", detail)
         if job.kind is JobKind.FILL:
             end = editor.end_stream(keep=True)
             if job.next_marker and event.reason != "cancelled" and end is not None:
-                self._fill_next_marker(after=end, clipped=job.clipped)
+                self._fill_next_marker(after=end, clipped=job.clipped, tally=job.tally)
         elif job.kind is JobKind.CHAT:
             self.chat_log.end_answer(job.closing)
             self._last_code = self.chat_log.last_code()
@@ -507,9 +515,11 @@ class CodeLlamaApp(App[int]):
         return True
 
     def action_complete(self) -> None:
-        """F2: stream a completion of the text before the cursor as ghost text."""
-        if not self._engine_ready():
-            return
+        """F2: stream a suggestion at the cursor as ghost text, to the end of the block it starts."""
+        if self._engine_ready():
+            self._suggest()
+
+    def _suggest(self) -> None:
         editor = self.editor
         self._cancel_editor_jobs()
         editor.dismiss_ghost()
@@ -517,8 +527,27 @@ class CodeLlamaApp(App[int]):
         prefix = editor.get_text_range((0, 0), (row, column))
         cap = self._completion_cap()
         editor.begin_ghost()
-        self._submit(Job(Request(cap=cap, text=prefix, fit=True, sampling=self._sampling(cap)), JobKind.GHOST))
+        self._submit(Job(suggestion_request(cap, prefix, self._sampling(cap), self.suggest), JobKind.GHOST))
         editor.focus()
+
+    @on(CodeEditor.Typed)
+    def _suggest_later(self) -> None:
+        """As you type (`suggest = "auto"`): a suggestion once the keys pause; each key restarts the wait (and the
+        edit itself already cancelled the suggestion on screen)."""
+        if self._suggest_timer is not None:
+            self._suggest_timer.stop()
+            self._suggest_timer = None
+        if self.suggest.as_you_type(self.info):
+            self._suggest_at = self.editor.cursor_location
+            self._suggest_timer = self.set_timer(self.suggest.delay_s, self._suggest_after_pause)
+
+    def _suggest_after_pause(self) -> None:
+        self._suggest_timer = None
+        editor = self.editor
+        quiet = not any(job.in_editor for job in self._jobs.values()) and not editor.ghost_active
+        here = editor.cursor_location == self._suggest_at and editor.selection.is_empty and editor.has_focus
+        if self.info is not None and quiet and here and isinstance(self.screen, MainScreen):
+            self._suggest()
 
     def action_infill(self) -> None:
         """F3: fill every <FILL> marker left to right, or fill at the cursor when there is none."""
@@ -535,27 +564,32 @@ class CodeLlamaApp(App[int]):
             location = self.editor.cursor_location
             self._start_fill(location, location, next_marker=False)
         else:
-            self._fill_next_marker(after=(0, 0))
+            self._fill_next_marker(after=(0, 0), tally=FillTally())
 
-    def _fill_next_marker(self, after: tuple[int, int], clipped: str = "") -> None:
+    def _fill_next_marker(self, after: tuple[int, int], clipped: str = "", tally: FillTally | None = None) -> None:
         """Start the fill of the next marker after `after`; past the last, say so (and keep the last fill's
-        `clipped` note in view)."""
+        `clipped` note in view). `tally` adds up the fills for the status line."""
         editor = self.editor
         for row, column in fill_markers(editor.text):
             if (row, column) >= after:
-                self._start_fill((row, column), (row, column + len(FILL)), next_marker=True)
+                self._start_fill((row, column), (row, column + len(FILL)), next_marker=True, tally=tally)
                 return
         self.status.note = f"all markers filled; {clipped}" if clipped else "all markers filled"
 
-    def _start_fill(self, start: tuple[int, int], end: tuple[int, int], *, next_marker: bool) -> None:
+    def _start_fill(
+        self, start: tuple[int, int], end: tuple[int, int], *, next_marker: bool, tally: FillTally | None = None
+    ) -> None:
+        """Fill start..end; the fill ends where the block it starts ends, as a suggestion does."""
         editor = self.editor
         prefix = editor.get_text_range((0, 0), start)
         suffix = editor.get_text_range(end, editor.document.end).replace(FILL, "")
         sampling = self._sampling("infilling")
         sampling = replace(sampling, stop=sampling.stop + suffix_stop(suffix))
-        request = Request(cap="infilling", prefix=prefix, suffix=suffix, fit=True, sampling=sampling)
+        request = Request(
+            cap="infilling", prefix=prefix, suffix=suffix, fit=True, stop_at_block_end=True, sampling=sampling
+        )
         editor.begin_stream(start, end)
-        self._submit(Job(request, JobKind.FILL, next_marker=next_marker))
+        self._submit(Job(request, JobKind.FILL, next_marker=next_marker, tally=tally))
 
     def action_switch_pane(self) -> None:
         """F4: focus the other pane."""
@@ -708,7 +742,8 @@ class CodeLlamaApp(App[int]):
     @on(CodeEditor.GhostChanged)
     @on(CodeEditor.SelectionChanged)
     def _keys_may_change(self) -> None:
-        self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
+        if self.screen_stack:  # not for a message that came while the app closed: its screens are gone
+            self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
 
     @on(CodeEditor.Changed, "#editor")
     def _edited(self, message: CodeEditor.Changed) -> None:
@@ -1003,6 +1038,7 @@ class CodeLlamaApp(App[int]):
         if pane_id != self._active:
             self._cancel_editor_jobs()
             self.editor.dismiss_ghost()
+            self._suggest_at = None  # a pause in the tab left behind asks for no suggestion in this one
             self._active = pane_id
             self.tabs.active = pane_id
         self._update_title()
@@ -1257,6 +1293,7 @@ def run_app(
         merged,
         theme,
         keys=config.keys,
+        suggest=config.suggest,
         client_factory=client_factory or _local_client,
         config_file=config_path(),
     )

@@ -114,7 +114,12 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "compl
     s.add_argument("--top-p", type=_finite, metavar="P")
     s.add_argument("--top-k", type=int, metavar="K", help="0 disables it (default 40)")
     s.add_argument("--repetition-penalty", type=_finite, metavar="R")
-    s.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default 512")
+    s.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        metavar="N",
+        help="default 512 (the app's suggestions: the config's suggest_max_tokens, 64)",
+    )
     s.add_argument("--seed", type=int, metavar="S")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
 

@@ -6,6 +6,9 @@
     url = "http://localhost:23333"    # a server instead of the model (the app, chat, generate and web)
     api_key = "..."                   # its key ($CODELLAMA_TUI_API_KEY and --api-key win)
     served_model = "CodeLlama-7b-Instruct-hf"  # which of its models (default: its first)
+    suggest = "auto"                  # suggestions as you type; "off": F2 only (default: auto on CUDA, else off)
+    suggest_max_tokens = 64           # a suggestion's budget (F2 and as you type); it ends with its block
+    suggest_delay_ms = 300            # as you type: the pause after the last key before a suggestion is asked
 
     [keys]                            # binding id = key(s), comma-separated
     complete = "f2,ctrl+space"        # ctrl+space binds ctrl+@ too (what tmux sends for it)
@@ -25,11 +28,12 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from engine.requests import SamplingParams
 from tui.files import save_atomic
+from tui.suggestions import SUGGEST_MODES, SuggestSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,9 +43,11 @@ else:  # pragma: no cover - Python 3.10
 # The ids of the app's rebindable bindings (see tui.app): what a [keys] table may name.
 BINDING_IDS = (
     "complete", "infill", "switch_pane", "send", "ask", "insert_code", "switch_cap",
-    "stop", "save", "save_as", "quit", "new_chat", "accept", "help", "focus_log", "copy_answer", "copy_code",
-    "maximize", "open_file", "toggle_tree", "close_file", "next_file", "previous_file", "goto_line", "find", "replace",
+    "stop", "save", "save_as", "quit", "new_chat", "accept", "accept_word", "accept_line", "help", "focus_log",
+    "copy_answer", "copy_code", "maximize", "open_file", "toggle_tree", "close_file", "next_file", "previous_file",
+    "goto_line", "find", "replace",
 )  # fmt: skip
+_SUGGEST_LIMITS = {"suggest_max_tokens": (1, 4096), "suggest_delay_ms": (0, 60_000)}
 _SAMPLING_FIELDS = {f.name: f.type for f in fields(SamplingParams)}
 
 
@@ -68,6 +74,7 @@ class Config:
     served_model: str | None = None
     keys: dict[str, str] = field(default_factory=dict)
     sampling: dict[str, object] = field(default_factory=dict)
+    suggest: SuggestSettings = field(default_factory=SuggestSettings)
 
 
 def config_path() -> Path:
@@ -95,6 +102,18 @@ def load_config(path: Path | None = None) -> Config:
             if not isinstance(value, str):
                 raise fail(f"{key} must be a string")
             setattr(config, key, value)
+        elif key == "suggest":
+            if value not in SUGGEST_MODES:
+                raise fail(f"suggest must be one of: {', '.join(SUGGEST_MODES)}")
+            config.suggest = replace(config.suggest, mode=value)
+        elif key in _SUGGEST_LIMITS:
+            low, high = _SUGGEST_LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise fail(f"{key} must be a whole number from {low} to {high}")
+            if key == "suggest_max_tokens":
+                config.suggest = replace(config.suggest, max_tokens=value)
+            else:
+                config.suggest = replace(config.suggest, delay_s=value / 1000)
         elif key == "keys":
             if not isinstance(value, dict):
                 raise fail("[keys] must be a table")

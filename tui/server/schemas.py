@@ -3,9 +3,11 @@
 Requests ignore fields they do not know (clients send many); the ones they know are checked here, so that a bad
 value gets a 400 that names it. Sampling fields left out take the cap's defaults (`SamplingParams.for_cap`).
 
-Three fields are this server's own, for clients that know it (`engine.http_client`; others never send them):
+These fields are this server's own, for clients that know it (`engine.http_client`; others never send them):
 `fit` shortens a prompt that outgrows the context as the engine does (`Request.fit`) instead of refusing it, `spm`
-infills suffix-first, and `engine_events` puts an `engine` object on a stream's first chunk of each choice (the
+infills suffix-first, `stop_at_block_end` (completions and `/infill`) ends a code suggestion where the block it
+started ends (`Request.stop_at_block_end`; its finish reason is "stop", the engine's own "block"), and
+`engine_events` puts an `engine` object on a stream's first chunk of each choice (the
 prompt's length, the context, what fitting left out) and on its finishing chunk (the engine's own finish reason).
 A model card says whose it is in `codellama_tui`: the model's whole `ModelInfo`.
 """
@@ -67,6 +69,7 @@ class CompletionRequest(Sampling):
     prompt: str
     suffix: str | None = None
     spm: bool = False
+    stop_at_block_end: bool = False
 
 
 class TextPart(BaseModel):
@@ -115,6 +118,7 @@ class InfillRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOPS)
     stream: bool = False
     response_fields: list[str] | None = None
+    stop_at_block_end: bool = False
 
 
 class TokenizeRequest(BaseModel):
