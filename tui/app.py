@@ -56,9 +56,13 @@ from engine.events import (
 )
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
+from tui.apply_screen import ApplyScreen
 from tui.cli import ClientFactory, with_flags
+from tui.code_target import Target, target_around
 from tui.conversation import Conversation
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
+from tui.history import ChatRecord, HistoryError, HistoryStore, Turn, TurnEnd
+from tui.history_screen import HistoryScreen, when
 from tui.recover_screen import RecoverScreen
 from tui.recovery import RecoveryCopy, RecoveryStore
 from tui.screens import ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
@@ -103,11 +107,13 @@ class _Job:
 
     request: Request
     kind: str
+    opening: str = ""  # Markdown that starts a chat-log answer (opens a fence)
     closing: str = ""  # Markdown that ends a chat-log answer (closes an opened fence)
     next_marker: bool = False  # a fill that goes on to the next <FILL> marker when it ends
     clipped: str = ""  # what its text lost when the file outgrew the context (for the status line)
     started: float = 0.0
     deltas: int = 0
+    text: str = ""  # what arrived so far
 
 
 class CodeLlamaApp(App[int]):
@@ -128,9 +134,10 @@ class CodeLlamaApp(App[int]):
         # priority: TextArea binds F6/F7 to select line / select all; F6 still selects a line when
         # nothing is selected (the binding then stands aside), so a second F6 asks about it.
         Binding("f6", "ask", "Ask", id="ask", priority=True),
-        Binding("f7", "insert_code", "Insert", id="insert_code", priority=True),
+        Binding("f7", "apply_code", "Apply", id="insert_code", priority=True),
         Binding("f8", "switch_cap", "Cap", id="switch_cap"),
         Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+r", "history", "History", id="history"),
         Binding("escape", "stop", "Stop", id="stop", priority=True),
     ]
 
@@ -146,9 +153,11 @@ class CodeLlamaApp(App[int]):
         text: str | None = None,
         keys: dict[str, str] | None = None,
         client_factory: ClientFactory = _local_client,
+        history: bool = True,
     ) -> None:
         """`file` is an opened file, or a path to open; `text`, when given, is the buffer's text and taken to be
-        what the file at that path holds (tests and embedders), so the file is not read."""
+        what the file at that path holds (tests and embedders), so the file is not read. `history` False keeps no
+        conversation on disk."""
         super().__init__()
         register_themes(self)
         self.theme = theme_name(theme or "dark")
@@ -174,7 +183,8 @@ class CodeLlamaApp(App[int]):
         self._lock = threading.Lock()
         self._flush_timer: Timer | None = None
         self.conversation = Conversation(system)
-        self._last_code: str | None = None
+        self.history = HistoryStore() if history else None
+        self.chat_record = ChatRecord(system)
         self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
         self.recovery = RecoveryStore()
         self.recovery_file: Path | None = None  # this buffer's recovery copy, once written
@@ -235,6 +245,12 @@ class CodeLlamaApp(App[int]):
     def on_unmount(self) -> None:
         if self._exit_signals is not None:
             self._exit_signals.restore()
+        for request_id, job in list(self._jobs.items()):
+            if job.kind == "chat":  # an answer cut short by quitting is kept as far as it came
+                job.text += "".join(self._pending.get(request_id, []))
+                self._keep_turn(job, TurnEnd.STOPPED, job.opening + job.text + job.closing)
+        if self.history is not None:
+            self.history.close()
         if self.client is not None:
             for request_id in list(self._jobs):
                 self.client.cancel(request_id)
@@ -260,6 +276,7 @@ class CodeLlamaApp(App[int]):
                 continue  # cancelled or stale: its text must not reach the widgets
             job.deltas += len(parts)
             text = "".join(parts)
+            job.text += text
             if job.kind == "ghost":
                 self.editor.extend_ghost(text)
             elif job.kind == "fill":
@@ -352,6 +369,7 @@ class CodeLlamaApp(App[int]):
             else:
                 self.chat_log.end_answer(job.closing, failed=True)
                 self.chat_log.add_notice(f"{'Interrupted' if interrupted else 'Error'}: {event.message}", "error")
+                self._keep_turn(job, TurnEnd.INTERRUPTED if interrupted else TurnEnd.FAILED)
             return
         stats = event.stats
         self.status.context_used = stats.prompt_tokens + stats.new_tokens
@@ -363,11 +381,11 @@ class CodeLlamaApp(App[int]):
                 self._fill_next_marker(after=end, clipped=job.clipped)
         elif job.kind == "chat":
             self.chat_log.end_answer(job.closing)
-            self._last_code = self.chat_log.last_code()
             if event.reason == "cancelled":
                 self.chat_log.add_notice("(stopped)")
             elif job.request.cap == "chat":
                 self.conversation.answered(job.request, event.text)
+            self._keep_turn(job, TurnEnd.STOPPED if event.reason == "cancelled" else TurnEnd.FINISHED)
 
     def _after_jobs_change(self) -> None:
         if self._flush_timer is not None:
@@ -418,8 +436,8 @@ class CodeLlamaApp(App[int]):
             self.editor.end_stream(keep=True)
         elif job.kind == "chat":
             self.chat_log.end_answer(job.closing)
-            self._last_code = self.chat_log.last_code()
             self.chat_log.add_notice("(stopped)")
+            self._keep_turn(job, TurnEnd.STOPPED)
         self.status.set_state("ready", "stopped")
         self._after_jobs_change()
 
@@ -541,7 +559,7 @@ class CodeLlamaApp(App[int]):
         else:
             request = Request(cap=cap, text=text, sampling=self._sampling(cap))
         self.chat_log.begin_answer("```python\n")
-        self._submit(_Job(request, "chat", closing="\n```"))
+        self._submit(_Job(request, "chat", opening="```python\n", closing="\n```"))
 
     def action_ask(self) -> None:
         """F6: put the selected code into the chat input, fenced, and focus it."""
@@ -556,17 +574,35 @@ class CodeLlamaApp(App[int]):
         if self.cap != "chat":
             self._set_cap("chat")
 
-    def action_insert_code(self) -> None:
-        """F7: insert the last code block of the latest answer at the editor's cursor (one undo step)."""
-        if not self._last_code:
-            self.status.note = "no code block in the last answer"
+    def action_apply_code(self) -> None:
+        """F7: show the chat's code block (the last; ←/→ picks another) as a diff against the selection, or the code
+        around the cursor (tui/code_target.py), and put it there on a yes, as one undo step."""
+        blocks = self.chat_log.code_blocks()
+        if not blocks:
+            self.status.note = "no code block in the chat"
             return
         editor = self.editor
-        self._cancel_editor_jobs()
-        editor.history.checkpoint()
-        editor.insert(self._last_code, maintain_selection_offset=False)
-        editor.history.checkpoint()
-        editor.focus()
+        start, end = sorted(editor.selection)
+        if start != end:
+            target = Target(start, end, editor.selected_text, "the selection")
+        else:
+            python = editor.language == "python"
+            target = target_around(editor.document.lines, editor.cursor_location, python, blocks[-1])
+
+        def decided(code: str | None) -> None:
+            if code is None:
+                self.status.note = "not applied"
+                return
+            self._cancel_editor_jobs()
+            editor.dismiss_ghost()
+            editor.history.checkpoint()
+            editor.replace(code, target.start, target.end, maintain_selection_offset=False)
+            editor.history.checkpoint()
+            editor.scroll_cursor_visible()
+            editor.focus()
+            self.status.note = f"applied to {target.what} (ctrl+z takes it back)"
+
+        self.push_screen(ApplyScreen(target, blocks), decided)
 
     def action_switch_cap(self) -> None:
         """F8: cycle the cap the chat input is sent with."""
@@ -585,10 +621,72 @@ class CodeLlamaApp(App[int]):
             if job.kind == "chat":
                 self._cancel(request_id)
         self.conversation = Conversation(self.system)
+        self.chat_record = ChatRecord(self.system)
         self.chat_log.clear_log()
-        self._last_code = None
         self.status.context_used = 0
         self.chat_log.add_notice("New chat" + (f" — system: {self.system}" if self.system else ""))
+
+    # ----- chat history (tui/history.py)
+
+    def _keep_turn(self, job: _Job, ended: TurnEnd, answer: str | None = None) -> None:
+        """A chat-log turn ended: add it to the conversation's record and save that (a note says when it cannot be)."""
+        request = job.request
+        user = request.messages[-1].content if request.messages else request.text
+        shown = self.chat_log.last_answer if answer is None else answer
+        model = self.info.name if self.info is not None else ""
+        self.chat_record.add(Turn(request.cap, user, shown, ended), self.conversation.exchanges, model)
+        if self.history is None:
+            return
+        try:
+            self.history.save(self.chat_record)
+        except HistoryError as err:
+            if self.screen_stack:
+                self.status.note = f"chat not saved: {err}; it is kept here and saved with its next turn"
+
+    def action_history(self) -> None:
+        """ctrl+r: list the kept conversations to resume (or delete) one."""
+        if self.history is None:
+            self.status.note = "no chat history: the config file says history = false"
+            return
+        screen = HistoryScreen(self.history)
+
+        def chosen(conversation_id: str | None) -> None:
+            if self.chat_record.id in screen.deleted:
+                self.action_new_chat()
+            if conversation_id is not None:
+                self._resume(conversation_id)
+
+        self.push_screen(screen, chosen)
+
+    def _resume(self, conversation_id: str) -> None:
+        """Show a kept conversation in the log and continue it: the next turn sends what its last turn left."""
+        assert self.history is not None
+        try:
+            record = self.history.load(conversation_id)
+        except HistoryError as err:
+            self.status.note = str(err)
+            return
+        for request_id, job in list(self._jobs.items()):
+            if job.kind == "chat":
+                self._cancel(request_id)
+        self.system = record.system
+        self.conversation = Conversation(record.system)
+        self.conversation.exchanges = list(record.exchanges)
+        self.chat_record = record
+        log = self.chat_log
+        log.clear_log()
+        for turn in record.turns:
+            log.add_user(turn.user)
+            log.begin_answer()
+            log.append(turn.answer)
+            log.end_answer(failed=turn.ended in (TurnEnd.INTERRUPTED, TurnEnd.FAILED))
+            if turn.ended is not TurnEnd.FINISHED:
+                log.add_notice(f"({turn.ended.value})")
+        self.status.context_used = 0
+        model = f", {record.model}" if record.model else ""
+        log.add_notice(f"Resumed: {record.title} ({when(record.updated)}{model})")
+        if any(turn.cap == "chat" for turn in record.turns) and self.cap != "chat":
+            self._set_cap("chat")
 
     def _set_system(self, system: str | None) -> None:
         """A new system instruction applies from the first turn, so it starts a new chat."""
@@ -870,6 +968,7 @@ class CodeLlamaApp(App[int]):
         yield from super().get_system_commands(screen)
         yield SystemCommand("System instruction", "Set the chat's system instruction", self.action_set_system)
         yield SystemCommand("New chat", "Forget the conversation", self.action_new_chat)
+        yield SystemCommand("Conversations", "Resume or delete a kept conversation (ctrl+r)", self.action_history)
         yield SystemCommand("Save as", "Save the file under another name (F12)", self.action_save_as)
         yield SystemCommand("Switch cap", "Cycle completion / infilling / chat / python", self.action_switch_cap)
 
@@ -919,6 +1018,7 @@ def run_app(
         theme,
         keys=config.keys,
         client_factory=client_factory or _local_client,
+        history=config.history,
     )
     result = app.run()
     code = result if isinstance(result, int) else (app.return_code or 0)

@@ -6,6 +6,7 @@
     url = "http://localhost:23333"    # a server instead of the model (the app, chat, generate and web)
     api_key = "..."                   # its key ($CODELLAMA_TUI_API_KEY and --api-key win)
     served_model = "CodeLlama-7b-Instruct-hf"  # which of its models (default: its first)
+    history = false                   # keep no chat history on disk (default true; see tui/history.py)
 
     [keys]                            # binding id = key(s), comma-separated
     complete = "f2,ctrl+space"
@@ -36,7 +37,7 @@ else:  # pragma: no cover - Python 3.10
 # The ids of the app's rebindable bindings (see tui.app): what a [keys] table may name.
 BINDING_IDS = (
     "complete", "infill", "switch_pane", "send", "ask", "insert_code", "switch_cap",
-    "stop", "save", "save_as", "quit", "new_chat", "accept",
+    "stop", "save", "save_as", "quit", "new_chat", "accept", "history",
 )  # fmt: skip
 _SAMPLING_FIELDS = {f.name: f.type for f in fields(SamplingParams)}
 
@@ -53,6 +54,7 @@ class Config:
     url: str | None = None
     api_key: str | None = None
     served_model: str | None = None
+    history: bool = True
     keys: dict[str, str] = field(default_factory=dict)
     sampling: dict[str, object] = field(default_factory=dict)
 
@@ -82,6 +84,10 @@ def load_config(path: Path | None = None) -> Config:
             if not isinstance(value, str):
                 raise fail(f"{key} must be a string")
             setattr(config, key, value)
+        elif key == "history":
+            if not isinstance(value, bool):
+                raise fail("history must be true or false")
+            config.history = value
         elif key == "keys":
             if not isinstance(value, dict):
                 raise fail("[keys] must be a table")
