@@ -584,7 +584,9 @@ class CodeLlamaApp(App[int]):
         editor = self.editor
         start, end = sorted(editor.selection)
         if start != end:
-            target = Target(start, end, editor.selected_text, "the selection")
+            head = editor.get_text_range((start[0], 0), start)
+            tail = editor.get_text_range(end, (end[0], len(editor.document[end[0]])))
+            target = Target(start, end, editor.selected_text, "the selection", head, tail)
         else:
             python = editor.language == "python"
             target = target_around(editor.document.lines, editor.cursor_location, python, blocks[-1])

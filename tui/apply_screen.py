@@ -49,7 +49,10 @@ class ApplyScreen(ModalScreen["str | None"]):
 
     def _show(self) -> None:
         view = self.query_one(DiffView)
-        view.show(self._target.text, self.replacement, self._target.start[0] + 1)
+        target = self._target
+        view.show(
+            target.head + target.text + target.tail, target.head + self.replacement + target.tail, target.start[0] + 1
+        )
         added, removed = diff_counts(view.lines)
         which = f"block {self._index + 1} of {len(self._blocks)} (←/→ picks)" if len(self._blocks) > 1 else "block"
         change = f"{added} line{'s' * (added != 1)} added, {removed} removed" if view.lines else "no change"

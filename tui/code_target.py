@@ -19,12 +19,15 @@ _CLOSING = (")", "]", "}")  # a signature's closing line stands at the header's 
 
 @dataclass(frozen=True)
 class Target:
-    """The text a code block would replace (`start` to `end`; empty at the cursor), and a name for it."""
+    """The text a code block would replace (`start` to `end`; empty at the cursor), a name for it, and the rest of
+    the lines it starts and ends in (`head`, `tail`), which a diff shows around it."""
 
     start: Location
     end: Location
     text: str
     what: str
+    head: str = ""
+    tail: str = ""
 
     @property
     def whole_lines(self) -> bool:

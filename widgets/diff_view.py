@@ -15,7 +15,8 @@ _HUNK_RE = re.compile(r"^@@ -(\d+)(,\d+)? \+(\d+)(,\d+)? @@")
 def unified_diff(before: str, after: str, first_line: int = 1, context: int = 3) -> list[str]:
     """The hunks of the unified diff from `before` to `after` (no file headers), numbered as if `before` started at
     line `first_line` of its file."""
-    lines = list(difflib.unified_diff(before.split("\n"), after.split("\n"), n=context, lineterm=""))[2:]
+    before_lines, after_lines = (text.split("\n") if text else [] for text in (before, after))
+    lines = list(difflib.unified_diff(before_lines, after_lines, n=context, lineterm=""))[2:]
     shift = first_line - 1
 
     def renumber(match: re.Match[str]) -> str:
