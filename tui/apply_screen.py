@@ -20,8 +20,8 @@ class ApplyScreen(ModalScreen["str | None"]):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y,enter", "apply", "Apply"),
-        Binding("left", "pick(-1)", "Previous block"),
-        Binding("right", "pick(1)", "Next block"),
+        Binding("left", "pick(-1)", "Previous block", priority=True),  # before the diff's own scrolling
+        Binding("right", "pick(1)", "Next block", priority=True),
         Binding("escape,n", "cancel", "Cancel"),
     ]
 

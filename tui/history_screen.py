@@ -51,7 +51,7 @@ def _row(chat: ChatSummary, offsets: tuple[int, ...]) -> Table:
     row = Table.grid(padding=(0, 1), expand=True)
     row.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
     row.add_column(width=16, no_wrap=True)
-    row.add_column(width=18, no_wrap=True, overflow="ellipsis")
+    row.add_column(width=24, no_wrap=True, overflow="ellipsis")
     row.add_row(title, Text(when(chat.updated), style="dim"), Text(chat.model, style="dim"))
     return row
 
@@ -60,8 +60,9 @@ class HistoryScreen(ModalScreen["str | None"]):
     """Dismisses with the id of the conversation to resume, or None. `deleted` holds the ids deleted meanwhile."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("escape", "close", "Close"),
+        Binding("enter", "resume", "Resume", priority=True),  # from the filter as from the list
         Binding("ctrl+d", "delete", "Delete", priority=True),
+        Binding("escape", "close", "Close"),
         Binding("down", "move(1)", "Down", show=False),
         Binding("up", "move(-1)", "Up", show=False),
     ]
@@ -77,8 +78,8 @@ class HistoryScreen(ModalScreen["str | None"]):
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label("Conversations", id="question")
-            yield Input(placeholder="filter (fuzzy): title or model", id="history-filter")
-            yield OptionList(id="history-list")
+            yield Input(placeholder="filter (fuzzy): title or model", id="history-filter", compact=True)
+            yield OptionList(id="history-list", compact=True)
             yield Label("", id="problem", markup=False)
             yield Label("Enter: resume   ctrl+d: delete   Esc: close", markup=False)
         yield Footer()
@@ -117,9 +118,9 @@ class HistoryScreen(ModalScreen["str | None"]):
         if options.option_count:
             options.highlighted = max(0, min(options.option_count - 1, (options.highlighted or 0) + step))
 
-    @on(Input.Submitted, "#history-filter")
     @on(OptionList.OptionSelected, "#history-list")
-    def _resume(self) -> None:
+    def action_resume(self) -> None:
+        """Enter (or a click): resume the highlighted conversation."""
         chat = self._highlighted()
         if chat is not None:
             self.dismiss(chat.id)
