@@ -215,3 +215,18 @@ async def test_history_off_keeps_nothing(tmp_path: Path) -> None:
         await pilot.press("ctrl+r")
         assert not isinstance(app.screen, HistoryScreen) and "history = false" in app.status.render_text()
     assert not history_path().exists()
+
+
+async def test_quitting_mid_answer_with_a_corrupt_database_still_quits_cleanly() -> None:
+    path = history_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not sqlite " * 100)
+    app = chat_app(hold=True)
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        app.chat_input.load_text("quit during me")
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app._jobs and next(iter(app._jobs.values())).deltas)
+        await pilot.press("ctrl+q")
+    assert app.return_code == 0 and app.chat_record.turns[-1].ended is TurnEnd.STOPPED
+    assert path.read_bytes() == b"not sqlite " * 100

@@ -1,10 +1,12 @@
 """The full-screen app: the editor and the chat beside it, driven by keys, fed by the engine thread.
 
-Threads: the engine client (`engine.client`) calls `_relay_engine_event` on its own thread. Text deltas go into a
-locked buffer that a 30 Hz timer on the UI thread drains (so 200+ tokens/s cost at most 30 widget
-updates a second and a keystroke always echoes within a frame); every other event is posted as a
-message. Before a terminal event (Finished, Failed) is handled the buffer is drained, so no text is
-lost or reordered.
+Threads: the engine client (`engine.client`) calls `_relay_engine_event` on its own thread, which never touches a
+widget. Text deltas go into a locked buffer that a 30 Hz timer on the UI thread drains (so 200+ tokens/s cost at
+most 30 widget updates a second and a keystroke always echoes within a frame); every other event is posted as its
+own message (`tui.engine_messages`) with its own `@on` handler. Before a terminal event (Finished, Failed) is
+handled the buffer is drained, so no text is lost or reordered.
+
+The keys live on the main screen (`tui.main_screen`); their actions are here, where the client and the jobs are.
 
 Typing during a generation: an edit or cursor move in the editor while model text streams into it
 (infill) or is shown as ghost text (completion) cancels that generation first — the text that
@@ -20,57 +22,57 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from rich.console import RenderableType
 from textual import on
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
-from textual.containers import Vertical
 from textual.driver import Driver
-from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
 
 from engine.client import Client, EventSink
-from engine.events import (
-    Event,
-    Failed,
-    Finished,
-    Link,
-    LoadFailed,
-    Loading,
-    ModelInfo,
-    Ready,
-    Started,
-    TextClipped,
-    TextDelta,
-    TurnsDropped,
-)
+from engine.events import Event, Failed, Finished, ModelInfo, TextDelta
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, theme_name
 from tui.apply_screen import ApplyScreen
 from tui.cli import ClientFactory, with_flags
 from tui.code_target import Target, target_around
 from tui.conversation import Conversation
+from tui.engine_messages import (
+    EngineLink,
+    EngineLoadFailed,
+    EngineLoading,
+    EngineMessage,
+    EngineReady,
+    RequestClipped,
+    RequestFailed,
+    RequestFinished,
+    RequestStarted,
+    RequestTurnsDropped,
+    engine_message,
+)
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
 from tui.history import ChatRecord, HistoryError, HistoryStore, Turn, TurnEnd
 from tui.history_screen import HistoryScreen, when
+from tui.jobs import Job, JobKind
+from tui.main_screen import MainScreen
 from tui.recover_screen import RecoverScreen
 from tui.recovery import RecoveryCopy, RecoveryStore
 from tui.screens import ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
 from tui.terminal import ExitSignals, tolerate_invalid_input
 from widgets.chat_input import ChatInput
 from widgets.chat_log import ChatLog
-from widgets.editor import CodeEditor, EditorPane, fill_markers, size_problem, utf8_size
-from widgets.footer import Footer
+from widgets.editor import CodeEditor, fill_markers, size_problem, utf8_size
 from widgets.status_bar import StatusBar
 
 FLUSH_HZ = 30
@@ -93,27 +95,18 @@ def _local_client(spec: EngineSpec, on_event: EventSink) -> Client:
     return LocalClient(spec, on_event=on_event)
 
 
-class EngineEvent(Message):
-    """An engine event, carried from the worker thread to the UI thread."""
-
-    def __init__(self, event: Event) -> None:
-        super().__init__()
-        self.event = event
+M = TypeVar("M", bound=EngineMessage)
 
 
-@dataclass
-class _Job:
-    """A request in flight and where its text goes: "ghost", "fill" (editor) or "chat" (log)."""
+def _while_open(handler: Callable[[CodeLlamaApp, M], None]) -> Callable[[CodeLlamaApp, M], None]:
+    """An engine message that arrives while the app closes finds no widgets: it is dropped."""
 
-    request: Request
-    kind: str
-    opening: str = ""  # Markdown that starts a chat-log answer (opens a fence)
-    closing: str = ""  # Markdown that ends a chat-log answer (closes an opened fence)
-    next_marker: bool = False  # a fill that goes on to the next <FILL> marker when it ends
-    clipped: str = ""  # what its text lost when the file outgrew the context (for the status line)
-    started: float = 0.0
-    deltas: int = 0
-    text: str = ""  # what arrived so far
+    @functools.wraps(handler)
+    def guarded(app: CodeLlamaApp, message: M) -> None:
+        if app.is_running and app.screen_stack:
+            handler(app, message)
+
+    return guarded
 
 
 class CodeLlamaApp(App[int]):
@@ -123,23 +116,8 @@ class CodeLlamaApp(App[int]):
     TITLE = "codellama-tui"
     HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]]] = [(0, "-narrow"), (100, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("ctrl+s", "save", "Save", id="save", priority=True),
-        # F12, not ctrl+shift+s: terminals (and tmux) send ctrl+shift+s as ctrl+s.
-        Binding("f12", "save_as", "Save as", id="save_as", show=False, priority=True),
-        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
-        Binding("f2", "complete", "Complete", id="complete"),
-        Binding("f3", "infill", "Infill", id="infill"),
-        Binding("f4", "switch_pane", "Pane", id="switch_pane"),
-        Binding("f5", "send", "Send", id="send"),
-        # priority: TextArea binds F6/F7 to select line / select all; F6 still selects a line when
-        # nothing is selected (the binding then stands aside), so a second F6 asks about it.
-        Binding("f6", "ask", "Ask", id="ask", priority=True),
-        Binding("f7", "apply_code", "Apply", id="insert_code", priority=True),
-        Binding("f8", "switch_cap", "Cap", id="switch_cap"),
-        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
-        Binding("ctrl+r", "history", "History", id="history"),
-        Binding("escape", "stop", "Stop", id="stop", priority=True),
-    ]
+        Binding("ctrl+q", "quit", "Quit", id="quit", tooltip="Quit (asks about unsaved changes)", priority=True),
+    ]  # every other key is the main screen's
 
     def __init__(
         self,
@@ -178,7 +156,7 @@ class CodeLlamaApp(App[int]):
         self.client: Client | None = None
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, Job] = {}
         self._pending: dict[str, list[str]] = {}
         self._lock = threading.Lock()
         self._flush_timer: Timer | None = None
@@ -193,17 +171,11 @@ class CodeLlamaApp(App[int]):
 
     # ----- layout
 
-    def compose(self) -> ComposeResult:
-        with Vertical(id="main"):
-            yield EditorPane(self.file.text, path=self.file.path, id="editor-pane")
-            with Vertical(id="chat-pane"):
-                yield ChatLog(id="chat-log")
-                yield ChatInput(id="chat-input")
-        yield StatusBar(id="status")
-        yield Footer(compact=True)
+    def get_default_screen(self) -> MainScreen:
+        return MainScreen(self.file.text, self.file.path)
 
-    # The widgets live on the first screen: an engine event or a timer that reaches them while a dialog is on top
-    # must not look for them on the dialog.
+    # The widgets live on the main screen, the first on the stack: an engine event or a timer that reaches them
+    # while a dialog is on top must not look for them on the dialog.
 
     @property
     def editor(self) -> CodeEditor:
@@ -221,7 +193,8 @@ class CodeLlamaApp(App[int]):
     def status(self) -> StatusBar:
         return self.screen_stack[0].query_one("#status", StatusBar)
 
-    def on_mount(self) -> None:
+    @on(MainScreen.Composed)
+    def _main_screen_composed(self) -> None:
         self._set_cap(self.cap)
         self.editor.focus()
         self._update_title()
@@ -246,7 +219,7 @@ class CodeLlamaApp(App[int]):
         if self._exit_signals is not None:
             self._exit_signals.restore()
         for request_id, job in list(self._jobs.items()):
-            if job.kind == "chat":  # an answer cut short by quitting is kept as far as it came
+            if job.kind is JobKind.CHAT:  # an answer cut short by quitting is kept as far as it came
                 job.text += "".join(self._pending.get(request_id, []))
                 self._keep_turn(job, TurnEnd.STOPPED, job.opening + job.text + job.closing)
         if self.history is not None:
@@ -264,7 +237,7 @@ class CodeLlamaApp(App[int]):
             with self._lock:
                 self._pending.setdefault(event.request_id, []).append(event.text)
             return
-        self.post_message(EngineEvent(event))
+        self.post_message(engine_message(event))
 
     def _flush_stream(self) -> None:
         """Move buffered text into the widgets (at most FLUSH_HZ times a second)."""
@@ -277,9 +250,9 @@ class CodeLlamaApp(App[int]):
             job.deltas += len(parts)
             text = "".join(parts)
             job.text += text
-            if job.kind == "ghost":
+            if job.kind is JobKind.GHOST:
                 self.editor.extend_ghost(text)
-            elif job.kind == "fill":
+            elif job.kind is JobKind.FILL:
                 self.editor.extend_stream(text)
             else:
                 self.chat_log.append(text)
@@ -294,74 +267,95 @@ class CodeLlamaApp(App[int]):
         rate = sum(job.deltas for job in jobs) / elapsed
         self.status.set_state("generating", f"{rate:.0f} tok/s")
 
-    def on_engine_event(self, message: EngineEvent) -> None:
-        event = message.event
-        if not self.is_running or not self.screen_stack:  # an event that came while the app closed: no widgets
-            return
-        if isinstance(event, Loading):
-            self.status.show_loading(event.fraction, event.stage)
-        elif isinstance(event, Link):
-            self.status.link_down = not event.up
-            if event.up:
-                self.status.link = f"rtt {event.rtt_s * 1e3:.0f} ms" if event.rtt_s is not None else ""
-            else:
-                self.status.link = f"unreachable: {event.message}"
-        elif isinstance(event, Ready):
-            self.info = event.info
-            self.status.info = event.info
-            remote = self.client is not None and self.client.server is not None
-            self.status.set_state("ready", f"{'connected' if remote else 'loaded'} in {event.startup_s:.1f}s")
-            self.status.link = "" if remote else self.status.link
-            if event.info.flavour == "python" and self.cap == "completion":
-                self._set_cap("python")
-            self._refresh_keys()
-        elif isinstance(event, LoadFailed):
-            self.load_error = with_flags(event.message, event.fields)
-            self.status.set_state("error", self.load_error)
-            what = (
-                "The server cannot be used" if self.client and self.client.server else "The model could not be loaded"
-            )
-            self.chat_log.add_notice(f"{what}: {self.load_error}", "error")
-            self._refresh_keys()
-        elif isinstance(event, Started):
-            job = self._jobs.get(event.request_id)
-            if job is not None:
-                job.started = time.perf_counter()
-                self.status.context_used = event.prompt_tokens
-                if event.replaced:
-                    self.notify(replacement_warning(event.replaced), severity="warning")
-        elif isinstance(event, TextClipped):
-            job = self._jobs.get(event.request_id)
-            if job is not None:
-                job.clipped = (
-                    f"file longer than the context: {event.before} lines above and {event.after} below left out"
-                )
-                self.status.note = job.clipped
-        elif isinstance(event, TurnsDropped):
-            if event.request_id in self._jobs:
-                self.conversation.drop(event.count)
-                turns = "turn was" if event.count == 1 else "turns were"
-                self.chat_log.add_notice(
-                    f"The conversation outgrew the context: its {event.count} oldest {turns} dropped.",
-                    "warning",
-                )
-        elif isinstance(event, (Finished, Failed)):
-            self._flush_stream()
-            job = self._jobs.pop(event.request_id, None)
-            if job is not None:
-                self._end_job(job, event)
-            self._after_jobs_change()
+    @on(EngineLoading)
+    @_while_open
+    def _show_loading(self, message: EngineLoading) -> None:
+        self.status.show_loading(message.event.fraction, message.event.stage)
 
-    def _end_job(self, job: _Job, event: Finished | Failed) -> None:
+    @on(EngineLink)
+    @_while_open
+    def _show_link(self, message: EngineLink) -> None:
+        event = message.event
+        self.status.link_down = not event.up
+        if event.up:
+            self.status.link = f"rtt {event.rtt_s * 1e3:.0f} ms" if event.rtt_s is not None else ""
+        else:
+            self.status.link = f"unreachable: {event.message}"
+
+    @on(EngineReady)
+    @_while_open
+    def _model_ready(self, message: EngineReady) -> None:
+        event = message.event
+        self.info = event.info
+        self.status.info = event.info
+        remote = self.client is not None and self.client.server is not None
+        self.status.set_state("ready", f"{'connected' if remote else 'loaded'} in {event.startup_s:.1f}s")
+        self.status.link = "" if remote else self.status.link
+        if event.info.flavour == "python" and self.cap == "completion":
+            self._set_cap("python")
+        self._refresh_keys()
+
+    @on(EngineLoadFailed)
+    @_while_open
+    def _model_failed(self, message: EngineLoadFailed) -> None:
+        self.load_error = with_flags(message.event.message, message.event.fields)
+        self.status.set_state("error", self.load_error)
+        what = "The server cannot be used" if self.client and self.client.server else "The model could not be loaded"
+        self.chat_log.add_notice(f"{what}: {self.load_error}", "error")
+        self._refresh_keys()
+
+    @on(RequestStarted)
+    @_while_open
+    def _request_started(self, message: RequestStarted) -> None:
+        event = message.event
+        job = self._jobs.get(event.request_id)
+        if job is not None:
+            job.started = time.perf_counter()
+            self.status.context_used = event.prompt_tokens
+            if event.replaced:
+                self.notify(replacement_warning(event.replaced), severity="warning")
+
+    @on(RequestClipped)
+    @_while_open
+    def _request_clipped(self, message: RequestClipped) -> None:
+        event = message.event
+        job = self._jobs.get(event.request_id)
+        if job is not None:
+            job.clipped = f"file longer than the context: {event.before} lines above and {event.after} below left out"
+            self.status.note = job.clipped
+
+    @on(RequestTurnsDropped)
+    @_while_open
+    def _turns_dropped(self, message: RequestTurnsDropped) -> None:
+        event = message.event
+        if event.request_id in self._jobs:
+            self.conversation.drop(event.count)
+            turns = "turn was" if event.count == 1 else "turns were"
+            self.chat_log.add_notice(
+                f"The conversation outgrew the context: its {event.count} oldest {turns} dropped.",
+                "warning",
+            )
+
+    @on(RequestFinished)
+    @on(RequestFailed)
+    @_while_open
+    def _request_ended(self, message: RequestFinished | RequestFailed) -> None:
+        self._flush_stream()
+        job = self._jobs.pop(message.event.request_id, None)
+        if job is not None:
+            self._end_job(job, message.event)
+        self._after_jobs_change()
+
+    def _end_job(self, job: Job, event: Finished | Failed) -> None:
         editor = self.editor
         if isinstance(event, Failed):
             self.status.set_state("error", event.message)
             interrupted = job.deltas > 0  # what arrived stays, marked
-            if job.kind == "fill":
+            if job.kind is JobKind.FILL:
                 editor.end_stream(keep=interrupted)
                 if interrupted:
                     self.status.note = "interrupted: the fill keeps what arrived (ctrl+z takes it back)"
-            elif job.kind == "ghost":
+            elif job.kind is JobKind.GHOST:
                 if interrupted:
                     self.status.note = "interrupted: Tab takes what arrived"
                 else:
@@ -375,11 +369,11 @@ class CodeLlamaApp(App[int]):
         self.status.context_used = stats.prompt_tokens + stats.new_tokens
         detail = f"{event.reason}, {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s"
         self.status.set_state("ready", detail)
-        if job.kind == "fill":
+        if job.kind is JobKind.FILL:
             end = editor.end_stream(keep=True)
             if job.next_marker and event.reason != "cancelled" and end is not None:
                 self._fill_next_marker(after=end, clipped=job.clipped)
-        elif job.kind == "chat":
+        elif job.kind is JobKind.CHAT:
             self.chat_log.end_answer(job.closing)
             if event.reason == "cancelled":
                 self.chat_log.add_notice("(stopped)")
@@ -410,7 +404,7 @@ class CodeLlamaApp(App[int]):
     def _sampling(self, cap: str) -> SamplingParams:
         return SamplingParams.for_cap(cap, **self.overrides)
 
-    def _submit(self, job: _Job) -> None:
+    def _submit(self, job: Job) -> None:
         assert self.client is not None
         self._jobs[job.request.id] = job
         self.client.submit(job.request)
@@ -420,7 +414,7 @@ class CodeLlamaApp(App[int]):
 
     def _cancel_editor_jobs(self) -> None:
         for request_id, job in list(self._jobs.items()):
-            if job.kind in ("ghost", "fill"):
+            if job.in_editor:
                 self._cancel(request_id)
 
     def _cancel(self, request_id: str) -> None:
@@ -432,9 +426,9 @@ class CodeLlamaApp(App[int]):
             self.client.cancel(request_id)
         with self._lock:
             self._pending.pop(request_id, None)
-        if job.kind == "fill":
+        if job.kind is JobKind.FILL:
             self.editor.end_stream(keep=True)
-        elif job.kind == "chat":
+        elif job.kind is JobKind.CHAT:
             self.chat_log.end_answer(job.closing)
             self.chat_log.add_notice("(stopped)")
             self._keep_turn(job, TurnEnd.STOPPED)
@@ -447,13 +441,12 @@ class CodeLlamaApp(App[int]):
 
     # ----- actions
 
-    def _main_screen_active(self) -> bool:
-        return self.screen is self.screen_stack[0]
-
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Which keys work now (the footer greys or hides the rest). On a dialog only quit does: the App's own
+        keys (the command palette) must not open over it."""
         if action == "quit":
             return True
-        if not self._main_screen_active():
+        if not isinstance(self.screen, MainScreen):
             return False
         if action == "stop":
             return bool(self._jobs) or self.editor.ghost_active
@@ -478,7 +471,7 @@ class CodeLlamaApp(App[int]):
         prefix = editor.get_text_range((0, 0), (row, column))
         cap = self._completion_cap()
         editor.begin_ghost()
-        self._submit(_Job(Request(cap=cap, text=prefix, fit=True, sampling=self._sampling(cap)), "ghost"))
+        self._submit(Job(Request(cap=cap, text=prefix, fit=True, sampling=self._sampling(cap)), JobKind.GHOST))
         editor.focus()
 
     def action_infill(self) -> None:
@@ -516,7 +509,7 @@ class CodeLlamaApp(App[int]):
         sampling = replace(sampling, stop=sampling.stop + suffix_stop(suffix))
         request = Request(cap="infilling", prefix=prefix, suffix=suffix, fit=True, sampling=sampling)
         editor.begin_stream(start, end)
-        self._submit(_Job(request, "fill", next_marker=next_marker))
+        self._submit(Job(request, JobKind.FILL, next_marker=next_marker))
 
     def action_switch_pane(self) -> None:
         """F4: focus the other pane."""
@@ -529,7 +522,8 @@ class CodeLlamaApp(App[int]):
         """F5: send the chat input."""
         self.chat_input.send()
 
-    def on_chat_input_submitted(self, message: ChatInput.Submitted) -> None:
+    @on(ChatInput.Submitted)
+    def _chat_submitted(self, message: ChatInput.Submitted) -> None:
         text = message.text
         if text.startswith("/system"):
             self._set_system(text[len("/system") :].strip() or None)
@@ -540,7 +534,7 @@ class CodeLlamaApp(App[int]):
         if not self._engine_ready():
             self.chat_input.load_text(text)
             return
-        if any(job.kind == "chat" for job in self._jobs.values()):
+        if any(job.kind is JobKind.CHAT for job in self._jobs.values()):
             self.chat_input.load_text(text)
             self.status.note = "an answer is still streaming: Esc stops it"
             return
@@ -549,7 +543,7 @@ class CodeLlamaApp(App[int]):
         if cap == "chat":
             request = self.conversation.request(text, self._sampling("chat"))
             self.chat_log.begin_answer()
-            self._submit(_Job(request, "chat"))
+            self._submit(Job(request, JobKind.CHAT))
             return
         if cap == "infilling":
             if text.count(FILL) != 1:
@@ -559,7 +553,7 @@ class CodeLlamaApp(App[int]):
         else:
             request = Request(cap=cap, text=text, sampling=self._sampling(cap))
         self.chat_log.begin_answer("```python\n")
-        self._submit(_Job(request, "chat", opening="```python\n", closing="\n```"))
+        self._submit(Job(request, JobKind.CHAT, opening="```python\n", closing="\n```"))
 
     def action_ask(self) -> None:
         """F6: put the selected code into the chat input, fenced, and focus it."""
@@ -620,7 +614,7 @@ class CodeLlamaApp(App[int]):
     def action_new_chat(self) -> None:
         """ctrl+n: forget the conversation and clear the log."""
         for request_id, job in list(self._jobs.items()):
-            if job.kind == "chat":
+            if job.kind is JobKind.CHAT:
                 self._cancel(request_id)
         self.conversation = Conversation(self.system)
         self.chat_record = ChatRecord(self.system)
@@ -630,7 +624,7 @@ class CodeLlamaApp(App[int]):
 
     # ----- chat history (tui/history.py)
 
-    def _keep_turn(self, job: _Job, ended: TurnEnd, answer: str | None = None) -> None:
+    def _keep_turn(self, job: Job, ended: TurnEnd, answer: str | None = None) -> None:
         """A chat-log turn ended: add it to the conversation's record and save that (a note says when it cannot be)."""
         request = job.request
         user = request.messages[-1].content if request.messages else request.text
@@ -669,7 +663,7 @@ class CodeLlamaApp(App[int]):
             self.status.note = str(err)
             return
         for request_id, job in list(self._jobs.items()):
-            if job.kind == "chat":
+            if job.kind is JobKind.CHAT:
                 self._cancel(request_id)
         self.system = record.system
         self.conversation = Conversation(record.system)
@@ -713,10 +707,12 @@ class CodeLlamaApp(App[int]):
             self.editor.dismiss_ghost()
         self._refresh_keys()
 
-    def on_code_editor_paste_refused(self, message: CodeEditor.PasteRefused) -> None:
+    @on(CodeEditor.PasteRefused)
+    def _paste_refused(self, message: CodeEditor.PasteRefused) -> None:
         self.status.note = f"paste refused: the text would be too big to edit here ({message.reason})"
 
-    def on_code_editor_interrupted(self, message: CodeEditor.Interrupted) -> None:
+    @on(CodeEditor.Interrupted)
+    def _editor_interrupted(self) -> None:
         self._cancel_editor_jobs()
 
     @on(CodeEditor.GhostChanged)
@@ -724,14 +720,16 @@ class CodeLlamaApp(App[int]):
     def _keys_may_change(self) -> None:
         self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
 
-    def on_text_area_changed(self, message: CodeEditor.Changed) -> None:
+    @on(CodeEditor.Changed, "#editor")
+    def _edited(self) -> None:
         if not self.screen_stack:  # a change that bubbled up while the app closed: its screens are gone
             return
-        if message.text_area is self.editor:
-            self._update_title()
-            self._write_recovery_later()
-        else:
-            self._refresh_keys()  # the footer's Send key comes and goes with the input
+        self._update_title()
+        self._write_recovery_later()
+
+    @on(ChatInput.Changed, "#chat-input")
+    def _chat_input_changed(self) -> None:
+        self._refresh_keys()  # the footer's Send key comes and goes with the input
 
     def _refresh_keys(self) -> None:
         """Rebuild the footer only when the keys it offers change.
@@ -739,6 +737,8 @@ class CodeLlamaApp(App[int]):
         Each rebuild makes new key widgets (Textual's Footer keeps the old ones alive), so refreshing on every
         streamed delta or cursor move would grow memory without bound.
         """
+        if not self.screen_stack:  # a message that came while the app closed: its screens are gone
+            return
         keys = tuple(
             (key, active.binding.action, active.enabled)
             for key, active in self.screen.active_bindings.items()
