@@ -4,6 +4,7 @@ cannot be used, and a resumed chat sending the model what the original conversat
 from __future__ import annotations
 
 import functools
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -205,6 +206,23 @@ async def test_a_corrupt_database_is_a_note_and_the_chat_goes_on() -> None:
         assert "not a database" in str(app.screen.query_one("#problem").render())
         await pilot.press("escape")
     assert path.read_bytes() == b"not sqlite " * 100
+
+
+async def test_a_locked_database_is_a_note_and_the_next_turn_saves_both() -> None:
+    app = chat_app(answers={"chat": answers(2)})
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        path = history_path()
+        path.parent.mkdir(parents=True)
+        sqlite3.connect(path).execute("PRAGMA user_version").fetchone()  # an empty database
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # another app holds it
+        await say(pilot, "first")
+        assert "chat not saved" in app.status.render_text() and "locked" in app.status.render_text()
+        other.execute("ROLLBACK")
+        await say(pilot, "second")
+    record = HistoryStore().load(app.chat_record.id)
+    assert [t.user for t in record.turns] == ["first", "second"] and len(record.exchanges) == 2
 
 
 async def test_history_off_keeps_nothing(tmp_path: Path) -> None:

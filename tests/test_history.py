@@ -34,6 +34,7 @@ def test_a_saved_conversation_comes_back_whole(tmp_path: Path) -> None:
     assert again.exchanges == [("first question\nmore", "an answer")]  # the interrupted turn is not in it
     [summary] = store.conversations()
     assert (summary.title, summary.model, summary.updated, summary.turns) == ("first question", "m2", 101.0, 2)
+    assert (tmp_path / "h.sqlite3").stat().st_mode & 0o777 == 0o600  # the user's own conversations
     db = sqlite3.connect(tmp_path / "h.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

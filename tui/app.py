@@ -576,6 +576,8 @@ class CodeLlamaApp(App[int]):
             self.status.note = "no code block in the chat"
             return
         editor = self.editor
+        self._cancel_editor_jobs()  # a fill streaming on would move the text under the diff
+        editor.dismiss_ghost()
         start, end = sorted(editor.selection)
         if start != end:
             head = editor.get_text_range((start[0], 0), start)
@@ -589,8 +591,6 @@ class CodeLlamaApp(App[int]):
             if code is None:
                 self.status.note = "not applied"
                 return
-            self._cancel_editor_jobs()
-            editor.dismiss_ghost()
             editor.history.checkpoint()
             editor.replace(code, target.start, target.end, maintain_selection_offset=False)
             editor.history.checkpoint()

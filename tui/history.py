@@ -140,6 +140,8 @@ class HistoryStore:
         if self._db is not None:
             return self._db
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # readable by its owner only (an empty file is an empty database)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
             db.execute("PRAGMA foreign_keys = ON")
