@@ -108,6 +108,20 @@ async def test_a_method_from_an_answer_goes_back_at_its_indentation() -> None:
         assert app.editor.text == "class C:\n    def f(self):\n        return 2\n"
 
 
+async def test_a_block_that_changes_nothing_cannot_be_applied() -> None:
+    app = make_app(answer="```python\ndef area(r):\n    return 3.14 * r * r\n```")
+    async with app.run_test() as pilot:
+        await answered(pilot)
+        app.editor.move_cursor((4, 0))
+        await pilot.press("f7")
+        assert app.screen.query_one(DiffView).lines == []
+        assert "no change" in str(app.screen.query_one("#diff-summary").render())
+        await pilot.press("y")
+        assert isinstance(app.screen, ApplyScreen)  # y does nothing; Esc leaves
+        await pilot.press("escape")
+        assert app.editor.text == SOURCE
+
+
 async def test_nothing_around_the_cursor_inserts_there_and_no_block_says_so() -> None:
     app = make_app("one\n\ntwo\n", path="notes.txt", answer="```\nmiddle\n```")
     async with app.run_test() as pilot:

@@ -57,10 +57,13 @@ class ApplyScreen(ModalScreen["str | None"]):
         which = f"block {self._index + 1} of {len(self._blocks)} (←/→ picks)" if len(self._blocks) > 1 else "block"
         change = f"{added} line{'s' * (added != 1)} added, {removed} removed" if view.lines else "no change"
         self.query_one("#diff-summary", Label).update(f"The chat's {which}: {change}")
+        self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "pick":
             return len(self._blocks) > 1
+        if action == "apply":
+            return bool(self.query_one(DiffView).lines)  # the block is what stands there already
         return True
 
     def action_pick(self, step: int) -> None:
