@@ -16,7 +16,7 @@ from engine.requests import ChatMessage, EngineSpec, Request
 from tests.fakes import INFO, FakeClient
 from tests.test_app import ready, wait_for
 from tui.app import CodeLlamaApp
-from tui.history import HistoryStore, TurnEnd, history_path
+from tui.history import ChatRecord, HistoryStore, Turn, TurnEnd, history_path
 from tui.history_screen import HistoryScreen
 from tui.screens import ConfirmScreen
 from widgets.chat_log import Answer, UserMessage
@@ -206,6 +206,22 @@ async def test_a_corrupt_database_is_a_note_and_the_chat_goes_on() -> None:
         assert "not a database" in str(app.screen.query_one("#problem").render())
         await pilot.press("escape")
     assert path.read_bytes() == b"not sqlite " * 100
+
+
+async def test_another_app_on_the_same_history_at_the_same_time() -> None:
+    app = chat_app(answers={"chat": answers(2)})
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await say(pilot, "mine")
+        theirs = ChatRecord()  # what a second app, open meanwhile, keeps through its own connection
+        theirs.add(Turn("chat", "theirs", "ok"), [("theirs", "ok")], "CodeLlama-13b-Instruct-hf")
+        other = HistoryStore()
+        other.save(theirs)
+        await say(pilot, "mine again")
+        await pilot.press("ctrl+r")
+        assert app.screen.query_one(OptionList).option_count == 2
+        assert other.load(app.chat_record.id).turns == app.chat_record.turns  # each sees the other's writes
+    assert [c.title for c in HistoryStore().conversations()] == ["mine", "theirs"]
 
 
 async def test_a_locked_database_is_a_note_and_the_next_turn_saves_both() -> None:
