@@ -151,24 +151,26 @@ async def test_resumed_prompt_ids_match(tok) -> None:
 
 
 async def test_delete_asks_first_then_the_list_forgets_it() -> None:
-    app = chat_app(answers={"chat": answers(2)})
+    app = chat_app(answers={"chat": answers(3)})
     async with app.run_test() as pilot:
         await ready(pilot)
-        await say(pilot, "keep me")
-        await pilot.press("ctrl+n")
-        await say(pilot, "delete me")
-        await pilot.press("ctrl+r")
+        for text in ("keep me", "delete me", "current"):
+            await pilot.press("ctrl+n")
+            await say(pilot, text)
+        await pilot.press("ctrl+r", "down")
         options = app.screen.query_one(OptionList)
-        assert options.option_count == 2 and options.highlighted == 0  # newest first: "delete me"
+        assert options.option_count == 3 and options.highlighted == 1  # newest first: current, delete me, keep me
         await pilot.press("ctrl+d")
         assert isinstance(app.screen, ConfirmScreen)
         await pilot.press("n")
-        assert options.option_count == 2
+        assert options.option_count == 3
         await pilot.press("ctrl+d", "y")
-        assert isinstance(app.screen, HistoryScreen) and options.option_count == 1
-        await pilot.press("escape")
+        assert isinstance(app.screen, HistoryScreen) and options.option_count == 2
+        assert options.highlighted == 1  # the next one stands where the deleted one stood
+        assert [c.title for c in HistoryStore().conversations()] == ["current", "keep me"]
+        await pilot.press("up", "ctrl+d", "y", "escape")
         assert [c.title for c in HistoryStore().conversations()] == ["keep me"]
-        assert not app.chat_log.query(UserMessage)  # the conversation on screen was the deleted one: a new chat
+        assert not app.chat_log.query(UserMessage)  # the conversation on screen was deleted: a new chat
         await say(pilot, "after")
     assert sorted(c.title for c in HistoryStore().conversations()) == ["after", "keep me"]
 

@@ -141,7 +141,11 @@ class HistoryScreen(ModalScreen["str | None"]):
                 self._fill()
                 return
             self.deleted.add(chat.id)
+            index = self.query_one(OptionList).highlighted or 0
             self._reload()
+            options = self.query_one(OptionList)
+            if options.option_count:
+                options.highlighted = min(index, options.option_count - 1)  # the next one, where the deleted stood
 
         self.app.push_screen(ConfirmScreen(f"Delete the conversation “{chat.title}”?"), decided)
 
