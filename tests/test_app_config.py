@@ -28,11 +28,11 @@ def test_missing_file_means_defaults(tmp_path: Path) -> None:
 def test_full_config(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(
-        'theme = "light"\nsystem = "Answer in Python"\n[keys]\ncomplete = "f9, ctrl+space"\n'
+        'theme = "light"\nsystem = "Answer in Python"\nhistory = false\n[keys]\ncomplete = "f9, ctrl+space"\n'
         '[sampling]\ntemperature = 0.1\nmax_new_tokens = 64\nstop = ["\\n\\n"]\n'
     )
     config = load_config(path)
-    assert config.theme == "light" and config.system == "Answer in Python"
+    assert config.theme == "light" and config.system == "Answer in Python" and config.history is False
     assert config.keys == {"complete": "f9,ctrl+space,ctrl+@"}  # what tmux sends for ctrl+space
     assert config.sampling == {"temperature": 0.1, "max_new_tokens": 64, "stop": ("\n\n",)}
 
@@ -43,6 +43,7 @@ def test_full_config(tmp_path: Path) -> None:
         ("theme = ", "config.toml"),
         ("colour = 'red'", "unknown setting 'colour'"),
         ("[keys]\nfly = 'f1'", "unknown key binding 'fly'"),
+        ("history = 'no'", "history must be true or false"),
         ("[sampling]\ntemperature = -1", "temperature must be >= 0"),
         ("[sampling]\nwarmth = 1", "unknown sampling setting 'warmth'"),
     ],

@@ -142,7 +142,7 @@ async def test_the_view_follows_the_cursor_after_tab_accepts_a_suggestion() -> N
         assert editor.scroll_y <= 90 < editor.scroll_y + editor.scrollable_content_region.height
 
 
-async def test_the_view_follows_the_cursor_after_f7_inserts_a_block() -> None:
+async def test_the_view_follows_the_cursor_after_f7_applies_a_block() -> None:
     code = "".join(f"z{i} = {i}\n" for i in range(30))
     app = make_app(LONG, answers={"chat": f"Here:\n```python\n{code}```\n"})
     async with app.run_test(size=(80, 24)) as pilot:
@@ -152,8 +152,10 @@ async def test_the_view_follows_the_cursor_after_f7_inserts_a_block() -> None:
         await pilot.press("f5")
         await wait_for(pilot, idle(app))
         app.editor.focus()
-        app.editor.move_cursor((60, 0))
+        app.editor.move_cursor((60, 0))  # the end, past the last paragraph: the block is inserted there
         await pilot.press("f7")
+        await pilot.pause(0.1)
+        await pilot.press("y")
         await pilot.pause(0.1)
         editor = app.editor
         row = editor.cursor_location[0]

@@ -48,8 +48,10 @@ from engine.client import Client, EventSink
 from engine.events import Event, Failed, Finished, ModelInfo, TextDelta
 from engine.requests import CAPS, FILL, EngineSpec, Request, SamplingParams, replacement_warning
 from themes import APP_TCSS, register_themes, short_name, theme_name
+from tui.apply_screen import ApplyScreen
 from tui.buffers import Buffer
 from tui.cli import ClientFactory, with_flags
+from tui.code_target import Target, target_around
 from tui.config import ConfigError, config_path, load_config, save_theme
 from tui.conversation import Conversation
 from tui.engine_messages import (
@@ -67,6 +69,8 @@ from tui.engine_messages import (
 )
 from tui.files import AlreadyExists, ChangedOnDisk, FileError, MissingFolder, OpenFile
 from tui.help_screen import HelpScreen, key_rows
+from tui.history import ChatRecord, HistoryError, HistoryStore, Turn, TurnEnd
+from tui.history_screen import HistoryScreen, when
 from tui.jobs import Job, JobKind
 from tui.main_screen import MainScreen
 from tui.path_picker import PathPicker
@@ -141,10 +145,12 @@ class CodeLlamaApp(App[int]):
         suggest: SuggestSettings | None = None,
         client_factory: ClientFactory = _local_client,
         config_file: Path | None = None,
+        history: bool = True,
     ) -> None:
         """`file` is an opened file, or a path to open; `text`, when given, is the buffer's text and taken to be
         what the file at that path holds (tests and embedders), so the file is not read. A theme picked in the
-        command palette is written to `config_file` (the user's config file when run as the command)."""
+        command palette is written to `config_file` (the user's config file when run as the command); `history`
+        False keeps no conversation on disk."""
         super().__init__()
         register_themes(self)
         self.theme = theme_name(theme or "dark")
@@ -174,7 +180,8 @@ class CodeLlamaApp(App[int]):
         self._lock = threading.Lock()
         self._flush_timer: Timer | None = None
         self.conversation = Conversation(system)
-        self._last_code: str | None = None
+        self.history = HistoryStore() if history else None
+        self.chat_record = ChatRecord(system)
         self._keys_shown: tuple[tuple[str, str, bool], ...] = ()
         self.recovery = RecoveryStore()
         self._recovery_timer: Timer | None = None
@@ -275,6 +282,12 @@ class CodeLlamaApp(App[int]):
     def on_unmount(self) -> None:
         if self._exit_signals is not None:
             self._exit_signals.restore()
+        for request_id, job in list(self._jobs.items()):
+            if job.kind is JobKind.CHAT:  # an answer cut short by quitting is kept as far as it came
+                job.text += "".join(self._pending.get(request_id, []))
+                self._keep_turn(job, TurnEnd.STOPPED, job.opening + job.text + job.closing)
+        if self.history is not None:
+            self.history.close()
         if self._title_pushed:
             self._write_terminal(TITLE_POP)
         if self.client is not None:
@@ -302,6 +315,7 @@ class CodeLlamaApp(App[int]):
                 continue  # cancelled or stale: its text must not reach the widgets
             job.deltas += len(parts)
             text = "".join(parts)
+            job.text += text
             if job.kind is JobKind.GHOST:
                 self.editor.extend_ghost(text)
             elif job.kind is JobKind.FILL:
@@ -415,6 +429,7 @@ class CodeLlamaApp(App[int]):
             else:
                 self.chat_log.end_answer(job.closing, failed=True)
                 self.chat_log.add_notice(f"{'Interrupted' if interrupted else 'Error'}: {event.message}", "error")
+                self._keep_turn(job, TurnEnd.INTERRUPTED if interrupted else TurnEnd.FAILED)
             return
         stats = event.stats
         self.status.context_used = stats.prompt_tokens + stats.new_tokens
@@ -429,11 +444,11 @@ class CodeLlamaApp(App[int]):
                 self._fill_next_marker(after=end, clipped=job.clipped, tally=job.tally)
         elif job.kind is JobKind.CHAT:
             self.chat_log.end_answer(job.closing)
-            self._last_code = self.chat_log.last_code()
             if event.reason == "cancelled":
                 self.chat_log.add_notice("(stopped)")
             elif job.request.cap == "chat":
                 self.conversation.answered(job.request, event.text)
+            self._keep_turn(job, TurnEnd.STOPPED if event.reason == "cancelled" else TurnEnd.FINISHED)
 
     def _after_jobs_change(self) -> None:
         if self._flush_timer is not None:
@@ -484,8 +499,8 @@ class CodeLlamaApp(App[int]):
             self.editor.end_stream(keep=True)
         elif job.kind is JobKind.CHAT:
             self.chat_log.end_answer(job.closing)
-            self._last_code = self.chat_log.last_code()
             self.chat_log.add_notice("(stopped)")
+            self._keep_turn(job, TurnEnd.STOPPED)
         self.status.set_state("ready", "stopped")
         self._after_jobs_change()
 
@@ -633,7 +648,7 @@ class CodeLlamaApp(App[int]):
         else:
             request = Request(cap=cap, text=text, sampling=self._sampling(cap))
         self.chat_log.begin_answer("```python\n")
-        self._submit(Job(request, JobKind.CHAT, closing="\n```"))
+        self._submit(Job(request, JobKind.CHAT, opening="```python\n", closing="\n```"))
 
     def action_ask(self) -> None:
         """F6: put the selected code into the chat input, fenced, and focus it."""
@@ -648,15 +663,37 @@ class CodeLlamaApp(App[int]):
         if self.cap != "chat":
             self._set_cap("chat")
 
-    def action_insert_code(self) -> None:
-        """F7: insert the last code block of the latest answer at the editor's cursor (one undo step)."""
-        if not self._last_code:
-            self.status.note = "no code block in the last answer"
+    def action_apply_code(self) -> None:
+        """F7: show the chat's code block (the last; ←/→ picks another) as a diff against the selection, or the code
+        around the cursor (tui/code_target.py), and put it there on a yes, as one undo step."""
+        blocks = self.chat_log.code_blocks()
+        if not blocks:
+            self.status.note = "no code block in the chat"
             return
         editor = self.editor
-        self._cancel_editor_jobs()
-        editor.insert_as_one_step(self._last_code)
-        editor.focus()
+        self._cancel_editor_jobs()  # a fill streaming on would move the text under the diff
+        editor.dismiss_ghost()
+        start, end = sorted(editor.selection)
+        if start != end:
+            head = editor.get_text_range((start[0], 0), start)
+            tail = editor.get_text_range(end, (end[0], len(editor.document[end[0]])))
+            target = Target(start, end, editor.selected_text, "the selection", head, tail)
+        else:
+            python = editor.language == "python"
+            target = target_around(editor.document.lines, editor.cursor_location, python, blocks[-1])
+
+        def decided(code: str | None) -> None:
+            if code is None:
+                self.status.note = "not applied"
+                return
+            editor.history.checkpoint()
+            editor.replace(code, target.start, target.end, maintain_selection_offset=False)
+            editor.history.checkpoint()
+            editor.scroll_cursor_visible()
+            editor.focus()
+            self.status.note = f"applied to {target.what} (ctrl+z takes it back)"
+
+        self.push_screen(ApplyScreen(target, blocks), decided)
 
     def action_switch_cap(self) -> None:
         """F8: cycle the cap the chat input is sent with."""
@@ -675,10 +712,72 @@ class CodeLlamaApp(App[int]):
             if job.kind is JobKind.CHAT:
                 self._cancel(request_id)
         self.conversation = Conversation(self.system)
+        self.chat_record = ChatRecord(self.system)
         self.chat_log.clear_log()
-        self._last_code = None
         self.status.context_used = 0
         self.chat_log.add_notice("New chat" + (f" — system: {self.system}" if self.system else ""))
+
+    # ----- chat history (tui/history.py)
+
+    def _keep_turn(self, job: Job, ended: TurnEnd, answer: str | None = None) -> None:
+        """A chat-log turn ended: add it to the conversation's record and save that (a note says when it cannot be)."""
+        request = job.request
+        user = request.messages[-1].content if request.messages else request.text
+        shown = self.chat_log.last_answer if answer is None else answer
+        model = self.info.name if self.info is not None else ""
+        self.chat_record.add(Turn(request.cap, user, shown, ended), self.conversation.exchanges, model)
+        if self.history is None:
+            return
+        try:
+            self.history.save(self.chat_record)
+        except HistoryError as err:
+            if self.screen_stack:
+                self.status.note = f"chat not saved: {err}; it is kept here and saved with its next turn"
+
+    def action_history(self) -> None:
+        """ctrl+r: list the kept conversations to resume (or delete) one."""
+        if self.history is None:
+            self.status.note = "no chat history: the config file says history = false"
+            return
+        screen = HistoryScreen(self.history)
+
+        def chosen(conversation_id: str | None) -> None:
+            if self.chat_record.id in screen.deleted:
+                self.action_new_chat()
+            if conversation_id is not None:
+                self._resume(conversation_id)
+
+        self.push_screen(screen, chosen)
+
+    def _resume(self, conversation_id: str) -> None:
+        """Show a kept conversation in the log and continue it: the next turn sends what its last turn left."""
+        assert self.history is not None
+        try:
+            record = self.history.load(conversation_id)
+        except HistoryError as err:
+            self.status.note = str(err)
+            return
+        for request_id, job in list(self._jobs.items()):
+            if job.kind is JobKind.CHAT:
+                self._cancel(request_id)
+        self.system = record.system
+        self.conversation = Conversation(record.system)
+        self.conversation.exchanges = list(record.exchanges)
+        self.chat_record = record
+        log = self.chat_log
+        log.clear_log()
+        for turn in record.turns:
+            log.add_user(turn.user)
+            log.begin_answer()
+            log.append(turn.answer)
+            log.end_answer(failed=turn.ended in (TurnEnd.INTERRUPTED, TurnEnd.FAILED))
+            if turn.ended is not TurnEnd.FINISHED:
+                log.add_notice(f"({turn.ended.value})")
+        self.status.context_used = 0
+        model = f", {record.model}" if record.model else ""
+        log.add_notice(f"Resumed: {record.title} ({when(record.updated)}{model})")
+        if any(turn.cap == "chat" for turn in record.turns) and self.cap != "chat":
+            self._set_cap("chat")
 
     def _set_system(self, system: str | None) -> None:
         """A new system instruction applies from the first turn, so it starts a new chat."""
@@ -1241,6 +1340,7 @@ class CodeLlamaApp(App[int]):
         yield from super().get_system_commands(screen)
         yield SystemCommand("System instruction", "Set the chat's system instruction", self.action_set_system)
         yield SystemCommand("New chat", "Forget the conversation", self.action_new_chat)
+        yield SystemCommand("Conversations", "Resume or delete a kept conversation (ctrl+r)", self.action_history)
         yield SystemCommand("Save as", "Save the file under another name (F12)", self.action_save_as)
         yield SystemCommand("Switch cap", "Cycle completion / infilling / chat / python", self.action_switch_cap)
         yield SystemCommand("Open file", "Pick a file below the working directory (ctrl+o)", self.action_open_file)
@@ -1296,6 +1396,7 @@ def run_app(
         suggest=config.suggest,
         client_factory=client_factory or _local_client,
         config_file=config_path(),
+        history=config.history,
     )
     result = app.run()
     code = result if isinstance(result, int) else (app.return_code or 0)

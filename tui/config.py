@@ -9,6 +9,7 @@
     suggest = "auto"                  # suggestions as you type; "off": F2 only (default: auto on CUDA, else off)
     suggest_max_tokens = 64           # a suggestion's budget (F2 and as you type); it ends with its block
     suggest_delay_ms = 300            # as you type: the pause after the last key before a suggestion is asked
+    history = false                   # keep no chat history on disk (default true; see tui/history.py)
 
     [keys]                            # binding id = key(s), comma-separated
     complete = "f2,ctrl+space"        # ctrl+space binds ctrl+@ too (what tmux sends for it)
@@ -45,7 +46,7 @@ BINDING_IDS = (
     "complete", "infill", "switch_pane", "send", "ask", "insert_code", "switch_cap",
     "stop", "save", "save_as", "quit", "new_chat", "accept", "accept_word", "accept_line", "help", "focus_log",
     "copy_answer", "copy_code", "maximize", "open_file", "toggle_tree", "close_file", "next_file", "previous_file",
-    "goto_line", "find", "replace",
+    "goto_line", "find", "replace", "history",
 )  # fmt: skip
 _SUGGEST_LIMITS = {"suggest_max_tokens": (1, 4096), "suggest_delay_ms": (0, 60_000)}
 _SAMPLING_FIELDS = {f.name: f.type for f in fields(SamplingParams)}
@@ -72,6 +73,7 @@ class Config:
     url: str | None = None
     api_key: str | None = None
     served_model: str | None = None
+    history: bool = True
     keys: dict[str, str] = field(default_factory=dict)
     sampling: dict[str, object] = field(default_factory=dict)
     suggest: SuggestSettings = field(default_factory=SuggestSettings)
@@ -114,6 +116,10 @@ def load_config(path: Path | None = None) -> Config:
                 config.suggest = replace(config.suggest, max_tokens=value)
             else:
                 config.suggest = replace(config.suggest, delay_s=value / 1000)
+        elif key == "history":
+            if not isinstance(value, bool):
+                raise fail("history must be true or false")
+            config.history = value
         elif key == "keys":
             if not isinstance(value, dict):
                 raise fail("[keys] must be a table")

@@ -46,10 +46,15 @@ class MainScreen(Screen[None]):
         # priority: TextArea binds F6/F7 to select line / select all; F6 still selects a line when
         # nothing is selected (the binding then stands aside), so a second F6 asks about it.
         Binding("f6", "app.ask", "Ask", id="ask", tooltip="Ask the chat about the selection", priority=True),
-        Binding("f7", "app.insert_code", "Insert", id="insert_code", tooltip="Insert the answer's code", priority=True),
+        Binding(
+            "f7", "app.apply_code", "Apply", id="insert_code", tooltip="Apply a code block of the chat", priority=True
+        ),
         Binding("f8", "app.switch_cap", "Cap", id="switch_cap", tooltip="Cycle the chat input's cap"),
         Binding("ctrl+n", "app.new_chat", "New chat", id="new_chat", tooltip="Forget the conversation"),
         Binding("ctrl+l", "app.focus_log", "Log", id="focus_log", show=False, tooltip="Focus the chat log"),
+        Binding(
+            "ctrl+r", "app.history", "History", id="history", tooltip="Resume or delete a kept conversation", show=False
+        ),
         Binding(
             "escape", "app.stop", "Stop", id="stop", tooltip="Stop generating, or dismiss the suggestion", priority=True
         ),

@@ -13,12 +13,15 @@ from textual.widgets import Markdown, Static
 _FENCE_RE = re.compile(r"^```[^\n`]*\n(.*?)(?:^```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE)
 
 
+def code_blocks(markdown: str) -> list[str]:
+    """The bodies of the fenced code blocks (an unclosed last one counts), in order."""
+    return [block.rstrip("\n") for block in _FENCE_RE.findall(markdown)]
+
+
 def last_code_block(markdown: str) -> str | None:
-    """The body of the last fenced code block (an unclosed one counts), or None without any."""
-    blocks = _FENCE_RE.findall(markdown)
-    if not blocks:
-        return None
-    return blocks[-1].rstrip("\n")
+    """The body of the last fenced code block, or None without any."""
+    blocks = code_blocks(markdown)
+    return blocks[-1] if blocks else None
 
 
 class UserMessage(Static):
@@ -94,7 +97,7 @@ class ChatLog(VerticalScroll):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._answer: Answer | None = None
-        self._last_answer_text = ""
+        self._answers: list[str] = []  # the Markdown of every answer, oldest first
 
     def on_mount(self) -> None:
         self.anchor()  # follow the end while answers grow, until the user scrolls up
@@ -105,14 +108,14 @@ class ChatLog(VerticalScroll):
     def begin_answer(self, opening: str = "") -> None:
         """Start a new answer; `opening` is Markdown put before the streamed text (e.g. a fence)."""
         self._answer = Answer(opening)
-        self._last_answer_text = opening
+        self._answers.append(opening)
         self.mount(self._answer)
 
     def append(self, text: str) -> None:
         """Add streamed text to the current answer."""
         if self._answer is None or not text:
             return
-        self._last_answer_text += text
+        self._answers[-1] += text
         self._answer.append(text)
 
     def end_answer(self, closing: str = "", failed: bool = False) -> None:
@@ -134,15 +137,19 @@ class ChatLog(VerticalScroll):
     @property
     def last_answer(self) -> str:
         """The Markdown of the most recent answer."""
-        return self._last_answer_text
+        return self._answers[-1] if self._answers else ""
 
     def last_code(self) -> str | None:
         """The last code block of the most recent answer."""
-        return last_code_block(self._last_answer_text)
+        return last_code_block(self.last_answer)
+
+    def code_blocks(self) -> list[str]:
+        """Every code block of every answer in the log, oldest first."""
+        return [block for answer in self._answers for block in code_blocks(answer)]
 
     def clear_log(self) -> None:
         self._answer = None
-        self._last_answer_text = ""
+        self._answers = []
         self.remove_children()
 
     def action_copy_answer(self) -> None:
