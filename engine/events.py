@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FinishReason = Literal["eos", "eot", "stop", "length", "context", "cancelled"]
+# "block": the end of a suggestion's block (`Request.stop_at_block_end`)
+FinishReason = Literal["eos", "eot", "stop", "block", "length", "context", "cancelled"]
 
 
 @dataclass(frozen=True)

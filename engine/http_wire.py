@@ -3,11 +3,11 @@ request bodies, server-sent events back into the engine's events, error bodies a
 `ModelInfo`. Plain functions and one small reader, without I/O, so that each rule of the wire is tested alone.
 
 Our own server (`codellama-tui serve`, known by the `codellama_tui` object on its model card) gets every cap with
-its extensions (`tui.server.schemas`): `top_k`, `repetition_penalty`, `fit`, `spm`, `speculate` and
-`engine_events`, whose `engine` objects give back the engine's own events (`Started`, `TurnsDropped`,
-`TextClipped`, the finish reason, speculation's figures in `Stats`). A
+its extensions (`tui.server.schemas`): `top_k`, `repetition_penalty`, `fit`, `spm`, `speculate`,
+`stop_at_block_end` and `engine_events`, whose `engine` objects give back the engine's own events (`Started`,
+`TurnsDropped`, `TextClipped`, the finish reason, speculation's figures in `Stats`). A
 foreign server gets OpenAI's fields only (a hosted API refuses others), and its answers' events are rebuilt from
-what OpenAI's form says.
+what OpenAI's form says; there the client ends a suggestion at its block itself (`Request.stop_at_block_end`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields
 
+from engine.detok import BlockEnd
 from engine.errors import CapabilityError, EngineError
 from engine.events import (
     Event,
@@ -30,7 +31,7 @@ from engine.events import (
     TextDelta,
     TurnsDropped,
 )
-from engine.prompts import split_fill
+from engine.prompts import cursor_line, split_fill
 from engine.requests import Request
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -89,6 +90,8 @@ def request_body(request: Request, served: Served) -> tuple[str, dict[str, objec
     if served.ours:
         body.update(top_k=p.top_k, repetition_penalty=p.repetition_penalty, fit=request.fit, engine_events=True)
         body["speculate"] = request.speculate
+    if served.ours and request.stop_at_block_end:
+        body["stop_at_block_end"] = True
     if request.cap == "chat":
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         return CHAT, body
@@ -138,7 +141,9 @@ class AnswerReader:
     """One streamed answer: `feed` it the stream's lines and it returns the events they hold; `end` gives the
     terminal event (`Finished`, or `Failed` for an error event or a stream that stopped short), `cancelled` the one
     for a request the caller stopped. Timing is the client's own: time to the first text, and the whole answer.
-    `replaced` is how many characters the client replaced before sending (`Request.cleaned`), for `Started`."""
+    `replaced` is how many characters the client replaced before sending (`Request.cleaned`), for `Started`. A
+    foreign server cannot end a suggestion at its block: the reader does (the answer is then `done`, and the
+    client's leaving the stream cancels the rest)."""
 
     def __init__(
         self, request: Request, served: Served, replaced: int = 0, clock: Callable[[], float] = time.perf_counter
@@ -155,8 +160,9 @@ class AnswerReader:
         self.exact = False  # the engine's own reason (our server's), not one rebuilt from OpenAI's
         self.started = False
         self.failed: Failed | None = None
-        self.done = False  # [DONE] came, or an error
+        self.done = False  # [DONE] came, or an error, or the end of a suggestion's block
         self._data: list[str] = []
+        self._block = BlockEnd(cursor_line(request)) if request.stop_at_block_end and not served.ours else None
 
     def feed(self, line: str) -> list[Event]:
         """One line of the stream (without its newline)."""
@@ -173,7 +179,7 @@ class AnswerReader:
             return []
         if data.strip() == "[DONE]":
             self.done = True
-            return []
+            return self._text(self._block.flush()) if self._block is not None else []
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -193,15 +199,27 @@ class AnswerReader:
         choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
         text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
         if isinstance(text, str) and text:
-            if not self.text:
-                self.t_first = self.clock()
-            self.text.append(text)
-            events.append(TextDelta(self.request.id, text))
+            if self._block is not None:
+                text, hit = self._block.feed(text)
+                if hit:
+                    self.reason, self.exact, self.done = "block", True, True
+                    return events + self._text(text)
+            events += self._text(text)
         if choice.get("finish_reason"):
             self.exact = "reason" in engine
             self.speculated = {k: v for k in ("steps", "proposed", "accepted") if isinstance(v := engine.get(k), int)}
             self.reason = engine["reason"] if self.exact else self._reason(choice)
+            if self._block is not None:
+                events += self._text(self._block.flush())
         return events
+
+    def _text(self, text: str) -> list[Event]:
+        if not text:
+            return []
+        if not self.text:
+            self.t_first = self.clock()
+        self.text.append(text)
+        return [TextDelta(self.request.id, text)]
 
     def _started(self, engine: dict) -> list[Event]:
         self.started = True

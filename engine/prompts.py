@@ -211,6 +211,24 @@ def _keep_near(text: str, count: Callable[[str], int], budget: int, at_end: bool
     return kept(lo), len(lines) - lo
 
 
+def cursor_line(request: Request) -> str:
+    """The cursor's line up to the cursor: the last line of a completion's text or of an infilling prefix."""
+    text = request.text
+    if request.cap == "infilling":
+        text = request.prefix if request.prefix is not None and request.suffix is not None else split_fill(text)[0]
+    return text.rsplit("\n", 1)[-1]
+
+
+def turn_stops(tok: Tokenizer, cap: str) -> tuple[str, ...]:
+    """Stop strings that end a chat answer where the model starts writing the dialog format itself: small models
+    (the demo's) echo `[INST]` and `[/INST]`; the 70B `<step>` format's next turn is its `Source: user` header."""
+    if cap != "chat":
+        return ()
+    if tok.step_id is not None:
+        return ("<step>", "Source: user")
+    return (B_INST, E_INST)
+
+
 def stop_ids(tok: Tokenizer, cap: str) -> set[int]:
     """Token ids that end generation: EOT for infilling, `<step>` for a 70B-Instruct chat (as Meta stops it), and
     EOS always."""

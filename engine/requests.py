@@ -107,6 +107,9 @@ class Request:
     - chat: `messages` is the whole conversation: an optional system message first, then user and assistant
       messages alternating, ending with the user's; the prompt is built from it in the checkpoint's own dialog
       format (`engine.prompts.chat_ids`). A front end keeps the history and sends all of it every turn.
+    - `stop_at_block_end`: a code suggestion (completion, python, infilling) ends where the block it started ends,
+      judged by indentation from the cursor's line (the last line of the text or prefix; `engine.detok.BlockEnd`),
+      with the finish reason "block".
     - `fit`: a prompt longer than the context is shortened instead of failing: completion and infilling lose
       whole lines far from the cursor (`TextClipped` says how many; an editor sends whole files this way), chat
       loses its oldest exchanges (`TurnsDropped` says how many; the front end then forgets them too).
@@ -124,8 +127,15 @@ class Request:
     suffix_first: bool = False
     fit: bool = False
     speculate: bool = False
+    stop_at_block_end: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=new_request_id)
+
+    def check(self) -> None:
+        """Raise ValueError with a one-line message for values out of range or options the cap does not take."""
+        self.sampling.check()
+        if self.stop_at_block_end and self.cap == "chat":
+            raise ValueError("stopping at the end of a block is for code suggestions, not chat")
 
     def cleaned(self) -> tuple[Request, int]:
         """This request with its texts made encodable (`clean_text`), and how many characters that replaced."""

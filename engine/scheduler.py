@@ -193,8 +193,13 @@ class Scheduler:
             events.extend(self._finish(seq, "eot" if token == self.tok.eot_id else "eos"))
             return
         text, hit = seq.stop_strings.feed(seq.decoder.push(token))
+        block = False
+        if seq.block_end is not None:
+            text, block = seq.block_end.feed(text)
         self._emit(seq, text, events)
-        if hit:
+        if block:
+            events.extend(self._finish(seq, "block"))
+        elif hit:
             events.extend(self._finish(seq, "stop"))
         elif len(seq.generated) >= seq.request.sampling.max_new_tokens:
             events.extend(self._finish(seq, "length"))
@@ -212,8 +217,11 @@ class Scheduler:
     def _finish(self, seq: SequenceState, reason: FinishReason) -> list[Event]:
         """End a sequence: flush its text, and leave its keys and values in its slot for the prefix cache."""
         events: list[Event] = []
-        if reason not in ("stop", "cancelled"):
-            self._emit(seq, seq.stop_strings.feed(seq.decoder.flush())[0] + seq.stop_strings.flush(), events)
+        if reason not in ("stop", "block", "cancelled"):
+            tail = seq.stop_strings.feed(seq.decoder.flush())[0] + seq.stop_strings.flush()
+            if seq.block_end is not None:
+                tail = seq.block_end.feed(tail)[0] + seq.block_end.flush()
+            self._emit(seq, tail, events)
         for queue in (self.waiting, self.prefilling):
             if seq in queue:
                 queue.remove(seq)

@@ -10,10 +10,10 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 
-from engine.detok import IncrementalDecoder, StopStrings
+from engine.detok import BlockEnd, IncrementalDecoder, StopStrings
 from engine.errors import PromptError
 from engine.events import Event, Stats, TextClipped, TurnsDropped
-from engine.prompts import answer_room, build_prompt, fit_chat, fit_request, stop_ids
+from engine.prompts import answer_room, build_prompt, cursor_line, fit_chat, fit_request, stop_ids, turn_stops
 from engine.requests import Request
 from engine.runner import Row
 from engine.speculate import Proposer
@@ -29,6 +29,7 @@ class SequenceState:
     stops: set[int]
     decoder: IncrementalDecoder
     stop_strings: StopStrings
+    block_end: BlockEnd | None  # with `Request.stop_at_block_end`
     seed: int
     t0: float
     slot: int = -1
@@ -75,8 +76,8 @@ class SequenceState:
 
 def admit(tok: Tokenizer, request: Request, context: int, events: list[Event]) -> SequenceState:
     """The sequence for a request, appending to `events` what fitting it left out; raises PromptError (and
-    ValueError for bad sampling values) for a request that cannot run."""
-    request.sampling.check()
+    ValueError for bad values) for a request that cannot run."""
+    request.check()
     ids = build_prompt(tok, request)
     budget = context - answer_room(request.sampling.max_new_tokens, context)
     if request.fit and len(ids) > budget:
@@ -98,7 +99,8 @@ def admit(tok: Tokenizer, request: Request, context: int, events: list[Event]) -
         ids=ids,
         stops=stop_ids(tok, request.cap),
         decoder=IncrementalDecoder(tok),
-        stop_strings=StopStrings(request.sampling.stop),
+        stop_strings=StopStrings(request.sampling.stop + turn_stops(tok, request.cap)),
+        block_end=BlockEnd(cursor_line(request)) if request.stop_at_block_end else None,
         seed=request.sampling.seed if request.sampling.seed is not None else random.getrandbits(62),
         t0=time.perf_counter(),
         strip_leading=request.cap == "chat",

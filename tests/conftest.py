@@ -20,9 +20,10 @@ LLAMA2_VOCAB = SHARED / "data" / "llama2-vocab" / "ggml-vocab-llama-spm.gguf"
 @pytest.fixture(autouse=True)
 def _private_config_dir(tmp_path_factory, monkeypatch) -> None:
     """No test reads the developer's own config file (it may name a model, keys or a theme), nor writes recovery
-    copies among the developer's own."""
+    copies or chat history among the developer's own."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data")))
 
 
 @pytest.fixture(scope="session")

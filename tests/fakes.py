@@ -20,6 +20,7 @@ from engine.client import BaseClient, EventSink
 from engine.events import (
     Failed,
     Finished,
+    FinishReason,
     LoadFailed,
     Loading,
     ModelInfo,
@@ -56,6 +57,7 @@ class FakeClient(BaseClient):
     `on_delta(client, request, index)`: runs on the fake's thread before delta `index` is sent.
     `fail`: a message (or `fail(request)` giving one, or None) to fail requests with.
     `speculation`: requests that speculate report two tokens per decode step (one proposal accepted each).
+    `reason`: the finish reason of every answer (default: the model's own end, eot for infilling, else eos).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class FakeClient(BaseClient):
         self.chunk, self.delay, self.chars_per_token = chunk, delay, chars_per_token
         self.fake_load_error, self.fail, self.hold, self.on_delta = load_error, fail, hold, on_delta
         self.ignore_cancel, self.speculation = ignore_cancel, speculation
+        self.reason: FinishReason | None = None  # how every answer ends (default: the model's own end)
         self.submitted: list[Request] = []
         self.cancelled: list[str] = []
         self.started = self.closed = False
@@ -175,7 +178,8 @@ class FakeClient(BaseClient):
                 while not (cancelled.is_set() or self.release.wait(0.01)):
                     pass
             time.sleep(self.delay)
-        reason = "cancelled" if cancelled.is_set() else ("eot" if request.cap == "infilling" else "eos")
+        reason = self.reason or ("eot" if request.cap == "infilling" else "eos")
+        reason = "cancelled" if cancelled.is_set() else reason
         new_tokens = max(1, self.tokens(sent))  # fixed timings, so that screens are deterministic
         stats = Stats(prompt_tokens=prompt, new_tokens=new_tokens, ttft_s=0.05, total_s=0.05 + 0.02 * new_tokens)
         if self.speculation and request.speculate:

@@ -260,9 +260,9 @@ async def test_chat_send_with_bang_line() -> None:
         assert (request.cap, request.messages, request.fit) == ("chat", (ChatMessage("user", "hi"),), True)
         assert app.chat_input.text == ""
         assert "def add" in app.chat_log.last_answer
-        # F7 inserts the answer's last code block at the editor's cursor, as one undo step
-        await pilot.press("f7")
-        assert app.editor.text.startswith("def add(a, b):\n    return a + b" + SOURCE[:3])
+        # F7 puts the answer's last code block in place of the function it defines (y confirms), as one undo step
+        await pilot.press("f7", "y")
+        assert app.editor.text == SOURCE.replace("<FILL>", "return a + b")
         app.editor.undo()
         assert app.editor.text == SOURCE
 

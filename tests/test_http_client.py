@@ -66,6 +66,13 @@ def test_infilling_text_is_split_at_its_marker_and_a_foreign_server_without_suff
         request_body(Request("infilling", text="a<FILL>b", suffix_first=True), takes)
 
 
+def test_the_block_end_goes_to_our_server_only() -> None:
+    request = Request("completion", text="def f():", stop_at_block_end=True)
+    assert request_body(request, OURS)[1]["stop_at_block_end"] is True
+    assert "stop_at_block_end" not in request_body(request, FOREIGN)[1]
+    assert "stop_at_block_end" not in request_body(Request("completion", text="x"), OURS)[1]
+
+
 def test_model_cards_say_whose_server_it_is() -> None:
     ours = {"codellama_tui": {"name": "m", "can_infill": True, "can_tokenize": True, "context": 64, "device": "cpu"}}
     found = served({"data": [{"id": "m", **ours}]}, None)
@@ -240,6 +247,18 @@ def test_a_request_that_speculates_on_the_server_gives_the_same_text_and_its_fig
     assert 0 < fast.stats.accepted <= fast.stats.proposed and fast.stats.tokens_per_step > 1
 
 
+def test_a_suggestion_ends_at_its_block_on_the_server_as_here(remote: HttpClient, here: LocalClient) -> None:
+    sampling = SamplingParams(temperature=0, max_new_tokens=64)
+    for request in (
+        Request("completion", text="def f(xs):\n    total = 0\n    for x in xs:", stop_at_block_end=True),
+        Request("infilling", prefix="def f(xs):\n    ", suffix="\n\nprint(f([1]))\n", stop_at_block_end=True),
+    ):
+        request = replace(request, sampling=sampling, id="block")
+        there, local = _end(remote, request), _end(here, request)
+        assert (there.reason, there.text) == (local.reason, local.text) == ("block", local.text)
+        assert there.stats.new_tokens == local.stats.new_tokens < 64
+
+
 def test_a_file_longer_than_the_context_is_fitted_by_the_server(remote: HttpClient, here: LocalClient) -> None:
     lines = "".join(f"value_{i} = {i} * {i}\n" for i in range(400))
     request = Request("infilling", prefix=lines, suffix=lines, fit=True, sampling=GREEDY, id="long")
@@ -283,6 +302,23 @@ def test_cancelling_closes_the_stream_and_the_server_frees_the_slot(server, remo
     assert isinstance(_end(remote, Request("completion", text="x", sampling=GREEDY)), Finished)
 
 
+def test_for_a_foreign_server_the_client_ends_a_suggestion_at_its_block() -> None:
+    request = Request("completion", text="def f():", stop_at_block_end=True)
+    pieces = ["\n    return", " 1\n", "def g", "():\n", "    pass"]
+    chunks = [json.dumps({"choices": [{"index": 0, "text": p, "finish_reason": None}]}) for p in pieces]
+    reader = AnswerReader(request, FOREIGN)
+    events = [event for line in _lines(*chunks) for event in reader.feed(line)]
+    assert reader.done and "".join(e.text for e in events if isinstance(e, TextDelta)) == "\n    return 1"
+    end = reader.end("lost")
+    assert isinstance(end, Finished) and (end.reason, end.text) == ("block", "\n    return 1")
+    done = json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]})
+    events, end = _read(request, FOREIGN, _lines(*chunks[:2], done, "[DONE]"))  # the server ends first
+    assert end.text == "\n    return 1\n" and end.reason == "eos"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == end.text  # the held line break too
+    events, end = _read(request, OURS, _lines(*chunks, done, "[DONE]"))  # our server ends it itself
+    assert end.text == "".join(pieces)
+
+
 def test_pings_carry_the_round_trip_time(remote: HttpClient) -> None:
     deadline = time.monotonic() + 10
     while not [e for e in remote.events if isinstance(e, Link)]:
@@ -311,6 +347,18 @@ def test_a_foreign_server_completes_and_chats_and_says_it_cannot_infill() -> Non
             assert isinstance(fill, Failed) and fill.message.startswith("the server cannot infill")
             with pytest.raises(CapabilityError, match="does not tell the prompt's token ids"):
                 client.tokenize(Request("completion", text="x"))
+        finally:
+            client.close()
+
+
+def test_a_foreign_servers_suggestion_ends_at_its_block_and_the_stream_is_left() -> None:
+    with FakeOpenAI(words=("\n    return", " 1\n", "def g():\n", "    pass\n") * 20, pause_s=0.01) as fake:
+        client = HttpClient(fake.url).start()
+        try:
+            client.wait_ready(10)
+            done = _end(client, Request("completion", text="def f():", stop_at_block_end=True, sampling=GREEDY))
+            assert isinstance(done, Finished) and (done.reason, done.text) == ("block", "\n    return 1")
+            assert "stop_at_block_end" not in fake.bodies[-1]
         finally:
             client.close()
 

@@ -287,6 +287,27 @@ def test_llama_cpp_infill_shapes(fake_server) -> None:
     assert "".join(e["content"] for e in events) == fake.answers["infilling"]
 
 
+def test_the_block_end_extension_reaches_the_engine_and_its_reason_reads_as_stop() -> None:
+    fakes = Fakes(answers=lambda request: "return 1")
+    with serving(fakes, slots=2) as running:
+        url = running.url
+        body = {"prompt": "def f():", "stop_at_block_end": True, "engine_events": True, "stream": True}
+        httpx.post(f"{url}/v1/completions", json={**body, "stream": False})
+        assert fakes.client.submitted[-1].stop_at_block_end
+        httpx.post(f"{url}/v1/completions", json={**body, "suffix": "\n", "stream": False})
+        assert fakes.client.submitted[-1].cap == "infilling" and fakes.client.submitted[-1].stop_at_block_end
+        httpx.post(f"{url}/infill", json={"input_prefix": "def f():", "stop_at_block_end": True})
+        assert fakes.client.submitted[-1].stop_at_block_end
+        httpx.post(f"{url}/v1/completions", json={"prompt": "def f():"})
+        assert not fakes.client.submitted[-1].stop_at_block_end
+        fakes.client.reason = "block"
+        with httpx.stream("POST", f"{url}/v1/completions", json=body) as response:
+            last = [e for e in sse_events(response) if e != "[DONE]"][-1]
+        assert last["choices"][0]["finish_reason"] == "stop" and last["engine"]["reason"] == "block"
+        answer = httpx.post(f"{url}/infill", json={"input_prefix": "def f():", "stop_at_block_end": True}).json()
+        assert answer["stop"] is True and answer["stop_type"] == "word"
+
+
 def test_llama_cpp_completion_reads_codellamas_fim_template(fake_server) -> None:
     """Tabby's llama.cpp backend sends `prompt_template = "<PRE> {prefix} <SUF>{suffix} <MID>"` to /completion."""
     url, fake = fake_server.url, fake_server.fakes.client

@@ -1,7 +1,8 @@
 """The app's Textual themes (dark, light, high contrast) and its stylesheet.
 
-Users name themes by their short names (`--theme dark`, `theme = "light"` in the config file);
-the command palette lists the registered names.
+Users name themes by their short names (`--theme dark`, `theme = "light"` in the config file) or by Textual's
+own names (`--theme nord`); the command palette lists the registered names, and the one picked there is kept in
+the config file.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from textual.app import App
-from textual.theme import Theme
+from textual.theme import BUILTIN_THEMES, Theme
 
 APP_TCSS = Path(__file__).with_name("app.tcss")
 
@@ -62,12 +63,20 @@ THEMES: dict[str, Theme] = {
 
 
 def theme_name(name: str) -> str:
-    """The registered name for a short name ("dark") or a full one; ValueError for unknown names."""
+    """The registered name for a short name ("dark"), a full one, or one of Textual's own themes (the command
+    palette offers those too); ValueError for unknown names."""
     if name in THEMES:
         return THEMES[name].name
-    if name in {theme.name for theme in THEMES.values()}:
+    if name in {theme.name for theme in THEMES.values()} or name in BUILTIN_THEMES:
         return name
-    raise ValueError(f"unknown theme {name!r}; choose one of: {', '.join(THEMES)}")
+    raise ValueError(
+        f"unknown theme {name!r}; choose one of: {', '.join(THEMES)}, or one of Textual's: {', '.join(BUILTIN_THEMES)}"
+    )
+
+
+def short_name(name: str) -> str:
+    """The name a user writes for a registered theme: "dark" for codellama-dark, Textual's names as they are."""
+    return next((short for short, theme in THEMES.items() if theme.name == name), name)
 
 
 def register_themes(app: App[object]) -> None:

@@ -140,7 +140,12 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "compl
     s.add_argument("--top-p", type=_finite, metavar="P")
     s.add_argument("--top-k", type=int, metavar="K", help="0 disables it (default 40)")
     s.add_argument("--repetition-penalty", type=_finite, metavar="R")
-    s.add_argument("--max-new-tokens", type=_positive, metavar="N", help="default 512")
+    s.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        metavar="N",
+        help="default 512 (the app's suggestions: the config's suggest_max_tokens, 64)",
+    )
     s.add_argument("--seed", type=int, metavar="S")
     s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
 
@@ -190,6 +195,15 @@ def overrides_of(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("codellama-tui")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> dict[str, argparse.ArgumentParser]:
     """One parser for the app and one per subcommand (FILE and subcommand names share the first word)."""
     listing = "\n".join(f"  {name:<10} {text}" for name, text in SUBCOMMANDS.items())
@@ -205,9 +219,15 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         metavar="FILE",
         help="UTF-8 text file to open in the editor (created on the first save); "
         "ctrl+s saves, F12 saves as; unsaved changes are kept in $XDG_STATE_HOME/codellama-tui/recovery/ "
-        "(~/.local/state/...) and offered when the file is opened again",
+        "(~/.local/state/...) and offered when the file is opened again; in the app ctrl+o opens more files "
+        "(each in a tab), ctrl+t shows the file tree, ctrl+g goes to a line, ctrl+f finds, ctrl+h (ctrl+\\) replaces",
     )
-    app.add_argument("--theme", help="dark, light or high-contrast (default: the config file's, else dark)")
+    app.add_argument(
+        "--theme",
+        help="dark, light, high-contrast or one of Textual's themes, e.g. nord (default: the config file's, "
+        "where the theme picked in the command palette is kept; else dark)",
+    )
+    app.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _engine_options(app)
     _server_options(app)
     parsers = {"app": app}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from engine.requests import Request
+from tui.suggestions import FillTally
 
 
 class JobKind(Enum):
@@ -22,11 +23,14 @@ class Job:
 
     request: Request
     kind: JobKind
+    opening: str = ""  # Markdown that starts a chat-log answer (opens a fence)
     closing: str = ""  # Markdown that ends a chat-log answer (closes an opened fence)
     next_marker: bool = False  # a fill that goes on to the next <FILL> marker when it ends
     clipped: str = ""  # what its text lost when the file outgrew the context (for the status line)
+    tally: FillTally | None = None  # the fills of one F3 so far (its markers share one)
     started: float = 0.0
     deltas: int = 0
+    text: str = ""  # what arrived so far
 
     @property
     def in_editor(self) -> bool:

@@ -16,26 +16,42 @@ DIFF_LINES = 40  # the most diff lines the conflict dialog shows
 
 
 class QuitScreen(ModalScreen[str]):
-    """Asks what to do with unsaved changes; dismisses with "save", "discard" or "cancel"."""
+    """Asks what to do with unsaved changes; dismisses with "save", "discard" or "cancel". `more` is how many
+    other files will be asked about after this one."""
 
+    VERB = "quit"
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "choose('save')", "Save and quit"),
         Binding("d", "choose('discard')", "Quit without saving"),
         Binding("escape", "choose('cancel')", "Cancel"),
     ]
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, more: int = 0) -> None:
         super().__init__()
         self._name = name
+        self._more = more
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(f"{self._name} has unsaved changes.", id="question")
-            yield Label("s: save and quit   d: quit without saving   Esc: keep editing")
+            yield Label(f"{self._name} has unsaved changes.", id="question", markup=False)
+            if self._more:
+                yield Label(f"({self._more} more unsaved file{'s' * (self._more > 1)} after this one)")
+            yield Label(f"s: save and {self.VERB}   d: {self.VERB} without saving   Esc: keep editing")
         yield Footer()
 
     def action_choose(self, choice: str) -> None:
         self.dismiss(choice)
+
+
+class CloseScreen(QuitScreen):
+    """The same question when one tab is closed."""
+
+    VERB = "close"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("s", "choose('save')", "Save and close"),
+        Binding("d", "choose('discard')", "Close without saving"),
+        Binding("escape", "choose('cancel')", "Cancel"),
+    ]
 
 
 class PromptScreen(ModalScreen["str | None"]):

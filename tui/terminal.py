@@ -78,3 +78,14 @@ class ExitSignals:
         watchdog.start()
         with contextlib.suppress(RuntimeError):  # the loop already closed: the watchdog ends the process
             self._loop.call_soon_threadsafe(self._stop, code)
+
+
+TITLE_PUSH = "\x1b[22;2t"  # xterm's window-title stack (XTWINOPS): the app's title goes, the shell's comes back
+TITLE_POP = "\x1b[23;2t"
+_CONTROLS = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0)])
+
+
+def title_sequence(title: str) -> str:
+    """The OSC 2 sequence that sets the terminal's (and tmux's) window title; control characters are dropped, so a
+    file name cannot end the sequence early and write to the terminal."""
+    return f"\x1b]2;{title.translate(_CONTROLS)}\x07"

@@ -3,7 +3,8 @@
 Two kinds of model output reach the editor, and neither may mix with the user's typing:
 
 - a *ghost* suggestion (completion at the cursor) is only displayed until accepted, so it never
-  touches the document or the undo history until Tab inserts it as one edit;
+  touches the document or the undo history until Tab inserts it as one edit (ctrl+right takes its next word,
+  ctrl+down its next line, each one edit, and the rest stays a ghost that may go on streaming);
 - a *stream* (infilling) writes into the document where a marker stood, with the undo history
   paused; when it ends, the region is rewritten as a single recorded edit, so one ctrl+z brings
   the marker back.
@@ -23,12 +24,13 @@ from typing import ClassVar
 
 from rich.style import Style
 from textual import events
+from textual.actions import SkipAction
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.document._edit import Edit
 from textual.document._history import EditHistory
-from textual.geometry import Offset
+from textual.geometry import Offset, Size
 from textual.message import Message
 from textual.widgets import Static, TextArea
 from textual.widgets.text_area import EditResult, Location, TextAreaTheme
@@ -37,6 +39,7 @@ from engine.requests import FILL
 
 FILL_HIGHLIGHT = "fill.marker"
 _FILL_RE = re.compile(re.escape(FILL))
+_GHOST_WORD = re.compile(r"\s*(?:\w+|[^\w\s]+)")  # as ctrl+right moves: blanks, then a word or a run of symbols
 
 # What the editor takes: Textual's TextArea re-highlights the whole file and sums every line's height on each
 # keystroke, so past these a keystroke takes seconds (BENCHMARKS.md, "The editor and big files").
@@ -134,7 +137,11 @@ class CodeEditor(TextArea):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("tab", "accept_ghost", "Accept", id="accept", priority=True),
+        Binding("ctrl+right", "accept_ghost_word", "Accept word", id="accept_word", show=False, priority=True),
+        Binding("ctrl+down", "accept_ghost_line", "Accept line", id="accept_line", show=False, priority=True),
     ]
+
+    _ghost = ""  # TextArea's constructor sizes the widget before ours sets it
 
     DEFAULT_CSS = """
     CodeEditor {
@@ -147,6 +154,9 @@ class CodeEditor(TextArea):
 
     class Interrupted(Message):
         """The user edited or moved while a ghost or a stream was live: its request should stop."""
+
+    class Typed(Message):
+        """The user changed the text from the keyboard (typed, deleted or pasted): the moment to suggest."""
 
     class GhostChanged(Message):
         """The ghost text changed (the pane redraws the lines below the cursor, the app its keys)."""
@@ -224,9 +234,45 @@ class CodeEditor(TextArea):
         text = self._ghost
         self.dismiss_ghost()
         if text:
-            self.history.checkpoint()
-            self.insert(text, maintain_selection_offset=False)
-            self.history.checkpoint()
+            self.insert_as_one_step(text)
+
+    def insert_as_one_step(self, text: str) -> None:
+        """Insert `text` at the cursor as one undo step, and bring the cursor (at its end) into view."""
+        self.history.checkpoint()
+        self.insert(text, maintain_selection_offset=False)
+        self.history.checkpoint()
+        self.scroll_cursor_visible()
+
+    def action_accept_ghost_word(self) -> None:
+        """Insert the suggestion's next word (with the blanks before it) as one undo step; the rest stays. Without
+        a suggestion, ctrl+right moves by word as usual (this binding takes TextArea's key)."""
+        if not self._ghost:
+            self.action_cursor_word_right()
+            return
+        match = _GHOST_WORD.match(self._ghost)
+        self._accept_part(match.group() if match else self._ghost)
+
+    def action_accept_ghost_line(self) -> None:
+        """Insert the rest of the suggestion's current line (or, at a line break, its next line) as one undo
+        step; the rest stays."""
+        if not self._ghost:
+            raise SkipAction()
+        start = 1 if self._ghost.startswith("\n") else 0
+        end = self._ghost.find("\n", start)
+        self._accept_part(self._ghost if end < 0 else self._ghost[:end])
+
+    def _accept_part(self, part: str) -> None:
+        """Insert the start of the suggestion; the ghost keeps the rest, anchored after it, still live."""
+        if not part:
+            return
+        self.history.checkpoint()
+        with self._model_writing():
+            self.insert(part, maintain_selection_offset=False)
+        self.history.checkpoint()
+        self._ghost = self._ghost[len(part) :]
+        self._ghost_anchor = self.cursor_location
+        self.scroll_cursor_visible()
+        self._show_ghost()
 
     def dismiss_ghost(self) -> None:
         """Forget the suggestion."""
@@ -254,8 +300,26 @@ class CodeEditor(TextArea):
 
     def _show_ghost(self) -> None:
         self.update_suggestion()
+        self._refresh_size()
+        self._scroll_ghost_into_view()
         self.refresh()
         self.post_message(self.GhostChanged())
+
+    def _refresh_size(self) -> None:
+        """Room below the document for the ghost's lines, so that a suggestion at the end can be scrolled to."""
+        super()._refresh_size()
+        if tail := len(self.ghost_tail()):
+            self.virtual_size = self.virtual_size + Size(0, tail)
+
+    def _scroll_ghost_into_view(self) -> None:
+        """Scroll down so the ghost's lines below the cursor show, as far as the cursor's line stays in view."""
+        if not self._ghost or self._ghost_anchor is None:
+            return
+        row = self.cursor_location[0]
+        height = self.scrollable_content_region.height
+        top = min(row, row + len(self.ghost_tail()) + 1 - height)
+        if height and top > self.scroll_y:
+            self.scroll_to(y=top, animate=False, immediate=True)
 
     def action_cursor_right(self, select: bool = False) -> None:
         if self._ghost and not select:
@@ -329,6 +393,18 @@ class CodeEditor(TextArea):
             self.post_message(self.PasteRefused(problem))
 
     # ----- the user's edits come first
+
+    def _replace_via_keyboard(self, insert: str, start: Location, end: Location) -> EditResult | None:
+        result = super()._replace_via_keyboard(insert, start, end)
+        if result is not None:
+            self.post_message(self.Typed())
+        return result
+
+    def _delete_via_keyboard(self, start: Location, end: Location) -> EditResult | None:
+        result = super()._delete_via_keyboard(start, end)
+        if result is not None:
+            self.post_message(self.Typed())
+        return result
 
     def edit(self, edit: Edit) -> EditResult:
         """Any edit that is not the model's own ends the stream and drops the ghost first."""

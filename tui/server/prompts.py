@@ -6,7 +6,8 @@
   infilling too: the template names the special pieces, which text alone would only spell out.
 - `/v1/chat/completions`: the whole conversation, in the checkpoint's own dialog format (`engine.prompts`).
 - Both take `fit` (`Request.fit`): a prompt that outgrows the context is shortened instead of refused, and
-  `speculate` (`Request.speculate`).
+  `speculate` (`Request.speculate`); `/v1/completions` and `/infill` take `stop_at_block_end`
+  (`Request.stop_at_block_end`).
 - `/infill` (llama.cpp): `input_extra` (the other files) goes first, then `input_prefix` and `prompt` (the
   cursor's line up to the cursor) as the prefix, `input_suffix` as the suffix; it speculates unless told not to
   (an editor's fill is grounded in its file).
@@ -31,7 +32,9 @@ def completion_requests(body: CompletionRequest, info: ModelInfo) -> list[Reques
     else:
         split = split_fim_template(body.prompt)
         if split is None:
-            return _choices(Request("completion", text=body.prompt), body, info)
+            return _choices(
+                Request("completion", text=body.prompt, stop_at_block_end=body.stop_at_block_end), body, info
+            )
         prefix, suffix = split
     if not info.can_infill:
         raise ApiError(
@@ -41,7 +44,8 @@ def completion_requests(body: CompletionRequest, info: ModelInfo) -> list[Reques
             param="suffix",
             code="infilling_unsupported",
         )
-    return _choices(Request("infilling", prefix=prefix, suffix=suffix, suffix_first=body.spm), body, info)
+    request = Request("infilling", prefix=prefix, suffix=suffix, suffix_first=body.spm)
+    return _choices(replace(request, stop_at_block_end=body.stop_at_block_end), body, info)
 
 
 def chat_requests(body: ChatCompletionRequest, info: ModelInfo) -> list[Request]:
@@ -75,7 +79,7 @@ def infill_request(body: InfillRequest, info: ModelInfo, *, infilling: bool = Tr
         seed=None if body.seed is None or body.seed < 0 else body.seed,
         stop=tuple(s for s in body.stop if s),
     )
-    return replace(request, sampling=sampling, speculate=body.speculate)
+    return replace(request, sampling=sampling, speculate=body.speculate, stop_at_block_end=body.stop_at_block_end)
 
 
 def split_fim_template(prompt: str) -> tuple[str, str] | None:

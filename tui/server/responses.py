@@ -41,11 +41,12 @@ REASONS: dict[str, FinishReason] = {
     "eos": "stop",
     "eot": "stop",
     "stop": "stop",
+    "block": "stop",
     "cancelled": "stop",
     "length": "length",
     "context": "length",
 }
-LLAMA_STOP_TYPES = {"eos": "eos", "eot": "eos", "stop": "word", "length": "limit", "context": "limit"}
+LLAMA_STOP_TYPES = {"eos": "eos", "eot": "eos", "stop": "word", "block": "word", "length": "limit", "context": "limit"}
 DONE = "data: [DONE]\n\n"
 
 

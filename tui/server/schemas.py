@@ -3,12 +3,14 @@
 Requests ignore fields they do not know (clients send many); the ones they know are checked here, so that a bad
 value gets a 400 that names it. Sampling fields left out take the cap's defaults (`SamplingParams.for_cap`).
 
-Four fields are this server's own, for clients that know it (`engine.http_client`; others never send them):
+Five fields are this server's own, for clients that know it (`engine.http_client`; others never send them):
 `fit` shortens a prompt that outgrows the context as the engine does (`Request.fit`) instead of refusing it, `spm`
 infills suffix-first, `speculate` lets the request speculate as far as `serve --speculate` allows
-(`Request.speculate`; llama.cpp's `/infill`, an editor's fill, speculates unless it says `false`), and
-`engine_events` puts an `engine` object on a stream's first chunk of each choice (the prompt's length, the context,
-what fitting left out) and on its finishing chunk (the engine's own finish reason, and speculation's figures).
+(`Request.speculate`; llama.cpp's `/infill`, an editor's fill, speculates unless it says `false`),
+`stop_at_block_end` (completions and `/infill`) ends a code suggestion where the block it started ends
+(`Request.stop_at_block_end`; its finish reason is "stop", the engine's own "block"), and `engine_events` puts an
+`engine` object on a stream's first chunk of each choice (the prompt's length, the context, what fitting left out)
+and on its finishing chunk (the engine's own finish reason, and speculation's figures).
 A model card says whose it is in `codellama_tui`: the model's whole `ModelInfo`.
 """
 
@@ -70,6 +72,7 @@ class CompletionRequest(Sampling):
     prompt: str
     suffix: str | None = None
     spm: bool = False
+    stop_at_block_end: bool = False
 
 
 class TextPart(BaseModel):
@@ -119,6 +122,7 @@ class InfillRequest(BaseModel):
     stream: bool = False
     response_fields: list[str] | None = None
     speculate: bool = True
+    stop_at_block_end: bool = False
 
 
 class TokenizeRequest(BaseModel):
