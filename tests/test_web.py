@@ -147,9 +147,9 @@ def test_the_app_in_a_browser_tab_types_and_fills_a_marker(browser, web: Web) ->
     tab = Tab(browser, web.address)
     assert tab.response.status == 200
     tab.page.wait_for_selector(".textual-terminal.-connected", timeout=30_000)
-    tab.wait_for(lambda text: "F3 Infill" in text.replace("f3", "F3") or "Infill" in text)
     tab.wait_for(lambda text: "DEMO model" in text and "ready" in text, timeout=120)  # the engine loaded
-    tab.page.locator(".xterm-screen").click()
+    tab.page.locator(".xterm-screen").click()  # the tab takes focus: the footer shows the keys of the focused app
+    tab.wait_for(lambda text: "f3 Infill" in text.splitlines()[-1])
     tab.page.keyboard.type("def add(a, b):")
     tab.page.keyboard.press("Enter")
     tab.page.keyboard.type("    <FILL>")

@@ -153,8 +153,8 @@ class ChatLog(VerticalScroll):
         self.remove_children()
 
     def action_copy_answer(self) -> None:
-        if self._last_answer_text.strip():
-            self.post_message(self.Copy(self._last_answer_text.strip("\n"), "the last answer"))
+        if self.last_answer.strip():
+            self.post_message(self.Copy(self.last_answer.strip("\n"), "the last answer"))
 
     def action_copy_code(self) -> None:
         if (code := self.last_code()) is not None:
@@ -169,7 +169,7 @@ class ChatLog(VerticalScroll):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "copy_answer":
-            return bool(self._last_answer_text.strip()) or None
+            return bool(self.last_answer.strip()) or None
         if action == "copy_code":
             return self.last_code() is not None or None
         return True
