@@ -72,9 +72,15 @@ VERIFY_QUERIES = (2, 4, 8, MAX_SPECULATE + 1)
 # Rows of a verify step at most (batch times tokens per row): up to here a step still reads each weight about once
 # (the matrix-vector kernel's reach); larger batches decode without speculation.
 MAX_VERIFY_ROWS = 64
-# What one more token per row adds to a step, in plain steps of its batch, until steps have been timed: little on a
-# GPU, which streams the weights once for every row; much on a CPU, whose small matrix products scale with the rows.
+# A verify step's cost in plain steps of its batch is fitted as `intercept + slope * tokens per row` to its timings
+# (a least-squares line, each timing's weight decaying by EMA as new ones come), starting from a prior line worth
+# PRIOR_WEIGHT timings: `1 + overhead + slope * (tokens per row - 1)`. The slope is little on a GPU, which streams
+# the weights once for every row, and much on a CPU, whose small matrix products scale with the rows; the overhead
+# is what a GPU loses when a step cannot be pipelined (the host's work no longer overlaps the device's), nothing on
+# a CPU, which runs each step in full.
 PRIOR_SLOPE = {"cuda": 0.02, "cpu": 0.5}
+PRIOR_OVERHEAD = {"cuda": 0.5, "cpu": 0.0}
+PRIOR_WEIGHT = 1.0
 EMA = 0.2  # the weight of each new timing
 
 
@@ -110,7 +116,7 @@ class DecodeRunner:
         self.max_position = model.cache.k.shape[3] - 1
         # Two pinned landing buffers: step t's tokens are read while step t+1 copies its own.
         self.host = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
-        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None, float, float | None]] = deque()
+        self.inflight: deque[tuple[Tensor, int, torch.cuda.Event | None, float]] = deque()
         self.flip = 0
         self.n = self.batch = 0
         self.greedy = self.penalize = True
@@ -127,11 +133,17 @@ class DecodeRunner:
         self.verify_host = torch.zeros(max_batch * (max_queries + 1), dtype=torch.int64, pin_memory=self.pinned)
         self.verify_views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.verifying: tuple[Tensor, int, torch.cuda.Event | None, float] | None = None  # launched, not collected
-        # Timings, per batch bucket: seconds of a plain step, and what a verify step adds per token per row.
+        # Timings: seconds per plain step, per batch bucket (wall time from one step's tokens to the next's); and a
+        # verify step's wall time in plain steps of its bucket, the step after it included where that one starts
+        # unpipelined (`pending` holds a verify step's shape and seconds till then), as the weighted sums of a
+        # least-squares fit per bucket: weight, and weighted tokens per row, its square, cost, cost times tokens.
         self.plain_s: dict[int, float] = {}
-        self.slopes: dict[int, float] = {}
+        self.verify_sums: dict[int, list[float]] = {}
+        self.pending: tuple[tuple[int, int], float] | None = None
+        self.since = 0.0  # when the host last received a step's tokens (or the first token after a prefill)
         self.prior_slope = PRIOR_SLOPE.get(dev.type, PRIOR_SLOPE["cpu"])
-        self.last_collect = 0.0
+        self.prior_overhead = PRIOR_OVERHEAD.get(dev.type, PRIOR_OVERHEAD["cpu"])
+        self.cost_lists: dict[int, list[float]] = {}  # `costs` per batch bucket, until a timing changes them
         self.verify_graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.capture_s = self.tune_s = 0.0
         if use_graphs:
@@ -206,7 +218,10 @@ class DecodeRunner:
     def sample(self, logits: Tensor, rows: Sequence[Row]) -> list[int]:
         """Pick tokens for logits computed outside the step (the first token after a prefill)."""
         greedy, penalize = self._load(rows)
-        return self._pick(logits, len(rows), greedy, penalize).tolist()
+        tokens = self._pick(logits, len(rows), greedy, penalize).tolist()
+        self._flush_pending()  # a prefill ran since: the step after a verify step no longer shows its bubble
+        self.since = time.perf_counter()
+        return tokens
 
     def bucket(self, n: int) -> int:
         return next(b for b in buckets(self.max_batch) if b >= n)
@@ -283,28 +298,70 @@ class DecodeRunner:
         if self.pinned:
             event = torch.cuda.Event()
             event.record()
-        ran = None if self.pinned else time.perf_counter() - start  # on the CPU the step ran just now, in full
-        self.inflight.append((buf, self.n, event, start, ran))
+        self.inflight.append((buf, self.n, event, start))
 
     def collect(self) -> list[int]:
         """The tokens of the oldest launched step (waits for it: the step's only host sync)."""
-        buf, n, event, launched, ran = self.inflight.popleft()
+        buf, n, event, launched = self.inflight.popleft()
         if event is not None:
             event.synchronize()
         now = time.perf_counter()
-        # On the GPU a step takes from its launch, or the collection of the step before it, to its own collection.
-        self._timed(self.plain_s, self.bucket(n), ran if ran is not None else now - max(launched, self.last_collect))
-        self.last_collect = now
+        bucket = self.bucket(n)
+        if self.pending is not None:
+            # The first step after a verify step starts with nothing in flight: the device idles from the verify
+            # step's tokens to this launch (the host's work on them), which pipelined steps would have overlapped.
+            shape, spent = self.pending
+            self.pending = None
+            self._cost(shape, spent + max(0.0, launched - self.since))
+        else:
+            self._flush_pending()
+            # A step takes from its launch, or from the tokens of the step before it, to its own tokens.
+            self._timed(self.plain_s, bucket, now - max(launched, self.since))
+        self.since = now
         return buf[:n].tolist()
 
     @staticmethod
-    def _timed(table: dict[int, float], key: int, value: float) -> None:
+    def _timed(table: dict, key: object, value: float) -> None:
         table[key] = value if key not in table else (1 - EMA) * table[key] + EMA * value
 
-    def slope(self, batch: int) -> float:
-        """What one more proposed token per row adds to a verify step of `batch` rows, in plain steps (measured as
-        steps run; `PRIOR_SLOPE` before)."""
-        return self.slopes.get(self.bucket(batch), self.prior_slope)
+    def _cost(self, shape: tuple[int, int], seconds: float) -> None:
+        """Time a verify step of `shape` (bucket, tokens per row) that took `seconds` of wall time."""
+        if shape[0] in self.plain_s:
+            (bucket, q), c = shape, seconds / self.plain_s[shape[0]]
+            sums = self.verify_sums.setdefault(bucket, [0.0] * 5)
+            sums[:] = [(1 - EMA) * s + x for s, x in zip(sums, (1.0, q, q * q, c, q * c), strict=True)]
+            self.cost_lists.clear()
+
+    def _flush_pending(self) -> None:
+        """Time the pending verify step on its own seconds (the step after it was another verify step, or none)."""
+        if self.pending is not None:
+            self._cost(*self.pending)
+            self.pending = None
+
+    def costs(self, batch: int) -> list[float]:
+        """What a verify step of `batch` rows costs, in plain steps, with k = 0, 1, ... proposed tokens in its
+        longest row, up to the most its shapes hold (k = 0: a plain step, 1.0), on the line fitted to its bucket's
+        timings (`PRIOR_WEIGHT`)."""
+        bucket = self.bucket(batch)
+        if bucket not in self.cost_lists:
+            longest = max((q for b, q in self.verify_shapes if b == bucket), default=1) - 1
+            intercept, slope = self._cost_line(bucket)
+            self.cost_lists[bucket] = [1.0] + [intercept + slope * self.verify_queries(batch, k)
+                                               for k in range(1, longest + 1)]  # fmt: skip
+        return self.cost_lists[bucket]
+
+    def _cost_line(self, bucket: int) -> tuple[float, float]:
+        """(intercept, slope) of a verify step's cost in plain steps against its tokens per row, for `bucket`: the
+        least-squares line through its timings and the prior's line (at 2 and 16 tokens per row, half its weight
+        each), the slope at least 0."""
+        sums = list(self.verify_sums.get(bucket, [0.0] * 5))
+        for q in (2, MAX_SPECULATE + 1):
+            c = 1.0 + self.prior_overhead + self.prior_slope * (q - 1)
+            w = PRIOR_WEIGHT / 2
+            sums = [s + w * x for s, x in zip(sums, (1.0, q, q * q, c, q * c), strict=True)]
+        weight, sq, sqq, sc, sqc = sums
+        slope = max((weight * sqc - sq * sc) / (weight * sqq - sq * sq), 0.0)
+        return (sc - slope * sq) / weight, slope
 
     def __call__(self, rows: Sequence[Row]) -> list[int]:
         """Decode one token for each row and wait for it."""
@@ -365,10 +422,16 @@ class DecodeRunner:
         if event is not None:
             event.synchronize()
         new = [r[: r[-1]] for r in host.tolist()]
-        self.last_collect = now = time.perf_counter()
-        bucket = self.bucket(len(new))
-        if bucket in self.plain_s:
-            self._timed(self.slopes, bucket, max(0.0, ((now - start) / self.plain_s[bucket] - 1) / (queries - 1)))
+        now = time.perf_counter()
+        self._flush_pending()
+        shape = (self.bucket(len(new)), queries)
+        if self.pinned:
+            # From the step before's tokens: the device idled while the host worked on them (pipelined steps
+            # overlap that work), and it idles again after this step until the next launch (`collect`).
+            self.pending = (shape, now - self.since)
+        else:  # the CPU runs every step in full, and its host work never overlapped anything
+            self._cost(shape, now - start)
+        self.since = now
         return new
 
     def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:

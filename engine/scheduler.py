@@ -5,10 +5,12 @@ it already holds), prefills one chunk of one prompt, then decodes one token for 
 batch, and returns the events that produced. With tensor parallelism this runs on rank 0 only: its model and
 runner calls are relayed to the other ranks (engine.tp), which keep no scheduler state.
 
-With speculation (`Request.speculate`, up to `speculate` tokens), a step where some sequence may propose is a
-verify step instead: each sequence proposes what pays for itself (engine.speculate), rows without a proposal verify
-nothing (their one token is the plain step's), and each sequence takes its accepted tokens and one more, each
-through the same stop checks as a plain step's token.
+With speculation (`Request.speculate`, up to `speculate` tokens), a step where some sequence would propose is a
+verify step instead: each sequence proposes what pays for itself at the runner's measured costs (engine.speculate),
+rows without a proposal verify nothing (their one token is the plain step's), and each sequence takes its accepted
+tokens and one more, each through the same stop checks as a plain step's token. Whether anyone would propose is
+asked before the plain step in flight is collected (one token behind), so that where nobody would, the plain steps
+stay pipelined exactly as without speculation.
 """
 
 from __future__ import annotations
@@ -137,15 +139,25 @@ class Scheduler:
                 self._accept(seq, token, events)
 
     def _verifying(self) -> bool:
-        """Whether this step verifies proposals: some running sequence may propose now (it is not waiting between
-        probes) and the batch has a verify step. Between probes the plain steps stay pipelined."""
-        if not any(s.proposer is not None and s.proposer.ready for s in self.running):
+        """Whether this step verifies proposals: the batch has a verify step and some running sequence would
+        propose on the tokens the host has (without the plain step in flight: collecting it would stop the
+        pipelining that a step nobody proposes to keeps)."""
+        if not any(s.proposer is not None for s in self.running):
             return False
-        return self.runner.verify_queries(len(self.running), 1) > 0
+        if self.runner.verify_queries(len(self.running), 1) == 0:
+            return False
+        costs = self.runner.costs(len(self.running))
+        return any(s.proposer is not None and s.proposer.propose(self._room(s), costs) for s in self.running)
+
+    def _room(self, seq: SequenceState) -> int:
+        """The most tokens `seq` may propose: within its token budget and the context (the last one must fit)."""
+        made = len(seq.generated)
+        return min(self.speculate, seq.request.sampling.max_new_tokens - made - 1, self.context - len(seq.ids) - made)
 
     def _verify(self, events: list[Event]) -> None:
         """A speculative step. The proposals need the tokens before them, so a plain step in flight is collected
-        first and nothing is pipelined; where nobody proposes after all, the step is a plain one."""
+        first and nothing is pipelined; where nobody proposes after all (the token collected was not the one
+        guessed), the step is a plain one."""
         if self.inflight is not None:
             done, self.inflight = self.inflight, None
             self._take(done, events)
@@ -166,29 +178,28 @@ class Scheduler:
             for token in new:
                 if seq not in self.running:  # a stop among the accepted tokens: the rest are dropped
                     break
-                self._accept(seq, token, events)
+                self._accept(seq, token, events, judged=bool(proposed))
 
     def _proposals(self, batch: list[SequenceState]) -> list[list[int]]:
-        """Each sequence's proposal: what pays for itself at this batch's cost of one more token per row, within
-        its token budget and the context (the last one proposed must fit), cut to the batch's verify step."""
-        slope = self.runner.slope(len(batch))
-        proposals = []
-        for seq in batch:
-            made = len(seq.generated)
-            budget = seq.request.sampling.max_new_tokens - made - 1
-            room = min(self.speculate, budget, self.context - len(seq.ids) - made)
-            proposals.append(seq.proposer.propose(room, slope) if seq.proposer is not None else [])
+        """Each sequence's proposal: what pays for itself at this batch's verify costs, within its room, cut to
+        the batch's verify step."""
+        costs = self.runner.costs(len(batch))
+        proposals = [s.proposer.propose(self._room(s), costs) if s.proposer is not None else [] for s in batch]
         longest = max(map(len, proposals))
         if longest:
             cut = self.runner.verify_queries(len(batch), longest) - 1
             proposals = [p[:cut] for p in proposals]
         return proposals
 
-    def _accept(self, seq: SequenceState, token: int, events: list[Event]) -> None:
-        """Take one sampled token: stream its text, and finish the sequence if a stop condition holds."""
+    def _accept(self, seq: SequenceState, token: int, events: list[Event], judged: bool = False) -> None:
+        """Take one sampled token: stream its text, and finish the sequence if a stop condition holds. `judged`:
+        a verify step judged the sequence's proposals, and its feedback counted this token already."""
         seq.generated.append(token)
         if seq.proposer is not None:
-            seq.proposer.extend((token,))
+            if judged:
+                seq.proposer.extend((token,))
+            else:
+                seq.proposer.observe(token)
         if token in seq.stops:
             events.extend(self._finish(seq, "eot" if token == self.tok.eot_id else "eos"))
             return

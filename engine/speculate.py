@@ -6,24 +6,22 @@ Each sequence keeps an index from every n-gram of its tokens (n = 1 .. `MAX_NGRA
 ended; a new token adds the n-grams it completes (a few dictionary writes, never a rescan), and a proposal is what
 followed the most recent earlier occurrence of the longest n-gram that ends the sequence.
 
-Adaptive per sequence: it estimates the chance that a proposed token is accepted (`alpha`, from its recent verify
-steps: accepted tokens against rejections, older steps counting less) and proposes as many tokens as pay for
-themselves: the count k that maximises the tokens a verify step is expected to give, (1 - alpha**(k+1)) / (1 -
-alpha), per unit of its cost, 1 + slope * k plain steps (`slope`, from the runner: what one more token per row adds
-to a step; nearly nothing on a GPU, a large share of a step on a CPU). Where no count beats a plain step, it
-proposes one token now and then (after 1, 3, 7, ... up to `MAX_WAIT` new tokens, and only on a match of
-`PROBE_NGRAM` tokens or more) to notice when copying starts; on text with nothing to copy, verify steps become
-rare, and the steps between them can be pipelined (`ready`).
+Adaptive per sequence: it estimates the chance that a proposed token is accepted (`alpha`: accepted tokens against
+rejections, older evidence counting less), from its verify steps and, for free, from every token a plain step
+gives it (`observe`: would the lookup have guessed it?), so a sequence that stops proposing keeps learning and
+starts again when copying does. It proposes as many tokens as pay for themselves: the count k that maximises the
+tokens a verify step is expected to give, (1 - alpha**(k+1)) / (1 - alpha), per unit of its cost, `costs[k]` plain
+steps (the runner's wall-time measurements on this device: nearly one plain step on a GPU at 7B, several on a
+launch-bound tiny model whose verify step breaks the pipelining of plain steps, a large share per token on a CPU).
+Where no count beats a plain step it proposes nothing, and the scheduler keeps the plain steps pipelined.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 MAX_NGRAM = 3
-MAX_WAIT = 32
-PROBE_NGRAM = 2  # a probe needs a match this long: one token seen before is too weak a sign that copying starts
-DECAY = 0.8  # how much a verify step's evidence counts one verify step later
+DECAY = 0.8  # how much a piece of evidence (a verify step, or a plain step's guess) counts one piece later
 
 
 class Proposer:
@@ -34,14 +32,8 @@ class Proposer:
         self.index: dict[tuple[int, ...], int] = {}  # n-gram -> the position of the token after its last occurrence
         self.max_ngram = max_ngram
         self.hits, self.misses = 1.0, 1.0  # decayed accepted tokens and rejections, from a prior of one each
-        self.resume_at = self.backoff = 0  # the length at which proposing resumes, and the wait after a probe
         self.steps = self.proposed = self.accepted = 0  # verify steps, proposals and accepted ones so far
         self.extend(ids)
-
-    @property
-    def ready(self) -> bool:
-        """Whether `propose` may propose now (it is not waiting for the next probe)."""
-        return len(self.tokens) >= self.resume_at
 
     @property
     def alpha(self) -> float:
@@ -61,6 +53,15 @@ class Proposer:
                 grams = zip(*(tokens[first - n + i : end - n + i] for i in range(n)), strict=True)
                 self.index.update(zip(grams, range(first, end), strict=True))
 
+    def observe(self, token: int) -> None:
+        """Append a token that no verify step judged (a plain step's): it counts as a one-token proposal, accepted
+        where the lookup would have guessed it, where there was a guess."""
+        guess = self._longest(1)[1]
+        if guess:
+            hit = guess[0] == token
+            self._evidence(hit, not hit)
+        self.extend((token,))
+
     def match(self, k: int) -> list[int]:
         """Up to `k` tokens that followed the most recent earlier occurrence of the longest n-gram ending the
         sequence; none without one."""
@@ -75,35 +76,26 @@ class Proposer:
                 return n, tokens[at : at + k]
         return 0, []
 
-    def worth(self, limit: int, slope: float) -> int:
-        """The number of proposals (0 .. limit) that maximises expected tokens per unit of step cost."""
+    def worth(self, limit: int, costs: Sequence[float]) -> int:
+        """The number of proposals (0 .. limit, and below `len(costs)`) that maximises expected tokens per plain
+        step of cost, a verify step of k proposals costing `costs[k]` plain steps; 0 where none beats a plain
+        step's one token per step."""
         alpha, best, best_rate, expected, power = self.alpha, 0, 1.0, 1.0, 1.0
-        for k in range(1, limit + 1):
+        for k in range(1, min(limit, len(costs) - 1) + 1):
             power *= alpha
             expected += power
-            rate = expected / (1.0 + slope * k)
+            rate = expected / costs[k]
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
 
-    def propose(self, limit: int, slope: float = 0.0) -> list[int]:
-        """Up to `limit` tokens to verify after the sequence's last one, as many as pay for themselves when one
-        more token per row costs `slope` plain steps; a single token as a probe where none would pay (after a
-        wait in new tokens that grows with each probe); none without a match."""
-        if limit < 1 or not self.ready:
+    def propose(self, limit: int, costs: Sequence[float]) -> list[int]:
+        """Up to `limit` tokens to verify after the sequence's last one, as many as pay for themselves at `costs`
+        (`worth`); none without a match. It changes nothing: the scheduler asks before it decides to verify."""
+        if limit < 1:
             return []
-        n, proposal = self._longest(limit)
-        if not proposal:
-            return []
-        k = self.worth(len(proposal), slope)
-        if k:
-            self.backoff = 0
-            return proposal[:k]
-        if n < PROBE_NGRAM:
-            return []
-        self.backoff = min(2 * self.backoff + 1, MAX_WAIT)
-        self.resume_at = len(self.tokens) + 1 + self.backoff  # counted after the probe's own token
-        return proposal[:1]
+        proposal = self._longest(limit)[1]
+        return proposal[: self.worth(len(proposal), costs)] if proposal else []
 
     def feedback(self, proposed: int, accepted: int) -> None:
         """What a verify step made of this sequence's `proposed` tokens: the first `accepted` of them were kept."""
@@ -112,5 +104,8 @@ class Proposer:
         self.steps += 1
         self.proposed += proposed
         self.accepted += accepted
+        self._evidence(accepted, accepted < proposed)
+
+    def _evidence(self, accepted: float, rejected: float) -> None:
         self.hits = self.hits * DECAY + accepted
-        self.misses = self.misses * DECAY + (accepted < proposed)
+        self.misses = self.misses * DECAY + rejected

@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speculate", type=int, default=MAX_SPECULATE, help="most tokens proposed per step")
     parser.add_argument("--per-module", type=int, default=2, help="functions per held-out module (default 2)")
     parser.add_argument("--workloads", default="rename,fill,fresh,noise", help="which (default: all four)")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the requests (one function per module, "
+                        "half the fresh and noise ones): a GPU check in about 40 s")  # fmt: skip
     parser.add_argument("--verify-cost", action="store_true", help="time the verify steps instead (GPU)")
     parser.add_argument("--shape", default="7b", help="--verify-cost: random weights at this shape (default 7b)")
     parser.add_argument("--json", metavar="FILE", help="write every number here too")
@@ -224,14 +226,16 @@ def main(argv: list[str] | None = None) -> int:
             plain = result[key.split("_")[0] + "_plain_ms"]
             print(f"  {key:<16} {ms:7.3f} ms = {ms / plain:5.2f}x the plain step")
     else:
-        items = edit_workload(engine.tok, engine.context, args.per_module) + fresh_workload()
-        items += noise_workload(engine.tok)
+        per_module, sampled = (1, 4) if args.quick else (args.per_module, 8)
+        items = edit_workload(engine.tok, engine.context, per_module) + fresh_workload()[:sampled]
+        items += noise_workload(engine.tok, sampled)
         items = [item for item in items if item.workload in args.workloads.split(",")]
         result = compare(engine, items)
         for workload, totals in result.items():
             print(f"  {workload:<7} {_rates(totals)}")
-        result["slope"] = engine.runner.slope(1)
-        print(f"  one more token per row cost {result['slope']:.2f} plain steps (measured at batch 1)")
+        result["costs"] = costs = engine.runner.costs(1)
+        shown = ", ".join(f"k={k} {costs[k]:.2f}" for k in (1, 3, 7, 15) if k < len(costs))
+        print(f"  a verify step of k proposals cost, in plain steps (measured at batch 1): {shown}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     engine.close()
