@@ -72,15 +72,14 @@ VERIFY_QUERIES = (2, 4, 8, MAX_SPECULATE + 1)
 # Rows of a verify step at most (batch times tokens per row): up to here a step still reads each weight about once
 # (the matrix-vector kernel's reach); larger batches decode without speculation.
 MAX_VERIFY_ROWS = 64
-# A verify step's cost in plain steps of its batch is fitted as `intercept + slope * tokens per row` to its timings
-# (a least-squares line, each timing's weight decaying by EMA as new ones come), starting from a prior line worth
-# PRIOR_WEIGHT timings: `1 + overhead + slope * (tokens per row - 1)`. The slope is little on a GPU, which streams
-# the weights once for every row, and much on a CPU, whose small matrix products scale with the rows; the overhead
-# is what a GPU loses when a step cannot be pipelined (the host's work no longer overlaps the device's), nothing on
-# a CPU, which runs each step in full.
-PRIOR_SLOPE = {"cuda": 0.02, "cpu": 0.5}
-PRIOR_OVERHEAD = {"cuda": 0.5, "cpu": 0.0}
-PRIOR_WEIGHT = 1.0
+# A verify step's cost in plain steps of its batch, before a step of its shape has been timed: `1 + overhead +
+# slope * (tokens per row - 1)`. The slope is little on a GPU, which streams the weights once for every row, and
+# some on a CPU (the demo step alone on this project's CPU: 1.26 plain steps at 2 tokens per row, 1.98 at 8, 2.58 at
+# 16); the overhead is what a GPU loses when a step cannot be pipelined (the host's work no longer overlaps the
+# device's). An untimed shape is priced from the timed one below it plus the slope: optimistic, so that it gets
+# tried and timed.
+PRIOR_SLOPE = {"cuda": 0.02, "cpu": 0.1}
+PRIOR_OVERHEAD = {"cuda": 0.5, "cpu": 0.25}
 EMA = 0.2  # the weight of each new timing
 
 
@@ -135,10 +134,9 @@ class DecodeRunner:
         self.verifying: tuple[Tensor, int, torch.cuda.Event | None, float] | None = None  # launched, not collected
         # Timings: seconds per plain step, per batch bucket (wall time from one step's tokens to the next's); and a
         # verify step's wall time in plain steps of its bucket, the step after it included where that one starts
-        # unpipelined (`pending` holds a verify step's shape and seconds till then), as the weighted sums of a
-        # least-squares fit per bucket: weight, and weighted tokens per row, its square, cost, cost times tokens.
+        # unpipelined (`pending` holds a verify step's shape and seconds till then), per (bucket, tokens per row).
         self.plain_s: dict[int, float] = {}
-        self.verify_sums: dict[int, list[float]] = {}
+        self.verify_cost: dict[tuple[int, int], float] = {}
         self.pending: tuple[tuple[int, int], float] | None = None
         self.since = 0.0  # when the host last received a step's tokens (or the first token after a prefill)
         self.prior_slope = PRIOR_SLOPE.get(dev.type, PRIOR_SLOPE["cpu"])
@@ -327,9 +325,11 @@ class DecodeRunner:
     def _cost(self, shape: tuple[int, int], seconds: float) -> None:
         """Time a verify step of `shape` (bucket, tokens per row) that took `seconds` of wall time."""
         if shape[0] in self.plain_s:
-            (bucket, q), c = shape, seconds / self.plain_s[shape[0]]
-            sums = self.verify_sums.setdefault(bucket, [0.0] * 5)
-            sums[:] = [(1 - EMA) * s + x for s, x in zip(sums, (1.0, q, q * q, c, q * c), strict=True)]
+            cost = seconds / self.plain_s[shape[0]]
+            # A first timing counts half against the estimate it replaces: one outlier must not price a shape out.
+            before = self.verify_cost.get(shape, self._shape_cost(*shape))
+            weight = EMA if shape in self.verify_cost else 0.5
+            self.verify_cost[shape] = (1 - weight) * before + weight * cost
             self.cost_lists.clear()
 
     def _flush_pending(self) -> None:
@@ -340,28 +340,27 @@ class DecodeRunner:
 
     def costs(self, batch: int) -> list[float]:
         """What a verify step of `batch` rows costs, in plain steps, with k = 0, 1, ... proposed tokens in its
-        longest row, up to the most its shapes hold (k = 0: a plain step, 1.0), on the line fitted to its bucket's
-        timings (`PRIOR_WEIGHT`)."""
+        longest row, up to the most its shapes hold (k = 0: a plain step, 1.0): timed, or estimated
+        (`_shape_cost`)."""
         bucket = self.bucket(batch)
         if bucket not in self.cost_lists:
             longest = max((q for b, q in self.verify_shapes if b == bucket), default=1) - 1
-            intercept, slope = self._cost_line(bucket)
-            self.cost_lists[bucket] = [1.0] + [intercept + slope * self.verify_queries(batch, k)
+            self.cost_lists[bucket] = [1.0] + [self._shape_cost(bucket, self.verify_queries(batch, k))
                                                for k in range(1, longest + 1)]  # fmt: skip
         return self.cost_lists[bucket]
 
-    def _cost_line(self, bucket: int) -> tuple[float, float]:
-        """(intercept, slope) of a verify step's cost in plain steps against its tokens per row, for `bucket`: the
-        least-squares line through its timings and the prior's line (at 2 and 16 tokens per row, half its weight
-        each), the slope at least 0."""
-        sums = list(self.verify_sums.get(bucket, [0.0] * 5))
-        for q in (2, MAX_SPECULATE + 1):
-            c = 1.0 + self.prior_overhead + self.prior_slope * (q - 1)
-            w = PRIOR_WEIGHT / 2
-            sums = [s + w * x for s, x in zip(sums, (1.0, q, q * q, c, q * c), strict=True)]
-        weight, sq, sqq, sc, sqc = sums
-        slope = max((weight * sqc - sq * sc) / (weight * sqq - sq * sq), 0.0)
-        return (sc - slope * sq) / weight, slope
+    def _shape_cost(self, bucket: int, queries: int) -> float:
+        """A verify step's cost for `queries` tokens per row: timed; else the nearest timed shape's below plus the
+        prior slope per token; else the prior, at most the nearest timed shape's above."""
+        if (bucket, queries) in self.verify_cost:
+            return self.verify_cost[(bucket, queries)]
+        timed = sorted((q, c) for (b, q), c in self.verify_cost.items() if b == bucket)
+        below = [(q, c) for q, c in timed if q < queries]
+        if below:
+            q, c = below[-1]
+            return c + self.prior_slope * (queries - q)
+        prior = 1.0 + self.prior_overhead + self.prior_slope * (queries - 1)
+        return min([prior] + [c for _, c in timed[:1]])
 
     def __call__(self, rows: Sequence[Row]) -> list[int]:
         """Decode one token for each row and wait for it."""

@@ -6,9 +6,11 @@ name, as a completion whose answer is the function's body again; "fill", the sam
 text after the function as the suffix (F3 filling in repetitive code); "fresh", sampled continuations of each
 module's opening lines, with less to copy; "noise", sampled continuations of random tokens, where there is nothing
 to copy (what speculation must not slow down). Each request runs through the engine without speculation and with
-it (`Request.speculate`); outputs must be identical (greedy ones, and the seeded sampled ones: the accept rule
-draws with the plain step's noise). Printed: tokens per decode step, the accepted share of
-the proposals, and the decode speed-up (the tokens after the first, whose prefill speculation does not change).
+it (`Request.speculate`); outputs are compared (greedy ones, and the seeded sampled ones: the accept rule
+draws with the plain step's noise), identical in float32; in bf16 on a GPU a verify step's logits round
+differently from a one-token step's (other kernels for several rows), so near-ties may flip and texts differ.
+Printed: tokens per decode step, the accepted share of the proposals, and the decode speed-up (the tokens after
+the first, whose prefill speculation does not change).
 `--verify-cost` (a GPU, random weights at `--shape`) instead times the captured verify step against the plain
 decode step for every tokens-per-row bucket at batch 1 and 8.
 """

@@ -335,7 +335,7 @@ def test_verify_steps_decode_what_plain_steps_decode(device: str) -> None:
     assert accepted > 20 and rejected > 5, (accepted, rejected)
     costs = runner.costs(3)
     prior = DecodeRunner(m, seen, 4, 4, use_graphs=False, speculate=7).costs(3)
-    assert runner.verify_sums[runner.bucket(3)][0] > 1 and costs != prior  # measured
+    assert len(runner.verify_cost) > 1 and costs != prior  # measured
     assert len(costs) == 8 and costs[0] == 1.0 and all(0.0 < a <= b < 50.0 for a, b in itertools.pairwise(costs[1:]))
 
 
@@ -373,7 +373,10 @@ def test_bench_workloads_fit_the_demo_context() -> None:
 
 @pytest.fixture(scope="module")
 def demo_engine():
-    """The demo model (it copies what it has just seen, so proposals get accepted) with speculation allowed."""
+    """The demo model (it copies what it has just seen, so proposals get accepted) with speculation allowed, on
+    the CPU in float32 (also on a GPU machine): there a verify step's rows compute the bits one-token steps compute
+    (reference.py's CPU paths), which the identity tests below need. In bf16 on a GPU they do not (see
+    `test_greedy_accept_takes_what_one_token_steps_pick`; speculate_bench counts the identical texts)."""
     from engine.engine import Engine
     from engine.requests import EngineSpec
 
@@ -423,7 +426,9 @@ def test_greedy_output_is_identical_with_speculation(demo_engine) -> None:
 
 def test_seeded_sampling_draws_the_same_tokens_with_speculation(demo_engine) -> None:
     """Sampled requests with seeds (one filtered and penalised) give the very text they give without speculation,
-    decoding together, with proposals accepted on the way."""
+    decoding together, with proposals accepted on the way. On the CPU in float32; it failed on the H200 machine's
+    CPU (torch 2.11, 2026-12-03) while the greedy identity held there, so on that CPU some op of the sampled path
+    gives a row of a several-row step other bits than a one-row step: this test is that machine's check."""
     from dataclasses import replace
 
     sampled = [
