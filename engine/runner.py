@@ -341,12 +341,14 @@ class DecodeRunner:
     def costs(self, batch: int) -> list[float]:
         """What a verify step of `batch` rows costs, in plain steps, with k = 0, 1, ... proposed tokens in its
         longest row, up to the most its shapes hold (k = 0: a plain step, 1.0): timed, or estimated
-        (`_shape_cost`)."""
+        (`_shape_cost`), and never more than for a longer proposal."""
         bucket = self.bucket(batch)
         if bucket not in self.cost_lists:
             longest = max((q for b, q in self.verify_shapes if b == bucket), default=1) - 1
-            self.cost_lists[bucket] = [1.0] + [self._shape_cost(bucket, self.verify_queries(batch, k))
-                                               for k in range(1, longest + 1)]  # fmt: skip
+            costs = [1.0] + [self._shape_cost(bucket, self.verify_queries(batch, k)) for k in range(1, longest + 1)]
+            for k in range(longest - 1, 0, -1):  # no more than a longer step's: one slow timing is retried
+                costs[k] = min(costs[k], costs[k + 1])
+            self.cost_lists[bucket] = costs
         return self.cost_lists[bucket]
 
     def _shape_cost(self, bucket: int, queries: int) -> float:

@@ -519,3 +519,22 @@ def test_a_step_nobody_proposes_to_is_the_plain_pipelined_step(demo_engine, monk
         spec = _runner_calls(demo_engine, monkeypatch, replace(request, speculate=True, id="costly"))
     assert spec == plain
     assert "verify" in _runner_calls(demo_engine, monkeypatch, replace(request, speculate=True, id="priced"))
+
+
+def test_verify_costs_are_timed_per_shape_and_untimed_ones_priced_to_be_tried() -> None:
+    """Before any timing: the prior line. A timed shape costs its timing (the first one counting half against the
+    estimate, so one outlier cannot price it out); a longer untimed one costs the timed one below it plus the prior
+    slope (optimistic: it gets tried, and timed); a shorter one at most a longer one's."""
+    runner = DecodeRunner(tiny_model("cpu", 2), torch.zeros(3, 512, dtype=torch.bool), 2, 2, False, speculate=7)
+    slope, overhead = runner.prior_slope, runner.prior_overhead
+    assert runner.costs(1) == pytest.approx([1.0] + [1 + overhead + slope * k for k in range(1, 8)])
+    runner.plain_s[1] = 0.010
+    runner._cost((1, 4), 0.030)  # 3 proposals: 3.0 plain steps, against the prior's 1 + overhead + 3 slope
+    three = 0.5 * (1 + overhead + 3 * slope) + 0.5 * 3.0
+    costs = runner.costs(1)
+    assert costs[3] == pytest.approx(three) and costs[5] == pytest.approx(three + 2 * slope)
+    assert costs[1] == pytest.approx(min(1 + overhead + slope, three))
+    runner._cost((1, 4), 0.020)
+    assert runner.costs(1)[3] == pytest.approx(0.8 * three + 0.2 * 2.0)  # then an average over recent timings
+    runner._cost((1, 2), 0.050)  # a slow timing of 1 proposal: no more than 3 proposals cost
+    assert runner.costs(1)[1] == runner.costs(1)[3] < 5.0
