@@ -112,6 +112,7 @@ class DecodeRunner:
         self.linear_choice: dict = {}
         self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.pinned = dev.type == "cuda"
+        self.overlaps = self.pinned  # whether the host's work overlaps a launched step (a GPU's): verify costs count it
         self.max_position = model.cache.k.shape[3] - 1
         # Two pinned landing buffers: step t's tokens are read while step t+1 copies its own.
         self.host = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=self.pinned) for _ in range(2)]
@@ -426,7 +427,7 @@ class DecodeRunner:
         now = time.perf_counter()
         self._flush_pending()
         shape = (self.bucket(len(new)), queries)
-        if self.pinned:
+        if self.overlaps:
             # From the step before's tokens: the device idled while the host worked on them (pipelined steps
             # overlap that work), and it idles again after this step until the next launch (`collect`).
             self.pending = (shape, now - self.since)

@@ -538,3 +538,26 @@ def test_verify_costs_are_timed_per_shape_and_untimed_ones_priced_to_be_tried() 
     assert runner.costs(1)[3] == pytest.approx(0.8 * three + 0.2 * 2.0)  # then an average over recent timings
     runner._cost((1, 2), 0.050)  # a slow timing of 1 proposal: no more than 3 proposals cost
     assert runner.costs(1)[1] == runner.costs(1)[3] < 5.0
+
+
+@torch.inference_mode()
+def test_where_steps_overlap_the_host_a_verify_step_costs_the_pipelining_it_stops() -> None:
+    """On a GPU the host's work overlaps a launched step; around a verify step it does not: from the tokens before
+    it to its launch, and from its tokens to the next launch the device waits. Both are the verify step's cost (here
+    host work of 50 ms before and after a verify step: at least 100 ms on top of its own time), not a plain
+    step's (the plain steps' timing stays near its own)."""
+    import time
+
+    runner = DecodeRunner(tiny_model("cpu", 2), torch.zeros(3, 512, dtype=torch.bool), 2, 2, False, speculate=3)
+    runner.overlaps = True  # as on a GPU (this CPU's steps run in full at their launch, which the timing allows)
+    rows = [Row(token=5, position=10 + i, slot=0, top_k=0, seed=0, offset=i, temperature=0.0, top_p=1.0, penalty=1.0)
+            for i in range(40)]  # fmt: skip
+    for row in rows[:10]:
+        runner([row])
+    plain = runner.plain_s[1]
+    time.sleep(0.05)
+    runner.verify([rows[10]], [[5, 5, 5]])
+    time.sleep(0.05)
+    runner([rows[14]])
+    assert runner.pending is None and runner.verify_cost[(1, 4)] * plain > 0.5 * 0.100  # half: a first timing
+    assert runner.plain_s[1] < 2 * plain + 0.005
