@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-tokens", type=int, default=256, metavar="N", help="new tokens per request (default 256)")
     b.add_argument("--seed", type=int, default=0, help="of the random prompts")
     b.add_argument("--json", metavar="FILE", help="write every number here too")
+    b.add_argument(
+        "--step-ms",
+        type=float,
+        metavar="MS",
+        help="serve a stand-in engine instead of a model: its device takes MS ms a decode step (as a GPU's), so "
+        "the run times what the server and its clients cost per token (the demo tokenizer's text; no model runs)",
+    )
 
 
 @dataclass
@@ -209,11 +216,12 @@ def _load_in_child(*args: object) -> list[dict]:
 def main(args: argparse.Namespace) -> int:
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
-        if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1:
+        if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1 or (args.step_ms or 1) <= 0:
             raise ValueError
     except ValueError:
         print(
-            f"{PROG}: error: --concurrency takes numbers >= 1 (1,8,32); --prompt-len >= 2, --max-tokens >= 1",
+            f"{PROG}: error: --concurrency takes numbers >= 1 (1,8,32); --prompt-len >= 2, --max-tokens >= 1, "
+            "--step-ms > 0",
             file=sys.stderr,
         )
         return 2
@@ -250,6 +258,7 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
     from engine.client import EventSink
     from engine.errors import EngineError
     from engine.local_client import LocalClient
+    from engine.paced import paced_loader
     from tui.cli import spec_of, with_flags
     from tui.server.run import make_bridge, start_in_thread
 
@@ -258,8 +267,10 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
         spec = replace(spec, max_seq_len=args.prompt_len + args.max_tokens + 64)
     clients: list[LocalClient] = []
 
+    stand_in = paced_loader(args.step_ms / 1e3) if args.step_ms else None
+
     def make_client(sink: EventSink) -> LocalClient:
-        clients.append(LocalClient(spec, on_event=sink))
+        clients.append(LocalClient(spec, on_event=sink, load=stand_in))
         return clients[0]
 
     running = start_in_thread(make_bridge(make_client, spec.max_batch, max(levels)))
@@ -274,7 +285,10 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
             speculate = {"speculate": True} if spec.speculate else {}  # --speculate N: every request asks to
             results = pool.submit(_load_in_child, running.url, *load, speculate).result()
         position = args.prompt_len + args.max_tokens // 2
+        idle = clients[0].call(lambda engine: getattr(engine.runner, "idle_s", None))
         comparison = clients[0].call(lambda engine: _bench_decode(engine, levels, position))
+        if idle is not None:
+            comparison["device_idle_s"] = idle
     finally:
         running.stop()
     return f"{info.name} on {info.device} ({info.dtype}, tp {info.tp})", results, comparison
@@ -313,6 +327,13 @@ def table(out: dict) -> str:
                 f"{step_ms:.2f} ms ({one['itl_ms']['p50'] / step_ms - 1:+.1%})"
             )
         lines.append(f"(bench's decode timed at position {out['bench']['position']}, the runs' mean context)")
+        idle = out["bench"].get("device_idle_s")
+        if idle is not None:
+            busy = sum(lv["duration_s"] for lv in out["levels"])
+            lines.append(
+                f"the stand-in's device waited {idle:.2f} s for the host to launch its next step, of the levels' "
+                f"{busy:.1f} s ({idle / busy:.0%})"
+            )
     for lv in out["levels"]:
         for error in lv["errors"]:
             lines.append(f"{lv['concurrency']} streams: failed: {error}")
