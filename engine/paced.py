@@ -30,33 +30,56 @@ PASSAGE = (
 CONTEXT = 4096
 
 
-class PacedModel:
-    """The model's side of the scheduler: a prefill that takes one step's time."""
+class Device:
+    """A device's clock: work given to it runs in order, from the later of when it is given and when the device is
+    free; `spans` are when it ran what (on `time.perf_counter`'s clock, which every process here shares)."""
 
-    def __init__(self, step_s: float) -> None:
-        self.step_s = step_s
+    def __init__(self) -> None:
+        self.free_at = 0.0
+        self.spans: list[tuple[float, float]] = []
+
+    def run(self, seconds: float) -> float:
+        """Queue work of `seconds`; returns when it ends."""
+        start = max(time.perf_counter(), self.free_at)
+        self.free_at = start + seconds
+        self.spans.append((start, self.free_at))
+        return self.free_at
+
+    def busy_between(self, start: float, end: float) -> float:
+        """Seconds of work the device ran between `start` and `end`."""
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in self.spans)
+
+
+def wait_until(t: float) -> None:
+    """Sleep (the GIL free, as in a CUDA sync) until `t`."""
+    wait = t - time.perf_counter()
+    if wait > 0:
+        time.sleep(wait)
+
+
+class PacedModel:
+    """The model's side of the scheduler: a prefill chunk takes `prefill_s` of the device, and is waited for."""
+
+    def __init__(self, device: Device, prefill_s: float) -> None:
+        self.device, self.prefill_s = device, prefill_s
         self.cache: object = None
 
     def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        time.sleep(self.step_s)
+        wait_until(self.device.run(self.prefill_s))
         return torch.zeros(1)
 
 
 class PacedRunner:
-    """The decode runner's interface, timed like a device: a launched step ends `step_s` after the later of its
-    launch and the end of the step before it; `collect` sleeps until then (the GIL is free meanwhile, as in a
-    CUDA sync). `idle_s` adds up the time the device waited for the host to launch its next step."""
+    """The decode runner's interface over the `Device`: `launch` queues a step of `step_s` and returns, `collect`
+    waits for the oldest one, as a CUDA stream's work is waited for."""
 
-    def __init__(self, step_s: float, tok: Tokenizer) -> None:
-        self.step_s = step_s
+    def __init__(self, device: Device, step_s: float, tok: Tokenizer) -> None:
+        self.device, self.step_s = device, step_s
         self.text = [i for i in tok.encode(PASSAGE) if i not in (tok.bos_id, tok.eos_id)]
         self.inflight: deque[tuple[float, list[int]]] = deque()
         self.verifying = None
         self.slots: list[int] = []
         self.made: dict[int, int] = {}  # tokens made per slot, to cycle through the passage
-        self.free_at = 0.0  # when the device finishes what it was given
-        self.idle_s = 0.0
-        self.steps = 0
 
     def mark_seen(self, slot: int, ids: Sequence[int]) -> None:
         pass
@@ -67,18 +90,11 @@ class PacedRunner:
     def launch(self, rows: Sequence[Row] | None = None) -> None:
         if rows is not None:
             self.slots = [r.slot for r in rows]
-        now = time.perf_counter()
-        if self.inflight and now > self.free_at:  # the device ran dry while the host still had steps going
-            self.idle_s += now - self.free_at
-        self.free_at = max(now, self.free_at) + self.step_s
-        self.inflight.append((self.free_at, list(self.slots)))
-        self.steps += 1
+        self.inflight.append((self.device.run(self.step_s), list(self.slots)))
 
     def collect(self) -> list[int]:
         done_at, slots = self.inflight.popleft()
-        wait = done_at - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
+        wait_until(done_at)
         return [self._token(s) for s in slots]
 
     def __call__(self, rows: Sequence[Row]) -> list[int]:
@@ -97,14 +113,16 @@ class PacedRunner:
 class PacedEngine(Engine):
     """`Engine` over `PacedModel` and `PacedRunner`: the scheduler, prompts and events are the real ones."""
 
-    def __init__(self, step_s: float, n_slots: int, tok: Tokenizer) -> None:
+    def __init__(self, step_s: float, prefill_s: float, n_slots: int, tok: Tokenizer) -> None:
         self.tok, self.context, self.device = tok, CONTEXT, torch.device("cpu")
+        name = f"paced stand-in, {step_s * 1e3:g} ms a step, {prefill_s * 1e3:g} ms a prefill"
         self.info = ModelInfo(
-            f"paced stand-in, {step_s * 1e3:g} ms a step", can_infill=tok.can_infill, context=CONTEXT,
-            device="cpu", dtype="none", tp=1, vocab_size=tok.vocab_size, is_demo=True,
+            name, can_infill=tok.can_infill, context=CONTEXT, device="cpu", dtype="none", tp=1,
+            vocab_size=tok.vocab_size, is_demo=True,
         )  # fmt: skip
-        runner = PacedRunner(step_s, tok)
-        self.scheduler = Scheduler(PacedModel(step_s), runner, tok, n_slots, CONTEXT, self.device)
+        self.paced = Device()
+        runner = PacedRunner(self.paced, step_s, tok)
+        self.scheduler = Scheduler(PacedModel(self.paced, prefill_s), runner, tok, n_slots, CONTEXT, self.device)
         self.tp = None
         self.compiled_ahead = None
 
@@ -112,10 +130,10 @@ class PacedEngine(Engine):
         pass
 
 
-def paced_loader(step_s: float) -> Callable[[EngineSpec, Progress | None], Engine]:
+def paced_loader(step_s: float, prefill_s: float) -> Callable[[EngineSpec, Progress | None], Engine]:
     """What `LocalClient(load=...)` takes: builds the paced engine of `spec.max_batch` slots."""
 
     def load(spec: EngineSpec, progress: Progress | None = None) -> Engine:
-        return PacedEngine(step_s, spec.max_batch, Tokenizer.from_dir(spec.tokenizer or DEMO_DIR))
+        return PacedEngine(step_s, prefill_s, spec.max_batch, Tokenizer.from_dir(spec.tokenizer or DEMO_DIR))
 
     return load

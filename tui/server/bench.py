@@ -60,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve a stand-in engine instead of a model: its device takes MS ms a decode step (as a GPU's), so "
         "the run times what the server and its clients cost per token (the demo tokenizer's text; no model runs)",
     )
+    b.add_argument(
+        "--prefill-ms",
+        type=float,
+        metavar="MS",
+        help="with --step-ms: the stand-in's prefill of one prompt (default: one step; 7B's 128-token prefill takes "
+        "about 20 ms on an H200)",
+    )
 
 
 @dataclass
@@ -86,7 +93,9 @@ class Level:
     ttft_ms: dict[str, float]
     itl_ms: dict[str, float]
     errors: list[str]
+    started: float = 0.0  # time.perf_counter() at the level's start (one clock for every process of a machine)
     bench_decode_tps: float | None = None
+    device_busy: float | None = None  # the stand-in's (--step-ms): the share of the level its device ran work
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -192,6 +201,7 @@ async def run_level(
         ttft_ms=_summary_ms([o.ttft_s for o in good]),
         itl_ms=_summary_ms([g for o in good for g in o.gaps_s]),
         errors=sorted({o.error for o in outcomes if not o.ok})[:5],
+        started=start,
     )
 
 
@@ -216,12 +226,13 @@ def _load_in_child(*args: object) -> list[dict]:
 def main(args: argparse.Namespace) -> int:
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
-        if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1 or (args.step_ms or 1) <= 0:
+        paced = [args.step_ms or 1, args.prefill_ms or 1]
+        if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1 or min(paced) <= 0:
             raise ValueError
     except ValueError:
         print(
             f"{PROG}: error: --concurrency takes numbers >= 1 (1,8,32); --prompt-len >= 2, --max-tokens >= 1, "
-            "--step-ms > 0",
+            "--step-ms and --prefill-ms > 0",
             file=sys.stderr,
         )
         return 2
@@ -267,7 +278,9 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
         spec = replace(spec, max_seq_len=args.prompt_len + args.max_tokens + 64)
     clients: list[LocalClient] = []
 
-    stand_in = paced_loader(args.step_ms / 1e3) if args.step_ms else None
+    stand_in = None
+    if args.step_ms:
+        stand_in = paced_loader(args.step_ms / 1e3, (args.prefill_ms or args.step_ms) / 1e3)
 
     def make_client(sink: EventSink) -> LocalClient:
         clients.append(LocalClient(spec, on_event=sink, load=stand_in))
@@ -285,10 +298,12 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
             speculate = {"speculate": True} if spec.speculate else {}  # --speculate N: every request asks to
             results = pool.submit(_load_in_child, running.url, *load, speculate).result()
         position = args.prompt_len + args.max_tokens // 2
-        idle = clients[0].call(lambda engine: getattr(engine.runner, "idle_s", None))
+        if args.step_ms:
+            for level in results:
+                start, end = level["started"], level["started"] + level["duration_s"]
+                busy = clients[0].call(lambda engine, a=start, b=end: engine.paced.busy_between(a, b))
+                level["device_busy"] = busy / level["duration_s"]
         comparison = clients[0].call(lambda engine: _bench_decode(engine, levels, position))
-        if idle is not None:
-            comparison["device_idle_s"] = idle
     finally:
         running.stop()
     return f"{info.name} on {info.device} ({info.dtype}, tp {info.tp})", results, comparison
@@ -327,13 +342,11 @@ def table(out: dict) -> str:
                 f"{step_ms:.2f} ms ({one['itl_ms']['p50'] / step_ms - 1:+.1%})"
             )
         lines.append(f"(bench's decode timed at position {out['bench']['position']}, the runs' mean context)")
-        idle = out["bench"].get("device_idle_s")
-        if idle is not None:
-            busy = sum(lv["duration_s"] for lv in out["levels"])
-            lines.append(
-                f"the stand-in's device waited {idle:.2f} s for the host to launch its next step, of the levels' "
-                f"{busy:.1f} s ({idle / busy:.0%})"
-            )
+    busy = [f"{lv['concurrency']} streams {lv['device_busy']:.0%}" for lv in out["levels"] if lv.get("device_busy")]
+    if busy:
+        lines.append(
+            f"the stand-in's device ran prefills and steps (the rest it waited for the host): {', '.join(busy)}"
+        )
     for lv in out["levels"]:
         for error in lv["errors"]:
             lines.append(f"{lv['concurrency']} streams: failed: {error}")
