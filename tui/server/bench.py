@@ -95,7 +95,10 @@ class Level:
     errors: list[str]
     started: float = 0.0  # time.perf_counter() at the level's start (one clock for every process of a machine)
     bench_decode_tps: float | None = None
+    client_cpu_s: float = 0.0  # the clients' process's CPU time over the level
+    loop_cpu_s: float | None = None  # the server's event loop thread's, where it runs here
     device_busy: float | None = None  # the stand-in's (--step-ms): the share of the level its device ran work
+    ceiling_tps: float | None = None  # the stand-in's rate for this load with a server that costs nothing
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -185,9 +188,9 @@ async def run_level(
         while pending:
             outcomes.append(await one_request(client, pending.pop(), max_tokens, extra))
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    duration = time.perf_counter() - start
+    duration, cpu = time.perf_counter() - start, time.process_time() - cpu
     good = [o for o in outcomes if o.ok]
     tokens = sum(o.output_tokens for o in good)
     return Level(
@@ -202,6 +205,7 @@ async def run_level(
         itl_ms=_summary_ms([g for o in good for g in o.gaps_s]),
         errors=sorted({o.error for o in outcomes if not o.ok})[:5],
         started=start,
+        client_cpu_s=cpu,
     )
 
 
@@ -226,8 +230,8 @@ def _load_in_child(*args: object) -> list[dict]:
 def main(args: argparse.Namespace) -> int:
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
-        paced = [args.step_ms or 1, args.prefill_ms or 1]
-        if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1 or min(paced) <= 0:
+        paced = [t for t in (args.step_ms, args.prefill_ms) if t is not None]
+        if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1 or any(t <= 0 for t in paced):
             raise ValueError
     except ValueError:
         print(
@@ -294,19 +298,54 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
             print(f"{PROG}: error: {with_flags(str(err), err.fields)}", file=sys.stderr)
             return 1
         print(f"{PROG}: serving {info.name} on {info.device} at {running.url}", file=sys.stderr, flush=True)
+        assert running.bridge.loop is not None
+        clock = asyncio.run_coroutine_threadsafe(_loop_clock(), running.bridge.loop)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             speculate = {"speculate": True} if spec.speculate else {}  # --speculate N: every request asks to
             results = pool.submit(_load_in_child, running.url, *load, speculate).result()
+        clock.cancel()
         position = args.prompt_len + args.max_tokens // 2
-        if args.step_ms:
-            for level in results:
-                start, end = level["started"], level["started"] + level["duration_s"]
+        for level in results:
+            start, end = level["started"], level["started"] + level["duration_s"]
+            level["loop_cpu_s"] = _LOOP_CPU.between(start, end)
+            if args.step_ms:
                 busy = clients[0].call(lambda engine, a=start, b=end: engine.paced.busy_between(a, b))
                 level["device_busy"] = busy / level["duration_s"]
+                level["ceiling_tps"] = _ceiling(level, args.step_ms, args.prefill_ms or args.step_ms)
         comparison = clients[0].call(lambda engine: _bench_decode(engine, levels, position))
     finally:
         running.stop()
     return f"{info.name} on {info.device} ({info.dtype}, tp {info.tp})", results, comparison
+
+
+class _CpuSamples:
+    """(perf_counter, the loop thread's CPU time) pairs, taken on the loop's thread, to read the CPU it spent
+    between two instants."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+
+    def between(self, start: float, end: float) -> float | None:
+        inside = [cpu for t, cpu in self.samples if start <= t <= end]
+        return inside[-1] - inside[0] if len(inside) > 1 else None
+
+
+_LOOP_CPU = _CpuSamples()
+_CLOCK_S = 0.05
+
+
+async def _loop_clock() -> None:
+    while True:
+        _LOOP_CPU.samples.append((time.perf_counter(), time.thread_time()))
+        await asyncio.sleep(_CLOCK_S)
+
+
+def _ceiling(level: dict, step_ms: float, prefill_ms: float) -> float:
+    """The stand-in's output tokens/s for a level's load with a server that costs nothing: every prompt's prefill
+    pauses the decode (as this engine's scheduler does), and the other tokens come `concurrency` a step."""
+    tokens, requests = level["output_tokens"], level["requests"] - level["failed"]
+    seconds = (requests * prefill_ms + (tokens - requests) / level["concurrency"] * step_ms) / 1e3
+    return tokens / seconds if seconds > 0 else 0.0
 
 
 def _bench_decode(engine: object, batches: list[int], position: int) -> dict:
@@ -342,11 +381,17 @@ def table(out: dict) -> str:
                 f"{step_ms:.2f} ms ({one['itl_ms']['p50'] / step_ms - 1:+.1%})"
             )
         lines.append(f"(bench's decode timed at position {out['bench']['position']}, the runs' mean context)")
-    busy = [f"{lv['concurrency']} streams {lv['device_busy']:.0%}" for lv in out["levels"] if lv.get("device_busy")]
-    if busy:
-        lines.append(
-            f"the stand-in's device ran prefills and steps (the rest it waited for the host): {', '.join(busy)}"
-        )
+    for lv in out["levels"]:
+        per_token = 1e6 / max(lv["output_tokens"], 1)
+        line = f"{lv['concurrency']} streams: the clients' CPU {lv['client_cpu_s'] * per_token:.0f} us a token"
+        if lv.get("loop_cpu_s") is not None:
+            line += f", the server's event loop's {lv['loop_cpu_s'] * per_token:.0f} us"
+        if lv.get("device_busy") is not None:
+            line += (
+                f"; the stand-in's device busy {lv['device_busy']:.0%} of the level, its ceiling for this load "
+                f"{lv['ceiling_tps']:.0f} tok/s (served {lv['output_tps'] / lv['ceiling_tps']:.0%} of it)"
+            )
+        lines.append(line)
     for lv in out["levels"]:
         for error in lv["errors"]:
             lines.append(f"{lv['concurrency']} streams: failed: {error}")
