@@ -53,9 +53,13 @@ class _Close:
 class LocalClient(BaseClient):
     """Loads the engine of `spec` on a worker thread (at `start()`) and serves requests there."""
 
-    def __init__(self, spec: EngineSpec, on_event: EventSink | None = None) -> None:
+    def __init__(
+        self, spec: EngineSpec, on_event: EventSink | None = None, load: Callable[..., Engine] | None = None
+    ) -> None:
+        """`load(spec, progress)` builds the engine on the worker (default `Engine.load`; `bench-serve --step-ms`
+        gives a stand-in's)."""
         super().__init__(on_event)
-        self.spec = spec
+        self.spec, self._load_engine = spec, load
         self._commands: queue.Queue[object] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._tok: Tokenizer | None = None
@@ -137,7 +141,8 @@ class LocalClient(BaseClient):
         try:
             from engine.engine import Engine  # imports torch: only ever on this thread
 
-            engine = Engine.load(self.spec, progress=lambda f, s: self.deliver(Loading(f, s)))
+            load = self._load_engine or Engine.load
+            engine = load(self.spec, lambda f, s: self.deliver(Loading(f, s)))
         except EngineError as err:
             failed = LoadFailed(str(err), err.fields)
         except Exception as err:  # an unexpected failure must still reach the user as one line

@@ -324,9 +324,16 @@ def test_metrics_count_requests_tokens_and_latencies(fake_server) -> None:
     url = fake_server.url
     before = metric(url, 'codellama_http_requests_total{route="/v1/completions",status="200"}')
     ttft = metric(url, "codellama_time_to_first_token_seconds_count")
+    itl = metric(url, "codellama_inter_token_latency_seconds_count")
+    slow = metric(url, 'codellama_inter_token_latency_seconds_bucket{le="0.001"}')
     httpx.post(f"{url}/v1/completions", json={"prompt": "x"})
     assert metric(url, 'codellama_http_requests_total{route="/v1/completions",status="200"}') == before + 1
     assert metric(url, "codellama_time_to_first_token_seconds_count") == ttft + 1
+    pieces = -(-len(ANSWERS["completion"]) // fake_server.fakes.client.chunk)  # the fake's text deltas
+    assert metric(url, "codellama_inter_token_latency_seconds_count") == itl + pieces - 1  # one gap after each
+    assert metric(url, 'codellama_inter_token_latency_seconds_bucket{le="+Inf"}') == itl + pieces - 1
+    assert metric(url, 'codellama_inter_token_latency_seconds_bucket{le="0.001"}') >= slow
+    assert metric(url, "codellama_inter_token_latency_seconds_sum") > 0
     assert metric(url, "codellama_generation_tokens_total") > 0
     assert metric(url, "codellama_kv_slots") == 4
     text = httpx.get(f"{url}/metrics").text
@@ -337,6 +344,32 @@ def test_metrics_count_requests_tokens_and_latencies(fake_server) -> None:
         'codellama_sequences_finished_total{reason="eos"}',
     ):
         assert name in text
+
+
+def test_a_generation_hands_over_everything_queued_at_once() -> None:
+    """A stream that fell behind writes what waits for it in one go: the events queued since its last batch."""
+    import asyncio
+
+    from engine.events import Finished, Stats, TextDelta
+    from tui.server.bridge import Generation, ShuttingDown
+
+    async def batches(items: list) -> list:
+        generation = Generation((), 0.0, open={"a"})
+        for item in items:
+            generation.put(item)
+        generation.open.clear()
+        got = []
+        try:
+            async for batch in generation.batches():
+                got.append(batch)
+        except ShuttingDown:
+            got.append("shutting down")
+        return got
+
+    deltas = [(0, TextDelta("a", t)) for t in ("x", "y")]
+    done = (0, Finished("a", "eos", "xy", Stats(1, 2, 0.0, 0.0)))
+    assert asyncio.run(batches([*deltas, done])) == [[*deltas, done]]
+    assert asyncio.run(batches([*deltas, None])) == [deltas, "shutting down"]
 
 
 def test_tokenize_gives_the_clients_prompt_ids(fake_server) -> None:

@@ -53,6 +53,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-tokens", type=int, default=256, metavar="N", help="new tokens per request (default 256)")
     b.add_argument("--seed", type=int, default=0, help="of the random prompts")
     b.add_argument("--json", metavar="FILE", help="write every number here too")
+    b.add_argument(
+        "--step-ms",
+        type=float,
+        metavar="MS",
+        help="serve a stand-in engine instead of a model: its device takes MS ms a decode step (as a GPU's), so "
+        "the run times what the server and its clients cost per token (the demo tokenizer's text; no model runs)",
+    )
+    b.add_argument(
+        "--prefill-ms",
+        type=float,
+        metavar="MS",
+        help="with --step-ms: the stand-in's prefill of one prompt (default: one step; 7B's 128-token prefill takes "
+        "about 20 ms on an H200)",
+    )
 
 
 @dataclass
@@ -79,7 +93,12 @@ class Level:
     ttft_ms: dict[str, float]
     itl_ms: dict[str, float]
     errors: list[str]
+    started: float = 0.0  # time.perf_counter() at the level's start (one clock for every process of a machine)
     bench_decode_tps: float | None = None
+    client_cpu_s: float = 0.0  # the clients' process's CPU time over the level
+    loop_cpu_s: float | None = None  # the server's event loop thread's, where it runs here
+    device_busy: float | None = None  # the stand-in's (--step-ms): the share of the level its device ran work
+    ceiling_tps: float | None = None  # the stand-in's rate for this load with a server that costs nothing
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -169,9 +188,9 @@ async def run_level(
         while pending:
             outcomes.append(await one_request(client, pending.pop(), max_tokens, extra))
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    duration = time.perf_counter() - start
+    duration, cpu = time.perf_counter() - start, time.process_time() - cpu
     good = [o for o in outcomes if o.ok]
     tokens = sum(o.output_tokens for o in good)
     return Level(
@@ -185,6 +204,8 @@ async def run_level(
         ttft_ms=_summary_ms([o.ttft_s for o in good]),
         itl_ms=_summary_ms([g for o in good for g in o.gaps_s]),
         errors=sorted({o.error for o in outcomes if not o.ok})[:5],
+        started=start,
+        client_cpu_s=cpu,
     )
 
 
@@ -209,11 +230,13 @@ def _load_in_child(*args: object) -> list[dict]:
 def main(args: argparse.Namespace) -> int:
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
-        if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1:
+        paced = [t for t in (args.step_ms, args.prefill_ms) if t is not None]
+        if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1 or any(t <= 0 for t in paced):
             raise ValueError
     except ValueError:
         print(
-            f"{PROG}: error: --concurrency takes numbers >= 1 (1,8,32); --prompt-len >= 2, --max-tokens >= 1",
+            f"{PROG}: error: --concurrency takes numbers >= 1 (1,8,32); --prompt-len >= 2, --max-tokens >= 1, "
+            "--step-ms and --prefill-ms > 0",
             file=sys.stderr,
         )
         return 2
@@ -250,6 +273,7 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
     from engine.client import EventSink
     from engine.errors import EngineError
     from engine.local_client import LocalClient
+    from engine.paced import paced_loader
     from tui.cli import spec_of, with_flags
     from tui.server.run import make_bridge, start_in_thread
 
@@ -258,8 +282,12 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
         spec = replace(spec, max_seq_len=args.prompt_len + args.max_tokens + 64)
     clients: list[LocalClient] = []
 
+    stand_in = None
+    if args.step_ms:
+        stand_in = paced_loader(args.step_ms / 1e3, (args.prefill_ms or args.step_ms) / 1e3)
+
     def make_client(sink: EventSink) -> LocalClient:
-        clients.append(LocalClient(spec, on_event=sink))
+        clients.append(LocalClient(spec, on_event=sink, load=stand_in))
         return clients[0]
 
     running = start_in_thread(make_bridge(make_client, spec.max_batch, max(levels)))
@@ -270,14 +298,54 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
             print(f"{PROG}: error: {with_flags(str(err), err.fields)}", file=sys.stderr)
             return 1
         print(f"{PROG}: serving {info.name} on {info.device} at {running.url}", file=sys.stderr, flush=True)
+        assert running.bridge.loop is not None
+        clock = asyncio.run_coroutine_threadsafe(_loop_clock(), running.bridge.loop)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             speculate = {"speculate": True} if spec.speculate else {}  # --speculate N: every request asks to
             results = pool.submit(_load_in_child, running.url, *load, speculate).result()
+        clock.cancel()
         position = args.prompt_len + args.max_tokens // 2
+        for level in results:
+            start, end = level["started"], level["started"] + level["duration_s"]
+            level["loop_cpu_s"] = _LOOP_CPU.between(start, end)
+            if args.step_ms:
+                busy = clients[0].call(lambda engine, a=start, b=end: engine.paced.busy_between(a, b))
+                level["device_busy"] = busy / level["duration_s"]
+                level["ceiling_tps"] = _ceiling(level, args.step_ms, args.prefill_ms or args.step_ms)
         comparison = clients[0].call(lambda engine: _bench_decode(engine, levels, position))
     finally:
         running.stop()
     return f"{info.name} on {info.device} ({info.dtype}, tp {info.tp})", results, comparison
+
+
+class _CpuSamples:
+    """(perf_counter, the loop thread's CPU time) pairs, taken on the loop's thread, to read the CPU it spent
+    between two instants."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+
+    def between(self, start: float, end: float) -> float | None:
+        inside = [cpu for t, cpu in self.samples if start <= t <= end]
+        return inside[-1] - inside[0] if len(inside) > 1 else None
+
+
+_LOOP_CPU = _CpuSamples()
+_CLOCK_S = 0.05
+
+
+async def _loop_clock() -> None:
+    while True:
+        _LOOP_CPU.samples.append((time.perf_counter(), time.thread_time()))
+        await asyncio.sleep(_CLOCK_S)
+
+
+def _ceiling(level: dict, step_ms: float, prefill_ms: float) -> float:
+    """The stand-in's output tokens/s for a level's load with a server that costs nothing: every prompt's prefill
+    pauses the decode (as this engine's scheduler does), and the other tokens come `concurrency` a step."""
+    tokens, requests = level["output_tokens"], level["requests"] - level["failed"]
+    seconds = (requests * prefill_ms + (tokens - requests) / level["concurrency"] * step_ms) / 1e3
+    return tokens / seconds if seconds > 0 else 0.0
 
 
 def _bench_decode(engine: object, batches: list[int], position: int) -> dict:
@@ -313,6 +381,17 @@ def table(out: dict) -> str:
                 f"{step_ms:.2f} ms ({one['itl_ms']['p50'] / step_ms - 1:+.1%})"
             )
         lines.append(f"(bench's decode timed at position {out['bench']['position']}, the runs' mean context)")
+    for lv in out["levels"]:
+        per_token = 1e6 / max(lv["output_tokens"], 1)
+        line = f"{lv['concurrency']} streams: the clients' CPU {lv['client_cpu_s'] * per_token:.0f} us a token"
+        if lv.get("loop_cpu_s") is not None:
+            line += f", the server's event loop's {lv['loop_cpu_s'] * per_token:.0f} us"
+        if lv.get("device_busy") is not None:
+            line += (
+                f"; the stand-in's device busy {lv['device_busy']:.0%} of the level, its ceiling for this load "
+                f"{lv['ceiling_tps']:.0f} tok/s (served {lv['output_tps'] / lv['ceiling_tps']:.0%} of it)"
+            )
+        lines.append(line)
     for lv in out["levels"]:
         for error in lv["errors"]:
             lines.append(f"{lv['concurrency']} streams: failed: {error}")

@@ -36,21 +36,44 @@ class ShuttingDown(Exception):
 @dataclass(eq=False)
 class Generation:
     """One HTTP request's sequences (its `n` choices) and the events that come back for them, as
-    `(choice index, event)`. Iterate it to get them up to the last choice's terminal event."""
+    `(choice index, event)`. `batches()` gives them as they came, all that arrived since the last batch at once,
+    up to the last choice's terminal event; iterating it gives them one by one."""
 
     requests: tuple[Request, ...]
     arrived: float
-    events: asyncio.Queue[tuple[int, Event] | None] = field(default_factory=asyncio.Queue)
+    events: deque[tuple[int, Event] | None] = field(default_factory=deque)  # None: the server is stopping
     open: set[str] = field(default_factory=set)  # ids without a terminal event yet
     closed: bool = False  # the caller stopped listening
     last_text: dict[str, float] = field(default_factory=dict)  # when each choice's latest text came
+    _waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: tuple[int, Event] | None) -> None:
+        self.events.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def batches(self) -> AsyncIterator[list[tuple[int, Event]]]:
+        """Each wake-up's events together: a stream that fell behind catches up in one write, not one per token."""
+        while self.open or self.events:
+            if not self.events:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            batch = list(self.events)
+            self.events.clear()
+            if None in batch:
+                if batch.index(None):
+                    yield batch[: batch.index(None)]  # type: ignore[misc]
+                raise ShuttingDown
+            yield batch  # type: ignore[misc]
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Event]]:
-        while self.open or not self.events.empty():
-            item = await self.events.get()
-            if item is None:
-                raise ShuttingDown
-            yield item
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
 
 class Bridge:
@@ -93,6 +116,11 @@ class Bridge:
 
     # ---- lifecycle
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the server runs on, once started."""
+        return self._loop
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.client = self.make_client(self._from_worker)
@@ -105,7 +133,7 @@ class Bridge:
         self.stopping = True
         for generation in {g for g, _ in self._owner.values()}:
             self.close(generation)
-            generation.events.put_nowait(None)
+            generation.put(None)
 
     def shutdown_threadsafe(self) -> None:
         """`shutdown` from any thread, or from a signal handler."""
@@ -199,6 +227,13 @@ class Bridge:
             self._on_event(self._inbox.popleft())
 
     def _on_event(self, event: Event) -> None:
+        if type(event) is TextDelta:  # most events: one per token per stream
+            owner = self._owner.get(event.request_id)
+            if owner is not None:
+                self._time_text(owner[0], event.request_id)
+                if not owner[0].closed:
+                    owner[0].put((owner[1], event))
+            return
         if isinstance(event, Loading):
             if event.stage != self._last_stage:
                 log.info("loading %3.0f%% %s", 100 * event.fraction, event.stage)
@@ -233,10 +268,8 @@ class Bridge:
         if owner is None:
             return
         generation, index = owner
-        if isinstance(event, TextDelta):
-            self._time_text(generation, request_id)
         if not generation.closed:
-            generation.events.put_nowait((index, event))
+            generation.put((index, event))
 
     def _time_text(self, generation: Generation, request_id: str) -> None:
         now = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # json.dumps(text, ensure_ascii=False) for a str, without its layers
 
 from pydantic import BaseModel
 
@@ -77,7 +78,7 @@ class TextChunks:
             head, hole, tail = sse(self.render(index, _HOLE)).partition(json.dumps(_HOLE))
             assert hole, "the chunk's text hole is rendered as json.dumps renders it"
             parts = self._parts[index] = (head, tail)
-        return parts[0] + json.dumps(text, ensure_ascii=False).translate(_LINE_ENDS) + parts[1]
+        return parts[0] + encode_basestring(text).translate(_LINE_ENDS) + parts[1]
 
 
 @dataclass
@@ -102,14 +103,14 @@ class Tally:
     def add(self, index: int, event: Event) -> None:
         """Take one event; a `Failed` raises the ApiError its caller gets (400 if it never started)."""
         choice = self.choices[index]
-        if isinstance(event, Started):
+        if isinstance(event, TextDelta):
+            choice.text.append(event.text)
+        elif isinstance(event, Started):
             choice.prompt_tokens = event.prompt_tokens
         elif isinstance(event, TurnsDropped):
             choice.turns_dropped = event.count
         elif isinstance(event, TextClipped):
             choice.clipped = (event.before, event.after)
-        elif isinstance(event, TextDelta):
-            choice.text.append(event.text)
         elif isinstance(event, Finished):
             choice.finished = event
         elif isinstance(event, Failed):
@@ -192,19 +193,23 @@ async def _stream(
     `failure` what ends a stream that fails."""
     tally = Tally(len(generation.requests))
     try:
-        async for index, event in generation:
-            tally.add(index, event)
-            data = chunk(index, event, tally)
-            if data is not None:
-                yield data
-        for data in ending(tally):
-            yield data
-    except ApiError as err:
-        for data in failure(err.body()):
-            yield data
+        async for batch in generation.batches():
+            out: list[str] = []  # a batch's events go out in one write
+            try:
+                for index, event in batch:
+                    tally.add(index, event)
+                    data = chunk(index, event, tally)
+                    if data is not None:
+                        out.append(data)
+            except ApiError as err:
+                out += failure(err.body())
+                yield "".join(out)
+                return
+            if out:
+                yield "".join(out)
+        yield "".join(ending(tally))
     except ShuttingDown:
-        for data in failure(error_body("the server is shutting down", 503)):
-            yield data
+        yield "".join(failure(error_body("the server is shutting down", 503)))
     finally:
         bridge.close(generation)
 
