@@ -124,8 +124,9 @@ class Serve:
 class FakeOpenAI:
     """A foreign OpenAI-compatible server on a real socket of 127.0.0.1, none of our fields: it streams `words` as
     OpenAI's chunks (then usage and [DONE]), refuses `suffix` as vLLM does unless `takes_suffix`, wants `key` if
-    given, waits `pause_s` before each chunk, and with `drop_after` closes the connection after that many chunks,
-    mid-answer. `bodies` holds the JSON of every request it got. `port` 0 picks a free one."""
+    given, waits `pause_s` before each chunk, with `hold` waits after the first chunk until `release` is set, and
+    with `drop_after` closes the connection after that many chunks, mid-answer. `bodies` holds the JSON of every
+    request it got. `port` 0 picks a free one."""
 
     MODEL = "fake-model"
 
@@ -137,6 +138,7 @@ class FakeOpenAI:
         key: str | None = None,
         takes_suffix: bool = False,
         pause_s: float = 0.0,
+        hold: bool = False,
         drop_after: int | None = None,
         health: bool = True,
     ) -> None:
@@ -145,6 +147,7 @@ class FakeOpenAI:
         fake = self
         self.words, self.key, self.takes_suffix = words, key, takes_suffix
         self.pause_s, self.drop_after, self.health = pause_s, drop_after, health
+        self.hold, self.release = hold, threading.Event()
         self.bodies: list[dict] = []
         self.connections: set[socket.socket] = set()
 
@@ -216,6 +219,8 @@ class FakeOpenAI:
                         self.close_connection = True
                         return
                     time.sleep(fake.pause_s)
+                    if fake.hold and n == 1:
+                        fake.release.wait()
                     data = f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n".encode()
                     try:
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -240,6 +245,7 @@ class FakeOpenAI:
 
     def __exit__(self, *exc: object) -> None:
         """Stop as a killed server would: the kept-alive connections close too."""
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
         for connection in list(self.connections):

@@ -56,8 +56,7 @@ async def test_the_log_fills_the_screen_and_gives_it_back() -> None:
         log = await _answered(pilot, app)
         await pilot.press("ctrl+l", "m")
         assert app.screen.maximized is log
-        await pilot.pause(0.1)
-        assert log.region.width == 80 and log.region.height == 22  # all but the status line and the footer
+        await wait_for(pilot, lambda: log.region.width == 80 and log.region.height == 22)  # all but status, footer
         assert app.screen.query_one("#status").region.height == 1
         await pilot.press("m")
         assert app.screen.maximized is None
@@ -91,6 +90,10 @@ async def test_the_focused_log_shows_its_own_keys_at_80_columns() -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await _answered(pilot, app)
         await pilot.press("ctrl+l")
-        await pilot.pause(0.2)
-        keys = [key.key for key in app.screen.query_one("Footer").children]
-        assert keys[:2] == ["f1", "c"] and {"y", "m", "f8", "ctrl+n"} <= set(keys), keys
+
+        def footer_keys() -> list[str]:
+            return [key.key for key in app.screen.query_one("Footer").children]
+
+        await wait_for(pilot, lambda: footer_keys()[:2] == ["f1", "c"])  # the footer is rebuilt after a refresh
+        keys = footer_keys()
+        assert {"y", "m", "f8", "ctrl+n"} <= set(keys), keys

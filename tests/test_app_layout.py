@@ -12,6 +12,7 @@ from textual.widgets import Static
 from tests.fakes import INFO, FakeClient
 from tests.test_app import idle, make_app, ready, wait_for
 from tui.app import CodeLlamaApp
+from tui.apply_screen import ApplyScreen
 from tui.help_screen import HelpScreen
 from tui.main_screen import MainScreen
 from tui.screens import ConfirmScreen, ConflictScreen, PromptScreen, QuitScreen
@@ -62,19 +63,27 @@ async def test_status_and_footer_fit_and_keep_what_matters(size: tuple[int, int]
         await wait_for(pilot, lambda: app._jobs)
         app.chat_input.load_text("and then")
         app.status.note = NOTE
-        await pilot.pause(0.3)
+        keys_while_running = {"escape", "f1", "f5", "f8", "ctrl+n"}
+
+        def laid_out() -> bool:  # the note shortened, the keys rebuilt and measured
+            keys = app.screen.query_one(Footer).children
+            return (
+                "…" in shown_status(app)
+                and keys_while_running <= set(footer_keys(app))
+                and all(key.outer_size.width for key in keys)
+            )
+
+        await wait_for(pilot, laid_out)
         line = shown_status(app)
         assert len(line) <= size[0] and "chat" in line and "ctx " in line and "…" in line, line
         keys = footer_keys(app)
-        assert {"escape", "f1", "f5", "f8", "ctrl+n"} <= set(keys), keys
         footer = app.screen.query_one(Footer)
         assert sum(key.outer_size.width for key in footer.children) <= size[0]  # nothing runs past the edge
         assert "ctrl+p" not in keys  # no docked palette key over the others at this width
         await pilot.press("escape")
-        await wait_for(pilot, lambda: not app._jobs)
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: "escape" not in footer_keys(app))
         keys = footer_keys(app)
-        assert "escape" not in keys and {"f1", "f5", "f8", "ctrl+n"} <= set(keys), keys
+        assert not app._jobs and {"f1", "f5", "f8", "ctrl+n"} <= set(keys), keys
 
 
 def screen_text(app: CodeLlamaApp) -> str:
@@ -94,9 +103,13 @@ async def test_the_quit_dialog_shows_all_its_choices(size: tuple[int, int]) -> N
         app.editor.insert("x")
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: isinstance(app.screen, QuitScreen))
-        await pilot.pause(0.2)
-        text = " ".join(re.sub("[│█╭╮╰╯─▀▄]", " ", screen_text(app)).split())  # the dialog's lines, unboxed
-        assert "s: save and quit" in text and "d: quit without saving" in text and "Esc: keep editing" in text
+
+        def text() -> str:  # the dialog's lines, unboxed
+            return " ".join(re.sub("[│█╭╮╰╯─▀▄]", " ", screen_text(app)).split())
+
+        await wait_for(pilot, lambda: "Esc: keep editing" in text())  # drawn
+        shown = text()
+        assert "s: save and quit" in shown and "d: quit without saving" in shown
 
 
 async def test_f1_lists_every_key_from_the_bindings_and_esc_closes_it() -> None:
@@ -120,8 +133,7 @@ async def test_esc_closes_the_keys_panel() -> None:
         app.action_show_help_panel()
         await wait_for(pilot, lambda: app.screen.query("HelpPanel"))
         await pilot.press("escape")
-        await pilot.pause(0.1)
-        assert not app.screen.query("HelpPanel")
+        await wait_for(pilot, lambda: not app.screen.query("HelpPanel"))
 
 
 LONG = "".join(f"x{i} = {i}\n" for i in range(60))
@@ -136,10 +148,9 @@ async def test_the_view_follows_the_cursor_after_tab_accepts_a_suggestion() -> N
         await pilot.press("f2")
         await wait_for(pilot, idle(app))
         await pilot.press("tab")
-        await pilot.pause(0.1)
         editor = app.editor
         assert editor.cursor_location == (90, 0)
-        assert editor.scroll_y <= 90 < editor.scroll_y + editor.scrollable_content_region.height
+        await wait_for(pilot, lambda: editor.scroll_y <= 90 < editor.scroll_y + editor.scrollable_content_region.height)
 
 
 async def test_the_view_follows_the_cursor_after_f7_applies_a_block() -> None:
@@ -154,12 +165,14 @@ async def test_the_view_follows_the_cursor_after_f7_applies_a_block() -> None:
         app.editor.focus()
         app.editor.move_cursor((60, 0))  # the end, past the last paragraph: the block is inserted there
         await pilot.press("f7")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: isinstance(app.screen, ApplyScreen))
         await pilot.press("y")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: isinstance(app.screen, MainScreen))
         editor = app.editor
         row = editor.cursor_location[0]
-        assert row == 60 + 29 and editor.scroll_y <= row < editor.scroll_y + editor.scrollable_content_region.height
+        assert row == 60 + 29
+        height = editor.scrollable_content_region.height
+        await wait_for(pilot, lambda: editor.scroll_y <= row < editor.scroll_y + height)
 
 
 async def test_ghost_lines_below_the_viewport_scroll_into_view() -> None:
@@ -174,9 +187,8 @@ async def test_ghost_lines_below_the_viewport_scroll_into_view() -> None:
         assert editor.scroll_y == 0
         await pilot.press("f2")
         await wait_for(pilot, idle(app))
-        await pilot.pause(0.1)
         row = editor.cursor_location[0]
-        assert editor.scroll_y > 0 and row + len(editor.ghost_tail()) < editor.scroll_y + height
+        await wait_for(pilot, lambda: editor.scroll_y > 0 and row + len(editor.ghost_tail()) < editor.scroll_y + height)
         assert app.query_one("#ghost-lines").has_class("-visible")
 
 
@@ -196,11 +208,9 @@ async def test_esc_closes_every_dialog(dialog) -> None:  # noqa: ANN001 - a scre
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
         app.push_screen(dialog())
-        await pilot.pause(0.1)
-        assert not isinstance(app.screen, MainScreen)
+        await wait_for(pilot, lambda: not isinstance(app.screen, MainScreen))
         await pilot.press("escape")
-        await pilot.pause(0.1)
-        assert isinstance(app.screen, MainScreen)
+        await wait_for(pilot, lambda: isinstance(app.screen, MainScreen))
 
 
 async def test_a_suggestion_at_the_end_of_a_long_file_scrolls_into_view() -> None:
@@ -210,13 +220,11 @@ async def test_a_suggestion_at_the_end_of_a_long_file_scrolls_into_view() -> Non
         await ready(pilot)
         editor = app.editor
         editor.move_cursor((60, 0))  # the last line, at the viewport's bottom
-        await pilot.pause(0.1)
         height = editor.scrollable_content_region.height
-        assert editor.scroll_y == 60 - height + 1
+        await wait_for(pilot, lambda: editor.scroll_y == 60 - height + 1)
         await pilot.press("f2")
         await wait_for(pilot, idle(app))
-        await pilot.pause(0.1)
-        assert 60 + len(editor.ghost_tail()) < editor.scroll_y + height  # every ghost line is in view
+        await wait_for(pilot, lambda: 60 + len(editor.ghost_tail()) < editor.scroll_y + height)  # every ghost line
         assert app.query_one("#ghost-lines").has_class("-visible")
         await pilot.press("escape")
         assert editor.virtual_size.height == 61  # the room goes with the ghost

@@ -153,7 +153,7 @@ async def test_a_server_that_goes_away_shows_in_the_status_line_and_a_later_requ
 
 
 async def test_a_slow_server_never_freezes_the_keys() -> None:
-    with FakeOpenAI(pause_s=0.3) as slow:
+    with FakeOpenAI(pause_s=0.3, hold=True) as slow:
         app = remote(slow.url, text="", cap="chat")
         async with app.run_test(size=(120, 36)) as pilot:
             await wait_for(pilot, lambda: app.info is not None, timeout=30)
@@ -163,5 +163,6 @@ async def test_a_slow_server_never_freezes_the_keys() -> None:
             await pilot.press("f4")  # to the editor, while the answer is on its way
             await pilot.press("a", "b", "c")
             assert app.editor.text == "abc" and app._jobs  # the keys landed before the answer did
+            slow.release.set()
             await wait_for(pilot, lambda: not app._jobs, timeout=30)
             assert app.chat_log.last_answer == "Hello, world!"

@@ -103,6 +103,20 @@ async def test_ctrl_o_opens_the_picked_file_in_a_new_tab(project: Path) -> None:
         assert app.file.path == str(project / "pkg" / "b.py") and len(app.buffers) == 1
 
 
+async def test_enter_before_the_matches_come_opens_the_best_match_of_what_was_typed(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(text="")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await pick(pilot, "", "a.py")
+        picker = app.screen
+        monkeypatch.setattr(picker, "_find", lambda query, candidates: None)  # its matcher thread answers late
+        picker.query_one("#picker-query", Input).value = "pkgb"
+        await pilot.press("enter")  # the list still shows the empty query's matches, a.py first
+        await wait_for(pilot, lambda: app.file.path == str(project / "pkg" / "b.py"))
+
+
 async def test_a_file_that_cannot_be_edited_is_refused_in_one_line_and_an_open_one_comes_to_the_front(
     project: Path,
 ) -> None:

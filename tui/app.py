@@ -115,7 +115,7 @@ def _while_open(handler: Callable[[CodeLlamaApp, M], None]) -> Callable[[CodeLla
 
     @functools.wraps(handler)
     def guarded(app: CodeLlamaApp, message: M) -> None:
-        if app.is_running and app.screen_stack:
+        if app.is_open:
             handler(app, message)
 
     return guarded
@@ -197,6 +197,12 @@ class CodeLlamaApp(App[int]):
 
     def get_default_screen(self) -> MainScreen:
         return MainScreen(FileTabs.pane(self._active, self.buffer.name, self.file.text, self.file.path))
+
+    @property
+    def is_open(self) -> bool:
+        """False from the moment the app starts to close: Textual then removes the widgets (children before their
+        parents) while timers and queued messages still run, so late work must not reach for them."""
+        return self.is_running and bool(self.screen_stack)
 
     # The widgets live on the main screen, the first on the stack: an engine event or a timer that reaches them
     # while a dialog is on top must not look for them on the dialog.
@@ -306,7 +312,10 @@ class CodeLlamaApp(App[int]):
         self.post_message(engine_message(event))
 
     def _flush_stream(self) -> None:
-        """Move buffered text into the widgets (at most FLUSH_HZ times a second)."""
+        """Move buffered text into the widgets (at most FLUSH_HZ times a second); while the app closes the text
+        stays buffered (an answer cut short by quitting keeps it)."""
+        if not self.is_open:
+            return
         with self._lock:
             pending, self._pending = self._pending, {}
         for request_id, parts in pending.items():
@@ -562,6 +571,8 @@ class CodeLlamaApp(App[int]):
 
     def _suggest_after_pause(self) -> None:
         self._suggest_timer = None
+        if not self.is_open:
+            return
         editor = self.editor
         quiet = not any(job.in_editor for job in self._jobs.values()) and not editor.ghost_active
         here = editor.cursor_location == self._suggest_at and editor.selection.is_empty and editor.has_focus
@@ -741,7 +752,7 @@ class CodeLlamaApp(App[int]):
         try:
             self.history.save(self.chat_record)
         except HistoryError as err:
-            if self.screen_stack:
+            if self.is_open:
                 self.status.note = f"chat not saved: {err}; it is kept here and saved with its next turn"
 
     def action_history(self) -> None:
@@ -851,12 +862,12 @@ class CodeLlamaApp(App[int]):
     @on(CodeEditor.GhostChanged)
     @on(CodeEditor.SelectionChanged)
     def _keys_may_change(self) -> None:
-        if self.screen_stack:  # not for a message that came while the app closed: its screens are gone
+        if self.is_open:
             self._refresh_keys()  # Tab accepts a ghost, Esc dismisses it, F6 asks about a selection
 
     @on(CodeEditor.Changed, "#editor")
     def _edited(self, message: CodeEditor.Changed) -> None:
-        if not self.screen_stack:  # a change that bubbled up while the app closed: its screens are gone
+        if not self.is_open:  # a change that bubbled up while the app closed
             return
         buffer = self._buffer_of(message.text_area)
         if buffer is not None:
@@ -876,7 +887,7 @@ class CodeLlamaApp(App[int]):
         Each rebuild makes new key widgets (Textual's Footer keeps the old ones alive), so refreshing on every
         streamed delta or cursor move would grow memory without bound.
         """
-        if not self.screen_stack:  # a message that came while the app closed: its screens are gone
+        if not self.is_open:
             return
         keys = tuple(
             (key, active.binding.action, active.enabled)
@@ -1268,7 +1279,7 @@ class CodeLlamaApp(App[int]):
         self._recovery_timer = self.set_timer(RECOVERY_DELAY_S, self._write_recovery_now)
 
     def _write_recovery_now(self) -> None:
-        if not self.screen_stack:  # the timer outlived the app's screens while it closed: nothing left to copy
+        if not self.is_open:  # the timer outlived the app's widgets while it closed: nothing left to copy
             return
         if not self.keep_recovery_copy(edited_only=True):
             self.status.note = "NO recovery copy: the recovery folder cannot be written"

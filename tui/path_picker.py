@@ -120,6 +120,7 @@ class PathPicker(ModalScreen["str | None"]):
         self.root = Path(root)
         self._limit = limit
         self._paths: list[str] = []
+        self._shown: str | None = None  # the query whose matches the list shows
 
     def compose(self) -> ComposeResult:
         with Vertical(id="picker"):
@@ -180,6 +181,7 @@ class PathPicker(ModalScreen["str | None"]):
         matches = self.query_one("#picker-matches", OptionList)
         matches.set_options(options)
         matches.highlighted = 0 if options else None
+        self._shown = message.query
 
     def action_move(self, step: int) -> None:
         matches = self.query_one("#picker-matches", OptionList)
@@ -188,6 +190,12 @@ class PathPicker(ModalScreen["str | None"]):
 
     @on(Input.Submitted, "#picker-query")
     def _submitted(self) -> None:
+        query = self.query_one("#picker-query", Input).value.strip()
+        if query != self._shown:  # Enter came before the matches of what was typed: the list is an older query's
+            best = best_matches(query, self._paths, 1)
+            if best:
+                self.dismiss(str(self.root / best[0]))
+            return
         option = self.query_one("#picker-matches", OptionList).highlighted_option
         if option is not None and option.id is not None:
             self.dismiss(str(self.root / option.id))
