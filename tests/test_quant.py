@@ -155,16 +155,58 @@ def test_the_demo_evaluation_scores_quantized_weights() -> None:
     the scores come next to the unquantized model's on the same lines (a small run: a few lines, short windows)."""
     from engine.demo import evaluate as ev
 
-    res = ev.quantized_scores(DEMO_DIR, torch.device("cpu"), ["int8"], n_infills=6, seq_len=256, max_new=8,
-                              max_chars_per_file=600)  # fmt: skip
-    base, int8 = res["formats"]["unquantized"], res["formats"]["int8"]
-    assert res["lines"] == 6 and base["same_infill"] == 1.0
+    res = ev.quantized_scores(DEMO_DIR, torch.device("cpu"), ["int8", "bfloat16"], n_infills=6, seq_len=256,
+                              max_new=8, max_chars_per_file=600)  # fmt: skip
+    base, int8, bf16 = (res["formats"][f] for f in ("unquantized", "int8", "bfloat16"))
+    assert res["lines"] == 6 and base["same_infill"] == 1.0 and bf16["same_infill_bfloat16"] == 1.0
+    assert res["yardstick"] == "bfloat16" and res["median_gap"] > 0
     assert 0 < abs(int8["perplexity"] / base["perplexity"] - 1) < 0.02
-    assert "- int8: perplexity" in ev._quant_summary(res)
+    assert 0 < abs(bf16["perplexity"] / base["perplexity"] - 1) < 0.02
+    assert 0 <= int8["same_infill_bfloat16"] <= 1
+    assert "- int8: perplexity" in ev._quant_summary(res) and "against bfloat16" in ev._quant_summary(res)
     model, _ = ev.load(DEMO_DIR, torch.device("cpu"))
     head, down = model.lm_head.weight.clone(), model.model.layers[0].mlp.down_proj.weight.clone()
     ev.round_trip(model, "int4")
     assert torch.equal(model.lm_head.weight, head) and not torch.equal(model.model.layers[0].mlp.down_proj.weight, down)
+
+
+def test_the_bfloat16_yardstick_computes_what_a_bfloat16_gemm_does() -> None:
+    """On the CPU the yardstick's linear layers are float32 GEMMs of their bfloat16 values, rounded to bfloat16:
+    PyTorch's own bfloat16 GEMM gives the same values but for the order of its sums (a last bit, rarely)."""
+    from engine.demo.evaluate import bfloat16_gemms
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False).to(torch.bfloat16)
+    x = torch.randn(64, 256).to(torch.bfloat16)
+    native = linear(x)
+    with bfloat16_gemms(linear):
+        emulated = linear(x)
+    assert emulated.dtype == torch.bfloat16
+    assert torch.equal(emulated, torch.nn.functional.linear(x.float(), linear.weight.float()).to(torch.bfloat16))
+    assert float((emulated != native).float().mean()) < 0.01
+    assert torch.allclose(emulated.float(), native.float(), rtol=2**-6, atol=0)
+    assert "forward" not in vars(linear)
+
+
+def test_greedy_reports_each_lines_closest_call() -> None:
+    """`greedy_with_gaps`: the ids up to the stop, and the smallest best-minus-second logit over the chosen tokens
+    (the stop's choice included)."""
+    from types import SimpleNamespace
+
+    from engine.demo.evaluate import greedy_with_gaps
+
+    table = torch.zeros(8, 8)
+    table[0, 4], table[0, 5] = 3.0, 2.0  # after 0: 4, by 1.0
+    table[4, 3], table[4, 6] = 2.0, 1.75  # after 4: the stop, by 0.25
+    table[7, 3], table[7, 1] = 1.0, 0.5  # after 7: the stop, by 0.5
+
+    class TableModel(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
+            return SimpleNamespace(logits=table[input_ids], past_key_values=None)
+
+    ids, gaps = greedy_with_gaps(TableModel(), [[1, 0], [7]], 5, {3}, torch.device("cpu"))
+    assert ids == [[4], []]
+    assert gaps == [0.25, 0.5]
 
 
 def test_every_command_that_runs_the_engine_documents_quant(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,10 +18,13 @@ import json
 import math
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +137,6 @@ def decode_infilling(sp: object, ids: list[int]) -> str:
     return sp.decode([sp.piece_to_id(SMILEY)] + ids)[1:]  # type: ignore[attr-defined]
 
 
-@torch.no_grad()
 def greedy(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -144,7 +146,22 @@ def greedy(
     batch: int = 64,
 ) -> list[list[int]]:
     """Batched greedy decoding with a KV cache (left padding); each row stops at its first stop id."""
+    return greedy_with_gaps(model, prompts, max_new, stop_ids, device, batch)[0]
+
+
+@torch.no_grad()
+def greedy_with_gaps(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new: int,
+    stop_ids: set[int],
+    device: torch.device,
+    batch: int = 64,
+) -> tuple[list[list[int]], list[float]]:
+    """`greedy`'s ids, and for each row the smallest gap between its best and second-best logit over the tokens it
+    chose (its stop included): a small gap is a near tie, which a tiny change to the weights can flip."""
     outs: list[list[int]] = [[] for _ in prompts]
+    gaps: list[float] = [math.inf for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop = torch.tensor(sorted(stop_ids), device=device)
     for s in range(0, len(order), batch):
@@ -157,13 +174,16 @@ def greedy(
             ids[r, width - len(p) :] = torch.tensor(p, device=device)
             mask[r, width - len(p) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
-        gen = []
-        nxt = out.logits[:, -1].argmax(-1)
+        gen, gen_gaps = [], []
+        logits = out.logits[:, -1].float()
         for _ in range(max_new):
+            nxt = logits.argmax(-1)
+            top2 = logits.topk(2, -1).values
             gen.append(nxt)
+            gen_gaps.append(top2[:, 0] - top2[:, 1])
             done |= torch.isin(nxt, stop)
             if bool(done.all()):
                 break
@@ -173,16 +193,17 @@ def greedy(
                 input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
             )
             past = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1)
-        g = torch.stack(gen, 1).tolist()
+            logits = out.logits[:, -1].float()
+        g, gg = torch.stack(gen, 1).tolist(), torch.stack(gen_gaps, 1).tolist()
         for r, i in enumerate(idx):
             row = []
-            for t in g[r]:
+            for t, gap in zip(g[r], gg[r], strict=True):
+                gaps[i] = min(gaps[i], gap)
                 if t in stop_ids:
                     break
                 row.append(t)
             outs[i] = row
-    return outs
+    return outs, gaps
 
 
 def newline_ids(sp: object) -> set[int]:
@@ -264,9 +285,16 @@ def infill_predictions(
     model: torch.nn.Module, sp: object, prompts: list[list[int]], device: torch.device, max_new: int, batch: int
 ) -> list[str]:
     """The first line of each PSM prompt's greedy infill, stopped at `▁<EOT>` or a newline."""
+    return infills_and_gaps(model, sp, prompts, device, max_new, batch)[0]
+
+
+def infills_and_gaps(
+    model: torch.nn.Module, sp: object, prompts: list[list[int]], device: torch.device, max_new: int, batch: int
+) -> tuple[list[str], list[float]]:
+    """`infill_predictions`, and each line's smallest top-2 logit gap (`greedy_with_gaps`)."""
     stops = {Ids.of(sp).eot, EOS} | newline_ids(sp)
-    gens = greedy(model, prompts, max_new, stops, device, batch)
-    return [decode_infilling(sp, g).split("\n")[0] for g in gens]
+    gens, gaps = greedy_with_gaps(model, prompts, max_new, stops, device, batch)
+    return [decode_infilling(sp, g).split("\n")[0] for g in gens], gaps
 
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -298,6 +326,22 @@ def converted_weights(workspace: Path, device: torch.device) -> tuple[str, dict]
     return f"{how['format']} {how['method']}", state
 
 
+@contextmanager
+def bfloat16_gemms(model: torch.nn.Module) -> Iterator[None]:
+    """Run a bfloat16 model's linear layers as float32 GEMMs of their bfloat16 values, rounded back to bfloat16.
+    That is what a bfloat16 GEMM computes (exact products, float32 sums, one rounding), up to the order of the sums,
+    and several times faster on a CPU without bfloat16 instructions (BENCHMARKS.md, 2026-12-04)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        weight, bias = m.weight.detach().float(), None if m.bias is None else m.bias.detach().float()
+        m.forward = lambda x, w=weight, b=bias: torch.nn.functional.linear(x.float(), w, b).to(x.dtype)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
 def quantized_scores(
     model_dir: Path,
     device: torch.device,
@@ -308,12 +352,18 @@ def quantized_scores(
     max_new: int = MAX_NEW,
     max_chars_per_file: int | None = None,
     converted: tuple[Path, ...] = (),
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Held-out perplexity and single-line infilling of the unquantized model (bf16 on CUDA, float32 on the CPU) and
     of each of `formats`, then of each `converted` workspace of it (`codellama-tui convert`: GPTQ, say) as the
     engine loads it; `same_infill`: the share of lines whose greedy infill equals the unquantized model's.
-    "bfloat16" among `formats` is the yardstick: the unquantized model computing in bfloat16."""
-    model, sp = load(model_dir, device)
+    "bfloat16" among `formats` is the yardstick: the unquantized model computing in bfloat16; with it each format
+    also gets `same_infill_bfloat16`, the share of lines whose infill equals the yardstick's.
+    `differing_median_gap`: on the lines where a format's infill differs from the yardstick's (bfloat16, else the
+    unquantized model), the median of the yardstick's smallest top-2 logit gap along its own line (`median_gap`:
+    over all lines); near ties are where rounding the weights flips a greedy choice. `dtype` overrides the one
+    every row computes in (bfloat16 on a CPU computes as on CUDA, through `bfloat16_gemms`)."""
+    model, sp = load(model_dir, device, dtype)
     states = dict(converted_weights(path, device) for path in converted)
     texts = held_out_texts()
     cases = line_cases(texts, n_infills, seed)
@@ -321,40 +371,69 @@ def quantized_scores(
     original = {k: v.clone() for k, v in model.state_dict().items()}
     res: dict = {"device": str(device), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                  "lines": len(cases), "window": seq_len, "formats": {}}  # fmt: skip
-    base: list[str] | None = None
+    preds: dict[str, list[str]] = {}
+    gaps: dict[str, list[float]] = {}
     for fmt in ("unquantized", *formats, *states):
         model.to(original["lm_head.weight"].dtype).load_state_dict(states.get(fmt, original))
         if fmt == "bfloat16":
             model.to(torch.bfloat16)
         elif fmt in formats:
             round_trip(model, fmt)
-        ppl = perplexity(model, sp, texts, seq_len, device, max_chars_per_file)
-        preds = infill_predictions(model, sp, prompts, device, max_new, 256 if device.type == "cuda" else 16)
-        base = base or preds
-        n = max(len(cases), 1)
+        emulate = device.type == "cpu" and model.lm_head.weight.dtype == torch.bfloat16
+        with bfloat16_gemms(model) if emulate else nullcontext():
+            ppl = perplexity(model, sp, texts, seq_len, device, max_chars_per_file)
+            batch = 256 if device.type == "cuda" else 16
+            preds[fmt], gaps[fmt] = infills_and_gaps(model, sp, prompts, device, max_new, batch)
         res["formats"][fmt] = {
             "perplexity": ppl["perplexity"],
             "bits_per_char": ppl["bits_per_char"],
-            "exact_match": sum(p.strip() == c.middle.strip() for p, c in zip(preds, cases, strict=True)) / n,
-            "same_infill": sum(p == b for p, b in zip(preds, base, strict=True)) / n,
+            "exact_match": _share([p.strip() == c.middle.strip() for p, c in zip(preds[fmt], cases, strict=True)]),
         }
+    yardstick = "bfloat16" if "bfloat16" in preds else "unquantized"
+    res["yardstick"], res["median_gap"] = yardstick, statistics.median(gaps[yardstick]) if cases else None
+    for fmt, row in res["formats"].items():
+        row["same_infill"] = _share([p == b for p, b in zip(preds[fmt], preds["unquantized"], strict=True)])
+        if yardstick == "bfloat16":
+            row["same_infill_bfloat16"] = _share([p == b for p, b in zip(preds[fmt], preds[yardstick], strict=True)])
+        differing = [g for p, y, g in zip(preds[fmt], preds[yardstick], gaps[yardstick], strict=True) if p != y]
+        row["differing_median_gap"] = statistics.median(differing) if differing else None
     return res
+
+
+def _share(hits: list[bool]) -> float:
+    return sum(hits) / max(len(hits), 1)
 
 
 def _quant_summary(q: dict) -> str:
     base = q["formats"]["unquantized"]
+    bf16 = q["formats"].get("bfloat16")
     names = {"bfloat16": "unquantized in bfloat16 (the yardstick)"}
-    parts = [
-        f"{names.get(fmt, fmt)}: perplexity {r['perplexity']:.3f} ({r['perplexity'] / base['perplexity'] - 1:+.2%}),"
-        f" line infill exact match {r['exact_match']:.1%}, the unquantized model's own infill on"
-        f" {r['same_infill']:.1%} of the lines"
-        for fmt, r in q["formats"].items()
-        if fmt != "unquantized"
-    ]
+    parts = []
+    for fmt, r in q["formats"].items():
+        if fmt == "unquantized":
+            continue
+        part = (
+            f"{names.get(fmt, fmt)}: perplexity {r['perplexity']:.3f} ({r['perplexity'] / base['perplexity'] - 1:+.2%}"
+            + (f", {r['perplexity'] / bf16['perplexity'] - 1:+.2%} against bfloat16" if bf16 and r is not bf16 else "")
+            + f"), line infill exact match {r['exact_match']:.1%}, the unquantized model's own infill on"
+            f" {r['same_infill']:.1%} of the lines"
+        )
+        if bf16 and r is not bf16:
+            part += f", bfloat16's on {r['same_infill_bfloat16']:.1%}"
+        if r["differing_median_gap"] is not None:
+            part += (
+                f" (where not {q['yardstick']}'s, that one's median top-2 logit gap {r['differing_median_gap']:.2f})"
+            )
+        parts.append(part)
+    gap = (
+        f"; {q['yardstick']}'s median top-2 logit gap over all lines {q['median_gap']:.2f}"
+        if q["median_gap"] is not None
+        else ""
+    )
     return (
         f"\nweights quantized at load (`--quant`) or converted (`--converted`), LM head unquantized, on {q['device']}"
         f" against the unquantized model in {q['dtype']} (perplexity {base['perplexity']:.3f}, exact match"
-        f" {base['exact_match']:.1%}) on {q['lines']} lines:\n" + "\n".join(f"- {part}" for part in parts)
+        f" {base['exact_match']:.1%}) on {q['lines']} lines{gap}:\n" + "\n".join(f"- {part}" for part in parts)
     )
 
 
@@ -382,12 +461,13 @@ def through_cli(model_dir: Path, cases: list[InfillCase], device: str) -> dict:
     }
 
 
-def load(model_dir: Path, device: torch.device) -> tuple[torch.nn.Module, object]:
-    """The checkpoint through `transformers` (bf16 on CUDA, fp32 on CPU) and its SentencePiece model."""
+def load(model_dir: Path, device: torch.device, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, object]:
+    """The checkpoint through `transformers` (in `dtype`, else bf16 on CUDA and fp32 on CPU) and its SentencePiece
+    model."""
     import sentencepiece as spm
     from transformers import LlamaForCausalLM
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
     return model, sp
@@ -468,12 +548,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--converted", nargs="+", type=Path, default=(), metavar="DIR",
                     help="with --quant: also `codellama-tui convert` workspaces of the model (int4 GPTQ)")  # fmt: skip
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"),
+                    help="with --quant: what all rows compute in (default bfloat16 on CUDA, else float32)")  # fmt: skip
     a = ap.parse_args(argv)
     if a.quant:
         formats = [f for f in a.quant.split(",") if f]
         res = quantized_scores(a.model_dir, torch.device(a.device), formats, a.infills, a.seq_len, a.seed,
-                               converted=tuple(a.converted))  # fmt: skip
-        print(json.dumps(res), flush=True)
+                               converted=tuple(a.converted), dtype=a.dtype and getattr(torch, a.dtype))  # fmt: skip
+        print(json.dumps(res), _quant_summary(res), sep="\n", flush=True)
         if not a.no_write:
             path = a.model_dir / "eval.json"
             saved = json.loads(path.read_text()) if path.exists() else {}
