@@ -262,7 +262,7 @@ def score_infills(
     """Greedy PSM infilling of each masked line from its (prefix, suffix) in `texts`; exact match (stripped) and
     parse rates."""
     prompts = [psm_prompt(sp, prefix, suffix) for prefix, suffix in texts]
-    preds = infill_predictions(model, sp, prompts, device, max_new, batch)
+    preds = infills_and_gaps(model, sp, prompts, device, max_new, batch)[0]
     exact = [p.strip() == c.middle.strip() for p, c in zip(preds, cases, strict=False)]
     parses = [_parses(c.prefix + p + c.suffix) for p, c in zip(preds, cases, strict=False)]
     blank = [_parses(c.prefix + c.suffix) for c in cases]
@@ -281,17 +281,11 @@ def score_infills(
     }
 
 
-def infill_predictions(
-    model: torch.nn.Module, sp: object, prompts: list[list[int]], device: torch.device, max_new: int, batch: int
-) -> list[str]:
-    """The first line of each PSM prompt's greedy infill, stopped at `▁<EOT>` or a newline."""
-    return infills_and_gaps(model, sp, prompts, device, max_new, batch)[0]
-
-
 def infills_and_gaps(
     model: torch.nn.Module, sp: object, prompts: list[list[int]], device: torch.device, max_new: int, batch: int
 ) -> tuple[list[str], list[float]]:
-    """`infill_predictions`, and each line's smallest top-2 logit gap (`greedy_with_gaps`)."""
+    """The first line of each PSM prompt's greedy infill, stopped at `▁<EOT>` or a newline, and each line's
+    smallest top-2 logit gap (`greedy_with_gaps`)."""
     stops = {Ids.of(sp).eot, EOS} | newline_ids(sp)
     gens, gaps = greedy_with_gaps(model, prompts, max_new, stops, device, batch)
     return [decode_infilling(sp, g).split("\n")[0] for g in gens], gaps
