@@ -94,14 +94,16 @@ class LocalClient(BaseClient):
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        engine = self._load()
         try:
+            engine = self._load()
             while True:
                 try:
                     return self._serve(engine)
                 except Exception as err:  # a fault of the loop itself: no thread dies silently
                     self._halt(engine, err)
                     engine = None
+        except Exception as err:  # the caller's `on_event` failed on Ready (its stderr closed, say)
+            self._halt(None, err)
         finally:  # whatever ends this thread, no request waits for it
             self.stopped(self._halted or "the engine was closed")
 

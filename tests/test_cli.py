@@ -364,6 +364,22 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(args: tuple, 
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
 
 
+def test_a_reader_of_stdout_and_stderr_together_that_goes_away_ends_the_command(tmp_path: Path) -> None:
+    """`generate ... 2>&1 | head -c 10`: the loading lines hit the closed pipe on the engine's thread; once that
+    killed the thread and the command waited for its answer forever."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tui.cli", "generate", *DEMO_GREEDY[:-1], "8", "--prompt", "def f("],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    assert proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
