@@ -121,6 +121,7 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         quant=scheme.name if scheme else spec.quant,
+        kv=spec.kv if spec.kv != "bf16" else None,
         tp=par.world,
         context=context,
         vocab_size=cfg.vocab_size,

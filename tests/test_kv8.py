@@ -192,6 +192,18 @@ def test_the_config_file_kv_is_the_default_and_the_option_wins(tiny_model_dir: P
     assert cli.spec_of(parsers["serve"].parse_args([])).kv == "bf16"
 
 
+def test_generate_with_int8_kv_says_so_and_answers_as_the_default_cache() -> None:
+    """The ready line names the int8 cache; the demo model's greedy answer is the default cache's."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tui.cli", "generate", "--prompt", "def add(a, b):", "--device", "cpu"]
+    cmd += ["--temperature", "0", "--max-new-tokens", "16"]
+    int8, plain = (subprocess.run([*cmd, *kv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+                   for kv in (["--kv", "int8"], []))  # fmt: skip
+    assert int8.returncode == plain.returncode == 0, int8.stderr
+    assert "float32, int8 KV cache, tp 1" in int8.stderr and "KV cache" not in plain.stderr
+    assert int8.stdout == plain.stdout and int8.stdout.strip()
+
+
 def test_every_command_that_runs_the_engine_takes_kv() -> None:
     """`--kv` in the --help of the app and every subcommand that loads a model; bench takes a list."""
     from tui.cli import build_parser
