@@ -51,12 +51,12 @@ class KVCache(nn.Module):
     ) -> None:
         """Allocated on `device` directly: tens of GB built in host memory and copied over took 11 s at start-up."""
         super().__init__()
-        shape = (cfg.n_layers, n_slots, shard.n_kv_heads, max_seq, cfg.head_dim)
-        store = torch.int8 if kv == "int8" else dtype
+        shape = (cfg.n_layers, n_slots, shard.n_kv_heads, max_seq, cfg.head_dim)  # this rank's kv heads
+        int8 = kv == "int8"
+        store = torch.int8 if int8 else dtype
         self.register_buffer("k", torch.zeros(shape, dtype=store, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=store, device=device), persistent=False)
-        int8 = kv == "int8"  # the scales shard with the kv heads: this rank's heads only
-        for name in ("k_scale", "v_scale"):
+        for name in ("k_scale", "v_scale"):  # None for a cache in the model's dtype
             scale = torch.zeros(shape[:-1], device=device) if int8 else None
             self.register_buffer(name, scale, persistent=False)
 
