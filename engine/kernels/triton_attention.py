@@ -18,6 +18,10 @@ Two inner loops, picked per model by its GQA group size:
   so each K/V tile is read once per group; tl.dot needs >= 16 rows, so the rows are padded.
 - smaller groups (7B/13B MHA: 1) would waste most of those rows, so each query head gets its
   own program and computes its scores and weighted values with plain multiply-and-sum.
+
+An int8 cache (`--kv int8`, INT8_KV) halves the bytes each step reads: both loops load the int8 tiles and one float32
+scale per position, multiply each key's scores and each value's probabilities by its scale in registers, and the
+new key and value are quantized (`triton_kv.quantize`) before they join the softmax and the cache.
 """
 
 from __future__ import annotations
