@@ -66,15 +66,16 @@ def random_engine(cfg: ModelConfig, spec: EngineSpec, tok: Tokenizer, par: Paral
     quant.check(cfg, Shard.of(cfg, par.world), par.world)
     start = _now(device)
     ahead = compile_ahead(
-        cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant, spec.speculate
-    )
+        cfg, spec.max_seq_len, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant, spec.speculate,
+        spec.kv,
+    )  # fmt: skip
     with ahead as compiling:
         recorded = _now(device)
         model = Llama.empty(cfg, spec.max_seq_len, par, device, dtype, quant)
         built = _now(device)
         randomize(model, torch.Generator(device=device).manual_seed(0))
         filled = _now(device)
-        model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype)
+        model.setup_cache(spec.max_batch + 1, spec.max_seq_len, dtype, spec.kv)
         cached = _now(device)
     load_s = _now(device) - start
     print(
@@ -331,8 +332,9 @@ def graph_step_ms(engine: Engine, batch: int, position: int, steps: int) -> floa
 
 
 def main(args: argparse.Namespace) -> int:
-    """One run per `--quant` format, then the unquantized dtype (unless `--quant-only`), each with its own table;
-    with several, a table of their ratios. `--json` keeps the numbers, per format when there are several."""
+    """One run per `--quant` format, then the unquantized dtype (unless `--quant-only`), each once per `--kv` cache,
+    each with its own table; with several, a table of their ratios. `--json` keeps the numbers, per run when there
+    are several."""
     device = pick_device(args.device)
     if args.logits_error:
         cfg = shape_config(args.shape or "7b")
@@ -350,38 +352,45 @@ def main(args: argparse.Namespace) -> int:
         print(f"--baseline: {what} is timed only {where}; not available in this run", file=sys.stderr)
     copy_gbps = copy_bandwidth(device)
     formats: list[str | None] = [*(args.quant or []), *([None] if not (args.quant and args.quant_only) else [])]
+    kvs = args.kv or ["bf16"]
     runs: dict[str, dict] = {}
     for quant in formats:
-        name = quant or str(pick_dtype(args.dtype, device)).removeprefix("torch.")
-        try:
-            runs[name] = measure(args, quant, copy_gbps)
-        except (OutOfMemoryError, torch.OutOfMemoryError) as err:
-            print(f"{name}: does not fit ({str(err).splitlines()[0][:200]})", file=sys.stderr)
-            runs[name] = {"does_not_fit": True}
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for kv in kvs:
+            name = quant or str(pick_dtype(args.dtype, device)).removeprefix("torch.")
+            name += f", {kv} KV" if kvs != ["bf16"] else ""
+            try:
+                runs[name] = measure(args, quant, copy_gbps, kv)
+            except (OutOfMemoryError, torch.OutOfMemoryError) as err:
+                print(f"{name}: does not fit ({str(err).splitlines()[0][:200]})", file=sys.stderr)
+                runs[name] = {"does_not_fit": True}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if len(runs) > 1:
-        print("\n" + ratios(runs, [int(b) for b in args.batch.split(",")]))
+        prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
+        print("\n" + ratios(runs, [int(b) for b in args.batch.split(",")], prompt_lens))
     if args.json:
         Path(args.json).write_text(json.dumps(runs if len(runs) > 1 else next(iter(runs.values())), indent=2))
     return 0
 
 
-def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> dict[str, object]:
-    """Build the engine (weights quantized at load to `quant`, None: as they are), time it, print its table."""
+def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float, kv: str = "bf16") -> dict[str, object]:
+    """Build the engine (weights quantized at load to `quant`, None: as they are; the KV cache as `kv` says), time
+    it, print its table."""
     batches = [int(b) for b in args.batch.split(",")]
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    need = max(max(prompt_lens), 128 + args.steps + 16) + 64
+    position = args.decode_position
+    need = max(max(prompt_lens), position + args.steps + 16) + 64
     spec = EngineSpec(
         model=args.model, device=str(device), dtype=str(dtype).removeprefix("torch."), max_batch=max(batches),
         max_seq_len=args.max_seq_len or need, cuda_graphs=not args.no_graphs, tp=args.tp, quant=quant,
-        quant_head=args.quant_head and quant is not None, speculate=args.speculate,
+        quant_head=args.quant_head and quant is not None, speculate=args.speculate, kv=kv,
     )  # fmt: skip
     out: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     out["copy_GBps"] = copy_gbps
     out["quant"] = Quant.of(quant, spec.quant_head).name
+    out["kv"], out["decode_position"] = kv, position
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
     start = time.perf_counter()
     if args.shape and not args.model:
@@ -409,9 +418,9 @@ def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> di
     out["weights_GB"] = weights / 1e9
     out["roofline_tps"] = out["copy_GBps"] * 1e9 / weights
     for b in batches:
-        out[f"decode_b{b}_tps"] = decode_rate(engine, b, args.steps, 128)
+        out[f"decode_b{b}_tps"] = decode_rate(engine, b, args.steps, position)
         if engine.runner.graphs and args.tp == 1:  # replays rank 0's graph alone: no partner for its collectives
-            out[f"graph_b{b}_ms"] = graph_step_ms(engine, b, 128, args.steps)
+            out[f"graph_b{b}_ms"] = graph_step_ms(engine, b, position, args.steps)
     out["engine_b1_tps"] = engine_rate(engine, args.steps)
     for n in [n for n in prompt_lens if n >= engine.context]:  # the demo model's context is 1024
         print(f"time to first token at {n} tokens left out: the context holds {engine.context}", file=sys.stderr)
@@ -448,6 +457,7 @@ def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float) -> di
 
 def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
     weights = f", {r['quant']} weights" if r.get("quant", "dense") != "dense" else ""
+    weights += f", {r['kv']} KV cache" if r.get("kv", "bf16") != "bf16" else ""
     lines = [f"codellama-tui bench: {r['model']} on {r['device']}{weights}", ""]
     lines.append(f"{'figure':<44} {'value':>12}")
     lines.append(f"{'copy bandwidth (read+write)':<44} {r['copy_GBps']:>9.0f} GB/s")
@@ -458,7 +468,8 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
         extra = f"  ({v / r['roofline_tps']:.0%} of roofline)" if b == 1 else ""
         if f"graph_b{b}_ms" in r:
             extra += f"  [GPU alone {r[f'graph_b{b}_ms']:.2f} ms/step = {b * 1e3 / r[f'graph_b{b}_ms']:.0f} tok/s]"
-        lines.append(f"{f'decode, batch {b}':<44} {v:>8.1f} tok/s{extra}")
+        at = f" at {r['decode_position']}" if r.get("decode_position", 128) != 128 else ""
+        lines.append(f"{f'decode, batch {b}{at}':<44} {v:>8.1f} tok/s{extra}")
     lines.append(f"{'engine end to end, batch 1 (detok, events)':<44} {r['engine_b1_tps']:>8.1f} tok/s")
     for n in prompt_lens:
         lines.append(f"{f'time to first token, {n}-token prompt':<44} {r[f'ttft_{n}_ms']:>10.1f} ms")
@@ -489,13 +500,16 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
     return "\n".join(lines)
 
 
-def ratios(runs: dict[str, dict], batches: list[int]) -> str:
-    """Each format's decode rates, weight bytes and start-up, and its speed-up over the unquantized run (the last)."""
+def ratios(runs: dict[str, dict], batches: list[int], prompt_lens: list[int]) -> str:
+    """Each run's decode rates, times to first token, weight bytes, memory and start-up, and its ratio to the last run
+    (the unquantized weights, the bf16 KV cache)."""
     names = list(runs)
     base = runs[names[-1]]
-    lines = [f"{'quantized weights, same run':<32}" + "".join(f"{name:>22}" for name in names)]
+    lines = [f"{'same run':<32}" + "".join(f"{name:>22}" for name in names)]
     rows = [(f"decode, batch {b} (tok/s)", f"decode_b{b}_tps", True) for b in batches]
-    rows += [("weights (GB)", "weights_GB", False), ("start-up (s)", "startup_s", False)]
+    rows += [(f"first token, {n} tokens (ms)", f"ttft_{n}_ms", True) for n in prompt_lens]
+    rows += [("weights (GB)", "weights_GB", False), ("peak GPU memory (GiB)", "peak_GiB", False)]
+    rows += [("start-up (s)", "startup_s", False)]
     for label, key, ratio in rows:
         cells = []
         for name in names:
@@ -504,7 +518,7 @@ def ratios(runs: dict[str, dict], batches: list[int]) -> str:
                 cells.append(f"{'does not fit' if runs[name].get('does_not_fit') else '-':>22}")
                 continue
             times = f" ({value / base[key]:.2f}x)" if ratio and base.get(key) and runs[name] is not base else ""
-            digits = 2 if key == "weights_GB" else 1
+            digits = 2 if key in ("weights_GB", "peak_GiB") else 1
             cells.append(f"{f'{value:.{digits}f}{times}':>22}")
         lines.append(f"{label:<32}" + "".join(cells))
     return "\n".join(lines)

@@ -1,12 +1,12 @@
-"""The options of `codellama-tui bench` and the engine's `--quant`, apart from the engine so that `--help` does not
-import torch."""
+"""The options of `codellama-tui bench` and the engine's `--quant` and `--kv`, apart from the engine so that `--help`
+does not import torch."""
 
 from __future__ import annotations
 
 import argparse
 
 from engine.config import SHAPES
-from engine.requests import QUANT
+from engine.requests import KV, QUANT
 
 
 def add_quant_options(g: argparse._ActionsContainer, several: bool = False) -> None:
@@ -26,6 +26,38 @@ def add_quant_options(g: argparse._ActionsContainer, several: bool = False) -> N
     g.add_argument(
         "--quant-head", action="store_true", help="quantize the LM head too (otherwise it stays unquantized)"
     )
+
+
+def add_kv_option(g: argparse._ActionsContainer, several: bool = False) -> None:
+    """`--kv`, for every command that runs the engine (bench takes a list)."""
+    if several:
+        g.add_argument(
+            "--kv", type=kv_list, metavar="LIST",
+            help="the KV cache, one run each (bf16 last, for the ratios): bf16 (the model's dtype) or int8, e.g. "
+            "int8,bf16 (default bf16)",
+        )  # fmt: skip
+    else:
+        g.add_argument(
+            "--kv", type=kv_name, metavar="{" + ",".join(KV) + "}",
+            help="the KV cache: bf16 (the model's dtype) or int8 (per token and head, half the bytes: about twice "
+            "the context or batch in the same memory); default: the config file's kv, else bf16",
+        )  # fmt: skip
+
+
+def kv_name(text: str) -> str:
+    """A `--kv` value (and the config file's `kv`): one of `KV`, else a one-line error naming them."""
+    if text not in KV:
+        raise argparse.ArgumentTypeError(f"'{text}': choose {' or '.join(KV)}")
+    return text
+
+
+def kv_list(text: str) -> list[str]:
+    """bench's `--kv LIST`, with bf16 (when given) last: the run the ratios compare against."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name not in KV]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(KV)}, comma-separated")
+    return sorted(dict.fromkeys(names), key=lambda name: name == "bf16")
 
 
 def _quant_list(text: str) -> list[str]:
@@ -59,7 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--profile", action="store_true", help="also print the per-kernel GPU time of one decode step")
     p.add_argument("--json", metavar="FILE", help="write every number here too")
+    p.add_argument(
+        "--decode-position", type=int, default=128, metavar="N",
+        help="the timed decode steps start at position N: the keys each step reads (default 128)",
+    )  # fmt: skip
     add_quant_options(p, several=True)
+    add_kv_option(p, several=True)
     p.add_argument("--quant-only", action="store_true", help="with --quant: leave out the unquantized run")
     p.add_argument(
         "--logits-error", action="store_true",

@@ -35,6 +35,7 @@ class ModelInfo:
     vocab_size: int | None = None
     is_demo: bool = False
     quant: str | None = None  # how the weights were quantized at load ("int8", "int4"), None: as in the checkpoint
+    kv: str | None = None  # the KV cache's format where it is not the model's dtype ("int8", `--kv`)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from engine.kernels.compile_ahead import Compiling
 from engine.model import KVCache, Llama
 from engine.parallel import Parallel, Shard
 from engine.prequant import model_quant
-from engine.requests import MAX_SPECULATE, EngineSpec
+from engine.requests import KV, MAX_SPECULATE, EngineSpec
 from engine.runner import compile_ahead
 from engine.tokenizer import Tokenizer
 from engine.weights import Dense
@@ -89,6 +89,8 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
         torch.set_num_threads(max(1, (os.cpu_count() - 1) // par.world))
     if spec.max_batch < 1:
         raise EngineError(f"the batch (concurrent sequences) must be >= 1, got {spec.max_batch}", fields=("max_batch",))
+    if spec.kv not in KV:
+        raise EngineError(f"unknown KV cache '{spec.kv}'; choose {' or '.join(KV)}", fields=("kv",))
     if not 0 <= spec.speculate <= MAX_SPECULATE:
         raise EngineError(
             f"speculation proposes 0 (off) to {MAX_SPECULATE} tokens per step, not {spec.speculate}",
@@ -100,11 +102,11 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
     context = par.smallest(context_for(spec, cfg, shard, device, dtype, weight_bytes))
     try:
         with compile_ahead(
-            cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant, spec.speculate
+            cfg, context, spec.max_batch, device, dtype, spec.cuda_graphs, par.world, quant, spec.speculate, spec.kv
         ) as ahead:
             model = Llama.empty(cfg, context, par, device, dtype, quant)
             load_weights(model, path, progress)
-            model.setup_cache(spec.max_batch + 1, context, dtype)
+            model.setup_cache(spec.max_batch + 1, context, dtype, spec.kv)
     except torch.OutOfMemoryError:
         raise OutOfMemoryError(
             f"out of GPU memory loading {path.name} ({weight_bytes / 2**30:.1f} GiB of weights per GPU plus the KV "
@@ -119,6 +121,7 @@ def load(spec: EngineSpec, progress: Progress | None, par: Parallel) -> Loaded:
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
         quant=scheme.name if scheme else spec.quant,
+        kv=spec.kv if spec.kv != "bf16" else None,
         tp=par.world,
         context=context,
         vocab_size=cfg.vocab_size,
@@ -131,7 +134,7 @@ def context_for(
     spec: EngineSpec, cfg: ModelConfig, shard: Shard, device: torch.device, dtype: torch.dtype, weights: int
 ) -> int:
     """Tokens per sequence: what was asked, else the model's maximum, limited by memory on a GPU next to the
-    `weights` bytes this rank holds."""
+    `weights` bytes this rank holds (an int8 KV cache fits about twice the tokens of a bf16 one)."""
     if spec.max_seq_len is not None:
         if spec.max_seq_len < 2:
             raise EngineError(f"the context must be >= 2 tokens, got {spec.max_seq_len}", fields=("max_seq_len",))
@@ -139,6 +142,6 @@ def context_for(
     if device.type != "cuda":
         return min(cfg.max_position, 4096)
     free, _ = torch.cuda.mem_get_info(device)
-    per_token = KVCache.bytes_per_token(cfg, shard, dtype) * spec.max_batch
+    per_token = KVCache.bytes_per_token(cfg, shard, dtype, spec.kv) * spec.max_batch
     fit = int((free * 0.9 - weights - 2**30) // per_token)
     return max(min(cfg.max_position, fit // 256 * 256), 256)

@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from engine import kernels
 from engine.config import ModelConfig
 from engine.kernels import switches
+from engine.kernels.reference import dequantize_kv
 from engine.parallel import SINGLE, Parallel, Shard
 from engine.weights import DENSE, Quant, Weight
 
@@ -33,20 +34,55 @@ PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values: per layer `[n_slots, n_kv_heads, max_seq, head_dim]`."""
+    """Preallocated keys and values: per layer `[n_slots, n_kv_heads, max_seq, head_dim]`, in the model's dtype, or
+    with `kv="int8"` in int8 with a float32 scale per (slot, kv head, position) in `k_scale` and `v_scale`
+    `[n_layers, n_slots, n_kv_heads, max_seq]` (`kernels.reference.quantize_kv`). Float32 scales: 4 bytes per 128
+    values (3%) keep the only rounding the int8 one, and every kernel computes in float32 anyway."""
 
     def __init__(
-        self, cfg: ModelConfig, shard: Shard, n_slots: int, max_seq: int, dtype: torch.dtype, device: torch.device
+        self,
+        cfg: ModelConfig,
+        shard: Shard,
+        n_slots: int,
+        max_seq: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kv: str = "bf16",
     ) -> None:
         """Allocated on `device` directly: tens of GB built in host memory and copied over took 11 s at start-up."""
         super().__init__()
-        shape = (cfg.n_layers, n_slots, shard.n_kv_heads, max_seq, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (cfg.n_layers, n_slots, shard.n_kv_heads, max_seq, cfg.head_dim)  # this rank's kv heads
+        int8 = kv == "int8"
+        store = torch.int8 if int8 else dtype
+        self.register_buffer("k", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=store, device=device), persistent=False)
+        for name in ("k_scale", "v_scale"):  # None for a cache in the model's dtype
+            scale = torch.zeros(shape[:-1], device=device) if int8 else None
+            self.register_buffer(name, scale, persistent=False)
 
     @staticmethod
-    def bytes_per_token(cfg: ModelConfig, shard: Shard, dtype: torch.dtype) -> int:
-        return 2 * cfg.n_layers * shard.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    def bytes_per_token(cfg: ModelConfig, shard: Shard, dtype: torch.dtype, kv: str = "bf16") -> int:
+        """Bytes of one token's keys and values in every layer of this rank (with their scales for int8)."""
+        per_head = cfg.head_dim + 4 if kv == "int8" else cfg.head_dim * torch.finfo(dtype).bits // 8
+        return 2 * cfg.n_layers * shard.n_kv_heads * per_head
+
+    def scales(self, layer: int, slot: int | None = None) -> tuple[Tensor, Tensor] | None:
+        """The int8 cache's key and value scales of `layer` `[n_slots, n_kv_heads, max_seq]` (of one `slot`:
+        `[n_kv_heads, max_seq]`); None for a cache in the model's dtype."""
+        if self.k_scale is None:
+            return None
+        if slot is None:
+            return self.k_scale[layer], self.v_scale[layer]
+        return self.k_scale[layer, slot], self.v_scale[layer, slot]
+
+    def prefix(self, layer: int, slot: int, end: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions `0 .. end-1` of `slot` `[1, n_kv_heads, end, head_dim]` in `dtype`, for
+        prefill's attention: views of the cache, or dequantized from int8."""
+        keys, values = self.k[layer, slot, None, :, :end], self.v[layer, slot, None, :, :end]
+        if self.k_scale is None:
+            return keys, values
+        k_scale, v_scale = self.k_scale[layer, slot, None, :, :end], self.v_scale[layer, slot, None, :, :end]
+        return dequantize_kv(keys, k_scale).to(dtype), dequantize_kv(values, v_scale).to(dtype)
 
 
 def rope_tables(cfg: ModelConfig, max_seq: int) -> tuple[Tensor, Tensor]:
@@ -75,10 +111,11 @@ class Attention(nn.Module):
         """`x [T, dim]`: tokens at positions `start .. start+T-1` of one sequence in `slot`."""
         T = x.shape[0]
         q, k, v = self._heads(kernels.linear(x, self.wqkv))
-        q = kernels.prefill_rotary(q, k, v, cos, sin, cache.k[layer, slot], cache.v[layer, slot], start)
+        k_cache, v_cache, scales = cache.k[layer, slot], cache.v[layer, slot], cache.scales(layer, slot)
+        q = kernels.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start, scales)
         q = q.transpose(0, 1)  # [H, T, D]
         end = start + T
-        keys, values = cache.k[layer, slot, None, :, :end], cache.v[layer, slot, None, :, :end]
+        keys, values = cache.prefix(layer, slot, end, q.dtype)
         if self.n_kv != self.n_heads:  # the fused flash kernels take equal head counts
             keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             values = values.repeat_interleave(self.n_heads // self.n_kv, dim=1)
@@ -108,12 +145,15 @@ class Attention(nn.Module):
         sequence from `positions` on, the first `counts[b]` of them real."""
         q, k, v = self._heads(qkv)
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # once: every op counts on the CPU
+        scales = cache.scales(layer)
         if counts is None:
-            out = kernels.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, self.scale)
+            out = kernels.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, self.scale, scales)
             return out.flatten(1)
         batch = slots.shape[0]
         q, k, v = (t.unflatten(0, (batch, -1)) for t in (q, k, v))
-        out = kernels.verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, self.scale)
+        out = kernels.verify_attention(
+            q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, self.scale, scales
+        )
         return out.flatten(2).flatten(0, 1)
 
 
@@ -232,8 +272,9 @@ class Llama(nn.Module):
         plain = sum(p.numel() * p.element_size() for p in self.parameters() if id(p) not in held)
         return plain + sum(w.nbytes() for w in weights)
 
-    def setup_cache(self, n_slots: int, max_seq: int, dtype: torch.dtype) -> None:
-        self.cache = KVCache(self.cfg, self.shard, n_slots, max_seq, dtype, self.norm.device)
+    def setup_cache(self, n_slots: int, max_seq: int, dtype: torch.dtype, kv: str = "bf16") -> None:
+        """A KV cache of `n_slots` sequences of `max_seq` tokens, in `dtype` or (`kv="int8"`) int8."""
+        self.cache = KVCache(self.cfg, self.shard, n_slots, max_seq, dtype, self.norm.device, kv)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """Vocabulary-parallel lookup: each rank fills the rows it holds, the all-reduce adds them up."""

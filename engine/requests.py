@@ -18,6 +18,7 @@ Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = get_args(Role)
 FILL = "<FILL>"
 QUANT = ("int8", "int4", "nf4")  # what `--quant` quantizes to at load (engine.weights)
+KV = ("bf16", "int8")  # what `--kv` stores the KV cache as: the model's dtype, or int8 (engine.model.KVCache)
 SEED_RANGE = range(-(2**63), 2**63)  # seeds travel as int64
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -167,6 +168,7 @@ class EngineSpec:
     cuda_graphs: bool = True
     quant: str | None = None  # quantize the projections at load: "int8" or "int4" (engine.weights)
     quant_head: bool = False  # the LM head too (it stays in the model's dtype otherwise)
+    kv: str = "bf16"  # the KV cache: "bf16" (the model's dtype) or "int8", about half the bytes (`KV`)
     speculate: int = 0  # prompt-lookup speculation: the most tokens a request proposes per step (0: off)
     shape: str | None = None
     tokenizer: str | None = None

@@ -458,6 +458,7 @@ def compile_ahead(
     world: int = 1,
     quant: Quant = DENSE,
     speculate: int = 0,
+    kv: str = "bf16",
 ) -> Iterator[Compiling | None]:
     """Compile the decode step's Triton kernels (and the verify steps', for up to `speculate` proposals) in worker
     processes while the body loads the weights, and wait for them at its end (on an error, stop them instead);
@@ -480,7 +481,7 @@ def compile_ahead(
         return
     try:
         model = Llama.empty(replace(cfg, n_layers=min(2, cfg.n_layers)), max_seq, SINGLE, device, dtype, quant)
-        model.setup_cache(max_batch + 1, max_seq, dtype)
+        model.setup_cache(max_batch + 1, max_seq, dtype, kv)  # an int8 cache has kernel variants of its own
         seen = torch.zeros(max_batch + 1, cfg.vocab_size, dtype=torch.bool, device=device)
         runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False, speculate=speculate)
         rows = step_rows(max_batch, runner.verify_shapes)

@@ -12,6 +12,11 @@ also run compiled, with real 7B/34B head counts and inside a CUDA graph.
 
 The verify step's attention (several new tokens per sequence, `verify_attention`) is checked the same way, and its
 reference against decoding the same tokens one at a time.
+
+The int8 KV cache (`--kv int8`, cases named `-int8`) is checked the same way against the reference on the same int8
+cache: its scales hold NaN where the kernel must not read, the new tokens' int8 keys and values land within one
+step of the reference's (the new key is rounded to the input dtype first, which the interpreter truncates) and their
+scales within the dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -54,20 +59,61 @@ def make_inputs(
 
 
 def poisoned(cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A copy with NaN wherever attention must not read: at and past each new position and in unused slots."""
+    """A copy with NaN wherever attention must not read: at and past each new position and in unused slots (of a
+    cache [n_slots, Hkv, max_seq, D], or of an int8 cache's scales [n_slots, Hkv, max_seq])."""
     keep = torch.zeros(cache.shape[0], cache.shape[2], dtype=torch.bool, device=cache.device)
     for slot, position in zip(slots.tolist(), positions.tolist(), strict=True):
         keep[slot, :position] = True
-    return cache.masked_fill(~keep[:, None, :, None], float("nan"))
+    return cache.masked_fill(~keep.view(*keep.shape[:1], 1, keep.shape[1], *[1] * (cache.dim() - 3)), float("nan"))
+
+
+def assert_int8_writes(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], tolerance: dict) -> None:
+    """An int8 cache's keys, values and their scales after the kernel (`got`) against the reference's (`want`): the
+    int8 values within one step (the interpreter truncates the new key to bf16 where the GPU rounds, and the GPU
+    divides within an ulp), the scales (NaN where poisoned) within the dtype's tolerance."""
+    for ours, theirs in zip(got[:2], want[:2], strict=True):
+        assert ours.dtype == torch.int8
+        assert (ours.int() - theirs.int()).abs().max() <= 1
+    for ours, theirs in zip(got[2:], want[2:], strict=True):
+        torch.testing.assert_close(ours.cpu(), theirs.cpu(), equal_nan=True, **tolerance)
+
+
+def check_attention_int8(
+    name: str, device: str, dt: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
+    lengths: list[int], num_splits: int | None,
+) -> None:  # fmt: skip
+    """`check_attention` on an int8 cache (`kv_scales`)."""
+    from engine.kernels import triton_attention
+
+    q, k, v, cos, sin, k_cache, v_cache, slots, positions = make_inputs(
+        name, device, dt, n_heads, n_kv_heads, head_dim, max_seq, lengths
+    )
+    scale = head_dim**-0.5
+    (k8, k_scale), (v8, v_scale) = reference.quantize_kv(k_cache), reference.quantize_kv(v_cache)
+    ours = [k8.clone(), v8.clone(), poisoned(k_scale, slots, positions), poisoned(v_scale, slots, positions)]
+    want = [k8, v8, k_scale, v_scale]
+    expected = reference.rotary_attention(q, k, v, cos, sin, positions, slots, k8, v8, scale, (k_scale, v_scale))
+    for i, written in ((2, k_scale), (3, v_scale)):  # the poisoned scales, with the reference's new rows
+        want[i] = ours[i].clone()
+        want[i][slots, :, positions] = written[slots, :, positions]
+    out = triton_attention.rotary_attention(
+        q, k, v, cos, sin, positions, slots, ours[0], ours[1], scale, num_splits=num_splits, kv_scales=tuple(ours[2:])
+    )
+    tolerance = (TOLERANCE if device == "cuda" else INTERPRETED_TOLERANCE)[dt]
+    assert out.dtype == dt and out.shape == expected.shape
+    torch.testing.assert_close(out.cpu().float(), expected.cpu().float(), **tolerance)
+    assert_int8_writes(tuple(ours), tuple(want), tolerance)
 
 
 def check_attention(
     name: str, device: str, dtype: str, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
-    lengths: list[int], num_splits: int | None,
+    lengths: list[int], num_splits: int | None, kv: str = "bf16",
 ) -> None:  # fmt: skip
     from engine.kernels import triton_attention
 
     dt = DTYPES[dtype]
+    if kv == "int8":
+        return check_attention_int8(name, device, dt, n_heads, n_kv_heads, head_dim, max_seq, lengths, num_splits)
     q, k, v, cos, sin, k_cache, v_cache, slots, positions = make_inputs(
         name, device, dt, n_heads, n_kv_heads, head_dim, max_seq, lengths
     )
@@ -88,11 +134,12 @@ def check_attention(
 
 def _cases(
     prefix: str, dtype: str, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int, lengths: list[int],
-    splits: tuple[int | None, ...],
+    splits: tuple[int | None, ...], kv: str = "bf16",
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
-    shape = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "max_seq": max_seq}
+    shape = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "max_seq": max_seq, "kv": kv}
+    name = prefix + ("-int8" if kv == "int8" else "")
     return {
-        f"{prefix}-splits{s or 'auto'}": {"dtype": dtype, **shape, "lengths": lengths, "num_splits": s} for s in splits
+        f"{name}-splits{s or 'auto'}": {"dtype": dtype, **shape, "lengths": lengths, "num_splits": s} for s in splits
     }
 
 
@@ -103,6 +150,10 @@ INTERPRETED_CASES = {
     **_cases("gqa2-bf16", "bf16", 4, 2, 16, 70, [70, 1, 64, 2], (1, 3)),
     **_cases("gqa4-fp32", "fp32", 8, 2, 32, 128, [128, 1, 64, 65], (1, 3)),
     **_cases("gqa8-bf16", "bf16", 16, 2, 16, 130, [1, 64, 130], (1, None)),
+    **_cases("mha-fp32", "fp32", 2, 2, 32, 96, [1, 32, 96, 33, 64], (1, None), kv="int8"),
+    **_cases("mha-bf16", "bf16", 3, 3, 16, 130, [130, 1, 64, 65], (1, 4), kv="int8"),
+    **_cases("gqa4-fp32", "fp32", 8, 2, 32, 128, [128, 1, 64, 65], (1, 3), kv="int8"),
+    **_cases("gqa8-bf16", "bf16", 16, 2, 16, 130, [1, 64, 130], (1, None), kv="int8"),
 }
 
 
@@ -150,6 +201,10 @@ CUDA_CASES = {
     **_cases("gqa4-bf16", "bf16", 16, 4, 128, 1000, [1000, 1, 333], (None,)),
     **_cases("7b-fp32", "fp32", 8, 8, 128, 600, [513, 1, 64], (None, 1)),
     **_cases("gqa8-fp32", "fp32", 16, 2, 128, 600, [513, 1, 64], (None, 1)),
+    **_cases("7b-bf16", "bf16", 32, 32, 128, 4096, [1, 129, 4096, 2048, 4095], (None, 1), kv="int8"),
+    **_cases("7b-batch32", "bf16", 32, 32, 128, 512, [1 + 16 * i for i in range(32)], (None,), kv="int8"),
+    **_cases("34b-bf16", "bf16", 64, 8, 128, 3000, [2999, 65, 1, 3000], (None, 1), kv="int8"),
+    **_cases("34b-batch32", "bf16", 64, 8, 128, 300, [1 + 9 * i for i in range(32)], (None,), kv="int8"),
 }
 cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
 
@@ -163,9 +218,11 @@ def test_cuda(name: str) -> None:
 
 @pytest.mark.gpu
 @cuda_only
+@pytest.mark.parametrize("kv", ["bf16", "int8"])
 @pytest.mark.parametrize(("n_heads", "n_kv_heads", "batch"), [(32, 32, 1), (32, 32, 32), (64, 8, 2)])
-def test_cuda_graph_replays_at_any_length(n_heads: int, n_kv_heads: int, batch: int) -> None:
-    """One capture (fixed grid and splits) serves every position: the positions live on the device."""
+def test_cuda_graph_replays_at_any_length(n_heads: int, n_kv_heads: int, batch: int, kv: str) -> None:
+    """One capture (fixed grid and splits) serves every position: the positions live on the device; the int8
+    cache's kernel is captured the same way."""
     from engine.kernels import triton_attention
 
     max_seq = 1024
@@ -174,14 +231,19 @@ def test_cuda_graph_replays_at_any_length(n_heads: int, n_kv_heads: int, batch: 
     )
     scale = 128**-0.5
     args = (q, k, v, cos, sin, positions, slots)
-    triton_attention.rotary_attention(*args, k_cache, v_cache, scale)  # compile outside the capture
+    kv_scales = None
+    if kv == "int8":
+        (k_cache, k_scale), (v_cache, v_scale) = reference.quantize_kv(k_cache), reference.quantize_kv(v_cache)
+        kv_scales = (k_scale, v_scale)
+    triton_attention.rotary_attention(*args, k_cache, v_cache, scale, kv_scales=kv_scales)  # compile first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = triton_attention.rotary_attention(*args, k_cache, v_cache, scale)
+        out = triton_attention.rotary_attention(*args, k_cache, v_cache, scale, kv_scales=kv_scales)
     for lengths in ([1] * batch, [max_seq] * batch, [(37 * i) % max_seq + 1 for i in range(batch)]):
         positions.copy_(torch.tensor(lengths) - 1)
         graph.replay()
-        expected = reference.rotary_attention(*args, k_cache.clone(), v_cache.clone(), scale)
+        scales = kv_scales and tuple(t.clone() for t in kv_scales)
+        expected = reference.rotary_attention(*args, k_cache.clone(), v_cache.clone(), scale, scales)
         torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[torch.bfloat16])
 
 
@@ -202,15 +264,47 @@ def make_verify_inputs(
     return q, k, v, cos, sin, k_cache, v_cache, slots, as_tensor(positions), as_tensor(counts)
 
 
+def check_verify_int8(
+    name: str, device: str, dt: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
+    positions: list[int], counts: list[int], queries: int, num_splits: int | None,
+) -> None:  # fmt: skip
+    """`check_verify` on an int8 cache (`kv_scales`), poisoned in its scales."""
+    from engine.kernels import triton_attention
+
+    q, k, v, cos, sin, k_cache, v_cache, slots, first, count = make_verify_inputs(
+        name, device, dt, n_heads, n_kv_heads, head_dim, max_seq, positions, counts, queries
+    )
+    scale = head_dim**-0.5
+    (k8, k_scale), (v8, v_scale) = reference.quantize_kv(k_cache), reference.quantize_kv(v_cache)
+    ours = [k8.clone(), v8.clone(), poisoned(k_scale, slots, first), poisoned(v_scale, slots, first)]
+    expected = reference.verify_attention(q, k, v, cos, sin, first, slots, count, k8, v8, scale, (k_scale, v_scale))
+    want = [k8, v8, ours[2].clone(), ours[3].clone()]
+    for slot, p, n in zip(slots.tolist(), positions, counts, strict=True):
+        for bad, written in ((want[2], k_scale), (want[3], v_scale)):  # the reference wrote the real tokens' rows
+            bad[slot, :, p : p + n] = written[slot, :, p : p + n]
+    out = triton_attention.verify_attention(
+        q, k, v, cos, sin, first, slots, count, ours[0], ours[1], scale, num_splits=num_splits,
+        kv_scales=tuple(ours[2:]),
+    )  # fmt: skip
+    assert out.dtype == dt and out.shape == expected.shape
+    real = torch.arange(queries, device=device)[None, :] < count[:, None]
+    tolerance = (TOLERANCE if device == "cuda" else INTERPRETED_TOLERANCE)[dt]
+    torch.testing.assert_close(out[real].cpu().float(), expected[real].cpu().float(), **tolerance)
+    assert_int8_writes(tuple(ours), tuple(want), tolerance)
+
+
 def check_verify(
     name: str, device: str, dtype: str, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int,
-    positions: list[int], counts: list[int], queries: int, num_splits: int | None,
+    positions: list[int], counts: list[int], queries: int, num_splits: int | None, kv: str = "bf16",
 ) -> None:  # fmt: skip
     """The kernel against `reference.verify_attention` on a cache poisoned at and past each row's first new
     position: the real tokens' outputs match, their keys and values land, and nothing else in the cache changes."""
     from engine.kernels import triton_attention
 
     dt = DTYPES[dtype]
+    if kv == "int8":
+        args = (n_heads, n_kv_heads, head_dim, max_seq, positions, counts, queries, num_splits)
+        return check_verify_int8(name, device, dt, *args)
     q, k, v, cos, sin, k_cache, v_cache, slots, first, count = make_verify_inputs(
         name, device, dt, n_heads, n_kv_heads, head_dim, max_seq, positions, counts, queries
     )
@@ -234,11 +328,12 @@ def check_verify(
 
 def _verify_cases(
     prefix: str, dtype: str, n_heads: int, n_kv_heads: int, head_dim: int, max_seq: int, positions: list[int],
-    counts: list[int], queries: int, splits: tuple[int | None, ...],
+    counts: list[int], queries: int, splits: tuple[int | None, ...], kv: str = "bf16",
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
-    shape = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "max_seq": max_seq}
+    shape = {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "max_seq": max_seq, "kv": kv}
     rows = {"positions": positions, "counts": counts, "queries": queries}
-    return {f"verify-{prefix}-splits{s or 'auto'}": {"dtype": dtype, **shape, **rows, "num_splits": s} for s in splits}
+    name = prefix + ("-int8" if kv == "int8" else "")
+    return {f"verify-{name}-splits{s or 'auto'}": {"dtype": dtype, **shape, **rows, "num_splits": s} for s in splits}
 
 
 # First positions include 0 (nothing cached), multiples of the key block (64) and a row that ends at the cache's end;
@@ -248,6 +343,8 @@ VERIFY_INTERPRETED_CASES = {
     **_verify_cases("mha-bf16", "bf16", 3, 3, 16, 130, [129, 5, 64], [1, 2, 2], 2, (1, None)),
     **_verify_cases("gqa2-fp32", "fp32", 4, 2, 16, 70, [10, 0, 62], [5, 8, 8], 8, (1, 2)),
     **_verify_cases("gqa8-bf16", "bf16", 16, 2, 16, 130, [65, 1, 120], [3, 1, 3], 3, (1, 4)),
+    **_verify_cases("mha-fp32", "fp32", 2, 2, 32, 96, [0, 64, 30, 92], [4, 4, 1, 4], 4, (1, 3), kv="int8"),
+    **_verify_cases("gqa8-bf16", "bf16", 16, 2, 16, 130, [65, 1, 120], [3, 1, 3], 3, (1, 4), kv="int8"),
 }
 VERIFY_CUDA_CASES = {
     **_verify_cases("7b-bf16", "bf16", 32, 32, 128, 4096, [0, 128, 4080, 2047], [16, 9, 16, 1], 16, (None, 1)),
@@ -255,6 +352,10 @@ VERIFY_CUDA_CASES = {
     **_verify_cases("34b-bf16", "bf16", 64, 8, 128, 3000, [2990, 64, 0], [8, 8, 3], 8, (None, 1)),
     **_verify_cases("34b-t16", "bf16", 64, 8, 128, 600, [500, 1], [16, 16], 16, (None,)),
     **_verify_cases("7b-fp32", "fp32", 8, 8, 128, 600, [512, 1, 63], [2, 2, 1], 2, (None, 1)),
+    **_verify_cases(
+        "7b-bf16", "bf16", 32, 32, 128, 4096, [0, 128, 4080, 2047], [16, 9, 16, 1], 16, (None, 1), kv="int8"
+    ),
+    **_verify_cases("34b-bf16", "bf16", 64, 8, 128, 3000, [2990, 64, 0], [8, 8, 3], 8, (None, 1), kv="int8"),
 }
 
 

@@ -5,7 +5,9 @@ The kernel rounds where the unfused ops round, so its output and the cache must 
 (fp16 in the interpreter, which truncates float32 -> bfloat16 where compiled Triton rounds to nearest; bf16 on the
 GPU), float32 within an ulp (the compiler may fuse a product into the sum). Token counts that do not fill the last
 block, a start past 0 (a prompt continuing a cached prefix), GQA and strided views of the fused QKV output are
-covered; everything in the cache outside the new positions must stay as it was.
+covered; everything in the cache outside the new positions must stay as it was. With an int8 cache (`--kv int8`,
+cases named `-int8`) the quantized keys, values and scales must equal the reference's to the bit too, as the
+kernel quantizes the same rounded rotation the reference does.
 """
 
 from __future__ import annotations
@@ -39,13 +41,37 @@ def make_inputs(name: str, device: str, dtype: torch.dtype, n_heads: int, n_kv: 
     return q, k, v, emb.cos().to(dtype), emb.sin().to(dtype), k_cache, v_cache
 
 
+def check_prefill_rotary_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> None:  # fmt: skip
+    """`check_prefill_rotary` on an int8 cache: the rotated q, the int8 keys and values and their scales equal the
+    reference's in the interpreter (float32: within an ulp before rounding, so one int8 step); on the GPU, whose
+    division is within an ulp, one step and the scales' ulp."""
+    from engine.kernels import triton_rotary
+
+    (k8, k_scale), (v8, v_scale) = reference.quantize_kv(k_cache), reference.quantize_kv(v_cache)
+    want = [t.clone() for t in (k8, v8, k_scale, v_scale)]
+    expected = reference.prefill_rotary(q, k, v, cos, sin, want[0], want[1], start, (want[2], want[3]))
+    out = triton_rotary.prefill_rotary(q, k, v, cos, sin, k8, v8, start, (k_scale, v_scale))
+    assert out.dtype == q.dtype and (torch.equal(out.cpu(), expected.cpu()) or q.dtype == torch.float32)
+    torch.testing.assert_close(out.cpu(), expected.cpu(), rtol=1e-6, atol=1e-6)
+    exact = q.dtype != torch.float32 and q.is_cpu
+    assert k8.dtype == v8.dtype == torch.int8
+    for ours, theirs in ((k8, want[0]), (v8, want[1])):
+        assert (ours.int() - theirs.int()).abs().max() <= (0 if exact else 1)
+    for ours, theirs in ((k_scale, want[2]), (v_scale, want[3])):
+        torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=0 if exact else 1e-6, atol=0)
+    assert not torch.equal(k8[:, start:], reference.quantize_kv(k_cache)[0][:, start:])  # the new rows were written
+
+
 def check_prefill_rotary(name: str, device: str, dtype: str, n_heads: int, n_kv: int, head_dim: int, tokens: int,
-                         start: int, max_seq: int) -> None:  # fmt: skip
+                         start: int, max_seq: int, kv: str = "bf16") -> None:  # fmt: skip
     from engine.kernels import triton_rotary
 
     dt = DTYPES[dtype]
     q, k, v, cos, sin, k_cache, v_cache = make_inputs(name, device, dt, n_heads, n_kv, head_dim, tokens, start,
                                                       max_seq)  # fmt: skip
+    if kv == "int8":
+        return check_prefill_rotary_int8(q, k, v, cos, sin, k_cache, v_cache, start)
     k_want, v_want = k_cache.clone(), v_cache.clone()
     expected = reference.prefill_rotary(q, k, v, cos, sin, k_want, v_want, start)
     out = triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)
@@ -60,9 +86,10 @@ def check_prefill_rotary(name: str, device: str, dtype: str, n_heads: int, n_kv:
     assert torch.equal(v_cache.cpu(), v_want.cpu())
 
 
-def _case(dtype: str, n_heads: int, n_kv: int, head_dim: int, tokens: int, start: int, max_seq: int) -> dict:
+def _case(dtype: str, n_heads: int, n_kv: int, head_dim: int, tokens: int, start: int, max_seq: int,
+          kv: str = "bf16") -> dict:  # fmt: skip
     return {"dtype": dtype, "n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim, "tokens": tokens,
-            "start": start, "max_seq": max_seq}  # fmt: skip
+            "start": start, "max_seq": max_seq, "kv": kv}  # fmt: skip
 
 
 # Small shapes: the interpreter runs every program in Python.
@@ -71,6 +98,9 @@ INTERPRETED_CASES: dict[str, dict[str, Any]] = {
     "mha-fp32": _case("fp32", 2, 2, 32, 32, 0, 40),
     "gqa4-fp16-from-start": _case("fp16", 8, 2, 16, 7, 20, 30),
     "gqa2-fp32-one-token": _case("fp32", 4, 2, 16, 1, 9, 10),
+    "mha-fp16-partial-block-int8": _case("fp16", 3, 3, 16, 45, 0, 64, kv="int8"),
+    "gqa4-fp16-from-start-int8": _case("fp16", 8, 2, 16, 7, 20, 30, kv="int8"),
+    "gqa2-fp32-one-token-int8": _case("fp32", 4, 2, 16, 1, 9, 10, kv="int8"),
 }
 
 CUDA_CASES: dict[str, dict[str, Any]] = {
@@ -78,6 +108,8 @@ CUDA_CASES: dict[str, dict[str, Any]] = {
     "7b-bf16-chunk": _case("bf16", 32, 32, 128, 300, 1000, 1400),
     "34b-bf16": _case("bf16", 64, 8, 128, 513, 0, 600),
     "7b-fp32": _case("fp32", 32, 32, 128, 100, 5, 128),
+    "7b-bf16-2048-int8": _case("bf16", 32, 32, 128, 2048, 0, 2112, kv="int8"),
+    "34b-bf16-int8": _case("bf16", 64, 8, 128, 513, 0, 600, kv="int8"),
 }
 
 

@@ -266,7 +266,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(device: str, slots: int) -> Llama:
+def tiny_model(device: str, slots: int, kv: str = "bf16") -> Llama:
     """Random weights at small shapes (grouped-query attention), large enough that greedy text loops now and then."""
     cfg = ModelConfig(
         dim=128, intermediate=320, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=512,
@@ -276,24 +276,27 @@ def tiny_model(device: str, slots: int) -> Llama:
     m = Llama.empty(cfg, 256, SINGLE, torch.device(device), torch.float32)
     for p in m.parameters():
         p.normal_(0, 0.15) if p.dim() > 1 else p.fill_(1.0)
-    m.setup_cache(slots + 1, 256, torch.float32)
+    m.setup_cache(slots + 1, 256, torch.float32, kv)
     return m
 
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("kv", ["bf16", "int8"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_verify_steps_decode_what_plain_steps_decode(device: str) -> None:
+def test_verify_steps_decode_what_plain_steps_decode(device: str, kv: str) -> None:
     """Three rows (one with a repetition penalty) decode 40 greedy tokens one step at a time; then, from the same
     prompts, through verify steps whose proposals are the known answer spoilt at random places and of random
     lengths, some rows proposing nothing: the same tokens, with runs accepted and proposals rejected on the way.
-    On CUDA the verify steps replay their captured graphs."""
-    m = tiny_model(device, 4)
+    On CUDA the verify steps replay their captured graphs. With an int8 KV cache (`kv`) too: rejected proposals'
+    keys, values and scales are overwritten in place."""
+    m = tiny_model(device, 4, kv)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (9, 30, 17)]
     for slot, ids in enumerate(prompts):
         m.prefill(torch.tensor(ids, device=device), slot, 0)
-    saved = m.cache.k.clone(), m.cache.v.clone()
+    buffers = [t for t in (m.cache.k, m.cache.v, m.cache.k_scale, m.cache.v_scale) if t is not None]
+    saved = [t.clone() for t in buffers]
     seen = torch.zeros(5, 512, dtype=torch.bool, device=device)
     for slot, ids in enumerate(prompts):
         seen[slot, ids] = True
@@ -312,8 +315,8 @@ def test_verify_steps_decode_what_plain_steps_decode(device: str) -> None:
         for out, token in zip(plain, runner([row(i, out) for i, out in enumerate(plain)]), strict=True):
             out.append(token)
 
-    m.cache.k.copy_(saved[0])
-    m.cache.v.copy_(saved[1])
+    for t, kept in zip(buffers, saved, strict=True):
+        t.copy_(kept)
     runner.seen.copy_(seen)
     spec = [[t] for t in (5, 6, 7)]
     accepted = rejected = 0

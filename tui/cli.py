@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from engine.bench_options import add_quant_options
+from engine.bench_options import add_kv_option, add_quant_options
 from engine.client import Client, EventSink
 from engine.config import SHAPES
 from engine.requests import CAPS, MAX_SPECULATE, EngineSpec
@@ -57,6 +57,7 @@ FLAGS = {
     "max_seq_len": "--max-seq-len",
     "quant": "--quant",
     "quant_head": "--quant-head",
+    "kv": "--kv",
     "url": "--url",
     "api_key": "--api-key",
     "served_model": "--served-model",
@@ -123,6 +124,7 @@ def _engine_options(p: argparse.ArgumentParser, cap_default: str | None = "compl
     g.add_argument("--max-batch", type=_positive, default=None, metavar="N", help="concurrent sequences (KV slots)")
     g.add_argument("--max-seq-len", type=_positive, metavar="N", help="tokens per sequence (default: the model's)")
     add_quant_options(g)
+    add_kv_option(g)
     g.add_argument(
         "--speculate",
         type=_speculate,
@@ -176,6 +178,7 @@ def spec_of(args: argparse.Namespace, max_batch: int = 8, speculate: int = 0) ->
         max_seq_len=args.max_seq_len,
         quant=args.quant,
         quant_head=args.quant_head,
+        kv=args.kv or "bf16",
         speculate=args.speculate if args.speculate is not None else speculate,
         shape=getattr(args, "shape", None),
         tokenizer=getattr(args, "tokenizer", None),
@@ -358,6 +361,8 @@ def _main(argv: Sequence[str] | None) -> int:
             args.model = config.model
         if command in SPECULATE and args.speculate is None:
             args.speculate = config.speculate
+        if command in SPECULATE and args.kv is None:
+            args.kv = config.kv
     if getattr(args, "url", None) and speculate_given:
         parsers[command].error("--url and --speculate exclude each other: the server's own --speculate decides")
     if getattr(args, "url", None) and args.api_key is None:

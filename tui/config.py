@@ -4,6 +4,7 @@
     model = "/models/CodeLlama-7b-Instruct-hf"
     system = "Provide answers in Python"
     speculate = 8                     # tokens proposed per step, 0 off (--speculate of all but the benches)
+    kv = "int8"                       # the KV cache: bf16 (default) or int8 (--kv of all but the benches)
     url = "http://localhost:23333"    # a server instead of the model (the app, chat, generate and web)
     api_key = "..."                   # its key ($CODELLAMA_TUI_API_KEY and --api-key win)
     served_model = "CodeLlama-7b-Instruct-hf"  # which of its models (default: its first)
@@ -33,7 +34,7 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from engine.requests import MAX_SPECULATE, SamplingParams
+from engine.requests import KV, MAX_SPECULATE, SamplingParams
 from tui.files import save_atomic
 from tui.suggestions import SUGGEST_MODES, SuggestSettings
 
@@ -72,6 +73,7 @@ class Config:
     model: str | None = None
     system: str | None = None
     speculate: int | None = None
+    kv: str | None = None
     url: str | None = None
     api_key: str | None = None
     served_model: str | None = None
@@ -110,6 +112,10 @@ def load_config(path: Path | None = None) -> Config:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SPECULATE:
                 raise fail(f"speculate must be a whole number from 0 (off) to {MAX_SPECULATE}")
             config.speculate = value
+        elif key == "kv":
+            if value not in KV:
+                raise fail(f"kv must be one of: {', '.join(KV)}")
+            config.kv = value
         elif key == "suggest":
             if value not in SUGGEST_MODES:
                 raise fail(f"suggest must be one of: {', '.join(SUGGEST_MODES)}")

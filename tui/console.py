@@ -89,6 +89,7 @@ def run_console(
         if interactive:
             where = [f"{info.device} {info.dtype}"] if info.device else []
             weights = [f"{info.quant} weights"] if info.quant else []
+            weights += [f"{info.kv} KV cache"] if info.kv else []
             context = [f"context {info.context} tokens"] if info.context else []
             out.note(" · ".join([info.name, f"cap {cap}", *where, *weights, *context]))
             out.note(HINT)

@@ -73,6 +73,7 @@ def _progress(event: Event) -> None:
         info = event.info
         demo = " (the built-in demo model; use --model DIR for real weights)" if info.is_demo else ""
         weights = f", {info.quant} weights" if info.quant else ""
+        weights += f", {info.kv} KV cache" if info.kv else ""
         where = f" on {info.device} ({info.dtype}{weights}, tp {info.tp})" if info.device else ""
         context = f", context {info.context} tokens" if info.context else ""
         print(f"ready: {info.name}{demo}{where}{context}, {event.startup_s:.1f}s", file=sys.stderr, flush=True)

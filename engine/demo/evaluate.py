@@ -8,6 +8,9 @@ greedy single-line infilling exact match with the PSM prompt, and how often the 
 load (round trip through engine.weights; transformers then holds the values the engine computes with), and
 `--converted DIR` a `codellama-tui convert` workspace of it (GPTQ) as the engine loads it, next to the unquantized
 model: perplexity, line infilling, and how many lines get the unquantized model's own greedy infill.
+`--kv int8` instead scores the perplexity through the engine's own model (engine.model) with its KV cache in the
+model's dtype and as `--kv` stores it: every window is prefilled through the cache, so each position attends over
+the keys and values the cache holds.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from engine.bench_options import kv_list
 from engine.config import ModelConfig
 from engine.demo.corpus import HELD_OUT
 from engine.demo.examples import BOS, EOS, SMILEY, Ids, enc_infilling
@@ -394,6 +399,55 @@ def quantized_scores(
     return res
 
 
+class EnginePrefill:
+    """The engine's model as `perplexity` calls a transformers one: each window prefilled into slot 0 from position 0
+    (its attention reads the window's keys and values back from the KV cache), every position's logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.model.prefill(input_ids[0], 0, 0, all_logits=True)[None])
+
+
+def kv_scores(
+    model_dir: Path,
+    device: torch.device,
+    kvs: list[str],
+    seq_len: int = 1024,
+    dtype: str = "auto",
+    max_chars_per_file: int | None = None,
+) -> dict:
+    """Held-out perplexity through the engine with its KV cache in the model's dtype ("bf16": bfloat16 on CUDA,
+    float32 on the CPU) and as each of `kvs` stores it (`--kv`), and each one's change against the first."""
+    import sentencepiece as spm
+
+    from engine.engine import Engine
+    from engine.requests import EngineSpec
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    texts = held_out_texts()
+    res: dict = {"device": str(device), "window": seq_len, "kv": {}}
+    for kv in dict.fromkeys(["bf16", *kvs]):
+        spec = EngineSpec(model=str(model_dir), device=str(device), dtype=dtype, max_batch=1, max_seq_len=seq_len,
+                          cuda_graphs=False, kv=kv)  # fmt: skip
+        engine = Engine.load(spec)
+        res["dtype"] = engine.info.dtype
+        res["kv"][kv] = perplexity(EnginePrefill(engine.model), sp, texts, seq_len, device, max_chars_per_file)
+        engine.close()
+    base = res["kv"]["bf16"]["perplexity"]
+    for row in res["kv"].values():
+        row["change"] = row["perplexity"] / base - 1
+    return res
+
+
+def _kv_summary(res: dict) -> str:
+    rows = [f"  {kv} KV cache: perplexity {r['perplexity']:.4f} ({r['change']:+.3%})" for kv, r in res["kv"].items()]
+    head = f"held-out perplexity through the engine on {res['device']} ({res['dtype']}), windows of {res['window']}:"
+    return "\n".join([head, *rows])
+
+
 def _share(hits: list[bool]) -> float:
     return sum(hits) / max(len(hits), 1)
 
@@ -543,8 +597,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--converted", nargs="+", type=Path, default=(), metavar="DIR",
                     help="with --quant: also `codellama-tui convert` workspaces of the model (int4 GPTQ)")  # fmt: skip
     ap.add_argument("--dtype", choices=("float32", "bfloat16"),
-                    help="with --quant: what all rows compute in (default bfloat16 on CUDA, else float32)")  # fmt: skip
+                    help="with --quant or --kv: what all rows compute in (default bfloat16 on CUDA, else "
+                    "float32)")  # fmt: skip
+    ap.add_argument("--kv", type=kv_list, metavar="LIST",
+                    help="only the KV cache comparison through the engine: int8 against the model's dtype")  # fmt: skip
     a = ap.parse_args(argv)
+    if a.kv:
+        res = kv_scores(a.model_dir, torch.device(a.device), a.kv, a.seq_len, a.dtype or "auto")
+        print(json.dumps(res), _kv_summary(res), sep="\n", flush=True)
+        if not a.no_write:
+            path = a.model_dir / "eval.json"
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**saved, "kv_cache": res}, indent=2) + "\n")
+        return
     if a.quant:
         formats = [f for f in a.quant.split(",") if f]
         res = quantized_scores(a.model_dir, torch.device(a.device), formats, a.infills, a.seq_len, a.seed,

@@ -11,7 +11,8 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   second also returning the residual sum.
 - `rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)`: rotary embedding of
   the new token's q and k, k and v written into the cache, and split-KV attention of the one new query
-  per sequence over its keys, GQA aware: one kernel on the GPU.
+  per sequence over its keys, GQA aware: one kernel on the GPU. This and the next two take `kv_scales` for an
+  int8 cache (`--kv int8`): quantized per (token, kv head) as they write, dequantized in registers as they read.
 - `verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)`: the same for the
   several new tokens per sequence of a speculative verify step, causal among them.
 - `prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)`: prefill's rotary embedding of q and k and its
@@ -125,14 +126,17 @@ def rotary_attention(
     k_cache: Tensor,
     v_cache: Tensor,
     scale: float,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Rotate q [B, Hq, D] and k [B, Hkv, D] at `positions`, store k and v at `[slots, :, positions]` of the caches
-    [n_slots, Hkv, max_seq, D], and return the attention of the rotated q over keys `0 .. positions[b]`."""
+    [n_slots, Hkv, max_seq, D], and return the attention of the rotated q over keys `0 .. positions[b]`. With
+    `kv_scales` (`[n_slots, Hkv, max_seq]` float32 each) the caches are int8 (`reference.quantize_kv`)."""
+    args = (q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
     if _use_triton(q):
         from . import triton_attention
 
-        return triton_attention.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
-    return reference.rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
+        return triton_attention.rotary_attention(*args, kv_scales=kv_scales)
+    return reference.rotary_attention(*args, kv_scales)
 
 
 def verify_attention(
@@ -147,27 +151,37 @@ def verify_attention(
     k_cache: Tensor,
     v_cache: Tensor,
     scale: float,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """`rotary_attention` for T new tokens per sequence, q [B, T, Hq, D] and k/v [B, T, Hkv, D], token t at
     `positions + t`, causal among them; only the first `counts[b]` of row b are real (`reference.verify_attention`)."""
+    args = (q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)
     if _use_triton(q):
         from . import triton_attention
 
-        return triton_attention.verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)
-    return reference.verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)
+        return triton_attention.verify_attention(*args, kv_scales=kv_scales)
+    return reference.verify_attention(*args, kv_scales)
 
 
 def prefill_rotary(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    start: int,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] at positions `start ..` (cos/sin [T, D]), store k and v at those
-    positions of one slot's caches [Hkv, max_seq, D], return the rotated q [T, Hq, D]: one kernel on the GPU
-    (switch: `prefill_rotary`)."""
+    positions of one slot's caches [Hkv, max_seq, D] (int8 with the scales [Hkv, max_seq] of `kv_scales`), return
+    the rotated q [T, Hq, D]: one kernel on the GPU (switch: `prefill_rotary`)."""
     if _use_triton(q) and switches.on("prefill_rotary"):
         from . import triton_rotary
 
-        return triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)
-    return reference.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)
+        return triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start, kv_scales)
+    return reference.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start, kv_scales)
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:

@@ -193,7 +193,7 @@ def bench_all_matmuls(models: list[str], copy_gbs: float) -> None:
 def bench_attention(models: list[str], copy_gbs: float) -> None:
     from engine.kernels import triton_attention
 
-    print("base = SDPA (flash) on the same keys gathered into [B, H, L, D] beforehand")
+    print("base = SDPA (flash) on the same keys gathered into [B, H, L, D] beforehand; int8 KV rows: base = our bf16")
     for model in models:
         shape = MODELS[model]
         d, hkv = shape.head_dim, shape.kv_heads
@@ -213,6 +213,13 @@ def bench_attention(models: list[str], copy_gbs: float) -> None:
                 F.scaled_dot_product_attention, q[:, :, None], k_cache, v_cache, scale=d**-0.5, enable_gqa=True
             )
             row(f"{model} B={batch} L={length}", nbytes, ms, bench(sdpa), copy_gbs)
+            (k8, k_scale), (v8, v_scale) = reference.quantize_kv(k_cache), reference.quantize_kv(v_cache)
+            args8 = (*args[:7], k8, v8, d**-0.5)
+            out = triton_attention.rotary_attention(*args8, kv_scales=(k_scale, v_scale))
+            check(f"attention {model} int8 KV", out, reference.rotary_attention(*args8, (k_scale, v_scale)))
+            nbytes = 2 * (k8.numel() + 4 * k_scale.numel())
+            ms8 = bench(partial(triton_attention.rotary_attention, *args8, kv_scales=(k_scale, v_scale)))
+            row(f"{model} B={batch} L={length} int8 KV", nbytes, ms8, ms, copy_gbs)
 
 
 def bench_small_ops(models: list[str], copy_gbs: float) -> None:

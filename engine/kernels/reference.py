@@ -40,6 +40,36 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos.float() + rotated * sin.float()).to(x.dtype)
 
 
+def quantize_kv(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per row of `x [..., D]` (one token's key or value in one kv head): the int8 values and the
+    float32 scales `[...]` (the row's largest magnitude / 127), rounded half away from zero as the Triton kernels
+    round (a float-to-int conversion truncates)."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    scaled = xf * torch.where(amax > 0, 127 / amax, 0.0)
+    return (scaled + 0.5 * scaled.sign()).trunc().to(torch.int8), (amax / 127)[..., 0]
+
+
+def dequantize_kv(values: Tensor, scales: Tensor) -> Tensor:
+    """`quantize_kv`'s int8 `values [..., D]` and `scales [...]` back to float32."""
+    return values.float() * scales[..., None]
+
+
+def store_kv(cache: Tensor, scales: Tensor | None, index: tuple, x: Tensor) -> None:
+    """`cache[index] = x`: in the cache's dtype, or quantized (`quantize_kv`) with the scales at `scales[index]`."""
+    if scales is None:
+        cache[index] = x.to(cache.dtype)
+    else:
+        cache[index], scales[index] = quantize_kv(x)
+
+
+def gather_kv(cache: Tensor, scales: Tensor | None, slots: Tensor, length: int) -> Tensor:
+    """Positions `0 .. length-1` of the caches' `slots` `[..., Hkv, length, D]` in float32: dequantized where the
+    cache is int8 (`scales`); gathered first, so only those slots are converted."""
+    kept = cache[:, :, :length][slots]
+    return kept.float() if scales is None else dequantize_kv(kept, scales[:, :, :length][slots])
+
+
 def rotary_kv_write(
     q: Tensor,
     k: Tensor,
@@ -50,16 +80,19 @@ def rotary_kv_write(
     slots: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Rotate q and k of one new token per sequence, write k and v into the caches, return rotated q.
 
     q: [B, Hq, D], k/v: [B, Hkv, D], cos/sin: [max_pos, D], positions/slots: int64 [B],
-    caches: [n_slots, Hkv, max_seq, D]; the token of row b goes to `cache[slots[b], :, positions[b]]`.
+    caches: [n_slots, Hkv, max_seq, D]; the token of row b goes to `cache[slots[b], :, positions[b]]`. With
+    `kv_scales` (`[n_slots, Hkv, max_seq]` each) the caches are int8 (`quantize_kv`).
     """
     cos_b = cos[positions][:, None, :]
     sin_b = sin[positions][:, None, :]
-    k_cache[slots, :, positions] = rotate(k, cos_b, sin_b).to(k_cache.dtype)
-    v_cache[slots, :, positions] = v.to(v_cache.dtype)
+    k_scale, v_scale = kv_scales or (None, None)
+    store_kv(k_cache, k_scale, (slots, slice(None), positions), rotate(k, cos_b, sin_b))
+    store_kv(v_cache, v_scale, (slots, slice(None), positions), v)
     return rotate(q, cos_b, sin_b)
 
 
@@ -72,39 +105,54 @@ def rotate_in_dtype(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def prefill_rotary(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    start: int,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Rotate the q [T, Hq, D] and k [T, Hkv, D] of T tokens at positions `start ..` (cos/sin [T, D]: those
-    positions' rows), write k and v [T, Hkv, D] into one slot's caches [Hkv, max_seq, D] at those positions, and
-    return the rotated q [T, Hq, D] (here a view of [Hq, T, D], the layout attention reads)."""
+    positions' rows), write k and v [T, Hkv, D] into one slot's caches [Hkv, max_seq, D] at those positions (int8
+    with the scales [Hkv, max_seq] of `kv_scales`, `quantize_kv`), and return the rotated q [T, Hq, D] (here a view
+    of [Hq, T, D], the layout attention reads)."""
     end = start + q.shape[0]
-    k_cache[:, start:end] = rotate_in_dtype(k.transpose(0, 1), cos, sin)
-    v_cache[:, start:end] = v.transpose(0, 1)
+    k_scale, v_scale = kv_scales or (None, None)
+    store_kv(k_cache, k_scale, (slice(None), slice(start, end)), rotate_in_dtype(k.transpose(0, 1), cos, sin))
+    store_kv(v_cache, v_scale, (slice(None), slice(start, end)), v.transpose(0, 1))
     return rotate_in_dtype(q.transpose(0, 1), cos, sin).transpose(0, 1)
 
 
 def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lengths: Tensor, scale: float
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    lengths: Tensor,
+    scale: float,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One query per sequence against keys `0 .. lengths[b]-1` of its cache slot, float32 softmax.
 
-    q: [B, Hq, D]; query head h reads kv head `h // (Hq // Hkv)`. A row with length 0 gives zeros.
+    q: [B, Hq, D]; query head h reads kv head `h // (Hq // Hkv)`. A row with length 0 gives zeros. With
+    `kv_scales` the caches are int8, dequantized here.
     """
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
-    if q.is_cuda:
-        keys, values = k_cache[slots], v_cache[slots]  # [B, Hkv, max_seq, D]
-    else:
-        # On the CPU nothing is captured, so reading the longest length costs nothing and saves
-        # gathering and attending over the whole (mostly empty) cache.
-        longest = max(int(lengths.max()), 1)
-        keys, values = k_cache[:, :, :longest][slots], v_cache[:, :, :longest][slots]
+    # On the CPU nothing is captured, so reading the longest length costs nothing and saves gathering and attending
+    # over the whole (mostly empty) cache.
+    longest = k_cache.shape[2] if q.is_cuda else max(int(lengths.max()), 1)
+    k_scale, v_scale = kv_scales or (None, None)
+    keys, values = gather_kv(k_cache, k_scale, slots, longest), gather_kv(v_cache, v_scale, slots, longest)
     qg = q.float().view(batch, n_kv_heads, n_heads // n_kv_heads, head_dim)
-    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys.float()) * scale
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, keys) * scale
     visible = torch.arange(keys.shape[2], device=q.device) < lengths.view(batch, 1, 1, 1)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     probs = probs.nan_to_num(0.0)  # all-masked rows (length 0)
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, values.float())
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values)
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)
 
 
@@ -119,13 +167,15 @@ def rotary_attention(
     k_cache: Tensor,
     v_cache: Tensor,
     scale: float,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """A decode step's attention: `rotary_kv_write` of the new token at `positions`, then `decode_attention` of its
-    rotated q over the keys up to and including it (`positions + 1`); [B, Hq, D]."""
-    if _cpu_fp32(q, k, v, cos, sin, k_cache, v_cache):
+    rotated q over the keys up to and including it (`positions + 1`); [B, Hq, D]. With `kv_scales` the caches are
+    int8 and the new token's key and value are read back quantized, as every later step reads them."""
+    if kv_scales is None and _cpu_fp32(q, k, v, cos, sin, k_cache, v_cache):
         return _cpu_rotary_attention(q, k, v, cos, sin, positions, slots, k_cache, v_cache, scale)
-    q = rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
-    return decode_attention(q, k_cache, v_cache, slots, positions + 1, scale)
+    q = rotary_kv_write(q, k, v, cos, sin, positions, slots, k_cache, v_cache, kv_scales)
+    return decode_attention(q, k_cache, v_cache, slots, positions + 1, scale, kv_scales)
 
 
 def _cpu_rotary_attention(
@@ -180,6 +230,7 @@ def verify_attention(
     k_cache: Tensor,
     v_cache: Tensor,
     scale: float,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """A verify step's attention: T new tokens per sequence, q [B, T, Hq, D] and k/v [B, T, Hkv, D], token t of row
     b at position `positions[b] + t`. Each is rotated there, its key and value stored at `[slots[b], :, position]`,
@@ -187,21 +238,23 @@ def verify_attention(
 
     Only a row's first `counts[b]` (>= 1) tokens are real. The others store the last real token's key and value
     again at its position (the same values, so the repeated index is harmless) and their outputs are unspecified:
-    a row may end anywhere, even at the cache's end, without writing past it."""
+    a row may end anywhere, even at the cache's end, without writing past it. With `kv_scales` the caches are int8
+    (`rotary_kv_write`)."""
     batch, queries, n_heads, head_dim = q.shape
-    if batch == 1 and _cpu_fp32(q, k, v, cos, sin, k_cache, v_cache):
+    if kv_scales is None and batch == 1 and _cpu_fp32(q, k, v, cos, sin, k_cache, v_cache):
         return _cpu_verify_one(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)
     real = torch.minimum(torch.arange(queries, device=q.device)[None, :], (counts - 1)[:, None])  # [B, T]
     at = positions[:, None] + real
     cos_b, sin_b = cos[at][:, :, None], sin[at][:, :, None]  # [B, T, 1, D]
     index = real[:, :, None, None].expand_as(k)
-    k_cache[slots[:, None], :, at] = rotate(k.gather(1, index), cos_b, sin_b).to(k_cache.dtype)
-    v_cache[slots[:, None], :, at] = v.gather(1, index).to(v_cache.dtype)
+    k_scale, v_scale = kv_scales or (None, None)
+    store_kv(k_cache, k_scale, (slots[:, None], slice(None), at), rotate(k.gather(1, index), cos_b, sin_b))
+    store_kv(v_cache, v_scale, (slots[:, None], slice(None), at), v.gather(1, index))
     q = rotate(q, cos_b, sin_b)
     # On the CPU nothing is captured: reading the furthest position costs nothing and spares attending over the
     # whole (mostly empty) cache.
     length = k_cache.shape[2] if q.is_cuda else int(at.max()) + 1
-    keys, values = k_cache[:, :, :length][slots].float(), v_cache[:, :, :length][slots].float()
+    keys, values = gather_kv(k_cache, k_scale, slots, length), gather_kv(v_cache, v_scale, slots, length)
     visible = torch.arange(length, device=q.device)[None, None, :] <= at[:, :, None]  # [B, T, S]
     out = F.scaled_dot_product_attention(
         q.float().transpose(1, 2), keys, values, attn_mask=visible[:, None], scale=scale, enable_gqa=True

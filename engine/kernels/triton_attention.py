@@ -18,6 +18,10 @@ Two inner loops, picked per model by its GQA group size:
   so each K/V tile is read once per group; tl.dot needs >= 16 rows, so the rows are padded.
 - smaller groups (7B/13B MHA: 1) would waste most of those rows, so each query head gets its
   own program and computes its scores and weighted values with plain multiply-and-sum.
+
+An int8 cache (`--kv int8`, INT8_KV) halves the bytes each step reads: both loops load the int8 tiles and one float32
+scale per position, multiply each key's scores and each value's probabilities by its scale in registers, and the
+new key and value are quantized (`triton_kv.quantize`) before they join the softmax and the cache.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import counters, pdl, switches
+from .triton_kv import quantize
 
 # Smaller groups get one program per query head: the group's programs run side by side and read
 # their shared K/V again from L2, which stops paying off at about four heads.
@@ -58,8 +63,13 @@ def _attend_dot(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    ks_ptr,
+    vs_ptr,
+    INT8_KV: tl.constexpr,
 ):
-    """Online softmax of the BLOCK_H query rows of q over keys start..end-1: (acc, max, sum)."""
+    """Online softmax of the BLOCK_H query rows of q over keys start..end-1: (acc, max, sum). With INT8_KV the
+    cache is int8 with a scale per position at ks_ptr/vs_ptr: each key's scores and each value's probabilities are
+    multiplied by its scale (the int8 tiles enter the dot as they are, exact in TF32)."""
     d = tl.arange(0, HEAD_DIM)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -68,21 +78,30 @@ def _attend_dot(
         n = n0 + tl.arange(0, BLOCK_N)
         visible = n < end
         offsets = n[:, None] * stride_cp + d[None, :]
-        k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0.0).to(tl.float32)
-        s = tl.where(visible[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+        k = tl.load(k_ptr + offsets, mask=visible[:, None], other=0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=visible[:, None], other=0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if INT8_KV:
+            s = s * tl.load(ks_ptr + n, mask=visible, other=0.0)[None, :]
+        s = tl.where(visible[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        weights = p
+        if INT8_KV:
+            weights = p * tl.load(vs_ptr + n, mask=visible, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(weights, v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _attend_lanes(q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`_attend_dot` for one query row ([1, HEAD_DIM]) without tl.dot.
+def _attend_lanes(
+    q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ks_ptr, vs_ptr,
+    INT8_KV: tl.constexpr,
+):  # fmt: skip
+    """`_attend_dot` for one query row ([1, HEAD_DIM]) without tl.dot (INT8_KV: the scales as there).
 
     Each of the BLOCK_N key lanes keeps its own running max, sum and weighted values, so a step
     reduces only over head_dim (within a warp) and the lanes are combined once at the end, not
@@ -95,23 +114,38 @@ def _attend_lanes(q, k_ptr, v_ptr, start, end, stride_cp, qk_scale, HEAD_DIM: tl
     acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     n = start + tl.arange(0, BLOCK_N)
     offsets = n[:, None] * stride_cp + d[None, :]
-    k_next = tl.load(k_ptr + offsets, mask=(n < end)[:, None], other=0.0)
-    v_next = tl.load(v_ptr + offsets, mask=(n < end)[:, None], other=0.0)
+    k_next = tl.load(k_ptr + offsets, mask=(n < end)[:, None], other=0)
+    v_next = tl.load(v_ptr + offsets, mask=(n < end)[:, None], other=0)
+    ks_next = tl.full([BLOCK_N], 1.0, tl.float32)  # the scales (INT8_KV), a step ahead too
+    vs_next = ks_next
+    if INT8_KV:
+        ks_next = tl.load(ks_ptr + n, mask=n < end, other=0.0)
+        vs_next = tl.load(vs_ptr + n, mask=n < end, other=0.0)
     for _ in range(start, end, BLOCK_N):
         visible = n < end
         k = k_next.to(tl.float32)
         v = v_next.to(tl.float32)
+        ks, vs = ks_next, vs_next
         n += BLOCK_N
         offsets += BLOCK_N * stride_cp
-        k_next = tl.load(k_ptr + offsets, mask=(n < end)[:, None], other=0.0)
-        v_next = tl.load(v_ptr + offsets, mask=(n < end)[:, None], other=0.0)
-        s = tl.where(visible, tl.sum(k * q, axis=1) * qk_scale, float("-inf"))
+        k_next = tl.load(k_ptr + offsets, mask=(n < end)[:, None], other=0)
+        v_next = tl.load(v_ptr + offsets, mask=(n < end)[:, None], other=0)
+        if INT8_KV:
+            ks_next = tl.load(ks_ptr + n, mask=n < end, other=0.0)
+            vs_next = tl.load(vs_ptr + n, mask=n < end, other=0.0)
+        s = tl.sum(k * q, axis=1)
+        if INT8_KV:
+            s = s * ks
+        s = tl.where(visible, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, s)
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a lane without keys yet: exp2(-inf) = 0
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe)
         l_i = l_i * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v
+        weights = p
+        if INT8_KV:
+            weights = p * vs
+        acc = acc * alpha[:, None] + weights[:, None] * v
         m_i = m_new
     m = tl.max(m_i[:, None], axis=0)
     w = tl.exp2(m_i[:, None] - tl.where(m > float("-inf"), m, 0.0)[None, :])
@@ -160,6 +194,8 @@ def _split_kernel(
     slots_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     out_ptr,
     acc_ptr,
     max_ptr,
@@ -176,6 +212,8 @@ def _split_kernel(
     stride_cs,
     stride_ch,
     stride_cp,
+    stride_ss,
+    stride_sh,
     n_splits,
     n_heads: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
@@ -188,10 +226,12 @@ def _split_kernel(
     PRECISION: tl.constexpr,
     SKIP_EMPTY: tl.constexpr,
     USE_GDC: tl.constexpr,
+    INT8_KV: tl.constexpr,
 ):
     """One (sequence, HEADS query heads, split) per program over keys 0..position; BLOCK_H == 1 selects
     `_attend_lanes`. q, k, v: the new token's, unrotated. count_ptr: one zeroed counter per (sequence, HEADS heads),
-    back to zero after each call."""
+    back to zero after each call. INT8_KV: int8 caches with a float32 scale per (slot, kv head, position) at
+    k_scale_ptr/v_scale_ptr; the new key and value are quantized, and attended to as the later steps read them."""
     if USE_GDC:  # launched early (pdl.py): wait for the previous kernel's writes before reading anything
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -221,37 +261,50 @@ def _split_kernel(
         q = (q * cos[None, :] + q_partner * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
         kv_head = head0 // GROUP
         k_row = k_ptr + b * stride_kb + kv_head * stride_kh
-        k_new = (
-            (tl.load(k_row + d).to(tl.float32) * cos + tl.load(k_row + partner).to(tl.float32) * sin)
-            .to(k_ptr.dtype.element_ty)
-            .to(k_cache_ptr.dtype.element_ty)
+        k_new = (tl.load(k_row + d).to(tl.float32) * cos + tl.load(k_row + partner).to(tl.float32) * sin).to(
+            k_ptr.dtype.element_ty
         )
-        v_new = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + d).to(v_cache_ptr.dtype.element_ty)
+        v_new = tl.load(v_ptr + b * stride_vb + kv_head * stride_vh + d)
         slot = tl.load(slots_ptr + b)
         kv_base = slot * stride_cs + kv_head * stride_ch
         k_cache, v_cache = k_cache_ptr + kv_base, v_cache_ptr + kv_base
+        scale_base = slot * stride_ss + kv_head * stride_sh
+        k_scales, v_scales = k_scale_ptr + scale_base, v_scale_ptr + scale_base
+        if INT8_KV:
+            k_new, k_new_scale = quantize(k_new.to(tl.float32))
+            v_new, v_new_scale = quantize(v_new.to(tl.float32))
+            k_seen = k_new.to(tl.float32) * k_new_scale
+            v_seen = v_new.to(tl.float32) * v_new_scale
+        else:
+            k_new, v_new = k_new.to(k_cache_ptr.dtype.element_ty), v_new.to(v_cache_ptr.dtype.element_ty)
+            k_seen, v_seen = k_new.to(tl.float32), v_new.to(tl.float32)
         # qk_scale includes log2(e) so that exp2 gives the softmax's exponentials. The cache holds keys 0..pos-1;
         # the new key and value join from registers below.
         cached_end = tl.minimum(end, pos)
         if BLOCK_H == 1:
             acc, m, total = _attend_lanes(
-                q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, HEAD_DIM, BLOCK_N
-            )
+                q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, HEAD_DIM, BLOCK_N, k_scales, v_scales,
+                INT8_KV,
+            )  # fmt: skip
         else:
             acc, m, total = _attend_dot(
-                q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, BLOCK_H, HEAD_DIM, BLOCK_N, PRECISION
-            )
+                q, k_cache, v_cache, start, cached_end, stride_cp, qk_scale, BLOCK_H, HEAD_DIM, BLOCK_N, PRECISION,
+                k_scales, v_scales, INT8_KV,
+            )  # fmt: skip
         if (start <= pos) & (pos < end):  # this split's keys end with the new one: one more online-softmax step
-            score = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+            score = tl.sum(q * k_seen[None, :], axis=1) * qk_scale
             m_new = tl.maximum(m, score)
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(score - m_new)
-            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+            acc = acc * alpha[:, None] + p[:, None] * v_seen[None, :]
             total = total * alpha + p
             m = m_new
             if head0 % GROUP == 0:  # one program per kv head writes them to the cache, for the steps after
                 tl.store(k_cache + pos * stride_cp + d, k_new)
                 tl.store(v_cache + pos * stride_cp + d, v_new)
+                if INT8_KV:
+                    tl.store(k_scales + pos, k_new_scale)
+                    tl.store(v_scales + pos, v_new_scale)
         if USE_GDC:
             tl.extra.cuda.gdc_launch_dependents()
         out = b * n_heads + head0 + h
@@ -290,6 +343,8 @@ def _verify_kernel(
     counts_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     out_ptr,
     acc_ptr,
     max_ptr,
@@ -309,6 +364,8 @@ def _verify_kernel(
     stride_cs,
     stride_ch,
     stride_cp,
+    stride_ss,
+    stride_sh,
     queries,
     n_splits,
     n_heads: tl.constexpr,
@@ -321,11 +378,13 @@ def _verify_kernel(
     BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr,
+    INT8_KV: tl.constexpr,
 ):
     """One (sequence, kv head, split) per program: its `queries` new tokens times the GROUP query heads of the kv
     head are the rows of one tl.dot tile (row r: token r // GROUP, head r % GROUP). The splits share the keys cached
     before the row's first new position; split 0 also takes the new keys and values, from registers, causally, and
-    writes them to the cache (no program reads what another writes). count_ptr: as in `_split_kernel`."""
+    writes them to the cache (no program reads what another writes). count_ptr and INT8_KV: as in
+    `_split_kernel`."""
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -353,11 +412,15 @@ def _verify_kernel(
     q = tl.load(q_rows + d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
     q_partner = tl.load(q_rows + partner[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
     q = (q * cos + q_partner * sin).to(q_ptr.dtype.element_ty).to(tl.float32)
-    kv_base = tl.load(slots_ptr + b) * stride_cs + kv_head * stride_ch
+    slot = tl.load(slots_ptr + b)
+    kv_base = slot * stride_cs + kv_head * stride_ch
     k_cache, v_cache = k_cache_ptr + kv_base, v_cache_ptr + kv_base
+    scale_base = slot * stride_ss + kv_head * stride_sh
+    k_scales, v_scales = k_scale_ptr + scale_base, v_scale_ptr + scale_base
     acc, m, total = _attend_dot(
-        q, k_cache, v_cache, start, end, stride_cp, qk_scale, BLOCK_R, HEAD_DIM, BLOCK_N, PRECISION
-    )
+        q, k_cache, v_cache, start, end, stride_cp, qk_scale, BLOCK_R, HEAD_DIM, BLOCK_N, PRECISION, k_scales,
+        v_scales, INT8_KV,
+    )  # fmt: skip
     if split == 0:  # the new keys: token j is seen by the rows of tokens t >= j
         j = tl.arange(0, BLOCK_T)
         real = j <= last
@@ -367,21 +430,32 @@ def _verify_kernel(
         k_rows = k_ptr + b * stride_kb + j[:, None] * stride_kt + kv_head * stride_kh
         k_new = tl.load(k_rows + d[None, :], mask=real[:, None], other=0.0).to(tl.float32)
         k_partner = tl.load(k_rows + partner[None, :], mask=real[:, None], other=0.0).to(tl.float32)
-        k_new = (k_new * k_cos + k_partner * k_sin).to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        k_new = (k_new * k_cos + k_partner * k_sin).to(k_ptr.dtype.element_ty)
         v_rows = v_ptr + b * stride_vb + j[:, None] * stride_vt + kv_head * stride_vh
-        v_new = tl.load(v_rows + d[None, :], mask=real[:, None], other=0.0).to(v_cache_ptr.dtype.element_ty)
+        v_new = tl.load(v_rows + d[None, :], mask=real[:, None], other=0.0)
+        if INT8_KV:  # quantized, and attended to as the later steps read them
+            k_new, k_new_scale = quantize(k_new.to(tl.float32))
+            v_new, v_new_scale = quantize(v_new.to(tl.float32))
+            k_seen = k_new.to(tl.float32) * k_new_scale[:, None]
+            v_seen = v_new.to(tl.float32) * v_new_scale[:, None]
+        else:
+            k_new, v_new = k_new.to(k_cache_ptr.dtype.element_ty), v_new.to(v_cache_ptr.dtype.element_ty)
+            k_seen, v_seen = k_new.to(tl.float32), v_new.to(tl.float32)
         visible = (j[None, :] <= t[:, None]) & real[None, :]
-        s = tl.dot(q, tl.trans(k_new.to(tl.float32)), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k_seen), input_precision=PRECISION) * qk_scale
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every row sees token 0
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         total = total * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v_new.to(tl.float32), input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p, v_seen, input_precision=PRECISION)
         m = m_new
         cache_at = (pos + j)[:, None] * stride_cp + d[None, :]
         tl.store(k_cache + cache_at, k_new, mask=real[:, None])
         tl.store(v_cache + cache_at, v_new, mask=real[:, None])
+        if INT8_KV:
+            tl.store(k_scales + pos + j, k_new_scale, mask=real)
+            tl.store(v_scales + pos + j, v_new_scale, mask=real)
     if USE_GDC:
         tl.extra.cuda.gdc_launch_dependents()
     out = (b * queries + t) * n_heads + head  # the row of out [B * T * Hq, D]
@@ -442,6 +516,18 @@ def fill_splits(programs: int, max_seq: int, block_n: int, slots: int) -> int:
     return min(splits for splits, fill in fills.items() if fill >= best - 0.05)
 
 
+def _scales(k_cache: Tensor, kv_scales: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """The kernels' scale arguments: an int8 cache's key and value scales [n_slots, Hkv, max_seq] and their slot and
+    head strides; for a cache in the model's dtype the caches stand in (unread) and the strides are 0."""
+    if kv_scales is None:
+        return k_cache, k_cache, (0, 0)
+    k_scale, v_scale = kv_scales
+    assert k_cache.dtype == torch.int8 and k_scale.shape == v_scale.shape == k_cache.shape[:3]
+    assert k_scale.dtype == v_scale.dtype == torch.float32 and k_scale.stride() == v_scale.stride()
+    assert k_scale.stride(2) == 1
+    return k_scale, v_scale, (k_scale.stride(0), k_scale.stride(1))
+
+
 def rotary_attention(
     q: Tensor,
     k: Tensor,
@@ -454,9 +540,10 @@ def rotary_attention(
     v_cache: Tensor,
     scale: float,
     num_splits: int | None = None,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """See `reference.rotary_attention`. q/k/v may be strided views (of the fused QKV output); `num_splits`
-    overrides the heuristic (for tests)."""
+    overrides the heuristic (for tests); `kv_scales`: an int8 cache's scales."""
     batch, n_heads, head_dim = q.shape
     n_kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
@@ -464,6 +551,7 @@ def rotary_attention(
     assert head_dim >= 16 and triton.next_power_of_2(head_dim) == head_dim, "head_dim: a power of 2 >= 16"
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos.stride() == sin.stride() and cos.stride(1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    k_scale, v_scale, scale_strides = _scales(k_cache, kv_scales)
     heads = group if group >= DOT_MIN_GROUP else 1  # query heads per program
     block_h = max(16, triton.next_power_of_2(heads)) if heads > 1 else 1
     block_n = BLOCK_N_DOT if heads > 1 else BLOCK_N_LANES
@@ -485,13 +573,14 @@ def rotary_attention(
         sums = torch.empty_like(maxes)
         counts = counters.zeroed(q.device, programs)
     _split_kernel[(programs, num_splits)](
-        q, k, v, cos, sin, positions, slots, k_cache, v_cache, out, partial, maxes, sums, counts,
+        q, k, v, cos, sin, positions, slots, k_cache, v_cache, k_scale, v_scale, out, partial, maxes, sums, counts,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides,
         num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, HEADS=heads, BLOCK_H=block_h,
         HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_S=MAX_SPLITS, PRECISION=dot_precision(q.dtype),
-        SKIP_EMPTY=skip_empty, USE_GDC=gdc, num_warps=4, num_stages=2, launch_pdl=gdc,
+        SKIP_EMPTY=skip_empty, USE_GDC=gdc, INT8_KV=kv_scales is not None, num_warps=4, num_stages=2,
+        launch_pdl=gdc,
     )  # fmt: skip
     return out
 
@@ -509,9 +598,10 @@ def verify_attention(
     v_cache: Tensor,
     scale: float,
     num_splits: int | None = None,
+    kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """See `reference.verify_attention`: q [B, T, Hq, D], k/v [B, T, Hkv, D] (strided views of the fused QKV
-    output); `num_splits` overrides the heuristic (for tests)."""
+    output); `num_splits` overrides the heuristic (for tests); `kv_scales`: an int8 cache's scales."""
     batch, queries, n_heads, head_dim = q.shape
     n_kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv_heads
@@ -519,6 +609,7 @@ def verify_attention(
     assert head_dim >= 16 and triton.next_power_of_2(head_dim) == head_dim, "head_dim: a power of 2 >= 16"
     assert q.stride(3) == k.stride(3) == v.stride(3) == 1 and cos.stride() == sin.stride() and cos.stride(1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    k_scale, v_scale, scale_strides = _scales(k_cache, kv_scales)
     block_r = max(16, triton.next_power_of_2(queries * group))
     programs = batch * n_kv_heads
     if num_splits is None:
@@ -535,13 +626,13 @@ def verify_attention(
         sums = torch.empty_like(maxes)
         counters_ = counters.zeroed(q.device, programs)
     _verify_kernel[(programs, num_splits)](
-        q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, out, partial, maxes, sums, counters_,
-        scale * math.log2(math.e),
+        q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, k_scale, v_scale, out, partial, maxes, sums,
+        counters_, scale * math.log2(math.e),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v.stride(2), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides,
         queries, num_splits, n_heads=n_heads, ONE_SPLIT=num_splits == 1, GROUP=group, BLOCK_R=block_r,
         BLOCK_T=max(16, triton.next_power_of_2(queries)), HEAD_DIM=head_dim, BLOCK_N=BLOCK_N_DOT, BLOCK_S=MAX_SPLITS,
-        PRECISION=dot_precision(q.dtype), USE_GDC=gdc, num_warps=4 if block_r <= 32 else 8, num_stages=2,
-        launch_pdl=gdc,
+        PRECISION=dot_precision(q.dtype), USE_GDC=gdc, INT8_KV=kv_scales is not None,
+        num_warps=4 if block_r <= 32 else 8, num_stages=2, launch_pdl=gdc,
     )  # fmt: skip
     return out
