@@ -14,8 +14,9 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   per sequence over its keys, GQA aware: one kernel on the GPU.
 - `verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)`: the same for the
   several new tokens per sequence of a speculative verify step, causal among them.
-- `prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)`: prefill's rotary embedding of q and k and its
-  KV-cache write, one kernel on the GPU instead of a dozen elementwise passes.
+- `prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, positions, slots)`: prefill's rotary embedding of q and k
+  and its KV-cache write, each token at its own slot and position (a prefill of several sequences), one kernel on
+  the GPU instead of a dozen elementwise passes.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
 - `linear(x, w)`: `x @ W.T` for a weight object `w` (`engine.weights.Weight`: dense, int8, int4 or nf4), a
   weight-streaming matrix-vector kernel for decode-sized x (up to 64 rows) that dequantizes in registers, where
@@ -158,16 +159,24 @@ def verify_attention(
 
 
 def prefill_rotary(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    positions: Tensor,
+    slots: Tensor,
 ) -> Tensor:
-    """Rotate q [T, Hq, D] and k [T, Hkv, D] at positions `start ..` (cos/sin [T, D]), store k and v at those
-    positions of one slot's caches [Hkv, max_seq, D], return the rotated q [T, Hq, D]: one kernel on the GPU
-    (switch: `prefill_rotary`)."""
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] (cos/sin [T, D]: the rows of their positions), store k and v at
+    `[slots[t], :, positions[t]]` of the caches [n_slots, Hkv, max_seq, D], return the rotated q [T, Hq, D]: one
+    kernel on the GPU (switch: `prefill_rotary`)."""
     if _use_triton(q) and switches.on("prefill_rotary"):
         from . import triton_rotary
 
-        return triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)
-    return reference.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)
+        return triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, positions, slots)
+    return reference.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, positions, slots)
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:

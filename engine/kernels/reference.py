@@ -72,14 +72,22 @@ def rotate_in_dtype(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def prefill_rotary(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, start: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    positions: Tensor,
+    slots: Tensor,
 ) -> Tensor:
-    """Rotate the q [T, Hq, D] and k [T, Hkv, D] of T tokens at positions `start ..` (cos/sin [T, D]: those
-    positions' rows), write k and v [T, Hkv, D] into one slot's caches [Hkv, max_seq, D] at those positions, and
-    return the rotated q [T, Hq, D] (here a view of [Hq, T, D], the layout attention reads)."""
-    end = start + q.shape[0]
-    k_cache[:, start:end] = rotate_in_dtype(k.transpose(0, 1), cos, sin)
-    v_cache[:, start:end] = v.transpose(0, 1)
+    """Rotate the q [T, Hq, D] and k [T, Hkv, D] of T tokens (cos/sin [T, D]: the rows of their positions), write k
+    and v [T, Hkv, D] into the caches [n_slots, Hkv, max_seq, D], token t at `[slots[t], :, positions[t]]` (the
+    tokens of a prefill may belong to several sequences), and return the rotated q [T, Hq, D] (here a view of
+    [Hq, T, D], the layout attention reads)."""
+    k_cache[slots, :, positions] = rotate_in_dtype(k, cos[:, None], sin[:, None])
+    v_cache[slots, :, positions] = v
     return rotate_in_dtype(q.transpose(0, 1), cos, sin).transpose(0, 1)
 
 
