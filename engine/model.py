@@ -321,13 +321,14 @@ class Llama(nn.Module):
         slots = [c.slot for c in chunks for _ in range(c.length)]
         ids = torch.tensor([p for positions in host for p in positions] + slots).to(self.norm.device)
         positions, token_slots = ids.view(2, -1)
-        keys = torch.arange(max(c.start + c.length for c in chunks), device=ids.device)
-        masks: list[Tensor | None] = []
-        at = 0
-        for c in chunks:  # a chunk past position 0 sees its cached keys and its own up to each token
-            end = c.start + c.length
-            masks.append(None if c.start == 0 else keys[None, :end] <= positions[at : at + c.length, None])
-            at += c.length
+        masks: list[Tensor | None] = [None] * len(chunks)
+        if any(c.start for c in chunks):
+            keys = torch.arange(max(c.start + c.length for c in chunks), device=ids.device)
+            at = 0
+            for i, c in enumerate(chunks):  # a chunk past position 0 sees its cached keys and its own up to each token
+                if c.start:
+                    masks[i] = keys[None, : c.start + c.length] <= positions[at : at + c.length, None]
+                at += c.length
         cos, sin = (t[positions].to(dtype) for t in (self.cos, self.sin))
         return PrefillBatch(chunks, positions, token_slots, cos, sin, masks)
 
