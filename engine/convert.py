@@ -30,7 +30,7 @@ from engine.config import ModelConfig, model_dir
 from engine.errors import CheckpointError, EngineError
 from engine.kernels import rms_norm
 from engine.loader import pick_device, pick_dtype
-from engine.model import Llama
+from engine.model import Chunk, Llama
 from engine.parallel import SINGLE, Shard
 from engine.prequant import WORKSPACE, part_of, scheme_of
 from engine.tokenizer import Tokenizer
@@ -88,8 +88,8 @@ def _run_layer(model: Llama, i: int, states: list[Tensor]) -> list[Tensor]:
     """Layer `i` on each window's hidden states (prefill, as `Llama.prefill` runs it)."""
     block, out = model.layers[i], []
     for h in states:
-        cos, sin = (t[: h.shape[0]].to(h.dtype) for t in (model.cos, model.sin))
-        h = h + block.attention.prefill(rms_norm(h, block.attention_norm, block.eps), i, model.cache, 0, 0, cos, sin)
+        batch = model.prefill_batch([Chunk(0, 0, h.shape[0])], h.dtype)
+        h = h + block.attention.prefill(rms_norm(h, block.attention_norm, block.eps), i, model.cache, batch)
         out.append(h + block.feed_forward(rms_norm(h, block.ffn_norm, block.eps)))
     return out
 

@@ -5,7 +5,9 @@ Weights are fused per layer: `wqkv` holds this rank's q, k and v heads, `w13` it
 `wo` and `w2` are row-parallel and followed by an all-reduce; embedding and LM head are split by vocabulary.
 The projections are `engine.weights.Weight` objects (dense, int8 or int4, as `Quant` says), which the kernels
 dispatch on.
-Prefill runs one sequence at a time with SDPA; decode runs a batch of one new token per sequence and
+Prefill runs several sequences in one pass (each a `Chunk`: its new tokens, from the position its slot holds up to):
+their tokens concatenated through the projections, norms and MLP, each one's attention over its own slot with SDPA,
+the LM head on each one's last token; decode runs a batch of one new token per sequence and
 reads per-slot positions from device tensors, so it can be captured in a CUDA graph; speculation's verify step is
 the same pass over several new tokens per sequence (causal among them). Decode carries the
 residual stream as (x, residual, squares): unadded, so that each residual add and RMSNorm can run inside the
@@ -15,6 +17,11 @@ the next norm needs.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +38,29 @@ from engine.weights import DENSE, Quant, Weight
 # Flash first; cuDNN's attention is left out: its per-call host overhead (about 1 ms) made a 128-token prefill
 # take as long as a 2048-token one on the H100.
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One sequence's part of a prefill: `length` new tokens at positions `start ..` of `slot`, whose positions
+    before `start` (a cached prefix, the prompt's earlier chunks) the slot holds already."""
+
+    slot: int
+    start: int
+    length: int
+
+
+class PrefillBatch(NamedTuple):
+    """What every layer of one prefill reads, made once per pass (`Llama.prefill_batch`): the chunks, each new
+    token's position and slot (int64 `[N]` on the device), the rotary rows of those positions `[N, head_dim]` in the
+    activations' dtype, and each chunk's attention mask over its slot's keys (None where it starts at 0: causal)."""
+
+    chunks: Sequence[Chunk]
+    positions: Tensor
+    slots: Tensor
+    cos: Tensor
+    sin: Tensor
+    masks: list[Tensor | None]
 
 
 class KVCache(nn.Module):
@@ -107,26 +137,29 @@ class Attention(nn.Module):
         heads = qkv.view(-1, self.n_heads + 2 * self.n_kv, self.head_dim)
         return heads.split([self.n_heads, self.n_kv, self.n_kv], 1)
 
-    def prefill(self, x: Tensor, layer: int, cache: KVCache, slot: int, start: int, cos: Tensor, sin: Tensor) -> Tensor:
-        """`x [T, dim]`: tokens at positions `start .. start+T-1` of one sequence in `slot`."""
-        T = x.shape[0]
+    def prefill(self, x: Tensor, layer: int, cache: KVCache, batch: PrefillBatch) -> Tensor:
+        """`x [N, dim]`: the new tokens of `batch`'s chunks, concatenated; each chunk attends over its own slot's
+        keys up to its last token (one SDPA call per chunk)."""
         q, k, v = self._heads(kernels.linear(x, self.wqkv))
-        k_cache, v_cache, scales = cache.k[layer, slot], cache.v[layer, slot], cache.scales(layer, slot)
-        q = kernels.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start, scales)
-        q = q.transpose(0, 1)  # [H, T, D]
-        end = start + T
-        keys, values = cache.prefix(layer, slot, end, q.dtype)
-        if self.n_kv != self.n_heads:  # the fused flash kernels take equal head counts
-            keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            values = values.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        mask = None
-        if start > 0:
-            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-        out = F.scaled_dot_product_attention(
-            q[None], keys, values, attn_mask=mask, is_causal=start == 0, scale=self.scale
+        k_cache, v_cache, scales = cache.k[layer], cache.v[layer], cache.scales(layer)
+        q = kernels.prefill_rotary(
+            q, k, v, batch.cos, batch.sin, k_cache, v_cache, batch.positions, batch.slots, scales
         )
-        out = out[0]
-        return self.par.all_reduce(kernels.linear(out.transpose(0, 1).reshape(T, -1), self.wo))
+        q = q.transpose(0, 1)  # [H, N, D]
+        outs, at = [], 0
+        for chunk, mask in zip(batch.chunks, batch.masks, strict=True):
+            keys, values = cache.prefix(layer, chunk.slot, chunk.start + chunk.length, q.dtype)
+            if self.n_kv != self.n_heads:  # the fused flash kernels take equal head counts
+                keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+                values = values.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            queries = q[None, :, at : at + chunk.length]
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale
+            )
+            outs.append(out[0])
+            at += chunk.length
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return self.par.all_reduce(kernels.linear(out.transpose(0, 1).reshape(at, -1), self.wo))
 
     def decode(
         self,
@@ -294,21 +327,51 @@ class Llama(nn.Module):
         return self.par.all_gather_last(logits)[..., : self.cfg.vocab_size].float()
 
     def prefill(self, tokens: Tensor, slot: int, start: int, all_logits: bool = False) -> Tensor:
-        """Run `tokens [T]` of the sequence in `slot` from position `start`; logits of the last token
-        `[vocab]` (or of every token `[T, vocab]`)."""
-        T = tokens.shape[0]
+        """Run `tokens [T]` of the sequence in `slot` from position `start` (`prefill_many` of one chunk); logits of
+        the last token `[vocab]` (or of every token `[T, vocab]`)."""
+        logits = self.prefill_many(tokens, [Chunk(slot, start, tokens.shape[0])], all_logits)
+        return logits if all_logits else logits[0]
+
+    def prefill_many(self, tokens: Tensor, chunks: Sequence[Chunk], all_logits: bool = False) -> Tensor:
+        """Run the new tokens of several sequences in one pass, `tokens [N]` holding each chunk's in the chunks'
+        order; logits of each chunk's last token `[len(chunks), vocab]` (or of every token `[N, vocab]`)."""
         self.par.start_pass()
         h = self.embed(tokens)
-        cos, sin = (t[start : start + T].to(h.dtype) for t in (self.cos, self.sin))  # cast once, not per layer
+        batch = self.prefill_batch(chunks, h.dtype)
         delta = None  # each half-layer's output, added to h by the next norm
         with sdpa_kernel(PREFILL_BACKENDS):
             for i, block in enumerate(self.layers):
                 normed, h = add_norm(h, delta, block.attention_norm, block.eps)
-                delta = block.attention.prefill(normed, i, self.cache, slot, start, cos, sin)
+                delta = block.attention.prefill(normed, i, self.cache, batch)
                 normed, h = add_norm(h, delta, block.ffn_norm, block.eps)
                 delta = block.feed_forward(normed)
         h = h + delta
-        return self.logits(h) if all_logits else self.logits(h[-1:])[0]
+        if all_logits:
+            return self.logits(h)
+        if len(chunks) == 1:
+            return self.logits(h[-1:])
+        last = torch.tensor(list(itertools.accumulate(c.length for c in chunks)), device=h.device) - 1
+        return self.logits(h[last])
+
+    def prefill_batch(self, chunks: Sequence[Chunk], dtype: torch.dtype) -> PrefillBatch:
+        """The per-pass inputs of a prefill of `chunks` (`PrefillBatch`): the host's positions and slots in one copy
+        to the device, the rotary rows cast once (not per layer)."""
+        room = self.cos.shape[0] if self.cache is None else self.cache.k.shape[3]
+        assert all(c.length > 0 and 0 <= c.start <= room - c.length for c in chunks), "a chunk past the cache"
+        host = [list(range(c.start, c.start + c.length)) for c in chunks]
+        slots = [c.slot for c in chunks for _ in range(c.length)]
+        ids = torch.tensor([p for positions in host for p in positions] + slots).to(self.norm.device)
+        positions, token_slots = ids.view(2, -1)
+        masks: list[Tensor | None] = [None] * len(chunks)
+        if any(c.start for c in chunks):
+            keys = torch.arange(max(c.start + c.length for c in chunks), device=ids.device)
+            at = 0
+            for i, c in enumerate(chunks):  # a chunk past position 0 sees its cached keys and its own up to each token
+                if c.start:
+                    masks[i] = keys[None, : c.start + c.length] <= positions[at : at + c.length, None]
+                at += c.length
+        cos, sin = (t[positions].to(dtype) for t in (self.cos, self.sin))
+        return PrefillBatch(chunks, positions, token_slots, cos, sin, masks)
 
     def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor, counts: Tensor | None = None) -> Tensor:
         """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`. With `counts`

@@ -3,6 +3,10 @@ so the real host work per token: detokenizing, stop checks, events) over a runne
 would, pipelined. `bench-serve --step-ms` serves it, to time what the server costs per token at a GPU's step rate
 on a machine without one.
 
+Its prefill is priced as a GPU's is, per pass rather than per prompt: a fixed `prefill_s` for each `prefill_many`
+call plus `token_s` for each token it runs, whatever the number of sequences (a short prefill is launch-bound: on
+one H200, 7B's first token takes 29.5 ms after a 128-token prompt and 55.8 ms after 2048, 14 µs a token more).
+
 Its text is the demo tokenizer's, from a fixed passage of words cycled per slot (no special or stop ids).
 """
 
@@ -18,6 +22,7 @@ from engine.checkpoint import Progress
 from engine.config import DEMO_DIR
 from engine.engine import Engine
 from engine.events import ModelInfo
+from engine.model import Chunk
 from engine.requests import EngineSpec
 from engine.runner import Row
 from engine.scheduler import Scheduler
@@ -58,15 +63,16 @@ def wait_until(t: float) -> None:
 
 
 class PacedModel:
-    """The model's side of the scheduler: a prefill chunk takes `prefill_s` of the device, and is waited for."""
+    """The model's side of the scheduler: a prefill pass takes `prefill_s` of the device plus `token_s` per token
+    (over all its sequences), and is waited for."""
 
-    def __init__(self, device: Device, prefill_s: float) -> None:
-        self.device, self.prefill_s = device, prefill_s
+    def __init__(self, device: Device, prefill_s: float, token_s: float) -> None:
+        self.device, self.prefill_s, self.token_s = device, prefill_s, token_s
         self.cache: object = None
 
-    def prefill(self, tokens: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        wait_until(self.device.run(self.prefill_s))
-        return torch.zeros(1)
+    def prefill_many(self, tokens: torch.Tensor, chunks: Sequence[Chunk], all_logits: bool = False) -> torch.Tensor:
+        wait_until(self.device.run(self.prefill_s + self.token_s * tokens.numel()))
+        return torch.zeros(len(chunks), 1)
 
 
 class PacedRunner:
@@ -113,16 +119,18 @@ class PacedRunner:
 class PacedEngine(Engine):
     """`Engine` over `PacedModel` and `PacedRunner`: the scheduler, prompts and events are the real ones."""
 
-    def __init__(self, step_s: float, prefill_s: float, n_slots: int, tok: Tokenizer) -> None:
+    def __init__(self, step_s: float, prefill_s: float, token_s: float, n_slots: int, tok: Tokenizer) -> None:
         self.tok, self.context, self.device = tok, CONTEXT, torch.device("cpu")
         name = f"paced stand-in, {step_s * 1e3:g} ms a step, {prefill_s * 1e3:g} ms a prefill"
+        name += f" + {token_s * 1e6:g} us a token"
         self.info = ModelInfo(
             name, can_infill=tok.can_infill, context=CONTEXT, device="cpu", dtype="none", tp=1,
             vocab_size=tok.vocab_size, is_demo=True,
         )  # fmt: skip
         self.paced = Device()
         runner = PacedRunner(self.paced, step_s, tok)
-        self.scheduler = Scheduler(PacedModel(self.paced, prefill_s), runner, tok, n_slots, CONTEXT, self.device)
+        model = PacedModel(self.paced, prefill_s, token_s)
+        self.scheduler = Scheduler(model, runner, tok, n_slots, CONTEXT, self.device)
         self.tp = None
         self.compiled_ahead = None
 
@@ -130,10 +138,11 @@ class PacedEngine(Engine):
         pass
 
 
-def paced_loader(step_s: float, prefill_s: float) -> Callable[[EngineSpec, Progress | None], Engine]:
+def paced_loader(step_s: float, prefill_s: float, token_s: float) -> Callable[[EngineSpec, Progress | None], Engine]:
     """What `LocalClient(load=...)` takes: builds the paced engine of `spec.max_batch` slots."""
 
     def load(spec: EngineSpec, progress: Progress | None = None) -> Engine:
-        return PacedEngine(step_s, prefill_s, spec.max_batch, Tokenizer.from_dir(spec.tokenizer or DEMO_DIR))
+        tok = Tokenizer.from_dir(spec.tokenizer or DEMO_DIR)
+        return PacedEngine(step_s, prefill_s, token_s, spec.max_batch, tok)
 
     return load

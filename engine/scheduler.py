@@ -1,9 +1,12 @@
 """The scheduler loop: admit -> prefill -> batched decode step -> sample -> emit.
 
 Each `step()` admits waiting sequences into KV slots (the prefix cache picks the slot, and how much of the prompt
-it already holds), prefills one chunk of one prompt, then decodes one token for every running sequence as one
-batch, and returns the events that produced. With tensor parallelism this runs on rank 0 only: its model and
-runner calls are relayed to the other ranks (engine.tp), which keep no scheduler state.
+it already holds), prefills the prompts in line in one model pass of up to PREFILL_CHUNK tokens (a longer prompt
+goes in chunks, its next one in the next step's pass), then decodes one token for every running sequence as one
+batch, and returns the events that produced. A prefill costs a GPU about as much for one short prompt as for
+several (it is launch-bound), so prompts that arrive together pause the batch's decode once, not once each. With
+tensor parallelism this runs on rank 0 only: its model and runner calls are relayed to the other ranks (engine.tp),
+which keep no scheduler state.
 
 With speculation (`Request.speculate`, up to `speculate` tokens), a step where some sequence would propose is a
 verify step instead: each sequence proposes what pays for itself at the runner's measured costs (engine.speculate),
@@ -23,12 +26,13 @@ import torch
 
 from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, FinishReason, TextDelta
+from engine.model import Chunk
 from engine.prefix_cache import PrefixCache
 from engine.sequence import SequenceState
 from engine.speculate import Proposer
 from engine.tokenizer import Tokenizer
 
-PREFILL_CHUNK = 2048
+PREFILL_CHUNK = 2048  # new tokens in one prefill pass, over all its sequences
 
 
 class Scheduler:
@@ -72,12 +76,12 @@ class Scheduler:
         return []
 
     def step(self) -> list[Event]:
-        """Admit, prefill one chunk, decode one token per running sequence."""
+        """Admit, prefill one pass of chunks, decode one token per running sequence."""
         events: list[Event] = []
         try:
             self._admit()
             if self.prefilling:
-                self._prefill_chunk(self.prefilling[0], events)
+                self._prefill(events)
             if self.running or self.inflight is not None:
                 self._decode(events)
         except Exception as err:  # a failed step must not take the worker down
@@ -96,16 +100,31 @@ class Scheduler:
             self.waiting.popleft()
             self.prefilling.append(seq)
 
-    def _prefill_chunk(self, seq: SequenceState, events: list[Event]) -> None:
-        end = min(seq.done + PREFILL_CHUNK, len(seq.ids))
-        tokens = torch.tensor(seq.ids[seq.done : end], device=self.device)
-        logits = self.model.prefill(tokens, seq.slot, seq.done)
-        seq.done = end
-        if end == len(seq.ids):
-            self.prefilling.popleft()
+    def _prefill(self, events: list[Event]) -> None:
+        """One prefill pass over the prompts in line, in order, up to PREFILL_CHUNK tokens: only the last one may
+        stop short of its prompt's end (the budget ran out). Each prompt it finishes samples its first token, in
+        that order (their logits are the pass's first rows: what tensor parallelism's sample relies on)."""
+        budget, batch = PREFILL_CHUNK, []
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            end = min(seq.done + budget, len(seq.ids))
+            batch.append((seq, end))
+            budget -= end - seq.done
+        tokens = torch.tensor([t for seq, end in batch for t in seq.ids[seq.done : end]], device=self.device)
+        logits = self.model.prefill_many(tokens, [Chunk(seq.slot, seq.done, end - seq.done) for seq, end in batch])
+        for seq, end in batch:
+            seq.done = end
+        finished = [seq for seq, _ in batch if seq.done == len(seq.ids)]
+        if not finished:
+            return
+        for seq in finished:
+            self.prefilling.remove(seq)
             self.running.append(seq)
-            (token,) = self.runner.sample(logits[None], [seq.row(0)])
-            seq.t_first = time.perf_counter()
+        first = self.runner.sample(logits[: len(finished)], [seq.row(0) for seq in finished])
+        now = time.perf_counter()
+        for seq, token in zip(finished, first, strict=True):
+            seq.t_first = now
             self._accept(seq, token, events)
 
     def _decode(self, events: list[Event]) -> None:

@@ -7,11 +7,11 @@ collectives go through the default process group (NCCL on CUDA, gloo on the CPU)
 
 Before every call that touches shared state, rank 0 broadcasts a small plan on a separate gloo group
 (CPU tensors, no timeout while idle) and then makes the call itself; the other ranks make the identical
-call: prefill (tokens, slot, start), a decode step (its `Row`s), the next pipelined step of the same batch
-(no rows: each rank feeds its own sampled tokens back on its device), a speculative verify step (its rows and their
-proposals), the sample after a prefill, a slot's fresh repetition mask, and stop. Logits after the vocabulary
-all-gather are bitwise the same on every rank (the all-reduce gives every rank the same sum), so device sampling
-picks the same tokens everywhere. Workers hold no scheduler state.
+call: a prefill (its chunks and their tokens), a decode step (its `Row`s), the next pipelined step of the same
+batch (no rows: each rank feeds its own sampled tokens back on its device), a speculative verify step (its rows and
+their proposals), the sample after a prefill (of its first logits rows), a slot's fresh repetition mask, and stop.
+Logits after the vocabulary all-gather are bitwise the same on every rank (the all-reduce gives every rank the same
+sum), so device sampling picks the same tokens everywhere. Workers hold no scheduler state.
 
 Faults: a monitor thread on rank 0 watches the children, their heartbeats and the length of every step; a child
 that dies or falls silent (stopped, hung), or a step that outlives the timeout, stops the engine with a one-line
@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from engine.config import ModelConfig, model_dir
 from engine.errors import EngineError
+from engine.model import Chunk, Llama
 from engine.parallel import Parallel, Shard
 from engine.prequant import model_quant
 from engine.requests import EngineSpec
@@ -144,6 +145,16 @@ def encode_proposals(rows: Sequence[Row], proposals: Sequence[Sequence[int]]) ->
     return torch.cat([encode_rows(rows), lengths, flat])
 
 
+def encode_chunks(tokens: torch.Tensor, chunks: Sequence[Chunk]) -> torch.Tensor:
+    """A prefill as int64: each chunk's slot, start and length, then the tokens."""
+    table = torch.tensor([(c.slot, c.start, c.length) for c in chunks], dtype=torch.int64).flatten()
+    return torch.cat([table, tokens.to("cpu", torch.int64)])
+
+
+def decode_chunks(payload: torch.Tensor, n: int) -> tuple[torch.Tensor, list[Chunk]]:
+    return payload[3 * n :], [Chunk(*c) for c in payload[: 3 * n].view(n, 3).tolist()]
+
+
 def decode_proposals(payload: torch.Tensor, n: int) -> tuple[list[Row], list[list[int]]]:
     width = (len(INTS) + len(FLOATS)) * n
     lengths, flat = payload[width : width + n].tolist(), payload[width + n :].tolist()
@@ -169,9 +180,11 @@ class _Proxy:
 
 
 class _Model(_Proxy):
-    def prefill(self, tokens: torch.Tensor, slot: int, start: int, all_logits: bool = False) -> torch.Tensor:
-        plan = (PREFILL, (slot, start, int(all_logits)), tokens.to("cpu", torch.int64))
-        return self._leader.run(plan, lambda: self._inner.prefill(tokens, slot, start, all_logits))
+    prefill = Llama.prefill  # the one-sequence form, through the relayed `prefill_many` below
+
+    def prefill_many(self, tokens: torch.Tensor, chunks: Sequence[Chunk], all_logits: bool = False) -> torch.Tensor:
+        plan = (PREFILL, (len(chunks), int(all_logits)), encode_chunks(tokens, chunks))
+        return self._leader.run(plan, lambda: self._inner.prefill_many(tokens, chunks, all_logits))
 
 
 class _Runner(_Proxy):
@@ -500,10 +513,11 @@ def serve(engine: Engine, plans: Plans) -> None:
         if kind == STOP:
             return
         if kind == PREFILL:
-            slot, start, all_logits = args[:3]
-            last = model.prefill(payload.to(engine.device), slot, start, bool(all_logits))
-        elif kind == SAMPLE:  # always the logits of the latest prefill, as in the engine
-            runner.sample(last if last.dim() == 2 else last[None], decode_rows(payload))
+            tokens, chunks = decode_chunks(payload, args[0])
+            last = model.prefill_many(tokens.to(engine.device), chunks, bool(args[1]))
+        elif kind == SAMPLE:  # the first rows of the latest prefill's logits, as in the scheduler
+            rows = decode_rows(payload)
+            runner.sample(last[: len(rows)], rows)
         elif kind == SEEN:
             runner.mark_seen(args[0], payload.tolist())
         elif kind == VERIFY:  # every rank accepts the same tokens: the logits and the draws agree bitwise

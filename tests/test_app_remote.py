@@ -59,8 +59,15 @@ async def _session(app: CodeLlamaApp) -> tuple[str, str, str]:
         return ghost, filled, app.chat_log.last_answer
 
 
-async def test_f2_f3_over_several_markers_and_chat_do_through_the_server_what_they_do_here(server) -> None:
+async def test_f2_f3_over_several_markers_and_chat_do_through_the_server_what_they_do_here(
+    server, tmp_path, monkeypatch
+) -> None:
+    """Each app has a state folder of its own: the first one's F3 edits its new buffer, and where its session
+    outlasts RECOVERY_DELAY_S after that edit (on a loaded CPU) it leaves a recovery copy, which the second app
+    would offer in a dialog that takes its F2."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "here"))
     here = await _session(CodeLlamaApp(None, EngineSpec(device="cpu", max_batch=1), overrides=GREEDY, text=SOURCE))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "there"))
     there = await _session(remote(server.url))
     assert there == here
     ghost, filled, answer = there

@@ -107,13 +107,13 @@ def test_a_second_chat_turn_prefills_only_its_new_part_and_matches_transformers(
     without the cache."""
     engine, ref = load(checkpoint), hf_model(checkpoint)
     prefilled: list[int] = []
-    original = engine.model.prefill
+    original = engine.model.prefill_many
 
-    def counting_prefill(tokens, slot, start, all_logits=False):
+    def counting_prefill(tokens, chunks, all_logits=False):
         prefilled.append(len(tokens))
-        return original(tokens, slot, start, all_logits)
+        return original(tokens, chunks, all_logits)
 
-    monkeypatch.setattr(engine.model, "prefill", counting_prefill)
+    monkeypatch.setattr(engine.model, "prefill_many", counting_prefill)
     sampling = SamplingParams(temperature=0, max_new_tokens=24)
     chat = Conversation("Answer in Python")
     first = chat.request("Write a function that adds two numbers.", sampling)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.config import ModelConfig
-from engine.model import Llama
+from engine.model import Chunk, Llama
 from engine.parallel import SINGLE
 from engine.runner import DecodeRunner, Row
 from engine.weights import DENSE, Quant
@@ -135,6 +135,27 @@ def test_decode_matches_prefill_on_gpu() -> None:
     m.prefill(ids[:-1], 1, 0)
     step = m.decode(ids[-1:], torch.tensor([39], device="cuda"), torch.tensor([1], device="cuda"))
     assert torch.allclose(step[0], full[-1], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_prefill_pass_over_several_prompts_matches_each_alone(dtype: torch.dtype) -> None:
+    """`prefill_many` on the GPU (the Triton rotary kernel writing each token at its own slot, flash attention per
+    chunk, one of them past a cached prefix): each chunk's last logits and its slot's keys are those of the chunk
+    prefilled alone."""
+    m = model(dtype, 4)
+    lengths, starts = [100, 7, 64, 1], [0, 0, 30, 50]
+    prompts = [torch.randint(3, 32000, (s + n,), device="cuda") for s, n in zip(starts, lengths, strict=True)]
+    for slot, (ids, start) in enumerate(zip(prompts, starts, strict=True)):
+        if start:
+            m.prefill(ids[:start], slot, 0)
+    chunks = [Chunk(slot, start, n) for slot, (start, n) in enumerate(zip(starts, lengths, strict=True))]
+    together = m.prefill_many(torch.cat([ids[s:] for ids, s in zip(prompts, starts, strict=True)]), chunks)
+    keys = m.cache.k.clone()
+    tol = {"rtol": 1e-3, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    for slot, (ids, start) in enumerate(zip(prompts, starts, strict=True)):
+        alone = m.prefill(ids[start:], slot, start)
+        torch.testing.assert_close(together[slot], alone, **tol)
+        torch.testing.assert_close(keys[:, slot, :, : len(ids)], m.cache.k[:, slot, :, : len(ids)], **tol)
 
 
 def test_pipelined_steps_feed_themselves_on_the_device() -> None:

@@ -102,19 +102,22 @@ def test_bench_serve_serves_random_weights_itself_and_times_bench_alongside(monk
 
 def test_bench_serve_times_the_server_over_a_paced_stand_in(tmp_path) -> None:
     """`--step-ms`: no model runs; the stand-in's device takes 2 ms a step (`bench` times it at that rate), 10 ms a
-    prefill, and each level says how busy the device was and what the load allows."""
+    prefill pass plus 50 µs a prompt token, and each level says how busy the device was and what the load allows."""
     out = tmp_path / "paced.json"
-    argv = ["bench-serve", "--step-ms", "2", "--prefill-ms", "10", "--concurrency", "1,4", "--requests", "4"]
-    assert cli.main([*argv, "--prompt-len", "16", "--max-tokens", "24", "--json", str(out)]) == 0
+    argv = ["bench-serve", "--step-ms", "2", "--prefill-ms", "10", "--prefill-token-us", "50", "--concurrency", "1,4"]
+    argv += ["--requests", "4"]  # 64 tokens each: even the 4-stream level outlasts two of the loop clock's samples
+    assert cli.main([*argv, "--prompt-len", "16", "--max-tokens", "64", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert "paced stand-in, 2 ms a step, 10 ms a prefill" in result["model"]
+    assert "paced stand-in, 2 ms a step, 10 ms a prefill + 50 us a token" in result["model"]
     assert result["bench"]["decode_tps"]["1"] == pytest.approx(500, rel=0.2)
     for level in result["levels"]:
-        assert level["failed"] == 0 and level["output_tokens"] == 4 * 24
+        assert level["failed"] == 0 and level["output_tokens"] == 4 * 64
         assert 0 < level["device_busy"] <= 1 and level["loop_cpu_s"] is not None and level["client_cpu_s"] > 0
-        requests, tokens = 4, 4 * 24  # each prompt's 10 ms prefill pauses the batch; the rest come a step each
+        # 1 stream: each prompt's pass pauses the batch; 4: the four 16-token prompts fit one pass
+        requests, tokens, passes = 4, 4 * 64, 4 // level["concurrency"]
+        prefill = passes * 0.010 + requests * 16 * 50e-6
         assert level["ceiling_tps"] == pytest.approx(
-            tokens / (requests * 0.010 + (tokens - requests) / level["concurrency"] * 0.002)
+            tokens / (prefill + (tokens - requests) / level["concurrency"] * 0.002)
         )
         assert level["output_tps"] <= level["ceiling_tps"] * 1.05
 

@@ -19,6 +19,7 @@ from engine.engine import Engine
 from engine.errors import EngineError
 from engine.events import Failed, Finished, TextDelta
 from engine.local_client import LocalClient
+from engine.model import Chunk
 from engine.requests import EngineSpec, Request, SamplingParams
 from engine.runner import Row
 
@@ -152,8 +153,14 @@ def test_prefill_and_decode_logits_match_tp1(tiny_gqa_dir: Path) -> None:
         ids = (one.prompt_ids(Request("completion", text=PROMPT)) * 60)[:506]  # longer than a plan's inline part
         for engine in (one, two):
             engine.first = engine.model.prefill(torch.tensor(ids), 0, 0, all_logits=True)
-            engine.model.prefill(torch.tensor(ids[:5]), 1, 0)
+            engine.model.prefill(torch.tensor(ids[:2]), 1, 0)
+            # one pass over two sequences: slot 1 continues its cached prefix, the scratch slot starts afresh
+            chunks = [Chunk(1, 2, 3), Chunk(2, 0, 4)]
+            engine.both = engine.model.prefill_many(torch.tensor(ids[2:5] + ids[:4]), chunks)
         assert (two.first - one.first).abs().max().item() < 1e-4
+        assert two.both.shape == (2, one.info.vocab_size)
+        assert (two.both - one.both).abs().max().item() < 1e-4
+        assert (one.both - one.first[[4, 3]]).abs().max().item() < 1e-4  # each chunk's last token, as alone
         tokens = [int(one.first[-1].argmax()), 450]
         for step in range(4):
             rows = [greedy_row(tokens[0], len(ids) + step, 0, top_k=0), greedy_row(tokens[1], 5 + step, 1, top_k=0)]

@@ -15,8 +15,9 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   int8 cache (`--kv int8`): quantized per (token, kv head) as they write, dequantized in registers as they read.
 - `verify_attention(q, k, v, cos, sin, positions, slots, counts, k_cache, v_cache, scale)`: the same for the
   several new tokens per sequence of a speculative verify step, causal among them.
-- `prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start)`: prefill's rotary embedding of q and k and its
-  KV-cache write, one kernel on the GPU instead of a dozen elementwise passes.
+- `prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, positions, slots)`: prefill's rotary embedding of q and k
+  and its KV-cache write, each token at its own slot and position (a prefill of several sequences), one kernel on
+  the GPU instead of a dozen elementwise passes.
 - `silu_mul(gu)`: SwiGLU's `silu(gate) * up` on the fused gate/up output.
 - `linear(x, w)`: `x @ W.T` for a weight object `w` (`engine.weights.Weight`: dense, int8, int4 or nf4), a
   weight-streaming matrix-vector kernel for decode-sized x (up to 64 rows) that dequantizes in registers, where
@@ -171,17 +172,19 @@ def prefill_rotary(
     sin: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    start: int,
+    positions: Tensor,
+    slots: Tensor,
     kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Rotate q [T, Hq, D] and k [T, Hkv, D] at positions `start ..` (cos/sin [T, D]), store k and v at those
-    positions of one slot's caches [Hkv, max_seq, D] (int8 with the scales [Hkv, max_seq] of `kv_scales`), return
-    the rotated q [T, Hq, D]: one kernel on the GPU (switch: `prefill_rotary`)."""
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] (cos/sin [T, D]: the rows of their positions), store k and v at
+    `[slots[t], :, positions[t]]` of the caches [n_slots, Hkv, max_seq, D] (int8 with the scales
+    [n_slots, Hkv, max_seq] of `kv_scales`), return the rotated q [T, Hq, D]: one kernel on the GPU (switch:
+    `prefill_rotary`)."""
     if _use_triton(q) and switches.on("prefill_rotary"):
         from . import triton_rotary
 
-        return triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start, kv_scales)
-    return reference.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, start, kv_scales)
+        return triton_rotary.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, positions, slots, kv_scales)
+    return reference.prefill_rotary(q, k, v, cos, sin, k_cache, v_cache, positions, slots, kv_scales)
 
 
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, offsets: Tensor) -> Tensor:

@@ -112,17 +112,19 @@ def prefill_rotary(
     sin: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    start: int,
+    positions: Tensor,
+    slots: Tensor,
     kv_scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Rotate the q [T, Hq, D] and k [T, Hkv, D] of T tokens at positions `start ..` (cos/sin [T, D]: those
-    positions' rows), write k and v [T, Hkv, D] into one slot's caches [Hkv, max_seq, D] at those positions (int8
-    with the scales [Hkv, max_seq] of `kv_scales`, `quantize_kv`), and return the rotated q [T, Hq, D] (here a view
-    of [Hq, T, D], the layout attention reads)."""
-    end = start + q.shape[0]
+    """Rotate the q [T, Hq, D] and k [T, Hkv, D] of T tokens (cos/sin [T, D]: the rows of their positions), write k
+    and v [T, Hkv, D] into the caches [n_slots, Hkv, max_seq, D], token t at `[slots[t], :, positions[t]]` (the
+    tokens of a prefill may belong to several sequences; int8 with the scales [n_slots, Hkv, max_seq] of
+    `kv_scales`, `quantize_kv`), and return the rotated q [T, Hq, D] (here a view of [Hq, T, D], the layout
+    attention reads)."""
     k_scale, v_scale = kv_scales or (None, None)
-    store_kv(k_cache, k_scale, (slice(None), slice(start, end)), rotate_in_dtype(k.transpose(0, 1), cos, sin))
-    store_kv(v_cache, v_scale, (slice(None), slice(start, end)), v.transpose(0, 1))
+    at = (slots, slice(None), positions)
+    store_kv(k_cache, k_scale, at, rotate_in_dtype(k, cos[:, None], sin[:, None]))
+    store_kv(v_cache, v_scale, at, v)
     return rotate_in_dtype(q.transpose(0, 1), cos, sin).transpose(0, 1)
 
 

@@ -64,8 +64,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prefill-ms",
         type=float,
         metavar="MS",
-        help="with --step-ms: the stand-in's prefill of one prompt (default: one step; 7B's 128-token prefill takes "
-        "about 20 ms on an H200)",
+        help="with --step-ms: the fixed cost of one prefill pass (default: one step), which runs every waiting "
+        "prompt that fits 2048 tokens at once, as the engine's does; a pass costs MS plus --prefill-token-us per "
+        "token (7B's 128-token prefill takes about 20 ms on an H200)",
+    )
+    b.add_argument(
+        "--prefill-token-us",
+        type=float,
+        default=14.0,
+        metavar="US",
+        help="with --step-ms: what each prompt token adds to a prefill pass (default 14: 7B on an H200)",
     )
 
 
@@ -233,10 +241,12 @@ def main(args: argparse.Namespace) -> int:
         paced = [t for t in (args.step_ms, args.prefill_ms) if t is not None]
         if min(levels) < 1 or args.prompt_len < 2 or args.max_tokens < 1 or any(t <= 0 for t in paced):
             raise ValueError
+        if args.prefill_token_us < 0:
+            raise ValueError
     except ValueError:
         print(
             f"{PROG}: error: --concurrency takes numbers >= 1 (1,8,32); --prompt-len >= 2, --max-tokens >= 1, "
-            "--step-ms and --prefill-ms > 0",
+            "--step-ms and --prefill-ms > 0, --prefill-token-us >= 0",
             file=sys.stderr,
         )
         return 2
@@ -284,7 +294,7 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
 
     stand_in = None
     if args.step_ms:
-        stand_in = paced_loader(args.step_ms / 1e3, (args.prefill_ms or args.step_ms) / 1e3)
+        stand_in = paced_loader(args.step_ms / 1e3, _prefill_ms(args) / 1e3, args.prefill_token_us / 1e6)
 
     def make_client(sink: EventSink) -> LocalClient:
         clients.append(LocalClient(spec, on_event=sink, load=stand_in))
@@ -311,7 +321,7 @@ def _serve_here(args: argparse.Namespace, levels: list[int], load: tuple) -> tup
             if args.step_ms:
                 busy = clients[0].call(lambda engine, a=start, b=end: engine.paced.busy_between(a, b))
                 level["device_busy"] = busy / level["duration_s"]
-                level["ceiling_tps"] = _ceiling(level, args.step_ms, args.prefill_ms or args.step_ms)
+                level["ceiling_tps"] = _ceiling(level, args)
         comparison = clients[0].call(lambda engine: _bench_decode(engine, levels, position))
     finally:
         running.stop()
@@ -340,11 +350,21 @@ async def _loop_clock() -> None:
         await asyncio.sleep(_CLOCK_S)
 
 
-def _ceiling(level: dict, step_ms: float, prefill_ms: float) -> float:
-    """The stand-in's output tokens/s for a level's load with a server that costs nothing: every prompt's prefill
-    pauses the decode (as this engine's scheduler does), and the other tokens come `concurrency` a step."""
+def _prefill_ms(args: argparse.Namespace) -> float:
+    return args.prefill_ms or args.step_ms
+
+
+def _ceiling(level: dict, args: argparse.Namespace) -> float:
+    """The stand-in's output tokens/s for a level's load with a server that costs nothing: the prompts prefilled in
+    the fewest passes the scheduler could make (at most `concurrency` prompts are in flight, at most PREFILL_CHUNK
+    tokens go in a pass), each pass pausing the decode, and the other tokens `concurrency` a step."""
+    from engine.scheduler import PREFILL_CHUNK
+
     tokens, requests = level["output_tokens"], level["requests"] - level["failed"]
-    seconds = (requests * prefill_ms + (tokens - requests) / level["concurrency"] * step_ms) / 1e3
+    prompt_tokens = requests * args.prompt_len
+    passes = -(-prompt_tokens // min(level["concurrency"] * args.prompt_len, PREFILL_CHUNK))
+    prefill_ms = passes * _prefill_ms(args) + prompt_tokens * args.prefill_token_us / 1e3
+    seconds = (prefill_ms + (tokens - requests) / level["concurrency"] * args.step_ms) / 1e3
     return tokens / seconds if seconds > 0 else 0.0
 
 

@@ -1,0 +1,143 @@
+"""Batched prefill (issue 18): several sequences' new tokens in one model pass (`Llama.prefill_many`), and the
+scheduler that fills each pass with the prompts in line (engine/scheduler.py).
+
+In float32 on the CPU, a pass over prompts of different lengths, some continuing a cached prefix (other start
+offsets), gives each prompt transformers' logits and the logits it gets alone, and leaves each slot's keys and
+values where the decode step reads them; through the engine, prompts that arrive together take one pass, a prompt
+longer than a pass goes in chunks next to the others, and every greedy text stays transformers'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import scheduler
+from engine.events import Finished, TextDelta
+from engine.model import Chunk
+from engine.requests import Request, SamplingParams
+from tests.test_engine import hf_greedy, hf_model, load, run
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [
+    "def fibonacci(n):\n    ",
+    "import os",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "# sort a list of numbers in place\ndef sort(xs):",
+]
+
+
+@pytest.fixture(params=["tiny_model_dir", "tiny_gqa_dir"])
+def checkpoint(request) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+@torch.no_grad()
+def test_one_pass_over_several_prompts_matches_transformers_and_each_alone(checkpoint: Path) -> None:
+    """Four prompts in one pass: two from position 0, one continuing a cached prefix of 10 tokens, one whose cache
+    holds all but its last token; each chunk's logits are transformers' at its positions and those of the same chunk
+    prefilled alone, and a decode step after it reads every slot's keys right."""
+    engine, ref = load(checkpoint, max_batch=4), hf_model(checkpoint)
+    model = engine.model
+    ids = [engine.prompt_ids(Request("completion", text=p)) for p in PROMPTS]
+    starts = [0, 0, 10, len(ids[3]) - 1]
+    slots = [1, 3, 0, 2]  # not in the chunks' order
+    for i in (2, 3):  # the cached prefixes
+        model.prefill(torch.tensor(ids[i][: starts[i]]), slots[i], 0)
+    chunks = [Chunk(slot, start, len(p) - start) for slot, start, p in zip(slots, starts, ids, strict=True)]
+    tokens = torch.tensor([t for p, start in zip(ids, starts, strict=True) for t in p[start:]])
+    together = model.prefill_many(tokens, chunks, all_logits=True)
+    rows = torch.tensor([c.length for c in chunks]).cumsum(0)
+    assert together.shape == (len(tokens), model.cfg.vocab_size)
+
+    for i, chunk in enumerate(chunks):
+        mine = together[rows[i] - chunk.length : rows[i]]
+        expected = ref(torch.tensor([ids[i]])).logits[0, chunk.start :]
+        assert (mine - expected).abs().max().item() < 1e-4
+    last = model.prefill_many(tokens, chunks)  # the same pass again (it rewrites the same keys): the last rows
+    assert last.shape == (4, model.cfg.vocab_size)
+    torch.testing.assert_close(last, together[rows - 1], rtol=0, atol=1e-5)
+
+    follow = [int(row.argmax()) for row in last]
+    positions = torch.tensor([len(p) for p in ids])
+    decoded = model.decode(torch.tensor(follow), positions, torch.tensor(slots))
+    for i in range(4):
+        expected = ref(torch.tensor([ids[i] + [follow[i]]])).logits[0, -1]
+        assert (decoded[i] - expected).abs().max().item() < 1e-4
+
+    alone = load(checkpoint, max_batch=4).model
+    for i, (chunk, p) in enumerate(zip(chunks, ids, strict=True)):
+        if chunk.start:
+            alone.prefill(torch.tensor(p[: chunk.start]), chunk.slot, 0)
+        one = alone.prefill(torch.tensor(p[chunk.start :]), chunk.slot, chunk.start, all_logits=True)
+        torch.testing.assert_close(together[rows[i] - chunk.length : rows[i]], one, rtol=0, atol=1e-5)
+
+
+def counted(engine, monkeypatch) -> list[list[tuple[Chunk, int]]]:
+    """Record every prefill pass the engine's scheduler makes: each chunk, with its prompt's length."""
+    passes: list[list[tuple[Chunk, int]]] = []
+    original = engine.model.prefill_many
+
+    def counting(tokens, chunks, all_logits=False):
+        prompts = {s.slot: len(s.ids) for s in engine.scheduler.prefilling}
+        passes.append([(c, prompts[c.slot]) for c in chunks])
+        assert len(tokens) == sum(c.length for c in chunks)
+        return original(tokens, chunks, all_logits)
+
+    monkeypatch.setattr(engine.model, "prefill_many", counting)
+    return passes
+
+
+def test_waiting_short_prompts_take_one_pass_in_one_step(tiny_gqa_dir: Path, monkeypatch) -> None:
+    """Four requests added together: the first step prefills all four in one pass and gives each its first token,
+    in the order they came; nothing is prefilled after that."""
+    engine = load(tiny_gqa_dir, max_batch=4)
+    passes = counted(engine, monkeypatch)
+    sampling = SamplingParams(temperature=0, max_new_tokens=6)
+    requests = [Request("completion", text=p, sampling=sampling) for p in PROMPTS]
+    for r in requests:
+        engine.add(r)
+    engine.step()
+    assert len(passes) == 1 and [(c.start, c.length) for c, n in passes[0]] == [(0, n) for _, n in passes[0]]
+    assert len(passes[0]) == 4
+    assert [s.request.id for s in engine.scheduler.running] == [r.id for r in requests]
+    assert all(len(s.generated) >= 1 for s in engine.scheduler.running)
+    while engine.busy:
+        engine.step()
+    assert len(passes) == 1
+
+
+def test_a_long_prompt_goes_in_chunks_next_to_the_others_and_every_text_stays_transformers(
+    checkpoint: Path, monkeypatch
+) -> None:
+    """With passes of 12 tokens: a continuing chat-like request (its prefix cached), a prompt of several passes and
+    two short ones, added together. The long prompt's last chunk shares its pass with the next prompt's first part
+    (the only chunk of a pass that may stop short of its prompt's end); every greedy text is transformers'."""
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 12)
+    engine, ref = load(checkpoint, max_batch=4), hf_model(checkpoint)
+    sampling = SamplingParams(temperature=0, max_new_tokens=12)
+    first = Request("completion", text=PROMPTS[0], sampling=sampling)
+    answer = run(engine, first)[first.id][-1]
+    passes = counted(engine, monkeypatch)
+    requests = [
+        Request("completion", text=PROMPTS[0] + answer.text + "\n\nprint(", sampling=sampling),
+        Request("completion", text=PROMPTS[2], sampling=sampling),
+        Request("completion", text=PROMPTS[1], sampling=sampling),
+        Request("completion", text=PROMPTS[3], sampling=sampling),
+    ]
+    events = run(engine, *requests)
+    assert len(engine.prompt_ids(requests[1])) > 2 * 12
+    sizes = [sum(c.length for c, _ in p) for p in passes]
+    assert sizes[:-1] == [12] * (len(passes) - 1) and 0 < sizes[-1] <= 12  # full passes while prompts wait
+    assert all(c.start + c.length == n for p in passes for c, n in p[:-1])  # only a pass's last chunk stops short
+    assert any(len(p) > 1 and p[-1][0].start + p[-1][0].length < p[-1][1] for p in passes)  # and then shares
+    for r in requests:
+        finished = events[r.id][-1]
+        assert isinstance(finished, Finished)
+        assert "".join(e.text for e in events[r.id] if isinstance(e, TextDelta)) == finished.text
+        expected = hf_greedy(ref, engine.prompt_ids(r), 12, stop=2)
+        assert finished.text == engine.tok.decode(expected)
+    assert events[requests[0].id][-1].stats.cached_tokens > 0
