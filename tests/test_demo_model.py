@@ -4,6 +4,7 @@ infilling pieces, and the CLI falling back to it. Everything runs on the CPU in 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,17 @@ def test_evaluation_prompts_fit_the_context_as_the_app_fits_a_file() -> None:
     assert len(infilling_ids(tok, *clipped)) > 1024 - 64  # the case needs fitting
     assert len(infilling_ids(tok, long_pre, long_suf)) <= 1024 - 64
     assert clipped[0].endswith(long_pre) and clipped[1].startswith(long_suf) and long_pre and long_suf
+
+
+def test_a_comparison_adds_its_results_to_eval_json_and_keeps_the_rest(tmp_path: Path) -> None:
+    from engine.demo import evaluate as ev
+
+    (tmp_path / "eval.json").write_text(json.dumps({"perplexity": {"ppl": 8.39}, "kv_cache": {"old": 1}}))
+    ev.merge_into_eval(tmp_path, "kv_cache", {"int8": 8.3931})
+    ev.merge_into_eval(tmp_path, "quantized", {"int8": 8.383})
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == {"perplexity": {"ppl": 8.39}, "kv_cache": {"int8": 8.3931}, "quantized": {"int8": 8.383}}
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    ev.merge_into_eval(fresh, "kv_cache", {"int8": 1.0})
+    assert json.loads((fresh / "eval.json").read_text()) == {"kv_cache": {"int8": 1.0}}

@@ -44,24 +44,31 @@ def test_graph_replay_matches_eager(dtype: torch.dtype, batch: int) -> None:
     prompts = [torch.randint(3, 32000, (20 + 7 * i,), device="cuda") for i in range(batch)]
     for slot, ids in enumerate(prompts):
         m.prefill(ids, slot, 0)
-    saved = (m.cache.k.clone(), m.cache.v.clone())
+    (graph_tokens, graph_logits), (eager_tokens, eager_logits) = decode_with_and_without_graphs(m, prompts)
+    assert graph_tokens == eager_tokens
+    for eager, graph in zip(eager_logits, graph_logits, strict=True):
+        assert torch.allclose(eager, graph, atol=1e-3 if dtype == torch.float32 else 2e-2)
+
+
+def decode_with_and_without_graphs(m: Llama, prompts: list[torch.Tensor], steps: int = 6) -> list[tuple[list, list]]:
+    """The tokens and logits of `steps` greedy decode steps after the prompts (already prefilled, slot i for prompt
+    i), first through captured graphs, then eagerly from the same cache: [(tokens, logits)] for each."""
+    cache = [t for t in (m.cache.k, m.cache.v, m.cache.k_scale, m.cache.v_scale) if t is not None]
+    saved = [t.clone() for t in cache]
     seen = torch.zeros(9, CFG.vocab_size, dtype=torch.bool, device="cuda")
     results = []
     for graphs in (True, False):  # graphs first: their start-up picks Triton or cuBLAS per shape for both
-        m.cache.k.copy_(saved[0])
-        m.cache.v.copy_(saved[1])
+        for t, kept in zip(cache, saved, strict=True):
+            t.copy_(kept)
         runner = DecodeRunner(m, seen.clone(), 8, 8, use_graphs=graphs)
-        tokens = [5 + i for i in range(batch)]
-        out, logits = [], []
-        for step in range(6):
+        tokens, out, logits = [5 + i for i in range(len(prompts))], [], []
+        for step in range(steps):
             rows = [Row(t, len(prompts[i]) + step, i, 40, i, step, 0.0, 1.0, 1.0) for i, t in enumerate(tokens)]
             tokens = runner(rows)
             out.append(tokens)
-            logits.append(runner.logits[:batch].clone())
+            logits.append(runner.logits[: len(prompts)].clone())
         results.append((out, logits))
-    assert results[0][0] == results[1][0]
-    for eager, graph in zip(results[0][1], results[1][1], strict=True):
-        assert torch.allclose(eager, graph, atol=1e-3 if dtype == torch.float32 else 2e-2)
+    return results
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -72,23 +79,9 @@ def test_int8_kv_graphs_match_eager_and_stay_near_the_bf16_cache(batch: int) -> 
     m = model(torch.bfloat16, 8, kv="int8")
     prompts = [torch.randint(3, 32000, (200 + 9 * i,), device="cuda") for i in range(batch)]
     prefill = [m.prefill(ids, slot, 0, all_logits=True).float() for slot, ids in enumerate(prompts)]
-    cache = m.cache
-    saved = [t.clone() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
-    seen = torch.zeros(9, CFG.vocab_size, dtype=torch.bool, device="cuda")
-    results = []
-    for graphs in (True, False):
-        for t, kept in zip((cache.k, cache.v, cache.k_scale, cache.v_scale), saved, strict=True):
-            t.copy_(kept)
-        runner = DecodeRunner(m, seen.clone(), 8, 8, use_graphs=graphs)
-        tokens, out, logits = [5 + i for i in range(batch)], [], []
-        for step in range(6):
-            rows = [Row(t, len(prompts[i]) + step, i, 40, i, step, 0.0, 1.0, 1.0) for i, t in enumerate(tokens)]
-            tokens = runner(rows)
-            out.append(tokens)
-            logits.append(runner.logits[:batch].clone())
-        results.append((out, logits))
-    assert results[0][0] == results[1][0]
-    for graph, eager in zip(results[0][1], results[1][1], strict=True):
+    (graph_tokens, graph_logits), (eager_tokens, eager_logits) = decode_with_and_without_graphs(m, prompts)
+    assert graph_tokens == eager_tokens
+    for graph, eager in zip(graph_logits, eager_logits, strict=True):
         assert torch.allclose(graph, eager, atol=2e-2)
     wide, plain = model(torch.float32, 8), model(torch.bfloat16, 8)
     for ours, w, p in zip(m.parameters(), wide.parameters(), plain.parameters(), strict=True):

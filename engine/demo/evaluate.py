@@ -557,6 +557,13 @@ def run_eval(
     return res
 
 
+def merge_into_eval(model_dir: Path, key: str, res: dict) -> None:
+    """Add one comparison's results to `model_dir/eval.json` under `key`, keeping what the file already holds."""
+    path = model_dir / "eval.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**saved, key: res}, indent=2) + "\n")
+
+
 def summary(res: dict) -> str:
     """One short human-readable block for logs and the model card."""
     p, li, bo = res["perplexity"], res["line_infill"], res["body_line_infill"]
@@ -606,9 +613,7 @@ def main(argv: list[str] | None = None) -> None:
         res = kv_scores(a.model_dir, torch.device(a.device), a.kv, a.seq_len, a.dtype or "auto")
         print(json.dumps(res), _kv_summary(res), sep="\n", flush=True)
         if not a.no_write:
-            path = a.model_dir / "eval.json"
-            saved = json.loads(path.read_text()) if path.exists() else {}
-            path.write_text(json.dumps({**saved, "kv_cache": res}, indent=2) + "\n")
+            merge_into_eval(a.model_dir, "kv_cache", res)
         return
     if a.quant:
         formats = [f for f in a.quant.split(",") if f]
@@ -616,18 +621,14 @@ def main(argv: list[str] | None = None) -> None:
                                converted=tuple(a.converted), dtype=a.dtype and getattr(torch, a.dtype))  # fmt: skip
         print(json.dumps(res), _quant_summary(res), sep="\n", flush=True)
         if not a.no_write:
-            path = a.model_dir / "eval.json"
-            saved = json.loads(path.read_text()) if path.exists() else {}
-            path.write_text(json.dumps({**saved, "quantized": res}, indent=2) + "\n")
+            merge_into_eval(a.model_dir, "quantized", res)
         return
     if a.cli:
         cases = body_cases(held_out_texts(), a.body_infills, a.seed + 1)
         res = through_cli(a.model_dir, cases, a.device)
         print(json.dumps(res), flush=True)
         if not a.no_write:
-            path = a.model_dir / "eval.json"
-            saved = json.loads(path.read_text()) if path.exists() else {}
-            path.write_text(json.dumps({**saved, "body_line_infill_cli": res}, indent=2) + "\n")
+            merge_into_eval(a.model_dir, "body_line_infill_cli", res)
         return
     res = run_eval(
         a.model_dir, torch.device(a.device), a.infills, a.body_infills, a.seq_len, seed=a.seed, write=not a.no_write
