@@ -218,6 +218,7 @@ class DecodeRunner:
         """Pick tokens for logits computed outside the step (the first token after a prefill)."""
         greedy, penalize = self._load(rows)
         tokens = self._pick(logits, len(rows), greedy, penalize).tolist()
+        self.n = self.batch = 0  # its rows took the step's inputs: the next launch carries rows
         self._flush_pending()  # a prefill ran since: the step after a verify step no longer shows its bubble
         self.since = time.perf_counter()
         return tokens
@@ -279,7 +280,7 @@ class DecodeRunner:
         """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
         step, fed from the device with that step's own outputs (no host-to-device copy, no sync)."""
         start = time.perf_counter()
-        assert rows is not None or self.batch, "a verify step ran since the last launch: launch with rows"
+        assert rows is not None or self.batch, "a verify step or a sample ran since the last launch: launch with rows"
         if rows is not None:
             self.n = len(rows)
             self.batch = self.bucket(self.n) if self.graphs else self.n

@@ -141,3 +141,48 @@ def test_a_long_prompt_goes_in_chunks_next_to_the_others_and_every_text_stays_tr
         expected = hf_greedy(ref, engine.prompt_ids(r), 12, stop=2)
         assert finished.text == engine.tok.decode(expected)
     assert events[requests[0].id][-1].stats.cached_tokens > 0
+
+
+def step_until(engine, events: dict[str, list], done) -> None:
+    """Step the engine, filing each event under its request, until `done()` holds or the engine is idle."""
+    while engine.busy and not done():
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e)
+
+
+def test_prompts_that_end_at_their_first_token_leave_the_decoding_batch_and_the_cache_intact(
+    checkpoint: Path,
+) -> None:
+    """Two prompts that end at their first token (one at max_new_tokens=1, one at a stop string it writes) share a
+    pass while another request decodes in pipelined steps. Their first tokens' sample loads its rows into the
+    decode step's inputs, so the next step must be launched with rows: fed from the device instead, the decoding
+    request's step would read the finished prompt's slot and position (another text) and overwrite its last prompt
+    token's keys, which a later request continuing that prompt would take from the prefix cache."""
+    engine, ref = load(checkpoint, max_batch=4), hf_model(checkpoint)
+    decoding = Request("completion", text=PROMPTS[0], sampling=SamplingParams(temperature=0, max_new_tokens=12))
+    events: dict[str, list] = {}
+    engine.add(decoding)
+    step_until(engine, events, lambda: engine.scheduler.inflight is not None and len(events[decoding.id]) > 2)
+    ids = [engine.prompt_ids(Request("completion", text=p)) for p in PROMPTS[1:3]]
+    first = [hf_greedy(ref, p, 1)[0] for p in ids]
+    one = Request("completion", text=PROMPTS[1], sampling=SamplingParams(temperature=0, max_new_tokens=1))
+    stop = SamplingParams(temperature=0, max_new_tokens=8, stop=(engine.tok.decode([first[1]]).strip(),))
+    stopped = Request("completion", text=PROMPTS[2], sampling=stop)
+    engine.add(one)
+    engine.add(stopped)
+    step_until(engine, events, lambda: False)
+
+    for request, reason in ((one, "length"), (stopped, "stop")):
+        assert [e.reason for e in events[request.id] if isinstance(e, Finished)] == [reason]
+        assert isinstance(events[request.id][-1], Finished)
+    assert events[one.id][-1].text.strip() == engine.tok.decode([first[0]]).strip()
+    expected = hf_greedy(ref, engine.prompt_ids(decoding), 12, stop=2)
+    assert events[decoding.id][-1].text == engine.tok.decode(expected)
+
+    sampling = SamplingParams(temperature=0, max_new_tokens=8)
+    longer = Request("completion", text=PROMPTS[1] + "\nimport sys", sampling=sampling)
+    more = engine.prompt_ids(longer)
+    assert more[: len(ids[0])] == ids[0]
+    again = run(engine, longer)[longer.id][-1]
+    assert again.stats.cached_tokens == len(ids[0])  # the finished prompt's slot, whole
+    assert again.text == engine.tok.decode(hf_greedy(ref, more, 8, stop=2))
