@@ -140,6 +140,7 @@ class DecodeRunner:
         self.verify_cost: dict[tuple[int, int], float] = {}
         self.pending: tuple[tuple[int, int], float] | None = None
         self.since = 0.0  # when the host last received a step's tokens (or the first token after a prefill)
+        self.sampled = 0.0  # when the last first token after a prefill arrived: steps launched before go untimed
         self.prior_slope = PRIOR_SLOPE.get(dev.type, PRIOR_SLOPE["cpu"])
         self.prior_overhead = PRIOR_OVERHEAD.get(dev.type, PRIOR_OVERHEAD["cpu"])
         self.cost_lists: dict[int, list[float]] = {}  # `costs` per batch bucket, until a timing changes them
@@ -218,8 +219,9 @@ class DecodeRunner:
         """Pick tokens for logits computed outside the step (the first token after a prefill)."""
         greedy, penalize = self._load(rows)
         tokens = self._pick(logits, len(rows), greedy, penalize).tolist()
+        self.n = self.batch = 0  # its rows took the step's inputs: the next launch carries rows
         self._flush_pending()  # a prefill ran since: the step after a verify step no longer shows its bubble
-        self.since = time.perf_counter()
+        self.since = self.sampled = time.perf_counter()
         return tokens
 
     def bucket(self, n: int) -> int:
@@ -279,7 +281,7 @@ class DecodeRunner:
         """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
         step, fed from the device with that step's own outputs (no host-to-device copy, no sync)."""
         start = time.perf_counter()
-        assert rows is not None or self.batch, "a verify step ran since the last launch: launch with rows"
+        assert rows is not None or self.batch, "a verify step or a sample ran since the last launch: launch with rows"
         if rows is not None:
             self.n = len(rows)
             self.batch = self.bucket(self.n) if self.graphs else self.n
@@ -314,8 +316,10 @@ class DecodeRunner:
             self._cost(shape, spent + max(0.0, launched - self.since))
         else:
             self._flush_pending()
-            # A step takes from its launch, or from the tokens of the step before it, to its own tokens.
-            self._timed(self.plain_s, bucket, now - max(launched, self.since))
+            # A step takes from its launch, or from the tokens of the step before it, to its own tokens; one
+            # launched before a prefill's first tokens ran beside that prefill, which took its time.
+            if launched > self.sampled:
+                self._timed(self.plain_s, bucket, now - max(launched, self.since))
         self.since = now
         return buf[:n].tolist()
 

@@ -126,6 +126,7 @@ class Scheduler:
         for seq, token in zip(finished, first, strict=True):
             seq.t_first = now
             self._accept(seq, token, events)
+        self._collect(events)  # the sample loaded its rows over the inputs a pipelined next step would advance
 
     def _decode(self, events: list[Event]) -> None:
         """One decode step, pipelined: while the batch stays the same, the next step is launched from the
@@ -149,6 +150,12 @@ class Scheduler:
         if self.inflight is None and self.running:
             self.runner.launch([s.row(s.generated[-1]) for s in self.running])
             self.inflight = list(self.running)
+
+    def _collect(self, events: list[Event]) -> None:
+        """Collect the plain step in flight, if any: the next step is then launched with rows, not pipelined."""
+        if self.inflight is not None:
+            done, self.inflight = self.inflight, None
+            self._take(done, events)
 
     def _take(self, done: list[SequenceState], events: list[Event]) -> None:
         """Collect the launched plain step: one token for each of its sequences still running."""
@@ -175,9 +182,7 @@ class Scheduler:
         """A speculative step. The proposals need the tokens before them, so a plain step in flight is collected
         first and nothing is pipelined; where nobody proposes after all (the token collected was not the one
         guessed), the step is a plain one."""
-        if self.inflight is not None:
-            done, self.inflight = self.inflight, None
-            self._take(done, events)
+        self._collect(events)
         batch = list(self.running)
         if not batch:
             return

@@ -9,6 +9,7 @@ longer than a pass goes in chunks next to the others, and every greedy text stay
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,128 @@ def test_a_long_prompt_goes_in_chunks_next_to_the_others_and_every_text_stays_tr
         expected = hf_greedy(ref, engine.prompt_ids(r), 12, stop=2)
         assert finished.text == engine.tok.decode(expected)
     assert events[requests[0].id][-1].stats.cached_tokens > 0
+
+
+def step_until(engine, events: dict[str, list], done) -> None:
+    """Step the engine, filing each event under its request, until `done()` holds or the engine is idle."""
+    while engine.busy and not done():
+        for e in engine.step():
+            events.setdefault(e.request_id, []).append(e)
+
+
+def test_prompts_that_end_at_their_first_token_leave_the_decoding_batch_and_the_cache_intact(
+    checkpoint: Path,
+) -> None:
+    """Two prompts that end at their first token (one at max_new_tokens=1, one at a stop string it writes) share a
+    pass while another request decodes in pipelined steps. Their first tokens' sample loads its rows into the
+    decode step's inputs, so the next step must be launched with rows: fed from the device instead, the decoding
+    request's step would read the finished prompt's slot and position (another text) and overwrite its last prompt
+    token's keys, which a later request continuing that prompt would take from the prefix cache."""
+    engine, ref = load(checkpoint, max_batch=4), hf_model(checkpoint)
+    decoding = Request("completion", text=PROMPTS[0], sampling=SamplingParams(temperature=0, max_new_tokens=12))
+    events: dict[str, list] = {}
+    engine.add(decoding)
+    step_until(engine, events, lambda: engine.scheduler.inflight is not None and len(events[decoding.id]) > 2)
+    ids = [engine.prompt_ids(Request("completion", text=p)) for p in PROMPTS[1:3]]
+    first = [hf_greedy(ref, p, 1)[0] for p in ids]
+    one = Request("completion", text=PROMPTS[1], sampling=SamplingParams(temperature=0, max_new_tokens=1))
+    stop = SamplingParams(temperature=0, max_new_tokens=8, stop=(engine.tok.decode([first[1]]).strip(),))
+    stopped = Request("completion", text=PROMPTS[2], sampling=stop)
+    engine.add(one)
+    engine.add(stopped)
+    step_until(engine, events, lambda: False)
+
+    for request, reason in ((one, "length"), (stopped, "stop")):
+        assert [e.reason for e in events[request.id] if isinstance(e, Finished)] == [reason]
+        assert isinstance(events[request.id][-1], Finished)
+    assert events[one.id][-1].text.strip() == engine.tok.decode([first[0]]).strip()
+    expected = hf_greedy(ref, engine.prompt_ids(decoding), 12, stop=2)
+    assert events[decoding.id][-1].text == engine.tok.decode(expected)
+
+    sampling = SamplingParams(temperature=0, max_new_tokens=8)
+    longer = Request("completion", text=PROMPTS[1] + "\nimport sys", sampling=sampling)
+    more = engine.prompt_ids(longer)
+    assert more[: len(ids[0])] == ids[0]
+    again = run(engine, longer)[longer.id][-1]
+    assert again.stats.cached_tokens == len(ids[0])  # the finished prompt's slot, whole
+    assert again.text == engine.tok.decode(hf_greedy(ref, more, 8, stop=2))
+
+
+def test_each_first_token_of_a_pass_is_sampled_with_its_own_rows_settings(tiny_model_dir: Path, monkeypatch) -> None:
+    """Greedy, seeded sampling (top-p, top-k) and repetition penalties in one pass: each request's text is the one it
+    gets prefilled and sampled alone (a first token sampled with another row's settings, seed or seen mask would
+    differ)."""
+    settings = [
+        SamplingParams(temperature=0, max_new_tokens=8),
+        SamplingParams(temperature=0.9, top_p=0.95, top_k=0, seed=5, max_new_tokens=8),
+        SamplingParams(temperature=0, repetition_penalty=1.5, max_new_tokens=8),
+        SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.3, seed=7, max_new_tokens=8),
+    ]
+    requests = [Request("completion", text=p, sampling=s) for p, s in zip(PROMPTS, settings, strict=True)]
+    engine = load(tiny_model_dir, max_batch=4)
+    passes = counted(engine, monkeypatch)
+    together = run(engine, *requests)
+    assert len(passes[0]) == 4
+    for r in requests:
+        alone = run(load(tiny_model_dir, max_batch=4), r)[r.id][-1]
+        assert together[r.id][-1].text == alone.text
+
+
+def test_prompts_of_a_pass_and_one_past_it_identical_twins_and_their_cached_repeats(
+    tiny_model_dir: Path, monkeypatch
+) -> None:
+    """Passes of exactly one prompt's length: that prompt fills the first pass alone, one a token longer ends in
+    the next pass's first chunk (1 token), its identical twin arriving in the same step gets a slot of its own; all
+    four texts are transformers'. Sent again, each prompt is all cached but its last token, which is prefilled for
+    its logits: the same texts."""
+    engine, ref = load(tiny_model_dir, max_batch=4), hf_model(tiny_model_dir)
+    sampling = SamplingParams(temperature=0, max_new_tokens=6)
+    texts = ["def fibonacci(n):\n    return", "def fibonacci(n):\n    return n", "def fibonacci(n):\n    return n"]
+    requests = [Request("completion", text=t, sampling=sampling) for t in [*texts, PROMPTS[1]]]
+    ids = [engine.prompt_ids(r) for r in requests]
+    assert len(ids[1]) == len(ids[0]) + 1 and ids[1] == ids[2]
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", len(ids[0]))
+    passes = counted(engine, monkeypatch)
+    first = run(engine, *requests)
+    assert [(c.start, c.length) for c, _ in passes[0]] == [(0, len(ids[0]))]
+    assert [(c.start, c.length) for c, _ in passes[2]][0] == (len(ids[1]) - 1, 1)
+    assert len({c.slot for p in passes for c, _ in p}) == 4
+    for r, p in zip(requests, ids, strict=True):
+        assert first[r.id][-1].text == engine.tok.decode(hf_greedy(ref, p, 6, stop=2))
+    repeats = [Request("completion", text=r.text, sampling=sampling) for r in requests]
+    again = run(engine, *repeats)
+    for r, repeat, p in zip(requests, repeats, ids, strict=True):
+        assert again[repeat.id][-1].stats.cached_tokens == len(p) - 1
+        assert again[repeat.id][-1].text == first[r.id][-1].text
+
+
+def test_a_prompt_cancelled_between_its_chunks_leaves_what_it_prefilled_as_a_cached_prefix(
+    checkpoint: Path, monkeypatch
+) -> None:
+    """Passes of 12 tokens: a long prompt cancelled after two passes (its second shared with a short prompt, and a
+    third request cancelled while waiting in line) ends with one Finished("cancelled"), frees its slot, and leaves
+    exactly the prompt tokens it prefilled in the prefix cache; the same prompt sent again continues them and
+    gets transformers' text."""
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 12)
+    engine, ref = load(checkpoint, max_batch=2), hf_model(checkpoint)
+    sampling = SamplingParams(temperature=0, max_new_tokens=6)
+    short, long = (Request("completion", text=t, sampling=sampling) for t in (PROMPTS[1], PROMPTS[2] * 2))
+    waiting = Request("completion", text=PROMPTS[3], sampling=sampling)
+    events: dict[str, list] = {}
+    for r in (short, long, waiting):
+        engine.add(r)
+    engine.step()
+    engine.step()
+    (seq,) = engine.scheduler.prefilling
+    prefilled = seq.done
+    assert seq.request.id == long.id and 12 < prefilled < len(seq.ids) - 12
+    for r in (long, waiting):
+        events[r.id] = engine.cancel(r.id)
+    step_until(engine, events, lambda: False)
+    for r in (long, waiting):
+        assert [(type(e), e.reason) for e in events[r.id]] == [(Finished, "cancelled")]
+    assert engine.scheduler.cache.in_use() == 0
+    again = replace(long, id="again")
+    finished = run(engine, again)[again.id][-1]
+    assert finished.stats.cached_tokens == prefilled
+    assert finished.text == engine.tok.decode(hf_greedy(ref, engine.prompt_ids(long), 6, stop=2))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,36 @@ def test_one_prefill_pass_over_several_prompts_matches_each_alone(dtype: torch.d
         alone = m.prefill(ids[start:], slot, start)
         torch.testing.assert_close(together[slot], alone, **tol)
         torch.testing.assert_close(keys[:, slot, :, : len(ids)], m.cache.k[:, slot, :, : len(ids)], **tol)
+
+
+def test_a_prompt_ending_at_its_first_token_leaves_the_captured_decode_batch_as_it_was() -> None:
+    """Through the engine (the demo model) with CUDA graphs: a prompt that ends at its first token (max_new_tokens=1)
+    while another request decodes in pipelined steps. Its sample loads its row into the graphs' static inputs, so the
+    next step is launched with rows (`runner.sample`): the decoding request's text is the one it gets alone (its batch
+    stays one row, so the same graph computes it, bit for bit)."""
+    from engine.engine import Engine
+    from engine.events import Failed, Finished
+    from engine.requests import EngineSpec, Request, SamplingParams
+
+    engine = Engine.load(EngineSpec(device="cuda", dtype="float32", max_batch=4))
+    sampling = SamplingParams(temperature=0.8, top_k=40, seed=3, max_new_tokens=24)
+    decoding = Request("completion", id="decoding", text="def fibonacci(n):\n    ", sampling=sampling)
+    events = list(engine.add(decoding))
+    while engine.busy:
+        events += engine.step()
+    alone = events[-1]
+    engine.scheduler.cache.forget()  # prefilled in full again, as alone
+    events = list(engine.add(replace(decoding, id="beside")))
+    while engine.scheduler.inflight is None or len(events) < 4:
+        events += engine.step()
+    one = Request("completion", id="one", text="import os", sampling=replace(sampling, max_new_tokens=1))
+    events += engine.add(one)
+    while engine.busy:
+        events += engine.step()
+    assert not [e for e in events if isinstance(e, Failed)], events
+    finished = {e.request_id: e for e in events if isinstance(e, Finished)}
+    assert finished["one"].stats.new_tokens == 1
+    assert isinstance(alone, Finished) and finished["beside"].text == alone.text
 
 
 def test_pipelined_steps_feed_themselves_on_the_device() -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import scheduler
 from engine.config import shape_config
 from engine.engine import Engine
 from engine.events import Finished
 from engine.loader import context_for
-from engine.model import KVCache, Llama
+from engine.model import Chunk, KVCache, Llama
 from engine.parallel import Shard
 from engine.requests import EngineSpec, Request, SamplingParams
 from tui.conversation import Conversation
@@ -134,6 +135,59 @@ def test_a_cached_second_turn_with_int8_kv_prefills_only_its_new_part(tiny_gqa_d
     engine.scheduler.cache.forget()
     fresh = run(engine, replace(second, id="without the cache"))[-1]
     assert fresh.stats.cached_tokens == 0 and fresh.text == cached.text
+
+
+@torch.inference_mode()
+def test_one_int8_prefill_pass_over_several_chunks_matches_each_chunk_alone(checkpoint: Path) -> None:
+    """An int8 cache through one `prefill_many` pass of three chunks (one from position 0, one continuing a cached
+    prefix, one whose cache holds all but its last token): each chunk's last logits, and each slot's int8 keys,
+    values and scales, are those of the chunk prefilled alone after the same prefix (each token's row is quantized
+    on its own, so nothing depends on the other chunks)."""
+    prompts = [PROMPT, PROMPT * 3, PROMPT * 2]
+    together, alone = (load(checkpoint, "int8", max_batch=3).model for _ in range(2))
+    ids = [load(checkpoint).prompt_ids(Request("completion", text=p)) for p in prompts]
+    starts, slots = [0, 12, len(ids[2]) - 1], [2, 0, 1]
+    chunks = [Chunk(slot, start, len(p) - start) for slot, start, p in zip(slots, starts, ids, strict=True)]
+    for model in (together, alone):
+        for p, chunk in zip(ids, chunks, strict=True):
+            if chunk.start:
+                model.prefill(torch.tensor(p[: chunk.start]), chunk.slot, 0)
+    tokens = torch.tensor([t for p, start in zip(ids, starts, strict=True) for t in p[start:]])
+    last = together.prefill_many(tokens, chunks)
+    for i, (p, chunk) in enumerate(zip(ids, chunks, strict=True)):
+        one = alone.prefill(torch.tensor(p[chunk.start :]), chunk.slot, chunk.start)
+        torch.testing.assert_close(last[i], one, rtol=0, atol=1e-4)
+    a, b = together.cache, alone.cache
+    assert (a.k.int() - b.k.int()).abs().max() <= 1 and (a.v.int() - b.v.int()).abs().max() <= 1  # a rounding tie
+    torch.testing.assert_close(a.k_scale, b.k_scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(a.v_scale, b.v_scale, rtol=1e-5, atol=0)
+
+
+def test_int8_requests_prefilled_together_in_chunks_answer_as_each_alone(checkpoint: Path, monkeypatch) -> None:
+    """With an int8 cache and passes of 12 tokens: a chat's second turn (its first turn's int8 cache reused), a
+    prompt of several passes and two short ones, added together, give the greedy texts each gets in a pass of its
+    own (the first turn before it, for the chat)."""
+    sampling = SamplingParams(temperature=0, max_new_tokens=12)
+    chat = Conversation("Answer in Python")
+    first = chat.request("Write a function that adds two numbers.", sampling)
+    engine = load(checkpoint, "int8", max_batch=4)
+    chat.answered(first, run(engine, first)[-1].text)
+    requests = [
+        chat.request("Now make it multiply.", sampling),
+        *(Request("completion", text=p, sampling=sampling) for p in (PROMPT * 4, "import os", "class Stack:")),
+    ]
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 12)
+    events = [e for r in requests for e in engine.add(r)]
+    while engine.busy:
+        events += engine.step()
+    together = {e.request_id: e for e in events if isinstance(e, Finished)}
+    assert together[requests[0].id].stats.cached_tokens > 12
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 2048)
+    for r in requests:
+        alone = load(checkpoint, "int8", max_batch=4)
+        if r is requests[0]:
+            run(alone, replace(first, id="first turn"))
+        assert run(alone, r)[-1].text == together[r.id].text
 
 
 def test_the_memory_budget_fits_about_twice_the_tokens_with_int8_kv(monkeypatch: pytest.MonkeyPatch) -> None:

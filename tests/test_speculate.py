@@ -280,7 +280,6 @@ def tiny_model(device: str, slots: int, kv: str = "bf16") -> Llama:
     return m
 
 
-
 @torch.inference_mode()
 @pytest.mark.parametrize("kv", ["bf16", "int8"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -549,6 +548,26 @@ def test_verify_costs_are_timed_per_shape_and_untimed_ones_priced_to_be_tried() 
     assert runner.costs(1)[3] == pytest.approx(0.8 * three + 0.2 * 2.0)  # then an average over recent timings
     runner._cost((1, 2), 0.050)  # a slow timing of 1 proposal: no more than 3 proposals cost
     assert runner.costs(1)[1] == runner.costs(1)[3] < 5.0
+
+
+@torch.inference_mode()
+def test_a_step_in_flight_across_a_prefills_first_tokens_is_not_timed() -> None:
+    """A step launched before a prefill and collected after its first tokens' sample (the scheduler's order) ran
+    beside the prefill: measured from the sample it would take almost nothing, and plain steps would look cheaper
+    (verify steps dearer) than they are. It is left untimed; the step after it is timed again."""
+    runner = DecodeRunner(tiny_model("cpu", 2), torch.zeros(3, 512, dtype=torch.bool), 2, 2, False, speculate=3)
+    rows = [Row(token=5, position=10 + i, slot=0, top_k=0, seed=0, offset=i, temperature=0.0, top_p=1.0, penalty=1.0)
+            for i in range(8)]  # fmt: skip
+    for row in rows[:5]:
+        runner([row])
+    plain = runner.plain_s[1]
+    runner.launch([rows[5]])
+    first = Row(token=0, position=3, slot=1, top_k=0, seed=0, offset=0, temperature=0.0, top_p=1.0, penalty=1.0)
+    runner.sample(torch.randn(1, 512), [first])
+    runner.collect()
+    assert runner.plain_s[1] == plain
+    runner([rows[6]])
+    assert runner.plain_s[1] != plain
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,8 +121,6 @@ def test_speculation_at_tp2_gives_the_tokens_of_tp1() -> None:
     """Verify steps relayed to every rank, rows proposing different k (the demo model copies, so runs are
     accepted): two greedy requests and a seeded sampled one, together, give the text TP 1 gives without
     speculation."""
-    from dataclasses import replace
-
     from engine.config import DEMO_DIR
     from engine.speculate_bench import edit_workload
     from engine.tokenizer import Tokenizer
@@ -168,6 +167,52 @@ def test_prefill_and_decode_logits_match_tp1(tiny_gqa_dir: Path) -> None:
             assert (two.runner.logits[:2] - one.runner.logits[:2]).abs().max().item() < 1e-4
             assert got[0] == got[1]
             tokens = got[0]
+    finally:
+        two.close()
+    assert children() == []
+
+
+def _cancelled_in_a_pass(engine: Engine) -> dict[str, tuple[str, str, int]]:
+    """A sampled request decoding in pipelined steps; then, in one pass of 12 tokens, a prompt that ends at its
+    first token, a short one and a long one in chunks, both cancelled after it; then the long one again (what
+    it prefilled is a cached prefix). Each request's (reason, text, cached tokens)."""
+    sampled = SamplingParams(temperature=0.8, top_k=20, seed=7, repetition_penalty=1.3, max_new_tokens=16)
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    decoding = Request("completion", id="decoding", text=PROMPT, sampling=sampled)
+    events = list(engine.add(decoding))
+    while engine.scheduler.inflight is None or len(events) < 3:
+        events += engine.step()
+    one = Request("completion", id="one", text="import os", sampling=replace(greedy, max_new_tokens=1))
+    short = Request("completion", id="short", text="class Stack:", sampling=greedy)
+    long = Request("completion", id="long", text=PROMPT * 6, sampling=greedy)
+    for r in (one, short, long):
+        events += engine.add(r)
+    events += engine.step()
+    assert [s.request.id for s in engine.scheduler.prefilling] == ["long"]
+    events += engine.cancel("short") + engine.cancel("long")
+    while engine.busy:
+        events += engine.step()
+    events += _finished(engine, replace(long, id="again")).values()
+    assert not [e for e in events if isinstance(e, Failed)], events
+    return {e.request_id: (e.reason, e.text, e.stats.cached_tokens) for e in events if isinstance(e, Finished)}
+
+
+def test_a_pass_cancelled_midway_at_tp2_ends_as_at_tp1(tiny_model_dir: Path, monkeypatch) -> None:
+    """`_cancelled_in_a_pass` at TP 2 (the scheduler on rank 0, the passes, samples and launches relayed) gives
+    every request the reason, text and cached prefix it gets at TP 1."""
+    from engine import scheduler
+
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 12)
+    spec = EngineSpec(model=str(tiny_model_dir), device="cpu", dtype="float32", max_batch=4, max_seq_len=256)
+    one = Engine.load(spec)
+    want = _cancelled_in_a_pass(one)
+    assert [want[i][0] for i in ("decoding", "one", "short", "long", "again")] == [
+        "length", "length", "cancelled", "cancelled", "length",
+    ]  # fmt: skip
+    assert want["again"][2] > 0
+    two = Engine.load(replace(spec, tp=2))
+    try:
+        assert _cancelled_in_a_pass(two) == want
     finally:
         two.close()
     assert children() == []
