@@ -466,3 +466,12 @@ def test_speculate_gives_the_same_greedy_text_and_shows_tokens_per_step() -> Non
     assert "--speculate: must be 0 (off) to 15, got 16" in error_line(cli("generate", "--speculate", "16"))
     remote = error_line(cli("generate", "--url", "http://127.0.0.1:9", "--speculate", "4", "--prompt", "x"))
     assert "--url and --speculate exclude each other" in remote
+
+
+def test_engine_only_options_with_a_server_are_refused_not_ignored() -> None:
+    """An option that only an engine here takes (the KV cache, quantization, the device...) would do nothing with
+    --url: one line names them all, before anything connects."""
+    remote = ("--url", "http://127.0.0.1:9", "--prompt", "x")
+    line = error_line(cli("generate", *remote, "--kv", "int8", "--quant", "int4", "--device", "cpu"))
+    assert "--url and --device, --quant, --kv exclude each other" in line
+    assert "--url and --tp exclude each other" in error_line(cli("chat", "--url", "http://127.0.0.1:9", "--tp", "2"))

@@ -336,6 +336,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
 
 
+# Options that only an engine in this process takes: with a server (--url) they would be ignored, so they are refused.
+ENGINE_ONLY = ("device", "dtype", "tp", "max_batch", "max_seq_len", "quant", "quant_head", "kv", "speculate")
+
+
+def _engine_options_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The engine-only options set on the command line (those whose value is not the parser's default)."""
+    return [FLAGS[d] for d in ENGINE_ONLY if hasattr(args, d) and getattr(args, d) != parser.get_default(d)]
+
+
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parsers = build_parser()
@@ -343,7 +352,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parsers[command].parse_args(argv[1:] if command != "app" else argv)
     if getattr(args, "url", None) and args.model:
         parsers[command].error("--url and --model exclude each other: the server has its own model")
-    speculate_given = getattr(args, "speculate", None) is not None
+    here_only = _engine_options_given(parsers[command], args)
     pick_model = (
         getattr(args, "model", None) is None and not getattr(args, "shape", None) and not getattr(args, "url", None)
     )
@@ -363,8 +372,11 @@ def _main(argv: Sequence[str] | None) -> int:
             args.speculate = config.speculate
         if command in SPECULATE and args.kv is None:
             args.kv = config.kv
-    if getattr(args, "url", None) and speculate_given:
-        parsers[command].error("--url and --speculate exclude each other: the server's own --speculate decides")
+    if getattr(args, "url", None) and here_only:
+        parsers[command].error(
+            f"--url and {', '.join(here_only)} exclude each other: the server's own options decide (the server: --url "
+            "or the config file's url)"
+        )
     if getattr(args, "url", None) and args.api_key is None:
         args.api_key = _api_key()
     if sys.stdout is None:  # `>&-`: nothing could be written, as `cat` reports a closed stdout
