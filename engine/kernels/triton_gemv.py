@@ -262,14 +262,18 @@ def _int4_pairs_group(
 
 
 @triton.jit
-def _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg):
+def _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK: tl.constexpr):
     """Group g's packed words [BLOCK_N, 16], float32 scales and zeros (all zero past k_end: a step may run past its
-    split's end)."""
+    split's end). PAIRS, whose x is unmasked: past k_end the split's last words and zeros, loaded with no mask on K
+    (a select fewer per word), and a zero scale."""
     live = n_mask & (tl.full(n.shape, 128 * g, tl.int32) < k_end)
     c = tl.arange(0, 16)
-    words = tl.load(w_rows + (16 * g + c)[None, :], mask=live[:, None], other=0, eviction_policy="evict_first")
+    read, at = live, g  # the words' and zeros' mask and group
+    if UNPACK == PAIRS:
+        read, at = n_mask, tl.minimum(g, k_end // 128 - 1)
+    words = tl.load(w_rows + (16 * at + c)[None, :], mask=read[:, None], other=0, eviction_policy="evict_first")
     scale = tl.load(s_ptr + g * stride_sg + n, mask=live, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + g * stride_sg + n, mask=live, other=0).to(tl.float32)
+    zero = tl.load(z_ptr + at * stride_sg + n, mask=read, other=0).to(tl.float32)
     return words, scale, zero
 
 
@@ -319,9 +323,9 @@ def _int4_product(
     width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M  # one row: products summed over the plane at the end
     acc = tl.zeros([BLOCK_N, width], tl.float32)
     if PREFETCH:
-        words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg)
+        words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg, UNPACK)
         for g in range(k_start // 128, k_end // 128):
-            after = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg)
+            after = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg, UNPACK)
             acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
                               magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED,
                               UNPACK)  # fmt: skip
@@ -330,7 +334,7 @@ def _int4_product(
         for k0 in range(k_start, k_end, BLOCK_K):
             for t in tl.static_range(BLOCK_K // 128):
                 g = k0 // 128 + t
-                words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg)
+                words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK)
                 acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end,
                                   rstd, magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL,
                                   ROUND_NORMED, UNPACK)  # fmt: skip
