@@ -325,7 +325,8 @@ def quant_candidates(fmt: str, m: int) -> list:
         plain += [dataclasses.replace(c, unpack="shift") for c in plain
                   if c.split_k == 2 and c.num_stages == 3 and not c.prefetch and not c.tensor_cores]  # fmt: skip
     if fmt == "int4":  # nibble pairs on the tensor cores, any row count (one row padded to 16)
-        pairs = [(128, 128, 4, 2), (128, 256, 4, 2), (128, 256, 4, 3), (256, 128, 8, 2), (256, 256, 8, 2)]
+        pairs = [(128, 128, 4, 2), (128, 256, 4, 2), (128, 256, 4, 3), (256, 128, 4, 2), (256, 128, 8, 2),
+                 (256, 256, 8, 2)]
         plain += [GemvConfig(bn, bk, sk, nw, ns, True, "pairs") for bn, bk, nw, ns in pairs for sk in (1, 2, 4)]
     return plain
 
