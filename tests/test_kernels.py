@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 import zlib
@@ -475,6 +476,39 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "int8-linear-fp32-m1-k-odd": (
         "linear", {"fmt": "int8", "dtype": "fp32", "m": 1, "n": 20, "k": 202, "config": None},
     ),
+    # int4 in nibble pairs on the tensor cores (unpack="pairs", one row padded to 16): a step past a split's end, rows
+    # past 16 (padded to 64), K splits, the norm, SwiGLU and residual epilogues, the next group prefetched.
+    "int4-linear-bf16-m1-pairs": (
+        "linear", {"fmt": "int4", "dtype": "bf16", "m": 1, "n": 40, "k": 384,
+                   "config": (128, 256, 1, 4, 2, False, "pairs")},
+    ),
+    "int4-linear-fp32-m16-pairs-splitk": (
+        "linear", {"fmt": "int4", "dtype": "fp32", "m": 16, "n": 37, "k": 640,
+                   "config": (32, 256, 2, 4, 2, False, "pairs")},
+    ),
+    "int4-linear-fp16-m33-pairs": (
+        "linear", {"fmt": "int4", "dtype": "fp16", "m": 33, "n": 24, "k": 256,
+                   "config": (16, 128, 1, 4, 2, False, "pairs")},
+    ),
+    "int4-norm_silu-fp16-m1-pairs-partials": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 24, "k": 384, "residual": False, "silu_mul": True,
+         "config": (64, 256, 1, 4, 2, False, "pairs"), "partials": 6},
+    ),
+    "int4-norm_linear-fp16-m5-pairs-splitk": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 5, "n": 40, "k": 384, "residual": True, "silu_mul": False,
+         "config": (32, 128, 3, 4, 2, False, "pairs")},
+    ),
+    "int4-linear_residual-fp16-m1-pairs-splitk": (
+        "linear_residual",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 40, "k": 384, "config": (32, 256, 2, 4, 2, False, "pairs")},
+    ),
+    "int4-norm_silu-fp32-m7-pairs-prefetch": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp32", "m": 7, "n": 24, "k": 256, "residual": True, "silu_mul": True,
+         "config": (32, 128, 1, 4, 2, False, "pairs", True)},
+    ),
     "int4-dequantize-fp16": ("dequantize", {"fmt": "int4", "dtype": "fp16", "n": 37, "k": 384}),  # bf16: CUDA_CASES
     "int8-dequantize-fp16": ("dequantize", {"fmt": "int8", "dtype": "fp16", "n": 37, "k": 200}),
 }  # fmt: skip
@@ -557,6 +591,53 @@ def test_interpreted_int4_launch_unpacks_by_mask_in_one_logic_instruction_per_ni
         ops = _sass_ops(spec)
         ratio[name] = sum(ops.get(op, 0) for op in ("LOP3", "SHF", "SGXT", "BMSK", "PRMT")) / ops["FFMA"]
     assert ratio["mask"] < 1.25 < 2 < ratio["shift"], ratio  # the loop's 1 + 1/8 per 2 FFMA, and its x and addresses
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_interpreted_int4_pairs_launch_keeps_the_weight_in_registers_for_the_tensor_cores() -> None:
+    """unpack="pairs": every wgmma takes the unpacked weight from registers and the main loop stores no weight tile
+    to shared memory (a step's unpacked tile, 128 x 256 16-bit values, would take 32 16-byte stores per thread; x's
+    take 8), one logic instruction unpacks two nibbles, and the loop costs under 2.6 instructions per weight where the
+    one-row multiply-add loop by mask costs over 4 (BENCHMARKS.md, 2026-12-08). Compiled on the CPU from the
+    interpreted case's launch (named so: .ci/gpu-check's -k leaves it to the CPU run)."""
+    from triton.tools.disasm import get_sass
+
+    from engine.kernels.compile_ahead import compile_spec
+    from tests.sass_count import ALU, loop_ops
+
+    (spec,) = interpreted.launches_of("tests.test_kernels")["int4-linear-bf16-m1-pairs"]
+    sass = get_sass(compile_spec(spec).asm["cubin"])
+    wgmma = [line for line in sass.splitlines() if "HGMMA" in line]
+    assert wgmma and all(re.search(r"HGMMA\.\S+ R\d+, R\d+, gdesc", line) for line in wgmma), wgmma[:2]
+    ops = loop_ops(sass)
+    weights = 128 * 256 / 128  # BLOCK_N x BLOCK_K over 4 warps' threads
+    pairs = len(re.findall(r"LOP3\.LUT R\d+, R\d+, 0xf000f, R\d+(?:\.reuse)?, 0xea", sass))
+    assert pairs >= weights / 2, pairs
+    assert ops["STS"] <= 8 and ops["HGMMA"] == 32, ops  # 2 groups x 2 warpgroup halves x 8 k-steps of 16
+    assert sum(ops.values()) / weights < 2.6 and sum(ops[op] for op in ALU) / weights < 1.0, ops
+
+
+def test_int4_pair_magic_holds_the_bias_plus_each_nibble() -> None:
+    """`_int4_pair`'s logic instruction (a & 0x000F000F | magic) on a word shifted by 4 j leaves, as two 16-bit
+    floats (low half first), the dtype's power of two plus nibbles j and j + 4, from which the kernel subtracts
+    `zero` plus that power."""
+    from engine.kernels.triton_gemv import PAIR_MAGIC
+
+    nibbles = torch.randint(0, 16, (64, 8), generator=_rng("pair-magic", "cpu"))
+    words = (nibbles << (4 * torch.arange(8))).sum(1).to(torch.int64).to(torch.int32, copy=False)
+    for dtype, (magic, bias) in PAIR_MAGIC.items():
+        for j in range(4):
+            bits = ((words >> (4 * j)) & 0x000F000F) | magic
+            pair = bits.view(dtype).view(64, 2).double()
+            assert torch.equal(pair, bias + nibbles[:, [j, j + 4]].double()), (dtype, j)
+
+
+def test_pairs_is_int4_only() -> None:
+    from engine.kernels import triton_gemv
+
+    w = Int8.from_dense(torch.randn(32, 128))
+    with pytest.raises(AssertionError, match="unpack='pairs' is int4's, not int8's"):
+        triton_gemv.linear(torch.randn(1, 128), w, triton_gemv.GemvConfig(32, 128, unpack="pairs"))
 
 
 CUDA_CASES = {
@@ -642,6 +723,13 @@ for _fmt in QUANTIZED:
     CUDA_CASES[f"{_fmt}-linear-qkv-7b-m1"] = ("linear", {"fmt": _fmt, "dtype": "bf16", "m": 1, "n": 12288, "k": 4096,
                                                          "config": None})  # fmt: skip
     CUDA_CASES[f"{_fmt}-dequantize-7b"] = ("dequantize", {"fmt": _fmt, "dtype": "bf16", "n": 22016, "k": 4096})
+# int4 in nibble pairs on the tensor cores at the same shapes and row blocks (1 and 16 are the same kernel), K split.
+for _name, (_check, _shape) in QUANT_7B.items():
+    for _m in (1, 16, 64):
+        CUDA_CASES[f"int4-pairs-{_name}-7b-m{_m}"] = (
+            _check,
+            {"fmt": "int4", "dtype": "bf16", "m": _m, "config": (128, 256, 2, 4, 2, True, "pairs"), **_shape},
+        )
 cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
 
 

@@ -301,7 +301,8 @@ L2_BYTES = 60e6  # more than the H200's L2: the sweep's graphs stream this many 
 
 def quant_candidates(fmt: str, m: int) -> list:
     """The configs the quantized sweep times for `fmt` at m rows (int4 steps are whole groups of 128 inputs; some tiles
-    are also timed with UNPACKS' other variant, int4 planes or one row's int8 bytes unpacked by shifts)."""
+    are also timed with UNPACKS' other variants: int4 planes or one row's int8 bytes unpacked by shifts, int4 in nibble
+    pairs on the tensor cores)."""
     from engine.kernels.triton_gemv import GemvConfig
 
     if m == 1:  # int4: the more rows per thread, the less each one spends on x (and its norm) per weight
@@ -323,6 +324,10 @@ def quant_candidates(fmt: str, m: int) -> list:
     if fmt == "int4" or m == 1:  # int8 unpacks by mask for one row only
         plain += [dataclasses.replace(c, unpack="shift") for c in plain
                   if c.split_k == 2 and c.num_stages == 3 and not c.prefetch and not c.tensor_cores]  # fmt: skip
+    if fmt == "int4":  # nibble pairs on the tensor cores, any row count (one row padded to 16)
+        pairs = [(128, 128, 4, 2), (128, 256, 4, 2), (128, 256, 4, 3), (256, 128, 4, 2), (256, 128, 8, 2),
+                 (256, 256, 8, 2)]
+        plain += [GemvConfig(bn, bk, sk, nw, ns, True, "pairs") for bn, bk, nw, ns in pairs for sk in (1, 2, 4)]
     return plain
 
 
@@ -433,7 +438,8 @@ def sweep_quant(models: list[str], copy_gbs: float) -> dict:
 
 
 def _cfg(c) -> str:
-    tail = ("/tc" if c.tensor_cores else "") + ("/shift" if c.unpack == "shift" else "") + ("/pf" if c.prefetch else "")
+    unpack = "" if c.unpack == "mask" else f"/{c.unpack}"
+    tail = ("/tc" if c.tensor_cores else "") + unpack + ("/pf" if c.prefetch else "")
     return f"{c.block_n:>3}/{c.block_k:<4}/s{c.split_k}/w{c.num_warps}/p{c.num_stages}{tail}"
 
 

@@ -36,8 +36,11 @@ multiply-add gives the exact integer `q - zero` with no conversion instruction; 
 (several, the exact integers in x's 16-bit dtype) it with x and scales the group's sum once. One row of int8 reads its
 bytes four to a word and unpacks them the same way. These kernels are bound by instructions, not bytes, so the
 unpacking is counted in the compiled code (BENCHMARKS.md); UNPACKS keeps the earlier shift-and-extract form for the
-sweep. Prologue, epilogues and split-K are the same for every format; the quantized weights' first tiles go to L2
-early under PDL.
+sweep, and offers int4 in nibble pairs (`unpack="pairs"`, `_int4_pairs_group`): one logic instruction turns nibbles j
+and j + 4 of a word (16 bits apart) into a pair of 16-bit floats, one packed subtraction leaves `q - zero`, and a
+group is one tensor-core dot with the unpacked weight as its register operand (x, permuted to match, and the packed
+words go through shared memory; the unpacked weight never does), one row padded to 16. Prologue, epilogues and
+split-K are the same for every format; the quantized weights' first tiles go to L2 early under PDL.
 
 Configs are chosen by a fixed rule or the table of an earlier sweep (TUNED; no autotuning, so CUDA-graph capture never
 benchmarks); `python -m engine.kernels.bench_kernels --sweep` (dense) and `--quant-sweep` time alternatives on the GPU.
@@ -66,13 +69,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 64  # larger batches go to cuBLAS, which is compute-efficient there
 DENSE, INT8, INT4 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 FORMATS = {"dense": DENSE, "int8": INT8, "int4": INT4}  # the weight formats (engine.weights) this kernel runs
-SHIFTED, MASKED = tl.constexpr(0), tl.constexpr(1)
-# How int4 planes are unpacked (_int4_plane, _int4_plane_masked) and int8 bytes for one row (_values from bytes,
-# _int8_byte from words).
-UNPACKS = {"shift": SHIFTED, "mask": MASKED}
+SHIFTED, MASKED, PAIRS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# How int4 planes are unpacked (_int4_plane, _int4_plane_masked, _int4_pairs_group) and int8 bytes for one row
+# (_values from bytes, _int8_byte from words). PAIRS is int4's only and always runs on the tensor cores.
+UNPACKS = {"shift": SHIFTED, "mask": MASKED, "pairs": PAIRS}
 # The bits of 2^23, passed as an argument: as a constant it would take an instruction of its own after the mask, as a
 # register the mask and the or are one three-input logic instruction (LOP3 takes one immediate).
 MAGIC = 0x4B000000
+# `_int4_pair` in each 16-bit dtype: (the bits of a pair of the power of two whose mantissa takes a nibble, that power)
+PAIR_MAGIC = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
+# Both nibbles (bits 0..3 and 16..19) masked and or-ed into the pair (lop3 0xEA: a & b | c), the halves the outputs.
+_PAIR_ASM = "{{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, {:#x}, 0xEA; mov.b32 {{$0, $1}}, t; }}"
+PAIR_ASM_BF16 = tl.constexpr(_PAIR_ASM.format(PAIR_MAGIC[torch.bfloat16][0]))
+PAIR_ASM_FP16 = tl.constexpr(_PAIR_ASM.format(PAIR_MAGIC[torch.float16][0]))
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     tensor_cores: bool = False  # one row too through the several-row path (a dot with the row padded to 16)
-    unpack: str = "mask"  # how int4 planes and (one row) int8 bytes are unpacked: UNPACKS
+    unpack: str = "mask"  # how int4 planes and (one row) int8 bytes are unpacked: UNPACKS ("pairs": tensor cores)
     prefetch: bool = False  # int4 only: the next group's words in flight while one is unpacked (_int4_product)
 
 
@@ -205,14 +214,66 @@ def _int4_plane_masked(words, high, j: tl.constexpr, zero, magic):
 
 
 @triton.jit
-def _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg):
+def _int4_pair(words, j: tl.constexpr, x_ptr, NATIVE_DOT: tl.constexpr):
+    """Nibbles j and j + 4 of each packed int4 word [BLOCK_N, 16], as [BLOCK_N, 16, 2]. NATIVE_DOT: in x's 16-bit
+    dtype, PAIR_MAGIC's power of two plus q, exactly: one logic instruction masks both nibbles, 16 bits apart, into
+    the mantissas of a pair of that power of two, and the pair's halves are the two outputs (register halves: no
+    instruction). Else q itself in float32."""
+    dtype = x_ptr.dtype.element_ty
+    shifted = words >> (4 * j)
+    if NATIVE_DOT:
+        asm: tl.constexpr = PAIR_ASM_BF16 if dtype == tl.bfloat16 else PAIR_ASM_FP16
+        lo, hi = tl.inline_asm_elementwise(asm, "=h,=h,r", [shifted], dtype=(dtype, dtype), is_pure=True, pack=1)
+    else:
+        lo, hi = (shifted & 0xF).to(tl.float32), ((shifted >> 16) & 0xF).to(tl.float32)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _int4_pairs_group(
+    words, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
+):  # fmt: skip
+    """Group g's unscaled product [BLOCK_N, BLOCK_M] in one tensor-core dot over its 128 inputs, the unpacked weight
+    the dot's register operand (never in shared memory): `_int4_pair` gives the nibble pairs (j, j + 4) of a word, so
+    the dot's input column 32 j + 2 c + t is input 16 (j + 4 t) + c of the group (word c, nibble j + 4 t), and x's two
+    halves, interleaved, put input 64 t + h at column 2 h + t: the same input. `q - zero` is exact in 16 bits."""
+    dtype = x_ptr.dtype.element_ty
+    # x unmasked, which spares a compare and a select per value: rows past M read row M - 1 (their columns are never
+    # stored), and a group past k_end (the weight zero there) reads the split's last group.
+    rows = tl.minimum(m, M - 1)
+    h = 128 * tl.minimum(g, k_end // 128 - 1) + tl.arange(0, 64)
+    every = tl.full([64], 1, tl.int1)
+    low = _x_tile(x_ptr, res_ptr, norm_ptr, rows[:, None] * stride_xm + h[None, :], every[None, :], h, every, rstd,
+                  NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+    high = _x_tile(x_ptr, res_ptr, norm_ptr, rows[:, None] * stride_xm + 64 + h[None, :], every[None, :], 64 + h,
+                   every, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+    x = tl.reshape(tl.join(low, high), [BLOCK_M, 128])
+    pairs = tl.join(tl.join(_int4_pair(words, 0, x_ptr, NATIVE_DOT), _int4_pair(words, 2, x_ptr, NATIVE_DOT)),
+                    tl.join(_int4_pair(words, 1, x_ptr, NATIVE_DOT), _int4_pair(words, 3, x_ptr, NATIVE_DOT)))
+    w = tl.reshape(tl.permute(pairs, (0, 3, 4, 1, 2)), [BLOCK_N, 128])  # [n, c, t, j // 2, j % 2] -> [n, j, c, t]
+    if NATIVE_DOT:
+        bias: tl.constexpr = 128.0 if dtype == tl.bfloat16 else 1024.0  # PAIR_MAGIC's
+        w -= (zero + bias).to(dtype)[:, None]
+    else:
+        w -= zero[:, None]
+    return _dot(w, x, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), x_ptr, PRECISION, NATIVE_DOT)
+
+
+@triton.jit
+def _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK: tl.constexpr):
     """Group g's packed words [BLOCK_N, 16], float32 scales and zeros (all zero past k_end: a step may run past its
-    split's end)."""
+    split's end). PAIRS, whose x is unmasked: past k_end the split's last words and zeros, loaded with no mask on K
+    (a select fewer per word), and a zero scale."""
     live = n_mask & (tl.full(n.shape, 128 * g, tl.int32) < k_end)
     c = tl.arange(0, 16)
-    words = tl.load(w_rows + (16 * g + c)[None, :], mask=live[:, None], other=0, eviction_policy="evict_first")
+    read, at = live, g  # the words' and zeros' mask and group
+    if UNPACK == PAIRS:
+        read, at = n_mask, tl.minimum(g, k_end // 128 - 1)
+    words = tl.load(w_rows + (16 * at + c)[None, :], mask=read[:, None], other=0, eviction_policy="evict_first")
     scale = tl.load(s_ptr + g * stride_sg + n, mask=live, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + g * stride_sg + n, mask=live, other=0).to(tl.float32)
+    zero = tl.load(z_ptr + at * stride_sg + n, mask=read, other=0).to(tl.float32)
     return words, scale, zero
 
 
@@ -223,23 +284,27 @@ def _int4_group(
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, UNPACK: tl.constexpr,
 ):  # fmt: skip
     """`acc` plus group g's product, unpacked plane by plane (16 inputs each): a multiply-add for one row, a
-    tensor-core dot for several, of the exact integers `q - zero`, scaled once."""
-    c = tl.arange(0, 16)
-    width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M
-    high = words >> 12
-    group = tl.zeros([BLOCK_N, width], tl.float32)
-    for j in tl.static_range(8):
-        k = 128 * g + 16 * j + c
-        offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
-        x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-        if UNPACK == MASKED:
-            plane = _int4_plane_masked(words, high, j, zero, magic)
-        else:
-            plane = _int4_plane(words, j, zero + 8388608.0)
-        if BLOCK_M == 1:
-            group += plane * x[None, :]
-        else:
-            group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
+    tensor-core dot for several, of the exact integers `q - zero`, scaled once; or in pairs (`_int4_pairs_group`)."""
+    if UNPACK == PAIRS:
+        group = _int4_pairs_group(words, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, BLOCK_M,
+                                  BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+    else:
+        c = tl.arange(0, 16)
+        width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M
+        high = words >> 12
+        group = tl.zeros([BLOCK_N, width], tl.float32)
+        for j in tl.static_range(8):
+            k = 128 * g + 16 * j + c
+            offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
+            x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+            if UNPACK == MASKED:
+                plane = _int4_plane_masked(words, high, j, zero, magic)
+            else:
+                plane = _int4_plane(words, j, zero + 8388608.0)
+            if BLOCK_M == 1:
+                group += plane * x[None, :]
+            else:
+                group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
     return acc + group * scale[:, None]
 
 
@@ -258,9 +323,9 @@ def _int4_product(
     width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M  # one row: products summed over the plane at the end
     acc = tl.zeros([BLOCK_N, width], tl.float32)
     if PREFETCH:
-        words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg)
+        words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg, UNPACK)
         for g in range(k_start // 128, k_end // 128):
-            after = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg)
+            after = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg, UNPACK)
             acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
                               magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED,
                               UNPACK)  # fmt: skip
@@ -269,7 +334,7 @@ def _int4_product(
         for k0 in range(k_start, k_end, BLOCK_K):
             for t in tl.static_range(BLOCK_K // 128):
                 g = k0 // 128 + t
-                words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg)
+                words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK)
                 acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end,
                                   rstd, magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL,
                                   ROUND_NORMED, UNPACK)  # fmt: skip
@@ -638,8 +703,10 @@ def _launch(
     assert fmt != "int4" or config.block_k % 128 == 0, f"int4 takes whole groups of 128: BLOCK_K {config.block_k}"
     if data.stride(1) != 1:
         data = data.contiguous()
-    block_m = 1 if m == 1 and not config.tensor_cores else max(16, triton.next_power_of_2(m))
     unpack = config.unpack
+    assert unpack != "pairs" or fmt == "int4", f"unpack='pairs' is int4's, not {fmt}'s"
+    tensor_cores = config.tensor_cores or unpack == "pairs"
+    block_m = 1 if m == 1 and not tensor_cores else max(16, triton.next_power_of_2(m))
     if fmt == "int8" and block_m == 1 and unpack == "mask":  # _int8_words_product: four weights to a word
         if k % 4 == 0 and data.storage_offset() % 4 == 0:
             data = data.view(torch.int32)
