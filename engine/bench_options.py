@@ -53,18 +53,18 @@ def kv_name(text: str) -> str:
 
 def kv_list(text: str) -> list[str]:
     """bench's `--kv LIST`, with bf16 (when given) last: the run the ratios compare against."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    bad = [name for name in names if name not in KV]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(KV)}, comma-separated")
-    return sorted(dict.fromkeys(names), key=lambda name: name == "bf16")
+    return sorted(dict.fromkeys(_names(text, KV)), key=lambda name: name == "bf16")
 
 
 def _quant_list(text: str) -> list[str]:
+    return _names(text, QUANT)
+
+
+def _names(text: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated list of `allowed` names, else a one-line error naming them."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    bad = [name for name in names if name not in QUANT]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(QUANT)}, comma-separated")
+    if not names or any(name not in allowed for name in names):
+        raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(allowed)}, comma-separated")
     return names
 
 

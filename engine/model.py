@@ -52,12 +52,14 @@ class Chunk:
 
 class PrefillBatch(NamedTuple):
     """What every layer of one prefill reads, made once per pass (`Llama.prefill_batch`): the chunks, each new
-    token's position and slot (int64 `[N]` on the device), the rotary rows of those positions `[N, head_dim]` in the
-    activations' dtype, and each chunk's attention mask over its slot's keys (None where it starts at 0: causal)."""
+    token's position and slot (int64 `[N]` on the device), each chunk's last token's row (int64 `[len(chunks)]`: the
+    LM head's), the rotary rows of those positions `[N, head_dim]` in the activations' dtype, and each chunk's
+    attention mask over its slot's keys (None where it starts at 0: causal)."""
 
     chunks: Sequence[Chunk]
     positions: Tensor
     slots: Tensor
+    last: Tensor
     cos: Tensor
     sin: Tensor
     masks: list[Tensor | None]
@@ -346,22 +348,18 @@ class Llama(nn.Module):
                 normed, h = add_norm(h, delta, block.ffn_norm, block.eps)
                 delta = block.feed_forward(normed)
         h = h + delta
-        if all_logits:
-            return self.logits(h)
-        if len(chunks) == 1:
-            return self.logits(h[-1:])
-        last = torch.tensor(list(itertools.accumulate(c.length for c in chunks)), device=h.device) - 1
-        return self.logits(h[last])
+        return self.logits(h) if all_logits else self.logits(h[batch.last])
 
     def prefill_batch(self, chunks: Sequence[Chunk], dtype: torch.dtype) -> PrefillBatch:
-        """The per-pass inputs of a prefill of `chunks` (`PrefillBatch`): the host's positions and slots in one copy
-        to the device, the rotary rows cast once (not per layer)."""
+        """The per-pass inputs of a prefill of `chunks` (`PrefillBatch`): the host's positions, slots and last rows
+        in one copy to the device, the rotary rows cast once (not per layer)."""
         room = self.cos.shape[0] if self.cache is None else self.cache.k.shape[3]
         assert all(c.length > 0 and 0 <= c.start <= room - c.length for c in chunks), "a chunk past the cache"
-        host = [list(range(c.start, c.start + c.length)) for c in chunks]
+        positions = [p for c in chunks for p in range(c.start, c.start + c.length)]
         slots = [c.slot for c in chunks for _ in range(c.length)]
-        ids = torch.tensor([p for positions in host for p in positions] + slots).to(self.norm.device)
-        positions, token_slots = ids.view(2, -1)
+        last = [end - 1 for end in itertools.accumulate(c.length for c in chunks)]
+        ids = torch.tensor(positions + slots + last).to(self.norm.device)
+        positions, token_slots, last = ids.split([len(slots), len(slots), len(chunks)])
         masks: list[Tensor | None] = [None] * len(chunks)
         if any(c.start for c in chunks):
             keys = torch.arange(max(c.start + c.length for c in chunks), device=ids.device)
@@ -371,7 +369,7 @@ class Llama(nn.Module):
                     masks[i] = keys[None, : c.start + c.length] <= positions[at : at + c.length, None]
                 at += c.length
         cos, sin = (t[positions].to(dtype) for t in (self.cos, self.sin))
-        return PrefillBatch(chunks, positions, token_slots, cos, sin, masks)
+        return PrefillBatch(chunks, positions, token_slots, last, cos, sin, masks)
 
     def decode(self, tokens: Tensor, positions: Tensor, slots: Tensor, counts: Tensor | None = None) -> Tensor:
         """One step for a batch: `tokens [B]` at `positions [B]` of `slots [B]`; logits `[B, vocab]`. With `counts`
