@@ -426,6 +426,7 @@ def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float, kv: s
         print(f"time to first token at {n} tokens left out: the context holds {engine.context}", file=sys.stderr)
     prompt_lens = [n for n in prompt_lens if n < engine.context]
     out["linear_choice_us"] = engine.runner.linear_choice
+    out["fusion_us"] = engine.runner.fusion
     if args.profile and device.type == "cuda":
         out["profile_b1_us"] = profile_step(engine)
         out[f"profile_b{max(batches)}_us"] = profile_step(engine, batch=max(batches))
@@ -476,6 +477,10 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
     lines.append(f"{'start-up (load + graph capture)':<44} {r['startup_s']:>11.2f} s")
     lines.append(f"{'  of which graph capture':<44} {r['capture_s']:>11.2f} s")
     lines.append(f"{'    of which Triton/cuBLAS choice per shape':<44} {r['tune_s']:>11.2f} s")
+    for form, t in r.get("fusion_us", {}).items():
+        kept = "fused" if t["fused"] <= t["separate"] else "separate"
+        label = f"one-row step, {form} fused / separate"
+        lines.append(f"{label:<44} {t['fused']:>8.1f} / {t['separate']:.1f} µs ({kept})")
     if "peak_GiB" in r:
         lines.append(f"{'peak GPU memory':<44} {r['peak_GiB']:>9.1f} GiB")
     baseline = r.get("baseline", "transformers")

@@ -110,6 +110,7 @@ class DecodeRunner:
         self.rows: dict[int, StepInputs] = {}  # batch size -> views of its columns
         self.out = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.linear_choice: dict = {}
+        self.fusion: dict = {}  # `kernels.tune_fusion`'s timings of the one-row step
         self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.pinned = dev.type == "cuda"
         self.overlaps = self.pinned  # whether the host's work overlaps a launched step (a GPU's): verify costs count it
@@ -228,13 +229,16 @@ class DecodeRunner:
         return next(b for b in buckets(self.max_batch) if b >= n)
 
     def capture(self) -> None:
-        """Warm up (Triton compiles here) and capture every bucket, largest first, into one pool."""
+        """Choose the kernels (`kernels.tune_linear`, then `tune_fusion`), warm up (Triton compiles here) and capture
+        every bucket, largest first, into one pool."""
         start = time.perf_counter()
-        self.linear_choice = kernels.tune_linear(
-            self.model.weights(), rows=step_rows(self.max_batch, self.verify_shapes)
-        )
-        self.tune_s = time.perf_counter() - start
+        weights = self.model.weights()
+        self.linear_choice = kernels.tune_linear(weights, rows=step_rows(self.max_batch, self.verify_shapes))
         self._fill_padding(0, self.max_batch)
+        if self.model.par.world == 1:  # a tensor-parallel step's collectives would time the slowest rank, not this one
+            self.fusion = kernels.tune_fusion(lambda: self._step(1, True), weights)
+            self._fill_padding(0, self.max_batch)
+        self.tune_s = time.perf_counter() - start
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

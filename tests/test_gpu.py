@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import kernels
 from engine.config import ModelConfig
 from engine.model import Chunk, Llama
 from engine.parallel import SINGLE
@@ -111,6 +112,7 @@ def test_quantized_model_matches_the_model_of_its_dequantized_weights(name: str)
         )
     runner = DecodeRunner(quantized, torch.zeros(5, CFG.vocab_size, dtype=torch.bool, device="cuda"), 4, 4, True)
     assert any(name in key for key in runner.linear_choice), runner.linear_choice
+    assert set(runner.fusion) == {f"{name} {form}" for form in kernels.FUSED_FORMS}, runner.fusion
     inputs = [5, 6, 7]
     for step in range(4):
         positions = [len(p) + step for p in prompts]

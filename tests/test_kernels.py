@@ -780,13 +780,17 @@ def test_decode_step_in_cuda_graph() -> None:
 
 @pytest.mark.gpu
 @cuda_only
+@pytest.mark.parametrize("separate", [False, True])
 @pytest.mark.parametrize("rows", [1, 24])
 @pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
-def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatch, rows: int, fmt: str) -> None:
+def test_fused_norm_linear_dispatch_in_cuda_graph(
+    monkeypatch: pytest.MonkeyPatch, rows: int, fmt: str, separate: bool
+) -> None:
     """Where `tune_linear` chose Triton, norm_linear(_silu_mul) and linear_residual run the Triton kernel (fused
-    with the norm, the activation and the add for one row, between the separate kernels for several), captured in
-    a graph, and agree with the separate norm, the weight's own linear (cuBLAS; after dequantizing a quantized
-    weight) and activation that run where it chose that."""
+    with the norm, the activation and the add for one row, between the separate kernels for several; `separate`:
+    the forms `tune_fusion` can keep separate are), captured in a graph, and agree with the separate norm, the
+    weight's own linear (cuBLAS; after dequantizing a quantized weight) and activation that run where it chose
+    that."""
     from engine.kernels import triton_gemv
 
     device, dt, dim, inter = "cuda", torch.bfloat16, 512, 1408
@@ -810,6 +814,7 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatc
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     chosen = {(rows, *w.key): triton_gemv.choose_config(rows, *w.shape, sm, fmt) for w in (wqkv, w13, w2)}
     monkeypatch.setattr(kernels, "_TRITON_CONFIG", chosen)
+    monkeypatch.setattr(kernels, "_SEPARATE", {(form, fmt) for form in kernels.FUSED_FORMS} if separate else set())
     step()  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -824,6 +829,68 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(monkeypatch: pytest.MonkeyPatc
         else:  # tensor-core and cuBLAS sums round differently; an ulp flipped before silu or a layer's sum carries
             scale = float(expected.abs().max())  # on to entries that cancel out, so compare against the scale
             torch.testing.assert_close(actual.float(), expected.float(), rtol=1.6e-2, atol=2e-2 * scale)
+
+
+def test_tune_fusion_keeps_a_form_separate_only_where_the_one_row_step_ran_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each quantized format's fused forms are timed one at a time against the step so far; a form stays separate
+    only where the step got faster, and dense weights and formats the Triton kernel does not run are not timed."""
+    int4, int8, dense = (cls.from_dense(torch.randn(256, 128)) for cls in (Int4, Int8, Dense))
+    cuda_only = Int8.from_dense(torch.randn(64, 128))  # cuBLAS won for it: its format is not timed
+    chosen = {(1, *w.key): object() for w in (int4, int8, dense)}
+    monkeypatch.setattr(kernels, "_TRITON_CONFIG", chosen)
+    gain = {("norm", "int4"): 0.5, ("norm_silu", "int4"): -1.0, ("norm", "int8"): -0.25, ("norm_silu", "int8"): 0.0}
+    monkeypatch.setattr(kernels, "graph_time", lambda step, calls: 5.0 + sum(gain[s] for s in kernels._SEPARATE))
+    separate: set[tuple[str, str]] = set()
+    monkeypatch.setattr(kernels, "_SEPARATE", separate)
+    report = kernels.tune_fusion(lambda: None, [int4, int8, dense, cuda_only])
+    assert separate == {("norm_silu", "int4"), ("norm", "int8")}
+    assert report == {
+        "int4 norm": {"fused": 5000.0, "separate": 5500.0},
+        "int4 norm_silu": {"fused": 5000.0, "separate": 4000.0},
+        "int8 norm": {"fused": 4000.0, "separate": 3750.0},
+        "int8 norm_silu": {"fused": 3750.0, "separate": 3750.0},  # a tie stays fused: a launch fewer
+    }
+    monkeypatch.setattr(kernels, "_TRITON_CONFIG", {(1, *dense.key): object()})
+    assert kernels.tune_fusion(lambda: None, [dense]) == {}
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_a_form_kept_separate_runs_the_norm_and_activation_around_the_plain_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With `norm_silu` separate for int4, `norm_linear_silu_mul` runs the norm, the plain one-row kernel and
+    SwiGLU as three ops with the separate ops' results, while `norm_linear` (the `norm` form) stays fused and an
+    int8 weight of the same shape keeps both fused."""
+    from engine.kernels import triton_gemv
+
+    calls: list[str] = []
+
+    def plain(x: torch.Tensor, w: Any, config: object) -> torch.Tensor:
+        calls.append(f"plain {w.format}")
+        return F.linear(x, w.dense())
+
+    def fused(x: torch.Tensor, residual: Any, norm_weight: Any, eps: float, w: Any, config: object, **kw: Any):
+        calls.append(f"fused {w.format}" + (" silu" if kw.get("silu_mul") else ""))
+        return torch.zeros(1, w.n // 2 if kw.get("silu_mul") else w.n), x
+
+    monkeypatch.setattr(kernels, "_gemv_config", lambda x, w: object())
+    monkeypatch.setattr(triton_gemv, "linear", plain)
+    monkeypatch.setattr(triton_gemv, "norm_linear", fused)
+    monkeypatch.setattr(kernels, "_SEPARATE", {("norm_silu", "int4")})
+    w13, w8 = Int4.from_dense(torch.randn(256, 128)), Int8.from_dense(torch.randn(256, 128))
+    x, residual, norm_weight = torch.randn(1, 128), torch.randn(1, 128), 1 + 0.1 * torch.randn(128)
+    act, h = kernels.norm_linear_silu_mul(x, residual, norm_weight, 1e-5, w13)
+    assert calls == ["plain int4"]
+    normed, expected_h = reference.add_rms_norm(x, residual, norm_weight, 1e-5)
+    torch.testing.assert_close(h, expected_h)
+    torch.testing.assert_close(act, reference.silu_mul(F.linear(normed, w13.dense())))
+    kernels.norm_linear(x, residual, norm_weight, 1e-5, w13)
+    kernels.norm_linear_silu_mul(x, residual, norm_weight, 1e-5, w8)
+    assert calls == ["plain int4", "fused int4", "fused int8 silu"]
+    kernels.norm_linear_silu_mul(torch.randn(2, 128), torch.randn(2, 128), norm_weight, 1e-5, w8)  # two rows
+    assert calls[-1] == "plain int8"
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")

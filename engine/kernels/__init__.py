@@ -27,7 +27,9 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
 - `dequantize(w)`: a quantized weight as a dense `[n, k]` (what `Weight.linear` multiplies on the GPU).
 - `norm_linear(x, residual, norm_weight, eps, w)` and `norm_linear_silu_mul(...)`: residual add and RMSNorm,
   then `linear` (then, on the gate/up weight, `silu_mul`); where the matrix-vector kernel runs the shape for
-  one row, the norm is its prologue and the activation its epilogue, one launch instead of two or three.
+  one row, the norm is its prologue and the activation its epilogue, one launch instead of two or three, unless
+  `tune_fusion` timed the one-row step faster with them as kernels of their own (a quantized format, whose kernel
+  is bound by instructions: the prologue's per-weight work can cost more than the launches it saves).
 - `linear_residual(x, w, residual)`: the projection that ends a layer's half, returned as the residual stream
   the next `norm_linear` takes; where the matrix-vector kernel runs it for one row, the residual add is its
   epilogue, which also leaves the next norm its sums of squares.
@@ -208,6 +210,11 @@ def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | N
 
 # (rows, format, N, K, dtype) -> the Triton config that beat the weight's own `linear` there; filled by `tune_linear`.
 _TRITON_CONFIG: dict[tuple[int, str, int, int, object], object] = {}
+# The one-row forms that fuse ops into the matrix-vector kernel: "norm" (`norm_linear`: the RMSNorm prologue) and
+# "norm_silu" (`norm_linear_silu_mul`: the prologue and the SwiGLU epilogue). (form, weight format) pairs held here
+# run as separate kernels instead; filled by `tune_fusion`.
+FUSED_FORMS = ("norm", "norm_silu")
+_SEPARATE: set[tuple[str, str]] = set()
 
 
 def _gemv_config(x: Tensor, w: Weight) -> object | None:
@@ -218,11 +225,15 @@ def _gemv_config(x: Tensor, w: Weight) -> object | None:
     return _TRITON_CONFIG.get((x.numel() // x.shape[-1], *w.key))
 
 
-def _fused_config(x: Tensor, w: Weight) -> object | None:
-    """`_gemv_config` where the norm and the residual add pay as the kernel's prologue and epilogue: for one row.
-    With several rows the prologue's per-tile normalisation stalls the kernel's pipelined K loop (QKV at 32 rows:
-    75 µs against 39 for the separate norm and the plain kernel, BENCHMARKS.md), so they stay separate kernels."""
-    return _gemv_config(x, w) if x.numel() == x.shape[-1] and w.perm is None else None
+def _fused_config(x: Tensor, w: Weight, form: str | None = None) -> object | None:
+    """`_gemv_config` where the norm and the residual add pay as the kernel's prologue and epilogue: for one row,
+    unless `tune_fusion` found `form` (one of FUSED_FORMS; None: the residual epilogue, which costs the loop nothing)
+    faster separate for the weight's format. With several rows the prologue's per-tile normalisation stalls the
+    kernel's pipelined K loop (QKV at 32 rows: 75 µs against 39 for the separate norm and the plain kernel,
+    BENCHMARKS.md), so they stay separate kernels."""
+    if x.numel() != x.shape[-1] or w.perm is not None or (form, w.format) in _SEPARATE:
+        return None
+    return _gemv_config(x, w)
 
 
 def linear(x: Tensor, w: Weight) -> Tensor:
@@ -272,7 +283,7 @@ def norm_linear(
     """`(linear(rms_norm(h), w), h)` for the residual stream `h = x + residual` (x itself where residual is None):
     one launch where the Triton kernel fuses the norm (its prologue), the two ops elsewhere. `squares`, from
     `linear_residual`, lets the kernel skip summing the squares of x itself."""
-    config = _fused_config(x, w)
+    config = _fused_config(x, w, "norm")
     if config is not None:
         from . import triton_gemv
 
@@ -288,7 +299,7 @@ def norm_linear_silu_mul(
     where the Triton kernel fuses the norm (its prologue) and the activation (its epilogue: each program computes
     matching gate and up rows). With several rows the activation stays a kernel of its own too: in its epilogue
     the half-width strips lost 0.7% at batch 32 (BENCHMARKS.md)."""
-    config = _fused_config(x, w13)
+    config = _fused_config(x, w13, "norm_silu")
     if config is not None:
         from . import triton_gemv
 
@@ -361,23 +372,61 @@ def tune_linear(weights: list[Weight], rows: tuple[int, ...] = (1,), calls: int 
     return report
 
 
+def _timed_formats(weights: list[Weight]) -> list[str]:
+    """The quantized formats whose one-row matrix-vector kernel `tune_linear` chose: those `tune_fusion` times. The
+    dense forms stay fused: the bf16 kernel streams at the copy rate with its prologue (BENCHMARKS.md), so fusing
+    only saves launches, and timing it would lengthen every start-up."""
+    return sorted({w.format for w in weights if w.format != "dense" and (1, *w.key) in _TRITON_CONFIG})
+
+
+def tune_fusion(step: Callable[[], None], weights: list[Weight], calls: int = 3) -> dict[str, dict[str, float]]:
+    """Time the one-row decode `step` (in a CUDA graph, as it replays) with each quantized format's fused forms
+    (FUSED_FORMS) in the matrix-vector kernel and as separate kernels, one form at a time, and keep a form separate
+    where the step was faster so. The quantized kernels are bound by instructions, not bytes, so the norm's work per
+    weight in their loop can cost more than the launches fusing saves; the whole step is timed, as fusion's gain is
+    in the launches around the kernel. Run after `tune_linear`, before capture."""
+    report: dict[str, dict[str, float]] = {}
+    formats = _timed_formats(weights)
+    if not formats:
+        return report
+    best = graph_time(step, calls)
+    for fmt in formats:
+        for form in FUSED_FORMS:
+            fused = best
+            _SEPARATE.add((form, fmt))
+            separate = graph_time(step, calls)
+            if separate < fused:
+                best = separate
+            else:
+                _SEPARATE.discard((form, fmt))
+            report[f"{fmt} {form}"] = {"fused": round(fused * 1e3, 1), "separate": round(separate * 1e3, 1)}
+    return report
+
+
 def linear_choices(weights: list[Weight], rows: tuple[int, ...] = (1,)) -> Iterator[None]:
-    """Yield twice: with every weight key at `rows` on the Triton kernel (its plain form run once, as
-    `tune_linear` runs it), then with every key on the weights' own `linear`; the tuned choice is restored after. A
-    decode step run at each yield launches every kernel variant that `tune_linear` and the captured step could need,
-    which is what compiling ahead records (`engine.runner.compile_ahead`)."""
+    """Yield three times: with every weight key at `rows` on the Triton kernel (its plain form run once, as
+    `tune_linear` runs it), then the same with every quantized format's fused forms separate (`tune_fusion`'s
+    alternative), then with every key on the weights' own `linear`; the tuned choices are restored after. A decode
+    step run at each yield launches every kernel variant that `tune_linear`, `tune_fusion` and the captured step
+    could need, which is what compiling ahead records (`engine.runner.compile_ahead`)."""
     if not weights or not _use_triton(weights[0].tensors()[0]):
         return
     from . import triton_gemv
 
-    tuned = dict(_TRITON_CONFIG)
+    tuned, separate = dict(_TRITON_CONFIG), set(_SEPARATE)
     try:
         for key, x, ws, config in _candidates(weights, rows):
             _TRITON_CONFIG[key] = config
             triton_gemv.linear(x, ws[0], config)
+        _SEPARATE.clear()
         yield
+        _SEPARATE.update((form, fmt) for fmt in _timed_formats(weights) for form in FUSED_FORMS)
+        yield
+        _SEPARATE.clear()
         _TRITON_CONFIG.clear()
         yield
     finally:
         _TRITON_CONFIG.clear()
         _TRITON_CONFIG.update(tuned)
+        _SEPARATE.clear()
+        _SEPARATE.update(separate)
