@@ -230,18 +230,13 @@ def _int4_pair(words, j: tl.constexpr, x_ptr, NATIVE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _int4_pairs_group(
-    words, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
+def _int4_pairs_x(
+    x_ptr, res_ptr, norm_ptr, g, m, M, stride_xm, k_end, rstd,
+    BLOCK_M: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
 ):  # fmt: skip
-    """Group g's unscaled product [BLOCK_N, BLOCK_M] in one tensor-core dot over its 128 inputs, the unpacked weight
-    the dot's register operand (never in shared memory): `_int4_pair` gives the nibble pairs (j, j + 4) of a word, so
-    the dot's input column 32 j + 2 c + t is input 16 (j + 4 t) + c of the group (word c, nibble j + 4 t), and x's two
-    halves, interleaved, put input 64 t + h at column 2 h + t: the same input. `q - zero` is exact in 16 bits."""
-    dtype = x_ptr.dtype.element_ty
-    # x unmasked, which spares a compare and a select per value: rows past M read row M - 1 (their columns are never
-    # stored), and a group past k_end (the weight zero there) reads the split's last group.
+    """Group g's x [BLOCK_M, 128] for `_int4_pairs_dot`: x's two halves, interleaved, put input 64 t + h at column
+    2 h + t. Unmasked, which spares a compare and a select per value: rows past M read row M - 1 (their columns are
+    never stored), and a group past k_end (the weight zero there) reads the split's last group."""
     rows = tl.minimum(m, M - 1)
     h = 128 * tl.minimum(g, k_end // 128 - 1) + tl.arange(0, 64)
     every = tl.full([64], 1, tl.int1)
@@ -249,9 +244,22 @@ def _int4_pairs_group(
                   NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
     high = _x_tile(x_ptr, res_ptr, norm_ptr, rows[:, None] * stride_xm + 64 + h[None, :], every[None, :], 64 + h,
                    every, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
-    x = tl.reshape(tl.join(low, high), [BLOCK_M, 128])
-    pairs = tl.join(tl.join(_int4_pair(words, 0, x_ptr, NATIVE_DOT), _int4_pair(words, 2, x_ptr, NATIVE_DOT)),
-                    tl.join(_int4_pair(words, 1, x_ptr, NATIVE_DOT), _int4_pair(words, 3, x_ptr, NATIVE_DOT)))
+    return tl.reshape(tl.join(low, high), [BLOCK_M, 128])
+
+
+@triton.jit
+def _int4_pairs_dot(
+    words, zero, x, x_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+):  # fmt: skip
+    """A group's unscaled product [BLOCK_N, BLOCK_M] in one tensor-core dot over its 128 inputs (x from
+    `_int4_pairs_x`), the unpacked weight the dot's register operand (never in shared memory): `_int4_pair` gives the
+    nibble pairs (j, j + 4) of a word, so the dot's input column 32 j + 2 c + t is input 16 (j + 4 t) + c of the group
+    (word c, nibble j + 4 t), as x's column 2 h + t is input 64 t + h. `q - zero` is exact in 16 bits."""
+    dtype = x_ptr.dtype.element_ty
+    even = tl.join(_int4_pair(words, 0, x_ptr, NATIVE_DOT), _int4_pair(words, 2, x_ptr, NATIVE_DOT))
+    odd = tl.join(_int4_pair(words, 1, x_ptr, NATIVE_DOT), _int4_pair(words, 3, x_ptr, NATIVE_DOT))
+    pairs = tl.join(even, odd)
     w = tl.reshape(tl.permute(pairs, (0, 3, 4, 1, 2)), [BLOCK_N, 128])  # [n, c, t, j // 2, j % 2] -> [n, j, c, t]
     if NATIVE_DOT:
         bias: tl.constexpr = 128.0 if dtype == tl.bfloat16 else 1024.0  # PAIR_MAGIC's
@@ -278,71 +286,135 @@ def _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK: tl.
 
 
 @triton.jit
+def _x_planes(x_ptr, res_ptr, norm_ptr, g, k_end, rstd, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr):
+    """Group g's 128 inputs of one row, normalised, as its 8 planes of 16 (plane j: inputs 16 j .. 16 j + 15). Each
+    input is normalised once, by one thread, and the planes reach the layout the weight's broadcast needs in one move
+    through shared memory: computed in that layout, the values would be recomputed by every thread that holds their
+    words' column (32 per thread and group, with their conversions, against 64 weights at 2 rows a thread)."""
+    k = 128 * g + tl.arange(0, 128)
+    x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k < k_end, k, k < k_end, rstd, True, HAS_RESIDUAL, ROUND_NORMED)
+    x = tl.reshape(tl.trans(tl.reshape(x, [8, 16])), [16, 2, 2, 2])  # [c, j // 4, j // 2 % 2, j % 2]
+    even, odd = tl.split(x)
+    p04, p26 = tl.split(even)
+    p15, p37 = tl.split(odd)
+    p0, p4 = tl.split(p04)
+    p2, p6 = tl.split(p26)
+    p1, p5 = tl.split(p15)
+    p3, p7 = tl.split(p37)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _int4_plane_product(
+    group, words, high, j: tl.constexpr, zero, magic, x, x_ptr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr, UNPACK: tl.constexpr,
+):  # fmt: skip
+    """`group` plus plane j's product with x's plane (a vector for one row, [BLOCK_M, 16] for several)."""
+    if UNPACK == MASKED:
+        plane = _int4_plane_masked(words, high, j, zero, magic)
+    else:
+        plane = _int4_plane(words, j, zero + 8388608.0)
+    if BLOCK_M == 1:
+        group += plane * x[None, :]
+    else:
+        group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
+    return group
+
+
+@triton.jit
 def _int4_group(
-    acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, magic,
+    acc, up, gate_group, up_group, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, magic,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
     NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, UNPACK: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):  # fmt: skip
-    """`acc` plus group g's product, unpacked plane by plane (16 inputs each): a multiply-add for one row, a
-    tensor-core dot for several, of the exact integers `q - zero`, scaled once; or in pairs (`_int4_pairs_group`)."""
+    """`acc` plus group g's product with the rows whose (words, scales, zeros) are `gate_group` (`_int4_load`), and
+    with SILU_MUL `up` plus the up rows' (`up_group`), each x tile computed once for both: unpacked plane by plane
+    (16 inputs each), a multiply-add for one row, a tensor-core dot for several, of the exact integers `q - zero`,
+    scaled once; or in pairs (`_int4_pairs_dot`)."""
+    words, scale, zero = gate_group
+    up_words, up_scale, up_zero = up_group
     if UNPACK == PAIRS:
-        group = _int4_pairs_group(words, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, BLOCK_M,
-                                  BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        x = _int4_pairs_x(x_ptr, res_ptr, norm_ptr, g, m, M, stride_xm, k_end, rstd, BLOCK_M, NORM, HAS_RESIDUAL,
+                          ROUND_NORMED)  # fmt: skip
+        product = _int4_pairs_dot(words, zero, x, x_ptr, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT)
+        if SILU_MUL:
+            up_product = _int4_pairs_dot(up_words, up_zero, x, x_ptr, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT)
     else:
         c = tl.arange(0, 16)
         width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M
         high = words >> 12
-        group = tl.zeros([BLOCK_N, width], tl.float32)
+        up_high = up_words >> 12
+        product = tl.zeros([BLOCK_N, width], tl.float32)
+        up_product = tl.zeros([BLOCK_N, width], tl.float32)
+        if NORM and BLOCK_M == 1:
+            planes = _x_planes(x_ptr, res_ptr, norm_ptr, g, k_end, rstd, HAS_RESIDUAL, ROUND_NORMED)
         for j in tl.static_range(8):
-            k = 128 * g + 16 * j + c
-            offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
-            x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            if UNPACK == MASKED:
-                plane = _int4_plane_masked(words, high, j, zero, magic)
+            if NORM and BLOCK_M == 1:
+                x = planes[j]
             else:
-                plane = _int4_plane(words, j, zero + 8388608.0)
-            if BLOCK_M == 1:
-                group += plane * x[None, :]
-            else:
-                group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
-    return acc + group * scale[:, None]
+                k = 128 * g + 16 * j + c
+                offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
+                x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL,
+                            ROUND_NORMED)  # fmt: skip
+            product = _int4_plane_product(product, words, high, j, zero, magic, x, x_ptr, BLOCK_M, PRECISION,
+                                          NATIVE_DOT, UNPACK)  # fmt: skip
+            if SILU_MUL:
+                up_product = _int4_plane_product(up_product, up_words, up_high, j, up_zero, magic, x, x_ptr,
+                                                 BLOCK_M, PRECISION, NATIVE_DOT, UNPACK)  # fmt: skip
+    acc += product * scale[:, None]
+    if SILU_MUL:
+        up += up_product * up_scale[:, None]
+    return acc, up
 
 
 @triton.jit
 def _int4_product(
-    x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg, k_start, k_end, rstd, magic,
+    x_ptr, res_ptr, norm_ptr, w_rows, up_rows, s_ptr, z_ptr, n, N, n_mask, m, M, stride_xm, stride_sg, k_start,
+    k_end, rstd, magic,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     NATIVE_DOT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
-    UNPACK: tl.constexpr, PREFETCH: tl.constexpr,
+    UNPACK: tl.constexpr, PREFETCH: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
-    """The product [BLOCK_M, BLOCK_N] of the rows of x with the int4 weight rows `n` (packed words at `w_rows`,
-    scales and zeros at column n of the group-major [groups, N] tables) over inputs k_start .. k_end, whole groups
-    of 128 (engine.quant has the layout), `_int4_group` by group. PREFETCH: group by group, the next group's words
-    loaded before this one's are unpacked (the compiler pipelines no load that feeds only registers), else
-    BLOCK_K // 128 groups per step."""
+    """The products [BLOCK_M, BLOCK_N] of the rows of x with the int4 weight rows `n` (packed words at `w_rows`,
+    scales and zeros at column n of the group-major [groups, N] tables) and, with SILU_MUL, with the up rows n + N
+    (at `up_rows`; else the second product is the first), over inputs k_start .. k_end, whole groups of 128
+    (engine.quant has the layout), `_int4_group` by group. PREFETCH: group by group, the next group's words loaded
+    before this one's are unpacked (the compiler pipelines no load that feeds only registers), else BLOCK_K // 128
+    groups per step."""
     width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M  # one row: products summed over the plane at the end
     acc = tl.zeros([BLOCK_N, width], tl.float32)
+    up = tl.zeros([BLOCK_N, width], tl.float32)
     if PREFETCH:
-        words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg, UNPACK)
+        gate_group = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg, UNPACK)
+        up_group = gate_group
+        if SILU_MUL:
+            up_group = _int4_load(up_rows, s_ptr, z_ptr, n + N, n_mask, k_start // 128, k_end, stride_sg, UNPACK)
         for g in range(k_start // 128, k_end // 128):
-            after = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg, UNPACK)
-            acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
-                              magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED,
-                              UNPACK)  # fmt: skip
-            words, scale, zero = after
+            gate_next = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg, UNPACK)
+            up_next = gate_next
+            if SILU_MUL:
+                up_next = _int4_load(up_rows, s_ptr, z_ptr, n + N, n_mask, g + 1, k_end, stride_sg, UNPACK)
+            acc, up = _int4_group(acc, up, gate_group, up_group, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end,
+                                  rstd, magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL,
+                                  ROUND_NORMED, UNPACK, SILU_MUL)  # fmt: skip
+            gate_group, up_group = gate_next, up_next
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             for t in tl.static_range(BLOCK_K // 128):
                 g = k0 // 128 + t
-                words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK)
-                acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end,
-                                  rstd, magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL,
-                                  ROUND_NORMED, UNPACK)  # fmt: skip
-    if BLOCK_M == 1:  # noqa: SIM108 (one return: Triton types every return alike, even in a branch never compiled)
-        product = tl.sum(acc, axis=1)[None, :]
+                gate_group = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK)
+                up_group = gate_group
+                if SILU_MUL:
+                    up_group = _int4_load(up_rows, s_ptr, z_ptr, n + N, n_mask, g, k_end, stride_sg, UNPACK)
+                acc, up = _int4_group(acc, up, gate_group, up_group, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm,
+                                      k_end, rstd, magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM,
+                                      HAS_RESIDUAL, ROUND_NORMED, UNPACK, SILU_MUL)  # fmt: skip
+    if BLOCK_M == 1:
+        product, up_product = tl.sum(acc, axis=1)[None, :], tl.sum(up, axis=1)[None, :]
     else:
-        product = tl.trans(acc)
-    return product
+        product, up_product = tl.trans(acc), tl.trans(up)
+    return product, up_product
 
 
 @triton.jit
@@ -355,6 +427,19 @@ def _prefetch_l2(w_ptr, rows, n_mask, k_start, k_end, BLOCK_K: tl.constexpr):
     lines = tl.where(n_mask[:, None] & (k[None, :] < k_end), rows + k[None, :], w_ptr)
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
                               is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _rstd(sums, K, eps, BLOCK_M: tl.constexpr):
+    """RMSNorm's 1 / rms from the rows' sums of squares [BLOCK_M]: a column [BLOCK_M, 1] for several rows, a scalar
+    for one (a [1] vector would carry the reduction's layout into every x tile, each then converted through shared
+    memory to the layout the weight's broadcast needs)."""
+    rstd = tl.math.rsqrt(sums / K + eps)
+    if BLOCK_M == 1:  # noqa: SIM108 (one return: see _int4_product)
+        rstd = tl.sum(rstd, axis=0)
+    else:
+        rstd = rstd[:, None]
+    return rstd
 
 
 @triton.jit
@@ -447,9 +532,7 @@ def _gemv_kernel(
     if NORM and PARTIALS:  # the producer of x summed the squares: add up its programs' partials, in a fixed order
         p = tl.arange(0, BLOCK_P)
         partials = tl.load(sq_ptr + p[None, :] * M + m[:, None], mask=(p[None, :] < n_sq) & (m[:, None] < M), other=0.0)
-        rstd = tl.math.rsqrt(tl.sum(partials, axis=1) / K + eps)
-        if BLOCK_M > 1:
-            rstd = rstd[:, None]
+        rstd = _rstd(tl.sum(partials, axis=1), K, eps, BLOCK_M)
     elif NORM:  # first pass, over the whole row whatever this program's K split: the sum of squares
         squares = tl.zeros([BLOCK_M, BLOCK_SQ], tl.float32)  # a single row's vector broadcasts to [1, BLOCK_SQ]
         h_end = tl.where(pid_n + split == 0, K, 0)  # the first program writes x + residual out
@@ -461,18 +544,13 @@ def _gemv_kernel(
                 tl.store(h_ptr + offsets, h, mask=mask & (k < h_end))
             h = h.to(tl.float32)
             squares += h * h
-        rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)
-        if BLOCK_M > 1:
-            rstd = rstd[:, None]
+        rstd = _rstd(tl.sum(squares, axis=1), K, eps, BLOCK_M)
 
     if FORMAT == INT4:
-        acc = _int4_product(x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg,
-                            k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT, NORM,
-                            HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
-        if SILU_MUL:
-            up = _int4_product(x_ptr, res_ptr, norm_ptr, up_rows, s_ptr, z_ptr, n + N, n_mask, m, M, stride_xm,
-                               stride_sg, k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT,
-                               NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
+        acc, up = _int4_product(x_ptr, res_ptr, norm_ptr, w_rows, up_rows, s_ptr, z_ptr, n, N, n_mask, m, M,
+                                stride_xm, stride_sg, k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K,
+                                PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH,
+                                SILU_MUL)  # fmt: skip
     elif INT8_WORDS:
         acc = _int8_words_product(x_ptr, res_ptr, norm_ptr, w_rows, n_mask, k_start, k_end, rstd, magic, BLOCK_N,
                                   BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
