@@ -18,10 +18,13 @@ The same kernel can also fuse what surrounds a decode projection, since each of 
 separate launch of a few microseconds while the projection itself streams megabytes:
 - an RMSNorm prologue (`norm_linear`): a first pass over the (cached) input row sums the squares
   of `x + residual`, then the main loop normalises each K block on the fly; one program also writes
-  the new residual `x + residual` to its own buffer, as the other programs are still reading x;
+  the new residual `x + residual` to its own buffer, as the other programs are still reading x. One
+  row of a quantized weight normalises each input of a block once (`_x_planes`) and moves the block
+  to the layout the weight's broadcast needs through shared memory, so the norm costs the loop no
+  more than x's loads and conversions of the plain form;
 - a SwiGLU epilogue (`silu_mul=True`): each program takes a strip of gate rows of the fused gate/up
-  weight and the matching up rows (half the plain strip each, so the same bytes per program) and
-  stores `silu(gate) * up`.
+  weight and the matching up rows (half the plain strip each, so the same bytes per program), both
+  in one loop that computes each x tile once for the two products, and stores `silu(gate) * up`.
 - a residual epilogue (`linear_residual`): the projection that ends a layer's half adds the residual
   stream and stores the sum, with each program's partial sum of its squares; the next `norm_linear`
   then reads a few hundred partials instead of the whole row in every program.
@@ -466,7 +469,7 @@ def _rstd(sums, m, K, eps, ONE_ROW: tl.constexpr):
     (ONE_ROW, also padded to BLOCK_M rows): a [1] vector would carry the reduction's layout into every x tile, each
     then converted through shared memory to the layout the weight's broadcast needs."""
     rstd = tl.math.rsqrt(sums / K + eps)
-    if ONE_ROW:  # noqa: SIM108 (one return: see _int4_product)
+    if ONE_ROW:  # noqa: SIM108 (one return: Triton types every return alike, even in a branch never compiled)
         rstd = tl.sum(tl.where(m == 0, rstd, 0.0), axis=0)
     else:
         rstd = rstd[:, None]
