@@ -381,11 +381,13 @@ def _int4_group(
         up_high = up_words >> 12
         product = tl.zeros([BLOCK_N, width], tl.float32)
         up_product = tl.zeros([BLOCK_N, width], tl.float32)
-        if NORM and BLOCK_M == 1:
+        if NORM and ONE_ROW:
             planes = _x_planes(x_ptr, res_ptr, norm_ptr, g, k_end, rstd, HAS_RESIDUAL, ROUND_NORMED)
         for j in tl.static_range(8):
-            if NORM and BLOCK_M == 1:
+            if NORM and ONE_ROW:
                 x = planes[j]
+                if BLOCK_M > 1:  # the tensor cores' padded rows: row 0's plane (the padding's columns are not stored)
+                    x = tl.broadcast_to(x[None, :], [BLOCK_M, 16])
             else:
                 k = 128 * g + 16 * j + c
                 offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
