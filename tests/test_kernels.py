@@ -794,6 +794,13 @@ for _fmt in QUANTIZED:
     CUDA_CASES[f"{_fmt}-linear-qkv-7b-m1"] = ("linear", {"fmt": _fmt, "dtype": "bf16", "m": 1, "n": 12288, "k": 4096,
                                                          "config": None})  # fmt: skip
     CUDA_CASES[f"{_fmt}-dequantize-7b"] = ("dequantize", {"fmt": _fmt, "dtype": "bf16", "n": 22016, "k": 4096})
+    # One row as the decode step runs the norm: from the partial squares of the previous residual epilogue.
+    for _name in ("qkv", "gate_up", "head"):
+        CUDA_CASES[f"{_fmt}-{_name}-7b-m1-partials"] = (
+            "norm_linear",
+            {"fmt": _fmt, "dtype": "bf16", "m": 1, "config": None, **QUANT_7B[_name][1], "residual": False,
+             "partials": 512},
+        )  # fmt: skip
 # int4 in nibble pairs on the tensor cores at the same shapes and row blocks (1 and 16 are the same kernel), K split.
 for _name, (_check, _shape) in QUANT_7B.items():
     for _m in (1, 16, 64):
@@ -801,6 +808,11 @@ for _name, (_check, _shape) in QUANT_7B.items():
             _check,
             {"fmt": "int4", "dtype": "bf16", "m": _m, "config": (128, 256, 2, 4, 2, True, "pairs"), **_shape},
         )
+CUDA_CASES["int4-pairs-gate_up-7b-m1-partials"] = (
+    "norm_linear",
+    {"fmt": "int4", "dtype": "bf16", "m": 1, "config": (128, 256, 2, 4, 2, True, "pairs"), **QUANT_7B["gate_up"][1],
+     "residual": False, "partials": 512},
+)  # fmt: skip
 cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
 
 
