@@ -2,14 +2,18 @@
 
 The quantized GEMV is bound by instructions, so its variants are compared by what ptxas makes of them: each launch
 is bound as an H200 would bind it (tests/compiled.py's fake driver, PDL on, bf16, aligned pointers), compiled with
-Triton's own ptxas, disassembled with its nvdisasm, and the longest loop (the block a backward branch closes) is
-counted per opcode. Per weight means per weight a thread handles in one trip round that loop (BLOCK_N x BLOCK_K / 32
-per warp; one group of 128 with `prefetch`).
+Triton's own ptxas, disassembled with its nvdisasm, and the main loop (the longest block a backward branch closes,
+with any other at least half as long: one per product) is counted per opcode. Per weight means per weight a thread
+handles in one trip round the main loop or loops (BLOCK_N x BLOCK_K / 32 per warp; one group of 128 with
+`prefetch`; with `silu`, BLOCK_N / 2 gate rows and as many up rows).
 
     python -m tests.sass_count 1 int4 4096 4096 64/256/8/4/3/-/mask 128/256/1/4/2/tc/pairs
+    python -m tests.sass_count --form plain,norm,silu,residual 1 int4 12288 4096 128/256/4/8/3/-/mask
 
-A config is GemvConfig's fields joined by "/" ("tc" or "-" for tensor_cores). Prints one line per config: loop
-instructions per weight, the opcodes that take most of them, registers, spills, shared memory.
+A config is GemvConfig's fields joined by "/" ("tc" or "-" for tensor_cores). `--form` names the launches (FORMS,
+default plain): the fused forms the model runs (`norm_linear` with the RMSNorm prologue, `silu_mul` epilogue,
+`linear_residual`) against the plain GEMV. Prints one line per config and form: loop instructions per weight, the
+opcodes that take most of them, registers, spills, shared memory.
 """
 
 from __future__ import annotations
@@ -48,8 +52,14 @@ def parse_config(text: str):
     return GemvConfig(int(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]), f[5] == "tc", f[6], f[7:] == ["pf"])
 
 
-def record(m: int, fmt: str, n: int, k: int, config) -> Spec:
-    """The launch `triton_gemv.linear` makes for bf16 x [m, k] and an `fmt` weight [n, k], as an H200 gets it."""
+# The launches counted, by name: the plain GEMV and its fused forms as engine.model's decode step calls them (the
+# norm from the previous projection's partial sums of squares, or, `norm-residual`, with the residual added and the
+# squares summed in the prologue; `silu` on the fused gate/up weight [n, k], n/2 outputs).
+FORMS = ("plain", "norm", "norm-residual", "silu", "residual")
+
+
+def record(m: int, fmt: str, n: int, k: int, config, form: str = "plain") -> Spec:
+    """The launch `form` makes (FORMS) for bf16 x [m, k] and an `fmt` weight [n, k], as an H200 gets it."""
     from triton.runtime import driver
 
     from engine.kernels import triton_gemv
@@ -58,21 +68,37 @@ def record(m: int, fmt: str, n: int, k: int, config) -> Spec:
     driver.set_active(H200Driver())
     w = {"int4": Int4, "int8": Int8}[fmt].from_dense(torch.randn(n, k, dtype=torch.bfloat16) * 0.05)
     x = torch.randn(m, k, dtype=torch.bfloat16)
+    norm_weight, squares = torch.ones(k, dtype=torch.bfloat16), torch.rand(64, m)
     with recording() as specs:
-        triton_gemv.linear(x, w, config)
+        if form == "plain":
+            triton_gemv.linear(x, w, config)
+        elif form in ("norm", "silu"):
+            triton_gemv.norm_linear(x, None, norm_weight, 1e-5, w, config, silu_mul=form == "silu", squares=squares)
+        elif form == "norm-residual":
+            triton_gemv.norm_linear(x, x.clone(), norm_weight, 1e-5, w, config)
+        elif form == "residual":
+            triton_gemv.linear_residual(x, w, torch.randn(m, n, dtype=torch.bfloat16), config)
+        else:
+            raise SystemExit(f"sass_count: unknown form {form!r}; the forms are {', '.join(FORMS)}")
     (spec,) = specs
     return spec
 
 
 def loop_ops(sass: str) -> Counter:
-    """Opcodes (predicates and modifiers dropped) of the longest block that a backward branch closes."""
+    """Opcodes (predicates and modifiers dropped) of the main loops: the blocks that a backward branch closes, the
+    longest and any other of at least half its length that does not overlap it (one loop per product: silu's gate
+    and up rows each had their own)."""
     lines = sass.splitlines()
     labels = {line.rstrip(":"): i for i, line in enumerate(lines) if re.match(r"^\.?L\w+:$", line)}
     loops = [(labels[b.group(1)], i) for i, line in enumerate(lines)
              for b in [re.search(r"BRA (\.?L\w+)", line)] if b and labels.get(b.group(1), len(lines)) < i]  # fmt: skip
-    start, end = max(loops, key=lambda span: span[1] - span[0])
+    longest = max(end - start for start, end in loops)
+    main: list[tuple[int, int]] = []
+    for start, end in sorted(loops, key=lambda span: span[0] - span[1]):
+        if 2 * (end - start) >= longest and all(end < s or start > e for s, e in main):
+            main.append((start, end))
     ops: Counter = Counter()
-    for line in lines[start : end + 1]:
+    for line in (line for start, end in main for line in lines[start : end + 1]):
         fields = line.split("\t")
         if len(fields) == 2 and fields[1].strip():
             words = fields[1].split()
@@ -94,10 +120,10 @@ def resources(cubin: bytes) -> tuple[int, int]:
     return int(registers.group(1)) if registers else -1, int(stack.group(1)) if stack else -1
 
 
-def count(m: int, fmt: str, n: int, k: int, config) -> Count:
+def count(m: int, fmt: str, n: int, k: int, config, form: str = "plain") -> Count:
     from triton.tools.disasm import get_sass
 
-    kernel = compile_spec(record(m, fmt, n, k, config))
+    kernel = compile_spec(record(m, fmt, n, k, config, form))
     registers, stack = resources(kernel.asm["cubin"])
     ops = loop_ops(get_sass(kernel.asm["cubin"]))
     step = 128 if config.prefetch else config.block_k
@@ -108,11 +134,15 @@ def count(m: int, fmt: str, n: int, k: int, config) -> Count:
 
 
 def main(argv: list[str]) -> None:
+    forms = ["plain"]
+    if argv[:1] == ["--form"]:
+        forms, argv = argv[1].split(","), argv[2:]
     m, fmt, n, k, *configs = argv
-    for text in configs:
-        c = count(int(m), fmt, int(n), int(k), parse_config(text))
+    for text, form in ((text, form) for text in configs for form in forms):
+        c = count(int(m), fmt, int(n), int(k), parse_config(text), form)
         top = " ".join(f"{op} {v}" for op, v in c.ops.most_common())
-        print(f"{text:<28} m={m:<2} {c.per_weight:5.2f} per weight (ALU {c.alu_per_weight:4.2f}) | {c.registers} "
+        label = text if forms == ["plain"] else f"{text} {form}"
+        print(f"{label:<28} m={m:<2} {c.per_weight:5.2f} per weight (ALU {c.alu_per_weight:4.2f}) | {c.registers} "
               f"registers, {c.stack} B stack, {c.shared} B shared | {top}", flush=True)  # fmt: skip
 
 

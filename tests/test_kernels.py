@@ -509,6 +509,53 @@ INTERPRETED_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         {"fmt": "int4", "dtype": "fp32", "m": 7, "n": 24, "k": 256, "residual": True, "silu_mul": True,
          "config": (32, 128, 1, 4, 2, False, "pairs", True)},
     ),
+    # One row of the fused forms (gate and up rows in one loop, each x tile normalised once for both: _x_planes, the
+    # int8 words' planes, the pairs' row broadcast to the padded rows), with K split and steps past a split's end.
+    "int4-norm_silu-fp16-m1-splitk": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 24, "k": 640, "residual": True, "silu_mul": True,
+         "config": (32, 256, 2)},
+    ),
+    "int4-norm_silu-fp32-m1-prefetch-splitk-partials": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp32", "m": 1, "n": 20, "k": 640, "residual": False, "silu_mul": True,
+         "config": (16, 128, 2, 4, 3, False, "mask", True), "partials": 5},
+    ),
+    "int4-norm_linear-fp16-m1-splitk-partials": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 40, "k": 640, "residual": False, "silu_mul": False,
+         "config": (16, 256, 2), "partials": 3},
+    ),
+    "int4-norm_silu-fp16-m1-pairs-splitk": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 24, "k": 640, "residual": True, "silu_mul": True,
+         "config": (32, 256, 2, 4, 2, False, "pairs")},
+    ),
+    "int4-norm_linear-fp16-m1-pairs-splitk": (
+        "norm_linear",
+        {"fmt": "int4", "dtype": "fp16", "m": 1, "n": 40, "k": 384, "residual": True, "silu_mul": False,
+         "config": (32, 128, 3, 4, 2, False, "pairs")},
+    ),
+    "int8-norm_silu-fp16-m1-splitk": (
+        "norm_linear",
+        {"fmt": "int8", "dtype": "fp16", "m": 1, "n": 40, "k": 200, "residual": True, "silu_mul": True,
+         "config": (16, 64, 3)},
+    ),
+    "int8-norm_linear-fp32-m1-splitk-partials": (
+        "norm_linear",
+        {"fmt": "int8", "dtype": "fp32", "m": 1, "n": 40, "k": 256, "residual": False, "silu_mul": False,
+         "config": (16, 64, 2), "partials": 4},
+    ),
+    "int8-norm_silu-fp16-m1-tensor-cores-partials": (
+        "norm_linear",
+        {"fmt": "int8", "dtype": "fp16", "m": 1, "n": 24, "k": 96, "residual": False, "silu_mul": True,
+         "config": (32, 32, 2, 4, 3, True), "partials": 3},
+    ),
+    "norm_linear-fp16-m1-tensor-cores": (
+        "norm_linear",
+        {"dtype": "fp16", "m": 1, "n": 40, "k": 96, "residual": True, "silu_mul": False,
+         "config": (16, 32, 2, 4, 3, True)},
+    ),
     "int4-dequantize-fp16": ("dequantize", {"fmt": "int4", "dtype": "fp16", "n": 37, "k": 384}),  # bf16: CUDA_CASES
     "int8-dequantize-fp16": ("dequantize", {"fmt": "int8", "dtype": "fp16", "n": 37, "k": 200}),
 }  # fmt: skip
@@ -617,6 +664,30 @@ def test_interpreted_int4_pairs_launch_keeps_the_weight_in_registers_for_the_ten
     assert sum(ops.values()) / weights < 2.6 and sum(ops[op] for op in ALU) / weights < 1.0, ops
 
 
+@pytest.mark.skipif(not HAVE_TRITON or HAVE_CUDA, reason="needs triton; counted by the CPU run")
+@pytest.mark.parametrize(
+    ("fmt", "n", "config", "allowed"),
+    [
+        ("int4", 22016, "64/256/4/4/3/-/mask", 1.02),  # TUNED's one-row gate/up config
+        ("int8", 22016, "16/1024/1/4/3/-/mask", 1.02),
+        ("int4", 12288, "128/256/1/4/2/tc/pairs", 1.2),
+        ("int4", 12288, "128/128/1/4/3/tc/mask", 1.1),  # the row padded to 16 on the tensor cores
+    ],
+)
+def test_fused_forms_cost_about_what_the_plain_gemv_costs(fmt: str, n: int, config: str, allowed: float) -> None:
+    """At one row the decode step runs the fused forms, so they must cost what the plain GEMV costs: the main loop's
+    SASS for sm_90 per weight of the norm prologue, the SwiGLU epilogue (gate and up rows in one loop, sharing each x
+    tile) and the residual epilogue at most `allowed` times the plain loop's (BENCHMARKS.md, 2026-12-08: int4 mask
+    norm 5.37 and silu 5.46 against 5.73, before 7.41 and 11.23; pairs 2.47 and 2.69 against 2.34, before 2.85 and
+    3.93). Counted by `python -m tests.sass_count`, whose fake H200 driver stays in its own process."""
+    command = [sys.executable, "-m", "tests.sass_count", "--form", "plain,norm,silu,residual", "1", fmt, str(n), "4096",
+               config]  # fmt: skip
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    per_weight = {form: float(v) for form, v in re.findall(r"^\S+ (\w+)\s+m=1\s+([\d.]+) per weight", out, re.M)}
+    assert set(per_weight) == {"plain", "norm", "silu", "residual"}, out
+    assert max(per_weight.values()) <= allowed * per_weight["plain"], per_weight
+
+
 def test_int4_pair_magic_holds_the_bias_plus_each_nibble() -> None:
     """`_int4_pair`'s logic instruction (a & 0x000F000F | magic) on a word shifted by 4 j leaves, as two 16-bit
     floats (low half first), the dtype's power of two plus nibbles j and j + 4, from which the kernel subtracts
@@ -723,6 +794,13 @@ for _fmt in QUANTIZED:
     CUDA_CASES[f"{_fmt}-linear-qkv-7b-m1"] = ("linear", {"fmt": _fmt, "dtype": "bf16", "m": 1, "n": 12288, "k": 4096,
                                                          "config": None})  # fmt: skip
     CUDA_CASES[f"{_fmt}-dequantize-7b"] = ("dequantize", {"fmt": _fmt, "dtype": "bf16", "n": 22016, "k": 4096})
+    # One row as the decode step runs the norm: from the partial squares of the previous residual epilogue.
+    for _name in ("qkv", "gate_up", "head"):
+        CUDA_CASES[f"{_fmt}-{_name}-7b-m1-partials"] = (
+            "norm_linear",
+            {"fmt": _fmt, "dtype": "bf16", "m": 1, "config": None, **QUANT_7B[_name][1], "residual": False,
+             "partials": 512},
+        )  # fmt: skip
 # int4 in nibble pairs on the tensor cores at the same shapes and row blocks (1 and 16 are the same kernel), K split.
 for _name, (_check, _shape) in QUANT_7B.items():
     for _m in (1, 16, 64):
@@ -730,6 +808,11 @@ for _name, (_check, _shape) in QUANT_7B.items():
             _check,
             {"fmt": "int4", "dtype": "bf16", "m": _m, "config": (128, 256, 2, 4, 2, True, "pairs"), **_shape},
         )
+CUDA_CASES["int4-pairs-gate_up-7b-m1-partials"] = (
+    "norm_linear",
+    {"fmt": "int4", "dtype": "bf16", "m": 1, "config": (128, 256, 2, 4, 2, True, "pairs"), **QUANT_7B["gate_up"][1],
+     "residual": False, "partials": 512},
+)  # fmt: skip
 cuda_only = pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
 
 

@@ -2,6 +2,7 @@
 
     python -m engine.kernels.bench_kernels [--models 7b,13b,34b] [--sweep]
     python -m engine.kernels.bench_kernels --quant-sweep [--models 7b,34b,70b]
+    python -m engine.kernels.bench_kernels --quant-fused [--models 7b]
 
 Each kernel is first checked against its reference at the benchmarked shape, then timed with
 `triton.testing.do_bench` (median, L2 flushed before each run) next to its PyTorch/cuBLAS
@@ -18,6 +19,9 @@ one CUDA graph per format with the best configs found, and prints the best confi
 (`triton_gemv.TUNED`, which `choose_config` reads first). Every candidate is checked, then timed in a CUDA graph over
 enough copies of its weight that none comes from L2 (as decode streams them). The candidates compile in parallel
 worker processes first (`compile_ahead`), so one run fits one device call.
+`--quant-fused` (alone too) times one row of the quantized GEMV's fused forms as the decode step runs them (the norm
+prologue for QKV and the LM head, with the SwiGLU epilogue for gate/up, the residual epilogue for O and down) against
+the separate kernels they stand for, with TUNED's configs and int4's nibble pairs.
 A failure in one section is printed and the others still run.
 """
 
@@ -494,6 +498,75 @@ def _matmuls(weights: list, head: torch.Tensor, inputs: dict, best: dict, fmt: s
     F.linear(inputs[head.shape[1]], head)
 
 
+# The fused form each decode matmul runs at one row (engine.model's Block.decode, kernels.norm_linear and friends).
+FUSED_FORMS = {"qkv": "norm", "o": "residual", "gate_up": "silu", "down": "residual", "lm_head": "norm"}
+
+
+def _fused_and_separate(form: str, x: torch.Tensor, norm_weight: torch.Tensor, squares: torch.Tensor,
+                        residual: torch.Tensor, config) -> tuple[Callable, Callable]:  # fmt: skip
+    """(fused, separate): one weight's launch of `form` at one row in one kernel, and the kernels it stands for:
+    the norm from `linear_residual`'s partial squares against rms_norm then the GEMV (then silu_mul), the residual
+    epilogue against the GEMV alone (its add is the next add_rms_norm's, which the fused norm does not run)."""
+    from engine.kernels import triton_act, triton_gemv, triton_norm
+
+    if form == "residual":
+        return (lambda w: triton_gemv.linear_residual(x, w, residual, config)[0],
+                lambda w: triton_gemv.linear(x, w, config) + residual)  # fmt: skip
+    silu = form == "silu"
+
+    def fused(w) -> torch.Tensor:
+        return triton_gemv.norm_linear(x, None, norm_weight, 1e-5, w, config, silu_mul=silu, squares=squares)[0]
+
+    def separate(w) -> torch.Tensor:
+        out = triton_gemv.linear(triton_norm.rms_norm(x, norm_weight, 1e-5), w, config)
+        return triton_act.silu_mul(out) if silu else out
+
+    return fused, separate
+
+
+def quant_fused(models: list[str], copy_gbs: float) -> None:
+    """One row of the quantized GEMV's fused forms (FUSED_FORMS) against the separate kernels they stand for, per
+    format, shape and config (`choose_config`'s, which is TUNED's on the H200, and for int4 nibble pairs'
+    128/256/1/4/2), each in a CUDA graph over enough copies of the weight to stream from memory, as the sweep times
+    them. The separate column for the residual form is the GEMV alone (its add costs the next norm nothing)."""
+    from engine.kernels import triton_gemv
+
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    for model in models:
+        for fmt in ("int4", "int8"):
+            for name, (n, k) in MODELS[model].matmuls().items():
+                form = FUSED_FORMS[name]
+                w = _quantized(fmt, n, k)
+                copies = max(2, min(32, int(L2_BYTES * 2 // w.nbytes()) + 1))
+                ws = [w, *(_quantized(fmt, n, k) for _ in range(copies - 1))]
+                x = torch.randn(1, k, dtype=DTYPE, device="cuda")
+                norm_weight = torch.rand(k, dtype=DTYPE, device="cuda") + 0.5
+                squares = (x.float() ** 2).sum(-1, keepdim=True)  # [1 partial, 1 row], as linear_residual leaves them
+                residual = torch.randn(1, n, dtype=DTYPE, device="cuda")
+                configs = [triton_gemv.choose_config(1, n, k, sm, fmt)]
+                if fmt == "int4":
+                    configs.append(triton_gemv.GemvConfig(128, 256, 1, 4, 2, True, "pairs"))
+                pairs = [_fused_and_separate(form, x, norm_weight, squares, residual, c) for c in configs]
+                _precompile([partial(f, w) for pair in pairs for f in pair])
+                nbytes = w.nbytes() + 2 * (2 * k + n)
+                for c, (fused, separate) in zip(configs, pairs, strict=True):
+                    label = f"{model} {fmt} {name} {n}x{k} {form} {_cfg(c)}"
+                    try:
+                        check(label, fused(w), separate(w))
+                        fused_ms = _graph_ms([partial(fused, v) for v in ws])
+                        separate_ms = _graph_ms([partial(separate, v) for v in ws])
+                    except Exception as exc:  # a config the shape cannot take, or a wrong result: the others still run
+                        print(f"{label} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+                        continue
+                    print(
+                        f"{label:<58} fused {fused_ms * 1e3:6.1f} us {nbytes / fused_ms / 1e6 / copy_gbs:5.1%} | "
+                        f"separate {separate_ms * 1e3:6.1f} us | x{separate_ms / fused_ms:4.2f}",
+                        flush=True,
+                    )
+                del w, ws
+                torch.cuda.empty_cache()
+
+
 def print_rules(best: dict) -> None:
     """The best configs as `triton_gemv.TUNED`'s literal: (format, rows, N, K) -> GemvConfig's fields."""
     print("\nbest configs, for triton_gemv.TUNED ((format, rows, N, K) -> BLOCK_N, BLOCK_K, split-K, warps, stages, "
@@ -507,6 +580,7 @@ def main() -> None:
     parser.add_argument("--models", default="7b,13b,34b", help="comma-separated subset of 7b,13b,34b")
     parser.add_argument("--sweep", action="store_true", help="also time alternative GEMV configs")
     parser.add_argument("--quant-sweep", action="store_true", help="only the int8/int4 GEMV sweep and graphs")
+    parser.add_argument("--quant-fused", action="store_true", help="only the int8/int4 fused forms at one row")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
@@ -518,6 +592,10 @@ def main() -> None:
         section("quantized GEMV config sweep", lambda: best.update(sweep_quant(models, copy_gbs)))
         section("all decode matmuls in one CUDA graph, per format", lambda: quant_all_matmuls(models, best, copy_gbs))
         print_rules(best)
+        return
+    if args.quant_fused:
+        section("quantized GEMV's fused forms at one row, against the separate kernels",
+                lambda: quant_fused(models, copy_gbs))  # fmt: skip
         return
     section("linear (per matmul)", lambda: bench_linear(models, copy_gbs))
     section("all decode matmuls in one CUDA graph", lambda: bench_all_matmuls(models, copy_gbs))

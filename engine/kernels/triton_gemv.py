@@ -18,10 +18,13 @@ The same kernel can also fuse what surrounds a decode projection, since each of 
 separate launch of a few microseconds while the projection itself streams megabytes:
 - an RMSNorm prologue (`norm_linear`): a first pass over the (cached) input row sums the squares
   of `x + residual`, then the main loop normalises each K block on the fly; one program also writes
-  the new residual `x + residual` to its own buffer, as the other programs are still reading x;
+  the new residual `x + residual` to its own buffer, as the other programs are still reading x. One
+  row of a quantized weight normalises each input of a block once (`_x_planes`) and moves the block
+  to the layout the weight's broadcast needs through shared memory, so the norm costs the loop no
+  more than x's loads and conversions of the plain form;
 - a SwiGLU epilogue (`silu_mul=True`): each program takes a strip of gate rows of the fused gate/up
-  weight and the matching up rows (half the plain strip each, so the same bytes per program) and
-  stores `silu(gate) * up`.
+  weight and the matching up rows (half the plain strip each, so the same bytes per program), both
+  in one loop that computes each x tile once for the two products, and stores `silu(gate) * up`.
 - a residual epilogue (`linear_residual`): the projection that ends a layer's half adds the residual
   stream and stores the sum, with each program's partial sum of its squares; the next `norm_linear`
   then reads a few hundred partials instead of the whole row in every program.
@@ -171,24 +174,44 @@ def _int8_byte(words, high, b: tl.constexpr, magic):
 
 @triton.jit
 def _int8_words_product(
-    x_ptr, res_ptr, norm_ptr, w_rows, n_mask, k_start, k_end, rstd, magic,
+    x_ptr, res_ptr, norm_ptr, w_rows, up_rows, n_mask, k_start, k_end, rstd, magic,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    ROUND_NORMED: tl.constexpr,
+    ROUND_NORMED: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
-    """The unscaled product [1, BLOCK_N] of one row of x with int8 weight rows read as int32 words (`w_rows` in
-    words), inputs k_start .. k_end: byte b of word w is input 4 w + b, so x comes in four strided planes."""
+    """The unscaled products [1, BLOCK_N] of one row of x with int8 weight rows read as int32 words (`w_rows` in
+    words) and, with SILU_MUL, with the up rows (`up_rows`; else the second product is the first), inputs k_start ..
+    k_end: byte b of word w is input 4 w + b, so x comes in four strided planes, each computed once for both. With
+    NORM a step's inputs are normalised once each and moved to the planes' layout in one pass through shared memory
+    (as `_x_planes`)."""
     c = tl.arange(0, BLOCK_K // 4)
     acc = tl.zeros([BLOCK_N, BLOCK_K // 4], tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_K // 4], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kw = k0 // 4 + c
         live = n_mask[:, None] & (kw < k_end // 4)[None, :]
         words = tl.load(w_rows + kw[None, :], mask=live, other=0, eviction_policy="evict_first")
         high = words >> 16
+        up_words, up_high = words, high
+        if SILU_MUL:
+            up_words = tl.load(up_rows + kw[None, :], mask=live, other=0, eviction_policy="evict_first")
+            up_high = up_words >> 16
+        if NORM:
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k < k_end, k, k < k_end, rstd, True, HAS_RESIDUAL, ROUND_NORMED)
+            even, odd = tl.split(tl.reshape(x, [BLOCK_K // 4, 2, 2]))  # [w, b // 2, b % 2]
+            x0, x2 = tl.split(even)
+            x1, x3 = tl.split(odd)
+            planes = (x0, x1, x2, x3)
         for b in tl.static_range(4):
-            k = 4 * kw + b
-            x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k < k_end, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+            if NORM:
+                x = planes[b]
+            else:
+                k = 4 * kw + b
+                x = tl.load(x_ptr + k, mask=k < k_end, other=0.0, eviction_policy="evict_last").to(tl.float32)
             acc += _int8_byte(words, high, b, magic) * x[None, :]
-    return tl.sum(acc, axis=1)[None, :]
+            if SILU_MUL:
+                up += _int8_byte(up_words, up_high, b, magic) * x[None, :]
+    return tl.sum(acc, axis=1)[None, :], tl.sum(up, axis=1)[None, :]
 
 
 @triton.jit
@@ -230,28 +253,47 @@ def _int4_pair(words, j: tl.constexpr, x_ptr, NATIVE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _int4_pairs_group(
-    words, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
+def _int4_pairs_x(
+    x_ptr, res_ptr, norm_ptr, g, m, M, stride_xm, k_end, rstd,
+    BLOCK_M: tl.constexpr, ONE_ROW: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ROUND_NORMED: tl.constexpr,
 ):  # fmt: skip
-    """Group g's unscaled product [BLOCK_N, BLOCK_M] in one tensor-core dot over its 128 inputs, the unpacked weight
-    the dot's register operand (never in shared memory): `_int4_pair` gives the nibble pairs (j, j + 4) of a word, so
-    the dot's input column 32 j + 2 c + t is input 16 (j + 4 t) + c of the group (word c, nibble j + 4 t), and x's two
-    halves, interleaved, put input 64 t + h at column 2 h + t: the same input. `q - zero` is exact in 16 bits."""
+    """Group g's x [BLOCK_M, 128] for `_int4_pairs_dot`: x's two halves, interleaved, put input 64 t + h at column
+    2 h + t. Unmasked, which spares a compare and a select per value: rows past M read row M - 1 (their columns are
+    never stored), and a group past k_end (the weight zero there) reads the split's last group. ONE_ROW with NORM:
+    every row is row 0, normalised once per input (by one thread, then broadcast), not once per padded row."""
+    at = 128 * tl.minimum(g, k_end // 128 - 1)
+    if ONE_ROW and NORM:
+        h = at + tl.arange(0, 128)
+        every = tl.full([128], 1, tl.int1)
+        row = _x_tile(x_ptr, res_ptr, norm_ptr, h, every, h, every, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
+        row = tl.reshape(tl.trans(tl.reshape(row, [2, 64])), [128])  # [t, h] -> [h, t]
+        x = tl.broadcast_to(row[None, :], [BLOCK_M, 128])
+    else:
+        rows = tl.minimum(m, M - 1)
+        h = at + tl.arange(0, 64)
+        every = tl.full([64], 1, tl.int1)
+        low = _x_tile(x_ptr, res_ptr, norm_ptr, rows[:, None] * stride_xm + h[None, :], every[None, :], h, every,
+                      rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        high = _x_tile(x_ptr, res_ptr, norm_ptr, rows[:, None] * stride_xm + 64 + h[None, :], every[None, :], 64 + h,
+                       every, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        x = tl.reshape(tl.join(low, high), [BLOCK_M, 128])
+    return x
+
+
+@triton.jit
+def _int4_pairs_dot(
+    words, zero, x, x_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+):  # fmt: skip
+    """A group's unscaled product [BLOCK_N, BLOCK_M] in one tensor-core dot over its 128 inputs (x from
+    `_int4_pairs_x`), the unpacked weight the dot's register operand (never in shared memory): `_int4_pair` gives the
+    nibble pairs (j, j + 4) of a word, so the dot's input column 32 j + 2 c + t is input 16 (j + 4 t) + c of the group
+    (word c, nibble j + 4 t), as x's column 2 h + t is input 64 t + h. `q - zero` is exact in 16 bits."""
     dtype = x_ptr.dtype.element_ty
-    # x unmasked, which spares a compare and a select per value: rows past M read row M - 1 (their columns are never
-    # stored), and a group past k_end (the weight zero there) reads the split's last group.
-    rows = tl.minimum(m, M - 1)
-    h = 128 * tl.minimum(g, k_end // 128 - 1) + tl.arange(0, 64)
-    every = tl.full([64], 1, tl.int1)
-    low = _x_tile(x_ptr, res_ptr, norm_ptr, rows[:, None] * stride_xm + h[None, :], every[None, :], h, every, rstd,
-                  NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
-    high = _x_tile(x_ptr, res_ptr, norm_ptr, rows[:, None] * stride_xm + 64 + h[None, :], every[None, :], 64 + h,
-                   every, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
-    x = tl.reshape(tl.join(low, high), [BLOCK_M, 128])
-    pairs = tl.join(tl.join(_int4_pair(words, 0, x_ptr, NATIVE_DOT), _int4_pair(words, 2, x_ptr, NATIVE_DOT)),
-                    tl.join(_int4_pair(words, 1, x_ptr, NATIVE_DOT), _int4_pair(words, 3, x_ptr, NATIVE_DOT)))
+    even = tl.join(_int4_pair(words, 0, x_ptr, NATIVE_DOT), _int4_pair(words, 2, x_ptr, NATIVE_DOT))
+    odd = tl.join(_int4_pair(words, 1, x_ptr, NATIVE_DOT), _int4_pair(words, 3, x_ptr, NATIVE_DOT))
+    pairs = tl.join(even, odd)
     w = tl.reshape(tl.permute(pairs, (0, 3, 4, 1, 2)), [BLOCK_N, 128])  # [n, c, t, j // 2, j % 2] -> [n, j, c, t]
     if NATIVE_DOT:
         bias: tl.constexpr = 128.0 if dtype == tl.bfloat16 else 1024.0  # PAIR_MAGIC's
@@ -278,71 +320,137 @@ def _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK: tl.
 
 
 @triton.jit
-def _int4_group(
-    acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, magic,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr,
-    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, UNPACK: tl.constexpr,
+def _x_planes(x_ptr, res_ptr, norm_ptr, g, k_end, rstd, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr):
+    """Group g's 128 inputs of one row, normalised, as its 8 planes of 16 (plane j: inputs 16 j .. 16 j + 15). Each
+    input is normalised once, by one thread, and the planes reach the layout the weight's broadcast needs in one move
+    through shared memory: computed in that layout, the values would be recomputed by every thread that holds their
+    words' column (32 per thread and group, with their conversions, against 64 weights at 2 rows a thread)."""
+    k = 128 * g + tl.arange(0, 128)
+    x = _x_tile(x_ptr, res_ptr, norm_ptr, k, k < k_end, k, k < k_end, rstd, True, HAS_RESIDUAL, ROUND_NORMED)
+    x = tl.reshape(tl.trans(tl.reshape(x, [8, 16])), [16, 2, 2, 2])  # [c, j // 4, j // 2 % 2, j % 2]
+    even, odd = tl.split(x)
+    p04, p26 = tl.split(even)
+    p15, p37 = tl.split(odd)
+    p0, p4 = tl.split(p04)
+    p2, p6 = tl.split(p26)
+    p1, p5 = tl.split(p15)
+    p3, p7 = tl.split(p37)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _int4_plane_product(
+    group, words, high, j: tl.constexpr, zero, magic, x, x_ptr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr, UNPACK: tl.constexpr,
 ):  # fmt: skip
-    """`acc` plus group g's product, unpacked plane by plane (16 inputs each): a multiply-add for one row, a
-    tensor-core dot for several, of the exact integers `q - zero`, scaled once; or in pairs (`_int4_pairs_group`)."""
+    """`group` plus plane j's product with x's plane (a vector for one row, [BLOCK_M, 16] for several)."""
+    if UNPACK == MASKED:
+        plane = _int4_plane_masked(words, high, j, zero, magic)
+    else:
+        plane = _int4_plane(words, j, zero + 8388608.0)
+    if BLOCK_M == 1:
+        group += plane * x[None, :]
+    else:
+        group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
+    return group
+
+
+@triton.jit
+def _int4_group(
+    acc, up, gate_group, up_group, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, magic,
+    BLOCK_M: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
+    UNPACK: tl.constexpr, SILU_MUL: tl.constexpr,
+):  # fmt: skip
+    """`acc` plus group g's product with the rows whose (words, scales, zeros) are `gate_group` (`_int4_load`), and
+    with SILU_MUL `up` plus the up rows' (`up_group`), each x tile computed once for both: unpacked plane by plane
+    (16 inputs each), a multiply-add for one row, a tensor-core dot for several, of the exact integers `q - zero`,
+    scaled once; or in pairs (`_int4_pairs_dot`)."""
+    words, scale, zero = gate_group
+    up_words, up_scale, up_zero = up_group
     if UNPACK == PAIRS:
-        group = _int4_pairs_group(words, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd, BLOCK_M,
-                                  BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        x = _int4_pairs_x(x_ptr, res_ptr, norm_ptr, g, m, M, stride_xm, k_end, rstd, BLOCK_M, ONE_ROW, NORM,
+                          HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        product = _int4_pairs_dot(words, zero, x, x_ptr, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT)
+        if SILU_MUL:
+            up_product = _int4_pairs_dot(up_words, up_zero, x, x_ptr, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT)
     else:
         c = tl.arange(0, 16)
         width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M
         high = words >> 12
-        group = tl.zeros([BLOCK_N, width], tl.float32)
+        up_high = up_words >> 12
+        product = tl.zeros([BLOCK_N, width], tl.float32)
+        up_product = tl.zeros([BLOCK_N, width], tl.float32)
+        if NORM and ONE_ROW:
+            planes = _x_planes(x_ptr, res_ptr, norm_ptr, g, k_end, rstd, HAS_RESIDUAL, ROUND_NORMED)
         for j in tl.static_range(8):
-            k = 128 * g + 16 * j + c
-            offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
-            x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL, ROUND_NORMED)
-            if UNPACK == MASKED:
-                plane = _int4_plane_masked(words, high, j, zero, magic)
+            if NORM and ONE_ROW:
+                x = planes[j]
+                if BLOCK_M > 1:  # the tensor cores' padded rows: row 0's plane (the padding's columns are not stored)
+                    x = tl.broadcast_to(x[None, :], [BLOCK_M, 16])
             else:
-                plane = _int4_plane(words, j, zero + 8388608.0)
-            if BLOCK_M == 1:
-                group += plane * x[None, :]
-            else:
-                group = _dot(plane, x, group, x_ptr, PRECISION, NATIVE_DOT)
-    return acc + group * scale[:, None]
+                k = 128 * g + 16 * j + c
+                offsets, mask = _x_offsets(m, k, k < k_end, M, stride_xm, BLOCK_M)
+                x = _x_tile(x_ptr, res_ptr, norm_ptr, offsets, mask, k, k < k_end, rstd, NORM, HAS_RESIDUAL,
+                            ROUND_NORMED)  # fmt: skip
+            product = _int4_plane_product(product, words, high, j, zero, magic, x, x_ptr, BLOCK_M, PRECISION,
+                                          NATIVE_DOT, UNPACK)  # fmt: skip
+            if SILU_MUL:
+                up_product = _int4_plane_product(up_product, up_words, up_high, j, up_zero, magic, x, x_ptr,
+                                                 BLOCK_M, PRECISION, NATIVE_DOT, UNPACK)  # fmt: skip
+    acc += product * scale[:, None]
+    if SILU_MUL:
+        up += up_product * up_scale[:, None]
+    return acc, up
 
 
 @triton.jit
 def _int4_product(
-    x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg, k_start, k_end, rstd, magic,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    NATIVE_DOT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr,
-    UNPACK: tl.constexpr, PREFETCH: tl.constexpr,
+    x_ptr, res_ptr, norm_ptr, w_rows, up_rows, s_ptr, z_ptr, n, N, n_mask, m, M, stride_xm, stride_sg, k_start,
+    k_end, rstd, magic,
+    BLOCK_M: tl.constexpr, ONE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, NATIVE_DOT: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    ROUND_NORMED: tl.constexpr, UNPACK: tl.constexpr, PREFETCH: tl.constexpr, SILU_MUL: tl.constexpr,
 ):  # fmt: skip
-    """The product [BLOCK_M, BLOCK_N] of the rows of x with the int4 weight rows `n` (packed words at `w_rows`,
-    scales and zeros at column n of the group-major [groups, N] tables) over inputs k_start .. k_end, whole groups
-    of 128 (engine.quant has the layout), `_int4_group` by group. PREFETCH: group by group, the next group's words
-    loaded before this one's are unpacked (the compiler pipelines no load that feeds only registers), else
-    BLOCK_K // 128 groups per step."""
+    """The products [BLOCK_M, BLOCK_N] of the rows of x with the int4 weight rows `n` (packed words at `w_rows`,
+    scales and zeros at column n of the group-major [groups, N] tables) and, with SILU_MUL, with the up rows n + N
+    (at `up_rows`; else the second product is the first), over inputs k_start .. k_end, whole groups of 128
+    (engine.quant has the layout), `_int4_group` by group. PREFETCH: group by group, the next group's words loaded
+    before this one's are unpacked (the compiler pipelines no load that feeds only registers), else BLOCK_K // 128
+    groups per step."""
     width: tl.constexpr = 16 if BLOCK_M == 1 else BLOCK_M  # one row: products summed over the plane at the end
     acc = tl.zeros([BLOCK_N, width], tl.float32)
+    up = tl.zeros([BLOCK_N, width], tl.float32)
     if PREFETCH:
-        words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg, UNPACK)
+        gate_group = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, k_start // 128, k_end, stride_sg, UNPACK)
+        up_group = gate_group
+        if SILU_MUL:
+            up_group = _int4_load(up_rows, s_ptr, z_ptr, n + N, n_mask, k_start // 128, k_end, stride_sg, UNPACK)
         for g in range(k_start // 128, k_end // 128):
-            after = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg, UNPACK)
-            acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end, rstd,
-                              magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED,
-                              UNPACK)  # fmt: skip
-            words, scale, zero = after
+            gate_next = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g + 1, k_end, stride_sg, UNPACK)
+            up_next = gate_next
+            if SILU_MUL:
+                up_next = _int4_load(up_rows, s_ptr, z_ptr, n + N, n_mask, g + 1, k_end, stride_sg, UNPACK)
+            acc, up = _int4_group(acc, up, gate_group, up_group, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end,
+                                  rstd, magic, BLOCK_M, ONE_ROW, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL,
+                                  ROUND_NORMED, UNPACK, SILU_MUL)  # fmt: skip
+            gate_group, up_group = gate_next, up_next
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             for t in tl.static_range(BLOCK_K // 128):
                 g = k0 // 128 + t
-                words, scale, zero = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK)
-                acc = _int4_group(acc, words, scale, zero, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm, k_end,
-                                  rstd, magic, BLOCK_M, BLOCK_N, PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL,
-                                  ROUND_NORMED, UNPACK)  # fmt: skip
-    if BLOCK_M == 1:  # noqa: SIM108 (one return: Triton types every return alike, even in a branch never compiled)
-        product = tl.sum(acc, axis=1)[None, :]
+                gate_group = _int4_load(w_rows, s_ptr, z_ptr, n, n_mask, g, k_end, stride_sg, UNPACK)
+                up_group = gate_group
+                if SILU_MUL:
+                    up_group = _int4_load(up_rows, s_ptr, z_ptr, n + N, n_mask, g, k_end, stride_sg, UNPACK)
+                acc, up = _int4_group(acc, up, gate_group, up_group, g, x_ptr, res_ptr, norm_ptr, m, M, stride_xm,
+                                      k_end, rstd, magic, BLOCK_M, ONE_ROW, BLOCK_N, PRECISION, NATIVE_DOT, NORM,
+                                      HAS_RESIDUAL, ROUND_NORMED, UNPACK, SILU_MUL)  # fmt: skip
+    if BLOCK_M == 1:
+        product, up_product = tl.sum(acc, axis=1)[None, :], tl.sum(up, axis=1)[None, :]
     else:
-        product = tl.trans(acc)
-    return product
+        product, up_product = tl.trans(acc), tl.trans(up)
+    return product, up_product
 
 
 @triton.jit
@@ -355,6 +463,19 @@ def _prefetch_l2(w_ptr, rows, n_mask, k_start, k_end, BLOCK_K: tl.constexpr):
     lines = tl.where(n_mask[:, None] & (k[None, :] < k_end), rows + k[None, :], w_ptr)
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
                               is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _rstd(sums, m, K, eps, ONE_ROW: tl.constexpr):
+    """RMSNorm's 1 / rms from the rows' sums of squares [BLOCK_M]: a column [BLOCK_M, 1], or a scalar for one row
+    (ONE_ROW, also padded to BLOCK_M rows): a [1] vector would carry the reduction's layout into every x tile, each
+    then converted through shared memory to the layout the weight's broadcast needs."""
+    rstd = tl.math.rsqrt(sums / K + eps)
+    if ONE_ROW:  # noqa: SIM108 (one return: Triton types every return alike, even in a branch never compiled)
+        rstd = tl.sum(tl.where(m == 0, rstd, 0.0), axis=0)
+    else:
+        rstd = rstd[:, None]
+    return rstd
 
 
 @triton.jit
@@ -382,6 +503,7 @@ def _gemv_kernel(
     n_sq,
     magic,
     BLOCK_M: tl.constexpr,
+    ONE_ROW: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_SQ: tl.constexpr,
@@ -404,7 +526,8 @@ def _gemv_kernel(
     per row, INT4 packed rows and [groups, N] scales and zeros, stride_sg apart); res_ptr: the residual added in the
     norm prologue (HAS_RESIDUAL) or the epilogue (ADD_RESIDUAL); sq_ptr: the [n_sq, M] partial sums of squares the
     prologue reads (PARTIALS) or the [programs, M] ones the epilogue writes; part_ptr, count_ptr: with SPLIT_K, the
-    float32 [SPLIT_K, 1 or 2, M, N] products of each split and a zeroed counter per strip."""
+    float32 [SPLIT_K, 1 or 2, M, N] products of each split and a zeroed counter per strip. ONE_ROW: M == 1, also
+    where the tensor cores pad it to BLOCK_M rows."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     INT8_WORDS: tl.constexpr = FORMAT == INT8 and BLOCK_M == 1 and UNPACK == MASKED  # _int8_words_product
@@ -447,9 +570,7 @@ def _gemv_kernel(
     if NORM and PARTIALS:  # the producer of x summed the squares: add up its programs' partials, in a fixed order
         p = tl.arange(0, BLOCK_P)
         partials = tl.load(sq_ptr + p[None, :] * M + m[:, None], mask=(p[None, :] < n_sq) & (m[:, None] < M), other=0.0)
-        rstd = tl.math.rsqrt(tl.sum(partials, axis=1) / K + eps)
-        if BLOCK_M > 1:
-            rstd = rstd[:, None]
+        rstd = _rstd(tl.sum(partials, axis=1), m, K, eps, ONE_ROW)
     elif NORM:  # first pass, over the whole row whatever this program's K split: the sum of squares
         squares = tl.zeros([BLOCK_M, BLOCK_SQ], tl.float32)  # a single row's vector broadcasts to [1, BLOCK_SQ]
         h_end = tl.where(pid_n + split == 0, K, 0)  # the first program writes x + residual out
@@ -461,25 +582,18 @@ def _gemv_kernel(
                 tl.store(h_ptr + offsets, h, mask=mask & (k < h_end))
             h = h.to(tl.float32)
             squares += h * h
-        rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)
-        if BLOCK_M > 1:
-            rstd = rstd[:, None]
+        rstd = _rstd(tl.sum(squares, axis=1), m, K, eps, ONE_ROW)
 
     if FORMAT == INT4:
-        acc = _int4_product(x_ptr, res_ptr, norm_ptr, w_rows, s_ptr, z_ptr, n, n_mask, m, M, stride_xm, stride_sg,
-                            k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT, NORM,
-                            HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
-        if SILU_MUL:
-            up = _int4_product(x_ptr, res_ptr, norm_ptr, up_rows, s_ptr, z_ptr, n + N, n_mask, m, M, stride_xm,
-                               stride_sg, k_start, k_end, rstd, magic, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, NATIVE_DOT,
-                               NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH)  # fmt: skip
+        acc, up = _int4_product(x_ptr, res_ptr, norm_ptr, w_rows, up_rows, s_ptr, z_ptr, n, N, n_mask, m, M,
+                                stride_xm, stride_sg, k_start, k_end, rstd, magic, BLOCK_M, ONE_ROW, BLOCK_N, BLOCK_K,
+                                PRECISION, NATIVE_DOT, NORM, HAS_RESIDUAL, ROUND_NORMED, UNPACK, PREFETCH,
+                                SILU_MUL)  # fmt: skip
     elif INT8_WORDS:
-        acc = _int8_words_product(x_ptr, res_ptr, norm_ptr, w_rows, n_mask, k_start, k_end, rstd, magic, BLOCK_N,
-                                  BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
+        acc, up = _int8_words_product(x_ptr, res_ptr, norm_ptr, w_rows, up_rows, n_mask, k_start, k_end, rstd, magic,
+                                      BLOCK_N, BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED, SILU_MUL)  # fmt: skip
         acc *= tl.load(s_ptr + n, mask=n_mask, other=0.0)[None, :]
         if SILU_MUL:
-            up = _int8_words_product(x_ptr, res_ptr, norm_ptr, up_rows, n_mask, k_start, k_end, rstd, magic,
-                                     BLOCK_N, BLOCK_K, NORM, HAS_RESIDUAL, ROUND_NORMED)  # fmt: skip
             up *= tl.load(s_ptr + n + N, mask=n_mask, other=0.0)[None, :]
     elif BLOCK_M == 1:
         x_first = _x_tile(x_ptr, res_ptr, norm_ptr, k_first, mask_first, k_first, mask_first, rstd, NORM,
@@ -739,7 +853,7 @@ def _launch(
         residual if residual is not None else x2, norm_weight, h, squares if squares is not None else x2,
         parts, counts, m, n, k, x2.stride(0), data.stride(0), scales.stride(0) if fmt == "int4" else 0, out.stride(0),
         k_per_split, eps, squares.shape[0] if partials else 0, MAGIC,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
+        BLOCK_M=block_m, ONE_ROW=m == 1, BLOCK_N=block_n, BLOCK_K=config.block_k,
         BLOCK_SQ=4 * config.block_k if block_m == 1 else config.block_k, PRECISION=precision,
         NATIVE_DOT=native_dot, NORM=norm is not None, HAS_RESIDUAL=norm is not None and residual is not None,
         ROUND_NORMED=normed_dtype == x2.dtype, SILU_MUL=silu_mul, PARTIALS=partials,
