@@ -13,7 +13,8 @@ as ARCHITECTURE.md's cuBLAS measurement does. "fused" times the GEMV with its RM
 SwiGLU epilogue) against the separate kernels, both replayed in CUDA graphs as decode runs them.
 `--sweep` times alternative GEMV configs per shape.
 `--quant-sweep` (alone: it skips the other sections) times the quantized GEMV's candidate configs (BLOCK_N, BLOCK_K,
-split-K, warps, stages) per format, shape and row count (1, 8, 32) next to its rule's choice, bf16 cuBLAS,
+split-K, warps, stages) per format, shape and row count (1, 8, 32; one row in the fused form the decode step runs the
+shape in, `FUSED_FORMS`) next to its rule's choice, bf16 cuBLAS,
 PyTorch's tinygemm int4 and bitsandbytes nf4 and LLM.int8 where they run, then every decode matmul of each model in
 one CUDA graph per format with the best configs found, and prints the best configs as one Python literal
 (`triton_gemv.TUNED`, which `choose_config` reads first). Every candidate is checked, then timed in a CUDA graph over
@@ -395,26 +396,34 @@ def sweep_quant(models: list[str], copy_gbs: float) -> dict:
     from engine.kernels import triton_gemv
 
     sm = torch.cuda.get_device_properties(0).multi_processor_count
-    shapes = sorted({nk for model in models for nk in MODELS[model].matmuls().values()})
+    forms = {nk: FUSED_FORMS[name] for model in models for name, nk in MODELS[model].matmuls().items()}
     best: dict = {}
     for fmt in ("int4", "int8"):
-        for n, k in shapes:
+        for (n, k), form in sorted(forms.items()):
             w = _quantized(fmt, n, k)
             copies = max(2, min(32, int(L2_BYTES * 2 // w.nbytes()) + 1))
             ws = [w, *(_quantized(fmt, n, k) for _ in range(copies - 1))]
             xs = {m: torch.randn(m, k, dtype=DTYPE, device="cuda") for m in QUANT_ROWS}
             plan = [(m, c) for m in QUANT_ROWS for c in [triton_gemv.choose_config(m, n, k, sm, fmt),
                                                           *quant_candidates(fmt, m)]]  # fmt: skip
-            _precompile([partial(triton_gemv.linear, xs[m], w, c) for m, c in plan])
+            # One row is timed in the fused form the decode step runs the shape in, several rows plain (as it runs
+            # them); each launch is checked plain, against the float32 product with the weight's exact values (the
+            # kernel's error is then its own: float32 sums, one rounding to bf16), and fused against the separate
+            # kernels with the same config (whose plain one-row launch the precompile thereby covers).
+            launches = {(m, c): _fused_and_separate(form, xs[m], *_fused_inputs(xs[m], n), c) if m == 1
+                        else (partial(triton_gemv.linear, xs[m], config=c), None) for m, c in plan}  # fmt: skip
+            _precompile([partial(f, w) for pair in launches.values() for f in pair if f is not None])
             for m in QUANT_ROWS:
-                # Against the float32 product with the weight's exact values: the kernel's error is then its own
-                # (float32 sums, one rounding to bf16), not that of a bf16-rounded dense weight over K inputs.
                 expected = F.linear(xs[m].float(), w.dense(torch.float32))
                 timed, failed = [], []
                 for c in [cfg for mm, cfg in plan if mm == m]:
+                    run, separate = launches[(m, c)]
+                    label = f"{fmt} {n}x{k} m={m} {_cfg(c)}"
                     try:
-                        check(f"{fmt} {n}x{k} m={m} {_cfg(c)}", triton_gemv.linear(xs[m], w, c), expected)
-                        timed.append((_graph_ms([partial(triton_gemv.linear, xs[m], v, c) for v in ws]), c))
+                        check(label, triton_gemv.linear(xs[m], w, c), expected)
+                        if separate is not None:
+                            check(f"{label} {form}", run(w), separate(w))
+                        timed.append((_graph_ms([partial(run, v) for v in ws]), c))
                     except Exception as exc:  # out of registers or shared memory for a large tile, or wrong
                         failed.append(f"{_cfg(c)} {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
                 more = f" (+{len(failed) - 3} more)" if failed[3:] else ""
@@ -429,8 +438,9 @@ def sweep_quant(models: list[str], copy_gbs: float) -> dict:
                 nbytes = w.nbytes() + 2 * (m * k + m * n)
                 others = "  ".join(f"{name} {t * 1e3:6.1f}" for name, t in base.items())
                 runners = " ".join(f"{_cfg(c).replace(' ', '')} {t * 1e3:.1f}" for t, c in ranked[1:3])
+                how = f" {form}" if m == 1 else ""
                 print(
-                    f"{fmt} {n:>5}x{k:<5} m={m:<2} rule {_cfg(rule)} {rule_ms * 1e3:6.1f} us "
+                    f"{fmt} {n:>5}x{k:<5} m={m:<2}{how} rule {_cfg(rule)} {rule_ms * 1e3:6.1f} us "
                     f"{nbytes / rule_ms / 1e6 / copy_gbs:5.1%} | best {_cfg(top)} {best_ms * 1e3:6.1f} us "
                     f"{nbytes / best_ms / 1e6 / copy_gbs:5.1%} (then {runners}) | {others}",
                     flush=True,
@@ -524,6 +534,13 @@ def _fused_and_separate(form: str, x: torch.Tensor, norm_weight: torch.Tensor, s
     return fused, separate
 
 
+def _fused_inputs(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(norm weight, partial squares, residual) for `_fused_and_separate` on one row x [1, k] and n outputs."""
+    norm_weight = torch.rand(x.shape[1], dtype=DTYPE, device="cuda") + 0.5
+    squares = (x.float() ** 2).sum(-1, keepdim=True)  # [1 partial, 1 row], as linear_residual leaves them
+    return norm_weight, squares, torch.randn(1, n, dtype=DTYPE, device="cuda")
+
+
 def quant_fused(models: list[str], copy_gbs: float) -> None:
     """One row of the quantized GEMV's fused forms (FUSED_FORMS) against the separate kernels they stand for, per
     format, shape and config (`choose_config`'s, which is TUNED's on the H200, and for int4 nibble pairs'
@@ -540,13 +557,11 @@ def quant_fused(models: list[str], copy_gbs: float) -> None:
                 copies = max(2, min(32, int(L2_BYTES * 2 // w.nbytes()) + 1))
                 ws = [w, *(_quantized(fmt, n, k) for _ in range(copies - 1))]
                 x = torch.randn(1, k, dtype=DTYPE, device="cuda")
-                norm_weight = torch.rand(k, dtype=DTYPE, device="cuda") + 0.5
-                squares = (x.float() ** 2).sum(-1, keepdim=True)  # [1 partial, 1 row], as linear_residual leaves them
-                residual = torch.randn(1, n, dtype=DTYPE, device="cuda")
+                fused_inputs = _fused_inputs(x, n)
                 configs = [triton_gemv.choose_config(1, n, k, sm, fmt)]
                 if fmt == "int4":
                     configs.append(triton_gemv.GemvConfig(128, 256, 1, 4, 2, True, "pairs"))
-                pairs = [_fused_and_separate(form, x, norm_weight, squares, residual, c) for c in configs]
+                pairs = [_fused_and_separate(form, x, *fused_inputs, c) for c in configs]
                 _precompile([partial(f, w) for pair in pairs for f in pair])
                 nbytes = w.nbytes() + 2 * (2 * k + n)
                 for c, (fused, separate) in zip(configs, pairs, strict=True):
