@@ -173,6 +173,11 @@ class DecodeRunner:
         )  # fmt: skip
         out[:, :queries] = new
         out[:, queries] = n
+        # Advance the plain step's inputs past the tokens taken, on the device: a plain step launched right after
+        # (no rows) decodes the token after them, while the host reads them.
+        x.token.copy_(new.gather(1, (n - 1).long().unsqueeze(1)).squeeze(1))
+        x.position.add_(n).clamp_(max=self.max_position)
+        x.offset.add_(n)
 
     def _verify_views(self, batch: int, queries: int) -> tuple[Tensor, Tensor]:
         """The verify step's tokens [batch, queries] and output [batch, queries + 1]: views made once per shape."""
@@ -392,7 +397,8 @@ class DecodeRunner:
 
     def launch_verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> None:
         """Start one verify step: each row's token then its proposals (cut to what `verify_queries` allows), at the
-        row's position on. The runner's inputs then hold these rows: the next `launch` must pass rows. Every row's
+        row's position on. The runner's inputs then hold these rows, advanced past the tokens each takes: a `launch`
+        with no rows is the plain step after them, fed from the verify step's outputs on the device. Every row's
         position plus its proposals must stay inside the cache; the step before must have been collected."""
         assert self.verifying is None, "the last verify step was not collected"
         start = time.perf_counter()
@@ -422,7 +428,8 @@ class DecodeRunner:
         if self.pinned:
             event = torch.cuda.Event()
             event.record()
-        self.n = self.batch = 0  # the inputs no longer continue the last launched batch
+        self.n, self.batch = n, batch  # the inputs continue these rows (`_verify_step` advanced them)
+        self.greedy, self.penalize = greedy, penalize
         self.verifying = (host, queries, event, start)
 
     def collect_verify(self) -> list[list[int]]:

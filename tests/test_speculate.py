@@ -335,6 +335,20 @@ def test_verify_steps_decode_what_plain_steps_decode(device: str, kv: str) -> No
             out.extend(new)
     assert [out[:length] for out in spec] == [out[:length] for out in plain]
     assert accepted > 20 and rejected > 5, (accepted, rejected)
+
+    for t, kept in zip(buffers, saved, strict=True):  # each verify step followed by the plain step fed from it
+        t.copy_(kept)
+    runner.seen.copy_(seen)
+    fed = [[t] for t in (5, 6, 7)]
+    while min(len(out) for out in fed) < length:
+        proposals = [plain[i][len(out) : len(out) + 3 * (i != 1)] for i, out in enumerate(fed)]
+        proposals[2] = proposals[2][:1] + [0]  # one rejected
+        runner.launch_verify([row(i, out) for i, out in enumerate(fed)], proposals)
+        runner.launch()
+        news = runner.collect_verify()
+        for out, new, token in zip(fed, news, runner.collect(), strict=True):
+            out.extend([*new, token])
+    assert [out[:length] for out in fed] == [out[:length] for out in plain]
     costs = runner.costs(3)
     prior = DecodeRunner(m, seen, 4, 4, use_graphs=False, speculate=7).costs(3)
     assert len(runner.verify_cost) > 1 and costs != prior  # measured
@@ -433,6 +447,26 @@ def test_greedy_output_is_identical_with_speculation(demo_engine, cheap_verify) 
     stats = [f.stats for f in together.values()]
     tokens, steps = sum(s.new_tokens - 1 for s in stats), sum(s.steps for s in stats)
     assert sum(s.accepted for s in stats) > 50 and tokens > 1.5 * steps
+
+
+def test_where_the_host_overlaps_the_device_a_plain_step_follows_each_verify_step(
+    demo_engine, cheap_verify, monkeypatch
+) -> None:
+    """As on a GPU (`overlaps`), each verify step is followed by a plain step launched from its outputs on the
+    device before its tokens are read: greedy and seeded sampled requests decoding together give the very texts
+    they give alone without speculation, and no plain step is launched from the host after a verify step."""
+    from dataclasses import replace
+
+    requests = _renames(3)
+    requests[2] = replace(requests[2], sampling=replace(requests[2].sampling, temperature=0.6, seed=3))
+    alone = {r.id: _run(demo_engine, r)[r.id].text for r in requests}
+    monkeypatch.setattr(demo_engine.runner, "overlaps", True)
+    together = _run(demo_engine, *(replace(r, speculate=True) for r in requests))
+    assert {r.id: together[r.id].text for r in requests} == alone
+    assert sum(together[r.id].stats.accepted for r in requests) > 20
+    calls = _runner_calls(demo_engine, monkeypatch, replace(requests[0], speculate=True, id="fed"))
+    after = [calls[i + 1] for i, call in enumerate(calls[:-1]) if call == "verify"]
+    assert after and set(after) == {"launch"}, calls
 
 
 def test_seeded_sampling_draws_the_same_tokens_with_speculation(demo_engine, cheap_verify) -> None:
