@@ -140,6 +140,10 @@ class DecodeRunner:
         self.plain_s: dict[int, float] = {}
         self.verify_cost: dict[tuple[int, int], float] = {}
         self.pending: tuple[tuple[int, int], float] | None = None
+        # Seconds of the host's work from a verify step's tokens to its next runner call, per batch bucket
+        # (`feeds_verify`); `after_verify` holds the bucket and time of tokens not yet followed by a call.
+        self.verify_host_s: dict[int, float] = {}
+        self.after_verify: tuple[int, float] | None = None
         self.since = 0.0  # when the host last received a step's tokens (or the first token after a prefill)
         self.sampled = 0.0  # when the last first token after a prefill arrived: steps launched before go untimed
         self.prior_slope = PRIOR_SLOPE.get(dev.type, PRIOR_SLOPE["cpu"])
@@ -290,6 +294,7 @@ class DecodeRunner:
         """Start one decode step. With `rows`, for that batch; with None, for the same batch as the last
         step, fed from the device with that step's own outputs (no host-to-device copy, no sync)."""
         start = time.perf_counter()
+        self._host_after_verify(start)
         assert rows is not None or self.batch, "a verify step or a sample ran since the last launch: launch with rows"
         if rows is not None:
             self.n = len(rows)
@@ -312,6 +317,7 @@ class DecodeRunner:
 
     def collect(self) -> list[int]:
         """The tokens of the oldest launched step (waits for it: the step's only host sync)."""
+        self._host_after_verify(time.perf_counter())
         buf, n, event, launched = self.inflight.popleft()
         if event is not None:
             event.synchronize()
@@ -402,6 +408,7 @@ class DecodeRunner:
         position plus its proposals must stay inside the cache; the step before must have been collected."""
         assert self.verifying is None, "the last verify step was not collected"
         start = time.perf_counter()
+        self._host_after_verify(start)
         n = len(rows)
         queries = self.verify_queries(n, max(len(p) for p in proposals))
         assert queries > 0, "no verify step for this batch"
@@ -449,7 +456,25 @@ class DecodeRunner:
         else:  # the CPU runs every step in full, and its host work never overlapped anything
             self._cost(shape, now - start)
         self.since = now
+        self.after_verify = (shape[0], now)
         return new
+
+    def _host_after_verify(self, now: float) -> None:
+        """Time the host's work since a verify step's tokens, at the runner call that ends it."""
+        if self.after_verify is not None:
+            bucket, since = self.after_verify
+            self.after_verify = None
+            self._timed(self.verify_host_s, bucket, now - since)
+
+    def feeds_verify(self, batch: int) -> bool:
+        """Whether to launch a plain step right after a verify step of `batch` rows, fed from its outputs on the
+        device: where the host's work overlaps the device's and its measured work on a verify step's tokens takes at
+        least a plain step, which then runs in time the device would spend waiting (a small model's launch-bound
+        step on a GPU). Else a verify step may follow the last at once, and a large model's verify step, which
+        costs about a plain step, makes several tokens where the plain one would make one."""
+        bucket = self.bucket(batch)
+        host, plain = self.verify_host_s.get(bucket), self.plain_s.get(bucket)
+        return self.overlaps and host is not None and plain is not None and host >= plain
 
     def verify(self, rows: Sequence[Row], proposals: Sequence[Sequence[int]]) -> list[list[int]]:
         """One verify step (`launch_verify`), waited for (`collect_verify`)."""

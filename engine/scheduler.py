@@ -13,8 +13,8 @@ verify step instead: each sequence proposes what pays for itself at the runner's
 rows without a proposal verify nothing (their one token is the plain step's), and each sequence takes its accepted
 tokens and one more, each through the same stop checks as a plain step's token. Whether anyone would propose is
 asked before the plain step in flight is collected (one token behind), so that where nobody would, the plain steps
-stay pipelined exactly as without speculation; on a GPU a plain step follows each verify step, launched before the
-verify step's tokens are read.
+stay pipelined exactly as without speculation; where the host's work on a verify step's tokens outlasts a plain step
+on a GPU, a plain step follows each verify step, launched before those tokens are read.
 """
 
 from __future__ import annotations
@@ -182,10 +182,11 @@ class Scheduler:
     def _verify(self, events: list[Event]) -> None:
         """A speculative step. The proposals need the tokens before them, so a plain step in flight is collected
         first; where nobody proposes after all (the token collected was not the one guessed), the step is a plain
-        one. Where the host's work overlaps the device's (a GPU), the plain step after the verify step is launched
-        before its tokens are read, from its outputs on the device, so the device decodes while the host takes them
-        (their text, stops and events) and the next step asks whether to verify one token later; a token it makes
-        for a sequence the verify step's tokens ended is dropped."""
+        one. Where the host's work on a verify step's tokens (their text, stops and events) outlasts a plain step on a
+        device it overlaps (`runner.feeds_verify`: a small model on a GPU), the plain step after the verify step is
+        launched before its tokens are read, from its outputs on the device, so the device decodes while the host
+        takes them, and the next step asks whether to verify one token later; a token it makes for a sequence the
+        verify step's tokens ended is dropped."""
         self._collect(events)
         batch = list(self.running)
         if not batch:
@@ -197,8 +198,8 @@ class Scheduler:
             self.inflight = batch
             return
         self.runner.launch_verify(rows, proposals)
-        if self.runner.overlaps:  # the next plain step, fed from the verify step's tokens, runs while the host reads
-            self.runner.launch()  # them (which the device would otherwise wait out)
+        if self.runner.feeds_verify(len(batch)):  # the next plain step, fed from the verify step's tokens, runs
+            self.runner.launch()  # while the host reads them (which the device would otherwise wait out)
             self.inflight = batch
         for seq, proposed, new in zip(batch, proposals, self.runner.collect_verify(), strict=True):
             seq.steps += 1

@@ -449,18 +449,19 @@ def test_greedy_output_is_identical_with_speculation(demo_engine, cheap_verify) 
     assert sum(s.accepted for s in stats) > 50 and tokens > 1.5 * steps
 
 
-def test_where_the_host_overlaps_the_device_a_plain_step_follows_each_verify_step(
+def test_where_the_host_outlasts_a_plain_step_a_plain_step_follows_each_verify_step(
     demo_engine, cheap_verify, monkeypatch
 ) -> None:
-    """As on a GPU (`overlaps`), each verify step is followed by a plain step launched from its outputs on the
-    device before its tokens are read: greedy and seeded sampled requests decoding together give the very texts
-    they give alone without speculation, and no plain step is launched from the host after a verify step."""
+    """As on a GPU where the host's work outlasts a plain step (`feeds_verify`), each verify step is followed by a
+    plain step launched from its outputs on the device before its tokens are read: greedy and seeded sampled
+    requests decoding together give the very texts they give alone without speculation, and no plain step is
+    launched from the host after a verify step."""
     from dataclasses import replace
 
     requests = _renames(3)
     requests[2] = replace(requests[2], sampling=replace(requests[2].sampling, temperature=0.6, seed=3))
     alone = {r.id: _run(demo_engine, r)[r.id].text for r in requests}
-    monkeypatch.setattr(demo_engine.runner, "overlaps", True)
+    monkeypatch.setattr(demo_engine.runner, "feeds_verify", lambda batch: True)
     together = _run(demo_engine, *(replace(r, speculate=True) for r in requests))
     assert {r.id: together[r.id].text for r in requests} == alone
     assert sum(together[r.id].stats.accepted for r in requests) > 20
@@ -625,3 +626,23 @@ def test_where_steps_overlap_the_host_a_verify_step_costs_the_pipelining_it_stop
     runner([rows[14]])
     assert runner.pending is None and runner.verify_cost[(1, 4)] * plain > 0.5 * 0.100  # half: a first timing
     assert runner.plain_s[1] < 2 * plain + 0.005
+    assert runner.verify_host_s[1] >= 0.05 and runner.feeds_verify(1)  # 50 ms of host work: a plain step fits in it
+
+
+def test_a_plain_step_follows_a_verify_step_only_where_it_fills_the_host_s_time() -> None:
+    """`feeds_verify`: not before the host's work after a verify step is timed, not where it is shorter than a plain
+    step, and never where the host's work does not overlap the device's (the CPU)."""
+    runner = DecodeRunner(tiny_model("cpu", 2), torch.zeros(3, 512, dtype=torch.bool), 2, 2, False, speculate=3)
+    rows = [Row(token=5, position=10 + i, slot=0, top_k=0, seed=0, offset=i, temperature=0.0, top_p=1.0, penalty=1.0)
+            for i in range(40)]  # fmt: skip
+    for row in rows[:10]:
+        runner([row])
+    runner.overlaps = True
+    assert not runner.feeds_verify(1)
+    runner.verify([rows[10]], [[5, 5, 5]])
+    runner([rows[14]])
+    assert runner.verify_host_s[1] < runner.plain_s[1] and not runner.feeds_verify(1)
+    runner.verify_host_s[1] = 10 * runner.plain_s[1]
+    assert runner.feeds_verify(1)
+    runner.overlaps = False
+    assert not runner.feeds_verify(1)
