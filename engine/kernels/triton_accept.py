@@ -1,8 +1,8 @@
 """The greedy verify step's accept rule (`accept.accept(..., greedy=True)`) in one Triton kernel.
 
-As plain ops it is about fifteen launches without the repetition penalty and twenty-five with it (the proposals'
-marks as a [B, T, V] scatter, the seen rows gathered, the penalty, the argmax, the accepted run as a cumprod, the
-marks written back), each costing more than its arithmetic at decode sizes. Here one program per (row, position)
+As plain ops it is 16 launches without the repetition penalty and 29 with it (the proposals' marks as a [B, T, V]
+scatter, the seen rows gathered, the penalty, the argmax, the accepted run as a cumprod, the marks written back),
+each costing more than its arithmetic at decode sizes. Here one program per (row, position)
 takes the penalised argmax, the proposals before its position counted as seen; the last program to finish (an
 atomic count, `counters`) then finds every row's accepted run and marks the new tokens, after every program has read
 the seen mask, as the plain ops do (padding rows share a slot with others).
