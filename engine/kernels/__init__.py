@@ -223,8 +223,9 @@ def accept(
     offsets: Tensor,
     greedy: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The verify step's new tokens and counts (`accept.accept` says how); greedy on the GPU: one kernel."""
-    if greedy and _use_triton(logits):
+    """The verify step's new tokens and counts (`accept.accept` says how); greedy on the GPU: one kernel (switch:
+    `greedy_accept`)."""
+    if greedy and _use_triton(logits) and switches.on("greedy_accept"):
         from . import triton_accept
 
         return triton_accept.accept_greedy(logits, tokens, counts, seen, slots, penalty)
