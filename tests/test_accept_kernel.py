@@ -153,6 +153,17 @@ def test_interpreted_compiles_for_sm90(name: str, compiled_results: dict[str, st
         pytest.fail(compiled_results[name], pytrace=False)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_interpreted_penalty_launch_divides_as_torch_does() -> None:
+    """A penalised positive logit is x / p rounded to nearest, as torch divides: `/` in Triton compiles to the
+    approximate div.full.f32 (2 ulp), which would flip near-ties against the plain ops (bf16 logits tie often)."""
+    from engine.kernels.compile_ahead import compile_spec
+
+    (spec,) = interpreted.launches_of("tests.test_accept_kernel")["penalty-two-blocks"]
+    ptx = compile_spec(spec).asm["ptx"]
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAVE_CUDA and HAVE_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("name", list(CASES) + list(CUDA_CASES))

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import counters
+from . import counters, pdl
 
 BLOCK = 4096
 
@@ -24,10 +24,12 @@ BLOCK = 4096
 def _accept_kernel(
     logits_ptr, tokens_ptr, counts_ptr, seen_ptr, slots_ptr, penalty_ptr, new_ptr, n_ptr, count_ptr,
     batch, queries, vocab, stride_s,
-    PENALTY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    PENALTY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, USE_GDC: tl.constexpr,
 ):  # fmt: skip
     """Program `row * queries + t`: position t's choice, the first index of the largest penalised logit (ties as
     torch.argmax picks them); the last program: the rows' counts and seen marks."""
+    if USE_GDC:  # launched early (pdl.py): wait for the logits (and the previous kernel's count) before reading
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     row = pid // queries
     t = pid % queries
@@ -45,11 +47,13 @@ def _accept_kernel(
             seen = tl.load(seen_row + cols, mask=mask, other=0) != 0
             for s in range(0, before):
                 seen |= cols == tl.load(tokens_ptr + row * queries + 1 + s)
-            x = tl.where(seen, tl.where(x < 0, x * p, x / p), x)
+            x = tl.where(seen, tl.where(x < 0, x * p, tl.math.div_rn(x, p)), x)
         top, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
         best_at = tl.where(top > best, c0 + at, best_at)  # strictly larger: an earlier block keeps a tie
         best = tl.maximum(best, top)
     tl.store(new_ptr + pid, best_at.to(tl.int64))
+    if USE_GDC:  # the next kernel waits for this one's writes before it reads them
+        tl.extra.cuda.gdc_launch_dependents()
     # Every thread's reads and store before the (one-thread) release; the acquire makes the others' visible to the last.
     tl.debug_barrier()
     if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == batch * queries - 1:
@@ -80,10 +84,11 @@ def accept_greedy(
     assert seen.stride(1) == 1 and counts.stride(0) == 1 and slots.stride(0) == 1
     new = torch.empty(batch, queries, dtype=torch.int64, device=logits.device)
     n = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    gdc = pdl.enabled(logits)
     _accept_kernel[(batch * queries,)](
         logits, tokens, counts, seen, slots, penalty if penalty is not None else logits, new, n,
         counters.zeroed(logits.device, 1), batch, queries, vocab, seen.stride(0),
         PENALTY=penalty is not None, BLOCK=BLOCK, BLOCK_B=triton.next_power_of_2(batch),
-        BLOCK_T=triton.next_power_of_2(queries), num_warps=8,
+        BLOCK_T=triton.next_power_of_2(queries), USE_GDC=gdc, num_warps=8, launch_pdl=gdc,
     )  # fmt: skip
     return new, n
