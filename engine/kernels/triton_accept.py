@@ -2,10 +2,10 @@
 
 As plain ops it is 16 launches without the repetition penalty and 29 with it (the proposals' marks as a [B, T, V]
 scatter, the seen rows gathered, the penalty, the argmax, the accepted run as a cumprod, the marks written back),
-each costing more than its arithmetic at decode sizes. Here one program per (row, position)
-takes the penalised argmax, the proposals before its position counted as seen; the last program to finish (an
-atomic count, `counters`) then finds every row's accepted run and marks the new tokens, after every program has read
-the seen mask, as the plain ops do (padding rows share a slot with others).
+each costing more than its arithmetic at decode sizes. Here one program per (row, position) takes the penalised
+argmax, the proposals before its position counted as seen; the last program to finish (an atomic count, `counters`)
+then finds every row's accepted run and marks the new tokens, after every program has read the seen mask, as the
+plain ops do (padding rows share a slot with others).
 """
 
 from __future__ import annotations
