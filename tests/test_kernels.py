@@ -607,6 +607,17 @@ def test_quantized_cases_compile_their_own_kernels_for_sm90(compiled_results: di
         assert compiled_results[name] == "ok", name
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+def test_interpreted_greedy_penalty_divides_as_torch_does() -> None:
+    """The greedy tail's penalised positive logit is x / p rounded to nearest, as torch (and the verify step's accept
+    kernel) divide: Triton's `/` compiles to the approximate div.full.f32 (2 ulp), which would flip near-ties."""
+    from engine.kernels.compile_ahead import compile_spec
+
+    (spec,) = interpreted.launches_of("tests.test_kernels")["greedy-penalty"]
+    ptx = compile_spec(spec).asm["ptx"]
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx
+
+
 # Real CodeLlama shapes, compiled, only where there is a GPU.
 def _sass_ops(spec: Any) -> dict[str, int]:
     """How often each SASS opcode occurs in a recorded launch compiled for sm_90 (Triton's own ptxas and cuobjdump)."""

@@ -187,7 +187,7 @@ def test_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(switches.ENV, raising=False)
     assert all(switches.on(n) for n in switches.NAMES)
     monkeypatch.setenv(switches.ENV, "prefill_rotary, attention_splits")
-    assert [switches.on(n) for n in switches.NAMES] == [False, True, False]
+    assert [switches.on(n) for n in switches.NAMES] == [False, True, False, True]
     monkeypatch.setenv(switches.ENV, "all")
     assert not any(switches.on(n) for n in switches.NAMES)
     monkeypatch.setenv(switches.ENV, "prefill_rotry")

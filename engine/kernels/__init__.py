@@ -35,7 +35,8 @@ reaches a kernel, so `import engine.kernels` works where triton is not installed
   epilogue, which also leaves the next norm its sums of squares.
 - `sample(...)`, `apply_repetition_penalty(...)`, `mark_seen(...)`: device-side sampling (after the sort, one
   kernel on the GPU); `greedy_pick(...)`: the greedy step's penalty, argmax and seen mark, one kernel on the GPU.
-- `accept(...)`: speculative decoding's accept rule for a verify step's proposals (`accept.py`, plain ops).
+- `accept(...)`: speculative decoding's accept rule for a verify step's proposals (`accept.py`, plain ops); for
+  greedy rows one kernel on the GPU (`triton_accept`).
 
 `compile_ahead` compiles the decode step's Triton kernels in worker processes while the weights load
 (`engine.runner.compile_ahead` drives it). `triton_allreduce` holds tensor parallelism's one-shot all-reduce (used
@@ -54,8 +55,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from . import accept as accept_rule
 from . import reference, sampling, switches
-from .accept import accept
 from .sampling import apply_repetition_penalty, mark_seen
 
 if TYPE_CHECKING:
@@ -206,6 +207,31 @@ def greedy_pick(logits: Tensor, seen: Tensor, slots: Tensor, penalty: Tensor | N
 
         return triton_pick.greedy_pick(logits, seen, slots, penalty)
     return sampling.greedy_pick(logits, seen, slots, penalty)
+
+
+def accept(
+    logits: Tensor,
+    tokens: Tensor,
+    counts: Tensor,
+    seen: Tensor,
+    slots: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    penalty: Tensor | None,
+    seeds: Tensor,
+    offsets: Tensor,
+    greedy: bool,
+) -> tuple[Tensor, Tensor]:
+    """The verify step's new tokens and counts (`accept.accept` says how); greedy on the GPU: one kernel (switch:
+    `greedy_accept`)."""
+    if greedy and _use_triton(logits) and switches.on("greedy_accept"):
+        from . import triton_accept
+
+        return triton_accept.accept_greedy(logits, tokens, counts, seen, slots, penalty)
+    return accept_rule.accept(
+        logits, tokens, counts, seen, slots, temperature, top_k, top_p, penalty, seeds, offsets, greedy
+    )
 
 
 # (rows, format, N, K, dtype) -> the Triton config that beat the weight's own `linear` there; filled by `tune_linear`.

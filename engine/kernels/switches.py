@@ -7,6 +7,7 @@ one). Unknown names are an error, so a typo never measures the wrong tree.
 - `attention_splits`: decode attention's split count fills whole waves of the programs its registers allow
   (`triton_attention.fill_splits`), the splits past a row's keys exit at once, and a row whose keys fit one split
   has it write the output (no partials, count or merge).
+- `greedy_accept`: the greedy verify step's accept rule in one Triton kernel (`triton_accept`) instead of plain ops.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 
-NAMES = ("prefill_rotary", "prefill_add_norm", "attention_splits")
+NAMES = ("prefill_rotary", "prefill_add_norm", "attention_splits", "greedy_accept")
 ENV = "CODELLAMA_TUI_OFF"
 
 

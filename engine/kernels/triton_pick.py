@@ -31,7 +31,7 @@ def _greedy_kernel(
         x = tl.load(logits_ptr + row * stride_l + cols, mask=mask, other=float("-inf"))
         if PENALTY:
             seen = tl.load(seen_row + cols, mask=mask, other=0) != 0
-            x = tl.where(seen, tl.where(x < 0, x * p, x / p), x)
+            x = tl.where(seen, tl.where(x < 0, x * p, tl.math.div_rn(x, p)), x)
         top, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
         best_at = tl.where(top > best, c0 + at, best_at)  # strictly larger: an earlier block keeps a tie
         best = tl.maximum(best, top)
