@@ -29,6 +29,7 @@ from engine.errors import EngineError
 from engine.events import Event, Failed, Finished, FinishReason, TextDelta
 from engine.model import Chunk
 from engine.prefix_cache import PrefixCache
+from engine.runner import Row
 from engine.sequence import SequenceState
 from engine.speculate import Proposer
 from engine.tokenizer import Tokenizer
@@ -198,8 +199,8 @@ class Scheduler:
             self.inflight = batch
             return
         self.runner.launch_verify(rows, proposals)
-        if self.runner.feeds_verify(len(batch)):  # the next plain step, fed from the verify step's tokens, runs
-            self.runner.launch()  # while the host reads them (which the device would otherwise wait out)
+        if self._feeds(rows, proposals):  # the next plain step, fed from the verify step's tokens, runs while
+            self.runner.launch()  # the host reads them (which the device would otherwise wait out)
             self.inflight = batch
         for seq, proposed, new in zip(batch, proposals, self.runner.collect_verify(), strict=True):
             seq.steps += 1
@@ -209,6 +210,13 @@ class Scheduler:
                 if seq not in self.running:  # a stop among the accepted tokens: the rest are dropped
                     break
                 self._accept(seq, token, events, judged=bool(proposed))
+
+    def _feeds(self, rows: list[Row], proposals: list[list[int]]) -> bool:
+        """Whether a plain step follows this verify step before its tokens are read (`runner.feeds_verify`): not where
+        a row taking all its proposals and one more would put the plain step's token past the context, whose last
+        position the step would overwrite."""
+        fits = all(r.position + len(p) + 2 <= self.context for r, p in zip(rows, proposals, strict=True))
+        return fits and self.runner.feeds_verify(len(rows))
 
     def _proposals(self, batch: list[SequenceState]) -> list[list[int]]:
         """Each sequence's proposal: what pays for itself at this batch's verify costs, within its room, cut to
