@@ -271,13 +271,18 @@ class DecodeRunner:
         self.seen[self.scratch_slot].zero_()
         self.capture_s = time.perf_counter() - start
 
-    def every_step(self, reset: bool = False) -> None:
-        """Run each step `capture` captures (every bucket and verify shape, greedy and sampled), largest first.
-        `reset` points every row at the scratch slot before each, for `compile_ahead`, whose skipped kernels leave
-        outputs unwritten: those must not become token ids."""
-        steps = [lambda b=b, g=g: self._step(b, g) for b in reversed(buckets(self.max_batch)) for g in (True, False)]
-        for batch, queries in sorted(self.verify_shapes, key=lambda s: -s[0] * s[1]):
-            steps += [lambda b=batch, q=queries, g=g: self._verify_step(b, q, g) for g in (True, False)]
+    def every_step(self, reset: bool = False, rows: tuple[int, ...] | None = None) -> None:
+        """Run each step `capture` captures (every bucket and verify shape, greedy and sampled), largest first; with
+        `rows`, only those of these row counts. `reset` points every row at the scratch slot before each, for
+        `compile_ahead`, whose skipped kernels leave outputs unwritten: those must not become token ids."""
+        shapes = [(b, 1) for b in reversed(buckets(self.max_batch))]
+        shapes += sorted(self.verify_shapes, key=lambda s: -s[0] * s[1])
+        steps = [
+            lambda b=b, q=q, g=g: self._step(b, g) if q == 1 else self._verify_step(b, q, g)
+            for b, q in shapes
+            if rows is None or b * q in rows
+            for g in (True, False)
+        ]
         for step in steps:
             if reset:
                 self._fill_padding(0, self.max_batch)
@@ -526,8 +531,8 @@ def compile_ahead(
         runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False, speculate=speculate)
         rows = step_rows(max_batch, runner.verify_shapes)
         with recording() as specs:
-            for _ in kernels.linear_choices(model.weights(), rows):
-                runner.every_step(reset=True)
+            for changed in kernels.linear_choices(model.weights(), rows):
+                runner.every_step(reset=True, rows=changed)
         del runner, model, seen
         torch.cuda.empty_cache()
         compiling.submit(specs)

@@ -686,3 +686,25 @@ def test_a_plain_step_follows_a_verify_step_only_where_it_fills_the_host_s_time(
     assert runner.feeds_verify(1)
     runner.overlaps = False
     assert not runner.feeds_verify(1)
+
+
+def test_every_step_runs_each_captured_shape_or_those_of_the_row_counts_named(monkeypatch) -> None:
+    """`every_step` (what compiling ahead records, once per kernel choice) runs every bucket's plain step and every
+    verify shape, greedy and sampled, largest first; with `rows` only the steps of those row counts, so a choice
+    that changes only one-row kernels re-runs two steps, not all."""
+    runner = DecodeRunner(tiny_model("cpu", 4), torch.zeros(5, 512, dtype=torch.bool), 4, 4, False, speculate=3)
+    ran: list[tuple] = []
+    monkeypatch.setattr(runner, "_step", lambda b, g: ran.append(("plain", b, g)))
+    monkeypatch.setattr(runner, "_verify_step", lambda b, q, g: ran.append(("verify", b, q, g)))
+    runner.every_step()
+    plain = [s for s in ran if s[0] == "plain"]
+    assert plain == [("plain", b, g) for b in (4, 2, 1) for g in (True, False)]
+    assert {s[1:3] for s in ran if s[0] == "verify"} == set(runner.verify_shapes)
+    assert len(ran) == 6 + 2 * len(runner.verify_shapes)
+    ran.clear()
+    runner.every_step(rows=(1,))
+    assert ran == [("plain", 1, True), ("plain", 1, False)]
+    ran.clear()
+    runner.every_step(rows=(4,))
+    assert ran[:2] == [("plain", 4, True), ("plain", 4, False)]
+    assert all(s[0] == "plain" or s[1] * s[2] == 4 for s in ran) and len(ran) > 2

@@ -429,12 +429,13 @@ def tune_fusion(step: Callable[[], None], weights: list[Weight], calls: int = 3)
     return report
 
 
-def linear_choices(weights: list[Weight], rows: tuple[int, ...] = (1,)) -> Iterator[None]:
-    """Yield three times: with every weight key at `rows` on the Triton kernel (its plain form run once, as
-    `tune_linear` runs it), then the same with every quantized format's fused forms separate (`tune_fusion`'s
-    alternative), then with every key on the weights' own `linear`; the tuned choices are restored after. A decode
-    step run at each yield launches every kernel variant that `tune_linear`, `tune_fusion` and the captured step
-    could need, which is what compiling ahead records (`engine.runner.compile_ahead`)."""
+def linear_choices(weights: list[Weight], rows: tuple[int, ...] = (1,)) -> Iterator[tuple[int, ...] | None]:
+    """Yield two or three times: with every weight key at `rows` on the Triton kernel (its plain form run once, as
+    `tune_linear` runs it), then (with quantized weights) the same with every quantized format's fused forms
+    separate (`tune_fusion`'s alternative), then with every key on the weights' own `linear`; the tuned choices are
+    restored after. A decode step run at each yield launches every kernel variant that `tune_linear`, `tune_fusion`
+    and the captured step could need, which is what compiling ahead records (`engine.runner.compile_ahead`). Each
+    yield says which steps differ from the ones before: the row counts whose steps to run, None for all."""
     if not weights or not _use_triton(weights[0].tensors()[0]):
         return
     from . import triton_gemv
@@ -445,12 +446,14 @@ def linear_choices(weights: list[Weight], rows: tuple[int, ...] = (1,)) -> Itera
             _TRITON_CONFIG[key] = config
             triton_gemv.linear(x, ws[0], config)
         _SEPARATE.clear()
-        yield
-        _SEPARATE.update((form, fmt) for fmt in _timed_formats(weights) for form in FUSED_FORMS)
-        yield
-        _SEPARATE.clear()
+        yield None
+        timed = _timed_formats(weights)
+        if timed:
+            _SEPARATE.update((form, fmt) for fmt in timed for form in FUSED_FORMS)
+            yield (1,)  # the fused forms are one row's
+            _SEPARATE.clear()
         _TRITON_CONFIG.clear()
-        yield
+        yield None
     finally:
         _TRITON_CONFIG.clear()
         _TRITON_CONFIG.update(tuned)
