@@ -427,6 +427,7 @@ def measure(args: argparse.Namespace, quant: str | None, copy_gbps: float, kv: s
     prompt_lens = [n for n in prompt_lens if n < engine.context]
     out["linear_choice_us"] = engine.runner.linear_choice
     out["fusion_us"] = engine.runner.fusion
+    out["fusion_rows_us"] = engine.runner.fusion_rows
     if args.profile and device.type == "cuda":
         out["profile_b1_us"] = profile_step(engine)
         out[f"profile_b{max(batches)}_us"] = profile_step(engine, batch=max(batches))
@@ -481,6 +482,10 @@ def table(r: dict, batches: list[int], prompt_lens: list[int]) -> str:
         kept = "fused" if t["fused"] <= t["separate"] else "separate"
         label = f"one-row step, {form} fused / separate"
         lines.append(f"{label:<44} {t['fused']:>8.1f} / {t['separate']:.1f} µs ({kept})")
+    if r.get("fusion_rows_us"):
+        timed = r["fusion_rows_us"].values()
+        kept = sum(t["fused"] < t["separate"] for t in timed)
+        lines.append(f"{'small weights fused at several rows':<44} {kept:>8} of {len(timed)} timed")
     if "peak_GiB" in r:
         lines.append(f"{'peak GPU memory':<44} {r['peak_GiB']:>9.1f} GiB")
     baseline = r.get("baseline", "transformers")

@@ -300,6 +300,14 @@ class Llama(nn.Module):
         """Every projection's weight and the LM head's."""
         return [m for m in self.modules() if isinstance(m, Weight)]
 
+    def fused_weights(self) -> dict[str, list[Weight]]:
+        """The weights each of the decode step's fused forms multiplies (`kernels.FUSED_FORMS`): every layer's QKV
+        and the LM head after a norm ("norm"), every layer's gate/up after a norm and before SwiGLU ("norm_silu")."""
+        return {
+            "norm": [b.attention.wqkv for b in self.layers] + [self.output],
+            "norm_silu": [b.feed_forward.w13 for b in self.layers],
+        }
+
     def nbytes(self) -> int:
         """Bytes of every weight this rank holds: the projections as stored, the embedding and the norms."""
         weights = self.weights()

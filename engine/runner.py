@@ -111,6 +111,7 @@ class DecodeRunner:
         self.out = torch.zeros(max_batch, dtype=torch.int64, device=dev)
         self.linear_choice: dict = {}
         self.fusion: dict = {}  # `kernels.tune_fusion`'s timings of the one-row step
+        self.fusion_rows: dict = {}  # `kernels.tune_fusion_rows`' timings of small weights' fused forms
         self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.pinned = dev.type == "cuda"
         self.overlaps = self.pinned  # whether the host's work overlaps a launched step (a GPU's): verify costs count it
@@ -238,14 +239,15 @@ class DecodeRunner:
         return next(b for b in buckets(self.max_batch) if b >= n)
 
     def capture(self) -> None:
-        """Choose the kernels (`kernels.tune_linear`, then `tune_fusion`), warm up (Triton compiles here) and capture
-        every bucket, largest first, into one pool."""
+        """Choose the kernels (`kernels.tune_linear`, then `tune_fusion` and `tune_fusion_rows`), warm up (Triton
+        compiles here) and capture every bucket, largest first, into one pool."""
         start = time.perf_counter()
-        weights = self.model.weights()
-        self.linear_choice = kernels.tune_linear(weights, rows=step_rows(self.max_batch, self.verify_shapes))
+        weights, rows = self.model.weights(), step_rows(self.max_batch, self.verify_shapes)
+        self.linear_choice = kernels.tune_linear(weights, rows=rows)
         self._fill_padding(0, self.max_batch)
         if self.model.par.world == 1:  # a tensor-parallel step's collectives would time the slowest rank, not this one
             self.fusion = kernels.tune_fusion(lambda: self._step(1, True), weights)
+            self.fusion_rows = kernels.tune_fusion_rows(self.model.fused_weights(), rows)
             self._fill_padding(0, self.max_batch)
         self.tune_s = time.perf_counter() - start
         pool = torch.cuda.graph_pool_handle()
@@ -531,7 +533,7 @@ def compile_ahead(
         runner = DecodeRunner(model, seen, max_batch, max_batch, use_graphs=False, speculate=speculate)
         rows = step_rows(max_batch, runner.verify_shapes)
         with recording() as specs:
-            for changed in kernels.linear_choices(model.weights(), rows):
+            for changed in kernels.linear_choices(model.weights(), rows, model.fused_weights()):
                 runner.every_step(reset=True, rows=changed)
         del runner, model, seen
         torch.cuda.empty_cache()

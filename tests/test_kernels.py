@@ -882,9 +882,9 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(
 ) -> None:
     """Where `tune_linear` chose Triton, norm_linear(_silu_mul) and linear_residual run the Triton kernel (fused
     with the norm, the activation and the add for one row, between the separate kernels for several; `separate`:
-    the forms `tune_fusion` can keep separate are), captured in a graph, and agree with the separate norm, the
-    weight's own linear (cuBLAS; after dequantizing a quantized weight) and activation that run where it chose
-    that."""
+    the other way round, as `tune_fusion` and `tune_fusion_rows` can choose), captured in a graph, and agree with
+    the separate norm, the weight's own linear (cuBLAS; after dequantizing a quantized weight) and activation that
+    run where it chose that."""
     from engine.kernels import triton_gemv
 
     device, dt, dim, inter = "cuda", torch.bfloat16, 512, 1408
@@ -909,6 +909,8 @@ def test_fused_norm_linear_dispatch_in_cuda_graph(
     chosen = {(rows, *w.key): triton_gemv.choose_config(rows, *w.shape, sm, fmt) for w in (wqkv, w13, w2)}
     monkeypatch.setattr(kernels, "_TRITON_CONFIG", chosen)
     monkeypatch.setattr(kernels, "_SEPARATE", {(form, fmt) for form in kernels.FUSED_FORMS} if separate else set())
+    fused_rows = {(form, key) for form in kernels.FUSED_FORMS for key in chosen} if separate else set()
+    monkeypatch.setattr(kernels, "_FUSED_ROWS", fused_rows)  # `separate` also fuses them at several rows
     step()  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -985,6 +987,45 @@ def test_a_form_kept_separate_runs_the_norm_and_activation_around_the_plain_kern
     assert calls == ["plain int4", "fused int4", "fused int8 silu"]
     kernels.norm_linear_silu_mul(torch.randn(2, 128), torch.randn(2, 128), norm_weight, 1e-5, w8)  # two rows
     assert calls[-1] == "plain int8"
+    monkeypatch.setattr(kernels, "_FUSED_ROWS", {("norm_silu", (2, *w8.key))})  # `tune_fusion_rows` kept it fused
+    kernels.norm_linear_silu_mul(torch.randn(2, 128), torch.randn(2, 128), norm_weight, 1e-5, w8)
+    kernels.norm_linear(torch.randn(2, 128), torch.randn(2, 128), norm_weight, 1e-5, w8)  # the other form: separate
+    kernels.norm_linear_silu_mul(torch.randn(3, 128), torch.randn(3, 128), norm_weight, 1e-5, w8)  # not timed at 3
+    assert calls[-3:] == ["fused int8 silu", "plain int8", "plain int8"]
+
+
+def test_tune_fusion_rows_keeps_a_small_weight_s_form_fused_where_it_ran_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At each row count above one with a Triton config, each form of each small weight is timed fused against the
+    separate norm, plain kernel (and SwiGLU); it stays fused only where faster. A weight over LAUNCH_BOUND_BYTES,
+    one row, and a row count with no Triton config are not timed."""
+    from engine.kernels import triton_gemv
+
+    small, large = Int8.from_dense(torch.randn(256, 128)), Int8.from_dense(torch.randn(1024, 128))
+    monkeypatch.setattr(kernels, "LAUNCH_BOUND_BYTES", 100_000)  # small: 33 KB, large: 131 KB
+    monkeypatch.setattr(kernels, "_use_triton", lambda t: True)
+    chosen = {(m, *w.key): object() for w in (small, large) for m in (1, 2, 8)}
+    monkeypatch.setattr(kernels, "_TRITON_CONFIG", chosen)
+    kept: set[tuple[str, tuple]] = set()
+    monkeypatch.setattr(kernels, "_FUSED_ROWS", kept)
+    ran: list[str] = []
+    monkeypatch.setattr(triton_gemv, "norm_linear", lambda x, *a, silu_mul=False: ran.append(f"fused {len(x)}"))
+    monkeypatch.setattr(triton_gemv, "linear", lambda x, w, config: ran.append(f"separate {len(x)}") or x)
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda x, residual, weight, eps: (x, x))
+    monkeypatch.setattr(kernels, "silu_mul", lambda gu: gu)
+
+    def timed(step, calls: int) -> float:  # fused pays at 2 rows, not at 8
+        ran.clear()
+        step()
+        kind, rows = ran[0].split()
+        return {("fused", "2"): 1.0, ("separate", "2"): 2.0, ("fused", "8"): 3.0, ("separate", "8"): 2.0}[kind, rows]
+
+    monkeypatch.setattr(kernels, "graph_time", timed)
+    report = kernels.tune_fusion_rows({"norm": [small, large], "norm_silu": [small]}, (1, 2, 4, 8))
+    assert kept == {("norm", (2, *small.key)), ("norm_silu", (2, *small.key))}
+    assert set(report) == {f"int8 256x128 m={m} {form}" for m in (2, 8) for form in ("norm", "norm_silu")}
+    assert report["int8 256x128 m=2 norm"] == {"fused": 1000.0, "separate": 2000.0}
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")

@@ -241,6 +241,10 @@ _TRITON_CONFIG: dict[tuple[int, str, int, int, object], object] = {}
 # run as separate kernels instead; filled by `tune_fusion`.
 FUSED_FORMS = ("norm", "norm_silu")
 _SEPARATE: set[tuple[str, str]] = set()
+# (form, (rows, format, N, K, dtype)) where a fused form ran faster than the separate kernels at several rows; filled
+# by `tune_fusion_rows`, which times only weights small enough that a launch is much of their kernel's time.
+_FUSED_ROWS: set[tuple[str, tuple]] = set()
+LAUNCH_BOUND_BYTES = 16 << 20  # streamed in ~4 µs at an H200's copy rate: about what the two launches fusing saves
 
 
 def _gemv_config(x: Tensor, w: Weight) -> object | None:
@@ -256,10 +260,14 @@ def _fused_config(x: Tensor, w: Weight, form: str | None = None) -> object | Non
     unless `tune_fusion` found `form` (one of FUSED_FORMS; None: the residual epilogue, which costs the loop nothing)
     faster separate for the weight's format. With several rows the prologue's per-tile normalisation stalls the
     kernel's pipelined K loop (QKV at 32 rows: 75 µs against 39 for the separate norm and the plain kernel,
-    BENCHMARKS.md), so they stay separate kernels."""
-    if x.numel() != x.shape[-1] or w.perm is not None or (form, w.format) in _SEPARATE:
+    BENCHMARKS.md), so they stay separate kernels, unless `tune_fusion_rows` found `form` faster fused for a small
+    weight, whose kernel is mostly its launch (the residual add stays separate there)."""
+    if w.perm is not None:
         return None
-    return _gemv_config(x, w)
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
+        return None if (form, w.format) in _SEPARATE else _gemv_config(x, w)
+    return _gemv_config(x, w) if (form, (rows, *w.key)) in _FUSED_ROWS else None
 
 
 def linear(x: Tensor, w: Weight) -> Tensor:
@@ -429,29 +437,96 @@ def tune_fusion(step: Callable[[], None], weights: list[Weight], calls: int = 3)
     return report
 
 
-def linear_choices(weights: list[Weight], rows: tuple[int, ...] = (1,)) -> Iterator[tuple[int, ...] | None]:
+def _launch_bound(weights: list[Weight]) -> list[Weight]:
+    """The weights small enough (LAUNCH_BOUND_BYTES) for fusing at several rows to be worth timing."""
+    return [w for w in weights if w.nbytes() <= LAUNCH_BOUND_BYTES and w.perm is None]
+
+
+def _several_rows(
+    x: Tensor, residual: Tensor, norm_weight: Tensor, ws: list[Weight], config: object, silu: bool
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(fused, separate): the norm (and SwiGLU) with each of `ws` at x's rows in one launch, and as the kernels
+    the decode step runs instead."""
+    from . import triton_gemv
+
+    def fused() -> None:
+        for w in ws:
+            triton_gemv.norm_linear(x, residual, norm_weight, 1e-5, w, config, silu_mul=silu)
+
+    def separate() -> None:
+        for w in ws:
+            out = triton_gemv.linear(add_rms_norm(x, residual, norm_weight, 1e-5)[0], w, config)
+            if silu:
+                silu_mul(out)
+
+    return fused, separate
+
+
+def tune_fusion_rows(
+    forms: dict[str, list[Weight]], rows: tuple[int, ...], calls: int = 4
+) -> dict[str, dict[str, float]]:
+    """At each row count above one, time each fused form (`forms`: the weights each multiplies,
+    `Llama.fused_weights`) against the separate kernels it stands for (`add_rms_norm`, the plain matrix-vector
+    kernel, `silu_mul`), in a CUDA graph over up to eight weights of a key, for the small weights whose kernel
+    `tune_linear` chose (LAUNCH_BOUND_BYTES), and keep it fused where it was faster. Speculation's verify steps of
+    a small model (several rows each) are bound by their launches, which fusing cuts by two or three a layer. Run
+    after `tune_linear`, before capture."""
+    report: dict[str, dict[str, float]] = {}
+    for form, weights in forms.items():
+        by_key: dict[tuple, list[Weight]] = {}
+        for w in _launch_bound(weights):
+            by_key.setdefault(w.key, []).append(w)
+        for key, same in by_key.items():
+            fmt, n, k, dtype = key
+            ws, device, silu = same[:8], same[0].tensors()[0].device, form == "norm_silu"
+            norm_weight = torch.ones(k, dtype=dtype, device=device)
+            for m in rows:
+                config = _TRITON_CONFIG.get((m, *key))
+                if m == 1 or config is None or not _use_triton(same[0].tensors()[0]):
+                    continue
+                x, residual = (torch.randn(m, k, dtype=dtype, device=device) for _ in range(2))
+                fused, separate = _several_rows(x, residual, norm_weight, ws, config, silu)
+                times = {"fused": graph_time(fused, calls) / len(ws), "separate": graph_time(separate, calls) / len(ws)}
+                if times["fused"] < times["separate"]:
+                    _FUSED_ROWS.add((form, (m, *key)))
+                report[f"{fmt} {n}x{k} m={m} {form}"] = {name: round(t * 1e3, 1) for name, t in times.items()}
+    return report
+
+
+def linear_choices(
+    weights: list[Weight], rows: tuple[int, ...] = (1,), forms: dict[str, list[Weight]] | None = None
+) -> Iterator[tuple[int, ...] | None]:
     """Yield two or three times: with every weight key at `rows` on the Triton kernel (its plain form run once, as
     `tune_linear` runs it), then (with quantized weights) the same with every quantized format's fused forms
     separate (`tune_fusion`'s alternative), then with every key on the weights' own `linear`; the tuned choices are
     restored after. A decode step run at each yield launches every kernel variant that `tune_linear`, `tune_fusion`
     and the captured step could need, which is what compiling ahead records (`engine.runner.compile_ahead`). Each
-    yield says which steps differ from the ones before: the row counts whose steps to run, None for all."""
+    yield says which steps differ from the ones before: the row counts whose steps to run, None for all. With
+    `forms` (`Llama.fused_weights`) and small weights among them, a yield has them fused at several rows too
+    (`tune_fusion_rows`' alternative)."""
     if not weights or not _use_triton(weights[0].tensors()[0]):
         return
     from . import triton_gemv
 
-    tuned, separate = dict(_TRITON_CONFIG), set(_SEPARATE)
+    tuned, separate, fused_rows = dict(_TRITON_CONFIG), set(_SEPARATE), set(_FUSED_ROWS)
     try:
         for key, x, ws, config in _candidates(weights, rows):
             _TRITON_CONFIG[key] = config
             triton_gemv.linear(x, ws[0], config)
         _SEPARATE.clear()
+        _FUSED_ROWS.clear()
         yield None
         timed = _timed_formats(weights)
         if timed:
             _SEPARATE.update((form, fmt) for fmt in timed for form in FUSED_FORMS)
             yield (1,)  # the fused forms are one row's
             _SEPARATE.clear()
+        several = tuple(m for m in rows if m > 1)
+        small = [(form, w.key) for form, ws in (forms or {}).items() for w in _launch_bound(ws)]
+        if small and several:
+            _FUSED_ROWS.update((form, (m, *key)) for form, key in small for m in several)
+            yield several
+            _FUSED_ROWS.clear()
         _TRITON_CONFIG.clear()
         yield None
     finally:
@@ -459,3 +534,5 @@ def linear_choices(weights: list[Weight], rows: tuple[int, ...] = (1,)) -> Itera
         _TRITON_CONFIG.update(tuned)
         _SEPARATE.clear()
         _SEPARATE.update(separate)
+        _FUSED_ROWS.clear()
+        _FUSED_ROWS.update(fused_rows)
