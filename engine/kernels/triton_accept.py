@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import counters, pdl
+from .triton_pick import penalised_argmax
 
 BLOCK = 4096
 
@@ -37,20 +38,8 @@ def _accept_kernel(
     # Position t has seen the proposals for the positions before it: tokens[row, 1 .. before].
     before = tl.minimum(t, tl.load(counts_ptr + row).to(tl.int32) - 1)
     p = tl.load(penalty_ptr + row) if PENALTY else 1.0
-    best = float("-inf")
-    best_at = 0
-    for c0 in range(0, vocab, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < vocab
-        x = tl.load(logits_ptr + pid.to(tl.int64) * vocab + cols, mask=mask, other=float("-inf"))
-        if PENALTY:
-            seen = tl.load(seen_row + cols, mask=mask, other=0) != 0
-            for s in range(0, before):
-                seen |= cols == tl.load(tokens_ptr + row * queries + 1 + s)
-            x = tl.where(seen, tl.where(x < 0, x * p, tl.math.div_rn(x, p)), x)
-        top, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        best_at = tl.where(top > best, c0 + at, best_at)  # strictly larger: an earlier block keeps a tie
-        best = tl.maximum(best, top)
+    logits_row = logits_ptr + pid.to(tl.int64) * vocab
+    best_at = penalised_argmax(logits_row, seen_row, vocab, p, tokens_ptr + row * queries + 1, before, PENALTY, BLOCK)
     tl.store(new_ptr + pid, best_at.to(tl.int64))
     if USE_GDC:  # the next kernel waits for this one's writes before it reads them
         tl.extra.cuda.gdc_launch_dependents()

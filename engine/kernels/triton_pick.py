@@ -15,6 +15,29 @@ BLOCK = 4096
 
 
 @triton.jit
+def penalised_argmax(logits_row, seen_row, vocab, p, tokens, before, PENALTY: tl.constexpr, BLOCK: tl.constexpr):
+    """The first index of the largest logit at `logits_row` (ties as torch.argmax picks them), with PENALTY the
+    logits of the tokens marked at `seen_row` and of `tokens[0 .. before - 1]` penalised by p as
+    `sampling.apply_repetition_penalty` does (dividing rounded to nearest as torch does: Triton's `/` is
+    approximate, which could flip near-ties)."""
+    best = float("-inf")
+    best_at = 0
+    for c0 in range(0, vocab, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        x = tl.load(logits_row + cols, mask=mask, other=float("-inf"))
+        if PENALTY:
+            seen = tl.load(seen_row + cols, mask=mask, other=0) != 0
+            for s in range(0, before):
+                seen |= cols == tl.load(tokens + s)
+            x = tl.where(seen, tl.where(x < 0, x * p, tl.math.div_rn(x, p)), x)
+        top, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        best_at = tl.where(top > best, c0 + at, best_at)  # strictly larger: an earlier block keeps a tie
+        best = tl.maximum(best, top)
+    return best_at
+
+
+@triton.jit
 def _greedy_kernel(
     logits_ptr, seen_ptr, slots_ptr, penalty_ptr, out_ptr, vocab, stride_l, stride_s,
     PENALTY: tl.constexpr, BLOCK: tl.constexpr,
@@ -23,18 +46,7 @@ def _greedy_kernel(
     row = tl.program_id(0)
     seen_row = seen_ptr + tl.load(slots_ptr + row).to(tl.int64) * stride_s
     p = tl.load(penalty_ptr + row) if PENALTY else 1.0
-    best = float("-inf")
-    best_at = 0
-    for c0 in range(0, vocab, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < vocab
-        x = tl.load(logits_ptr + row * stride_l + cols, mask=mask, other=float("-inf"))
-        if PENALTY:
-            seen = tl.load(seen_row + cols, mask=mask, other=0) != 0
-            x = tl.where(seen, tl.where(x < 0, x * p, tl.math.div_rn(x, p)), x)
-        top, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        best_at = tl.where(top > best, c0 + at, best_at)  # strictly larger: an earlier block keeps a tie
-        best = tl.maximum(best, top)
+    best_at = penalised_argmax(logits_ptr + row * stride_l, seen_row, vocab, p, slots_ptr, 0, PENALTY, BLOCK)
     tl.store(out_ptr + row, best_at.to(tl.int64))
     tl.store(seen_row + best_at, 1)
 
