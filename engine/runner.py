@@ -179,8 +179,10 @@ class DecodeRunner:
         out[:, :queries] = new
         out[:, queries] = n
         # Advance the plain step's inputs past the tokens taken, on the device: a plain step launched right after
-        # (no rows) decodes the token after them, while the host reads them.
-        x.token.copy_(new.gather(1, (n - 1).long().unsqueeze(1)).squeeze(1))
+        # (no rows) decodes the token after them, while the host reads them. The index is clamped into the row:
+        # compiling ahead skips the accept kernel, whose count is then unwritten memory.
+        last = (n - 1).long().clamp_(0, queries - 1)
+        x.token.copy_(new.gather(1, last.unsqueeze(1)).squeeze(1))
         x.position.add_(n).clamp_(max=self.max_position)
         x.offset.add_(n)
 
