@@ -473,19 +473,21 @@ def test_where_the_host_outlasts_a_plain_step_a_plain_step_follows_each_verify_s
     assert after and set(after) == {"launch"}, calls
 
 
-def test_no_plain_step_follows_a_verify_step_that_may_reach_the_context_end(monkeypatch) -> None:
+def test_no_plain_step_follows_a_verify_step_that_may_reach_the_context_end(demo_engine, monkeypatch) -> None:
     """A plain step fed from a verify step's tokens writes its token's keys and values at the position after
     them: where taking every proposal and one more would put that position past the context (the cache's last
     position, which it would overwrite), the verify step is collected first. A request running into the context
-    end (320 tokens here) decodes the text it decodes without speculation."""
+    end (64 tokens after its prompt, whose length follows this Python's standard library) decodes the text it
+    decodes without speculation."""
     from dataclasses import replace
 
     from engine.engine import Engine
     from engine.requests import EngineSpec
 
-    engine = Engine.load(EngineSpec(device="cpu", dtype="float32", max_batch=2, max_seq_len=320, speculate=15))
+    request = _renames(1)[0]
+    context = _run(demo_engine, request)[request.id].stats.prompt_tokens + 64
+    engine = Engine.load(EngineSpec(device="cpu", dtype="float32", max_batch=2, max_seq_len=context, speculate=15))
     try:
-        request = _renames(1)[0]
         want = _run(engine, request)[request.id]
         runner, last, held, fed = engine.runner, [], [], []  # each verify step's reach: the last; not fed; fed
         monkeypatch.setattr(runner, "costs", lambda batch: [1.0] * (MAX_SPECULATE + 1))
@@ -509,8 +511,8 @@ def test_no_plain_step_follows_a_verify_step_that_may_reach_the_context_end(monk
     finally:
         engine.close()
     assert want.reason == "context" and (got.text, got.reason) == (want.text, want.reason)
-    assert fed and max(fed) <= 320, (fed, held)
-    assert held and min(held) > 320  # the verify steps near the end were not followed
+    assert fed and max(fed) <= context, (fed, held)
+    assert held and min(held) > context  # the verify steps near the end were not followed
 
 
 def test_seeded_sampling_draws_the_same_tokens_with_speculation(demo_engine, cheap_verify) -> None:
